@@ -1,0 +1,12 @@
+"""SARMAE model definitions, used by the engine and by training (defined once)."""
+
+from .mae import DecoderConfig, MaskedAutoencoderViT, patchify, random_masking, unpatchify
+from .registry import SIZES, TASKS, build_from_architecture, create_model, list_models, register_model
+from .sarc import SARCProjectionHead, sarc_loss
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "SIZES", "TASKS", "DecoderConfig", "MaskedAutoencoderViT", "SARCProjectionHead", "ViTConfig",
+    "VisionTransformer", "build_from_architecture", "create_model", "list_models", "patchify",
+    "random_masking", "register_model", "sarc_loss", "unpatchify",
+]

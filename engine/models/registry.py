@@ -1,0 +1,109 @@
+"""Named constructors (timm's ``@register_model`` idea) and building a model from model.json.
+
+Encoder sizes (SARMAE_SPEC 1): tiny 192/12/3, small 384/12/6, base 768/12/12, large 1024/24/16.
+Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decoder 512d8b).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import ModelConfigError
+from .mae import DecoderConfig, MaskedAutoencoderViT
+from .vit import ViTConfig, VisionTransformer
+
+SIZES: dict[str, dict] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+TASKS = ("embed", "reconstruct", "classify", "segment", "detect")
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: make ``fn`` buildable by its name through ``create_model``."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("vit_tiny_patch16", in_chans=2, img_size=128)``."""
+    if name not in _REGISTRY:
+        raise ModelConfigError(f"unknown architecture '{name}'; known: {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def encoder_config(size: str, **overrides) -> ViTConfig:
+    return ViTConfig.from_dict({**SIZES[size], "patch_size": 16, **overrides})
+
+
+def size_of(cfg: ViTConfig) -> str | None:
+    """The named size whose width/depth/heads match ``cfg`` (None for a custom size)."""
+    for name, s in SIZES.items():
+        if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (s["embed_dim"], s["depth"], s["num_heads"]):
+            return name
+    return None
+
+
+def _make(size: str):
+    def vit(**kw) -> VisionTransformer:
+        return VisionTransformer(encoder_config(size, **kw))
+
+    def mae(decoder: dict | None = None, **kw) -> MaskedAutoencoderViT:
+        return MaskedAutoencoderViT(encoder_config(size, **kw), DecoderConfig.from_dict(decoder or {}))
+
+    vit.__name__, mae.__name__ = f"vit_{size}_patch16", f"mae_vit_{size}_patch16"
+    vit.__doc__ = f"ViT-{size.capitalize()}/16 encoder ({SIZES[size]})."
+    mae.__doc__ = f"MAE with a ViT-{size.capitalize()}/16 encoder and a 512-wide, 8-block decoder."
+    register_model(vit)
+    register_model(mae)
+
+
+for _size in SIZES:
+    _make(_size)
+
+
+def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.Module:
+    """Build the model described by model.json's ``architecture`` for ``task``.
+
+    arch: {"name": ..., "encoder": ViTConfig dict, "decoder": DecoderConfig dict (reconstruct),
+    "head": head config dict (classify/segment/detect)}.
+    """
+    from .heads import DetHeadConfig, SegHeadConfig, ViTClassifier, ViTDetector, ViTSegmenter
+
+    if task not in TASKS:
+        raise ModelConfigError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
+    try:
+        enc = ViTConfig.from_dict(arch["encoder"])
+        head = dict(arch.get("head") or {})
+        if task == "reconstruct":
+            return MaskedAutoencoderViT(enc, DecoderConfig.from_dict(arch.get("decoder") or {}))
+        encoder = VisionTransformer(enc)
+        if task == "embed":
+            return encoder
+        if num_classes < 1:
+            raise ModelConfigError(f"task '{task}' needs at least one class")
+        if task == "classify":
+            return ViTClassifier(encoder, num_classes)
+        if task == "segment":
+            if head.get("indices") is not None:
+                head["indices"] = tuple(head["indices"])
+            return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))
+        for k in ("anchor_sizes", "aspect_ratios"):
+            if k in head:
+                head[k] = tuple(head[k])
+        return ViTDetector(encoder, num_classes, DetHeadConfig(**head))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ModelConfigError):
+            raise
+        raise ModelConfigError(f"invalid architecture in model.json: {e}") from e

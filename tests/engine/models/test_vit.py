@@ -1,0 +1,108 @@
+"""ViT encoder: channels, sizes, position-embedding interpolation, intermediate layers, heads."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.models import ViTConfig, VisionTransformer, build_from_architecture, create_model, list_models
+from engine.models.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
+from engine.models.vit import default_dense_indices
+
+
+def small_cfg(**kw):
+    base = dict(img_size=32, patch_size=8, in_chans=2, embed_dim=32, depth=4, num_heads=2)
+    base.update(kw)
+    return ViTConfig(**base)
+
+
+@pytest.mark.parametrize("c", [1, 2, 3])
+def test_any_channel_count(c):
+    m = VisionTransformer(small_cfg(in_chans=c))
+    assert m.forward_features(torch.randn(2, c, 32, 32)).shape == (2, 17, 32)
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(1, c + 1, 32, 32))
+
+
+def test_named_sizes():
+    for name, (d, depth, heads) in {"vit_tiny_patch16": (192, 12, 3), "vit_small_patch16": (384, 12, 6)}.items():
+        m = create_model(name, in_chans=1, img_size=32)
+        assert (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads) == (d, depth, heads)
+    assert {"vit_base_patch16", "vit_large_patch16", "mae_vit_base_patch16"} <= set(list_models())
+
+
+def test_sincos_table_matches_formula():
+    t = get_2d_sincos_pos_embed(8, (2, 3), cls_token=True)
+    assert t.shape == (7, 8) and np.all(t[0] == 0)
+    # token (row 1, col 2): first half encodes the column with omega = [1, 1e-2]
+    assert np.allclose(t[1 + 1 * 3 + 2, :4], [np.sin(2), np.sin(2e-2), np.cos(2), np.cos(2e-2)], atol=1e-6)
+
+
+def test_pos_embed_interpolation_identity_and_new_grid():
+    table = torch.from_numpy(get_2d_sincos_pos_embed(16, 4, cls_token=True)).unsqueeze(0)
+    assert resample_pos_embed(table, (4, 4)) is table
+    out = resample_pos_embed(table, (6, 2))
+    assert out.shape == (1, 13, 16) and torch.equal(out[:, 0], table[:, 0])
+
+
+def test_encoder_runs_at_other_sizes():
+    m = VisionTransformer(small_cfg())
+    assert m.forward_patch_tokens(torch.randn(1, 2, 48, 64)).shape == (1, 32, 6, 8)
+
+
+def test_intermediate_layers_order_and_last_norm():
+    m = VisionTransformer(small_cfg()).eval()
+    x = torch.randn(1, 2, 32, 32)
+    maps = m.get_intermediate_layers(x, (1, 3, 3))
+    assert len(maps) == 3 and torch.equal(maps[1], maps[2])
+    last = m.forward_patch_tokens(x)
+    assert torch.allclose(maps[2], last, atol=1e-6)
+
+
+def test_dense_indices():
+    assert default_dense_indices(12) == (3, 5, 7, 11)
+    assert default_dense_indices(24) == (5, 11, 17, 23)
+    assert default_dense_indices(2) == (0, 0, 0, 1)
+
+
+@pytest.mark.parametrize("task,n", [("classify", 4), ("segment", 3), ("detect", 2), ("embed", 0), ("reconstruct", 0)])
+def test_task_models_forward(task, n):
+    arch = {"encoder": small_cfg(img_size=64).to_dict(), "decoder": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+            "head": {"channels": 32} if task == "segment" else ({"fpn_channels": 32} if task == "detect" else {})}
+    m = build_from_architecture(arch, task, n).eval()
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+    if task == "classify":
+        assert y.shape == (2, 4)
+    elif task == "segment":
+        assert y.shape == (2, 3, 64, 64)
+    elif task == "detect":
+        assert len(y) == 2 and set(y[0]) == {"boxes", "labels", "scores"}
+    assert hasattr(m, "encoder") or task in ("embed", "reconstruct")
+
+
+def test_segmenter_aux_and_detector_training_losses():
+    arch = {"encoder": small_cfg(img_size=64).to_dict(), "head": {"channels": 32}}
+    seg = build_from_architecture(arch, "segment", 2).train()
+    logits, aux = seg(torch.randn(2, 2, 64, 64), return_aux=True)
+    assert logits.shape == aux.shape == (2, 2, 64, 64)
+    det = build_from_architecture({"encoder": arch["encoder"], "head": {"fpn_channels": 32}}, "detect", 1).train()
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 24.0]]), "labels": torch.tensor([1])}] * 2
+    losses = det(torch.randn(2, 2, 64, 64), targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    sum(losses.values()).backward()
+
+
+def test_sarc_head_and_loss():
+    from engine.models import SARCProjectionHead, sarc_loss
+
+    head = SARCProjectionHead(32, 48)
+    s = head(torch.randn(3, 5, 32))
+    assert s.shape == (3, 5, 48)
+    t = torch.randn(3, 5, 48)
+    assert torch.isclose(sarc_loss(t, t), torch.tensor(0.0), atol=1e-5)
+    assert torch.isclose(sarc_loss(t, -t), torch.tensor(2.0), atol=1e-5)
+    paired = torch.tensor([True, False, False])
+    both = torch.cat([t[:1], -t[1:]])
+    assert torch.isclose(sarc_loss(both, t, paired), torch.tensor(0.0), atol=1e-5)
+    assert sarc_loss(s, t, torch.zeros(3, dtype=torch.bool)).item() == 0.0
