@@ -1,0 +1,1 @@
+"""Dialogs and widgets of the SARMAE plugin (Qt only, no engine code)."""

@@ -1,0 +1,1 @@
+"""Small helpers shared by the plugin: logging, plugin metadata."""

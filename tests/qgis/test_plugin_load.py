@@ -1,0 +1,174 @@
+"""Load the plugin into pytest-qgis's stub ``iface``: initGui, About box, unload.
+
+The stub ``QgisInterface`` answers unknown methods with MagicMocks, so the Raster-menu calls are
+replaced here by a small fake that behaves like QGIS (a submenu per plugin menu name, deleted when
+its last action is removed) and builds real ``QMenu`` objects we can inspect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from qgis.core import Qgis, QgsApplication
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import QCoreApplication, QEvent
+from qgis.PyQt.QtWidgets import QAction, QMenu, QToolBar
+
+import sarmae_qgis
+from sarmae_qgis.gui.about_dialog import AboutDialog
+from sarmae_qgis.plugin import MENU_NAME, TOOLBAR_OBJECT_NAME, SarmaePlugin
+from sarmae_qgis.toolbelt import log
+from sarmae_qgis.toolbelt.metadata import plugin_metadata, plugin_version
+
+pytestmark = pytest.mark.qgis
+
+
+class FakeRasterMenu:
+    """Mimics ``iface.addPluginToRasterMenu`` / ``removePluginRasterMenu`` of QGIS."""
+
+    def __init__(self) -> None:
+        self.menu = QMenu("&Raster")
+
+    def submenu(self, name: str) -> QMenu | None:
+        """The plugin submenu called ``name``, if present."""
+        for action in self.menu.actions():
+            if action.menu() is not None and action.text() == name:
+                return action.menu()
+        return None
+
+    def add(self, name: str, action: QAction) -> None:
+        """Add ``action`` to the submenu ``name`` (created on first use)."""
+        sub = self.submenu(name) or self.menu.addMenu(name)
+        sub.addAction(action)
+
+    def remove(self, name: str, action: QAction) -> None:
+        """Remove ``action``; drop the submenu when it becomes empty (as QGIS does)."""
+        sub = self.submenu(name)
+        if sub is None:
+            return
+        sub.removeAction(action)
+        if not sub.actions():
+            self.menu.removeAction(sub.menuAction())
+            sub.deleteLater()
+
+
+def flush_deletes() -> None:
+    """Run pending ``deleteLater()`` calls now."""
+    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+
+
+def sarmae_toolbars(qgis_iface) -> list[QToolBar]:
+    """Live SARMAE toolbars under the main window."""
+    return qgis_iface.mainWindow().findChildren(QToolBar, TOOLBAR_OBJECT_NAME)
+
+
+@pytest.fixture
+def raster_menu(qgis_iface, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRasterMenu]:
+    """Route the stub iface's Raster-menu calls to a :class:`FakeRasterMenu`."""
+    fake = FakeRasterMenu()
+    monkeypatch.setattr(qgis_iface, "addPluginToRasterMenu", fake.add)
+    monkeypatch.setattr(qgis_iface, "removePluginRasterMenu", fake.remove)
+    yield fake
+    fake.menu.deleteLater()
+    flush_deletes()
+
+
+def test_metadata_version() -> None:
+    """metadata.txt is found from the dev checkout and parsed."""
+    meta = plugin_metadata()
+    assert meta["name"] == "SARMAE"
+    assert meta["qgisMinimumVersion"] == "3.22"
+    assert plugin_version() == "0.1.0"
+
+
+def test_class_factory_init_gui_and_unload(qgis_app, qgis_iface, raster_menu) -> None:
+    """classFactory -> initGui adds menu, action and toolbar; unload removes all of them."""
+    before = len(sarmae_toolbars(qgis_iface))
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    assert isinstance(plugin, SarmaePlugin)
+    assert raster_menu.submenu(MENU_NAME) is None  # nothing before initGui
+
+    plugin.initGui()
+    sub = raster_menu.submenu(MENU_NAME)
+    assert sub is not None
+    assert [a.text() for a in sub.actions()] == ["About SARMAE…"]
+    assert plugin.about_action in sub.actions()
+    toolbars = sarmae_toolbars(qgis_iface)
+    assert len(toolbars) == before + 1
+    assert plugin.toolbar is not None and plugin.about_action in plugin.toolbar.actions()
+    actions = list(plugin.actions)
+    toolbar = plugin.toolbar
+
+    plugin.unload()
+    flush_deletes()
+    assert raster_menu.submenu(MENU_NAME) is None
+    assert raster_menu.menu.actions() == []
+    assert plugin.actions == [] and plugin.toolbar is None
+    assert sip.isdeleted(toolbar)
+    assert all(sip.isdeleted(a) for a in actions)
+    assert len(sarmae_toolbars(qgis_iface)) == before
+
+
+def test_init_gui_twice_after_unload(qgis_iface, raster_menu) -> None:
+    """A reload (unload then initGui again) leaves exactly one menu entry and one toolbar."""
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    plugin.unload()
+    plugin.initGui()
+    flush_deletes()
+    assert len(raster_menu.submenu(MENU_NAME).actions()) == 1
+    assert len(sarmae_toolbars(qgis_iface)) == 1
+    plugin.unload()
+    flush_deletes()
+    assert sarmae_toolbars(qgis_iface) == []
+
+
+def test_about_dialog_shows_version(qgis_app, qgis_iface) -> None:
+    """The About box (built, not executed) shows name, version and links."""
+    dialog = AboutDialog(qgis_iface.mainWindow())
+    try:
+        assert dialog.version == "0.1.0"
+        assert "Version 0.1.0" in dialog.text()
+        assert "SARMAE" in dialog.windowTitle()
+        assert "https://github.com/sarmae/sarmae/issues" in dialog.text()
+        dialog.show()  # offscreen: renders without blocking
+        assert dialog.isVisible()
+    finally:
+        dialog.close()
+        dialog.deleteLater()
+        flush_deletes()
+
+
+def test_about_action_opens_dialog(qgis_iface, raster_menu, monkeypatch) -> None:
+    """Triggering the About action opens an AboutDialog (exec_ patched so nothing blocks)."""
+    opened: list[AboutDialog] = []
+    monkeypatch.setattr(AboutDialog, "exec_", lambda self: opened.append(self) or 0)
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        plugin.about_action.trigger()
+        assert len(opened) == 1 and "0.1.0" in opened[0].text()
+    finally:
+        for dialog in opened:
+            dialog.close()
+        plugin.unload()
+        flush_deletes()
+
+
+def test_log_goes_to_sarmae_tab(qgis_app) -> None:
+    """Messages reach QgsMessageLog under the "SARMAE" tag, from both APIs."""
+    received: list[tuple[str, str, Qgis.MessageLevel]] = []
+
+    def on_message(message: str, tag: str, level: Qgis.MessageLevel) -> None:
+        received.append((message, tag, level))
+
+    message_log = QgsApplication.messageLog()
+    message_log.messageReceived.connect(on_message)
+    try:
+        log.warning("low disk space")
+        log.get_logger().error("engine crashed")
+    finally:
+        message_log.messageReceived.disconnect(on_message)
+    assert ("low disk space", "SARMAE", Qgis.Warning) in received
+    assert ("engine crashed", "SARMAE", Qgis.Critical) in received
