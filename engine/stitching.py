@@ -1,0 +1,252 @@
+"""Weighted blending of overlapping window logits into a raster, in a rolling buffer of rows.
+
+Each window of a ``TilePlan`` yields logits ``(C, window, window)``; where windows overlap, the
+output is the weighted mean ``sum_i(w_i * logits_i) / sum_i(w_i)`` with ``w_i`` from
+``blend_weights``, which favours each window's centre over its border, where a model sees the
+least context. Rows are handed out as soon as no later window of the plan can touch them, so the
+memory grows with the raster's width, never with its area.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from engine.tiling import TilePlan, Window, iter_row_bands
+
+
+def blend_weights(window: int, overlap_px: int, floor: float = 1e-3) -> np.ndarray:
+    """Separable blending weights for one ``window x window`` model output.
+
+    With ``d = min(i, window - 1 - i)`` the distance of pixel ``i`` to the nearest border, the
+    1-D profile is a raised-cosine ramp over the ``overlap_px`` border pixels::
+
+        p(d) = max(floor, 0.5 - 0.5 * cos(pi * (d + 0.5) / overlap_px))   if d < overlap_px
+        p(d) = 1                                                          otherwise
+
+    and the weight is ``W[i, j] = p(i) * p(j)``. It is symmetric under flips and transposition,
+    1 in the middle, and never below ``floor ** 2``, so that pixels covered by a single window
+    (at the raster's edges) still get their value. ``overlap_px = 0`` gives all ones.
+
+    Args:
+        window: Model input size, >= 1.
+        overlap_px: Length of the taper in pixels, >= 0 (usually ``plan.overlap_px``).
+        floor: Smallest value of the 1-D profile, in ``(0, 1]``.
+
+    Returns:
+        ``(window, window)`` float32 weights in ``(0, 1]``.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if overlap_px < 0:
+        raise ValueError(f"overlap_px must be >= 0, got {overlap_px}")
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1], got {floor}")
+    d = np.minimum(np.arange(window), np.arange(window)[::-1]).astype(np.float64)
+    profile = np.ones(window)
+    if overlap_px > 0:
+        ramp = 0.5 - 0.5 * np.cos(math.pi * (d + 0.5) / overlap_px)
+        profile = np.where(d < overlap_px, np.maximum(ramp, floor), 1.0)
+    return np.outer(profile, profile).astype(np.float32)
+
+
+class RollingStitcher:
+    """Blend window logits, arriving in the plan's row-major order, into strips of full rows.
+
+    The accumulators are a ring of ``R = min(window, raster_height)`` rows: raster row ``r``
+    lives in ring row ``r % R``. When the last window of a row band has been added, every row
+    above the next band's ``row_off`` is final (no later window starts higher): those rows are
+    divided by their summed weight, copied out as a strip (at most ``stride`` rows) and their
+    ring rows zeroed for reuse. The final band's rows are normalised in place and handed out as
+    views of the ring, which is never written again.
+
+    Peak memory, for ``C`` channels, raster width ``W``, ``itemsize`` bytes (4 for float32), if
+    ``pop_ready`` is called after every ``add``::
+
+        itemsize * W * ((C + 1) * R + C * stride)  +  O(C * window**2) per window
+
+    i.e. ``window + stride`` rows of width ``W``, independent of the raster's height.
+    ``held_rows`` and ``peak_held_rows`` report that row count. Strips that are not popped stay
+    held, so a caller that never pops holds the whole raster.
+
+    Example::
+
+        stitcher = RollingStitcher(plan, channels=C)
+        for window in plan.windows:
+            stitcher.add(window, model(read(window)))      # (C, window, window)
+            for row_off, strip in stitcher.pop_ready():    # (C, rows, W)
+                write(row_off, strip)
+        for row_off, strip in stitcher.flush():
+            write(row_off, strip)
+    """
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        channels: int,
+        dtype: DTypeLike = np.float32,
+        fill_value: float = float("nan"),
+    ) -> None:
+        """Allocate the ring buffer.
+
+        Args:
+            plan: The plan whose windows will be added, in its order.
+            channels: Logit channels ``C``, >= 1.
+            dtype: Floating dtype of the buffers and strips.
+            fill_value: Output value where no weight was added (every window marked the pixel
+                invalid), instead of dividing by zero.
+
+        Raises:
+            ValueError: If ``channels`` or ``dtype`` is invalid, or the plan's windows are not
+                in row-major band order.
+        """
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise ValueError(f"dtype must be a floating type, got {self.dtype}")
+        self.plan = plan
+        self.channels = channels
+        self.fill_value = fill_value
+        self.buffer_rows = min(plan.window, plan.raster_height)  # R, ring rows
+        width = plan.raster_width
+        self._acc = np.zeros((channels, self.buffer_rows, width), self.dtype)  # sum(w * logit)
+        self._wsum = np.zeros((self.buffer_rows, width), self.dtype)  # sum(w)
+        self._weights = blend_weights(plan.window, plan.overlap_px).astype(self.dtype)
+
+        # Index of a band's last window -> rows above this one are final once it is added.
+        bands = [(row_off, len(ws)) for row_off, ws in iter_row_bands(plan)]
+        if any(a[0] >= b[0] for a, b in pairwise(bands)):
+            raise ValueError("the plan's windows are not in row-major order of row bands")
+        self._final_after: dict[int, int] = {}
+        last = -1
+        for k, (_, count) in enumerate(bands):
+            last += count
+            self._final_after[last] = bands[k + 1][0] if k + 1 < len(bands) else plan.raster_height
+
+        self._next = 0  # index in plan.windows of the next window expected
+        self._lo = 0  # first raster row not yet final; the ring holds rows [_lo, _lo + R)
+        self._ready: list[tuple[int, np.ndarray]] = []
+        self._ready_copied_rows = 0  # rows of ready strips not backed by the ring
+        self.peak_held_rows = self.buffer_rows
+
+    @property
+    def held_rows(self) -> int:
+        """Rows of width ``W`` held now: the ring plus ready strips that were copied out."""
+        return self.buffer_rows + self._ready_copied_rows
+
+    @property
+    def done(self) -> bool:
+        """Whether every window of the plan has been added."""
+        return self._next == len(self.plan.windows)
+
+    def add(self, window: Window, logits: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Accumulate one window's logits.
+
+        Args:
+            window: The next window of the plan (windows must come in the plan's order).
+            logits: ``(C, window.height, window.width)``, or ``(C, plan.window, plan.window)``
+                for a padded model input, which is cropped to the window.
+            valid: Optional boolean mask of the same spatial shape as ``logits``; pixels marked
+                False (nodata, unreliable borders) get zero weight from this window.
+
+        Raises:
+            ValueError: If the window is not the next one of the plan, or a shape is wrong.
+        """
+        windows = self.plan.windows
+        if self._next >= len(windows):
+            raise ValueError(f"all {len(windows)} windows of the plan were already added")
+        expected = windows[self._next]
+        if window != expected:
+            raise ValueError(
+                f"window {window} is out of the plan's order: expected {expected} "
+                f"(window {self._next} of {len(windows)})"
+            )
+        h, w = window.height, window.width
+        logits = self._crop(np.asarray(logits), "logits", (self.channels,))
+        weight = self._weights[:h, :w]
+        if valid is not None:
+            weight = weight * self._crop(np.asarray(valid, dtype=bool), "valid", ())
+        if window.row_off < self._lo or window.row_end > self._lo + self.buffer_rows:
+            raise ValueError(f"window {window} does not fit the rolling buffer (inconsistent plan)")
+
+        cols = window.slices()[1]
+        for row_off, ring in self._ring_pieces(window.row_off, window.row_end):
+            k = slice(row_off - window.row_off, row_off - window.row_off + ring.stop - ring.start)
+            self._acc[:, ring, cols] += logits[:, k] * weight[k]
+            self._wsum[ring, cols] += weight[k]
+
+        final = self._final_after.get(self._next)
+        self._next += 1
+        if final is not None:
+            self._finalize(final, in_place=self.done)
+
+    def pop_ready(self) -> list[tuple[int, np.ndarray]]:
+        """Take the strips finished so far.
+
+        Returns:
+            ``(row_off, strip)`` pairs, strips ``(C, rows, raster_width)``, in row order; over a
+            whole run they cover every raster row exactly once.
+        """
+        ready, self._ready = self._ready, []
+        self._ready_copied_rows = 0
+        return ready
+
+    def flush(self) -> list[tuple[int, np.ndarray]]:
+        """Take the remaining strips once every window has been added.
+
+        Raises:
+            ValueError: If some windows of the plan were never added.
+        """
+        if not self.done:
+            missing = len(self.plan.windows) - self._next
+            raise ValueError(
+                f"{missing} of {len(self.plan.windows)} windows were never added; "
+                "the raster is incomplete"
+            )
+        return self.pop_ready()
+
+    def _crop(self, array: np.ndarray, name: str, lead: tuple[int, ...]) -> np.ndarray:
+        """``array`` of shape ``lead + (h, w)`` or ``lead + (window, window)``, cropped to (h, w)."""
+        window = self.plan.windows[self._next]
+        full = self.plan.window
+        shapes = {lead + (window.height, window.width), lead + (full, full)}
+        if array.shape not in shapes:
+            raise ValueError(
+                f"{name} has shape {array.shape}, expected one of {sorted(shapes)} for {window}"
+            )
+        return array[..., : window.height, : window.width]
+
+    def _ring_pieces(self, start: int, stop: int) -> list[tuple[int, slice]]:
+        """Raster rows ``[start, stop)`` as ``(first_row, ring_slice)`` runs (at most two)."""
+        pieces = []
+        row = start
+        while row < stop:
+            i = row % self.buffer_rows
+            n = min(stop - row, self.buffer_rows - i)
+            pieces.append((row, slice(i, i + n)))
+            row += n
+        return pieces
+
+    def _finalize(self, until: int, in_place: bool) -> None:
+        """Normalise rows ``[_lo, until)`` and queue them as strips."""
+        for row_off, ring in self._ring_pieces(self._lo, until):
+            acc, wsum = self._acc[:, ring], self._wsum[ring]  # views (C, n, W), (n, W)
+            covered = wsum > 0
+            np.divide(acc, wsum, out=acc, where=covered)
+            acc[:, ~covered] = self.fill_value
+            if in_place:  # last band: the ring is never written again, hand out views
+                self._ready.append((row_off, acc))
+                continue
+            self._ready.append((row_off, acc.copy()))
+            self._ready_copied_rows += ring.stop - ring.start
+            acc[...] = 0
+            wsum[...] = 0
+        self._lo = until
+        self.peak_held_rows = max(self.peak_held_rows, self.held_rows)
