@@ -1,0 +1,275 @@
+"""Radiometry: from what the file holds to the model's normalised input.
+
+A model package's ``model.json`` states its input contract (key ``"input"``)::
+
+    {"bands": ["VV", "VH"], "units": "db", "clip": [-30.0, 5.0],
+     "mean": [0.5, 0.5], "std": [0.5, 0.5], "nodata": "mask"}
+
+The file's units are detected (``detect_units``) or given by the user (``--input-units``), converted
+to the contract's units (``convert_units``), clipped, scaled to [0, 1] and standardised:
+``x = (clip(x, lo, hi) - lo) / (hi - lo)``, then ``x = (x - mean) / std``; invalid pixels become 0.
+Conversions that have no meaning (8-bit display values <-> calibrated units) are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.errors import PackageError, RasterInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.reader import SarRaster
+
+log = logging.getLogger(__name__)
+
+UNITS = ("linear_power", "amplitude", "db", "uint8")
+UNIT_LABEL = {"linear_power": "linear power", "amplitude": "amplitude", "db": "dB", "uint8": "8-bit display"}
+_ALIASES = {"linear": "linear_power", "power": "linear_power", "intensity": "linear_power",
+            "linear_power": "linear_power", "amplitude": "amplitude", "magnitude": "amplitude",
+            "db": "db", "decibel": "db", "uint8": "uint8", "display": "uint8", "byte": "uint8"}
+POWER_FLOOR = 1e-10  # linear power floor before log10: 1e-10 -> -100 dB (never -inf)
+# Metadata words that name a unit, strongest first (a 'Sigma0_VV_db' band is in dB).
+_UNIT_WORDS = (("db", ("DB", "DECIBEL", "DECIBELS")),
+               ("amplitude", ("AMPLITUDE", "MAGNITUDE")),
+               ("linear_power", ("LINEAR", "INTENSITY", "POWER", "SIGMA0", "GAMMA0", "BETA0")))
+
+
+def normalise_units(name: str) -> str:
+    """Canonical unit name from a user's spelling ('dB', 'linear', 'intensity', ...)."""
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    if key not in _ALIASES:
+        raise RasterInputError(f"unknown input units '{name}': use one of {', '.join(UNITS)}")
+    return _ALIASES[key]
+
+
+def convert_units(x: np.ndarray, src_units: str, dst_units: str) -> np.ndarray:
+    """Convert values between linear power, amplitude and dB (float32 out).
+
+    ``db = 10 log10(power) = 20 log10(amplitude)``, ``power = amplitude^2``. Power is floored at
+    1e-10 (-100 dB) before the log so zeros never become -inf; 0 dB is ordinary data (power 1).
+    8-bit display values ("uint8") have no calibrated unit: they only feed a uint8 model.
+
+    Raises:
+        RasterInputError: one side is "uint8" and the other is not.
+    """
+    src, dst = normalise_units(src_units), normalise_units(dst_units)
+    if src == dst:
+        return np.asarray(x, dtype=np.float32)
+    if "uint8" in (src, dst):
+        raise RasterInputError(
+            f"cannot convert {UNIT_LABEL[src]} values to {UNIT_LABEL[dst]}: 8-bit display images "
+            "(JPEG/PNG, 0-255) have no calibrated unit. If the file is actually calibrated, say so "
+            "with --input-units (linear_power, amplitude or db); otherwise use a model trained on "
+            "8-bit chips (input units 'uint8').")
+    x64 = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        power = {"linear_power": lambda: x64, "amplitude": lambda: x64 * x64,
+                 "db": lambda: 10.0 ** (x64 / 10.0)}[src]()
+        if dst == "linear_power":
+            out = power
+        elif dst == "amplitude":
+            out = np.sqrt(np.maximum(power, 0.0))
+        else:
+            out = 10.0 * np.log10(np.maximum(power, POWER_FLOOR))
+    return out.astype(np.float32)
+
+
+def sample_windows(height: int, width: int, size: int = 256, n: int = 5) -> list[Any]:
+    """Up to ``n`` windows of at most ``size`` px spread over the raster (centre, then quadrants)."""
+    from engine.tiling import Window
+
+    h, w = min(size, height), min(size, width)
+    centres = [(0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)][:n]
+    out = []
+    for fr, fc in centres:
+        r = min(max(int(fr * height) - h // 2, 0), height - h)
+        c = min(max(int(fc * width) - w // 2, 0), width - w)
+        win = Window(r, c, h, w)
+        if win not in out:
+            out.append(win)
+    return out
+
+
+def detect_units(raster: SarRaster, sample: np.ndarray | None = None) -> tuple[str, str]:
+    """Guess the units of what ``raster.read`` returns; give the reason (also logged).
+
+    The heuristic, first rule that applies:
+
+    1. complex bands (SLC): the reader returns |z|^2 ("linear_power") or |z| ("amplitude")
+       according to its ``complex_mode``;
+    2. uint8 without a scale/offset: "uint8", an 8-bit display image (JPEG/PNG, quick-looks);
+    3. band descriptions, band/dataset tags or the file name containing a unit word:
+       dB/decibel -> "db", amplitude/magnitude -> "amplitude",
+       linear/intensity/power/sigma0/gamma0/beta0 -> "linear_power" (dB wins: 'Sigma0_VV_db');
+    4. statistics of valid pixels (``sample``, else a few windows spread over the raster, never the
+       whole raster): >= 5 % negative values and median in [-50, 15] -> "db"; values symmetric
+       about 0 -> refused (real/imaginary parts?); non-negative with 99th percentile <= 10 ->
+       "linear_power"; non-negative and larger (uint16 DN, amplitudes) -> "amplitude".
+
+    Rule 4 cannot tell a float amplitude below ~10 from linear power (it says linear power):
+    callers let the user override with ``--input-units``.
+
+    Args:
+        raster: the open raster (after band selection).
+        sample: optional values already read, any shape, invalid pixels as NaN or removed.
+
+    Raises:
+        RasterInputError: no valid pixel to look at, or statistics that fit no unit.
+    """
+    units, reason = _detect(raster, sample)
+    log.info("input units: %s (%s)", UNIT_LABEL[units], reason)
+    return units, reason
+
+
+def _detect(raster: SarRaster, sample: np.ndarray | None) -> tuple[str, str]:
+    """The rules of ``detect_units``, without the logging."""
+    if raster.is_complex:
+        units = "linear_power" if raster.complex_mode == "intensity" else "amplitude"
+        what = "|z|^2, i.e. intensity" if units == "linear_power" else "|z|, i.e. amplitude"
+        return units, f"complex {raster.dtype} bands (SLC): the reader returns {what}"
+    if all(d == "uint8" for d in raster.dtypes) and not _is_scaled(raster):
+        return "uint8", "uint8 pixels: an 8-bit display image with no calibrated unit"
+    hint = _metadata_hint(raster)
+    if hint is not None:
+        return hint
+    if sample is None:
+        parts = [x[:, v] for x, v in (raster.read(w) for w in sample_windows(raster.height, raster.width))]
+        sample = np.concatenate([p.ravel() for p in parts])
+    vals = np.asarray(sample, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    where = ", ".join(Path(p).name for p in raster.paths)
+    if vals.size == 0:
+        raise RasterInputError(f"{where}: no valid pixel in the sampled windows, so the units cannot be "
+                               "detected. Check the nodata value, or give --input-units.")
+    neg = float(np.mean(vals < 0))
+    med, p99 = float(np.median(vals)), float(np.percentile(vals, 99))
+    q25, q75 = np.percentile(vals, [25, 75])
+    stats = f"{vals.size} sampled pixels: {neg:.0%} negative, median {med:.3g}, 99th percentile {p99:.3g}"
+    if 0.35 < neg < 0.65 and abs(med) < 0.1 * float(q75 - q25):
+        raise RasterInputError(f"{where}: values are symmetric about 0 ({stats}), like the real and "
+                               "imaginary parts of complex data, not backscatter. Give the complex "
+                               "raster, or --input-units if you know the unit.")
+    if neg >= 0.05 and -50.0 <= med <= 15.0:
+        return "db", f"statistics: {stats} -> dB"
+    if neg < 0.001 and p99 <= 10.0:
+        return "linear_power", f"statistics: {stats} -> linear power"
+    if neg < 0.001:
+        return "amplitude", f"statistics: {stats} (large non-negative values) -> amplitude"
+    raise RasterInputError(f"{where}: cannot tell the units from the values ({stats}). "
+                           "Give --input-units (linear_power, amplitude, db or uint8).")
+
+
+def _is_scaled(raster: SarRaster) -> bool:
+    """True when GDAL scale/offset turn the stored integers into physical values."""
+    return any(s != 1.0 or o != 0.0 for s, o in zip(raster.scales, raster.offsets, strict=True))
+
+
+def _metadata_hint(raster: SarRaster) -> tuple[str, str] | None:
+    """Units named by band descriptions, tags (keys and values) or file names, strongest first."""
+    from engine.reader import name_tokens
+
+    texts = [(f"band description '{d}'", d) for d in raster.descriptions if d]
+    for tags in raster.tags():
+        texts += [(f"tag {k}={v!r}", f"{k} {v}") for k, v in tags.items() if not k.startswith("STATISTICS_")]
+    texts += [(f"file name '{Path(p).name}'", Path(p).stem) for p in raster.paths]
+    for units, words in _UNIT_WORDS:
+        for where, text in texts:
+            found = [t for t in name_tokens(text) if t in words]
+            if found:
+                return units, f"{where} says '{found[0].lower()}'"
+    return None
+
+
+class Radiometry:
+    """Turns reader output (C, h, w) into the model's normalised input, per its contract.
+
+    Args:
+        contract: the ``"input"`` dict of model.json (bands, units, clip, mean, std, nodata).
+        src_units: units of the values the reader returns (see ``detect_units``).
+        band_names: the raster's channel names, in order (``SarRaster.band_names``).
+        reason: why ``src_units`` was chosen, for ``describe()``.
+        source: file name(s) for error messages.
+
+    Raises:
+        PackageError: the contract itself is malformed.
+        RasterInputError: the raster's channels or units do not meet the contract.
+    """
+
+    def __init__(self, contract: dict[str, Any], src_units: str, band_names: Sequence[str],
+                 reason: str = "", source: str = "the input"):
+        self.bands = [str(b) for b in contract.get("bands", [])]
+        n = len(self.bands)
+        try:
+            self.units = normalise_units(contract["units"])
+            lo, hi = (float(v) for v in contract["clip"])
+            mean = np.broadcast_to(np.asarray(contract.get("mean", [0.0]), np.float32), (n,))
+            std = np.broadcast_to(np.asarray(contract.get("std", [1.0]), np.float32), (n,))
+        except (KeyError, TypeError, ValueError, RasterInputError) as e:
+            raise PackageError(f"model input contract {contract!r} is malformed ({e}); it needs "
+                               "bands, units, clip [lo, hi], mean and std per band") from e
+        if n == 0 or not lo < hi or np.any(std <= 0) or contract.get("nodata", "mask") != "mask":
+            raise PackageError(f"model input contract {contract!r} is malformed: needs at least one "
+                               "band, clip low < high, std > 0 and nodata 'mask'")
+        self.clip = (lo, hi)
+        self.mean, self.std = mean.reshape(n, 1, 1).copy(), std.reshape(n, 1, 1).copy()
+        self.src_units, self.reason = normalise_units(src_units), reason
+        self.band_names = list(band_names)
+        self._check_bands(source)
+        convert_units(np.zeros(1, np.float32), self.src_units, self.units)  # refuses uint8 mismatches
+
+    @classmethod
+    def for_raster(cls, contract: dict[str, Any], raster: SarRaster, input_units: str | None = None) -> Radiometry:
+        """Build from an open raster: detect its units unless ``input_units`` overrides them."""
+        if input_units:
+            units, reason = normalise_units(input_units), "given with --input-units"
+            log.info("input units: %s (%s)", UNIT_LABEL[units], reason)
+        else:
+            units, reason = detect_units(raster)
+        return cls(contract, units, raster.band_names, reason, ", ".join(Path(p).name for p in raster.paths))
+
+    def _check_bands(self, source: str) -> None:
+        want, have = self.bands, self.band_names
+        want_s = "+".join(want)
+        have_s = f"{len(have)} band{'s' if len(have) != 1 else ''} ({'+'.join(have)})"
+        if len(want) != len(have):
+            raise RasterInputError(
+                f"the model wants {want_s} ({len(want)} channel(s)), {source} has {have_s}. Choose the "
+                "bands with --bands, or give one file per polarisation on the same grid.")
+        pols = {"VV", "VH", "HH", "HV"}
+        for k, (w, h) in enumerate(zip(want, have, strict=True)):
+            if w.upper() in pols and h.upper() in pols and w.upper() != h.upper():
+                hint = f" Reorder with --bands {','.join(want)}." if sorted(
+                    x.upper() for x in want) == sorted(x.upper() for x in have) else ""
+                raise RasterInputError(f"the model wants {want_s}, {source} has {have_s}: channel "
+                                       f"{k + 1} is {h}, not {w}.{hint}")
+
+    def apply(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(C, h, w) reader values + (h, w) valid mask -> (C, h, w) float32 model input."""
+        if x.ndim != 3 or x.shape[0] != len(self.bands) or valid.shape != x.shape[1:]:
+            raise ValueError(f"expected x (C={len(self.bands)}, h, w) and valid (h, w), "
+                             f"got {x.shape} and {valid.shape}")
+        lo, hi = self.clip
+        y = convert_units(x, self.src_units, self.units)
+        y = (np.clip(y, lo, hi) - lo) / (hi - lo)  # [0, 1]
+        y = (y - self.mean) / self.std
+        y[:, ~valid] = 0.0
+        return y.astype(np.float32, copy=False)
+
+    def describe(self) -> str:
+        """Short human summary for logs and provenance."""
+        src = f"input units: {UNIT_LABEL[self.src_units]}" + (f" ({self.reason})" if self.reason else "")
+        if self.src_units != self.units:
+            src += f", converted to {UNIT_LABEL[self.units]}"
+        unit = " dB" if self.units == "db" else ""
+        return (f"{src}; clip {self.clip[0]:g}..{self.clip[1]:g}{unit}; "
+                f"mean/std {_fmt(self.mean)}/{_fmt(self.std)}")
+
+
+def _fmt(a: np.ndarray) -> str:
+    """'0.5' when every channel has the same value, else '0.4,0.6'."""
+    return f"{a.flat[0]:g}" if np.all(a == a.flat[0]) else ",".join(f"{v:g}" for v in a.flat)
