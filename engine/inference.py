@@ -1,0 +1,254 @@
+"""Sliding-window inference over SAR rasters larger than memory: ``run_inference``.
+
+raster(s) -> reader (windows) -> radiometry -> batches (IO thread) -> backend -> task sink
+(stitcher + writers) -> result record. The CLI (``sarmae infer``), the engine worker (``sarmae
+serve``) and the QGIS plugin (through the worker) all call ``run_inference``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CancelledError, RasterInputError, SarmaeError
+from .tiling import Window
+
+log = logging.getLogger("sarmae.inference")
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass
+class InferenceOptions:
+    """Options of one run; every field has a command-line flag of the same name."""
+
+    window: int | None = None  # window size in px (default: the model's input size)
+    overlap: float | None = None  # fraction of the window shared by neighbours (default 0.25; classify 0)
+    batch_size: int = 4  # windows per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    backend: str = "auto"  # auto | torch | onnxruntime
+    threads: int | None = None  # CPU threads for the backend (default: torch/onnxruntime's own)
+    bands: list[int | str] | None = None  # band indexes (1-based) or polarisation names, in model order
+    input_units: str | None = None  # override unit detection: db | linear_power | amplitude | uint8
+    complex_mode: str = "intensity"  # complex (SLC) bands -> intensity |z|^2 or amplitude |z|
+    vector: bool = False  # segment: also write polygons (GeoPackage)
+    min_area_px: int = 0  # segment vectors: drop regions smaller than this many pixels
+    probabilities: bool = False  # segment: also write per-class probabilities
+    score_threshold: float = 0.3  # detect: keep boxes with at least this score
+    nms_iou: float = 0.5  # detect: IoU above which overlapping boxes of one class are merged
+    mask_ratio: float = 0.75  # reconstruct: fraction of patches hidden from the encoder
+    cog: bool = False  # write Cloud-Optimised GeoTIFFs
+    overwrite: bool = False  # replace existing outputs
+    extent: tuple[int, int, int, int] | None = None  # (row_off, col_off, height, width) subset in px
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceOptions:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SarmaeError(f"unknown inference options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+@dataclass
+class InferenceResult:
+    """The result record (JSON-serialisable): what was written and what was measured."""
+
+    task: str
+    outputs: dict[str, str]  # role -> path (class, confidence, vectors, detections, ...)
+    classes: list[dict] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunContext:
+    """What a task sink needs to know about the run."""
+
+    raster: Any  # engine.reader.SarRaster
+    card: Any  # engine.package.ModelCard
+    radiometry: Any  # engine.radiometry.Radiometry
+    output: Path
+    options: InferenceOptions
+    size: int  # model window in px
+    tags: dict[str, str]  # provenance tags for every raster output
+    region: Window  # the part of the raster being processed
+    say: Callable[[str], None]
+
+
+def _read_padded(raster, win: Window, size: int, region: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``win`` (relative to ``region``) clipped to the region, zero-padded to size x size."""
+    h = min(win.height, region.height - win.row_off)
+    w = min(win.width, region.width - win.col_off)
+    abs_win = Window(region.row_off + win.row_off, region.col_off + win.col_off, h, w)
+    return raster.read(abs_win, pad_to=(size, size))
+
+
+def iter_batches(ctx: RunContext, windows: list[Window], batch_size: int, should_cancel: CancelFn | None,
+                 depth: int = 3) -> Iterator[tuple[list[Window], np.ndarray, np.ndarray]]:
+    """Yield (windows, x (B, C, S, S) float32, valid (B, S, S)); reading and radiometry run on a
+    background thread, ``depth`` batches ahead, overlapped with the model."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    size = ctx.size
+
+    def produce() -> None:
+        try:
+            for i in range(0, len(windows), batch_size):
+                if stop.is_set():
+                    return
+                chunk = windows[i:i + batch_size]
+                xs = np.empty((len(chunk), ctx.raster.count, size, size), np.float32)
+                vs = np.empty((len(chunk), size, size), bool)
+                for b, win in enumerate(chunk):
+                    x, v = _read_padded(ctx.raster, win, size, ctx.region)
+                    xs[b] = ctx.radiometry.apply(x, v)
+                    vs[b] = v
+                while not stop.is_set():
+                    try:
+                        q.put((chunk, xs, vs), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="sarmae-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("cancelled by the user; no output was written")
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def _open_package(model):
+    from .package import LoadedPackage, load_package
+
+    return model if isinstance(model, LoadedPackage) else load_package(model)
+
+
+def run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
+                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                  backend=None) -> InferenceResult:
+    """Run a model package over raster(s) and write the task's outputs next to ``output``.
+
+    Args:
+        inputs: one raster, or several single-band rasters on one grid (stacked as channels).
+        output: main output path (segment/embed/reconstruct: a GeoTIFF; detect/classify: a GeoPackage);
+            extra outputs are written beside it with suffixes (``_confidence.tif``, ``.gpkg``, ...).
+        model: a package path or an already loaded ``LoadedPackage``.
+        options: see ``InferenceOptions``.
+        progress: called with (fraction 0..1, message).
+        should_cancel: polled between batches; True stops the run, removes partial outputs and raises
+            ``CancelledError``.
+        backend: an already built backend to reuse (the worker keeps them between requests).
+
+    Returns:
+        The result record. Raises ``SarmaeError`` subclasses with actionable messages.
+    """
+    from .backends import choose_backend
+    from .radiometry import Radiometry
+    from .reader import SarRaster
+    from .tasks import make_sink
+    from .writers import check_output
+
+    t0 = time.perf_counter()
+    opts = options or InferenceOptions()
+    inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    messages: list[str] = []
+
+    def say(msg: str) -> None:
+        messages.append(msg)
+        log.info(msg)
+        if progress is not None:
+            progress(-1.0, msg)
+
+    pkg = _open_package(model)
+    card = pkg.card
+    out = Path(output)
+    if not out.suffix:
+        out = out.with_suffix(".gpkg" if card.task in ("detect", "classify") else ".tif")
+    out = check_output(out, inputs, opts.overwrite)
+    size = opts.window or card.input_size[0]
+    if size % card.patch_size:
+        raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
+    with SarRaster.open(inputs, opts.bands, opts.complex_mode) as raster:
+        say(f"input: {raster.describe()}")
+        if raster.georeferencing == "none":
+            say("the input has no CRS and no GCPs: outputs are in pixel coordinates")
+        radiometry = Radiometry.for_raster(card.input, raster, opts.input_units)
+        say(radiometry.describe())
+        region = Window(0, 0, raster.height, raster.width)
+        if opts.extent is not None:
+            region = _clip_extent(opts.extent, raster)
+        tags = {"SARMAE_MODEL": card.name, "SARMAE_MODEL_SHA256": card.weights.get("sha256", ""),
+                "SARMAE_TASK": card.task, "SARMAE_INPUT_UNITS": radiometry.describe(),
+                "SARMAE_SOFTWARE": f"sarmae {__version__}", "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
+        ctx = RunContext(raster, card, radiometry, out, opts, size, tags, region, say)
+        sink = make_sink(ctx)
+        windows = list(sink.windows)
+        if backend is None:
+            backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
+                                     opts.threads, log=say)
+        say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")
+        t_model = 0.0
+        done = 0
+        try:
+            for wins, x, valid in iter_batches(ctx, windows, opts.batch_size, should_cancel):
+                t1 = time.perf_counter()
+                y = backend.run(x)
+                t_model += time.perf_counter() - t1
+                sink.consume(wins, y, valid)
+                done += len(wins)
+                if progress is not None:
+                    progress(done / len(windows), f"{done}/{len(windows)} windows")
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("cancelled by the user; no output was written")
+            result = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+    result.timings = {"total_s": time.perf_counter() - t0, "model_s": t_model}
+    result.provenance = {"model": card.name, "model_sha256": card.weights.get("sha256"), "inputs": inputs,
+                         "input_units": radiometry.describe(), "backend": backend.describe(),
+                         "software": f"sarmae {__version__}", "options": asdict(opts)}
+    result.log = messages
+    return result
+
+
+def _clip_extent(extent, raster) -> Window:
+    r, c, h, w = (int(v) for v in extent)
+    r0, c0 = max(r, 0), max(c, 0)
+    r1, c1 = min(r + h, raster.height), min(c + w, raster.width)
+    if r1 - r0 < 1 or c1 - c0 < 1:
+        raise RasterInputError(f"the requested extent {extent} (row, col, height, width) does not overlap the "
+                               f"{raster.height}x{raster.width} raster {raster.paths[0]}")
+    return Window(r0, c0, r1 - r0, c1 - c0)

@@ -1,0 +1,57 @@
+"""MAE reconstruction: the pretrained model's view of the input, back in the model's units."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..inference import InferenceResult
+from ..stitching import RollingStitcher
+from ..tiling import plan_tiles
+from ..writers import GeoTiffWriter
+from .base import Georef
+
+
+class ReconstructSink:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        region, opts = ctx.region, ctx.options
+        overlap = 0.25 if opts.overlap is None else opts.overlap
+        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
+        self.windows = self.plan.windows
+        c = ctx.card.in_chans
+        self.stitcher = RollingStitcher(self.plan, c)
+        self.geo = Georef(ctx.raster, region)
+        inp = ctx.card.input
+        self.lo, self.hi = inp["clip"]
+        self.mean = np.asarray(inp["mean"], np.float32).reshape(c, 1, 1)
+        self.std = np.asarray(inp["std"], np.float32).reshape(c, 1, 1)
+        self.writer = GeoTiffWriter(ctx.output, width=region.width, height=region.height, count=c, dtype="float32",
+                                    nodata=float("nan"), descriptions=list(inp["bands"]), cog=opts.cog,
+                                    tags={**ctx.tags, "SARMAE_UNITS": inp["units"]}, **self.geo.writer_kwargs())
+        self.valid_px = 0
+
+    def consume(self, windows, recon: np.ndarray, valid: np.ndarray) -> None:
+        for b, win in enumerate(windows):
+            self.stitcher.add(win, recon[b], valid[b])
+        for row_off, strip in self.stitcher.pop_ready():
+            self._write(row_off, strip)
+
+    def _write(self, row_off: int, strip: np.ndarray) -> None:
+        x01 = strip * self.std + self.mean  # undo mean/std -> [0, 1]
+        out = self.lo + np.clip(x01, 0, 1) * (self.hi - self.lo)  # back to the model's units
+        self.valid_px += int((~np.isnan(strip[0])).sum())
+        self.writer.write_rows(row_off, out.astype(np.float32))
+
+    def finish(self) -> InferenceResult:
+        for row_off, strip in self.stitcher.flush():
+            self._write(row_off, strip)
+        if self.valid_px == 0:
+            from ..errors import RasterInputError
+
+            raise RasterInputError(f"{self.ctx.raster.paths[0]}: every pixel is nodata; nothing to reconstruct")
+        self.writer.commit()
+        return InferenceResult(task="reconstruct", outputs={"reconstruction": str(self.ctx.output)},
+                               statistics={"units": self.ctx.card.input["units"]})
+
+    def abort(self) -> None:
+        self.writer.abort()

@@ -1,0 +1,105 @@
+"""Segmentation: blended logits -> class raster (uint8 + colours) + confidence (+ probabilities, polygons)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..inference import InferenceResult
+from ..stitching import RollingStitcher
+from ..tiling import plan_tiles
+from ..writers import GeoTiffWriter, class_colormap
+from .base import Georef, sibling, softmax
+
+NODATA_CLASS = 255
+
+
+class SegmentSink:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        region, opts = ctx.region, ctx.options
+        overlap = 0.25 if opts.overlap is None else opts.overlap
+        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
+        self.windows = self.plan.windows
+        self.classes = ctx.card.classes
+        k = len(self.classes)
+        if k > 255:
+            raise ValueError("at most 255 classes fit a uint8 class raster")
+        self.stitcher = RollingStitcher(self.plan, k)
+        self.geo = Georef(ctx.raster, region)
+        common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
+        names = [c["name"] for c in self.classes]
+        self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
+        self.writers = {
+            "class": GeoTiffWriter(self.paths["class"], count=1, dtype="uint8", nodata=NODATA_CLASS,
+                                   colormap=class_colormap(self.classes), descriptions=["class"], **common),
+            "confidence": GeoTiffWriter(self.paths["confidence"], count=1, dtype="float32", nodata=float("nan"),
+                                        descriptions=["confidence"], **common),
+        }
+        if opts.probabilities:
+            self.paths["probabilities"] = sibling(ctx.output, "_probabilities.tif")
+            self.writers["probabilities"] = GeoTiffWriter(self.paths["probabilities"], count=k, dtype="float32",
+                                                          nodata=float("nan"), descriptions=names, **common)
+        self.paths_vectors = ctx.output.with_suffix(".gpkg")
+        if opts.vector and self.paths_vectors.exists() and not opts.overwrite:
+            from ..errors import OutputError
+
+            raise OutputError(f"{self.paths_vectors} already exists; choose another output or pass --overwrite")
+        self.counts = np.zeros(k, np.int64)
+        self.areas = np.zeros(k, np.float64)
+        self.conf_sum = np.zeros(k, np.float64)
+
+    def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:
+        for b, win in enumerate(windows):
+            self.stitcher.add(win, logits[b], valid[b])
+        for row_off, strip in self.stitcher.pop_ready():
+            self._write(row_off, strip)
+
+    def _write(self, row_off: int, strip: np.ndarray) -> None:
+        invalid = np.isnan(strip[0])
+        probs = softmax(np.nan_to_num(strip, nan=0.0), axis=0)
+        cls = probs.argmax(axis=0).astype(np.uint8)
+        conf = probs.max(axis=0).astype(np.float32)
+        cls[invalid] = NODATA_CLASS
+        conf[invalid] = np.nan
+        valid_cls = cls[~invalid]
+        k = len(self.classes)
+        self.counts += np.bincount(valid_cls, minlength=k)[:k]
+        row_area = np.broadcast_to(self.geo.row_areas(row_off, cls.shape[0])[:, None], cls.shape)
+        self.areas += np.bincount(valid_cls, weights=row_area[~invalid], minlength=k)[:k]
+        self.conf_sum += np.bincount(valid_cls, weights=conf[~invalid], minlength=len(self.classes))[: len(self.classes)]
+        self.writers["class"].write_rows(row_off, cls)
+        self.writers["confidence"].write_rows(row_off, conf)
+        if "probabilities" in self.writers:
+            probs[:, invalid] = np.nan
+            self.writers["probabilities"].write_rows(row_off, probs.astype(np.float32))
+
+    def finish(self) -> InferenceResult:
+        for row_off, strip in self.stitcher.flush():
+            self._write(row_off, strip)
+        if self.counts.sum() == 0:
+            from ..errors import RasterInputError
+
+            raise RasterInputError(f"{self.ctx.raster.paths[0]}: every pixel is nodata (declared nodata, NaN or inf); "
+                                   "nothing to segment. Check the file's nodata value or the --bands choice")
+        for w in self.writers.values():
+            w.commit()
+        stats = {"pixels": int(self.counts.sum()), "area_unit": self.geo.area_unit, "per_class": {}}
+        for i, c in enumerate(self.classes):
+            n = int(self.counts[i])
+            stats["per_class"][c["name"]] = {"pixels": n, "area": float(self.areas[i]),
+                                             "fraction": n / max(1, int(self.counts.sum())),
+                                             "mean_confidence": float(self.conf_sum[i] / n) if n else None}
+        outputs = {k: str(v) for k, v in self.paths.items()}
+        if self.ctx.options.vector:
+            from ..vectorize import polygonize_classes
+
+            gpkg = self.paths_vectors
+            vec = polygonize_classes(self.ctx.output, gpkg, [c["name"] for c in self.classes],
+                                     min_area_px=self.ctx.options.min_area_px)
+            outputs["vectors"] = str(gpkg)
+            stats["vectors"] = {k: v for k, v in vec.items() if k != "path"}
+        return InferenceResult(task="segment", outputs=outputs, classes=self.classes, statistics=stats)
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
