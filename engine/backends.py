@@ -19,7 +19,8 @@ import torch
 
 from .errors import SarmaeError
 
-ONNX_TASKS = ("segment", "classify", "embed", "reconstruct")
+# reconstruct draws random masks (torch generator) and detect returns variable-length lists: torch only
+ONNX_TASKS = ("segment", "classify", "embed")
 
 
 def pick_device(device: str = "auto") -> str:

@@ -16,6 +16,8 @@ EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
   sarmae info water.pkg
   sarmae convert sarmae_vitb.pth --output sarmae_vitb_encoder
+  sarmae infer --model water.pkg --input scene_VV.tif --input scene_VH.tif --output water.tif --vector
+  sarmae export water.pkg
 """
 
 
@@ -86,6 +88,82 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _band(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def cmd_infer(a: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from tqdm import tqdm
+
+    from .inference import InferenceOptions, run_inference
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    opts = InferenceOptions(
+        window=a.window, overlap=a.overlap, batch_size=a.batch_size, device=a.device, backend=a.backend,
+        threads=a.threads, bands=[_band(b) for b in a.bands] if a.bands else None, input_units=a.input_units,
+        complex_mode=a.complex_mode, vector=a.vector, min_area_px=a.min_area, probabilities=a.probabilities,
+        score_threshold=a.score_threshold, nms_iou=a.nms_iou, cog=a.cog, overwrite=a.overwrite,
+    )
+    bar = tqdm(total=1000, unit="‰", disable=a.quiet, bar_format="{l_bar}{bar}| {elapsed}<{remaining}", file=sys.stderr)
+
+    def progress(fraction: float, message: str) -> None:
+        if fraction < 0:
+            if not a.quiet:
+                bar.write(message, file=sys.stderr)
+            return
+        bar.n = int(fraction * 1000)
+        bar.set_description(message)
+        bar.refresh()
+
+    try:
+        result = run_inference(a.input, a.output, a.model, opts, progress=progress)
+    finally:
+        bar.close()
+    if a.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        for role, path in result.outputs.items():
+            print(f"{role:>13}: {path}")
+        stats = result.statistics
+        for name, s in stats.get("per_class", {}).items():
+            if isinstance(s, dict):
+                print(f"{name:>13}: {100 * s['fraction']:.1f} % of valid pixels, area {s['area']:.6g} {stats.get('area_unit', '')}")
+            else:
+                print(f"{name:>13}: {s}")
+        t = result.timings
+        print(f"{'time':>13}: {t['total_s']:.1f} s (model {t['model_s']:.1f} s)")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """Add model.onnx to a package (the same folder or zip, rewritten atomically)."""
+    import json
+
+    import numpy as np
+
+    from .backends import OnnxBackend, TorchBackend, export_onnx
+    from .package import load_package, save_package
+
+    pkg = load_package(a.package)
+    card = pkg.card
+    size = card.input_size
+    blob = export_onnx(pkg.model, card.task, card.in_chans, size, json.dumps(card.to_dict()), opset=a.opset)
+    x = np.random.default_rng(0).standard_normal((2, card.in_chans, *size)).astype(np.float32)
+    diff = float(np.abs(TorchBackend(pkg.model, card.task, "cpu").run(x) - OnnxBackend(blob, card.task, "cpu").run(x)).max())
+    if diff > 1e-4:
+        raise SarmaeError(f"the ONNX export disagrees with torch (max abs diff {diff:.2e} > 1e-4); not written")
+    from .package import load_state_dict
+
+    _, sd = load_state_dict(a.package, card)
+    save_package(sd, card, a.output or a.package, onnx_bytes=blob, overwrite=True)
+    print(f"wrote model.onnx into {a.output or a.package} ({len(blob) / 1e6:.1f} MB, opset {a.opset}); "
+          f"torch vs onnxruntime max abs diff {diff:.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sarmae", description="SARMAE for SAR imagery: model packages, inference, training.",
@@ -132,6 +210,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="model name (default: the checkpoint's file name)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("infer", help="run a model over SAR raster(s) of any size",
+                       description="Run a model package over a raster (or several single-pol rasters on one grid) "
+                                   "window by window; memory grows with the raster's width, not its area.")
+    s.add_argument("--model", "-m", required=True, help="model package folder or .zip")
+    s.add_argument("--input", "-i", required=True, action="append",
+                   help="input raster; repeat for separate polarisation files on the same grid (e.g. VV then VH)")
+    s.add_argument("--output", "-o", required=True,
+                   help="main output: .tif (segment/embed/reconstruct) or .gpkg (detect/classify); extras go beside it")
+    s.add_argument("--window", type=int, help="window size in px (default: the model's input size)")
+    s.add_argument("--overlap", type=float, help="overlap between windows, 0..0.9 (default 0.25; classify 0)")
+    s.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    s.add_argument("--backend", default="auto", help="auto | torch | onnxruntime (default: %(default)s)")
+    s.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    s.add_argument("--bands", type=_csv, help="bands in the model's order: 1-based indexes or names, e.g. VV,VH or 2,1")
+    s.add_argument("--input-units", help="what the file holds, overriding detection: db | linear_power | amplitude | uint8")
+    s.add_argument("--complex-mode", default="intensity", choices=["intensity", "amplitude"],
+                   help="complex (SLC) bands become |z|^2 or |z| (default: %(default)s)")
+    s.add_argument("--vector", action="store_true", help="segment: also write class polygons to a GeoPackage")
+    s.add_argument("--min-area", type=int, default=0, help="segment vectors: drop regions below this many pixels")
+    s.add_argument("--probabilities", action="store_true", help="segment: also write per-class probabilities")
+    s.add_argument("--score-threshold", type=float, default=0.3, help="detect: minimum box score (default: %(default)s)")
+    s.add_argument("--nms-iou", type=float, default=0.5, help="detect: IoU for merging boxes (default: %(default)s)")
+    s.add_argument("--cog", action="store_true", help="write Cloud-Optimised GeoTIFFs")
+    s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    s.add_argument("--json", action="store_true", help="print the result record as JSON")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("export", help="add an ONNX export (model.onnx) to a package",
+                       description="Export the package's model to ONNX (checked against torch on random input) and "
+                                   "store it in the package with the model card as ONNX metadata.")
+    s.add_argument("package", help="package folder or .zip")
+    s.add_argument("--output", "-o", help="write a new package here instead of updating PACKAGE")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    s.set_defaults(func=cmd_export)
     return p
 
 

@@ -1,9 +1,16 @@
 """SARMAE model definitions, used by the engine and by training (defined once)."""
 
 from .mae import DecoderConfig, MaskedAutoencoderViT, patchify, random_masking, unpatchify
-from .registry import SIZES, TASKS, build_from_architecture, create_model, list_models, register_model
+from .registry import (
+    SIZES,
+    TASKS,
+    build_from_architecture,
+    create_model,
+    list_models,
+    register_model,
+)
 from .sarc import SARCProjectionHead, sarc_loss
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "SIZES", "TASKS", "DecoderConfig", "MaskedAutoencoderViT", "SARCProjectionHead", "ViTConfig",

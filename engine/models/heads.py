@@ -6,6 +6,7 @@ Each task model exposes its ViT as ``.encoder`` (classifier and segmenter keep i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -100,7 +101,9 @@ class UPerHead(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6)):
         super().__init__()
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_gn_relu(in_channels, channels, 1, norm=False)) for s in pool_scales)
+        self.pool_multiple = math.lcm(*pool_scales)
+        self.pool_scales = tuple(pool_scales)
+        self.ppm = nn.ModuleList(_conv_gn_relu(in_channels, channels, 1, norm=False) for _ in pool_scales)
         self.bottleneck = _conv_gn_relu(in_channels + len(pool_scales) * channels, channels, 3)
         self.lateral = nn.ModuleList(_conv_gn_relu(in_channels, channels, 1) for _ in range(3))
         self.fpn = nn.ModuleList(_conv_gn_relu(channels, channels, 3) for _ in range(3))
@@ -110,7 +113,15 @@ class UPerHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         top = feats[3]
         size = top.shape[-2:]
-        pooled = [F.interpolate(p(top), size=size, mode="bilinear", align_corners=False) for p in self.ppm]
+        # Pool from a copy resized to a multiple of every pool scale, so each adaptive pool has
+        # equal bins (also what ONNX can export: output sizes must divide the input).
+        m = self.pool_multiple
+        grid = (m * -(-int(size[0]) // m), m * -(-int(size[1]) // m))
+        src = top if tuple(size) == grid else F.interpolate(top, size=grid, mode="bilinear", align_corners=False)
+        pooled = [
+            F.interpolate(conv(F.avg_pool2d(src, (grid[0] // s, grid[1] // s))), size=size, mode="bilinear", align_corners=False)
+            for s, conv in zip(self.pool_scales, self.ppm)
+        ]
         lat = [lateral(f) for lateral, f in zip(self.lateral, feats[:3])] + [self.bottleneck(torch.cat([top, *pooled], 1))]
         for i in range(3, 0, -1):  # top-down
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear", align_corners=False)
@@ -120,9 +131,17 @@ class UPerHead(nn.Module):
         return self.cls(self.fuse(torch.cat(outs, 1)))
 
 
+def default_head_channels(embed_dim: int) -> int:
+    """2/3 of the encoder width in multiples of 32, within 64..512: tiny 128, small 256, base 512.
+
+    The head runs at stride 4, so on small encoders a 512-wide head would cost several times the
+    encoder itself; SARMAE's ViT-B setting (512) is kept."""
+    return int(min(512, max(64, 32 * round(embed_dim * 2 / 3 / 32))))
+
+
 @dataclass
 class SegHeadConfig:
-    channels: int = 256  # width of the pyramid and UPerNet head (SARMAE ViT-B: 512)
+    channels: int | None = None  # pyramid/UPerNet width; None: 2/3 of the encoder width, 64..512 (ViT-B: 512)
     indices: tuple[int, ...] | None = None  # encoder blocks feeding strides 4/8/16/32 (None: by depth)
     aux_weight: float = 0.4  # weight of the auxiliary FCN head's loss during training
 
@@ -144,9 +163,10 @@ class ViTSegmenter(nn.Module):
         self.cfg = cfg
         self.encoder = encoder
         self.indices = tuple(cfg.indices) if cfg.indices else default_dense_indices(len(encoder.blocks))
-        self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, cfg.channels)
-        self.decode_head = UPerHead(cfg.channels, cfg.channels, num_classes)
-        self.aux_head = nn.Sequential(_conv_gn_relu(encoder.embed_dim, cfg.channels, 3), nn.Conv2d(cfg.channels, num_classes, 1))
+        ch = cfg.channels or default_head_channels(encoder.embed_dim)
+        self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, ch)
+        self.decode_head = UPerHead(ch, ch, num_classes)
+        self.aux_head = nn.Sequential(_conv_gn_relu(encoder.embed_dim, ch, 3), nn.Conv2d(ch, num_classes, 1))
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         maps = self.encoder.get_intermediate_layers(x, self.indices)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
-from .vit import Block, ViTConfig, VisionTransformer, init_vit_weights
+from .vit import Block, VisionTransformer, ViTConfig, init_vit_weights
 
 
 @dataclass
@@ -69,7 +69,7 @@ def random_masking(
     mask (N, L) with 0 = kept / 1 = masked in the original order, ids_restore (N, L), ids_keep (N, K).
     """
     n, length, d = x.shape
-    keep = max(1, int(round(length * (1.0 - mask_ratio))))
+    keep = max(1, int(round(float(length) * (1.0 - mask_ratio))))
     noise = torch.rand(n, length, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)

@@ -6,13 +6,13 @@ Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decode
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 
 from ..errors import ModelConfigError
 from .mae import DecoderConfig, MaskedAutoencoderViT
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 SIZES: dict[str, dict] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
