@@ -1,0 +1,1 @@
+"""Datasets, samplers, SARE noise and synthetic scenes for training."""
