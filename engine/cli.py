@@ -164,6 +164,28 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(a.serve_args)
+
+
+def cmd_similarity(a: argparse.Namespace) -> int:
+    from .similarity import run_similarity
+
+    if a.point:
+        query = tuple(float(v) for v in a.point.split(","))
+        if len(query) != 2:
+            raise SarmaeError("--point needs X,Y in the raster's CRS, e.g. --point 500150.0,4649700.0")
+    elif a.wkt:
+        query = a.wkt
+    else:
+        raise SarmaeError("give a query: --point X,Y or --wkt 'POLYGON ((...))' (in the raster's CRS)")
+    r = run_similarity(a.embedding, a.output, query, overwrite=a.overwrite, cog=a.cog)
+    print(f"wrote {r['output']} (query from {r['query_cells']} embedding cell(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sarmae", description="SARMAE for SAR imagery: model packages, inference, training.",
@@ -247,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", help="write a new package here instead of updating PACKAGE")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("similarity", help="cosine similarity of an embedding raster to a point or polygon",
+                       description="Similarity search: cosine similarity of every cell of an embedding raster "
+                                   "(from 'sarmae infer' with an embed model) to the feature at a point, or the mean "
+                                   "feature inside a polygon, given in the raster's CRS.")
+    s.add_argument("embedding", help="embedding GeoTIFF written by the embed task")
+    s.add_argument("--output", "-o", required=True, help="similarity GeoTIFF to write")
+    s.add_argument("--point", help="query point X,Y in the raster's CRS")
+    s.add_argument("--wkt", help="query geometry as WKT (point or polygon) in the raster's CRS")
+    s.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_similarity)
+
+    s = sub.add_parser("serve", help="the engine worker for the QGIS plugin (JSON lines on stdin/stdout)",
+                       description="Run the engine worker: JSON-lines protocol on stdin/stdout (see DESIGN.md). "
+                                   "Options after 'serve' go to the worker: [--cache-size N] [--log-level LEVEL].")
+    s.add_argument("serve_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import traceback as _traceback
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from .errors import SarmaeError
+from .errors import CancelledError, SarmaeError
 
 PROTOCOL_VERSION = 1
 MAX_LINE_CHARS = 1_000_000  # a request longer than this is refused (it is a bug, not a request)
@@ -156,6 +157,19 @@ def error(rid: str | None, type_name: str, message: str, *, code: str = FAILED, 
     return {"event": ERROR, "id": rid, "error": err}
 
 
+def error_from_exception(rid: str | None, e: BaseException) -> dict[str, Any]:
+    """The error event for an exception: the engine's own errors carry their (actionable) message;
+    anything else is unexpected and also carries the last frames of its traceback."""
+    kind = type(e).__name__
+    if isinstance(e, CancelledError):
+        return error(rid, kind, str(e), code=CANCELLED, cancelled=True)
+    if isinstance(e, SarmaeError):
+        code = BUSY if isinstance(e, BusyError) else PROTOCOL if isinstance(e, ProtocolError) else FAILED
+        return error(rid, kind, str(e), code=code)
+    tb = "".join(_traceback.format_exception(type(e), e, e.__traceback__)[-8:])
+    return error(rid, kind, (str(e) or repr(e))[:2000], code=INTERNAL, traceback=tb[-4000:])
+
+
 def encode(message: dict[str, Any]) -> str:
     """One protocol line (no newline): compact ASCII JSON; NaN/inf become null, numpy scalars,
     tuples and paths become plain JSON values."""
@@ -181,8 +195,6 @@ def _plain(x: Any) -> Any:
         return x
     if isinstance(x, PurePath):
         return str(x)
-    if hasattr(x, "item") and callable(x.item):  # numpy scalar
-        return _plain(x.item())
-    if hasattr(x, "tolist") and callable(x.tolist):  # numpy array
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy array or scalar
         return _plain(x.tolist())
     return str(x)

@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from . import protocol as P
-from .errors import CancelledError, SarmaeError
+from .errors import CancelledError
 
 log = logging.getLogger("sarmae.serve")
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events per second (the last one, fraction 1, always)
@@ -131,20 +130,18 @@ class Worker:
 
     def handle_line(self, line: str) -> bool:
         """Serve one request line; False when the worker should exit (shutdown)."""
+        rid = None
         try:
             req = P.parse_request(line)
-        except P.ProtocolError as e:
-            self.send(error_event(e.request_id, e))
-            return True
-        try:
+            rid = req.id
             return self.dispatch(req)
         except Exception as e:  # never die on a request
-            self.send(error_event(req.id, e))
+            self.send(error_event(getattr(e, "request_id", None) or rid, e))
             return True
 
     def dispatch(self, req: P.Request) -> bool:
         if req.type == P.INFO:
-            self.send(P.result(req.id, engine_info(self.cache, self.active_run)))
+            self.send(P.result(req.id, engine_info(self.cache, self._run_id)))
         elif req.type == P.MODEL_INFO:
             self.send(P.result(req.id, model_info(req.get("package"), bool(req.get("verify", False)))))
         elif req.type == P.RUN:
@@ -156,10 +153,6 @@ class Worker:
             self.send(P.result(req.id, {"shutdown": True}))
             return False
         return True
-
-    @property
-    def active_run(self) -> str | None:
-        return self._run_id
 
     def start_run(self, req: P.Request) -> None:
         from .inference import InferenceOptions
@@ -188,12 +181,7 @@ class Worker:
                 last[0] = now
                 self.send(P.progress(rid, round(float(fraction), 4), message))
 
-        def check() -> None:
-            if cancel.is_set():
-                raise CancelledError("cancelled by the user; no output was written")
-
         try:
-            check()
             t0 = time.perf_counter()
             entry, pkg_hit = self.cache.package(req.get("model"))
             card = entry.package.card
@@ -201,7 +189,8 @@ class Worker:
                                                       f"loaded in {time.perf_counter() - t0:.2f} s"))
             size = opts.window or card.input_size[0]
             backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
-            check()
+            if cancel.is_set():  # cancelled while the model was loading
+                raise CancelledError("cancelled by the user; no output was written")
             res = run_inference(req.get("inputs"), req.get("output"), entry.package, opts, progress,
                                 cancel.is_set, backend=backend)
             event = P.result(rid, res.to_dict(), cache={"package": "hit" if pkg_hit else "miss",
@@ -215,10 +204,9 @@ class Worker:
     def cancel(self, target: str) -> bool:
         """Ask the active run ``target`` to stop; False when no such run is active (already finished)."""
         with self._state_lock:
-            if self._run_id != target:
-                return False
-            self._cancel.set()
-            return True
+            if self._run_id == target:
+                self._cancel.set()
+            return self._run_id == target
 
     def stop(self) -> None:
         """Cancel any active run and wait for it to remove its partial outputs."""
@@ -230,18 +218,11 @@ class Worker:
 
 
 def error_event(rid: str | None, e: BaseException) -> dict[str, Any]:
-    """The error event for an exception: expected errors carry their message, others a short traceback."""
-    if isinstance(e, CancelledError):
-        return P.error(rid, type(e).__name__, str(e), code=P.CANCELLED, cancelled=True)
-    if isinstance(e, P.BusyError):
-        return P.error(rid, type(e).__name__, str(e), code=P.BUSY)
-    if isinstance(e, P.ProtocolError):
-        return P.error(rid, type(e).__name__, str(e), code=P.PROTOCOL)
-    if isinstance(e, SarmaeError):
-        return P.error(rid, type(e).__name__, str(e), code=P.FAILED)
-    log.error("unexpected error in request %s", rid, exc_info=e)
-    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-8:])
-    return P.error(rid, type(e).__name__, str(e) or repr(e), code=P.INTERNAL, traceback=tb[-4000:])
+    """The error event for ``e``; unexpected exceptions are also logged to stderr in full."""
+    event = P.error_from_exception(rid, e)
+    if event["error"]["code"] == P.INTERNAL:
+        log.error("unexpected error in request %s", rid, exc_info=e)
+    return event
 
 
 def engine_info(cache: ModelCache, active_run: str | None = None) -> dict[str, Any]:
@@ -255,25 +236,18 @@ def engine_info(cache: ModelCache, active_run: str | None = None) -> dict[str, A
             versions[name] = importlib.import_module(name).__version__
         except Exception:  # not installed or broken: reported as null
             versions[name] = None
-    try:
-        import rasterio
-
-        versions["gdal"] = rasterio.__gdal_version__
-    except Exception:
-        versions["gdal"] = None
+    versions["gdal"] = getattr(sys.modules.get("rasterio"), "__gdal_version__", None)
     devices: list[dict[str, Any]] = [{"name": "cpu", "available": True,
                                       "description": platform.processor() or platform.machine()}]
     try:
         import torch
 
         devices[0]["threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                devices.append({"name": f"cuda:{i}", "available": True, "description": props.name,
-                                "memory_gb": round(props.total_memory / 2**30, 1)})
-        else:
-            devices.append({"name": "cuda", "available": False})
+        cuda = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())
+                if torch.cuda.is_available()]
+        devices += [{"name": f"cuda:{i}", "available": True, "description": p.name,
+                     "memory_gb": round(p.total_memory / 2**30, 1)} for i, p in enumerate(cuda)]
+        devices += [] if cuda else [{"name": "cuda", "available": False}]
         mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
         devices.append({"name": "mps", "available": bool(mps)})
     except Exception as e:  # torch missing or broken: CPU through onnxruntime only
@@ -288,6 +262,7 @@ def engine_info(cache: ModelCache, active_run: str | None = None) -> dict[str, A
 def model_info(package: str, verify: bool = False) -> dict[str, Any]:
     """The validated model card of a package (``verify`` also checks the weights' sha256)."""
     import zipfile
+    from contextlib import nullcontext
 
     from .package import ONNX, describe, load_state_dict, read_card
 
@@ -295,11 +270,8 @@ def model_info(package: str, verify: bool = False) -> dict[str, Any]:
     card = read_card(path)
     if verify:
         load_state_dict(path, card)
-    if path.is_dir():
-        has_onnx = (path / ONNX).is_file()
-    else:
-        with zipfile.ZipFile(path) as z:
-            has_onnx = any(n.endswith(ONNX) for n in z.namelist())
+    with zipfile.ZipFile(path) if path.is_file() else nullcontext() as z:
+        has_onnx = any(n.endswith(ONNX) for n in z.namelist()) if z else (path / ONNX).is_file()
     return {"path": str(path), "card": card.to_dict(), "summary": describe(card), "has_onnx": has_onnx,
             "verified": verify}
 
@@ -321,10 +293,6 @@ def serve_forever(stdin: TextIO, stdout: TextIO, cache_size: int = 2) -> int:
     return 0
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``sarmae serve [--cache-size N] [--log-level LEVEL]``: run the worker on this process's stdio."""
     parser = argparse.ArgumentParser(prog="sarmae serve", description="Run the engine worker: JSON-lines "
@@ -340,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # clean up like shutdown
     try:
         return serve_forever(stdin, out, args.cache_size)
     except KeyboardInterrupt:
