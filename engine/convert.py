@@ -150,7 +150,7 @@ def adapt_patch_embed(weight, in_chans: int):
 
 
 def convert_state_dict(sd: dict, arch: str | None = None, task: str = "embed", in_chans: int | None = None,
-                       img_size: int | None = None) -> tuple[dict, ConversionReport]:
+                       img_size: int | None = None, known_architecture: dict | None = None) -> tuple[dict, ConversionReport]:
     """Map a checkpoint state dict onto a sarmae model; returns (model state dict, report)."""
     from .models import build_from_architecture
     from .models.mae import is_decoder_key
@@ -161,6 +161,12 @@ def convert_state_dict(sd: dict, arch: str | None = None, task: str = "embed", i
     others = [k for k in sd if not k.startswith(prefix)]
     # the decoder may live beside the encoder prefix (e.g. 'sar_encoder.decoder_*' or top level)
     architecture = infer_architecture({k: tuple(v.shape) for k, v in stripped.items()}, arch, task == "reconstruct")
+    if known_architecture:  # sarmae's own checkpoints describe themselves (heads cannot be read from shapes)
+        architecture["encoder"] = dict(known_architecture["encoder"])
+        if task == "reconstruct" and known_architecture.get("decoder"):
+            architecture["decoder"] = dict(known_architecture["decoder"])
+        name = known_architecture.get("name", architecture["name"]).replace("mae_", "")
+        architecture["name"] = ("mae_" + name) if task == "reconstruct" else name
     enc = architecture["encoder"]
     adapted = []
     if in_chans and in_chans != enc["in_chans"]:
@@ -233,7 +239,8 @@ def convert_checkpoint(path: str | Path, output: str | Path, arch: str | None = 
     path = Path(path)
     ckpt = safe_load_checkpoint(path)
     sd = extract_state_dict(ckpt)
-    state, report = convert_state_dict(sd, arch, task, in_chans, img_size)
+    own = ckpt.get("architecture") if isinstance(ckpt.get("architecture"), dict) else None
+    state, report = convert_state_dict(sd, arch, task, in_chans, img_size, own)
     if report.fraction < MIN_LOADED_FRACTION:
         raise ConversionError(
             f"{path}: refused: only {len(report.loaded)} of {len(report.loaded) + len(report.missing)} model tensors "
@@ -242,7 +249,14 @@ def convert_checkpoint(path: str | Path, output: str | Path, arch: str | None = 
         )
     enc = report.architecture["encoder"]
     contract = default_input(enc["in_chans"], units, bands)
+    own_input = ckpt.get("sarmae_input")
+    if isinstance(own_input, dict) and not in_chans and own_input.get("units"):
+        contract = {**own_input, "bands": bands or own_input["bands"]}  # the training data's scaling
     prov = {"converted_from": path.name, "source_sha256": file_sha256(path), "conversion": report.summary()}
+    if isinstance(ckpt.get("config"), dict):
+        prov["pretraining_config"] = plain(ckpt["config"])
+    if "step" in ckpt:
+        prov["step"] = plain(ckpt["step"])
     if "epoch" in ckpt:
         prov["epoch"] = plain(ckpt["epoch"])
     if "args" in ckpt:

@@ -213,11 +213,11 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
                 "SARMAE_TASK": card.task, "SARMAE_INPUT_UNITS": radiometry.describe(),
                 "SARMAE_SOFTWARE": f"sarmae {__version__}", "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
         ctx = RunContext(raster, card, radiometry, out, opts, size, tags, region, say)
-        sink = make_sink(ctx)
-        windows = list(sink.windows)
-        if backend is None:
+        if backend is None:  # before the sink opens its (temporary) output files
             backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
                                      opts.threads, log=say)
+        sink = make_sink(ctx)
+        windows = list(sink.windows)
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")
         t_model = 0.0
         done = 0

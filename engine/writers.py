@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ def check_output(path: str | os.PathLike, inputs: list[str], overwrite: bool) ->
     if out.exists() and not overwrite:
         raise OutputError(f"{path} already exists; choose another output or pass --overwrite")
     parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is a file, not a folder; choose an output path inside a folder")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
@@ -66,6 +69,7 @@ class GeoTiffWriter:
                  tags: dict[str, str] | None = None, cog: bool = False, blocksize: int = 256,
                  compress: str = "deflate", half_float: bool = False):
         import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
 
         self.path = Path(path)
         self.tmp = temp_sibling(self.path, ".tif")
@@ -87,7 +91,9 @@ class GeoTiffWriter:
             if transform is not None:
                 profile["transform"] = transform
         try:
-            self.ds = rasterio.open(self.tmp, "w", **profile)
+            with warnings.catch_warnings():  # GCPs are set just below; pixel-space output is said in the log
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.ds = rasterio.open(self.tmp, "w", **profile)
             if gcps:
                 self.ds.gcps = (gcps, gcp_crs)
             if colormap:
@@ -100,6 +106,7 @@ class GeoTiffWriter:
             self._cleanup()
             raise disk_error(self.path, e) from e
         self.rows_written = 0
+        self._closed = False
 
     def write_rows(self, row_off: int, data: np.ndarray) -> None:
         """Write (count, rows, width) at ``row_off``."""
@@ -114,20 +121,40 @@ class GeoTiffWriter:
             raise disk_error(self.path, e) from e
         self.rows_written += data.shape[1]
 
-    def commit(self) -> Path:
+    def close(self) -> Path:
+        """First phase of ``commit``: flush and close the temporary file (and convert it to a COG),
+        without publishing it; returns the temporary path (complete, readable). Writers of one run
+        are all closed before any is committed, so a disk filling up while the last one is flushed
+        leaves no output of the run behind."""
         import rasterio
         from rasterio.shutil import copy as rio_copy
 
+        if self._closed:
+            return self.tmp
         try:
             self.ds.close()
-            final_tmp = self.tmp
             if self.cog:
                 cog_tmp = temp_sibling(self.path, ".cog.tif")
-                with rasterio.open(self.tmp) as src:
-                    rio_copy(src, cog_tmp, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER")
+                try:
+                    with rasterio.open(self.tmp) as src:
+                        rio_copy(src, cog_tmp, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER")
+                except BaseException:
+                    for p in (cog_tmp, Path(str(cog_tmp) + ".aux.xml")):
+                        p.unlink(missing_ok=True)
+                    raise
                 os.unlink(self.tmp)
-                final_tmp = self.tmp = cog_tmp
-            os.replace(final_tmp, self.path)
+                self.tmp = cog_tmp
+        except Exception as e:
+            self._cleanup()
+            raise disk_error(self.path, e) from e
+        self._closed = True
+        return self.tmp
+
+    def commit(self) -> Path:
+        """Close (see ``close``) and rename the temporary file to the final name."""
+        self.close()
+        try:
+            os.replace(self.tmp, self.path)
         except Exception as e:
             self._cleanup()
             raise disk_error(self.path, e) from e

@@ -61,16 +61,17 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], in_chans: int) ->
 
 
 def random_masking(
-    x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by argsort of uniform noise.
+    """Per-sample random masking by argsort of uniform noise (or the given ``noise`` (N, L)).
 
     x: (N, L, D) -> kept tokens (N, K, D) with K = round(L * (1 - mask_ratio)) (at least 1),
     mask (N, L) with 0 = kept / 1 = masked in the original order, ids_restore (N, L), ids_keep (N, K).
     """
     n, length, d = x.shape
     keep = max(1, int(round(float(length) * (1.0 - mask_ratio))))
-    noise = torch.rand(n, length, device=x.device, generator=generator)
+    if noise is None:
+        noise = torch.rand(n, length, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -121,10 +122,10 @@ class MaskedAutoencoderViT(VisionTransformer):
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return unpatchify(x, self.patch_size, grid, self.in_chans)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None):
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None, noise=None):
         """-> latent (N, 1+K, D), mask (N, L), ids_restore (N, L), ids_keep (N, K), grid."""
         tokens, grid = self.embed(imgs)
-        kept, mask, ids_restore, ids_keep = random_masking(tokens, mask_ratio, generator)
+        kept, mask, ids_restore, ids_keep = random_masking(tokens, mask_ratio, generator, noise)
         x, _ = self.run_blocks(self.prepend_cls(kept))  # blocks see 1 + K tokens only
         return self.norm(x), mask, ids_restore, ids_keep, grid
 
@@ -157,9 +158,11 @@ class MaskedAutoencoderViT(VisionTransformer):
         target: torch.Tensor | None = None,
         mask_ratio: float = 0.75,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> MAEOutput:
-        """imgs: (noised) input; target: clean image to reconstruct (defaults to imgs)."""
-        latent, mask, ids_restore, ids_keep, grid = self.forward_encoder(imgs, mask_ratio, generator)
+        """imgs: (noised) input; target: clean image to reconstruct (defaults to imgs); noise: (N, L)
+        uniform values ranking the patches (lowest kept), e.g. drawn per sample for reproducibility."""
+        latent, mask, ids_restore, ids_keep, grid = self.forward_encoder(imgs, mask_ratio, generator, noise)
         pred = self.forward_decoder(latent, ids_restore, grid)
         loss = self.forward_loss(imgs if target is None else target, pred, mask)
         return MAEOutput(loss, pred, mask, latent, ids_keep, grid)

@@ -13,6 +13,15 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
+def check_extra_outputs(ctx, paths) -> None:
+    """Apply the main output's checks (exists without overwrite, equals an input) to the outputs
+    written beside it, before any file is opened."""
+    from ..writers import check_output
+
+    for p in paths:
+        check_output(p, ctx.raster.paths, ctx.options.overwrite)
+
+
 class Georef:
     """Georeferencing of the processed region, optionally at a coarser pixel (``scale`` px per cell).
 

@@ -14,7 +14,7 @@ from ..inference import InferenceResult
 from ..stitching import RollingStitcher
 from ..tiling import Window, plan_tiles
 from ..writers import GeoTiffWriter
-from .base import Georef, sibling
+from .base import Georef, check_extra_outputs, sibling
 
 SAMPLE = 20000  # feature vectors kept for the PCA fit
 
@@ -34,6 +34,8 @@ class EmbedSink:
         self.stitcher = RollingStitcher(self.token_plan, self.dim)
         self.geo = Georef(ctx.raster, region, scale=p)
         self.paths = {"embedding": ctx.output, "pca": sibling(ctx.output, "_pca.tif")}
+        check_extra_outputs(ctx, [self.paths["pca"]])
+        self.pca_writer = None
         self.writer = GeoTiffWriter(ctx.output, width=gw, height=gh, count=self.dim, dtype="float32", half_float=True,
                                     nodata=float("nan"), cog=opts.cog,
                                     tags={**ctx.tags, "SARMAE_PATCH_SIZE": str(p)}, **self.geo.writer_kwargs())
@@ -71,8 +73,11 @@ class EmbedSink:
             from ..errors import RasterInputError
 
             raise RasterInputError(f"{self.ctx.raster.paths[0]}: every pixel is nodata; nothing to embed")
+        self.writer.close()
+        self._pca_preview()  # from the closed temporary file; both are published only when both are complete
+        self.pca_writer.close()
         self.writer.commit()
-        self._pca_preview()
+        self.pca_writer.commit()
         return InferenceResult(task="embed", outputs={k: str(v) for k, v in self.paths.items()},
                                statistics={"grid": list(self.shape), "dim": self.dim, "stride_px": self.p})
 
@@ -81,14 +86,17 @@ class EmbedSink:
 
         mean = self.sample.mean(0)
         _, _, vt = np.linalg.svd(self.sample - mean, full_matrices=False)
-        comps = vt[:3]
+        comps = np.zeros((3, self.dim), vt.dtype)  # fewer than 3 samples (a tiny raster): grey channels
+        comps[: min(3, len(vt))] = vt[:3]
         proj = (self.sample - mean) @ comps.T
         lo, hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
-        scale = np.where(hi > lo, 254.0 / (hi - lo), 1.0)
+        span = hi - lo
+        scale = np.where(span > 0, 254.0 / np.where(span > 0, span, 1.0), 1.0)  # a flat component: no scaling
         gh, gw = self.shape
-        with rasterio.open(self.paths["embedding"]) as src, GeoTiffWriter(
+        self.pca_writer = dst = GeoTiffWriter(
             self.paths["pca"], width=gw, height=gh, count=3, dtype="uint8", nodata=0,
-            descriptions=["pc1", "pc2", "pc3"], tags=self.ctx.tags, **self.geo.writer_kwargs()) as dst:
+            descriptions=["pc1", "pc2", "pc3"], tags=self.ctx.tags, **self.geo.writer_kwargs())
+        with rasterio.open(self.writer.tmp) as src:
             step = 512
             for r in range(0, gh, step):
                 from rasterio.windows import Window as RioWindow
@@ -103,3 +111,5 @@ class EmbedSink:
 
     def abort(self) -> None:
         self.writer.abort()
+        if self.pca_writer is not None:
+            self.pca_writer.abort()

@@ -8,7 +8,7 @@ from ..inference import InferenceResult
 from ..stitching import RollingStitcher
 from ..tiling import plan_tiles
 from ..writers import GeoTiffWriter, class_colormap
-from .base import Georef, sibling, softmax
+from .base import Georef, check_extra_outputs, sibling, softmax
 
 NODATA_CLASS = 255
 
@@ -29,21 +29,25 @@ class SegmentSink:
         common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
         names = [c["name"] for c in self.classes]
         self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
-        self.writers = {
-            "class": GeoTiffWriter(self.paths["class"], count=1, dtype="uint8", nodata=NODATA_CLASS,
-                                   colormap=class_colormap(self.classes), descriptions=["class"], **common),
-            "confidence": GeoTiffWriter(self.paths["confidence"], count=1, dtype="float32", nodata=float("nan"),
-                                        descriptions=["confidence"], **common),
-        }
         if opts.probabilities:
             self.paths["probabilities"] = sibling(ctx.output, "_probabilities.tif")
-            self.writers["probabilities"] = GeoTiffWriter(self.paths["probabilities"], count=k, dtype="float32",
-                                                          nodata=float("nan"), descriptions=names, **common)
         self.paths_vectors = ctx.output.with_suffix(".gpkg")
-        if opts.vector and self.paths_vectors.exists() and not opts.overwrite:
-            from ..errors import OutputError
-
-            raise OutputError(f"{self.paths_vectors} already exists; choose another output or pass --overwrite")
+        # every output is checked before the first temporary file is opened
+        check_extra_outputs(ctx, [p for k, p in self.paths.items() if k != "class"]
+                            + ([self.paths_vectors] if opts.vector else []))
+        self.writers = {}
+        try:
+            self.writers["class"] = GeoTiffWriter(self.paths["class"], count=1, dtype="uint8", nodata=NODATA_CLASS,
+                                                  colormap=class_colormap(self.classes), descriptions=["class"],
+                                                  **common)
+            self.writers["confidence"] = GeoTiffWriter(self.paths["confidence"], count=1, dtype="float32",
+                                                       nodata=float("nan"), descriptions=["confidence"], **common)
+            if opts.probabilities:
+                self.writers["probabilities"] = GeoTiffWriter(self.paths["probabilities"], count=k, dtype="float32",
+                                                              nodata=float("nan"), descriptions=names, **common)
+        except BaseException:
+            self.abort()
+            raise
         self.counts = np.zeros(k, np.int64)
         self.areas = np.zeros(k, np.float64)
         self.conf_sum = np.zeros(k, np.float64)
@@ -81,8 +85,8 @@ class SegmentSink:
 
             raise RasterInputError(f"{self.ctx.raster.paths[0]}: every pixel is nodata (declared nodata, NaN or inf); "
                                    "nothing to segment. Check the file's nodata value or the --bands choice")
-        for w in self.writers.values():
-            w.commit()
+        for w in self.writers.values():  # all complete on disk before any is published
+            w.close()
         stats = {"pixels": int(self.counts.sum()), "area_unit": self.geo.area_unit, "per_class": {}}
         for i, c in enumerate(self.classes):
             n = int(self.counts[i])
@@ -90,14 +94,16 @@ class SegmentSink:
                                              "fraction": n / max(1, int(self.counts.sum())),
                                              "mean_confidence": float(self.conf_sum[i] / n) if n else None}
         outputs = {k: str(v) for k, v in self.paths.items()}
-        if self.ctx.options.vector:
+        if self.ctx.options.vector:  # from the closed temporary class raster: a failure publishes nothing
             from ..vectorize import polygonize_classes
 
             gpkg = self.paths_vectors
-            vec = polygonize_classes(self.ctx.output, gpkg, [c["name"] for c in self.classes],
+            vec = polygonize_classes(self.writers["class"].tmp, gpkg, [c["name"] for c in self.classes],
                                      min_area_px=self.ctx.options.min_area_px)
             outputs["vectors"] = str(gpkg)
             stats["vectors"] = {k: v for k, v in vec.items() if k != "path"}
+        for w in self.writers.values():
+            w.commit()
         return InferenceResult(task="segment", outputs=outputs, classes=self.classes, statistics=stats)
 
     def abort(self) -> None:
