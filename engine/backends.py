@@ -52,22 +52,26 @@ class InferenceModule(torch.nn.Module):
         if self.task == "embed":
             return self.model.forward_patch_tokens(x)
         if self.task == "reconstruct":
-            g = torch.Generator(device=x.device).manual_seed(0)  # the same masks on every run
-            return self.model.reconstruct(x, self.mask_ratio, generator=g)
+            # one mask pattern for every window: deterministic and independent of the batch size
+            g = torch.Generator(device=x.device).manual_seed(0)
+            n_tok = (x.shape[-2] // self.model.patch_size) * (x.shape[-1] // self.model.patch_size)
+            noise = torch.rand(1, n_tok, generator=g, device=x.device).expand(x.shape[0], -1)
+            return self.model.reconstruct(x, self.mask_ratio, noise=noise)
         return self.model(x)
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, task: str, device: str = "auto", amp: bool = True, threads: int | None = None):
+    def __init__(self, model, task: str, device: str = "auto", amp: bool = True, threads: int | None = None,
+                 mask_ratio: float = 0.75):
         self.torch = torch
         self.device = pick_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.task = task
         self.model = model.to(self.device).eval()
-        self.module = InferenceModule(self.model, task).eval()
+        self.module = InferenceModule(self.model, task, mask_ratio).eval()
         # autocast only on GPUs: bf16 where supported, else fp16; CPU stays fp32 (exact, and not slower here)
         self.amp_dtype = None
         if amp and self.device.startswith("cuda"):
@@ -160,7 +164,7 @@ def measure(backend, batch: np.ndarray, repeats: int = 3) -> float:
 
 
 def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...], threads: int | None = None,
-                   log=print):
+                   log=print, mask_ratio: float = 0.75):
     """Build the backend named by ``kind`` (torch | onnxruntime | auto).
 
     ``auto`` uses onnxruntime only when the package holds a model.onnx and the task supports it;
@@ -168,7 +172,7 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
     """
     task = package.card.task
     if kind == "torch" or (kind == "auto" and (not package.has_onnx or task not in ONNX_TASKS)):
-        return TorchBackend(package.model, task, device, threads=threads)
+        return TorchBackend(package.model, task, device, threads=threads, mask_ratio=mask_ratio)
     if kind in ("onnx", "onnxruntime"):
         if not package.has_onnx:
             raise SarmaeError(f"{package.path}: the package has no model.onnx; run 'sarmae export {package.path}' first")
@@ -199,4 +203,4 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
             pass
         log(f"backend auto: torch {t_torch * 1000:.0f} ms/batch, onnxruntime {t_onnx * 1000:.0f} ms/batch -> {chosen}")
         return ob if chosen == "onnxruntime" else tb
-    return choose_backend(chosen, package, device, batch_shape, threads, log)
+    return choose_backend(chosen, package, device, batch_shape, threads, log, mask_ratio)

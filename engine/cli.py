@@ -105,15 +105,20 @@ def cmd_infer(a: argparse.Namespace) -> int:
         window=a.window, overlap=a.overlap, batch_size=a.batch_size, device=a.device, backend=a.backend,
         threads=a.threads, bands=[_band(b) for b in a.bands] if a.bands else None, input_units=a.input_units,
         complex_mode=a.complex_mode, vector=a.vector, min_area_px=a.min_area, probabilities=a.probabilities,
-        score_threshold=a.score_threshold, nms_iou=a.nms_iou, cog=a.cog, overwrite=a.overwrite,
+        score_threshold=a.score_threshold, nms_iou=a.nms_iou, mask_ratio=a.mask_ratio, cog=a.cog, overwrite=a.overwrite,
+        extent=tuple(a.extent) if a.extent else None,
     )
-    bar = tqdm(total=1000, unit="‰", disable=a.quiet, bar_format="{l_bar}{bar}| {elapsed}<{remaining}", file=sys.stderr)
+    bar = None
 
     def progress(fraction: float, message: str) -> None:
+        nonlocal bar
         if fraction < 0:
             if not a.quiet:
-                bar.write(message, file=sys.stderr)
+                (bar.write if bar is not None else print)(message, file=sys.stderr)
             return
+        if bar is None:
+            bar = tqdm(total=1000, unit="‰", disable=a.quiet, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+                       file=sys.stderr)
         bar.n = int(fraction * 1000)
         bar.set_description(message)
         bar.refresh()
@@ -121,7 +126,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
     try:
         result = run_inference(a.input, a.output, a.model, opts, progress=progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if a.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -161,45 +167,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     save_package(sd, card, a.output or a.package, onnx_bytes=blob, overwrite=True)
     print(f"wrote model.onnx into {a.output or a.package} ({len(blob) / 1e6:.1f} MB, opset {a.opset}); "
           f"torch vs onnxruntime max abs diff {diff:.2e}")
-    return 0
-
-
-def cmd_pretrain(a: argparse.Namespace) -> int:
-    import json
-    import logging
-
-    from training.config import load_config
-    from training.pretrain import pretrain
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    overrides = list(a.overrides)
-    if a.data:
-        overrides.append("data.paths=" + json.dumps(a.data))
-    if a.pairs:
-        overrides.append("data.pairs=" + json.dumps(a.pairs))
-    if a.output:
-        overrides.append("run.output=" + json.dumps(a.output))
-    cfg = load_config(a.config, overrides)
-    from tqdm import tqdm
-
-    bar = None
-
-    def progress(row: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=row["total_steps"], initial=row["step"], unit="step", file=sys.stderr, disable=a.quiet)
-        bar.n = row["step"]
-        bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                        img_s=f"{row['images_per_s']:.0f}")
-        bar.refresh()
-
-    try:
-        summary = pretrain(cfg, resume=a.resume, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    if summary is not None:
-        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -295,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probabilities", action="store_true", help="segment: also write per-class probabilities")
     s.add_argument("--score-threshold", type=float, default=0.3, help="detect: minimum box score (default: %(default)s)")
     s.add_argument("--nms-iou", type=float, default=0.5, help="detect: IoU for merging boxes (default: %(default)s)")
+    s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruct: fraction of patches hidden (default: %(default)s)")
+    s.add_argument("--extent", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
+                   help="process only this pixel region of the input")
     s.add_argument("--cog", action="store_true", help="write Cloud-Optimised GeoTIFFs")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--json", action="store_true", help="print the result record as JSON")
@@ -321,27 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_similarity)
 
-    s = sub.add_parser("pretrain", help="pretrain SARMAE (MAE + SARE + SARC) on SAR chips or rasters",
-                       description="Pretrain a SARMAE encoder. One process, or many with "
-                                   "'torchrun --nproc_per_node N .venv/bin/sarmae pretrain ...' (DDP).",
-                       epilog="presets: cpu_vit_tiny (a laptop CPU), sarmae_vitb_reference (the paper's recipe). "
-                              "Overrides: section.key=value, e.g. optim.epochs=5 model.decoder_depth=1 run.max_minutes=30",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--config", "-c", default="cpu_vit_tiny", help="preset name or YAML file (default: %(default)s)")
-    s.add_argument("--data", nargs="+", help="chip folders and/or large rasters")
-    s.add_argument("--pairs", help="paired SAR/optical index (JSON) for SARC")
-    s.add_argument("--output", "-o", help="run folder (checkpoints, config.yaml, metrics.csv, PNGs)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    s.set_defaults(func=cmd_pretrain)
-
     s = sub.add_parser("serve", help="the engine worker for the QGIS plugin (JSON lines on stdin/stdout)",
                        description="Run the engine worker: JSON-lines protocol on stdin/stdout (see DESIGN.md). "
                                    "Options after 'serve' go to the worker: [--cache-size N] [--log-level LEVEL].")
     s.add_argument("serve_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
+    _load_extensions(sub)
     return p
+
+
+def _load_extensions(sub) -> None:
+    """Commands contributed by other packages through the ``sarmae.commands`` entry-point group
+    (``training`` adds pretrain and finetune): the engine never imports them itself."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="sarmae.commands"), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except ImportError as e:  # a broken optional extension must not break the engine's CLI
+            print(f"sarmae: command '{ep.name}' unavailable ({e})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

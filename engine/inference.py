@@ -215,7 +215,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         ctx = RunContext(raster, card, radiometry, out, opts, size, tags, region, say)
         if backend is None:  # before the sink opens its (temporary) output files
             backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
-                                     opts.threads, log=say)
+                                     opts.threads, log=say, mask_ratio=opts.mask_ratio)
         sink = make_sink(ctx)
         windows = list(sink.windows)
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")

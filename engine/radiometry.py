@@ -95,6 +95,16 @@ def sample_windows(height: int, width: int, size: int = 256, n: int = 5) -> list
     return out
 
 
+def grid_windows(height: int, width: int, size: int = 32, n: int = 16) -> list[Any]:
+    """An n x n grid of small windows spread evenly over the raster (the fallback sample)."""
+    from engine.tiling import Window
+
+    h, w = min(size, height), min(size, width)
+    rows = sorted({int(r) for r in np.linspace(0, height - h, n)})
+    cols = sorted({int(c) for c in np.linspace(0, width - w, n)})
+    return [Window(r, c, h, w) for r in rows for c in cols]
+
+
 def detect_units(raster: SarRaster, sample: np.ndarray | None = None) -> tuple[str, str]:
     """Guess the units of what ``raster.read`` returns; give the reason (also logged).
 
@@ -107,7 +117,8 @@ def detect_units(raster: SarRaster, sample: np.ndarray | None = None) -> tuple[s
        dB/decibel -> "db", amplitude/magnitude -> "amplitude",
        linear/intensity/power/sigma0/gamma0/beta0 -> "linear_power" (dB wins: 'Sigma0_VV_db');
     4. statistics of valid pixels (``sample``, else a few windows spread over the raster, never the
-       whole raster): >= 5 % negative values and median in [-50, 15] -> "db"; values symmetric
+       whole raster; when those hold no valid pixel, a sparse 16 x 16 grid of small windows over
+       the whole area): >= 5 % negative values and median in [-50, 15] -> "db"; values symmetric
        about 0 -> refused (real/imaginary parts?); non-negative with 99th percentile <= 10 ->
        "linear_power"; non-negative and larger (uint16 DN, amplitudes) -> "amplitude".
 
@@ -137,11 +148,17 @@ def _detect(raster: SarRaster, sample: np.ndarray | None) -> tuple[str, str]:
     hint = _metadata_hint(raster)
     if hint is not None:
         return hint
+    from_windows = sample is None
     if sample is None:
         parts = [x[:, v] for x, v in (raster.read(w) for w in sample_windows(raster.height, raster.width))]
         sample = np.concatenate([p.ravel() for p in parts])
     vals = np.asarray(sample, dtype=np.float64).ravel()
     vals = vals[np.isfinite(vals)]
+    if vals.size == 0 and from_windows:
+        # mostly-empty rasters (mosaics, swath edges): a sparse grid of small windows over the whole area
+        parts = [x[:, v] for x, v in (raster.read(w) for w in grid_windows(raster.height, raster.width))]
+        vals = np.concatenate([p.ravel() for p in parts]).astype(np.float64)
+        vals = vals[np.isfinite(vals)]
     where = ", ".join(Path(p).name for p in raster.paths)
     if vals.size == 0:
         raise RasterInputError(f"{where}: no valid pixel in the sampled windows, so the units cannot be "

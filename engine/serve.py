@@ -80,12 +80,13 @@ class ModelCache:
         """The backend for these options, built once per (kind, device, batch, threads, window)."""
         from .backends import choose_backend
 
-        bkey = (opts.backend, opts.device, opts.batch_size, opts.threads, size)
+        bkey = (opts.backend, opts.device, opts.batch_size, opts.threads, size, opts.mask_ratio)
         with self._lock:
             if bkey in entry.backends:
                 return entry.backends[bkey], True
         shape = (opts.batch_size, entry.package.card.in_chans, size, size)
-        backend = choose_backend(opts.backend, entry.package, opts.device, shape, opts.threads, log=say)
+        backend = choose_backend(opts.backend, entry.package, opts.device, shape, opts.threads, log=say,
+                                 mask_ratio=opts.mask_ratio)
         with self._lock:
             # a torch backend moves the package's (shared) model to its device: drop the others
             device = getattr(backend, "device", None)

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -120,7 +121,7 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = dict(self.ds[i])
-        item["index"] = i
+        item["index"] = i[1] if isinstance(i, tuple) else i  # the sampler yields (epoch, index) keys
         return item
 
 
@@ -304,7 +305,8 @@ def _pretrain(cfg, resume, progress, info, device, out, build_pretrain_data, wor
         sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=cfg.optim.batch_size, sampler=sampler,
                                              num_workers=dc.num_workers, collate_fn=_collate, drop_last=True,
-                                             worker_init_fn=worker_init_fn, persistent_workers=False)
+                                             worker_init_fn=partial(worker_init_fn, seed=cfg.run.seed, rank=info.rank),
+                                             persistent_workers=False)
         module.train()
         micro = 0
         for items in loader:

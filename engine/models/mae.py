@@ -168,9 +168,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         return MAEOutput(loss, pred, mask, latent, ids_keep, grid)
 
     @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator=None) -> torch.Tensor:
+    def reconstruct(self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator=None, noise=None) -> torch.Tensor:
         """Image made of the visible input patches and the reconstructed masked ones."""
-        out = self.forward(imgs, mask_ratio=mask_ratio, generator=generator)
+        out = self.forward(imgs, mask_ratio=mask_ratio, generator=generator, noise=noise)
         pred = out.pred
         if self.dec_cfg.norm_pix_loss:  # undo the per-patch normalisation with the input's stats
             t = self.patchify(imgs)

@@ -8,7 +8,14 @@ import torch
 
 from engine.errors import PackageError
 from engine.models import build_from_architecture, create_model
-from engine.package import default_classes, default_input, load_package, new_card, read_card, save_package
+from engine.package import (
+    default_classes,
+    default_input,
+    load_package,
+    new_card,
+    read_card,
+    save_package,
+)
 
 
 def make_package(path, task="segment", classes=("water", "land"), in_chans=2):

@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.models import DecoderConfig, MaskedAutoencoderViT, ViTConfig, patchify, random_masking, unpatchify
+from engine.models import (
+    DecoderConfig,
+    MaskedAutoencoderViT,
+    ViTConfig,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 
 
 def tiny_mae(in_chans=2, img=(32, 48), **dec):

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models import ViTConfig, VisionTransformer, build_from_architecture, create_model, list_models
+from engine.models import (
+    VisionTransformer,
+    ViTConfig,
+    build_from_architecture,
+    create_model,
+    list_models,
+)
 from engine.models.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 from engine.models.vit import default_dense_indices
 
