@@ -4,6 +4,7 @@ config saved next to the outputs (``config.yaml`` in the run folder)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,27 @@ class PretrainConfig:
 _SECTIONS = {"model": ModelConfig, "sarc": SARCConfig, "optim": OptimConfig, "run": RunConfig}
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _numbers(v: Any) -> Any:
+    """YAML 1.1 reads '1e-3' as a string: turn number-looking strings into numbers, recursively."""
+    if isinstance(v, str) and _NUMBER.match(v.strip()):
+        f = float(v)
+        return int(f) if f.is_integer() and not any(c in v for c in ".eE") else f
+    if isinstance(v, dict):
+        return {k: _numbers(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_numbers(x) for x in v]
+    return v
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    return _numbers(yaml.safe_load(text))
 
 
 def from_dict(d: dict) -> PretrainConfig:
+    d = _numbers(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(PretrainConfig)}
     if unknown:
         raise ConfigError(f"unknown config sections {sorted(unknown)}; known: model, sare, sarc, data, optim, run")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -138,22 +138,28 @@ def _collate(items: list[dict]) -> dict:
     return out
 
 
-def input_contract(cfg: PretrainConfig) -> dict:
-    """The engine input contract implied by the data scaling (for packages made from the run)."""
-    from .data.config import DataConfig
+def input_contract(cfg: PretrainConfig, scaling: str, clip_db: tuple[float, float]) -> dict:
+    """The engine input contract the data's [0, 1] scaling implies (for packages made from the run).
 
-    dc = DataConfig.from_dict(cfg.data) if cfg.data else DataConfig()
-    units = dc.units or "db"
-    lo, hi = (0.0, 255.0) if units == "uint8" else tuple(dc.clip_db)
-    bands = ["VV", "VH"][: cfg.model.in_chans] if cfg.model.in_chans <= 2 else [f"band{i + 1}" for i in range(cfg.model.in_chans)]
-    return {"bands": bands, "units": "uint8" if units == "uint8" else "db", "clip": [float(lo), float(hi)],
-            "mean": [NORM_MEAN] * cfg.model.in_chans, "std": [NORM_STD] * cfg.model.in_chans, "nodata": "mask",
-            "pixel_spacing_m": None}
+    scaling (``PretrainDataset.input_scaling()``): uint8 -> x/255 (8-bit display chips); uint16 ->
+    x/65535 (DN, read as amplitude); db (calibrated data in dB, clipped to clip_db); mixed -> db.
+    """
+    units, clip = {"uint8": ("uint8", (0.0, 255.0)), "uint16": ("amplitude", (0.0, 65535.0))}.get(
+        scaling, ("db", tuple(clip_db)))
+    c = cfg.model.in_chans
+    bands = ["VV", "VH"][:c] if c <= 2 else [f"band{i + 1}" for i in range(c)]
+    return {"bands": bands, "units": units, "clip": [float(clip[0]), float(clip[1])], "mean": [NORM_MEAN] * c,
+            "std": [NORM_STD] * c, "nodata": "mask", "pixel_spacing_m": None, "pretraining_scaling": scaling}
 
 
 def load_init(module: PretrainModule, path: str) -> str:
     """Start the MAE from a package or checkpoint (e.g. an ImageNet MAE); refuse < 90 % of the encoder."""
-    from engine.convert import adapt_patch_embed, extract_state_dict, find_encoder_prefix, safe_load_checkpoint
+    from engine.convert import (
+        adapt_patch_embed,
+        extract_state_dict,
+        find_encoder_prefix,
+        safe_load_checkpoint,
+    )
     from engine.models.pos_embed import resample_pos_embed
     from engine.package import load_state_dict
 
@@ -229,15 +235,16 @@ def _pretrain(cfg, resume, progress, info, device, out, build_pretrain_data, wor
                                "seed": cfg.run.seed})
     if cfg.sarc.enabled and not dc.pairs:
         raise ConfigError("SARC is enabled but data.pairs (--pairs) is not set: give a paired index or sarc.enabled=false")
-    dataset, sampler = build_pretrain_data(dc, cfg.optim.batch_size, info.rank, info.world_size,
-                                           epoch_size=cfg.run.epoch_size)
     teacher = None
-    if cfg.sarc.enabled:
+    if cfg.sarc.enabled:  # checked before the data: a missing teacher is the cheaper error
         from .teacher import OpticalTeacher
 
         if not cfg.sarc.teacher_path:
             raise ConfigError("SARC is enabled but sarc.teacher_path is not set (a local ViT-B/16 weights file)")
         teacher = OpticalTeacher(cfg.sarc.teacher_path, cfg.sarc.teacher_mode, cfg.model.img_size).to(device)
+    dataset, sampler = build_pretrain_data(dc, cfg.optim.batch_size, info.rank, info.world_size,
+                                           epoch_size=cfg.run.epoch_size)
+    contract = input_contract(cfg, dataset.input_scaling(), dc.clip_db)
     module = PretrainModule(cfg, teacher.dim if teacher is not None else 768).to(device)
     init_msg = load_init(module, cfg.model.init_from) if (cfg.model.init_from and state is None) else None
     module.mae.grad_checkpointing = cfg.optim.grad_checkpointing
@@ -296,7 +303,7 @@ def _pretrain(cfg, resume, progress, info, device, out, build_pretrain_data, wor
             "sarc_head": module.sarc_head.state_dict() if module.sarc_head is not None else {},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
             "epoch": epoch, "step": step, "skipped": skipped, "sampler": sampler.state_dict(), "rng": rng_state(),
-            "config": _plain_config(cfg), "sarmae_input": input_contract(cfg),
+            "config": _plain_config(cfg), "sarmae_input": contract,
             "architecture": {"name": "mae_" + cfg.model.arch.replace("mae_", ""), "encoder": module.mae.cfg.to_dict(),
                              "decoder": module.mae.dec_cfg.to_dict()},
         })
@@ -339,9 +346,9 @@ def _pretrain(cfg, resume, progress, info, device, out, build_pretrain_data, wor
             optimizer.zero_grad(set_to_none=True)
             step += 1
             sampler.advance(cfg.optim.accum_steps)
-            window["loss"] += float(loss) if finite else 0.0
-            window["mae"] += float(loss_mae)
-            window["sarc"] += float(loss_sarc) if loss_sarc is not None else 0.0
+            window["loss"] += float(loss.detach()) if finite else 0.0
+            window["mae"] += float(loss_mae.detach())
+            window["sarc"] += float(loss_sarc.detach()) if loss_sarc is not None else 0.0
             window["n"] += 1
             window["images"] += b.clean.shape[0] * cfg.optim.accum_steps * info.world_size
             if step % cfg.run.log_every_steps == 0 or step == total_steps:

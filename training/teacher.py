@@ -16,9 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.convert import extract_state_dict, find_encoder_prefix, infer_architecture, safe_load_checkpoint
+from engine.convert import (
+    extract_state_dict,
+    find_encoder_prefix,
+    infer_architecture,
+    safe_load_checkpoint,
+)
 from engine.errors import SarmaeError
-from engine.models import ViTConfig, VisionTransformer
+from engine.models import VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -44,6 +44,20 @@ class PretrainDataset(ConcatDataset):
         self.n_paired = sum(len(d) for d in paired)  # type: ignore[arg-type]
         self.n_unpaired = sum(len(d) for d in unpaired)  # type: ignore[arg-type]
 
+    def scaling_counts(self) -> dict[str, int]:
+        """Items per SAR scaling kind: "uint8" (8-bit display, x / 255), "uint16" (x / 65535) or
+        "db" (calibrated, dB clipped to ``clip_db``): what a model package's input contract says."""
+        out: dict[str, int] = {}
+        for d in self.datasets:
+            for kind, n in d.scaling_counts().items():  # type: ignore[attr-defined]
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    def input_scaling(self) -> str:
+        """The one scaling kind of every item ("uint8", "uint16" or "db"), or "mixed"."""
+        kinds = self.scaling_counts()
+        return next(iter(kinds)) if len(kinds) == 1 else "mixed"
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:  # type: ignore[override]
         epoch, index = split_key(key)
         if not 0 <= index < len(self):
@@ -99,10 +113,10 @@ def build_pretrain_data(cfg: DataConfig, batch_size: int, rank: int = 0, world_s
         for n, files in d.channel_groups.items():  # type: ignore[attr-defined]
             groups.setdefault(n, []).extend(files)
     check_mixing(groups, cfg.in_chans)
-    dataset = PretrainDataset(paired, unpaired)
-    if len(dataset) == 0:
+    if sum(len(d) for d in paired + unpaired) == 0:  # type: ignore[arg-type]
         where = ", ".join(cfg.paths + ([cfg.pairs] if cfg.pairs else [])) or "(no path given)"
         raise DataError(f"no training data found in {where}: give chip folders, raster files or a pair index")
+    dataset = PretrainDataset(paired, unpaired)
     global_batch = batch_size * world_size
     if global_batch > len(dataset):
         raise DataError(f"the batch ({batch_size} x {world_size} rank(s) = {global_batch}) is larger than "
@@ -110,6 +124,14 @@ def build_pretrain_data(cfg: DataConfig, batch_size: int, rank: int = 0, world_s
     sampler = PretrainSampler(dataset.n_paired, dataset.n_unpaired, batch_size=batch_size,
                               paired_ratio=cfg.paired_ratio, epoch_size=epoch_size, seed=cfg.seed,
                               rank=rank, world_size=world_size)
+    if dataset.input_scaling() == "mixed":
+        log.warning("the SAR inputs mix scalings %s (uint8: 8-bit display / 255, uint16: / 65535, db: "
+                    "calibrated, dB in %s): one model cannot state a single input contract for them",
+                    dataset.scaling_counts(), list(cfg.clip_db))
+    repeats = sampler.n_paired_per_epoch / max(dataset.n_paired, 1)
+    if dataset.n_paired and dataset.n_unpaired and repeats > 2.0:
+        log.warning("paired_ratio %.2f draws each of the %d pairs about %.0f times per epoch: "
+                    "lower paired_ratio if that is not intended", cfg.paired_ratio, dataset.n_paired, repeats)
     log.info("pretraining data: %d paired, %d unpaired items (%s); %d samples per epoch, %.0f%% paired",
              dataset.n_paired, dataset.n_unpaired, describe(paired + unpaired), sampler.epoch_size,
              100.0 * sampler.n_paired_per_epoch / sampler.epoch_size)

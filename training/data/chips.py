@@ -10,7 +10,10 @@ Channels (alpha bands dropped) become exactly ``in_chans``:
 
 - 1 band: replicated to ``in_chans``; 3 equal bands (gray stored as RGB, e.g. HRSID) count as 1 band
   (decided on up to 16 probed files; such chips are read as the mean of their bands);
-- 2 bands (VV/VH): kept for ``in_chans`` 2; the first (co-pol) band for ``in_chans`` 1;
+- 2 bands (dual pol): put in the order co-pol, cross-pol (VV, VH), then kept for ``in_chans`` 2,
+  the co-pol band alone for ``in_chans`` 1. The order comes from the polarisation names when the file
+  gives them, else the brighter band (larger median) is the co-pol one: cross-pol backscatter is
+  5-15 dB lower (OpenSARShip stores VH before VV, Sen1Floods11 VV before VH);
 - 3 distinct bands: only for ``in_chans`` 3; more than 3 bands: refused (use the raster path).
 
 With ``in_chans`` > 1, single-band chips (which would be replicated) cannot be mixed with chips that
@@ -23,6 +26,7 @@ import glob
 import logging
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,15 @@ import torch
 from torch.utils.data import Dataset
 
 from training.data.config import DataConfig, DataError
-from training.data.scaling import fit_size, is_gray, item_rng, source_units, split_key, to_unit
+from training.data.scaling import (
+    fit_size,
+    is_gray,
+    item_rng,
+    scaling_kind,
+    source_units,
+    split_key,
+    to_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,7 @@ class ChipInfo:
     bands: tuple[int, ...]  # 1-based bands kept (alpha bands dropped)
     height: int
     width: int
+    dtype: str = "float32"  # header dtype of the first kept band
     gray: bool = False  # 3 equal bands: read as one band
 
 
@@ -97,7 +110,7 @@ def scan_chip(path: str) -> ChipInfo:
             bands = tuple(b for b in range(1, ds.count + 1) if ds.colorinterp[b - 1] != ColorInterp.alpha)
             if not bands or ds.width < 2 or ds.height < 2:
                 raise DataError(f"{path} has no image band ({ds.count} band(s), {ds.width}x{ds.height} px)")
-            return ChipInfo(path, bands, ds.height, ds.width)
+            return ChipInfo(path, bands, ds.height, ds.width, ds.dtypes[bands[0] - 1])
 
 
 def read_chip(info: ChipInfo, cfg: DataConfig) -> np.ndarray:
@@ -108,8 +121,23 @@ def read_chip(info: ChipInfo, cfg: DataConfig) -> np.ndarray:
     with SarRaster.open(info.path, bands=list(info.bands)) as r:
         x, valid = r.read(Window(0, 0, r.height, r.width))
         units = source_units(r, x[:, valid], cfg.units)
+        pols = r.polarisations
     y = to_unit(x, valid, units, cfg.clip_db)
-    return y.mean(axis=0, keepdims=True) if info.gray else y
+    if info.gray:
+        return y.mean(axis=0, keepdims=True)
+    if y.shape[0] == 2 and cross_pol_first(x, valid, pols):
+        return y[::-1].copy()
+    return y
+
+
+def cross_pol_first(x: np.ndarray, valid: np.ndarray, pols: list[str | None]) -> bool:
+    """True when band 1 of a dual-pol (2, h, w) image is the cross-pol one (by name, else darker)."""
+    if all(p is not None for p in pols) and pols[0] != pols[1]:
+        return pols[0] in ("VH", "HV")
+    if not valid.any():
+        return False
+    m0, m1 = (float(np.median(b[valid])) for b in x)
+    return m0 < m1
 
 
 def map_channels(x: np.ndarray, in_chans: int) -> np.ndarray:
@@ -127,7 +155,7 @@ def check_mixing(groups: dict[int, list[str]], in_chans: int) -> None:
         raise DataError(
             f"the SAR inputs mix band counts that cannot share in_chans={in_chans}: "
             f"{describe_groups(groups)}. Replicating single-band images would pretend they carry "
-            "the other channels. Use in_chans 1 (first band of every image), or separate the data.")
+            "the other channels. Use in_chans 1 (the co-pol band of dual-pol images), or separate the data.")
 
 
 def describe_groups(groups: dict[int, list[str]]) -> str:
@@ -251,6 +279,10 @@ class ChipFolderDataset(ChipDatasetBase):
 
     def source(self, index: int) -> str:
         return self.chips[index].path
+
+    def scaling_counts(self) -> dict[str, int]:
+        """Chips per scaling kind ("uint8", "uint16", "db"; see ``scaling.scaling_kind``)."""
+        return dict(Counter(scaling_kind(i.dtype, self.cfg.units) for i in self.chips))
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         info, s = self.chips[index], self.cfg.img_size

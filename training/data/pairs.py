@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from training.data.chips import (
     scan_chips,
 )
 from training.data.config import DataConfig, DataError
-from training.data.scaling import fit_size
+from training.data.scaling import fit_size, scaling_kind
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,12 @@ def load_pair_index(path: str | Path) -> PairIndex:
 def optical_bands(path: str) -> tuple[int, ...]:
     """The 1-based RGB bands of an optical image (rule in the module docstring)."""
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
 
-    with rasterio.open(path) as ds:
-        n, desc = ds.count, [(d or "").upper() for d in ds.descriptions]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            n, desc = ds.count, [(d or "").upper() for d in ds.descriptions]
     if all(name in desc for name in _RGB_NAMES):
         return tuple(desc.index(name) + 1 for name in _RGB_NAMES)
     if n >= 12:
@@ -161,6 +166,10 @@ class PairedChipDataset(ChipDatasetBase):
     def source(self, index: int) -> str:
         info, opt, _ = self.pairs[index]
         return f"{info.path} + {opt}"
+
+    def scaling_counts(self) -> dict[str, int]:
+        """SAR chips per scaling kind ("uint8", "uint16", "db"; see ``scaling.scaling_kind``)."""
+        return dict(Counter(scaling_kind(i.dtype, self.cfg.units) for i, _, _ in self.pairs))
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         info, opt_path, bands = self.pairs[index]

@@ -5,15 +5,18 @@ The scaling rule, decided per file from the file alone (so it is deterministic p
 1. 8-bit chips (uint8 without a GDAL scale/offset: JPEG/PNG display images such as MSTAR, HRSID):
    ``x / 255``, whatever ``units`` says.
 2. 16-bit unsigned integers without scale/offset: ``x / 65535``, unless ``units`` is given; then
-   they are treated as calibrated values in those units (rule 3).
-3. Everything else (float, complex, other integers, scaled integers) is calibrated backscatter:
-   its units are ``units`` when given, else detected with ``engine.radiometry.detect_units``
-   (complex -> ``|z|^2`` linear power; unit words in band descriptions, tags or the file name;
-   then statistics: >= 5 % negative values -> dB). Statistics alone never say "amplitude" for
-   float data here: a non-negative float chip is linear power (bright ship chips have a 99th
-   percentile above 10 that the engine's rule would call amplitude). The values are converted to
-   dB (``engine.radiometry.convert_units``), clipped to ``clip_db`` and mapped linearly to [0, 1]:
-   ``(clip(db, lo, hi) - lo) / (hi - lo)``.
+   they are calibrated values in those units (rule 4).
+3. Complex data (SLC) is read as ``|z|^2``: linear power, whatever ``units`` says.
+4. Everything else (float, other integers, scaled integers) is calibrated backscatter: its units
+   are ``units`` when given, else detected with ``engine.radiometry.detect_units`` (unit words in
+   band descriptions, tags or the file name; then statistics: >= 5 % negative values -> dB).
+   Statistics alone never say "amplitude" for float data here: a non-negative float chip is
+   linear power (bright ship chips have a 99th percentile above 10, which the engine's rule would
+   call amplitude).
+
+Calibrated values (rules 2 with ``units``, 3, 4) are converted to dB
+(``engine.radiometry.convert_units``), clipped to ``clip_db`` and mapped linearly to [0, 1]:
+``(clip(db, lo, hi) - lo) / (hi - lo)``.
 
 Invalid pixels (nodata, NaN, inf) become 0. Detection on a chip uses all its valid pixels; on a
 large raster the engine's few sampled windows, once per raster.
@@ -88,6 +91,8 @@ def source_units(raster: SarRaster, sample: np.ndarray | None, units: str | None
     dtypes = set(raster.dtypes)
     if not raster.is_complex and not scaled and dtypes == {"uint8"}:
         return UINT8
+    if raster.is_complex:
+        return "linear_power"  # the reader returns |z|^2 (SarRaster's default complex_mode)
     if units is not None:
         return units
     if not raster.is_complex and not scaled and dtypes == {"uint16"}:
@@ -98,6 +103,16 @@ def source_units(raster: SarRaster, sample: np.ndarray | None, units: str | None
     if found == "amplitude" and is_float and reason.startswith("statistics"):
         return "linear_power"
     return found
+
+
+def scaling_kind(dtype: str, units: str | None) -> str:
+    """How a source with this header dtype is scaled, for the model's input contract: "uint8"
+    (x / 255), "uint16" (x / 65535) or "db" (calibrated, dB clipped to ``clip_db``)."""
+    if dtype == UINT8:
+        return UINT8
+    if dtype == UINT16 and units is None:
+        return UINT16
+    return "db"
 
 
 def to_unit(x: np.ndarray, valid: np.ndarray, units: str, clip_db: tuple[float, float]) -> np.ndarray:

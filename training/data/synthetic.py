@@ -102,7 +102,7 @@ def make_scene(out_dir: str | Path, size: int = 1024, seed: int = 0, pixel_m: fl
     # ground truth: water polygons (large ones) and ship boxes
     labels = out / f"{name}_labels.gpkg"
     feats = []
-    for geom, val in shapes(water.astype(np.uint8), mask=water, transform=transform):
+    for geom, _ in shapes(water.astype(np.uint8), mask=water, transform=transform):
         g = shape(geom)
         if g.area >= 400 * pixel_m * pixel_m:
             feats.append({"geometry": mapping(g), "properties": {"class": "water"}})

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from training.data.chips import map_channels, report_bad
 from training.data.config import DataConfig, DataError
-from training.data.scaling import item_rng, source_units, split_key, to_unit
+from training.data.scaling import UINT8, UINT16, item_rng, source_units, split_key, to_unit
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.reader import SarRaster
@@ -114,6 +114,14 @@ class RasterWindowDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rasters) * self.cfg.windows_per_raster
+
+    def scaling_counts(self) -> dict[str, int]:
+        """Items per scaling kind ("uint8", "uint16", "db"; see ``scaling.scaling_kind``)."""
+        out: dict[str, int] = {}
+        for r in self.rasters:
+            kind = r.units if r.units in (UINT8, UINT16) else "db"
+            out[kind] = out.get(kind, 0) + self.cfg.windows_per_raster
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
