@@ -4,6 +4,7 @@ entry point, so the engine's CLI never imports training). Heavy imports stay ins
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -18,6 +19,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = list(a.overrides)
+    if a.data:  # --data takes several paths: overrides written after it land there, move them back
+        is_override = re.compile(r"^(model|sare|sarc|data|optim|run)\.\w+=")
+        overrides += [d for d in a.data if is_override.match(d)]
+        a.data = [d for d in a.data if not is_override.match(d)]
     if a.data:
         overrides.append("data.paths=" + json.dumps(a.data))
     if a.pairs:
