@@ -313,6 +313,10 @@ def _load_extensions(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
+    warnings.filterwarnings("ignore", message="Unable to import Axes3D")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

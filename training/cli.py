@@ -51,6 +51,87 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(a: argparse.Namespace):
+    from .finetune.config import FinetuneConfig
+
+    d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
+         "shots": a.shots, "max_minutes": a.max_minutes}
+    for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device"):
+        v = getattr(a, k)
+        if v is not None:
+            d[k] = v
+    if a.task != "classify" and a.layer_decay is None:
+        d["layer_decay"] = 0.9  # dense tasks (SARMAE_SPEC 5)
+    return FinetuneConfig.from_dict(d)
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from engine.errors import SarmaeError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = _finetune_config(a)
+
+    def progress(row: dict) -> None:
+        if not a.quiet:
+            metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
+            print(f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, "
+                  f"val {metric} {row[metric]:.4f} (best {row['best']:.4f}), {row['elapsed_s']:.0f} s", file=sys.stderr)
+
+    if a.chips:
+        if a.task != "classify":
+            raise SarmaeError("--chips (class folders) is for --task classify; dense tasks take --raster with labels")
+        from .finetune.classify import finetune_classifier
+
+        r = finetune_classifier(a.chips, a.output, cfg, progress, overwrite=a.overwrite)
+    elif a.raster:
+        if not (a.labels and a.class_field) and not a.label_raster:
+            raise SarmaeError("with --raster give --labels VECTOR --class-field NAME, or --label-raster RASTER")
+        kw = dict(labels=a.labels, class_field=a.class_field, progress=progress, overwrite=a.overwrite)
+        if a.task == "segment":
+            from .finetune.segment import finetune_segmenter
+
+            r = finetune_segmenter(a.raster, a.output, cfg, label_raster=a.label_raster, background=a.background,
+                                   classes=a.classes, **kw)
+        elif a.task == "detect":
+            from .finetune.detect import finetune_detector
+
+            r = finetune_detector(a.raster, a.output, cfg, classes=a.classes, **kw)
+        else:
+            raise SarmaeError("classification from rasters and polygons is not supported yet; use --chips DIR")
+    else:
+        raise SarmaeError("give the training data: --chips DIR, or --raster R with --labels/--label-raster")
+    r.pop("history", None)
+    print(json.dumps(r, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from engine.errors import SarmaeError
+
+    from .evaluate import evaluate_chips, evaluate_raster
+
+    png = Path(a.report) if a.report else Path("evaluation_confusion.png")
+    if a.chips:
+        r = evaluate_chips(a.package, a.chips, png)
+    elif a.raster:
+        r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster)
+    else:
+        raise SarmaeError("give the evaluation data: --chips DIR, or --raster R with --labels/--label-raster")
+    r.pop("confusion", None)
+    print(json.dumps(r, default=str))
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def register(sub) -> None:
     """Add the training commands to the ``sarmae`` sub-parsers."""
     s = sub.add_parser("pretrain", help="pretrain SARMAE (MAE + SARE + SARC) on SAR chips or rasters",
@@ -67,3 +148,43 @@ def register(sub) -> None:
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="fine-tune an encoder: classify / segment / detect",
+                       description="Fine-tune a SARMAE encoder package on your labels and write a model package "
+                                   "that 'sarmae infer' and the QGIS plugin run unchanged.")
+    s.add_argument("--task", required=True, choices=["classify", "segment", "detect"])
+    s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init")
+    s.add_argument("--output", "-o", required=True, help="model package to write")
+    s.add_argument("--chips", help="classification: folder with one sub-folder of chips per class")
+    s.add_argument("--raster", action="append", help="raster(s) to train on (segment/detect)")
+    s.add_argument("--labels", help="vector file (GeoPackage/Shapefile/GeoJSON) with labelled polygons")
+    s.add_argument("--class-field", help="the attribute holding the class name in --labels")
+    s.add_argument("--label-raster", help="a class raster on the raster's grid (instead of --labels)")
+    s.add_argument("--classes", type=_csv, help="class names in order (default: sorted values found)")
+    s.add_argument("--background", help="segment: name of the class for unlabelled pixels (default: ignored)")
+    s.add_argument("--shots", type=int, help="classification: N training chips per class")
+    s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
+    s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch / 256)")
+    s.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default: classify 0.75, dense 0.9)")
+    s.add_argument("--img-size", type=int, help="model input size (default: the encoder's)")
+    s.add_argument("--patience", type=int, help="early stopping patience in epochs (default 10)")
+    s.add_argument("--val-fraction", type=float, help="validation share (default 0.2)")
+    s.add_argument("--max-minutes", type=float, help="time budget: the best model found in time is kept")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", help="auto | cpu | cuda")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    s.add_argument("--quiet", "-q", action="store_true")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="metrics of a model package on held-out data (JSON)",
+                       description="Evaluate a package on data it never saw; prints one JSON object.")
+    s.add_argument("package")
+    s.add_argument("--chips", help="classification: class folders (matched to the model's classes by name)")
+    s.add_argument("--raster", action="append", help="raster to evaluate on (segment)")
+    s.add_argument("--labels", help="vector labels")
+    s.add_argument("--class-field", help="class attribute of --labels")
+    s.add_argument("--label-raster", help="class raster on the raster's grid")
+    s.add_argument("--report", help="confusion-matrix PNG path (default: evaluation_confusion.png)")
+    s.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,1 @@
+"""Fine-tuning SARMAE encoders for classification, segmentation and detection (SARMAE_SPEC 5)."""

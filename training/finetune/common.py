@@ -1,0 +1,211 @@
+"""What every fine-tuning task shares: encoder loading, layer-wise lr decay, the epoch loop with a
+time budget and early stopping, curves, and writing the result as a model package."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from engine.errors import SarmaeError
+from engine.models import VisionTransformer
+from engine.models.registry import encoder_config
+from engine.package import default_input
+
+from ..optim import lr_at
+from .config import FinetuneConfig
+
+log = logging.getLogger("sarmae.finetune")
+
+
+class FinetuneError(SarmaeError, ValueError):
+    """Fine-tuning cannot start: bad labels, too little data, mismatched inputs."""
+
+
+@dataclass
+class Encoder:
+    model: VisionTransformer
+    input: dict  # the engine input contract the encoder was trained with
+    source: str  # provenance: package name + sha256, or "random initialisation"
+    report: str  # what loaded
+
+
+def load_encoder(cfg: FinetuneConfig) -> Encoder:
+    """The ViT encoder of a package (any task), adapted to cfg.img_size / cfg.in_chans, or a random one."""
+    from engine.convert import adapt_patch_embed, find_encoder_prefix
+    from engine.models import ViTConfig
+    from engine.models.pos_embed import resample_pos_embed
+    from engine.package import load_state_dict
+
+    if not cfg.encoder:
+        size = cfg.arch.split("_")[1]
+        c = cfg.in_chans or 1
+        enc = VisionTransformer(encoder_config(size, img_size=cfg.img_size or 224, in_chans=c, drop_path_rate=cfg.drop_path))
+        return Encoder(enc, default_input(c), "random initialisation", f"random {cfg.arch}")
+    card, sd = load_state_dict(cfg.encoder)
+    arch = dict(card.architecture["encoder"])
+    prefix = find_encoder_prefix(sd.keys())
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k[len(prefix):].startswith(("decoder", "mask_token"))}
+    c = cfg.in_chans or arch["in_chans"]
+    size = cfg.img_size or arch["img_size"][0]
+    notes = []
+    if c != arch["in_chans"]:
+        sd["patch_embed.proj.weight"] = adapt_patch_embed(sd["patch_embed.proj.weight"], c)
+        notes.append(f"patch embedding {arch['in_chans']}->{c} channels")
+    old_grid = (arch["img_size"][0] // arch["patch_size"], arch["img_size"][1] // arch["patch_size"])
+    arch.update(in_chans=c, img_size=[size, size], drop_path_rate=cfg.drop_path)
+    model = VisionTransformer(ViTConfig.from_dict(arch))
+    if "pos_embed" in sd and model.grid != old_grid:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], model.grid, old_grid)
+        notes.append(f"position table {old_grid[0]}x{old_grid[1]}->{model.grid[0]}x{model.grid[1]}")
+    target = model.state_dict()
+    ok = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
+    frac = len(ok) / len(target)
+    if frac < 0.9:
+        raise FinetuneError(f"{cfg.encoder}: only {len(ok)}/{len(target)} encoder tensors fit ({100 * frac:.0f} %); "
+                            "is it a SARMAE encoder package?")
+    model.load_state_dict(ok, strict=False)
+    inp = dict(card.input)
+    if c != card.in_chans:
+        inp = {**inp, "bands": (inp["bands"] * c)[:c], "mean": (inp["mean"] * c)[:c], "std": (inp["std"] * c)[:c]}
+    report = f"encoder {card.name}: {len(ok)}/{len(target)} tensors" + (f" ({', '.join(notes)})" if notes else "")
+    return Encoder(model, inp, f"{card.name} (sha256 {card.weights['sha256'][:12]})", report)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for embeddings, i + 1 for block i, depth + 1 for everything after (norms, heads)."""
+    for prefix in ("encoder.", "detector.backbone.encoder."):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if rest.startswith(("cls_token", "pos_embed", "patch_embed")):
+                return 0
+            if rest.startswith("blocks."):
+                return int(rest.split(".")[1]) + 1
+            return depth + 1
+    return depth + 1
+
+
+def decay_groups(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with lr scale layer_decay^(depth + 1 - layer) and no decay on 1-D params / embeddings."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                                             "lr_scale": layer_decay ** (depth + 1 - lid)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+@dataclass
+class History:
+    epochs: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_score: list[float] = field(default_factory=list)
+    val_metrics: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = -math.inf
+    stopped: str = ""
+
+
+def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader, cfg: FinetuneConfig,
+        device: str, metric_name: str, progress: Callable[[dict], None] | None = None) -> History:
+    """The epoch loop: warm-up + cosine per step with layer-wise scales, early stopping on the
+    validation score (higher is better), a wall-clock budget; the best weights are restored."""
+    depth = len(model.encoder.blocks)
+    if cfg.linear_probe:
+        model.encoder.requires_grad_(False)
+    elif cfg.freeze_epochs:
+        model.encoder.requires_grad_(False)
+    lr = cfg.lr or cfg.base_lr * cfg.batch_size / 256
+    groups = decay_groups(model, depth, cfg.weight_decay, cfg.layer_decay)
+    opt = torch.optim.AdamW(groups, lr=lr)
+    steps_per_epoch = max(1, len(train_loader))
+    total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    hist, best_state, step = History(), None, 0
+    t0 = time.time()
+    deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else None
+    for epoch in range(cfg.epochs):
+        if cfg.freeze_epochs and not cfg.linear_probe and epoch == cfg.freeze_epochs:
+            model.encoder.requires_grad_(True)
+            opt = torch.optim.AdamW(decay_groups(model, depth, cfg.weight_decay, cfg.layer_decay), lr=lr)
+        model.train()
+        if cfg.linear_probe:
+            model.encoder.eval()
+        losses = []
+        for batch in train_loader:
+            cur = lr_at(step, total, warmup, lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = cur * g.get("lr_scale", 1.0)
+            loss = train_step(model, batch)
+            if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step += 1
+            if deadline and time.time() > deadline:
+                break
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model)
+        score = float(metrics[metric_name])
+        hist.epochs.append(epoch)
+        hist.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        hist.val_score.append(score)
+        hist.val_metrics.append(metrics)
+        if score > hist.best_score:
+            hist.best_score, hist.best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if progress is not None:
+            progress({"epoch": epoch, "epochs": cfg.epochs, "train_loss": hist.train_loss[-1], metric_name: score,
+                      "best": hist.best_score, "elapsed_s": time.time() - t0})
+        if deadline and time.time() > deadline:
+            hist.stopped = f"time budget of {cfg.max_minutes} min reached after epoch {epoch}"
+            break
+        if epoch - hist.best_epoch >= cfg.patience:
+            hist.stopped = f"no better validation {metric_name} for {cfg.patience} epochs (early stop at epoch {epoch})"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return hist
+
+
+def plot_history(hist: History, metric_name: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(hist.epochs, hist.train_loss)
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("training loss")
+    ax[1].plot(hist.epochs, hist.val_score)
+    if hist.best_epoch >= 0:
+        ax[1].axvline(hist.best_epoch, ls="--", c="gray")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel(f"validation {metric_name}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

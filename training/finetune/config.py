@@ -1,0 +1,45 @@
+"""Typed settings of a fine-tuning run (one comment per field)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classify"  # classify | segment | detect
+    encoder: str = ""  # encoder package (task embed) or any package with a ViT encoder; "" = random init
+    arch: str = "vit_tiny_patch16"  # encoder architecture when starting from random weights
+    img_size: int | None = None  # model input size (None: the encoder's)
+    in_chans: int | None = None  # channels (None: the encoder's)
+    linear_probe: bool = False  # freeze the encoder, train the head only
+    freeze_epochs: int = 0  # epochs with a frozen encoder before full fine-tuning
+    epochs: int = 50  # maximum epochs (early stopping and --max-minutes may end sooner)
+    batch_size: int = 32  # samples per step
+    lr: float | None = None  # peak lr (None: base_lr x batch / 256)
+    base_lr: float = 1e-3  # classification reference: 1e-3 x batch / 256
+    layer_decay: float = 0.75  # layer-wise lr decay (classification 0.75; dense tasks 0.9)
+    weight_decay: float = 0.05  # AdamW decay (none on biases, norms, embeddings)
+    warmup_epochs: float = 5.0  # linear warm-up, then cosine to min_lr
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1  # classification
+    drop_path: float = 0.1  # stochastic depth of the encoder
+    shots: int | None = None  # classification: N training samples per class (None: all)
+    val_fraction: float = 0.2  # held-out share for validation (per class, or by spatial blocks)
+    seed: int = 0  # data split, shots and initialisation
+    max_minutes: float | None = None  # wall-clock budget: the best model found in time is kept
+    patience: int = 10  # early stopping: epochs without a better validation metric
+    num_workers: int = 0  # data-loader workers
+    device: str = "auto"  # auto | cpu | cuda
+    augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown fine-tuning options {sorted(bad)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

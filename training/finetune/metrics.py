@@ -1,0 +1,56 @@
+"""Task metrics (accuracy, per-class accuracy, confusion matrix, IoU) and their plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) counts: rows = truth, columns = prediction."""
+    return np.bincount(y_true.astype(np.int64) * k + y_pred.astype(np.int64), minlength=k * k).reshape(k, k)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    cm = confusion(y_true, y_pred, len(classes))
+    per = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)}
+    return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "per_class_accuracy": per,
+            "confusion": cm.tolist(), "n": int(cm.sum())}
+
+
+def iou_metrics(cm: np.ndarray, classes: list[str]) -> dict:
+    """Per-class IoU = TP / (TP + FP + FN) from a pixel confusion matrix; mean over present classes."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1) - tp
+    iou = {c: (float(tp[i] / denom[i]) if denom[i] > 0 else None) for i, c in enumerate(classes)}
+    vals = [v for v in iou.values() if v is not None]
+    return {"iou": iou, "mean_iou": float(np.mean(vals)) if vals else 0.0,
+            "pixel_accuracy": float(tp.sum() / max(1.0, cm.sum())), "confusion": cm.astype(np.int64).tolist()}
+
+
+def confusion_png(cm, classes: list[str], png: Path, title: str = "confusion matrix (validation)") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
