@@ -1,0 +1,94 @@
+"""The plugin's engine client against a real engine worker: info, runs with progress, cancel,
+a worker killed mid-run (readable error, next request restarts it), protocol mismatch."""
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from sarmae_qgis.engine_client import EngineClient, EngineError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from engine.cli import main as sarmae
+
+    d = tmp_path_factory.mktemp("client")
+    assert sarmae(["init", "--task", "segment", "--classes", "water,land", "--in-chans", "2", "--img-size", "32",
+                   "--output", str(d / "seg.pkg")]) == 0
+    rng = np.random.default_rng(0)
+
+    def scene(name, size):
+        path = d / name
+        with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=2, dtype="float32",
+                           crs="EPSG:32631", transform=from_origin(500000, 4500000, 10, 10)) as dst:
+            dst.write(rng.normal(-15, 3, (2, size, size)).astype(np.float32))
+            dst.set_band_description(1, "VV")
+            dst.set_band_description(2, "VH")
+        return path
+
+    return {"pkg": d / "seg.pkg", "small": scene("small.tif", 96), "big": scene("big.tif", 1200), "dir": d}
+
+
+@pytest.fixture()
+def client():
+    c = EngineClient(python=sys.executable, env={"OMP_NUM_THREADS": "1"})
+    yield c
+    c.shutdown()
+
+
+def test_info_and_model_info(client, assets):
+    info = client.info()
+    assert info["protocol"] == 1 and "torch" in info["versions"]
+    card = client.model_info(str(assets["pkg"]))
+    assert card["card"]["task"] == "segment" and "water" in card["summary"]
+
+
+def test_run_with_progress(client, assets, tmp_path):
+    seen = []
+    res = client.run_inference([str(assets["small"])], str(tmp_path / "out.tif"), str(assets["pkg"]),
+                               {"batch_size": 4}, on_progress=lambda f, m: seen.append((f, m)))
+    assert Path(res["outputs"]["class"]).exists()
+    assert any(f >= 0 for f, _ in seen) and any(f < 0 for f, _ in seen)  # progress and log lines
+
+
+def test_cancel_leaves_nothing(client, assets, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(EngineError) as e:
+        client.run_inference([str(assets["big"])], str(tmp_path / "big.tif"), str(assets["pkg"]), {"batch_size": 1},
+                             is_cancelled=lambda: time.monotonic() - started > 2.0)
+    assert e.value.cancelled
+    assert not list(tmp_path.iterdir())
+    assert client.info()["protocol"] == 1  # the worker is still there
+
+
+def test_worker_killed_mid_run_then_restarted(client, assets, tmp_path):
+    client.start()
+    pid = client.proc.pid
+    timer = threading.Timer(2.0, lambda: os.kill(pid, signal.SIGKILL))
+    timer.start()
+    with pytest.raises(EngineError, match="stopped unexpectedly") as e:
+        client.run_inference([str(assets["big"])], str(tmp_path / "big.tif"), str(assets["pkg"]), {"batch_size": 1})
+    assert e.value.kind == "died"
+    assert not (tmp_path / "big.tif").exists()
+    res = client.run_inference([str(assets["small"])], str(tmp_path / "again.tif"), str(assets["pkg"]))
+    assert Path(res["outputs"]["class"]).exists() and client.restarts == 1 and client.proc.pid != pid
+
+
+def test_engine_errors_are_readable(client, tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        client.run_inference([str(tmp_path / "missing.tif")], str(tmp_path / "o.tif"), str(tmp_path / "nope.pkg"))
+
+
+def test_bad_interpreter():
+    with pytest.raises(EngineError, match="cannot start the engine"):
+        EngineClient(python="/nonexistent/python").info()
