@@ -34,13 +34,14 @@ INFO, MODEL_INFO, RUN, CANCEL, SHUTDOWN = "info", "model_info", "run", "cancel",
 HELLO, PROGRESS, LOG, RESULT, ERROR = "hello", "progress", "log", "result", "error"
 # run tasks
 INFER = "infer"
-RUN_TASKS = (INFER,)
+SIMILARITY = "similarity"
+RUN_TASKS = (INFER, SIMILARITY)  # built in; other packages add theirs ("sarmae.worker_tasks" entry points)
 
 # type -> {required field: expected JSON type(s)}; other fields are optional and passed through
 REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
     INFO: {},
     MODEL_INFO: {"package": (str,)},
-    RUN: {"task": (str,), "inputs": (list, str), "output": (str,), "model": (str,)},
+    RUN: {"task": (str,)},
     CANCEL: {"target": (str,)},
     SHUTDOWN: {},
 }
@@ -114,9 +115,18 @@ def parse_request(line: str | bytes) -> Request:
     return Request(rid, rtype, params)
 
 
+INFER_FIELDS = {"inputs": (list, str), "output": (str,), "model": (str,)}
+
+
 def _check_run(params: dict[str, Any], rid: str) -> None:
-    if params["task"] not in RUN_TASKS:
-        raise ProtocolError(f"unknown run task {params['task']!r}; supported: {', '.join(RUN_TASKS)}", rid)
+    if params["task"] != INFER:  # other tasks check their own fields (the worker knows them)
+        return
+    for key, types in INFER_FIELDS.items():
+        if key not in params:
+            raise ProtocolError(f"'run' request for task 'infer' is missing the field '{key}'", rid)
+        if not isinstance(params[key], types):
+            names = " or ".join(_json_type(t) for t in types)
+            raise ProtocolError(f"'run' field '{key}' must be a {names}, found {_json_type(type(params[key]))}", rid)
     if isinstance(params["inputs"], str):
         params["inputs"] = [params["inputs"]]
     if not params["inputs"] or not all(isinstance(p, str) and p for p in params["inputs"]):

@@ -40,6 +40,21 @@ class CachedModel:
     backends: dict[tuple, Any] = field(default_factory=dict)
 
 
+def extension_tasks() -> dict:
+    """Run tasks other packages contribute through the ``sarmae.worker_tasks`` entry points
+    (``training`` adds finetune and pretrain): name -> fn(params, progress, should_cancel) -> dict.
+    The engine never imports those packages by name."""
+    from importlib.metadata import entry_points
+
+    tasks = {}
+    for ep in entry_points(group="sarmae.worker_tasks"):
+        try:
+            tasks[ep.name] = ep.load()
+        except ImportError as e:  # a broken extension must not break the worker
+            log.warning("worker task %s unavailable: %s", ep.name, e)
+    return tasks
+
+
 class ModelCache:
     """LRU cache of loaded packages (``size`` entries); a package changed on disk is a new key."""
 
@@ -158,7 +173,14 @@ class Worker:
     def start_run(self, req: P.Request) -> None:
         from .inference import InferenceOptions
 
-        opts = InferenceOptions.from_dict(req.get("options") or {})  # bad options: an error, not busy
+        task = req.get("task")
+        if task == P.INFER:
+            opts = InferenceOptions.from_dict(req.get("options") or {})  # bad options: an error, not busy
+        else:
+            opts = None
+            if task != P.SIMILARITY and task not in extension_tasks():
+                known = ", ".join([*P.RUN_TASKS, *extension_tasks()])
+                raise P.ProtocolError(f"unknown run task {task!r}; this engine knows: {known}", req.id)
         with self._state_lock:
             if self._run_id is not None:
                 raise P.BusyError(f"busy: run '{self._run_id}' is still active; queue '{req.id}' and send it "
@@ -169,8 +191,6 @@ class Worker:
             self._thread.start()
 
     def _run(self, req: P.Request, opts: Any, cancel: threading.Event) -> None:
-        from .inference import run_inference
-
         rid, last = req.id, [0.0]
 
         def progress(fraction: float, message: str) -> None:
@@ -183,24 +203,47 @@ class Worker:
                 self.send(P.progress(rid, round(float(fraction), 4), message))
 
         try:
-            t0 = time.perf_counter()
-            entry, pkg_hit = self.cache.package(req.get("model"))
-            card = entry.package.card
-            progress(-1.0, f"model {card.name}: " + ("already loaded (cache hit)" if pkg_hit else
-                                                      f"loaded in {time.perf_counter() - t0:.2f} s"))
-            size = opts.window or card.input_size[0]
-            backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
-            if cancel.is_set():  # cancelled while the model was loading
-                raise CancelledError("cancelled by the user; no output was written")
-            res = run_inference(req.get("inputs"), req.get("output"), entry.package, opts, progress,
-                                cancel.is_set, backend=backend)
-            event = P.result(rid, res.to_dict(), cache={"package": "hit" if pkg_hit else "miss",
-                                                        "backend": "hit" if be_hit else "miss"})
+            if req.get("task") == P.INFER:
+                event = self._run_infer(req, opts, progress, cancel)
+            else:
+                event = P.result(rid, self._run_other(req, progress, cancel))
         except Exception as e:
             event = error_event(rid, e)
         with self._state_lock:  # free before the last event: the client may send the next run at once
             self._run_id, self._thread = None, None
         self.send(event)
+
+    def _run_infer(self, req: P.Request, opts: Any, progress, cancel: threading.Event) -> dict:
+        from .inference import run_inference
+
+        t0 = time.perf_counter()
+        entry, pkg_hit = self.cache.package(req.get("model"))
+        card = entry.package.card
+        progress(-1.0, f"model {card.name}: " + ("already loaded (cache hit)" if pkg_hit else
+                                                  f"loaded in {time.perf_counter() - t0:.2f} s"))
+        size = opts.window or card.input_size[0]
+        backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
+        if cancel.is_set():  # cancelled while the model was loading
+            raise CancelledError("cancelled by the user; no output was written")
+        res = run_inference(req.get("inputs"), req.get("output"), entry.package, opts, progress,
+                            cancel.is_set, backend=backend)
+        return P.result(req.id, res.to_dict(), cache={"package": "hit" if pkg_hit else "miss",
+                                                      "backend": "hit" if be_hit else "miss"})
+
+    def _run_other(self, req: P.Request, progress, cancel: threading.Event) -> dict:
+        """Similarity (built in) or a task another package registered (fine-tuning, pretraining)."""
+        task = req.get("task")
+        params = {k: v for k, v in req.params.items() if k != "task"}
+        if task == P.SIMILARITY:
+            from .similarity import run_similarity
+
+            missing = [k for k in ("embedding", "output", "query") if k not in params]
+            if missing:
+                raise P.ProtocolError(f"'similarity' run is missing {', '.join(missing)}", req.id)
+            query = params["query"]
+            query = tuple(query) if isinstance(query, list) else query
+            return run_similarity(params["embedding"], params["output"], query, overwrite=bool(params.get("overwrite")))
+        return extension_tasks()[task](params, progress, cancel.is_set)
 
     def cancel(self, target: str) -> bool:
         """Ask the active run ``target`` to stop; False when no such run is active (already finished)."""

@@ -45,7 +45,6 @@ def test_parse_request_normalises_a_run():
     ('{"id": "x", "type": "fly"}', "x", "unknown request type 'fly'"),
     ('{"id": "x", "type": "model_info"}', "x", "missing the field 'package'"),
     ('{"id": "x", "type": "cancel", "target": 3}', "x", "'target' must be a string"),
-    ('{"id": "x", "type": "run", "task": "train", "inputs": ["a"], "output": "o", "model": "m"}', "x", "run task"),
     ('{"id": "x", "type": "run", "task": "infer", "inputs": [], "output": "o", "model": "m"}', "x", "non-empty"),
 ])
 def test_parse_request_errors_say_what_is_wrong(line, rid, words):
@@ -253,6 +252,9 @@ def test_bad_input_never_kills_the_worker(worker, tmp_path):
     missing = worker.request(id="u4", type="run", task="infer", inputs=[str(tmp_path / "none.tif")],
                              output=str(tmp_path / "o.tif"), model=str(tmp_path / "no_pkg"))
     assert missing["event"] == "error" and missing["error"]["type"] == "PackageError"
+    unknown = worker.request(id="u5", type="run", task="paint")
+    assert unknown["event"] == "error" and "unknown run task 'paint'" in unknown["error"]["message"]
+    assert "similarity" in unknown["error"]["message"]
     assert worker.request(id="ok", type="info")["event"] == "result"
     assert worker.proc.poll() is None
 
