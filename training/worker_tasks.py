@@ -1,0 +1,80 @@
+"""Run tasks ``training`` adds to the engine worker (``sarmae.worker_tasks`` entry points), so the
+QGIS plugin can fine-tune and pretrain in the background through the same JSON-lines protocol.
+
+Each is ``fn(params, progress, should_cancel) -> dict``; ``progress(fraction, message)`` with
+fraction -1 for log lines. Cancellation stops after the current epoch/step (the time budget
+mechanism), keeping nothing half-written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine.errors import CancelledError, SarmaeError
+
+Progress = Callable[[float, str], None]
+
+
+def finetune(params: dict, progress: Progress, should_cancel: Callable[[], bool]) -> dict:
+    """params: task, output, encoder, and either chips, or rasters + labels + class_field, or
+    rasters + label_raster; optional classes, background, overwrite, and FinetuneConfig fields under
+    "config" (epochs, max_minutes, shots, linear_probe, seed, ...)."""
+    from .finetune.config import FinetuneConfig
+
+    task = params.get("task_name") or params.get("finetune_task") or params.get("kind")
+    if task not in ("classify", "segment", "detect"):
+        raise SarmaeError("finetune needs 'kind': classify, segment or detect")
+    if not params.get("output"):
+        raise SarmaeError("finetune needs 'output': the model package to write")
+    conf = dict(params.get("config") or {})
+    conf.update(task=task, encoder=params.get("encoder") or "")
+    if task != "classify":
+        conf.setdefault("layer_decay", 0.9)
+    cfg = FinetuneConfig.from_dict(conf)
+
+    def on_epoch(row: dict) -> None:
+        if should_cancel():
+            raise CancelledError("fine-tuning cancelled by the user; no package was written")
+        metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
+        progress((row["epoch"] + 1) / row["epochs"],
+                 f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, val {metric} {row[metric]:.4f}")
+
+    overwrite = bool(params.get("overwrite"))
+    if task == "classify":
+        from .finetune.classify import finetune_classifier
+
+        if not params.get("chips"):
+            raise SarmaeError("classification fine-tuning needs 'chips': a folder with one sub-folder per class")
+        result = finetune_classifier(params["chips"], params["output"], cfg, on_epoch, overwrite=overwrite)
+    else:
+        rasters = params.get("rasters") or []
+        if not rasters:
+            raise SarmaeError(f"{task} fine-tuning needs 'rasters'")
+        kw = dict(labels=params.get("labels"), class_field=params.get("class_field"), classes=params.get("classes"),
+                  progress=on_epoch, overwrite=overwrite)
+        if task == "segment":
+            from .finetune.segment import finetune_segmenter
+
+            result = finetune_segmenter(rasters, params["output"], cfg, label_raster=params.get("label_raster"),
+                                        background=params.get("background"), **kw)
+        else:
+            from .finetune.detect import finetune_detector
+
+            result = finetune_detector(rasters, params["output"], cfg, **kw)
+    result.pop("history", None)
+    return result
+
+
+def pretrain(params: dict, progress: Progress, should_cancel: Callable[[], bool]) -> dict:
+    """params: config (preset or YAML), overrides (list of section.key=value), resume."""
+    from .config import load_config
+    from .pretrain import pretrain as run
+
+    cfg = load_config(params.get("config") or "cpu_vit_tiny", list(params.get("overrides") or []))
+
+    def on_step(row: dict) -> None:
+        if should_cancel():
+            raise CancelledError("pretraining cancelled by the user; resume it later with resume=true")
+        progress(row["step"] / row["total_steps"], f"epoch {row['epoch']} step {row['step']}: loss {row['loss']:.4f}")
+
+    return run(cfg, resume=bool(params.get("resume")), progress=on_step) or {}
