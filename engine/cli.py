@@ -95,6 +95,7 @@ def _band(text: str) -> int | str:
 def cmd_infer(a: argparse.Namespace) -> int:
     import json
     import logging
+    import os
 
     from tqdm import tqdm
 
@@ -117,14 +118,21 @@ def cmd_infer(a: argparse.Namespace) -> int:
                 (bar.write if bar is not None else print)(message, file=sys.stderr)
             return
         if bar is None:
-            bar = tqdm(total=1000, unit="‰", disable=a.quiet, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+            bar = tqdm(total=1000, unit="‰", disable=a.quiet or os.environ.get("RANK", "0") != "0", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
                        file=sys.stderr)
         bar.n = int(fraction * 1000)
         bar.set_description(message)
         bar.refresh()
 
     try:
-        result = run_inference(a.input, a.output, a.model, opts, progress=progress)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: windows shared across ranks
+            from .distributed import run_distributed_inference
+
+            result = run_distributed_inference(a.input, a.output, a.model, opts, progress=progress)
+            if result is None:  # not rank 0: rank 0 reports
+                return 0
+        else:
+            result = run_inference(a.input, a.output, a.model, opts, progress=progress)
     finally:
         if bar is not None:
             bar.close()

@@ -49,8 +49,11 @@ class DetectSink:
             boxes = np.concatenate(self.boxes)
             scores = np.concatenate(self.scores)
             labels = np.concatenate(self.labels)
-            keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float32)).double(),
-                               torch.from_numpy(labels), self.ctx.options.nms_iou).numpy()
+            if self.ctx.options.nms_iou >= 1:  # IoU never exceeds 1: NMS would remove nothing; keep window order
+                keep = np.arange(len(boxes))
+            else:
+                keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float32)).double(),
+                                   torch.from_numpy(labels), self.ctx.options.nms_iou).numpy()
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         else:
             boxes, scores, labels = np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64)
