@@ -92,6 +92,23 @@ def _linear_units_metres(crs) -> bool:
         return False
 
 
+class PixelSink:
+    """Common start of the sinks whose windows are planned on the pixel grid of the region:
+    ``plan`` (overlap from the options, else ``default_overlap``), ``windows``, ``geo``."""
+
+    default_overlap = 0.25
+
+    def __init__(self, ctx):
+        from ..tiling import plan_tiles
+
+        self.ctx = ctx
+        region, opts = ctx.region, ctx.options
+        overlap = self.default_overlap if opts.overlap is None else opts.overlap
+        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
+        self.windows = self.plan.windows
+        self.geo = Georef(ctx.raster, region)
+
+
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     z = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(z)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..inference import InferenceResult
-from ..tiling import plan_tiles
 from ..writers import write_features
-from .base import Georef, softmax
+from .base import PixelSink, softmax
 
 
-class ClassifySink:
+class ClassifySink(PixelSink):
+    default_overlap = 0.0  # a grid by default
+
     def __init__(self, ctx):
-        self.ctx = ctx
-        region, opts = ctx.region, ctx.options
-        overlap = 0.0 if opts.overlap is None else opts.overlap  # a grid by default
-        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
-        self.windows = self.plan.windows
+        super().__init__(ctx)
         self.classes = ctx.card.classes
-        self.geo = Georef(ctx.raster, region)
         self.rows: list[tuple] = []
 
     def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:

@@ -5,20 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..inference import InferenceResult
-from ..tiling import plan_tiles
 from ..writers import write_features
-from .base import Georef
+from .base import PixelSink
 
 
-class DetectSink:
+class DetectSink(PixelSink):
     def __init__(self, ctx):
-        self.ctx = ctx
-        region, opts = ctx.region, ctx.options
-        overlap = 0.25 if opts.overlap is None else opts.overlap
-        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
-        self.windows = self.plan.windows
+        super().__init__(ctx)
         self.classes = ctx.card.classes
-        self.geo = Georef(ctx.raster, region)
         self.boxes: list[np.ndarray] = []  # (n, 4) x0, y0, x1, y1 in region pixels
         self.scores: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []

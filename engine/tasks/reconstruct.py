@@ -6,21 +6,16 @@ import numpy as np
 
 from ..inference import InferenceResult
 from ..stitching import RollingStitcher
-from ..tiling import plan_tiles
 from ..writers import GeoTiffWriter
-from .base import Georef
+from .base import PixelSink
 
 
-class ReconstructSink:
+class ReconstructSink(PixelSink):
     def __init__(self, ctx):
-        self.ctx = ctx
+        super().__init__(ctx)
         region, opts = ctx.region, ctx.options
-        overlap = 0.25 if opts.overlap is None else opts.overlap
-        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
-        self.windows = self.plan.windows
         c = ctx.card.in_chans
         self.stitcher = RollingStitcher(self.plan, c)
-        self.geo = Georef(ctx.raster, region)
         inp = ctx.card.input
         self.lo, self.hi = inp["clip"]
         self.mean = np.asarray(inp["mean"], np.float32).reshape(c, 1, 1)

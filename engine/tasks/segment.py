@@ -6,26 +6,21 @@ import numpy as np
 
 from ..inference import InferenceResult
 from ..stitching import RollingStitcher
-from ..tiling import plan_tiles
 from ..writers import GeoTiffWriter, class_colormap
-from .base import Georef, check_extra_outputs, sibling, softmax
+from .base import PixelSink, check_extra_outputs, sibling, softmax
 
 NODATA_CLASS = 255
 
 
-class SegmentSink:
+class SegmentSink(PixelSink):
     def __init__(self, ctx):
-        self.ctx = ctx
+        super().__init__(ctx)
         region, opts = ctx.region, ctx.options
-        overlap = 0.25 if opts.overlap is None else opts.overlap
-        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
-        self.windows = self.plan.windows
         self.classes = ctx.card.classes
         k = len(self.classes)
         if k > 255:
             raise ValueError("at most 255 classes fit a uint8 class raster")
         self.stitcher = RollingStitcher(self.plan, k)
-        self.geo = Georef(ctx.raster, region)
         common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
         names = [c["name"] for c in self.classes]
         self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
