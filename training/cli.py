@@ -60,8 +60,6 @@ def _finetune_config(a: argparse.Namespace):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
-    if a.task != "classify" and a.layer_decay is None:
-        d["layer_decay"] = 0.9  # dense tasks (SARMAE_SPEC 5)
     return FinetuneConfig.from_dict(d)
 
 

@@ -28,8 +28,6 @@ def finetune(params: dict, progress: Progress, should_cancel: Callable[[], bool]
         raise SarmaeError("finetune needs 'output': the model package to write")
     conf = dict(params.get("config") or {})
     conf.update(task=task, encoder=params.get("encoder") or "")
-    if task != "classify":
-        conf.setdefault("layer_decay", 0.9)
     cfg = FinetuneConfig.from_dict(conf)
 
     def on_epoch(row: dict) -> None:

@@ -161,7 +161,7 @@ def finetune_classifier(chips_dir: str | Path, output: str | Path, cfg: Finetune
     with torch.no_grad():
         final = evaluate(model)
     out = Path(output)
-    arch = {"name": enc.model.cfg and f"vit_{_size_name(enc.model)}_patch16", "encoder": enc.model.cfg.to_dict(), "head": {}}
+    arch = {"name": _arch_name(enc.model), "encoder": enc.model.cfg.to_dict(), "head": {}}
     arch["encoder"]["drop_path_rate"] = 0.0
     contract = contract_for(kind, enc.input, c, clip_db)
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
@@ -184,7 +184,8 @@ def finetune_classifier(chips_dir: str | Path, output: str | Path, cfg: Finetune
     return {"package": str(out), **metrics, "history": {"val_accuracy": hist.val_score, "train_loss": hist.train_loss}}
 
 
-def _size_name(vit) -> str:
+def _arch_name(vit) -> str:
     from engine.models.registry import size_of
 
-    return size_of(vit.cfg) or "custom"
+    size = size_of(vit.cfg)
+    return f"vit_{size}_patch16" if size and vit.patch_size == 16 else "custom"

@@ -128,7 +128,7 @@ def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader
     elif cfg.freeze_epochs:
         model.encoder.requires_grad_(False)
     lr = cfg.lr or cfg.base_lr * cfg.batch_size / 256
-    groups = decay_groups(model, depth, cfg.weight_decay, cfg.layer_decay)
+    groups = decay_groups(model, depth, cfg.weight_decay, cfg.decay)
     opt = torch.optim.AdamW(groups, lr=lr)
     steps_per_epoch = max(1, len(train_loader))
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
@@ -138,7 +138,7 @@ def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader
     for epoch in range(cfg.epochs):
         if cfg.freeze_epochs and not cfg.linear_probe and epoch == cfg.freeze_epochs:
             model.encoder.requires_grad_(True)
-            opt = torch.optim.AdamW(decay_groups(model, depth, cfg.weight_decay, cfg.layer_decay), lr=lr)
+            opt = torch.optim.AdamW(decay_groups(model, depth, cfg.weight_decay, cfg.decay), lr=lr)
         model.train()
         if cfg.linear_probe:
             model.encoder.eval()

@@ -18,7 +18,7 @@ class FinetuneConfig:
     batch_size: int = 32  # samples per step
     lr: float | None = None  # peak lr (None: base_lr x batch / 256)
     base_lr: float = 1e-3  # classification reference: 1e-3 x batch / 256
-    layer_decay: float = 0.75  # layer-wise lr decay (classification 0.75; dense tasks 0.9)
+    layer_decay: float | None = None  # layer-wise lr decay; None: the task's default (classify 0.75, dense 0.9)
     weight_decay: float = 0.05  # AdamW decay (none on biases, norms, embeddings)
     warmup_epochs: float = 5.0  # linear warm-up, then cosine to min_lr
     min_lr: float = 1e-6
@@ -43,3 +43,10 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def decay(self) -> float:
+        """The layer decay in force: the given one, else 0.75 for classification, 0.9 for dense tasks."""
+        if self.layer_decay is not None:
+            return self.layer_decay
+        return 0.75 if self.task == "classify" else 0.9

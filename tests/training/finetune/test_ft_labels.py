@@ -1,0 +1,335 @@
+"""Chips from labelled polygons / class rasters (training/finetune/labels.py): targets, reprojection,
+the spatial split, and every bad input refused with a clear FinetuneError before training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ftdata import (
+    CRS,
+    boxes_to_polygons,
+    build_encoder,
+    class_polygons,
+    ship_scene,
+    water_land,
+    write_db,
+    write_labels,
+)
+
+from training.finetune.common import FinetuneError
+from training.finetune.labels import IGNORE, build_chips, chip_boxes, plan_blocks
+
+S = 32
+
+
+@pytest.fixture(scope="module")
+def contract(tmp_path_factory) -> dict:
+    from engine.package import read_card
+
+    return read_card(build_encoder(tmp_path_factory.mktemp("enc") / "enc", img_size=S)).input
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A 192 px water/land raster, its truth and labels (water + land polygons) in the raster's CRS."""
+    d = tmp_path_factory.mktemp("scene")
+    tif, truth = water_land(d / "wl.tif")
+    gpkg = write_labels(d / "wl.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
+    return tif, truth, gpkg
+
+
+def agreement(chips, truth: np.ndarray) -> float:
+    """Share of the chips' labelled mask pixels equal to the truth map at their windows."""
+    hit = tot = 0
+    for n, (_, r, c) in enumerate(chips.windows):
+        m = chips.masks[n].numpy()
+        t = truth[r:r + S, c:c + S]
+        ok = m[:t.shape[0], :t.shape[1]] != IGNORE
+        names = np.array(chips.classes)[m[:t.shape[0], :t.shape[1]][ok]]
+        hit += int(np.sum(names == np.where(t[ok] == 0, "water", "land")))
+        tot += int(ok.sum())
+    return hit / max(tot, 1)
+
+
+def test_segment_chips_follow_the_polygons(scene, contract):
+    tif, truth, gpkg = scene
+    chips = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class", seed=1)
+    assert chips.classes == ["land", "water"]
+    assert chips.x.shape[1:] == (2, S, S) and chips.x.dtype.is_floating_point
+    assert chips.masks.shape == (len(chips.x), S, S)
+    assert agreement(chips, truth) > 0.99
+    assert chips.split.any() and (~chips.split).any()
+    assert any("spatial split" in m for m in chips.log)
+    assert "dB" in chips.inputs[0]
+    # the chips hold exactly what the engine's radiometry makes of the raster
+    from engine.radiometry import Radiometry
+    from engine.reader import SarRaster
+    from engine.tiling import Window
+
+    i, r, c = chips.windows[0]
+    with SarRaster.open(str(tif)) as ras:
+        x, v = ras.read(Window(r, c, S, S))
+        want = Radiometry.for_raster(contract, ras).apply(x, v)
+    assert np.allclose(chips.x[0].float().numpy(), want, atol=2e-3)
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".geojson", ".shp"])
+def test_vector_formats_and_numeric_classes(tmp_path, scene, contract, suffix):
+    tif, truth, _ = scene
+    vec = write_labels(tmp_path / f"codes{suffix}", class_polygons(truth, {0: 10, 1: 20}), field="code", ftype="int")
+    chips = build_chips(tif, contract, S, "segment", labels=vec, class_field="code")
+    assert chips.classes == ["10", "20"]
+    named = np.array(["water", "land"])[(np.array(chips.classes) == "20").astype(int)]
+    chips.classes = named.tolist()
+    assert agreement(chips, truth) > 0.99
+
+
+def test_unlabelled_pixels_are_ignored_or_background(tmp_path, scene, contract):
+    tif, truth, _ = scene
+    water_only = [(g, n) for g, n in class_polygons(truth, {0: "water"})]
+    gpkg = write_labels(tmp_path / "w.gpkg", water_only + boxes_to_polygons([(150, 150, 170, 170)], "rock"))
+    chips = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class")
+    assert (chips.masks == IGNORE).any()  # land pixels are not labelled -> ignored
+    bg = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class", background="land")
+    assert bg.classes == ["land", "rock", "water"]
+    assert not (bg.masks == IGNORE).any()
+    assert agreement(bg, np.where((truth == 1), 1, 0)) > 0.97  # 'rock' (20x20 px) aside, land = truth
+
+
+def test_later_features_on_top(tmp_path, scene, contract):
+    tif, _, _ = scene
+    big = boxes_to_polygons([(0, 0, 192, 192)], "land")
+    small = boxes_to_polygons([(60, 60, 80, 80)], "ship")
+    gpkg = write_labels(tmp_path / "o.gpkg", big + small + boxes_to_polygons([(100, 100, 140, 140)], "ship"))
+    chips = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class", block_chips=2)
+    for n, (_, r, c) in enumerate(chips.windows):
+        m = chips.masks[n].numpy()
+        rr, cc = 70 - r, 70 - c
+        if 0 <= rr < S and 0 <= cc < S:
+            assert chips.classes[m[rr, cc]] == "ship"
+
+
+def test_polygons_in_4326_are_reprojected_and_said(tmp_path, scene, contract):
+    from rasterio.warp import transform_geom
+    from shapely.geometry import mapping, shape
+
+    tif, truth, _ = scene
+    feats = [(shape(transform_geom(CRS, "EPSG:4326", mapping(g))), n)
+             for g, n in class_polygons(truth, {0: "water", 1: "land"})]
+    gj = write_labels(tmp_path / "wgs84.geojson", feats, crs="EPSG:4326")
+    chips = build_chips(tif, contract, S, "segment", labels=gj, class_field="class")
+    said = [m for m in chips.log if "reprojected" in m]
+    assert said and "EPSG:4326" in said[0] and "EPSG:32631" in said[0]
+    assert agreement(chips, truth) > 0.98
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("block_chips", [2, 3, 4])
+def test_spatial_split_never_overlaps(tmp_path, contract, seed, block_chips):
+    tif, truth = water_land(tmp_path / "big.tif", size=320, seed=seed)
+    gpkg = write_labels(tmp_path / "l.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
+    chips = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class", seed=seed,
+                        block_chips=block_chips, val_fraction=0.3)
+    seen_train = np.zeros(truth.shape, bool)
+    seen_val = np.zeros(truth.shape, bool)
+    for (_, r, c), val in zip(chips.windows, chips.split):
+        inside = [b for b in chips.blocks if b[1] <= r and r + S <= b[3] and b[2] <= c and c + S <= b[4]]
+        assert len(inside) == 1 and inside[0][5] == val  # entirely inside one block, of its split
+        (seen_val if val else seen_train)[r:r + S, c:c + S] = True
+    assert seen_val.any() and seen_train.any()
+    assert not (seen_val & seen_train).any()
+
+
+def test_plan_blocks_cover_the_raster_once():
+    for h, w in [(192, 192), (200, 90), (31, 500), (96, 97)]:
+        cover = np.zeros((h, w), int)
+        for r0, c0, r1, c1 in plan_blocks(h, w, S, 3):
+            cover[r0:r1, c0:c1] += 1
+            assert (r1 - r0 >= S or h < S) and (c1 - c0 >= S or w < S)
+        assert (cover == 1).all()
+
+
+def test_small_rasters_are_padded_and_padding_ignored(tmp_path, contract):
+    rng = np.random.default_rng(0)
+    paths, feats = [], []
+    for k in range(2):  # two 24 x 40 rasters side by side: one block each
+        db = np.full((2, 24, 40), -20.0) + rng.normal(0, 1, (2, 24, 40))
+        db[:, :, 20:] += 14
+        from rasterio.transform import from_origin
+
+        tf = from_origin(500000.0 + k * 2000, 4500000.0, 20.0, 20.0)
+        paths.append(write_db(tmp_path / f"small{k}.tif", db, tf=tf))
+        feats += boxes_to_polygons([(0, 0, 20, 24)], "water", tf) + boxes_to_polygons([(20, 0, 40, 24)], "land", tf)
+    gpkg = write_labels(tmp_path / "s.gpkg", feats)
+    chips = build_chips(paths, contract, S, "segment", labels=gpkg, class_field="class")
+    assert {w[0] for w in chips.windows} == {0, 1}
+    assert all(r == 0 and c in range(0, 9) for _, r, c in chips.windows)
+    for n, (_, _, c) in enumerate(chips.windows):
+        m = chips.masks[n].numpy()
+        assert (m[24:, :] == IGNORE).all() and (m[:, 40 - c:] == IGNORE).all()  # padding: ignored
+        assert (m[:24, :40 - c] != IGNORE).all()  # every raster pixel is labelled
+        assert (chips.x[n, :, 24:].float() == 0).all()
+
+
+def test_label_raster_like_sen1floods11(tmp_path, scene, contract):
+    import rasterio
+
+    tif, truth, _ = scene
+    lab = truth.astype(np.int16)
+    lab[:20, :] = -1  # nodata band at the top
+    with rasterio.open(tif) as src:
+        prof = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="int16", crs=src.crs,
+                    transform=src.transform)
+    with rasterio.open(tmp_path / "lab.tif", "w", **prof) as dst:
+        dst.write(lab, 1)
+    chips = build_chips(tif, contract, S, "segment", label_raster=tmp_path / "lab.tif", classes=["water", "land"])
+    assert chips.classes == ["water", "land"]
+    for n, (_, r, c) in enumerate(chips.windows):
+        m, t = chips.masks[n].numpy(), lab[r:r + S, c:c + S]
+        assert (m[t < 0] == IGNORE).all() and (m[t >= 0] == t[t >= 0]).all()
+    auto = build_chips(tif, contract, S, "segment", label_raster=tmp_path / "lab.tif")
+    assert auto.classes == ["class_0", "class_1"]
+    with pytest.raises(FinetuneError, match="value 1 but only 1 class"):
+        build_chips(tif, contract, S, "segment", label_raster=tmp_path / "lab.tif", classes=["water"])
+    with rasterio.open(tmp_path / "ones.tif", "w", **prof) as dst:
+        dst.write(np.ones_like(lab), 1)
+    with pytest.raises(FinetuneError, match=r"only one class \(land\).*in the label raster"):
+        build_chips(tif, contract, S, "segment", label_raster=tmp_path / "ones.tif", classes=["water", "land"])
+
+
+def test_label_raster_on_another_grid_is_reprojected(tmp_path, scene, contract):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    tif, truth, _ = scene
+    coarse = truth[::2, ::2].astype(np.uint8)  # 40 m pixels, same CRS
+    with rasterio.open(tmp_path / "coarse.tif", "w", driver="GTiff", width=96, height=96, count=1, dtype="uint8",
+                       crs=CRS, transform=from_origin(500000.0, 4500000.0, 40.0, 40.0), nodata=255) as dst:
+        dst.write(coarse, 1)
+    chips = build_chips(tif, contract, S, "segment", label_raster=tmp_path / "coarse.tif", classes=["water", "land"])
+    assert any("reprojected onto the grid" in m for m in chips.log)
+    assert agreement(chips, truth) > 0.95
+
+
+def test_detection_boxes(tmp_path, contract):
+    tif, boxes = ship_scene(tmp_path / "ships.tif")
+    gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes))
+    chips = build_chips(tif, contract, S, "detect", labels=gpkg, class_field="class")
+    assert chips.classes == ["ship"] and chips.masks is None
+    assert sum(len(b) for b in chips.boxes) >= len(boxes)
+    for (_, r, c), bx, lb in zip(chips.windows, chips.boxes, chips.box_labels):
+        assert (lb == 1).all() and ((bx >= 0) & (bx <= S)).all()
+        clipped = {(max(b[0], c) - c, max(b[1], r) - r, min(b[2], c + S) - c, min(b[3], r + S) - r) for b in boxes}
+        assert {tuple(b) for b in bx.tolist()} <= clipped  # each box: a ship seen through the chip
+    assert len(chips.windows) == len(boxes) + round(len(boxes) / 3)  # one per ship + 25 % placed anywhere
+
+
+def test_chip_boxes_clip_and_drop():
+    bounds = [(10, 10, 20, 20), (28, 5, 40, 15), (30, 5, 40, 15), (0, 0, 1.5, 10), (-2, 4, 8, 12)]
+    bx, lb = chip_boxes(bounds, [0, 1, 0, 0, 1], 0, 0, 32, 32)
+    # kept: inside; 4/12 inside (dropped); 2/10 inside (dropped); 1.5 px wide (dropped); 8/10 inside
+    assert bx.tolist() == [[10, 10, 20, 20], [0, 4, 8, 12]]
+    assert lb.tolist() == [1, 2]
+    bx, _ = chip_boxes([(100, 100, 110, 110)], [0], 96, 96, 32, 32)
+    assert bx.tolist() == [[4, 4, 14, 14]]
+
+
+def test_repairs_skips_and_counts(tmp_path, scene, contract):
+    from shapely.geometry import Polygon
+
+    tif, truth, _ = scene
+    feats = class_polygons(truth, {0: "water", 1: "land"})
+    x0, y0 = 500000.0 + 20 * 50, 4500000.0 - 20 * 50
+    bowtie = Polygon([(x0, y0), (x0 + 400, y0 - 400), (x0 + 400, y0), (x0, y0 - 400)])
+    feats += [(bowtie, "land"), (feats[0][0], ""), (feats[0][0], None)]
+    gpkg = write_labels(tmp_path / "r.gpkg", feats)
+    chips = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class")
+    assert any("repaired 1 invalid polygon" in m for m in chips.log)
+    assert any("skipped 2 feature(s) with an empty class value" in m for m in chips.warnings)
+    only = build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class", classes=["water"],
+                       background="land")
+    assert any("'land' (" in m and "skipped" in m for m in only.warnings)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_labels_outside_the_raster(tmp_path, scene, contract):
+    from shapely.affinity import translate
+
+    tif, truth, _ = scene
+    far = [(translate(g, 300000, 0), n) for g, n in class_polygons(truth, {0: "water", 1: "land"})]
+    gpkg = write_labels(tmp_path / "far.gpkg", far)
+    with pytest.raises(FinetuneError, match="outside the raster") as e:
+        build_chips(tif, contract, S, "segment", labels=gpkg, class_field="class")
+    assert "EPSG:32631" in str(e.value) and "wl.tif spans" in str(e.value) and "800000" in str(e.value)
+
+
+def test_empty_layer(tmp_path, scene, contract):
+    gpkg = write_labels(tmp_path / "empty.gpkg", [])
+    with pytest.raises(FinetuneError, match="empty"):
+        build_chips(scene[0], contract, S, "segment", labels=gpkg, class_field="class")
+
+
+def test_missing_class_field_lists_fields(scene, contract):
+    with pytest.raises(FinetuneError, match=r"no field 'kind'.*class"):
+        build_chips(scene[0], contract, S, "segment", labels=scene[2], class_field="kind")
+
+
+def test_no_usable_class_value(tmp_path, scene, contract):
+    feats = [(g, "") for g, _ in class_polygons(scene[1], {0: "water", 1: "land"})]
+    gpkg = write_labels(tmp_path / "blank.gpkg", feats)
+    with pytest.raises(FinetuneError, match=r"no usable labelled polygon.*2 with empty class values"):
+        build_chips(scene[0], contract, S, "segment", labels=gpkg, class_field="class")
+    with pytest.raises(FinetuneError, match="none of classes"):
+        build_chips(scene[0], contract, S, "segment", labels=scene[2], class_field="class", classes=["rock"])
+
+
+def test_one_class_segmentation_refused_unless_background(tmp_path, scene, contract):
+    gpkg = write_labels(tmp_path / "w.gpkg", class_polygons(scene[1], {0: "water"}))
+    with pytest.raises(FinetuneError, match=r"only one class \(water\).*background"):
+        build_chips(scene[0], contract, S, "segment", labels=gpkg, class_field="class")
+    chips = build_chips(scene[0], contract, S, "segment", labels=gpkg, class_field="class", background="land")
+    assert chips.classes == ["land", "water"]
+
+
+def test_fewer_chips_than_the_batch(scene, contract):
+    with pytest.raises(FinetuneError, match=r"only \d+ training and \d+ validation chip\(s\).*batch size of 5000"):
+        build_chips(scene[0], contract, S, "segment", labels=scene[2], class_field="class", batch_size=5000)
+
+
+def test_input_contract_mismatch(tmp_path, scene, contract):
+    one, _ = water_land(tmp_path / "vv.tif", bands=1, descriptions=("VV",))
+    with pytest.raises(FinetuneError, match=r"vv.tif.*2 channel"):
+        build_chips(one, contract, S, "segment", labels=scene[2], class_field="class")
+    hh, _ = water_land(tmp_path / "hh.tif", descriptions=("HH", "HV"))
+    with pytest.raises(FinetuneError, match="channel 1 is HH"):
+        build_chips(hh, contract, S, "segment", labels=scene[2], class_field="class")
+    swapped, _ = water_land(tmp_path / "vhvv.tif", descriptions=("VH", "VV"))  # picked by name: accepted
+    chips = build_chips(swapped, contract, S, "segment", labels=scene[2], class_field="class")
+    assert any("picked by name" in m and "--bands VV,VH" in m for m in chips.log)
+
+
+def test_few_instances_warned(tmp_path, contract):
+    tif, boxes = ship_scene(tmp_path / "ships.tif")
+    feats = boxes_to_polygons(boxes) + boxes_to_polygons(boxes[:3], "buoy")
+    gpkg = write_labels(tmp_path / "s.gpkg", feats)
+    chips = build_chips(tif, contract, S, "detect", labels=gpkg, class_field="class")
+    assert any("'buoy' has only 3 labelled polygon" in m for m in chips.warnings)
+
+
+def test_labels_in_pixel_space(tmp_path, contract):
+    import rasterio
+
+    tif, truth = water_land(tmp_path / "px.tif")
+    with rasterio.open(tif) as src:
+        db = src.read()
+    nogeo = write_db(tmp_path / "nogeo.tif", db, crs=None)
+    from affine import Affine
+
+    gpkg = write_labels(tmp_path / "px.gpkg", class_polygons(truth, {0: "water", 1: "land"}, Affine.identity()), crs=None)
+    chips = build_chips(nogeo, contract, S, "segment", labels=gpkg, class_field="class")
+    assert any("pixel coordinates" in m for m in chips.log)
+    assert agreement(chips, truth) > 0.99
+    qgis = write_labels(tmp_path / "qgis.gpkg", class_polygons(truth, {0: "water", 1: "land"},
+                                                               Affine(1, 0, 0, 0, -1, 0)), crs=None)
+    flipped = build_chips(nogeo, contract, S, "segment", labels=qgis, class_field="class")
+    assert any("y = -row" in m for m in flipped.log) and agreement(flipped, truth) > 0.99

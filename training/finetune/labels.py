@@ -1,0 +1,520 @@
+"""Training chips from labelled polygons (or a class raster) over SAR rasters: ``build_chips``.
+
+labels -> each raster's CRS -> its pixel space (x = column, y = row) -> blocks of 2-4 chip sizes
+tile each raster, whole blocks go to validation (seeded) -> chip windows centred on labelled cells
+(+ jitter) and background chips, each entirely inside one block, so no validation pixel is ever
+seen in training -> inputs read through ``engine`` SarRaster + Radiometry with the encoder's input
+contract (exactly what ``sarmae infer`` feeds the model) -> masks (``rasterize``, 255 = ignore) or
+boxes (polygon bounds, labels 1..K). Chips live in memory as float16 (analyst scale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import FinetuneError
+
+log = logging.getLogger("sarmae.finetune")
+IGNORE = 255  # mask value excluded from the loss and the metrics
+MIN_SAMPLES = 5  # fewer labelled instances / chips of a class than this -> warning
+
+
+@dataclass
+class ChipSet:
+    """Chips in memory, their targets and where they came from."""
+
+    classes: list[str]
+    x: torch.Tensor  # (N, C, S, S) float16 normalised model input
+    split: np.ndarray  # (N,) bool: True = validation
+    windows: list[tuple[int, int, int]]  # (raster index, row_off, col_off) of each S x S chip
+    blocks: list[tuple[int, int, int, int, int, bool]]  # (raster, r0, c0, r1, c1, validation)
+    masks: torch.Tensor | None = None  # segment: (N, S, S) uint8 class index, 255 = ignore
+    boxes: list[np.ndarray] | None = None  # detect: per chip (n, 4) float32 x0, y0, x1, y1 in chip px
+    box_labels: list[np.ndarray] | None = None  # detect: per chip (n,) int64 in 1..K
+    log: list[str] = field(default_factory=list)  # what was decided (reprojection, repairs, split)
+    warnings: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # radiometry per raster
+
+
+def _name(v) -> str | None:
+    """A class value as a name ('water', 3 -> '3', 3.0 -> '3'); None when empty."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    s = str(v).strip()
+    return s or None
+
+
+def read_vector(path: str, class_field: str, classes: list[str] | None, background: str | None,
+                notes: list[str], warns: list[str]) -> tuple[list, list[int], list[str], str | None]:
+    """Polygons (repaired), class index per polygon, class names and the layer's CRS (WKT)."""
+    import fiona
+    from shapely import make_valid, unary_union
+    from shapely.geometry import shape
+
+    if not Path(path).exists():
+        raise FinetuneError(f"label file not found: {path}")
+    try:
+        layers = fiona.listlayers(path)
+        with fiona.open(path, layer=layers[0]) as src:
+            fields, crs = list(src.schema["properties"]), (src.crs_wkt or None)
+            records = [(f.geometry, dict(f.properties)) for f in src]
+    except Exception as e:  # fiona's errors are many (DriverError, FionaValueError, ...)
+        raise FinetuneError(f"{path} is not a vector file fiona can read ({e}); give a GeoPackage, "
+                            "Shapefile or GeoJSON") from e
+    where = f"{path}" + (f" (layer '{layers[0]}' of {len(layers)})" if len(layers) > 1 else "")
+    if not records:
+        raise FinetuneError(f"{where}: the label layer is empty; draw and label some polygons first")
+    if class_field not in fields:
+        raise FinetuneError(f"{where}: no field '{class_field}' to read classes from; the layer has: "
+                            f"{', '.join(fields) or 'no attribute field'}")
+    geoms, names = [], []
+    empty = bad = repaired = not_poly = 0
+    for geom, props in records:
+        name = _name(props.get(class_field))
+        if name is None:
+            empty += 1
+            continue
+        g = shape(geom) if geom is not None else None
+        if g is None or g.is_empty or g.geom_type not in ("Polygon", "MultiPolygon"):
+            not_poly += 1
+            continue
+        if not g.is_valid:
+            g = make_valid(g)
+            g = unary_union([p for p in getattr(g, "geoms", [g]) if p.geom_type in ("Polygon", "MultiPolygon")])
+            if g.is_empty:
+                bad += 1
+                continue
+            repaired += 1
+        geoms.append(g)
+        names.append(name)
+    for n, what in ((empty, "with an empty class value"), (not_poly, "without a polygon geometry"),
+                    (bad, "with an invalid geometry that could not be repaired")):
+        if n:
+            warns.append(f"{where}: skipped {n} feature(s) {what}")
+    if repaired:
+        notes.append(f"{where}: repaired {repaired} invalid polygon(s) with make_valid")
+    found = sorted(set(names))
+    if classes:
+        unknown = {n: names.count(n) for n in found if n not in classes}
+        if unknown:
+            warns.append(f"{where}: skipped features of classes not in {classes}: "
+                         + ", ".join(f"'{k}' ({v})" for k, v in unknown.items()))
+        keep = [i for i, n in enumerate(names) if n in classes]
+        geoms, names, classes = [geoms[i] for i in keep], [names[i] for i in keep], list(classes)
+    else:
+        classes = found
+    if not geoms:
+        raise FinetuneError(f"{where}: no usable labelled polygon in field '{class_field}' ({len(records)} "
+                            f"features: {empty} with empty class values, {not_poly} not polygons, {bad} invalid"
+                            + (f", none of classes {classes}" if classes else "") + ")")
+    if background and background not in classes:
+        classes = [background, *classes]
+    notes.append(f"{where}: {len(geoms)} labelled polygon(s), classes {classes}")
+    return geoms, [classes.index(n) for n in names], classes, crs
+
+
+def to_pixels(geoms: list, layer_crs: str | None, raster, notes: list[str]) -> list:
+    """Label polygons in the raster's pixel space (x = column, y = row), reprojected when needed."""
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.transform import from_gcps
+    from rasterio.warp import transform_geom
+    from shapely.affinity import affine_transform
+    from shapely.geometry import mapping, shape
+
+    name = Path(raster.paths[0]).name
+    geo = raster.georeferencing
+    if geo in ("none", "identity"):
+        t = Affine.identity()
+        if max(g.bounds[3] for g in geoms) <= 0:  # drawn in QGIS over an image shown with y = -row
+            t = Affine(1, 0, 0, 0, -1, 0)
+        notes.append(f"{name} has no map georeferencing: label coordinates taken as pixel coordinates"
+                     + (" (y = -row)" if t.e < 0 else ""))
+    else:
+        t, dst = (from_gcps(raster.gcps), raster.gcp_crs) if geo == "gcps" else (raster.transform, raster.crs)
+        if geo == "gcps":
+            notes.append(f"{name} is georeferenced by GCPs: labels placed with the affine fitted to them")
+        if layer_crs is None:
+            notes.append(f"the labels have no CRS: assumed to be {dst.to_string()} like {name}")
+        elif CRS.from_wkt(layer_crs) != dst:
+            src = CRS.from_wkt(layer_crs)
+            geoms = [shape(g) for g in transform_geom(src, dst, [mapping(g) for g in geoms])]
+            notes.append(f"reprojected {len(geoms)} label polygon(s) from {src.to_string()} to {dst.to_string()} "
+                         f"(the CRS of {name})")
+    inv = ~t
+    return [affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
+
+
+def read_class_map(path: str, raster, notes: list[str]) -> np.ndarray:
+    """A class raster on ``raster``'s grid: (H, W) int32 values, -1 where nodata / negative."""
+    import rasterio
+    from rasterio.warp import Resampling, reproject
+
+    name = Path(raster.paths[0]).name
+    try:
+        with warnings.catch_warnings():  # pixel-space label rasters (PNG masks) are fine here
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+    except Exception as e:
+        raise FinetuneError(f"label raster {path} cannot be read ({e})") from e
+    with ds:
+        nodata = ds.nodata
+        if (ds.width, ds.height) == (raster.width, raster.height) and ds.crs == raster.crs and \
+                ds.transform.almost_equals(raster.transform):
+            arr = ds.read(1).astype(np.float32)
+        elif ds.crs is not None and raster.crs is not None:
+            arr = np.full((raster.height, raster.width), np.nan, np.float32)
+            reproject(rasterio.band(ds, 1), arr, src_nodata=nodata, dst_transform=raster.transform,
+                      dst_crs=raster.crs, dst_nodata=np.nan, resampling=Resampling.nearest)
+            notes.append(f"label raster {Path(path).name} reprojected onto the grid of {name} (nearest)")
+        else:
+            raise FinetuneError(f"label raster {path} ({ds.width}x{ds.height}, CRS {ds.crs}) is not on the grid of "
+                                f"{name} ({raster.width}x{raster.height}, CRS {raster.crs}) and one has no CRS, "
+                                "so they cannot be aligned; write the labels on the raster's grid")
+    bad = ~np.isfinite(arr) | (arr < 0) | ((arr == nodata) if nodata is not None else False)
+    return np.where(bad, -1, np.round(np.nan_to_num(arr, nan=-1))).astype(np.int32)
+
+
+def plan_blocks(height: int, width: int, size: int, block_chips: int) -> list[tuple[int, int, int, int]]:
+    """Square blocks of ``block_chips * size`` px tiling the raster, as (r0, c0, r1, c1); a remainder
+    narrower than one chip joins the previous block, so every block holds at least one chip
+    (unless the raster itself is smaller than a chip: then it is one block, read padded)."""
+    def edges(n: int) -> list[tuple[int, int]]:
+        starts = list(range(0, n, block_chips * size))
+        if len(starts) > 1 and n - starts[-1] < size:
+            starts.pop()
+        return list(zip(starts, starts[1:] + [n]))
+
+    return [(r0, c0, r1, c1) for r0, r1 in edges(height) for c0, c1 in edges(width)]
+
+
+def split_blocks(present: list[np.ndarray], labelled: list[bool], val_fraction: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Validation flag per block: ~val_fraction of the labelled blocks (>= 1 in each split), chosen
+    among up to 50 seeded shuffles so that as many classes as possible appear in both splits."""
+    lab = np.flatnonzero(labelled)
+    n_val = min(len(lab) - 1, max(1, round(val_fraction * len(lab))))
+    best, best_score = None, -1
+    for _ in range(50):
+        perm = rng.permutation(lab)
+        val, tr = perm[:n_val], perm[n_val:]
+        score = int(np.sum(np.any([present[i] for i in val], 0) & np.any([present[i] for i in tr], 0)))
+        if score > best_score:
+            best, best_score = val, score
+        if score == len(present[0]):
+            break
+    flags = rng.random(len(labelled)) < val_fraction  # unlabelled blocks: background chips only
+    flags[lab] = False
+    flags[best] = True
+    return flags
+
+
+def _presence(f: int, k: int, shape: tuple[int, int], geoms=None, cls=None, cmap=None) -> np.ndarray:
+    """(K, ceil(H/f), ceil(W/f)) bool: which classes touch each f x f cell."""
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    hc, wc = -(-shape[0] // f), -(-shape[1] // f)
+    out = np.zeros((k, hc, wc), bool)
+    for c in range(k):
+        if cmap is not None:
+            pad = np.full((hc * f, wc * f), IGNORE, np.uint8)
+            pad[:shape[0], :shape[1]] = cmap
+            out[c] = (pad == c).reshape(hc, f, wc, f).any((1, 3))
+        else:
+            g = [geoms[i] for i in range(len(geoms)) if cls[i] == c]
+            if g:
+                out[c] = rasterize(g, (hc, wc), transform=Affine.scale(f), all_touched=True, dtype=np.uint8) > 0
+    return out
+
+
+def open_input(path: str, contract: dict, bands: list | None, input_units: str | None, notes: list[str]):
+    """SarRaster (bands picked by the contract's names when the file has them) + its Radiometry."""
+    from engine.errors import SarmaeError
+    from engine.radiometry import Radiometry
+    from engine.reader import SarRaster
+
+    try:
+        raster = SarRaster.open(path, bands)
+        want = [b.upper() for b in contract["bands"]]
+        have = [b.upper() for b in raster.band_names]
+        if bands is None and want != have and all(b in have for b in want):
+            raster.close()
+            raster = SarRaster.open(path, list(contract["bands"]))
+            notes.append(f"{Path(path).name}: bands {'+'.join(contract['bands'])} picked by name (give the same "
+                         f"--bands {','.join(contract['bands'])} to sarmae infer)")
+        return raster, Radiometry.for_raster(contract, raster, input_units)
+    except SarmaeError as e:
+        raise FinetuneError(f"{path}: {e}") from e
+
+
+def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, *, labels: str | None = None,
+                class_field: str | None = None, label_raster: str | None = None, classes: list[str] | None = None,
+                background: str | None = None, val_fraction: float = 0.2, seed: int = 0, batch_size: int = 1,
+                bands: list | None = None, input_units: str | None = None, background_share: float = 0.25,
+                max_chips: int = 2000, block_chips: int | None = None) -> ChipSet:
+    """Sample, split and read training chips (see the module docstring); FinetuneError on bad input.
+
+    Args:
+        task: "segment" (masks) or "detect" (boxes; background chips are negatives).
+        labels / class_field: vector labels; or label_raster: a class raster (value v -> classes[v],
+            or "class_<v>"; nodata and negative values are ignored).
+        background: segment with vector labels: class of unlabelled pixels in chips (else ignored).
+        batch_size: fewer training chips than this is an error.
+        background_share: share of chips placed anywhere (background class or detection negatives).
+        block_chips: block side in chip sizes (None: 3, or 2 when that gives too few labelled blocks).
+    """
+    paths = [str(p) for p in ([rasters] if isinstance(rasters, (str, Path)) else rasters)]
+    if not paths:
+        raise FinetuneError("no raster given: pass at least one raster to train on")
+    notes: list[str] = []
+    warns: list[str] = []
+    rng = np.random.default_rng(seed)
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for p in paths:
+            opened.append(open_input(p, contract, bands, input_units, notes))
+            stack.callback(opened[-1][0].close)
+        lab = _load_labels([r for r, _ in opened], labels, class_field, label_raster, classes, background, notes, warns)
+        if lab.background is None and background and labels is None:
+            notes.append(f"background '{background}' ignored: a label raster names every labelled pixel itself")
+        lab.f = f = max(1, size // 8)
+        lab.presence = [_presence(f, len(lab.classes), (r.height, r.width), *(lab.shapes[i] if lab.shapes else
+                                  (None, None)), cmap=lab.cmaps[i] if lab.cmaps else None) for i, (r, _) in enumerate(opened)]
+        present = [c for j, c in enumerate(lab.classes) if any(p[j].any() for p in lab.presence)]
+        present += [lab.background] if lab.background else []
+        if task == "segment" and len(present) < 2:
+            raise FinetuneError(f"only one class ({', '.join(present) or 'none'}) in the labels over the raster(s): "
+                                "segmentation needs two. Label another class" + (
+                                    ", or name a background class (--background) for the unlabelled pixels around "
+                                    "your polygons" if labels is not None else " in the label raster"))
+        wins, split, blocks = _windows([r for r, _ in opened], lab, size, task, val_fraction, rng,
+                                       background_share, max_chips, block_chips, notes)
+        n_tr = int((~split).sum())
+        if n_tr < batch_size or not split.any():
+            raise FinetuneError(f"only {n_tr} training and {int(split.sum())} validation chip(s) of {size} px from "
+                                f"these labels, for a batch size of {batch_size}: lower the batch size, or label "
+                                "more (and more spread out) areas")
+        chips = _read(opened, lab, wins, size, task)
+        chips.split, chips.blocks, chips.log, chips.warnings = split, blocks, notes, warns
+    _warn_counts(chips, lab.counts if task == "detect" else None)
+    for m in notes:
+        log.info(m)
+    for m in chips.warnings:
+        log.warning(m)
+    return chips
+
+
+@dataclass
+class _Labels:
+    classes: list[str]
+    shapes: list[tuple[list, list[int]]] | None  # vector: per raster (pixel-space polygons, class index)
+    cmaps: list[np.ndarray] | None  # label raster: per raster (H, W) uint8 class index, 255 = ignore
+    background: str | None
+    counts: list[int] | None  # vector: labelled polygons per class over the rasters
+    f: int = 1  # presence cell side in px (set with the chip size)
+    presence: list[np.ndarray] = field(default_factory=list)  # per raster (K, H/f, W/f) bool: classes per cell
+
+
+def _load_labels(rasters: list, labels: str | None, class_field: str | None, label_raster: str | None,
+                 classes: list[str] | None, background: str | None, notes: list[str], warns: list[str]) -> _Labels:
+    """Vector labels in each raster's pixel space, or the class raster on each raster's grid."""
+    from shapely.geometry import box
+
+    if labels is not None:
+        geoms, cls, classes, crs = read_vector(labels, class_field, classes, background, notes, warns)
+        shapes = []
+        for r in rasters:
+            px = to_pixels(geoms, crs, r, notes)
+            keep = [i for i, g in enumerate(px) if g.intersects(box(0, 0, r.width, r.height))]
+            shapes.append(([px[i] for i in keep], [cls[i] for i in keep]))
+        if not any(s[0] for s in shapes):
+            _outside(labels, geoms, crs, rasters)
+        counts = [sum(c == j for _, cl in shapes for c in cl) for j in range(len(classes))]
+        return _Labels(classes, shapes, None, background, counts)
+    raw = [read_class_map(label_raster, r, notes) for r in rasters]
+    values = sorted(set().union(*(np.unique(m[m >= 0]).tolist() for m in raw)))
+    if not values:
+        raise FinetuneError(f"label raster {label_raster} holds no class value >= 0 over the raster(s)")
+    if classes and values[-1] >= len(classes):
+        raise FinetuneError(f"label raster {label_raster} holds value {values[-1]} but only {len(classes)} class "
+                            f"names were given ({', '.join(classes)}); value v is class number v (from 0)")
+    index = {v: v for v in values} if classes else {v: i for i, v in enumerate(values)}
+    classes = list(classes) if classes else [f"class_{v}" for v in values]
+    if len(classes) >= IGNORE:
+        raise FinetuneError(f"label raster {label_raster}: {len(classes)} classes; at most {IGNORE - 1} are supported")
+    lut = np.full(values[-1] + 1, IGNORE, np.uint8)
+    lut[list(index)] = list(index.values())
+    cmaps = [np.where(m >= 0, lut[np.clip(m, 0, values[-1])], IGNORE).astype(np.uint8) for m in raw]
+    notes.append(f"label raster {Path(label_raster).name}: values {values} -> classes {classes}; nodata/negative ignored")
+    return _Labels(classes, None, cmaps, None, None)
+
+
+def _anchor_points(g, size: int) -> list[tuple[float, float]]:
+    """(row, col) chip centres for one pixel-space polygon: its centre when it fits in half a chip,
+    else a grid of stride size/2 over the cells it touches."""
+    import shapely
+
+    x0, y0, x1, y1 = g.bounds
+    h = size / 2
+    if max(x1 - x0, y1 - y0) <= h:
+        return [((y0 + y1) / 2, (x0 + x1) / 2)]
+    xs, ys = np.meshgrid(np.arange(x0 + h / 2, x1 + h / 2, h), np.arange(y0 + h / 2, y1 + h / 2, h))
+    ok = shapely.intersects(g, shapely.box(xs - h / 2, ys - h / 2, xs + h / 2, ys + h / 2))
+    return list(zip(ys[ok].tolist(), xs[ok].tolist()))
+
+
+def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: float, rng: np.random.Generator,
+             background_share: float, max_chips: int, block_chips: int | None, notes: list[str]):
+    """Chip windows (raster, row, col), their validation flags and the blocks (with flags)."""
+    f, k = lab.f, len(lab.classes)
+    for bc in ([block_chips] if block_chips else [3, 2]):
+        blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
+        bpres = [lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any((1, 2)) for i, r0, c0, r1, c1 in blocks]
+        labelled = [bool(p.any()) for p in bpres]
+        if sum(labelled) >= 4:
+            break
+    if sum(labelled) < 2:
+        raise FinetuneError(f"the labels fall in {sum(labelled)} block of {bc}x{bc} chips ({size} px each): a spatially "
+                            "separate validation set is impossible. Label a wider area, or add a raster")
+    val = split_blocks(bpres, labelled, val_fraction, rng)
+    notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
+                 f"{sum(labelled)} labelled blocks held out for validation")
+    anchors = []  # (raster, row, col) chip centres
+    for i, r in enumerate(rasters):
+        if lab.shapes:
+            anchors += [(i, y, x) for g in lab.shapes[i][0] for y, x in _anchor_points(g, size)
+                        if -size / 4 <= y < r.height + size / 4 and -size / 4 <= x < r.width + size / 4]
+            continue
+        p = lab.presence[i]  # class raster: balanced over classes, as many chips as the area needs
+        have = [j for j in range(k) if p[j].any()]
+        budget = -(-int(p.any(0).sum()) * f * f // max(1, size * size // 4))
+        for j in have:
+            rc = np.argwhere(p[j])
+            anchors += [(i, (a + 0.5) * f, (b + 0.5) * f) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
+    if lab.background or task == "detect":  # background chips / detection negatives, anywhere
+        area = np.array([(r1 - r0) * (c1 - c0) for _, r0, c0, r1, c1 in blocks], float)
+        for b in rng.choice(len(blocks), round(len(anchors) * background_share / (1 - background_share)), p=area / area.sum()):
+            i, r0, c0, r1, c1 = blocks[b]
+            anchors.append((i, rng.uniform(r0, r1), rng.uniform(c0, c1)))
+    if len(anchors) > max_chips:
+        anchors = [anchors[j] for j in np.sort(rng.choice(len(anchors), max_chips, replace=False))]
+    wins, split = [], []
+    for i, cr, cc in anchors:  # the anchor's block; the jittered window is clamped inside it
+        rr = min(max(cr, 0), rasters[i].height - 1)
+        cl = min(max(cc, 0), rasters[i].width - 1)
+        b = next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
+        _, r0, c0, r1, c1 = blocks[b]
+        jr, jc = rng.integers(-(size // 4), size // 4 + 1, 2)
+        wins.append((i, int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))),
+                     int(np.clip(round(cc - size / 2) + jc, c0, max(c0, c1 - size)))))
+        split.append(bool(val[b]))
+    return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)]
+
+
+def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
+    """Read each chip through the raster's Radiometry; masks (segment) or boxes (detect)."""
+    from affine import Affine
+    from rasterio.features import rasterize
+    from shapely import STRtree
+    from shapely.geometry import box
+
+    from engine.tiling import Window
+
+    x = torch.empty(len(wins), opened[0][0].count, s, s, dtype=torch.float16)
+    masks = torch.full((len(wins), s, s), IGNORE, dtype=torch.uint8) if task == "segment" else None
+    boxes: list | None = [] if task == "detect" else None
+    box_labels: list = []
+    trees = [STRtree(g) for g, _ in lab.shapes] if lab.shapes else []
+    bg = lab.classes.index(lab.background) if lab.background else IGNORE
+    for n, (i, r, c) in enumerate(wins):
+        raster, rad = opened[i]
+        h, w = min(s, raster.height - r), min(s, raster.width - c)
+        xi, valid = raster.read(Window(r, c, h, w), pad_to=(s, s))
+        x[n] = torch.from_numpy(rad.apply(xi, valid))
+        hits = sorted(trees[i].query(box(c, r, c + s, r + s)).tolist()) if trees else []
+        if masks is not None:
+            m = np.full((s, s), bg if lab.shapes else IGNORE, np.uint8)
+            if hits:  # later features on top
+                m = rasterize([(lab.shapes[i][0][q], lab.shapes[i][1][q]) for q in hits], (s, s), fill=bg,
+                              transform=Affine.translation(c, r), all_touched=False, dtype=np.uint8)
+            elif lab.cmaps:
+                m[:h, :w] = lab.cmaps[i][r:r + h, c:c + w]
+            m[~valid] = IGNORE
+            masks[n] = torch.from_numpy(m)
+        if boxes is not None:
+            bx, lb = chip_boxes([lab.shapes[i][0][q].bounds for q in hits], [lab.shapes[i][1][q] for q in hits], r, c, h, w)
+            boxes.append(bx)
+            box_labels.append(lb)
+    inputs = [f"{Path(r.paths[0]).name}: {rad.describe()}" for r, rad in opened]
+    return ChipSet(lab.classes, x, np.zeros(len(wins), bool), wins, [], masks, boxes,
+                   box_labels if boxes is not None else None, inputs=inputs)
+
+
+def chip_boxes(bounds: list[tuple], cls: list[int], r: int, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polygon bounds (pixel space) -> chip boxes clipped to the chip's data (h x w at its top-left);
+    boxes under 2 px or with less than half their area inside are dropped. Labels are 1..K."""
+    out, lab = [], []
+    for (x0, y0, x1, y1), k in zip(bounds, cls):
+        x0, x1, y0, y1 = x0 - c, x1 - c, y0 - r, y1 - r
+        area = max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9)
+        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1, w), max(y0, 0), min(y1, h)
+        if cx1 - cx0 >= 2 and cy1 - cy0 >= 2 and (cx1 - cx0) * (cy1 - cy0) >= 0.5 * area:
+            out.append((cx0, cy0, cx1, cy1))
+            lab.append(k + 1)
+    return np.array(out, np.float32).reshape(-1, 4), np.array(lab, np.int64)
+
+
+def _outside(path: str, geoms: list, crs: str | None, rasters: list) -> None:
+    """Raise: every label lies outside every raster (both extents and CRSs in the message)."""
+    from rasterio.crs import CRS
+    from shapely import unary_union
+
+    lb = unary_union(geoms).bounds
+    lcrs = CRS.from_wkt(crs).to_string() if crs else "no CRS"
+    from rasterio.transform import array_bounds, from_gcps
+
+    def extent(r) -> str:
+        t = from_gcps(r.gcps) if r.georeferencing == "gcps" else r.transform
+        crs = r.gcp_crs if r.georeferencing == "gcps" else r.crs
+        b = tuple(round(v, 6) for v in array_bounds(r.height, r.width, t))
+        return f"{Path(r.paths[0]).name} spans {b} in {crs.to_string() if crs else 'pixel space'}"
+
+    ext = "; ".join(extent(r) for r in rasters)
+    raise FinetuneError(f"all labels in {path} lie outside the raster(s): labels span "
+                        f"{tuple(round(v, 6) for v in lb)} in {lcrs}; {ext}. Check that the labels were drawn "
+                        "on these rasters and that their CRS is declared correctly")
+
+
+def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
+    """Warn about classes with fewer than MIN_SAMPLES instances / chips, or absent from a split."""
+    k = len(chips.classes)
+    for split, name in ((False, "training"), (True, "validation")):
+        sel = np.flatnonzero(chips.split == split)
+        if chips.masks is not None:
+            have = np.zeros(k + 1, int)
+            for n in sel:
+                have[np.unique(chips.masks[n].numpy()).clip(max=k)] += 1
+        else:
+            have = np.zeros(k + 2, int)
+            for n in sel:
+                have[np.unique(chips.box_labels[n])] += 1
+            have = have[1:]
+        for j, c in enumerate(chips.classes):
+            if have[j] == 0:
+                chips.warnings.append(f"class '{c}' appears in no {name} chip")
+            elif instances is None and not split and have[j] < MIN_SAMPLES:
+                chips.warnings.append(f"class '{c}' appears in only {have[j]} training chip(s): label more of it")
+    for j, n in enumerate(instances or []):
+        if 0 < n < MIN_SAMPLES:
+            chips.warnings.append(f"class '{chips.classes[j]}' has only {n} labelled polygon(s) "
+                                  f"(fewer than {MIN_SAMPLES}): the model will hardly learn it; label more")
