@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data}
 MINUTES=${MINUTES:-45}
+EPOCHS=${EPOCHS:-25}  # the cosine schedule spans these; MINUTES stops earlier if needed
 SARE=${SARE:-on}
 OUT=${OUT:-runs/pretrain_real_sare_${SARE}}
 SARE_FLAG=$([ "$SARE" = on ] && echo true || echo false)
@@ -18,7 +19,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   --data "$DATA/mstar_soc10/train_17deg" "$DATA/opensarship/*/Patch_Cal" "$DATA/hrsid/P*[0-9].png" \
          "$DATA/opera_rtc_s1/one_burst_all_dates/*_VV.tif" \
   data.resize=crop data.windows_per_raster=8 sare.enabled=$SARE_FLAG \
-  optim.epochs=400 run.max_minutes=$MINUTES run.checkpoint_every_epochs=5 "$@"
+  optim.epochs=${EPOCHS:-25} run.max_minutes=$MINUTES run.checkpoint_every_epochs=5 "$@"
 .venv/bin/sarmae convert "$OUT/last.pt" --output "$OUT/encoder.pkg" --overwrite
 .venv/bin/sarmae convert "$OUT/last.pt" --output "$OUT/mae.pkg" --task reconstruct --overwrite
 echo "encoder package: $OUT/encoder.pkg"
