@@ -17,7 +17,8 @@ from ftdata import (
 )
 
 from training.finetune.common import FinetuneError
-from training.finetune.labels import IGNORE, build_chips, chip_boxes, plan_blocks
+from training.finetune.labels import IGNORE, build_chips, chip_boxes
+from training.finetune.sampling import plan_blocks
 
 S = 32
 

@@ -1,0 +1,144 @@
+"""Where training chips come from: blocks for the spatial train/validation split and chip
+windows inside them (see ``labels.build_chips``).
+
+Each raster is tiled into square blocks of 2-4 chip sizes; whole blocks go to validation (seeded),
+and every chip window lies entirely inside one block, so no validation pixel is ever seen in
+training. Chips are centred on labelled polygons (or cells of a class raster, balanced over
+classes), jittered by up to a quarter chip, plus background chips / detection negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .common import FinetuneError
+
+IGNORE = 255  # mask value excluded from the loss and the metrics
+
+
+@dataclass
+class _Labels:
+    classes: list[str]
+    shapes: list[tuple[list, list[int]]] | None  # vector: per raster (pixel-space polygons, class index)
+    cmaps: list[np.ndarray] | None  # label raster: per raster (H, W) uint8 class index, 255 = ignore
+    background: str | None
+    counts: list[int] | None  # vector: labelled polygons per class over the rasters
+    f: int = 1  # presence cell side in px (set with the chip size)
+    presence: list[np.ndarray] = field(default_factory=list)  # per raster (K, H/f, W/f) bool: classes per cell
+
+
+def plan_blocks(height: int, width: int, size: int, block_chips: int) -> list[tuple[int, int, int, int]]:
+    """Square blocks of ``block_chips * size`` px tiling the raster, as (r0, c0, r1, c1); a remainder
+    narrower than one chip joins the previous block, so every block holds at least one chip
+    (unless the raster itself is smaller than a chip: then it is one block, read padded)."""
+    def edges(n: int) -> list[tuple[int, int]]:
+        starts = list(range(0, n, block_chips * size))
+        if len(starts) > 1 and n - starts[-1] < size:
+            starts.pop()
+        return list(zip(starts, starts[1:] + [n]))
+
+    return [(r0, c0, r1, c1) for r0, r1 in edges(height) for c0, c1 in edges(width)]
+
+
+def split_blocks(present: list[np.ndarray], labelled: list[bool], val_fraction: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Validation flag per block: ~val_fraction of the labelled blocks (>= 1 in each split), chosen
+    among up to 50 seeded shuffles so that as many classes as possible appear in both splits."""
+    lab = np.flatnonzero(labelled)
+    n_val = min(len(lab) - 1, max(1, round(val_fraction * len(lab))))
+    best, best_score = None, -1
+    for _ in range(50):
+        perm = rng.permutation(lab)
+        val, tr = perm[:n_val], perm[n_val:]
+        score = int(np.sum(np.any([present[i] for i in val], 0) & np.any([present[i] for i in tr], 0)))
+        if score > best_score:
+            best, best_score = val, score
+        if score == len(present[0]):
+            break
+    flags = rng.random(len(labelled)) < val_fraction  # unlabelled blocks: background chips only
+    flags[lab] = False
+    flags[best] = True
+    return flags
+
+
+def _presence(f: int, k: int, shape: tuple[int, int], geoms=None, cls=None, cmap=None) -> np.ndarray:
+    """(K, ceil(H/f), ceil(W/f)) bool: which classes touch each f x f cell."""
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    hc, wc = -(-shape[0] // f), -(-shape[1] // f)
+    out = np.zeros((k, hc, wc), bool)
+    for c in range(k):
+        if cmap is not None:
+            pad = np.full((hc * f, wc * f), IGNORE, np.uint8)
+            pad[:shape[0], :shape[1]] = cmap
+            out[c] = (pad == c).reshape(hc, f, wc, f).any((1, 3))
+        else:
+            g = [geoms[i] for i in range(len(geoms)) if cls[i] == c]
+            if g:
+                out[c] = rasterize(g, (hc, wc), transform=Affine.scale(f), all_touched=True, dtype=np.uint8) > 0
+    return out
+
+
+def _anchor_points(g, size: int) -> list[tuple[float, float]]:
+    """(row, col) chip centres for one pixel-space polygon: its centre when it fits in half a chip,
+    else a grid of stride size/2 over the cells it touches."""
+    import shapely
+
+    x0, y0, x1, y1 = g.bounds
+    h = size / 2
+    if max(x1 - x0, y1 - y0) <= h:
+        return [((y0 + y1) / 2, (x0 + x1) / 2)]
+    xs, ys = np.meshgrid(np.arange(x0 + h / 2, x1 + h / 2, h), np.arange(y0 + h / 2, y1 + h / 2, h))
+    ok = shapely.intersects(g, shapely.box(xs - h / 2, ys - h / 2, xs + h / 2, ys + h / 2))
+    return list(zip(ys[ok].tolist(), xs[ok].tolist()))
+
+
+def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: float, rng: np.random.Generator,
+             background_share: float, max_chips: int, block_chips: int | None, notes: list[str]):
+    """Chip windows (raster, row, col), their validation flags and the blocks (with flags)."""
+    f, k = lab.f, len(lab.classes)
+    for bc in ([block_chips] if block_chips else [3, 2]):
+        blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
+        bpres = [lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any((1, 2)) for i, r0, c0, r1, c1 in blocks]
+        labelled = [bool(p.any()) for p in bpres]
+        if sum(labelled) >= 4:
+            break
+    if sum(labelled) < 2:
+        raise FinetuneError(f"the labels fall in {sum(labelled)} block of {bc}x{bc} chips ({size} px each): a spatially "
+                            "separate validation set is impossible. Label a wider area, or add a raster")
+    val = split_blocks(bpres, labelled, val_fraction, rng)
+    notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
+                 f"{sum(labelled)} labelled blocks held out for validation")
+    anchors = []  # (raster, row, col) chip centres
+    for i, r in enumerate(rasters):
+        if lab.shapes:
+            anchors += [(i, y, x) for g in lab.shapes[i][0] for y, x in _anchor_points(g, size)
+                        if -size / 4 <= y < r.height + size / 4 and -size / 4 <= x < r.width + size / 4]
+            continue
+        p = lab.presence[i]  # class raster: balanced over classes, as many chips as the area needs
+        have = [j for j in range(k) if p[j].any()]
+        budget = -(-int(p.any(0).sum()) * f * f // max(1, size * size // 4))
+        for j in have:
+            rc = np.argwhere(p[j])
+            anchors += [(i, (a + 0.5) * f, (b + 0.5) * f) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
+    if lab.background or task == "detect":  # background chips / detection negatives, anywhere
+        area = np.array([(r1 - r0) * (c1 - c0) for _, r0, c0, r1, c1 in blocks], float)
+        for b in rng.choice(len(blocks), round(len(anchors) * background_share / (1 - background_share)), p=area / area.sum()):
+            i, r0, c0, r1, c1 = blocks[b]
+            anchors.append((i, rng.uniform(r0, r1), rng.uniform(c0, c1)))
+    if len(anchors) > max_chips:
+        anchors = [anchors[j] for j in np.sort(rng.choice(len(anchors), max_chips, replace=False))]
+    wins, split = [], []
+    for i, cr, cc in anchors:  # the anchor's block; the jittered window is clamped inside it
+        rr = min(max(cr, 0), rasters[i].height - 1)
+        cl = min(max(cc, 0), rasters[i].width - 1)
+        b = next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
+        _, r0, c0, r1, c1 = blocks[b]
+        jr, jc = rng.integers(-(size // 4), size // 4 + 1, 2)
+        wins.append((i, int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))),
+                     int(np.clip(round(cc - size / 2) + jc, c0, max(c0, c1 - size)))))
+        split.append(bool(val[b]))
+    return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)]
