@@ -77,6 +77,10 @@ class GeoTiffWriter:
         self.count = count
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, tiled=True,
                        blockxsize=blocksize, blockysize=blocksize, compress=compress, BIGTIFF="IF_SAFER")
+        if compress.lower() == "deflate":
+            # level 1: most of deflate's size gain at a fraction of its CPU, which on a small machine
+            # is taken from the model (COG outputs are recompressed by GDAL's COG driver anyway)
+            profile["zlevel"] = 1
         if dtype in ("float32", "float64"):
             profile["predictor"] = 3
         if half_float:  # float16 on disk (GDAL's NBITS=16 for Float32), read back as float32
