@@ -3,7 +3,7 @@
   efficiency: end-to-end px/s / model-only px/s on the same windows (ViT-Tiny segmentation,
               SIZE^2 x 2 float32 raster, CPU); target >= 0.95
   memory:     peak RSS at 16384^2 / peak RSS at 4096^2 (each in a fresh process); target <= 1.15,
-              and < 500 MB at 16384^2
+              and < 500 MB at 16384^2 (a light segmentation model: depth --depth, head width 32)
   scaling:    seconds per megapixel at 4096^2, 8192^2, 16384^2 (within +-10 %)
   backends:   torch vs onnxruntime px/s on the same windows
 
@@ -39,7 +39,9 @@ def one_run(size: int, depth: int, backend: str = "torch", measure_model: bool =
 
     WORK.mkdir(parents=True, exist_ok=True)
     scene = big_scene(WORK / f"scene_{size}.tif", size)
-    pkg_path = small_package(WORK / f"seg_d{depth}", "segment", depth)
+    light = depth < 12  # memory/scaling runs: a light model, the pipeline is what is measured
+    pkg_path = small_package(WORK / f"seg_d{depth}{'_h32' if light else ''}", "segment", depth,
+                             head_channels=32 if light else None)
     pkg = load_package(pkg_path)
     if backend == "onnxruntime" and not pkg.has_onnx:
         from engine.cli import main as sarmae
@@ -102,15 +104,16 @@ def main() -> None:
               f"over {len(ratios)} alternating passes (target >= 0.95)")
     if a.what in ("memory", "scaling", "all"):
         runs = {s: in_subprocess(s, a.depth) for s in (4096, 8192, 16384)}
-        if a.what in ("memory", "all"):
-            m4, m16 = runs[4096]["peak_rss_mb"], runs[16384]["peak_rss_mb"]
-            print(f"memory (depth {a.depth}): peak RSS 4096^2 {m4:.0f} MB, 8192^2 {runs[8192]['peak_rss_mb']:.0f} MB, "
-                  f"16384^2 {m16:.0f} MB -> ratio {m16 / m4:.3f} (target <= 1.15, and < 500 MB)")
-        if a.what in ("scaling", "all"):
-            spm = {s: r["e2e_s"] / (r["px"] / 1e6) for s, r in runs.items()}
-            mean = sum(spm.values()) / 3
-            print("scaling: s/Mpx " + ", ".join(f"{s}^2 {v:.3f}" for s, v in spm.items())
-                  + f" -> max deviation {max(abs(v / mean - 1) for v in spm.values()) * 100:.1f} % (target within 10 %)")
+        for s_, r in runs.items():
+            print(f"  {s_}^2: {r['e2e_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        # the same runs give both figures
+        m4, m16 = runs[4096]["peak_rss_mb"], runs[16384]["peak_rss_mb"]
+        print(f"memory (depth {a.depth}): peak RSS 4096^2 {m4:.0f} MB, 8192^2 {runs[8192]['peak_rss_mb']:.0f} MB, "
+              f"16384^2 {m16:.0f} MB -> ratio {m16 / m4:.3f} (target <= 1.15, and < 500 MB)")
+        spm = {s: r["e2e_s"] / (r["px"] / 1e6) for s, r in runs.items()}
+        mean = sum(spm.values()) / 3
+        print("scaling: s/Mpx " + ", ".join(f"{s}^2 {v:.3f}" for s, v in spm.items())
+              + f" -> max deviation {max(abs(v / mean - 1) for v in spm.values()) * 100:.1f} % (target within 10 %)")
     if a.what in ("backends", "all"):
         size = min(a.size, 4096)
         t = one_run(size, 12, "torch")

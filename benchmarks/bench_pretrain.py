@@ -14,8 +14,8 @@ import argparse
 import time
 
 import torch
-
 from common import ROOT  # noqa: F401  (puts the repo on sys.path)
+
 from engine.models import DecoderConfig, MaskedAutoencoderViT
 from engine.models.registry import encoder_config
 
