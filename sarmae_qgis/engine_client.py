@@ -109,7 +109,7 @@ class EngineClient:
             hello = hello_q.get(timeout=HELLO_TIMEOUT_S)
         except queue.Empty:
             self.kill()
-            raise EngineError(f"the engine did not start within {HELLO_TIMEOUT_S:.0f} s. {self.stderr_tail()}", "start")
+            raise EngineError(f"the engine did not start within {HELLO_TIMEOUT_S:.0f} s. {self.stderr_tail()}", "start") from None
         if hello.get("event") != "hello":
             raise EngineError(f"the engine failed to start. {self.stderr_tail()}", "start")
         if hello.get("protocol") != PROTOCOL_VERSION:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import json
 import os
 import shutil
 import sys
@@ -91,6 +92,10 @@ def install_zip(zip_path: Path, profile_dir: Path) -> Path:
             if any(not n.startswith(f"{PLUGIN_NAME}/") or ".." in n.split("/") for n in names):
                 raise SystemExit(f"error: {zip_path} is not a {PLUGIN_NAME} plugin zip")
             zf.extractall(staging)
+        # the engine this checkout runs: the installed plugin finds its interpreter here
+        venv_python = REPO_ROOT / ".venv" / "bin" / "python"
+        if venv_python.exists():
+            (staging / PLUGIN_NAME / "engine.json").write_text(json.dumps({"python": str(venv_python)}) + "\n")
         if target.exists():
             old = plugins_dir / f".{PLUGIN_NAME}-old-{os.getpid()}"
             os.replace(target, old)

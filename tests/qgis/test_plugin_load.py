@@ -1,4 +1,4 @@
-"""Load the plugin into pytest-qgis's stub ``iface``: initGui, About box, unload.
+"""Load the plugin into pytest-qgis's stub ``iface``: initGui, About box, Processing provider, unload.
 
 The stub ``QgisInterface`` answers unknown methods with MagicMocks, so the Raster-menu calls are
 replaced here by a small fake that behaves like QGIS (a submenu per plugin menu name, deleted when
@@ -18,6 +18,7 @@ from qgis.PyQt.QtWidgets import QAction, QMenu, QToolBar
 import sarmae_qgis
 from sarmae_qgis.gui.about_dialog import AboutDialog
 from sarmae_qgis.plugin import MENU_NAME, TOOLBAR_OBJECT_NAME, SarmaePlugin
+from sarmae_qgis.processing.provider import ALGORITHMS, PROVIDER_ID
 from sarmae_qgis.toolbelt import log
 from sarmae_qgis.toolbelt.metadata import plugin_metadata, plugin_version
 
@@ -92,11 +93,12 @@ def test_class_factory_init_gui_and_unload(qgis_app, qgis_iface, raster_menu) ->
     plugin.initGui()
     sub = raster_menu.submenu(MENU_NAME)
     assert sub is not None
-    assert [a.text() for a in sub.actions()] == ["About SARMAE…"]
+    assert [a.text() for a in sub.actions()] == ["Run model…", "Settings…", "About SARMAE…"]
     assert plugin.about_action in sub.actions()
     toolbars = sarmae_toolbars(qgis_iface)
     assert len(toolbars) == before + 1
-    assert plugin.toolbar is not None and plugin.about_action in plugin.toolbar.actions()
+    assert plugin.toolbar is not None and plugin.run_action in plugin.toolbar.actions()
+    assert QgsApplication.processingRegistry().providerById(PROVIDER_ID) is not None
     actions = list(plugin.actions)
     toolbar = plugin.toolbar
 
@@ -108,6 +110,7 @@ def test_class_factory_init_gui_and_unload(qgis_app, qgis_iface, raster_menu) ->
     assert sip.isdeleted(toolbar)
     assert all(sip.isdeleted(a) for a in actions)
     assert len(sarmae_toolbars(qgis_iface)) == before
+    assert QgsApplication.processingRegistry().providerById(PROVIDER_ID) is None
 
 
 def test_init_gui_twice_after_unload(qgis_iface, raster_menu) -> None:
@@ -117,11 +120,39 @@ def test_init_gui_twice_after_unload(qgis_iface, raster_menu) -> None:
     plugin.unload()
     plugin.initGui()
     flush_deletes()
-    assert len(raster_menu.submenu(MENU_NAME).actions()) == 1
+    assert len(raster_menu.submenu(MENU_NAME).actions()) == 3
     assert len(sarmae_toolbars(qgis_iface)) == 1
+    registry = QgsApplication.processingRegistry()
+    assert [p.id() for p in registry.providers()].count(PROVIDER_ID) == 1
     plugin.unload()
     flush_deletes()
     assert sarmae_toolbars(qgis_iface) == []
+    assert registry.providerById(PROVIDER_ID) is None
+    assert not [a for a in registry.algorithms() if a.provider() is not None and a.id().startswith("sarmae:")]
+
+
+def test_processing_only_load_like_qgis_process(qgis_app) -> None:
+    """qgis_process: classFactory(None) then initProcessing() only; every algorithm is there with help."""
+    registry = QgsApplication.processingRegistry()
+    plugin = sarmae_qgis.classFactory(None)
+    plugin.initProcessing()
+    plugin.initProcessing()  # idempotent (initGui calls it too)
+    try:
+        provider = registry.providerById(PROVIDER_ID)
+        assert provider is not None and provider.name() == "SARMAE" and not provider.icon().isNull()
+        ids = sorted(a.id() for a in provider.algorithms())
+        assert ids == sorted(f"sarmae:{cls.NAME}" for cls in ALGORITHMS)
+        assert {"sarmae:segment", "sarmae:detect", "sarmae:classify", "sarmae:embed", "sarmae:similarity",
+                "sarmae:finetune", "sarmae:pretrain", "sarmae:export_onnx"} <= set(ids)
+        for alg in provider.algorithms():
+            assert len(alg.shortHelpString()) > 100, alg.id()
+            assert alg.group() and alg.displayName()
+            assert alg.flags() & alg.FlagSupportsBatch and alg.flags() & alg.FlagCanCancel
+            assert alg.createInstance().name() == alg.name()
+        assert provider.supportedOutputRasterLayerExtensions() == ["tif"]
+    finally:
+        plugin.unload()  # no iface: only the provider (and the engine) to remove
+    assert registry.providerById(PROVIDER_ID) is None
 
 
 def test_about_dialog_shows_version(qgis_app, qgis_iface) -> None:

@@ -1,0 +1,289 @@
+"""The Run model dialog: a raster layer, a model package, options, an output folder -> RunRequest.
+
+The dialog only reads widgets and validates: :meth:`RunDialog.build_request` returns a frozen
+:class:`~sarmae_qgis.tasks.run_task.RunRequest` or raises :class:`RequestError` with a message
+(no layer, a layer that is not a file, no or unreadable model, channel count mismatch, ...),
+which :meth:`RunDialog.accept` shows in the dialog's message bar instead of closing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qgis.core import Qgis, QgsMapLayerProxyModel, QgsRasterLayer
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import RequestError, SarmaePluginError
+from ..model_cards import (
+    PackageCard,
+    check_channels,
+    describe_html,
+    list_packages,
+    parse_bands,
+    read_card,
+)
+from ..tasks.run_task import RunRequest, slug
+from ..toolbelt import settings
+from ..toolbelt.layers import band_names, raster_file
+from .about_dialog import ICON_PATH
+
+OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
+
+
+class RunDialog(QDialog):
+    """Choose a raster layer, a model and options; ``request`` holds the result after Run."""
+
+    def __init__(self, parent: QWidget | None = None, models_folder: str | Path | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("SARMAE: Run model")
+        self.setWindowIcon(QIcon(str(ICON_PATH)))
+        self.request: RunRequest | None = None
+        s = settings.load()
+        self.models_folder = Path(models_folder) if models_folder else settings.models_folder(s)
+        if not models_folder:
+            try:  # so that users find where to put packages
+                self.models_folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass
+
+        self.message_bar = QgsMessageBar(self)
+        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+
+        # input
+        self.layer_combo = QgsMapLayerComboBox(self)
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setAllowEmptyLayer(True)
+        self.bands_label = QLabel(self)
+        self.bands_label.setWordWrap(True)
+        self.bands_edit = QLineEdit(self)
+        self.bands_edit.setPlaceholderText("all bands in file order; or e.g. VV,VH or 1,2")
+
+        # model
+        self.model_combo = QComboBox(self)
+        self.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.browse_button = QPushButton("Browse…", self)
+        self.browse_button.setToolTip("Choose a model package folder")
+        self.card_label = QLabel(self)
+        self.card_label.setTextFormat(Qt.RichText)
+        self.card_label.setWordWrap(True)
+        self.card_label.setMinimumHeight(60)
+
+        # options
+        self.window_spin = QSpinBox(self)
+        self.window_spin.setRange(0, 4096)
+        self.window_spin.setSingleStep(16)
+        self.window_spin.setSpecialValueText("model's input size")
+        self.overlap_spin = QDoubleSpinBox(self)
+        self.overlap_spin.setRange(OVERLAP_DEFAULT, 0.9)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setSpecialValueText("default (0.25; classify 0)")
+        self.overlap_spin.setValue(OVERLAP_DEFAULT)
+        self.batch_spin = QSpinBox(self)
+        self.batch_spin.setRange(1, 1024)
+        self.batch_spin.setValue(s.batch_size)
+        self.device_combo = QComboBox(self)
+        self.device_combo.addItems(settings.DEVICES)
+        self.device_combo.setCurrentText(s.device)
+        self.backend_combo = QComboBox(self)
+        self.backend_combo.addItems(settings.BACKENDS)
+        self.backend_combo.setCurrentText(s.backend)
+        self.vectors_check = QCheckBox("Also write class polygons (segment)", self)
+
+        # output
+        self.output_widget = QgsFileWidget(self)
+        self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.output_widget.setFilePath(str(settings.output_folder(s)))
+        self.name_edit = QLineEdit(self)
+        self.name_edit.setPlaceholderText("automatic: <model> on <layer>")
+
+        self._layout()
+        self.layer_combo.layerChanged.connect(self._on_layer_changed)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.browse_button.clicked.connect(self._browse_model)
+        self.refresh_models()
+        self._on_layer_changed(self.layer_combo.currentLayer())
+
+    def _layout(self) -> None:
+        inp = QFormLayout()
+        inp.addRow("Raster layer", self.layer_combo)
+        inp.addRow("", self.bands_label)
+        inp.addRow("Bands", self.bands_edit)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.browse_button)
+        inp.addRow("Model", model_row)
+        inp.addRow("", self.card_label)
+        opts = QGroupBox("Options", self)
+        form = QFormLayout(opts)
+        form.addRow("Window (px)", self.window_spin)
+        form.addRow("Overlap", self.overlap_spin)
+        form.addRow("Batch size", self.batch_spin)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Backend", self.backend_combo)
+        form.addRow("", self.vectors_check)
+        out = QFormLayout()
+        out.addRow("Output folder", self.output_widget)
+        out.addRow("Run name", self.name_edit)
+        self.buttons = QDialogButtonBox(self)
+        self.run_button = self.buttons.addButton("Run", QDialogButtonBox.AcceptRole)
+        self.buttons.addButton(QDialogButtonBox.Cancel)
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.message_bar)
+        layout.addLayout(inp)
+        layout.addWidget(opts)
+        layout.addLayout(out)
+        layout.addWidget(self.buttons)
+        self.setMinimumWidth(520)
+
+    # ---- models ---------------------------------------------------------------------------------
+    def refresh_models(self) -> None:
+        """List the packages installed in the models folder."""
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for card in list_packages(self.models_folder):
+            self.model_combo.addItem(f"{card.name} ({card.task})", card.path)
+        self.model_combo.blockSignals(False)
+        if self.model_combo.count() == 0:
+            self.card_label.setText(f"No model packages in {self.models_folder}: copy packages there "
+                                    "(Settings: models folder) or Browse… for one.")
+        else:
+            self._on_model_changed(self.model_combo.currentIndex())
+
+    def add_model(self, path: str | Path) -> int:
+        """Add a package outside the models folder (Browse…) and select it; returns its index."""
+        path = str(path)
+        index = self.model_combo.findData(path)
+        if index < 0:
+            try:
+                card = read_card(path)
+                label = f"{card.name} ({card.task})"
+            except SarmaePluginError:
+                label = Path(path).name
+            self.model_combo.addItem(label, path)
+            index = self.model_combo.count() - 1
+        self.model_combo.setCurrentIndex(index)
+        return index
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model package folder", str(self.models_folder))
+        if folder:
+            self.add_model(folder)
+
+    def current_card(self) -> PackageCard | None:
+        path = self.model_combo.currentData()
+        if not path:
+            return None
+        try:
+            return read_card(path)
+        except SarmaePluginError:
+            return None
+
+    def _on_model_changed(self, _index: int) -> None:
+        path = self.model_combo.currentData()
+        if not path:
+            return
+        try:
+            card = read_card(path)
+        except SarmaePluginError as e:
+            self.card_label.setText(f"<span style='color:#b00'>{e}</span>")
+            return
+        self.card_label.setText(describe_html(card))
+        self.vectors_check.setEnabled(card.task == "segment")
+        self._suggest_bands()
+
+    # ---- layer ----------------------------------------------------------------------------------
+    def _on_layer_changed(self, layer) -> None:
+        if isinstance(layer, QgsRasterLayer):
+            names = band_names(layer)
+            self.bands_label.setText("Layer bands: " + ", ".join(f"{i + 1}: {n}" for i, n in enumerate(names)))
+        else:
+            self.bands_label.setText("")
+        self._suggest_bands()
+
+    def _suggest_bands(self) -> None:
+        """Pre-fill the bands when the layer has more bands than the model takes but names them."""
+        layer, card = self.layer_combo.currentLayer(), self.current_card()
+        if not isinstance(layer, QgsRasterLayer) or card is None or self.bands_edit.text().strip():
+            return
+        names = [n.upper() for n in band_names(layer)]
+        if len(names) != card.in_chans and all(b.upper() in names for b in card.bands):
+            self.bands_edit.setText(",".join(card.bands))
+
+    # ---- request --------------------------------------------------------------------------------
+    def build_request(self) -> RunRequest:
+        """The request for the current choices; :class:`RequestError` says what is missing or wrong."""
+        layer = self.layer_combo.currentLayer()
+        if layer is None:
+            raise RequestError("Choose an input raster layer (add a SAR raster to the project first).")
+        try:
+            path = raster_file(layer)
+        except SarmaePluginError as e:
+            raise RequestError(str(e)) from e
+        model = self.model_combo.currentData()
+        if not model:
+            raise RequestError(f"Choose a model package: install packages into {self.models_folder} or use Browse….")
+        try:
+            card = read_card(model)
+        except SarmaePluginError as e:
+            raise RequestError(str(e)) from e
+        bands = parse_bands(self.bands_edit.text())
+        try:
+            check_channels(card, band_names(layer), bands, layer.name())
+        except SarmaePluginError as e:
+            raise RequestError(str(e)) from e
+        window = self.window_spin.value() or None
+        patch = int(card.raw.get("architecture", {}).get("encoder", {}).get("patch_size", 16))
+        if window is not None and window % patch:
+            raise RequestError(f"The window ({window} px) must be a multiple of the model's patch size ({patch} px).")
+        folder = self.output_widget.filePath().strip()
+        if not folder:
+            raise RequestError("Choose an output folder.")
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise RequestError(f"The output folder {folder} is a file; choose a folder.")
+        name = self.name_edit.text().strip() or f"{card.name} on {layer.name()}"
+        run_dir = Path(folder).expanduser() / f"{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        overlap = self.overlap_spin.value()
+        return RunRequest(
+            run_name=name, layer_name=layer.name(), raster_path=path, model_path=card.path, model_name=card.name,
+            task=card.task, output_dir=str(run_dir), bands=tuple(bands) if bands else None, window=window,
+            overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
+            batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
+            backend=self.backend_combo.currentText(),
+            vectors=card.task == "segment" and self.vectors_check.isChecked())
+
+    def show_error(self, message: str) -> None:
+        self.message_bar.clearWidgets()
+        self.message_bar.pushMessage("Cannot run", message, Qgis.Warning, 0)
+
+    def accept(self) -> None:
+        """Run: close only with a valid request; otherwise say what to fix."""
+        try:
+            self.request = self.build_request()
+        except RequestError as e:
+            self.request = None
+            self.show_error(str(e))
+            return
+        super().accept()

@@ -1,0 +1,182 @@
+"""Model packages as the plugin sees them: ``model.json`` read with :mod:`json`, nothing else.
+
+The engine validates packages fully (schema, weights hash) when it loads them; the plugin only
+needs the card to list installed models, show what a model does, and refuse an obviously wrong
+choice early (a segmentation model in the detection algorithm, a 2-channel model on a 3-band
+layer) with a message the user can act on. See DESIGN.md, "Model package format".
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from .errors import ModelCardError
+
+CARD = "model.json"
+ONNX = "model.onnx"
+TASKS = ("embed", "reconstruct", "classify", "segment", "detect")
+UNIT_LABELS = {"db": "dB", "linear_power": "linear power", "amplitude": "amplitude", "uint8": "8-bit"}
+
+
+@dataclass(frozen=True)
+class PackageCard:
+    """What the plugin needs from a package's model.json."""
+
+    path: str  # the package folder or .zip
+    name: str
+    task: str
+    classes: tuple[tuple[str, str], ...] = ()  # (name, "#rrggbb") in class-index order
+    bands: tuple[str, ...] = ()  # input channels, in model order
+    units: str = "db"
+    img_size: int = 224
+    has_onnx: bool = False
+    raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def in_chans(self) -> int:
+        return len(self.bands)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [n for n, _ in self.classes]
+
+
+def resolve_package(path: str | Path) -> Path:
+    """A package folder, a package .zip, or the model.json inside a folder -> the package path."""
+    p = Path(str(path)).expanduser()
+    if p.name == CARD and p.is_file():
+        return p.parent
+    return p
+
+
+def _read_raw(p: Path) -> tuple[dict, bool]:
+    if p.is_dir():
+        card = p / CARD
+        if not card.is_file():
+            raise ModelCardError(f"{p}: no model.json in this folder; choose a SARMAE model package folder "
+                                 "(made by 'sarmae init', 'convert' or fine-tuning) or its .zip")
+        text, has_onnx = card.read_text(encoding="utf-8"), (p / ONNX).is_file()
+    elif p.is_file():
+        if not zipfile.is_zipfile(p):
+            raise ModelCardError(f"{p}: not a model package (neither a folder with model.json nor a .zip)")
+        with zipfile.ZipFile(p) as z:
+            names = [n for n in z.namelist() if n.endswith(CARD)]
+            if not names:
+                raise ModelCardError(f"{p}: the zip holds no model.json; is it a SARMAE model package?")
+            prefix = min(names, key=len)[: -len(CARD)]
+            text = z.read(prefix + CARD).decode("utf-8")
+            has_onnx = (prefix + ONNX) in z.namelist()
+    else:
+        raise ModelCardError(f"{p}: model package not found; give a package folder (with model.json) or its .zip")
+    try:
+        return json.loads(text), has_onnx
+    except ValueError as e:
+        raise ModelCardError(f"{p}: model.json is not valid JSON ({e}); re-export the package") from e
+
+
+def read_card(path: str | Path) -> PackageCard:
+    """Read a package's card; :class:`ModelCardError` says what is wrong."""
+    p = resolve_package(path)
+    d, has_onnx = _read_raw(p)
+    if not isinstance(d, dict) or d.get("format") != "sarmae-model":
+        raise ModelCardError(f"{p}: model.json is not a SARMAE model card (no \"format\": \"sarmae-model\")")
+    task = d.get("task")
+    if task not in TASKS:
+        raise ModelCardError(f"{p}: unknown task {task!r} in model.json (known: {', '.join(TASKS)})")
+    try:
+        enc = d["architecture"]["encoder"]
+        size = enc["img_size"]
+        img_size = int(size if isinstance(size, int) else size[0])
+        inp = d.get("input") or {}
+        bands = [str(b) for b in inp.get("bands") or []] or [f"band{i + 1}" for i in range(int(enc["in_chans"]))]
+        classes = tuple((str(c["name"]), str(c.get("colour") or "#808080")) for c in d.get("classes") or [])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ModelCardError(f"{p}: model.json lacks {e} (architecture.encoder / input / classes); "
+                             "re-export the package with this version of sarmae") from e
+    return PackageCard(path=str(p), name=str(d.get("name") or p.stem), task=task, classes=classes,
+                       bands=tuple(bands), units=str(inp.get("units") or "db"), img_size=img_size,
+                       has_onnx=has_onnx, raw=d)
+
+
+def list_packages(folder: str | Path) -> list[PackageCard]:
+    """Readable packages directly inside ``folder`` (sub-folders with model.json, and .zip files),
+    sorted by name; unreadable ones are skipped."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return []
+    cards = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not (p.is_dir() or p.suffix.lower() == ".zip"):
+            continue
+        try:
+            cards.append(read_card(p))
+        except ModelCardError:
+            continue
+    return sorted(cards, key=lambda c: (c.name.lower(), c.path))
+
+
+def check_task(card: PackageCard, tasks: str | tuple[str, ...]) -> None:
+    """Refuse a package whose task is not one of ``tasks``."""
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    if card.task not in tasks:
+        raise ModelCardError(f"model '{card.name}' ({card.path}) is a {card.task} model, not a "
+                             f"{' or '.join(tasks)} model: choose a {'/'.join(tasks)} package, or use "
+                             f"the SARMAE '{card.task}' algorithm for this one")
+
+
+def parse_bands(text: str | None) -> list[str] | None:
+    """'VV,VH' or '2, 1' -> ['VV', 'VH'] / ['2', '1']; empty -> None (all bands, in file order)."""
+    items = [t.strip() for t in (text or "").replace(";", ",").split(",")]
+    items = [t for t in items if t]
+    return items or None
+
+
+def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | None, layer: str) -> None:
+    """The channels a run would feed the model must match its input contract in number, and the
+    chosen bands must exist (by 1-based index, or by name among ``band_names``)."""
+    want = card.in_chans
+    have = len(band_names)
+    listing = ", ".join(f"{i + 1}: {n}" for i, n in enumerate(band_names))
+    if bands is None:
+        if have != want:
+            hint = ""
+            if all(b.upper() in (n.upper() for n in band_names) for b in card.bands):
+                hint = f" e.g. {','.join(card.bands)}"
+            raise ModelCardError(f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), layer "
+                                 f"'{layer}' has {have} band(s) ({listing}): choose the bands{hint}")
+        return
+    if len(bands) != want:
+        raise ModelCardError(f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), "
+                             f"{len(bands)} band(s) chosen ({','.join(bands)})")
+    upper = [n.upper() for n in band_names]
+    for b in bands:
+        if b.isdigit():
+            if not 1 <= int(b) <= have:
+                raise ModelCardError(f"band {b} is not in layer '{layer}': it has {have} band(s) ({listing}); "
+                                     "bands are numbered from 1")
+        elif b.upper() not in upper:
+            raise ModelCardError(f"band '{b}' is not in layer '{layer}': it has {listing}. Give band numbers "
+                                 "or these names")
+
+
+def describe_html(card: PackageCard) -> str:
+    """A short card for dialogs: name, task, classes with their colours, input contract."""
+    rows = [f"<b>{escape(card.name)}</b> &mdash; {escape(card.task)}"]
+    if card.classes:
+        swatches = " ".join(f'<span style="color:{escape(c)}">&#9632;</span>&nbsp;{escape(n)}' for n, c in card.classes)
+        rows.append(f"Classes: {swatches}")
+    rows.append(f"Input: {card.in_chans} channel(s) {escape('+'.join(card.bands))}, "
+                f"{escape(UNIT_LABELS.get(card.units, card.units))}, {card.img_size} px windows")
+    rows.append("ONNX export: " + ("yes" if card.has_onnx else "no"))
+    prov = card.raw.get("provenance") or {}
+    metrics = prov.get("metrics") if isinstance(prov, dict) else None
+    if isinstance(metrics, dict):
+        shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
+        if shown:
+            rows.append("Validation: " + escape(", ".join(shown)))
+    rows.append(f"<small>{escape(card.path)}</small>")
+    return "<br>".join(rows)

@@ -1,0 +1,1 @@
+"""Processing provider ``sarmae`` and its algorithms."""

@@ -1,0 +1,88 @@
+"""From an engine result record to styled layers in a layer-tree group, and a one-line summary.
+
+The result record (DESIGN.md, worker protocol): ``{"task", "outputs": {role: path}, "classes":
+[{"name", "colour"}], "statistics", "timings", ...}``. Roles: segment -> class, confidence,
+[probabilities], [vectors]; detect -> detections; classify -> grid; embed -> embedding, pca;
+reconstruct -> reconstruction; similarity -> similarity. Call :func:`add_result_layers` on the main
+thread only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import QgsLayerTreeGroup, QgsProject, QgsRasterLayer, QgsVectorLayer
+
+from .styling import as_pairs, style_output
+
+VECTOR_ROLES = ("vectors", "detections", "grid")
+# role -> (layer name suffix, visible); order = order in the group, top first
+ROLE_ORDER = {"detections": ("detections", True), "grid": ("classes", True), "vectors": ("polygons", False),
+              "class": ("classes", True), "confidence": ("confidence", False),
+              "probabilities": ("probabilities", False), "pca": ("PCA", True), "embedding": ("embedding", False),
+              "reconstruction": ("reconstruction", True), "similarity": ("similarity", True)}
+AREA_UNITS = {"m2": "m²", "px": "px", "crs_units2": "map units²"}
+
+
+def load_output(path: str, role: str, name: str):
+    """The layer for one output file (not added to a project); None when it cannot be read."""
+    if role in VECTOR_ROLES or Path(path).suffix.lower() == ".gpkg":
+        layer = QgsVectorLayer(path, name, "ogr")
+    else:
+        layer = QgsRasterLayer(path, name, "gdal")
+    return layer if layer.isValid() else None
+
+
+def add_result_layers(result: dict, group_name: str, project: QgsProject | None = None) -> tuple[QgsLayerTreeGroup, list]:
+    """Add the outputs of ``result`` under a new top group ``group_name``, styled with the model's
+    classes; returns the group and the layers (top first). Unreadable outputs are skipped."""
+    project = project or QgsProject.instance()
+    classes = as_pairs(result.get("classes"))
+    outputs = result.get("outputs") or {}
+    root = project.layerTreeRoot()
+    group = root.insertGroup(0, group_name)
+    layers = []
+    roles = sorted(outputs, key=lambda r: list(ROLE_ORDER).index(r) if r in ROLE_ORDER else len(ROLE_ORDER))
+    for role in roles:
+        suffix, visible = ROLE_ORDER.get(role, (role, False))
+        layer = load_output(outputs[role], role, f"{group_name} {suffix}")
+        if layer is None:
+            continue
+        style_output(layer, role, classes)
+        project.addMapLayer(layer, False)
+        node = group.addLayer(layer)
+        node.setItemVisibilityChecked(visible)
+        if not visible:
+            node.setExpanded(False)
+        layers.append(layer)
+    return group, layers
+
+
+def _area(value: float, unit: str) -> str:
+    if unit == "m2":
+        return f"{value / 1e6:.3g} km²" if value >= 1e6 else (f"{value / 1e4:.3g} ha" if value >= 1e4 else f"{value:.0f} m²")
+    return f"{value:.4g} {AREA_UNITS.get(unit, unit)}"
+
+
+def summarise(result: dict) -> str:
+    """One line for the message bar: what was found (areas or counts per class) and the time."""
+    task = result.get("task", "")
+    stats = result.get("statistics") or {}
+    per_class = stats.get("per_class") or {}
+    parts = []
+    if task == "segment":
+        unit = stats.get("area_unit", "px")
+        parts = [f"{name} {_area(float(s.get('area', 0.0)), unit)} ({100 * float(s.get('fraction', 0.0)):.1f} %)"
+                 for name, s in per_class.items()]
+    elif task == "detect":
+        parts = [f"{stats.get('detections', 0)} detection(s)"] + [f"{n} {k}" for k, n in per_class.items() if n]
+    elif task == "classify":
+        parts = [f"{stats.get('windows', 0)} window(s)"] + [f"{k} {n}" for k, n in per_class.items() if n]
+    elif task == "embed" and stats.get("grid"):
+        parts = [f"{stats.get('dim')}-d features on a {stats['grid'][0]} x {stats['grid'][1]} grid"]
+    elif "query_cells" in result:
+        parts = [f"similarity to {result['query_cells']} embedding cell(s)"]
+    seconds = (result.get("timings") or {}).get("total_s")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s")
+    return ", ".join(parts)

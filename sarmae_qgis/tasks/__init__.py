@@ -1,0 +1,1 @@
+"""Background jobs (``QgsTask``): heavy work in ``run()``, QGIS/GUI updates in ``finished()``."""

@@ -1,0 +1,49 @@
+"""QGIS layers -> what the engine reads: a file path GDAL can open, and band names.
+
+The engine is a separate process reading files with its own GDAL: it can only use layers backed
+by a plain file on disk (GeoTIFF, JP2, SAFE measurement files, VRT, ...). Layers from a
+database, a web service, memory or GDAL's virtual file systems must be saved to a file first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qgis.core import QgsProviderRegistry, QgsRasterLayer
+
+from ..errors import LayerError
+
+
+def raster_file(layer: QgsRasterLayer | None) -> str:
+    """The file behind a raster layer; :class:`LayerError` (with what to do) when there is none."""
+    if layer is None:
+        raise LayerError("no raster layer chosen: add a SAR raster to the project and choose it")
+    if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+        raise LayerError(f"layer '{layer.name()}' is not a valid raster layer")
+    name = layer.name()
+    if layer.providerType() != "gdal":
+        raise LayerError(f"layer '{name}' comes from the '{layer.providerType()}' data provider, not a file: "
+                         "SARMAE reads rasters from files. Save it as a GeoTIFF first (right-click > Export > "
+                         "Save As...) and run on that layer")
+    parts = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())
+    path = parts.get("path") or layer.source()
+    if parts.get("layerName"):
+        raise LayerError(f"layer '{name}' is the sub-dataset '{parts['layerName']}' of {path}: SARMAE reads "
+                         "whole files. Save the layer as a GeoTIFF first (right-click > Export > Save As...)")
+    if path.startswith("/vsi") or not os.path.isfile(path):
+        raise LayerError(f"layer '{name}' is not a file on disk ({path}): SARMAE's engine runs in its own process "
+                         "and reads files only. Save it as a GeoTIFF first (right-click > Export > Save As...)")
+    return path
+
+
+def band_names(layer: QgsRasterLayer) -> list[str]:
+    """One name per band: the band's description (e.g. "VV") when it has one, else "band <n>".
+
+    GDAL layers name their bands "Band 1: VV" (with a description) or "Band 1" (without).
+    """
+    names = []
+    for b in range(1, layer.bandCount() + 1):
+        label = layer.bandName(b) or ""
+        head, sep, tail = label.partition(":")
+        names.append(tail.strip() if sep and tail.strip() else f"band {b}")
+    return names

@@ -1,0 +1,163 @@
+"""The Run model dialog turns its widgets into a RunRequest, and refuses invalid choices with a
+message in its message bar (the dialog stays open)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from osgeo import gdal
+from qgis.core import QgsRasterLayer
+
+from sarmae_qgis.errors import RequestError
+from sarmae_qgis.gui.run_dialog import RunDialog
+from sarmae_qgis.tasks.run_task import RunRequest
+
+pytestmark = pytest.mark.qgis
+
+
+@pytest.fixture
+def models(assets, tmp_path) -> Path:
+    """A models folder with three packages (one zipped) and some clutter."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(assets / "segment.pkg", folder / "segment.pkg")
+    shutil.copytree(assets / "detect.pkg", folder / "detect.pkg")
+    shutil.make_archive(str(folder / "classify"), "zip", assets, "classify.pkg")
+    (folder / "notes.txt").write_text("not a model")
+    (folder / "empty").mkdir()
+    return folder
+
+
+@pytest.fixture
+def dialog(qgis_iface, models, project, assets, tmp_path):
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene)
+    d = RunDialog(qgis_iface.mainWindow(), models_folder=models)
+    d.output_widget.setFilePath(str(tmp_path / "out"))
+    d.layer_combo.setLayer(scene)
+    yield d
+    d.close()
+    d.deleteLater()
+
+
+def select_model(d: RunDialog, name: str) -> None:
+    labels = [d.model_combo.itemText(i) for i in range(d.model_combo.count())]
+    d.model_combo.setCurrentIndex(next(i for i, t in enumerate(labels) if t.startswith(name)))
+
+
+def messages(d: RunDialog) -> str:
+    return " ".join(item.text() for item in d.message_bar.items())
+
+
+def test_lists_installed_packages_with_a_card(dialog, models):
+    labels = [dialog.model_combo.itemText(i) for i in range(dialog.model_combo.count())]
+    assert labels == ["tiny-classify (classify)", "tiny-detect (detect)", "tiny-segment (segment)"]
+    select_model(dialog, "tiny-segment")
+    card = dialog.card_label.text()
+    assert "segment" in card and "water" in card and "#1f77b4" in card and "VV+VH" in card and "dB" in card
+    assert dialog.bands_label.text() == "Layer bands: 1: VV, 2: VH"
+    assert dialog.vectors_check.isEnabled()
+    select_model(dialog, "tiny-detect")
+    assert not dialog.vectors_check.isEnabled()
+
+
+def test_widgets_become_a_request(dialog, assets, models, tmp_path):
+    select_model(dialog, "tiny-segment")
+    dialog.window_spin.setValue(48)
+    dialog.overlap_spin.setValue(0.5)
+    dialog.batch_spin.setValue(2)
+    dialog.device_combo.setCurrentText("cpu")
+    dialog.backend_combo.setCurrentText("torch")
+    dialog.vectors_check.setChecked(True)
+    dialog.name_edit.setText("Flood 2024")
+    request = dialog.build_request()
+    assert isinstance(request, RunRequest)
+    assert request.raster_path == str(assets / "scene.tif") and request.layer_name == "scene"
+    assert request.model_path == str(models / "segment.pkg") and request.task == "segment"
+    assert request.run_name == "Flood 2024" and Path(request.output_dir).parent == tmp_path / "out"
+    assert Path(request.output_dir).name.startswith("Flood_2024_")
+    assert request.output_path.endswith("Flood_2024.tif")
+    assert request.options() == {"batch_size": 2, "device": "cpu", "backend": "torch", "window": 48, "overlap": 0.5,
+                                 "vector": True}
+    dialog.accept()
+    assert dialog.request is not None and dialog.request.run_name == "Flood 2024"
+    assert dialog.result() == dialog.Accepted
+
+
+def test_defaults_and_zipped_packages(dialog, models):
+    select_model(dialog, "tiny-classify")
+    request = dialog.build_request()
+    assert request.model_path == str(models / "classify.zip") and request.task == "classify"
+    assert request.window is None and request.overlap is None and request.bands is None
+    assert request.run_name == "tiny-classify on scene" and request.output_path.endswith(".gpkg")
+    assert request.options() == {"batch_size": 4, "device": "auto", "backend": "auto"}
+
+
+def test_no_layer_is_refused(dialog):
+    dialog.layer_combo.setLayer(None)
+    with pytest.raises(RequestError, match="Choose an input raster layer"):
+        dialog.build_request()
+    dialog.accept()
+    assert dialog.request is None and dialog.result() != dialog.Accepted
+    assert "Choose an input raster layer" in messages(dialog)
+
+
+def test_layer_that_is_not_a_file_is_refused(dialog, assets, project):
+    gdal.Translate("/vsimem/dialog_scene.tif", str(assets / "scene.tif"))
+    try:
+        layer = QgsRasterLayer("/vsimem/dialog_scene.tif", "memory scene", "gdal")
+        project.addMapLayer(layer)
+        dialog.layer_combo.setLayer(layer)
+        dialog.accept()
+        assert dialog.request is None and "not a file on disk" in messages(dialog)
+    finally:
+        gdal.Unlink("/vsimem/dialog_scene.tif")
+
+
+def test_missing_or_removed_model_is_refused(qgis_iface, project, assets, tmp_path, models):
+    empty = RunDialog(qgis_iface.mainWindow(), models_folder=tmp_path / "no_models")
+    try:
+        layer = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+        project.addMapLayer(layer)
+        empty.layer_combo.setLayer(layer)
+        assert empty.model_combo.count() == 0 and "No model packages" in empty.card_label.text()
+        with pytest.raises(RequestError, match="Choose a model package"):
+            empty.build_request()
+        index = empty.add_model(models / "segment.pkg")  # Browse…
+        assert empty.model_combo.currentIndex() == index and empty.build_request().task == "segment"
+        shutil.rmtree(models / "segment.pkg")
+        with pytest.raises(RequestError, match="model package not found"):
+            empty.build_request()
+    finally:
+        empty.deleteLater()
+
+
+def test_channel_mismatch_and_band_choice(dialog, assets, project):
+    select_model(dialog, "tiny-segment")
+    layer3 = QgsRasterLayer(str(assets / "scene3.tif"), "three bands", "gdal")
+    project.addMapLayer(layer3)
+    dialog.layer_combo.setLayer(layer3)
+    assert dialog.bands_label.text() == "Layer bands: 1: VV, 2: VH, 3: angle"
+    assert dialog.bands_edit.text() == "VV,VH"  # suggested from the band names
+    assert dialog.build_request().bands == ("VV", "VH")
+    dialog.bands_edit.setText("")
+    dialog.accept()
+    assert dialog.request is None and "takes 2 channel(s)" in messages(dialog) and "has 3 band(s)" in messages(dialog)
+    dialog.bands_edit.setText("1,2,3")
+    with pytest.raises(RequestError, match=r"3 band\(s\) chosen"):
+        dialog.build_request()
+    dialog.bands_edit.setText("1,4")
+    with pytest.raises(RequestError, match="band 4 is not in layer"):
+        dialog.build_request()
+    dialog.bands_edit.setText("2, 1")
+    assert dialog.build_request().options()["bands"] == [2, 1]
+
+
+def test_window_must_fit_the_patch_size(dialog):
+    select_model(dialog, "tiny-segment")
+    dialog.window_spin.setValue(40)
+    with pytest.raises(RequestError, match="multiple of the model's patch size"):
+        dialog.build_request()
+

@@ -1,0 +1,126 @@
+"""RunTask: the engine run in run(), styled layers under a group named after the run in
+finished(): class colours from the model (paletted renderer), a 0..1 confidence ramp, categorised
+polygons and outlined detection boxes, all on the input's grid; a summary in the message bar."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from qgis.core import (
+    Qgis,
+    QgsApplication,
+    QgsCategorizedSymbolRenderer,
+    QgsPalettedRasterRenderer,
+    QgsRasterLayer,
+    QgsSingleBandPseudoColorRenderer,
+    QgsTask,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtGui import QColor
+
+from sarmae_qgis.results import summarise
+from sarmae_qgis.tasks.run_task import RunRequest, RunTask
+
+pytestmark = pytest.mark.qgis
+
+
+class FakeMessageBar:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str, object]] = []
+
+    def pushMessage(self, title, text, level, duration=0):  # noqa: N802
+        self.messages.append((title, text, level))
+
+
+def request_for(assets: Path, tmp_path: Path, task: str, **kw) -> RunRequest:
+    return RunRequest(run_name=f"test {task}", layer_name="scene", raster_path=str(assets / "scene.tif"),
+                      model_path=str(assets / f"{task}.pkg"), model_name=f"tiny-{task}", task=task,
+                      output_dir=str(tmp_path / f"run_{task}"), **kw)
+
+
+def run_now(task: RunTask) -> bool:
+    """run() then finished() on this thread: what the task manager does, minus the thread."""
+    ok = task.run()
+    task.finished(ok)
+    return ok
+
+
+def test_segment_layers_styled_on_the_input_grid(assets, tmp_path, project):
+    bar = FakeMessageBar()
+    task = RunTask(request_for(assets, tmp_path, "segment", vectors=True, batch_size=8), message_bar=bar)
+    assert run_now(task), task.error
+    group = project.layerTreeRoot().findGroup("test segment")
+    assert group is not None and project.layerTreeRoot().children()[0] is group
+    names = [node.layer().name() for node in group.findLayers()]
+    assert names == ["test segment polygons", "test segment classes", "test segment confidence"]
+    polygons, classes, confidence = (node.layer() for node in group.findLayers())
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    for layer in (classes, confidence):
+        assert layer.crs() == scene.crs() and layer.extent() == scene.extent()
+        assert (layer.width(), layer.height()) == (scene.width(), scene.height())
+    renderer = classes.renderer()
+    assert isinstance(renderer, QgsPalettedRasterRenderer)
+    assert [(c.value, c.color.name(), c.label) for c in renderer.classes()] == [
+        (0, "#1f77b4", "water"), (1, "#d62728", "land")]  # the colours of model.json
+    conf = confidence.renderer()
+    assert isinstance(conf, QgsSingleBandPseudoColorRenderer)
+    assert (conf.classificationMin(), conf.classificationMax()) == (0.0, 1.0)
+    assert isinstance(polygons, QgsVectorLayer) and isinstance(polygons.renderer(), QgsCategorizedSymbolRenderer)
+    cats = {c.value(): c.symbol().color().name() for c in polygons.renderer().categories()}
+    assert polygons.renderer().classAttribute() == "class_name" and cats == {"water": "#1f77b4", "land": "#d62728"}
+    visible = {node.layer().name(): node.isVisible() for node in group.findLayers()}
+    assert visible["test segment classes"] and not visible["test segment confidence"]
+    (title, text, level), = bar.messages
+    assert level == Qgis.Success and "water" in text and "land" in text and " s" in text
+    assert text == task.summary == summarise(task.result)
+    assert Path(task.request.output_path).is_file()
+
+
+def test_detect_boxes_are_outlined(assets, tmp_path, project):
+    task = RunTask(request_for(assets, tmp_path, "detect"))
+    assert run_now(task), task.error
+    (layer,) = task.layers
+    assert layer.name() == "test detect detections"
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class_name"
+    (cat,) = renderer.categories()
+    symbol_layer = cat.symbol().symbolLayer(0)
+    assert cat.value() == "ship" and symbol_layer.brushStyle() == 0  # Qt.NoBrush: outline only
+    assert symbol_layer.strokeColor().name() == QColor(task.result["classes"][0]["colour"]).name()
+
+
+def test_embed_shows_the_pca_preview(assets, tmp_path, project):
+    task = RunTask(request_for(assets, tmp_path, "embed"))
+    assert run_now(task), task.error
+    names = [layer.name() for layer in task.layers]
+    assert names == ["test embed PCA", "test embed embedding"]
+
+
+def test_through_the_task_manager(assets, tmp_path, project):
+    """The real path: QGIS's task manager runs run() on a thread and finished() on this one."""
+    task = RunTask(request_for(assets, tmp_path, "classify"))
+    QgsApplication.taskManager().addTask(task)
+    deadline = time.monotonic() + 120
+    while not task.is_done and time.monotonic() < deadline:
+        QCoreApplication.processEvents()
+        time.sleep(0.02)
+    assert task.is_done and task.status() == QgsTask.Complete, task.error
+    (grid,) = task.layers
+    assert grid.featureCount() == 4 and project.layerTreeRoot().findGroup("test classify") is not None
+
+
+def test_failure_and_cancel_are_reported_without_layers(assets, tmp_path, project):
+    bar = FakeMessageBar()
+    bad = RunTask(request_for(assets, tmp_path, "segment", bands=("VV", "HH")), message_bar=bar)
+    assert not run_now(bad)
+    (_title, text, level), = bar.messages
+    assert level == Qgis.Critical and "HH" in text
+    cancelled = RunTask(request_for(assets, tmp_path, "segment"), message_bar=bar)
+    cancelled.cancel()
+    assert not run_now(cancelled)
+    assert bar.messages[-1][2] == Qgis.Info and "cancelled" in bar.messages[-1][1]
+    assert project.layerTreeRoot().children() == [] and project.count() == 0
+    assert not Path(cancelled.request.output_path).exists()
