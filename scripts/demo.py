@@ -95,8 +95,8 @@ def main() -> int:
         descr = [d or f"band{i + 1}" for i, d in enumerate(src.descriptions)]
     in_chans = min(count, 2)
     bands = descr[:in_chans]
-    from engine.reader import SarRaster
     from engine.radiometry import detect_units
+    from engine.reader import SarRaster
 
     with SarRaster.open([str(image)], list(range(1, in_chans + 1))) as r:
         units, reason = detect_units(r)
