@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import rasterio
+from helpers.rasters import DEFAULT_TRANSFORM, write_raster
 from shapely.geometry import Point, box
 
 from engine.errors import RasterInputError
 from engine.inference import InferenceOptions, run_inference
 from engine.similarity import run_similarity
-from helpers.rasters import DEFAULT_TRANSFORM, write_raster
 
 
 @pytest.fixture(scope="module")
