@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from engine.models import create_model
@@ -51,14 +50,6 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 def config(tmp_path, data, *extra):
     return load_config("cpu_vit_tiny", [*TINY, f"data.paths=['{data}']", f"run.output={tmp_path / 'run'}", *extra])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_learns_and_writes_feedback(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.config import DataConfig
-from .common import FinetuneError, fit, load_encoder, pick_device, plot_history
+from .common import FinetuneError, fit, plot_history, start
 from .config import FinetuneConfig
 from .metrics import classification_metrics, confusion_png
 
@@ -123,11 +123,9 @@ def finetune_classifier(chips_dir: str | Path, output: str | Path, cfg: Finetune
     from engine.models.heads import ViTClassifier
     from engine.package import default_classes, new_card, save_package
 
-    torch.manual_seed(cfg.seed)
     t0 = time.time()
-    device = pick_device(cfg.device)
-    enc = load_encoder(cfg)
-    size, c = enc.model.cfg.grid[0] * enc.model.patch_size, enc.model.in_chans
+    device, enc, size = start(cfg)
+    c = enc.model.in_chans
     chips = class_folders(chips_dir)
     tr, va = split(chips, cfg.val_fraction, cfg.shots, cfg.seed)
     if len(tr) < len(chips.classes):

@@ -205,6 +205,13 @@ def plot_history(hist: History, metric_name: str, png: Path) -> None:
     plt.close(fig)
 
 
+def start(cfg: FinetuneConfig) -> tuple[str, Encoder, int]:
+    """The start every task shares: seed, device, encoder, and the model input size in px."""
+    torch.manual_seed(cfg.seed)
+    enc = load_encoder(cfg)
+    return pick_device(cfg.device), enc, enc.model.cfg.grid[0] * enc.model.patch_size
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

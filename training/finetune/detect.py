@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .common import FinetuneError, fit, load_encoder, pick_device
+from .common import FinetuneError, fit, start
 from .config import FinetuneConfig
 from .labels import build_chips
 from .segment import dense_config, save_task_package
@@ -104,10 +104,7 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         raise FinetuneError("detection needs labelled polygons: a vector file and its class field")
     t0 = time.time()
     cfg = dense_config(cfg, "detect")
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    enc = load_encoder(cfg)
-    size = enc.model.cfg.grid[0] * enc.model.patch_size
+    device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "detect", labels=labels, class_field=class_field, classes=classes,
                         val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=bands,
                         input_units=input_units, background_share=background_share, max_chips=max_chips)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import Encoder, FinetuneError, History, fit, load_encoder, pick_device, plot_history
+from .common import Encoder, FinetuneError, History, fit, plot_history, start
 from .config import FinetuneConfig
 from .labels import IGNORE, ChipSet, build_chips
 from .metrics import confusion, confusion_png, iou_metrics
@@ -157,10 +157,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
         raise FinetuneError("give the labels: a vector file with its class field, or a label raster (not both)")
     t0 = time.time()
     cfg = dense_config(cfg, "segment")
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    enc = load_encoder(cfg)
-    size = enc.model.cfg.grid[0] * enc.model.patch_size
+    device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "segment", labels=labels, class_field=class_field,
                         label_raster=label_raster, classes=classes, background=background,
                         val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=bands,

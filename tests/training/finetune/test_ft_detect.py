@@ -18,14 +18,6 @@ from training.finetune.detect import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def boxes_of(img: torch.Tensor) -> list[list[float]]:
     """Bounding boxes (x0, y0, x1, y1, edges) of each labelled value > 0 in an (H, W) image."""
     out = []

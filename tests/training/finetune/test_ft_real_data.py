@@ -8,21 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from ftdata import build_encoder
 
 from training.finetune.config import FinetuneConfig
 from training.finetune.segment import finetune_segmenter
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg(encoder, epochs: int) -> FinetuneConfig:

@@ -23,14 +23,6 @@ from training.finetune.segment import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     return build_encoder(tmp_path_factory.mktemp("enc") / "enc", img_size=32)
