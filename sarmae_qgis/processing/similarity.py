@@ -12,6 +12,7 @@ from qgis.core import (
 )
 
 from ..errors import SarmaePluginError
+from ..tasks.similarity_task import request_similarity
 from ..toolbelt.layers import raster_file
 from .base import SarmaeAlgorithm
 from .inference import style_when_loaded
@@ -44,9 +45,8 @@ class SimilarityAlgorithm(SarmaeAlgorithm):
         output = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         feedback.pushInfo(f"query point {point.x():.3f}, {point.y():.3f} ({layer.crs().authid()})")
-        result = self.engine_request(feedback, lambda client, bridge: client.request(
-            "run", bridge.on_event, bridge.is_cancelled, task="similarity", embedding=path,
-            output=output, query=[point.x(), point.y()], overwrite=True))
+        result = self.engine_request(feedback, lambda client, bridge: request_similarity(
+            client, path, output, [point.x(), point.y()], bridge.on_event, bridge.is_cancelled))
         feedback.pushInfo(f"similarity to {result.get('query_cells')} embedding cell(s): {result.get('output')}")
         style_when_loaded(context, output, "similarity", [])
         return {"OUTPUT": output}
