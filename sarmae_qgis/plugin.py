@@ -2,7 +2,8 @@
 
 ``initProcessing`` registers the Processing provider ``sarmae`` (``qgis_process`` calls only this,
 with no ``iface``); ``initGui`` calls it too, then adds a "SARMAE" submenu under *Raster* (Run
-model…, Settings…, About) and a "SARMAE" toolbar. ``unload`` removes every action, menu entry,
+model…, New label layer…, Fine-tune…, Similarity search…, Models…, Settings…, About) and a
+"SARMAE" toolbar. ``unload`` removes every action, menu entry,
 toolbar and the provider, and stops the engine worker, so that reloading the plugin (Plugin
 Reloader, or disable/enable in the Plugin Manager) leaves nothing behind.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qgis.core import QgsApplication
+from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QToolBar
@@ -45,6 +46,11 @@ class SarmaePlugin:
         self.about_action: QAction | None = None
         self.run_action: QAction | None = None
         self.settings_action: QAction | None = None
+        self.label_action: QAction | None = None
+        self.finetune_action: QAction | None = None
+        self.similarity_action: QAction | None = None
+        self.models_action: QAction | None = None
+        self.similarity_dialog = None  # non-modal: kept while the plugin is loaded
         self.provider: SarmaeProvider | None = None
         self.tasks: list[RunTask] = []  # running tasks (kept alive until they finish)
 
@@ -70,8 +76,36 @@ class SarmaePlugin:
         self.run_action = QAction(icon, "Run model…", main_window)
         self.run_action.setObjectName("SarmaeRunModelAction")
         self.run_action.setStatusTip("Run a SARMAE model package on a raster layer")
-        self.run_action.triggered.connect(self.show_run_dialog)
+        self.run_action.triggered.connect(lambda _checked=False: self.show_run_dialog())
         self._add_action(self.run_action, to_toolbar=True)
+
+        self.label_action = QAction(QgsApplication.getThemeIcon("/mActionNewGeoPackageLayer.svg"),
+                                    "New label layer…", main_window)
+        self.label_action.setObjectName("SarmaeNewLabelLayerAction")
+        self.label_action.setStatusTip("Create a GeoPackage polygon layer with a class field to label examples")
+        self.label_action.triggered.connect(self.show_label_layer_dialog)
+        self._add_action(self.label_action, to_toolbar=True)
+
+        self.finetune_action = QAction(QgsApplication.getThemeIcon("/mActionOptions.svg"), "Fine-tune…",
+                                       main_window)
+        self.finetune_action.setObjectName("SarmaeFinetuneAction")
+        self.finetune_action.setStatusTip("Fine-tune a SARMAE encoder on your labelled polygons")
+        self.finetune_action.triggered.connect(self.show_finetune_dialog)
+        self._add_action(self.finetune_action, to_toolbar=True)
+
+        self.similarity_action = QAction(QgsApplication.getThemeIcon("/mActionIdentify.svg"), "Similarity search…",
+                                         main_window)
+        self.similarity_action.setObjectName("SarmaeSimilarityAction")
+        self.similarity_action.setStatusTip("Click a point (or select a polygon) to map similar places in a raster")
+        self.similarity_action.triggered.connect(self.show_similarity)
+        self._add_action(self.similarity_action, to_toolbar=True)
+
+        self.models_action = QAction(QgsApplication.getThemeIcon("/mActionShowPluginManager.svg"), "Models…",
+                                     main_window)
+        self.models_action.setObjectName("SarmaeModelsAction")
+        self.models_action.setStatusTip("Installed SARMAE model packages: import, export, delete, model cards")
+        self.models_action.triggered.connect(self.show_models)
+        self._add_action(self.models_action, to_toolbar=False)
 
         self.settings_action = QAction("Settings…", main_window)
         self.settings_action.setObjectName("SarmaeSettingsAction")
@@ -101,6 +135,15 @@ class SarmaePlugin:
             action.deleteLater()
         self.actions.clear()
         self.about_action = self.run_action = self.settings_action = None
+        self.label_action = self.finetune_action = self.similarity_action = self.models_action = None
+        if self.similarity_dialog is not None:
+            from .tasks.similarity_task import cancel_all
+
+            self.similarity_dialog.release_tool()
+            self.similarity_dialog.close()
+            self.similarity_dialog.deleteLater()
+            self.similarity_dialog = None
+            cancel_all()
         if self.toolbar is not None:
             self.iface.mainWindow().removeToolBar(self.toolbar)
             self.toolbar.deleteLater()
@@ -114,12 +157,17 @@ class SarmaePlugin:
         shutdown_client()
 
     # ---- actions ------------------------------------------------------------------------------
-    def show_run_dialog(self) -> None:
-        """Open the Run model dialog; on Run, start a background task for its request."""
+    def show_run_dialog(self, layer=None, model: str | None = None) -> None:
+        """Open the Run model dialog (optionally with a layer and a model chosen); on Run, start a
+        background task for its request."""
         from .gui.run_dialog import RunDialog
 
         dialog = RunDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
+        if layer is not None:
+            dialog.layer_combo.setLayer(layer)
+        if model:
+            dialog.add_model(model)
         if dialog.exec_() and dialog.request is not None:
             self.start_run(dialog.request)
 
@@ -131,6 +179,88 @@ class SarmaePlugin:
         self.tasks = [t for t in self.tasks if not t.is_done] + [task]
         QgsApplication.taskManager().addTask(task)
         return task
+
+    def show_label_layer_dialog(self) -> None:
+        """New label layer: a GeoPackage with a class value map, added in edit mode and made active."""
+        from .gui.label_layer_dialog import LabelLayerDialog
+
+        dialog = LabelLayerDialog(self.iface.mainWindow())
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        active = self.iface.activeLayer()
+        if active is not None and active.type() == active.RasterLayer:
+            dialog.raster_combo.setLayer(active)
+        if dialog.exec_() and dialog.layer is not None:
+            self.iface.setActiveLayer(dialog.layer)
+            self.iface.actionAddFeature().trigger()  # the "add polygon" tool, ready to draw
+            self.iface.messageBar().pushMessage(
+                "SARMAE", f"Label layer '{dialog.layer.name()}' is ready: draw polygons and pick a class for each, "
+                "save the edits, then Raster > SARMAE > Fine-tune…", Qgis.Info, 15)
+
+    def show_finetune_dialog(self) -> None:
+        """Fine-tune dialog -> a background FinetuneTask with a live progress line."""
+        from .gui.finetune_dialog import FinetuneDialog
+
+        dialog = FinetuneDialog(self.iface.mainWindow())
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        active = self.iface.activeLayer()
+        if active is not None and active.type() == active.VectorLayer:
+            dialog.label_combo.setLayer(active)
+        if dialog.exec_() and dialog.request is not None:
+            self.start_finetune(dialog.request)
+
+    def start_finetune(self, request):
+        """Queue a FinetuneTask; its epochs show in a message-bar line; the results dialog follows."""
+        from .tasks.finetune_task import FinetuneTask
+
+        bar = self.iface.messageBar()
+        item = bar.createMessage("SARMAE", f"fine-tuning '{request.name}' (Task Manager: progress and cancel)…")
+        bar.pushWidget(item, Qgis.Info)
+        task = FinetuneTask(request, message_bar=bar, on_done=self._finetune_done)
+
+        def show_status(text: str) -> None:
+            try:
+                item.setText(f"fine-tuning '{request.name}': {text}")
+            except RuntimeError:  # the user closed the line
+                pass
+
+        task.status.connect(show_status)
+        task.taskCompleted.connect(lambda: _close(bar, item))
+        task.taskTerminated.connect(lambda: _close(bar, item))
+        self.tasks = [t for t in self.tasks if not t.is_done] + [task]
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def _finetune_done(self, task) -> None:
+        if task.result is None:
+            return
+        from .gui.finetune_dialog import FinetuneResultDialog
+
+        layers = QgsProject.instance().mapLayersByName(task.request.layer_name)
+        dialog = FinetuneResultDialog(task, self.iface.mainWindow(), can_run=bool(layers))
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        if dialog.exec_() and layers:
+            self.show_run_dialog(layers[0], task.request.output)
+
+    def show_similarity(self) -> None:
+        """The similarity search panel (non-modal): pick a point or use selected polygons."""
+        from .gui.similarity_tool import SimilarityDialog
+
+        if self.similarity_dialog is None:
+            self.similarity_dialog = SimilarityDialog(self.iface.mapCanvas(), self.iface.mainWindow(),
+                                                      message_bar=self.iface.messageBar())
+        active = self.iface.activeLayer()
+        if active is not None and active.type() == active.RasterLayer:
+            self.similarity_dialog.layer_combo.setLayer(active)
+        self.similarity_dialog.show()
+        self.similarity_dialog.raise_()
+
+    def show_models(self) -> None:
+        """The Models dialog (modal): list, import folder/zip, export, delete, model cards."""
+        from .gui.models_dialog import ModelsDialog
+
+        dialog = ModelsDialog(self.iface.mainWindow())
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        dialog.exec_()
 
     def show_settings(self) -> None:
         """Open the settings dialog (modal)."""
@@ -145,3 +275,10 @@ class SarmaePlugin:
         dialog = AboutDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         dialog.exec_()
+
+
+def _close(bar, item) -> None:
+    try:
+        bar.popWidget(item)
+    except RuntimeError:  # already closed by the user
+        pass

@@ -23,6 +23,7 @@ from sarmae_qgis.toolbelt import log
 from sarmae_qgis.toolbelt.metadata import plugin_metadata, plugin_version
 
 pytestmark = pytest.mark.qgis
+MENU = ["Run model…", "New label layer…", "Fine-tune…", "Similarity search…", "Models…", "Settings…", "About SARMAE…"]
 
 
 class FakeRasterMenu:
@@ -93,7 +94,7 @@ def test_class_factory_init_gui_and_unload(qgis_app, qgis_iface, raster_menu) ->
     plugin.initGui()
     sub = raster_menu.submenu(MENU_NAME)
     assert sub is not None
-    assert [a.text() for a in sub.actions()] == ["Run model…", "Settings…", "About SARMAE…"]
+    assert [a.text() for a in sub.actions()] == MENU
     assert plugin.about_action in sub.actions()
     toolbars = sarmae_toolbars(qgis_iface)
     assert len(toolbars) == before + 1
@@ -120,7 +121,7 @@ def test_init_gui_twice_after_unload(qgis_iface, raster_menu) -> None:
     plugin.unload()
     plugin.initGui()
     flush_deletes()
-    assert len(raster_menu.submenu(MENU_NAME).actions()) == 3
+    assert len(raster_menu.submenu(MENU_NAME).actions()) == len(MENU)
     assert len(sarmae_toolbars(qgis_iface)) == 1
     registry = QgsApplication.processingRegistry()
     assert [p.id() for p in registry.providers()].count(PROVIDER_ID) == 1
@@ -185,6 +186,49 @@ def test_about_action_opens_dialog(qgis_iface, raster_menu, monkeypatch) -> None
             dialog.close()
         plugin.unload()
         flush_deletes()
+
+
+@pytest.mark.parametrize("action, module, cls", [
+    ("run_action", "sarmae_qgis.gui.run_dialog", "RunDialog"),
+    ("label_action", "sarmae_qgis.gui.label_layer_dialog", "LabelLayerDialog"),
+    ("finetune_action", "sarmae_qgis.gui.finetune_dialog", "FinetuneDialog"),
+    ("models_action", "sarmae_qgis.gui.models_dialog", "ModelsDialog"),
+    ("settings_action", "sarmae_qgis.gui.settings_dialog", "SettingsDialog"),
+])
+def test_each_menu_action_opens_its_dialog(qgis_iface, raster_menu, monkeypatch, tmp_path, action, module, cls) -> None:
+    """Every modal dialog opens from its action (exec_ patched: cancelled at once, nothing runs)."""
+    import importlib
+
+    from sarmae_qgis.toolbelt import settings
+
+    monkeypatch.setattr(settings, "models_folder", lambda s=None: tmp_path / "models")
+    dialog_class = getattr(importlib.import_module(module), cls)
+    opened: list = []
+    monkeypatch.setattr(dialog_class, "exec_", lambda self: opened.append(self) or 0)
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        getattr(plugin, action).trigger()
+        assert len(opened) == 1 and isinstance(opened[0], dialog_class)
+    finally:
+        for dialog in opened:
+            dialog.close()
+        plugin.unload()
+        flush_deletes()
+
+
+def test_similarity_panel_is_released_on_unload(qgis_iface, raster_menu) -> None:
+    """The non-modal similarity panel opens once, and unload closes it and its map tool."""
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    plugin.similarity_action.trigger()
+    panel = plugin.similarity_dialog
+    assert panel is not None and panel.isVisible()
+    plugin.similarity_action.trigger()
+    assert plugin.similarity_dialog is panel  # the same panel is raised again
+    plugin.unload()
+    flush_deletes()
+    assert plugin.similarity_dialog is None and sip.isdeleted(panel)
 
 
 def test_log_goes_to_sarmae_tab(qgis_app) -> None:

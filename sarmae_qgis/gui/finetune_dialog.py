@@ -1,0 +1,479 @@
+"""The Fine-tune dialog (rasters + label layer + encoder + budget -> FinetuneRequest) and the
+results dialog shown when fine-tuning ends (metrics, training curves, "Run on <layer>").
+
+:meth:`FinetuneDialog.build_request` validates everything a user can get wrong before any
+minute of training is spent: no raster or a raster that is not a file, no label layer, no class
+field, no labelled polygons, a single class (segmentation needs two, or one plus a background),
+classes with very few polygons (warned), an encoder whose channels the rasters cannot feed, a
+model name already taken. The label layer is then snapshotted into the run folder with
+:func:`snapshot_labels` (unsaved edits included, the class field only).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from qgis.core import (
+    Qgis,
+    QgsExpression,
+    QgsFeature,
+    QgsFeatureRequest,
+    QgsField,
+    QgsFields,
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.gui import QgsFieldComboBox, QgsMapLayerComboBox, QgsMessageBar
+from qgis.PyQt.QtCore import Qt, QVariant
+from qgis.PyQt.QtGui import QIcon, QPixmap
+from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import RequestError, SarmaePluginError
+from ..labelling import count_labels, label_classes
+from ..model_cards import PackageCard, check_channels, describe_html, list_packages, read_card
+from ..tasks.finetune_task import FINETUNE_TASKS, FinetuneRequest, FinetuneTask, headline
+from ..tasks.run_task import slug
+from ..toolbelt import settings
+from ..toolbelt.layers import band_names, raster_file
+from .about_dialog import ICON_PATH
+
+FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
+NO_BACKGROUND = "(none: unlabelled pixels are ignored)"
+TASK_HELP = {
+    "segment": "one class per pixel, learnt from the polygons (class raster + confidence as output)",
+    "detect": "one box per labelled polygon (objects such as ships); output: boxes with scores",
+    "classify": "one label per window, learnt from windows inside the polygons; output: a labelled grid",
+}
+
+
+def snapshot_labels(layer: QgsVectorLayer, field: str, path: str | Path, project: QgsProject | None = None) -> int:
+    """Write the layer's polygons with a non-empty ``field`` (edit buffer included, the class field
+    only, the layer's CRS) to a new GeoPackage at ``path``; returns the number written."""
+    project = project or QgsProject.instance()
+    index = layer.fields().indexOf(field)
+    if index < 0:
+        raise RequestError(f"Layer '{layer.name()}' has no field '{field}'.")
+    fields = QgsFields()
+    fields.append(QgsField(field, QVariant.String, "text", 254))
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = "labels"
+    opts.fileEncoding = "UTF-8"
+    tmp = f"{path}.part.gpkg"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    writer = QgsVectorFileWriter.create(tmp, fields, QgsWkbTypes.multiType(layer.wkbType()), layer.crs(),
+                                        project.transformContext(), opts)
+    if writer.hasError() != QgsVectorFileWriter.NoError:
+        message = writer.errorMessage()
+        del writer
+        raise RequestError(f"Cannot copy the labels of '{layer.name()}' to {path}: {message}")
+    quoted = field.replace('"', '""')
+    request = QgsFeatureRequest(QgsExpression(f'"{quoted}" IS NOT NULL AND trim(to_string("{quoted}")) <> \'\''))
+    n = 0
+    for feature in layer.getFeatures(request):
+        if not feature.hasGeometry():
+            continue
+        out = QgsFeature(fields)
+        geometry = feature.geometry()
+        geometry.convertToMultiType()
+        out.setGeometry(geometry)
+        out.setAttributes([str(feature.attribute(index)).strip()])
+        writer.addFeature(out)
+        n += 1
+    del writer  # closes the file
+    os.replace(tmp, path)
+    return n
+
+
+class FinetuneDialog(QDialog):
+    """Choose rasters, labels, an encoder and a budget; ``request`` holds the result after OK."""
+
+    def __init__(self, parent: QWidget | None = None, project: QgsProject | None = None,
+                 models_folder: str | Path | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("SARMAE: Fine-tune a model on my labels")
+        self.setWindowIcon(QIcon(str(ICON_PATH)))
+        self.project = project or QgsProject.instance()
+        self.request: FinetuneRequest | None = None
+        s = settings.load()
+        self.models_folder = Path(models_folder) if models_folder else settings.models_folder(s)
+        self.output_folder = settings.output_folder(s)
+
+        self.message_bar = QgsMessageBar(self)
+        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.task_combo = QComboBox(self)
+        self.task_combo.addItems(FINETUNE_TASKS)
+        self.task_help = QLabel(self)
+        self.task_help.setWordWrap(True)
+        self.raster_list = QListWidget(self)
+        self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
+        self.raster_list.setMaximumHeight(90)
+        self.label_combo = QgsMapLayerComboBox(self)
+        self.label_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.label_combo.setAllowEmptyLayer(True)
+        self.field_combo = QgsFieldComboBox(self)
+        self.classes_label = QLabel(self)
+        self.classes_label.setWordWrap(True)
+        self.classes_label.setTextFormat(Qt.RichText)
+        self.background_combo = QComboBox(self)
+        self.encoder_combo = QComboBox(self)
+        self.encoder_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.browse_button = QPushButton("Browse…", self)
+        self.encoder_label = QLabel(self)
+        self.encoder_label.setTextFormat(Qt.RichText)
+        self.encoder_label.setWordWrap(True)
+        self.minutes_spin = QDoubleSpinBox(self)
+        self.minutes_spin.setRange(0.0, 24 * 60)
+        self.minutes_spin.setDecimals(1)
+        self.minutes_spin.setValue(5.0)
+        self.minutes_spin.setSuffix(" min")
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.epochs_spin = QSpinBox(self)
+        self.epochs_spin.setRange(1, 10000)
+        self.epochs_spin.setValue(50)
+        self.probe_check = QCheckBox("Linear probe (freeze the encoder: faster, for very few labels)", self)
+        self.seed_spin = QSpinBox(self)
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.batch_spin = QSpinBox(self)
+        self.batch_spin.setRange(1, 512)
+        self.batch_spin.setValue(16)
+        self.device_combo = QComboBox(self)
+        self.device_combo.addItems(settings.DEVICES)
+        self.device_combo.setCurrentText(s.device)
+        self.name_edit = QLineEdit(self)
+        self.name_edit.setPlaceholderText("automatic: <task>_<label layer>")
+
+        self._layout()
+        self.refresh_rasters()
+        self.refresh_encoders()
+        self.task_combo.currentTextChanged.connect(self._on_task_changed)
+        self.label_combo.layerChanged.connect(self._on_label_layer_changed)
+        self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
+        self.encoder_combo.currentIndexChanged.connect(self._on_encoder_changed)
+        self.browse_button.clicked.connect(self._browse_encoder)
+        self._on_task_changed(self.task_combo.currentText())
+        self._on_label_layer_changed(self.label_combo.currentLayer())
+        self._on_encoder_changed(self.encoder_combo.currentIndex())
+
+    def _layout(self) -> None:
+        data = QGroupBox("Training data", self)
+        form = QFormLayout(data)
+        form.addRow("Task", self.task_combo)
+        form.addRow("", self.task_help)
+        form.addRow("Raster layer(s)", self.raster_list)
+        form.addRow("Label layer", self.label_combo)
+        form.addRow("Class field", self.field_combo)
+        form.addRow("", self.classes_label)
+        form.addRow("Background class", self.background_combo)
+        model = QGroupBox("Model", self)
+        mform = QFormLayout(model)
+        row = QHBoxLayout()
+        row.addWidget(self.encoder_combo, 1)
+        row.addWidget(self.browse_button)
+        mform.addRow("Start from encoder", row)
+        mform.addRow("", self.encoder_label)
+        mform.addRow("New model name", self.name_edit)
+        budget = QGroupBox("Budget", self)
+        bform = QFormLayout(budget)
+        bform.addRow("Time budget", self.minutes_spin)
+        bform.addRow("Maximum epochs", self.epochs_spin)
+        bform.addRow("", self.probe_check)
+        bform.addRow("Batch size", self.batch_spin)
+        bform.addRow("Seed", self.seed_spin)
+        bform.addRow("Device", self.device_combo)
+        self.buttons = QDialogButtonBox(self)
+        self.run_button = self.buttons.addButton("Fine-tune", QDialogButtonBox.AcceptRole)
+        self.buttons.addButton(QDialogButtonBox.Cancel)
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.message_bar)
+        layout.addWidget(data)
+        layout.addWidget(model)
+        layout.addWidget(budget)
+        layout.addWidget(self.buttons)
+        self.setMinimumWidth(560)
+
+    # ---- lists ----------------------------------------------------------------------------------
+    def refresh_rasters(self) -> None:
+        """One checkable item per raster layer of the project (the active one checked)."""
+        self.raster_list.clear()
+        for layer in self.project.mapLayers().values():
+            if isinstance(layer, QgsRasterLayer):
+                item = QListWidgetItem(layer.name(), self.raster_list)
+                item.setData(Qt.UserRole, layer.id())
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Unchecked)
+        if self.raster_list.count() == 1:
+            self.raster_list.item(0).setCheckState(Qt.Checked)
+
+    def set_rasters_checked(self, layers) -> None:
+        ids = {layer.id() for layer in layers}
+        for i in range(self.raster_list.count()):
+            item = self.raster_list.item(i)
+            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in ids else Qt.Unchecked)
+
+    def checked_rasters(self) -> list[QgsRasterLayer]:
+        out = []
+        for i in range(self.raster_list.count()):
+            item = self.raster_list.item(i)
+            layer = self.project.mapLayer(item.data(Qt.UserRole))
+            if item.checkState() == Qt.Checked and isinstance(layer, QgsRasterLayer):
+                out.append(layer)
+        return out
+
+    def refresh_encoders(self) -> None:
+        """Encoder packages (task embed) of the models folder, then "random initialisation"."""
+        self.encoder_combo.blockSignals(True)
+        self.encoder_combo.clear()
+        for card in list_packages(self.models_folder):
+            if card.task in ("embed", "reconstruct"):
+                self.encoder_combo.addItem(f"{card.name} ({card.in_chans} ch, {card.img_size} px)", card.path)
+        self.encoder_combo.addItem("random initialisation (no pretraining: for tests only)", "")
+        self.encoder_combo.blockSignals(False)
+
+    def add_encoder(self, path: str | Path) -> int:
+        path = str(path)
+        index = self.encoder_combo.findData(path)
+        if index < 0:
+            try:
+                label = f"{read_card(path).name} ({Path(path).name})"
+            except SarmaePluginError:
+                label = Path(path).name
+            self.encoder_combo.insertItem(0, label, path)
+            index = 0
+        self.encoder_combo.setCurrentIndex(index)
+        return index
+
+    def _browse_encoder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Encoder package folder", str(self.models_folder))
+        if folder:
+            self.add_encoder(folder)
+
+    def encoder_card(self) -> PackageCard | None:
+        path = self.encoder_combo.currentData()
+        if not path:
+            return None
+        try:
+            return read_card(path)
+        except SarmaePluginError:
+            return None
+
+    # ---- reactions ------------------------------------------------------------------------------
+    def _on_task_changed(self, task: str) -> None:
+        self.task_help.setText(f"<i>{TASK_HELP.get(task, '')}</i>")
+        self.background_combo.setEnabled(task == "segment")
+
+    def _on_label_layer_changed(self, layer) -> None:
+        self.field_combo.setLayer(layer if isinstance(layer, QgsVectorLayer) else None)
+        if isinstance(layer, QgsVectorLayer):
+            names = [f.name() for f in layer.fields()]
+            for preferred in ("class", "class_name", "label", "classe", "type"):
+                if preferred in names:
+                    self.field_combo.setField(preferred)
+                    break
+        self._update_classes()
+
+    def _on_encoder_changed(self, _index: int) -> None:
+        card = self.encoder_card()
+        path = self.encoder_combo.currentData()
+        if card is not None:
+            self.encoder_label.setText(describe_html(card))
+        elif path:
+            self.encoder_label.setText(f"<span style='color:#b00'>{path}: not a readable model package</span>")
+        else:
+            self.encoder_label.setText("<span style='color:#b00'>No pretrained encoder: expect poor results "
+                                       "from a few labels. Pretrain one or install an encoder package.</span>")
+
+    def class_counts(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
+        layer, field = self.label_combo.currentLayer(), self.field_combo.currentField()
+        if not isinstance(layer, QgsVectorLayer) or not field:
+            return [], {}
+        counts = count_labels(layer, field)
+        classes = label_classes(layer, field)
+        known = {n for n, _ in classes}
+        extra = sorted(k for k in counts if k and k not in known)
+        classes += [(n, "#808080") for n in extra]
+        return classes, counts
+
+    def _update_classes(self) -> None:
+        classes, counts = self.class_counts()
+        if not classes:
+            self.classes_label.setText("")
+        else:
+            parts = []
+            for name, colour in classes:
+                n = counts.get(name, 0)
+                style = " style='color:#b00'" if n < FEW_LABELS else ""
+                parts.append(f"<span style='color:{colour}'>&#9632;</span>&nbsp;<span{style}>{name} ({n})</span>")
+            unlabelled = counts.get("", 0)
+            text = "Polygons per class: " + ", ".join(parts)
+            if unlabelled:
+                text += f"; {unlabelled} without a class (skipped)"
+            self.classes_label.setText(text)
+        current = self.background_combo.currentText()
+        self.background_combo.clear()
+        self.background_combo.addItem(NO_BACKGROUND)
+        self.background_combo.addItems([n for n, _ in classes])
+        if current and self.background_combo.findText(current) >= 0:
+            self.background_combo.setCurrentText(current)
+
+    # ---- request --------------------------------------------------------------------------------
+    def build_request(self, snapshot: bool = True) -> FinetuneRequest:
+        """The request for the current choices (and, when ``snapshot``, the label snapshot on disk)."""
+        task = self.task_combo.currentText()
+        rasters = self.checked_rasters()
+        if not rasters:
+            raise RequestError("Tick at least one raster layer to train on (the rasters your polygons cover).")
+        try:
+            paths = tuple(raster_file(layer) for layer in rasters)
+        except SarmaePluginError as e:
+            raise RequestError(str(e)) from e
+        layer = self.label_combo.currentLayer()
+        if not isinstance(layer, QgsVectorLayer):
+            raise RequestError("Choose the label layer: polygons with a class field (Raster > SARMAE > New label "
+                               "layer… makes one).")
+        field = self.field_combo.currentField()
+        if not field:
+            raise RequestError(f"Choose the field of '{layer.name()}' that holds the class names.")
+        classes, counts = self.class_counts()
+        used = [(n, c) for n, c in classes if counts.get(n, 0) > 0]
+        if not used:
+            raise RequestError(f"Layer '{layer.name()}' has no polygon with a class in '{field}': draw polygons and "
+                               "give each a class first.")
+        background = self.background_combo.currentText() if task == "segment" else ""
+        background = "" if background == NO_BACKGROUND else background
+        if len({n for n, _ in used} | ({background} if background else set())) < 2:
+            raise RequestError(f"Only one class ('{used[0][0]}') is labelled in '{layer.name()}': label at least "
+                               "two classes" + (", or choose a background class for unlabelled pixels"
+                                                if task == "segment" else "") + ".")
+        if task == "segment" and background:
+            class_list = [(n, c) for n, c in classes if counts.get(n, 0) > 0 or n == background]
+        else:
+            class_list = used
+        encoder = self.encoder_combo.currentData() or None
+        if encoder:
+            card = self.encoder_card()
+            if card is None:
+                raise RequestError(f"The encoder {encoder} is not a readable model package: choose another one.")
+            for r in rasters:
+                try:
+                    check_channels(card, band_names(r), None, r.name())
+                except SarmaePluginError as e:
+                    raise RequestError(f"{e} (fine-tuning feeds every band of each raster, in file order)") from e
+        name = self.name_edit.text().strip() or f"{task}_{layer.name()}"
+        output = self.models_folder / slug(name)
+        if output.exists():
+            raise RequestError(f"A model named '{slug(name)}' is already installed ({output}): choose another name.")
+        run_dir = self.output_folder / f"finetune_{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        labels = str(run_dir / "labels.gpkg")
+        if snapshot:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RequestError(f"Cannot create the run folder {run_dir} ({e.strerror}): set another output "
+                                   "folder in SARMAE Settings.") from e
+            n = snapshot_labels(layer, field, labels, self.project)
+            if n == 0:
+                raise RequestError(f"No labelled polygon of '{layer.name()}' could be copied.")
+        return FinetuneRequest(
+            name=slug(name), task=task, rasters=paths, labels=labels, class_field=field, output=str(output),
+            run_dir=str(run_dir), classes=tuple(n for n, _ in class_list), colours=tuple(c for _, c in class_list),
+            background=background or None, encoder=encoder, max_minutes=round(self.minutes_spin.value(), 2),
+            epochs=self.epochs_spin.value(), linear_probe=self.probe_check.isChecked(), seed=self.seed_spin.value(),
+            batch_size=self.batch_spin.value(), device=self.device_combo.currentText(), layer_name=rasters[0].name(),
+            extra={"few": [n for n, _ in used if counts.get(n, 0) < FEW_LABELS]})
+
+    def show_error(self, message: str) -> None:
+        self.message_bar.clearWidgets()
+        self.message_bar.pushMessage("Cannot fine-tune", message, Qgis.Warning, 0)
+
+    def accept(self) -> None:
+        try:
+            self.request = self.build_request()
+        except RequestError as e:
+            self.request = None
+            self.show_error(str(e))
+            return
+        super().accept()
+
+
+class FinetuneResultDialog(QDialog):
+    """Metrics and training curves of a finished fine-tuning, with "Run on <layer>"."""
+
+    def __init__(self, task: FinetuneTask, parent: QWidget | None = None, can_run: bool = True) -> None:
+        super().__init__(parent)
+        r = task.request
+        self.task = task
+        self.run_requested = False
+        self.setWindowTitle(f"SARMAE: fine-tuned '{r.name}'")
+        self.setWindowIcon(QIcon(str(ICON_PATH)))
+        result = task.result or {}
+        rows = [f"<b>{r.name}</b> &mdash; {r.task}, {len(r.rasters)} raster(s), labels from field "
+                f"<i>{r.class_field}</i>, {task.seconds / 60:.1f} min"]
+        h = headline(result)
+        if h:
+            rows.append(f"Validation {h[0]}: <b>{h[1]:.3f}</b>")
+        per_class = result.get("val_iou") or result.get("val_per_class_accuracy") or result.get("val_ap_per_class")
+        if isinstance(per_class, dict):
+            rows.append("Per class: " + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()
+                                                  if isinstance(v, (int, float))))
+        if isinstance(result.get("epochs_run"), int):
+            rows.append(f"{result['epochs_run']} epochs, best at epoch {result.get('best_epoch')}"
+                        + (f" ({result['stopped']})" if result.get("stopped") else ""))
+        if isinstance(result.get("train_chips"), int):
+            rows.append(f"{result['train_chips']} training / {result.get('val_chips')} validation chips "
+                        "(validation blocks are spatially separate)")
+        rows.append(f"Installed as <code>{r.output}</code>")
+        text = QLabel("<br>".join(rows), self)
+        text.setTextFormat(Qt.RichText)
+        text.setWordWrap(True)
+        text.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.curves = QLabel(self)
+        png = Path(r.output) / "training_curves.png"
+        pix = QPixmap(str(png)) if png.is_file() else QPixmap()
+        if not pix.isNull():
+            self.curves.setPixmap(pix.scaledToWidth(min(640, pix.width()), Qt.SmoothTransformation))
+        else:
+            self.curves.setText("(no training curves in the package)")
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+        self.run_button = self.buttons.addButton(f"Run on '{r.layer_name}'…", QDialogButtonBox.AcceptRole)
+        self.run_button.setEnabled(can_run)
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(text)
+        layout.addWidget(self.curves)
+        layout.addWidget(self.buttons)
+
+    def accept(self) -> None:
+        self.run_requested = True
+        super().accept()
+
