@@ -162,7 +162,7 @@ class SarmaePlugin:
         background task for its request."""
         from .gui.run_dialog import RunDialog
 
-        dialog = RunDialog(self.iface.mainWindow())
+        dialog = RunDialog(self.iface.mainWindow(), canvas=self.iface.mapCanvas())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         if layer is not None:
             dialog.layer_combo.setLayer(layer)

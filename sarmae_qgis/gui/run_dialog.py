@@ -11,7 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qgis.core import Qgis, QgsMapLayerProxyModel, QgsRasterLayer
+from qgis.core import (
+    Qgis,
+    QgsCoordinateTransform,
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
@@ -45,18 +53,21 @@ from ..model_cards import (
 )
 from ..tasks.run_task import RunRequest, slug
 from ..toolbelt import settings
-from ..toolbelt.layers import band_names, raster_file
+from ..toolbelt.layers import band_names, pixel_window, raster_file
 from .about_dialog import ICON_PATH
 
 OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
+EXTENTS = ("Whole layer", "Map canvas extent", "Selected polygons of a layer")
 
 
 class RunDialog(QDialog):
     """Choose a raster layer, a model and options; ``request`` holds the result after Run."""
 
-    def __init__(self, parent: QWidget | None = None, models_folder: str | Path | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, models_folder: str | Path | None = None,
+                 canvas=None) -> None:
         super().__init__(parent)
         self.setWindowTitle("SARMAE: Run model")
+        self.canvas = canvas  # the map canvas (for "Map canvas extent"); None: that choice is disabled
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         self.request: RunRequest | None = None
         s = settings.load()
@@ -110,6 +121,16 @@ class RunDialog(QDialog):
         self.backend_combo.setCurrentText(s.backend)
         self.vectors_check = QCheckBox("Also write class polygons (segment)", self)
 
+        # extent
+        self.extent_combo = QComboBox(self)
+        self.extent_combo.addItems(EXTENTS)
+        if canvas is None:
+            self.extent_combo.model().item(1).setEnabled(False)
+        self.polygon_combo = QgsMapLayerComboBox(self)
+        self.polygon_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.polygon_combo.setEnabled(False)
+        self.extent_combo.currentIndexChanged.connect(lambda i: self.polygon_combo.setEnabled(i == 2))
+
         # output
         self.output_widget = QgsFileWidget(self)
         self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
@@ -134,6 +155,8 @@ class RunDialog(QDialog):
         model_row.addWidget(self.browse_button)
         inp.addRow("Model", model_row)
         inp.addRow("", self.card_label)
+        inp.addRow("Extent", self.extent_combo)
+        inp.addRow("Polygons", self.polygon_combo)
         opts = QGroupBox("Options", self)
         form = QFormLayout(opts)
         form.addRow("Window (px)", self.window_spin)
@@ -263,6 +286,7 @@ class RunDialog(QDialog):
             raise RequestError("Choose an output folder.")
         if Path(folder).exists() and not Path(folder).is_dir():
             raise RequestError(f"The output folder {folder} is a file; choose a folder.")
+        extent = self.pixel_extent(layer)
         name = self.name_edit.text().strip() or f"{card.name} on {layer.name()}"
         run_dir = Path(folder).expanduser() / f"{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
         overlap = self.overlap_spin.value()
@@ -272,7 +296,39 @@ class RunDialog(QDialog):
             overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             backend=self.backend_combo.currentText(),
-            vectors=card.task == "segment" and self.vectors_check.isChecked())
+            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent)
+
+    def pixel_extent(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
+        """The chosen extent as the layer's pixel window (None: the whole layer)."""
+        choice = self.extent_combo.currentIndex()
+        if choice == 0:
+            return None
+        if not layer.crs().isValid():
+            raise RequestError(f"Layer '{layer.name()}' has no CRS: only the whole layer can be run.")
+        project = QgsProject.instance()
+        if choice == 1:
+            if self.canvas is None:
+                raise RequestError("No map canvas here: choose the whole layer or selected polygons.")
+            rect = self.canvas.extent()
+            source_crs = self.canvas.mapSettings().destinationCrs()
+            what = "the map canvas extent"
+        else:
+            polygons = self.polygon_combo.currentLayer()
+            if not isinstance(polygons, QgsVectorLayer):
+                raise RequestError("Choose the polygon layer whose selected polygons give the extent.")
+            if polygons.selectedFeatureCount() == 0:
+                raise RequestError(f"No polygon is selected in '{polygons.name()}': select the polygons to run "
+                                   "on (Select Features tool), or choose another extent.")
+            rect = QgsRectangle(polygons.boundingBoxOfSelected())
+            source_crs = polygons.crs()
+            what = f"the selected polygons of '{polygons.name()}'"
+        if source_crs.isValid() and source_crs != layer.crs():
+            transform = QgsCoordinateTransform(source_crs, layer.crs(), project)
+            rect = transform.transformBoundingBox(rect)
+        try:
+            return pixel_window(layer, rect)
+        except SarmaePluginError as e:
+            raise RequestError(f"{what}: {e}") from e
 
     def show_error(self, message: str) -> None:
         self.message_bar.clearWidgets()

@@ -49,6 +49,7 @@ class RunRequest:
     device: str = "auto"
     backend: str = "auto"
     vectors: bool = False  # segment: also write class polygons
+    extent: tuple[int, int, int, int] | None = None  # (row, col, height, width) of the layer; None: all
 
     @property
     def output_path(self) -> str:
@@ -67,6 +68,8 @@ class RunRequest:
             opts["overlap"] = self.overlap
         if self.task == "segment" and self.vectors:
             opts["vector"] = True
+        if self.extent is not None:
+            opts["extent"] = list(self.extent)
         return opts
 
 

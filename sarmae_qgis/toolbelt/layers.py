@@ -7,9 +7,10 @@ database, a web service, memory or GDAL's virtual file systems must be saved to 
 
 from __future__ import annotations
 
+import math
 import os
 
-from qgis.core import QgsProviderRegistry, QgsRasterLayer
+from qgis.core import QgsProviderRegistry, QgsRasterLayer, QgsRectangle
 
 from ..errors import LayerError
 
@@ -47,3 +48,20 @@ def band_names(layer: QgsRasterLayer) -> list[str]:
         head, sep, tail = label.partition(":")
         names.append(tail.strip() if sep and tail.strip() else f"band {b}")
     return names
+
+
+def pixel_window(layer: QgsRasterLayer, rect: QgsRectangle) -> tuple[int, int, int, int]:
+    """(row_off, col_off, height, width) of the pixels of ``layer`` that ``rect`` (in the layer's
+    CRS) touches, clipped to the raster; :class:`LayerError` when they do not overlap."""
+    ext, w, h = layer.extent(), layer.width(), layer.height()
+    if w <= 0 or h <= 0 or ext.isEmpty():
+        raise LayerError(f"layer '{layer.name()}' has no pixel grid to take an extent of")
+    px, py = ext.width() / w, ext.height() / h
+    c0 = max(0, math.floor((rect.xMinimum() - ext.xMinimum()) / px))
+    c1 = min(w, math.ceil((rect.xMaximum() - ext.xMinimum()) / px))
+    r0 = max(0, math.floor((ext.yMaximum() - rect.yMaximum()) / py))
+    r1 = min(h, math.ceil((ext.yMaximum() - rect.yMinimum()) / py))
+    if c1 <= c0 or r1 <= r0:
+        raise LayerError(f"the chosen extent does not overlap layer '{layer.name()}': zoom to the layer or choose "
+                         "polygons over it")
+    return r0, c0, r1 - r0, c1 - c0

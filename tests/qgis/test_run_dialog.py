@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from osgeo import gdal
-from qgis.core import QgsRasterLayer
+from qgis.core import QgsCoordinateTransform, QgsRasterLayer
 
 from sarmae_qgis.errors import RequestError
 from sarmae_qgis.gui.run_dialog import RunDialog
@@ -161,3 +161,47 @@ def test_window_must_fit_the_patch_size(dialog):
     with pytest.raises(RequestError, match="multiple of the model's patch size"):
         dialog.build_request()
 
+
+
+def test_extent_from_selected_polygons_and_canvas(dialog, project):
+    """Selected polygons (any CRS) and the canvas extent become the layer's pixel window."""
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsFeature,
+        QgsGeometry,
+        QgsRectangle,
+        QgsVectorLayer,
+    )
+    from qgis.gui import QgsMapCanvas
+
+    select_model(dialog, "tiny-segment")
+    assert dialog.build_request().extent is None and "extent" not in dialog.build_request().options()
+    polygons = QgsVectorLayer("Polygon?crs=EPSG:32631", "aoi", "memory")
+    for wkt in ("POLYGON((500200 4499400, 500600 4499400, 500600 4499800, 500200 4499800, 500200 4499400))",
+                "POLYGON((502000 4490000, 502100 4490000, 502100 4490100, 502000 4490000))"):  # outside
+        f = QgsFeature()
+        f.setGeometry(QgsGeometry.fromWkt(wkt))
+        polygons.dataProvider().addFeature(f)
+    project.addMapLayer(polygons)
+    dialog.extent_combo.setCurrentIndex(2)
+    dialog.polygon_combo.setLayer(polygons)
+    with pytest.raises(RequestError, match="No polygon is selected in 'aoi'"):
+        dialog.build_request()
+    polygons.selectByIds([1])
+    request = dialog.build_request()
+    assert request.extent == (10, 10, 20, 20) and request.options()["extent"] == [10, 10, 20, 20]
+    polygons.selectByIds([2])
+    with pytest.raises(RequestError, match="does not overlap layer 'scene'"):
+        dialog.build_request()
+
+    canvas = QgsMapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    canvas.resize(400, 400)
+    dialog.canvas = canvas
+    dialog.extent_combo.setCurrentIndex(1)
+    # the canvas shows (in degrees) the area of UTM 500200..500600 E, 4499400..4499800 N
+    to_wgs = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:32631"),
+                                    QgsCoordinateReferenceSystem("EPSG:4326"), project)
+    canvas.setExtent(to_wgs.transformBoundingBox(QgsRectangle(500200, 4499400, 500600, 4499800)))
+    r, c, h, w = dialog.build_request().extent
+    assert 8 <= r <= 10 and 8 <= c <= 10 and 20 <= h <= 24 and 20 <= w <= 24  # reprojected: a pixel or two more

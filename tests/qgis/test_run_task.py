@@ -124,3 +124,16 @@ def test_failure_and_cancel_are_reported_without_layers(assets, tmp_path, projec
     assert bar.messages[-1][2] == Qgis.Info and "cancelled" in bar.messages[-1][1]
     assert project.layerTreeRoot().children() == [] and project.count() == 0
     assert not Path(cancelled.request.output_path).exists()
+
+
+def test_run_on_an_extent_writes_only_that_window(assets, tmp_path, project):
+    """The dialog's extent (a pixel window) reaches the engine: outputs cover just that window,
+    on the input's grid."""
+    task = RunTask(request_for(assets, tmp_path, "segment", extent=(10, 12, 32, 40), batch_size=8),
+                   message_bar=FakeMessageBar())
+    assert run_now(task), task.error
+    classes = next(layer for layer in task.layers if layer.name().endswith("classes"))
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    assert (classes.width(), classes.height()) == (40, 32)
+    assert classes.extent().xMinimum() == pytest.approx(scene.extent().xMinimum() + 12 * 20.0)
+    assert classes.extent().yMaximum() == pytest.approx(scene.extent().yMaximum() - 10 * 20.0)
