@@ -55,8 +55,9 @@ def _finetune_config(a: argparse.Namespace):
     from .finetune.config import FinetuneConfig
 
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
-         "shots": a.shots, "max_minutes": a.max_minutes}
-    for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device"):
+         "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
+    for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
+              "bands", "input_units", "class_weights", "max_chips"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -69,36 +70,44 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     from engine.errors import SarmaeError
 
+    from .finetune.common import progress_line
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = _finetune_config(a)
 
     def progress(row: dict) -> None:
         if not a.quiet:
-            metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
-            print(f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, "
-                  f"val {metric} {row[metric]:.4f} (best {row['best']:.4f}), {row['elapsed_s']:.0f} s", file=sys.stderr)
+            print(progress_line(row), file=sys.stderr, flush=True)
 
+    if a.chips and a.raster:
+        raise SarmaeError("give one kind of training data: --chips DIR, or --raster R with labels (not both)")
     if a.chips:
         if a.task != "classify":
             raise SarmaeError("--chips (class folders) is for --task classify; dense tasks take --raster with labels")
         from .finetune.classify import finetune_classifier
 
-        r = finetune_classifier(a.chips, a.output, cfg, progress, overwrite=a.overwrite)
+        r = finetune_classifier(a.chips, a.output, cfg, progress, overwrite=a.overwrite, colours=a.colours,
+                                classes=a.classes)
     elif a.raster:
         if not (a.labels and a.class_field) and not a.label_raster:
             raise SarmaeError("with --raster give --labels VECTOR --class-field NAME, or --label-raster RASTER")
-        kw = dict(labels=a.labels, class_field=a.class_field, progress=progress, overwrite=a.overwrite)
+        kw = dict(labels=a.labels, class_field=a.class_field, classes=a.classes, colours=a.colours,
+                  progress=progress, overwrite=a.overwrite)
         if a.task == "segment":
             from .finetune.segment import finetune_segmenter
 
-            r = finetune_segmenter(a.raster, a.output, cfg, label_raster=a.label_raster, background=a.background,
-                                   classes=a.classes, **kw)
+            r = finetune_segmenter(a.raster, a.output, cfg, label_raster=a.label_raster, background=a.background, **kw)
         elif a.task == "detect":
+            if a.label_raster:
+                raise SarmaeError("detection learns boxes from polygons: give --labels VECTOR --class-field NAME")
             from .finetune.detect import finetune_detector
 
-            r = finetune_detector(a.raster, a.output, cfg, classes=a.classes, **kw)
+            r = finetune_detector(a.raster, a.output, cfg, **kw)
         else:
-            raise SarmaeError("classification from rasters and polygons is not supported yet; use --chips DIR")
+            from .finetune.classify import finetune_classifier
+
+            r = finetune_classifier(None, a.output, cfg, rasters=a.raster, label_raster=a.label_raster,
+                                    background=a.background, **kw)
     else:
         raise SarmaeError("give the training data: --chips DIR, or --raster R with --labels/--label-raster")
     r.pop("history", None)
@@ -111,14 +120,23 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from engine.errors import SarmaeError
+    from engine.package import read_card
 
-    from .evaluate import evaluate_chips, evaluate_raster
+    from .evaluate import evaluate_chips, evaluate_chips_from_rasters, evaluate_raster
 
     png = Path(a.report) if a.report else Path("evaluation_confusion.png")
+    task = read_card(a.package).task
     if a.chips:
         r = evaluate_chips(a.package, a.chips, png)
+    elif a.raster and task == "segment":
+        if len(a.raster) > 1:
+            raise SarmaeError("segmentation evaluation takes one --raster (run it once per raster)")
+        options = {"bands": a.bands, "input_units": a.input_units}
+        r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster,
+                            {k: v for k, v in options.items() if v})
     elif a.raster:
-        r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster)
+        r = evaluate_chips_from_rasters(a.package, a.raster, png, a.labels, a.class_field, a.label_raster, a.bands,
+                                        a.input_units, a.background, a.max_chips or 2000)
     else:
         raise SarmaeError("give the evaluation data: --chips DIR, or --raster R with --labels/--label-raster")
     r.pop("confusion", None)
@@ -128,6 +146,30 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bands(text: str) -> list[int | str]:
+    """'VV,VH' or '2,1' (1-based indexes), as ``sarmae infer --bands``."""
+    return [int(t) if t.isdigit() else t for t in _csv(text)]
+
+
+def _class_weights(text: str) -> str | list[float]:
+    """'auto' (inverse pixel frequency), 'none', or one number per class: '1,3.5'."""
+    if text.strip().lower() in ("auto", "inverse", "none"):
+        return text.strip().lower()
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': use auto, none, or one number per class, e.g. 1,3.5") from None
+
+
+def _data_options(s) -> None:
+    """The options that read rasters the way ``sarmae infer`` does."""
+    s.add_argument("--bands", type=_bands, help="raster bands in the model's order, 1-based indexes or names, "
+                                                "e.g. VV,VH or 2,1 (as sarmae infer --bands)")
+    s.add_argument("--input-units", help="what the data holds, overriding detection: db | linear_power | "
+                                         "amplitude | uint8 (as sarmae infer --input-units)")
+    s.add_argument("--max-chips", type=int, help="at most this many chips sampled from the rasters (default 2000)")
 
 
 def register(sub) -> None:
@@ -154,12 +196,20 @@ def register(sub) -> None:
     s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init")
     s.add_argument("--output", "-o", required=True, help="model package to write")
     s.add_argument("--chips", help="classification: folder with one sub-folder of chips per class")
-    s.add_argument("--raster", action="append", help="raster(s) to train on (segment/detect)")
+    s.add_argument("--raster", action="append", help="raster to train on (repeat for several); with --labels or "
+                                                     "--label-raster")
     s.add_argument("--labels", help="vector file (GeoPackage/Shapefile/GeoJSON) with labelled polygons")
     s.add_argument("--class-field", help="the attribute holding the class name in --labels")
-    s.add_argument("--label-raster", help="a class raster on the raster's grid (instead of --labels)")
+    s.add_argument("--label-raster", help="segment/classify: a class raster on the raster's grid (instead of --labels)")
     s.add_argument("--classes", type=_csv, help="class names in order (default: sorted values found)")
-    s.add_argument("--background", help="segment: name of the class for unlabelled pixels (default: ignored)")
+    s.add_argument("--colours", type=_csv, help="one #rrggbb per class, in --classes order (default: a palette)")
+    s.add_argument("--background", help="segment: class of unlabelled pixels; classify: class of chips touching no "
+                                        "polygon (default: none, unlabelled areas are ignored)")
+    _data_options(s)
+    s.add_argument("--class-weights", type=_class_weights,
+                   help="segment: auto (inverse pixel frequency), none, or one weight per class (default: none)")
+    s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
+                                                              "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
@@ -180,9 +230,12 @@ def register(sub) -> None:
                        description="Evaluate a package on data it never saw; prints one JSON object.")
     s.add_argument("package")
     s.add_argument("--chips", help="classification: class folders (matched to the model's classes by name)")
-    s.add_argument("--raster", action="append", help="raster to evaluate on (segment)")
-    s.add_argument("--labels", help="vector labels")
+    s.add_argument("--raster", action="append", help="raster to evaluate on (segment: one; classify/detect: repeat "
+                                                     "for several)")
+    s.add_argument("--labels", help="vector labels (classes matched to the model's by name)")
     s.add_argument("--class-field", help="class attribute of --labels")
-    s.add_argument("--label-raster", help="class raster on the raster's grid")
+    s.add_argument("--label-raster", help="class raster on the raster's grid (segment, classify)")
+    s.add_argument("--background", help="classify with --labels: the model's class for chips touching no polygon")
+    _data_options(s)
     s.add_argument("--report", help="confusion-matrix PNG path (default: evaluation_confusion.png)")
     s.set_defaults(func=cmd_evaluate)

@@ -5,9 +5,13 @@
 - segment + ``--raster R`` with ``--label-raster L`` or ``--labels V --class-field F``: the model runs
   over the raster with the engine (exactly as ``sarmae infer``), and its class raster is compared
   with the labels where they exist: per-class IoU, mean IoU, pixel accuracy.
-- detect + ``--raster R --labels V --class-field F``: detections vs labelled boxes: mAP@0.5 and
-  mAP@[.5:.95].
-A confusion-matrix PNG is written next to ``--report`` (default: evaluation_confusion.png).
+- classify / detect + ``--raster R`` with ``--labels V --class-field F`` (classify also
+  ``--label-raster L``): chips sampled from the labels exactly as fine-tuning samples them
+  (``finetune.labels.build_chips``, centred, no split), read through the package's input contract;
+  classify: accuracy, per-class accuracy, confusion matrix; detect: mAP@0.5 and mAP@[.5:.95] of
+  the detections on those chips against the labelled boxes. Label classes are matched to the
+  model's BY NAME; the others are reported (``unknown_classes``) and left out.
+A confusion-matrix PNG is written to ``--report`` (default: evaluation_confusion.png).
 """
 
 from __future__ import annotations
@@ -51,6 +55,54 @@ def evaluate_chips(package: str, chips_dir: str, png: Path) -> dict:
     return {"task": "classify", "accuracy": m["accuracy"], "per_class_accuracy": m["per_class_accuracy"],
             "n": m["n"], "unknown_classes": unknown,
             "skipped_chips": int((~keep).sum()), "confusion_matrix_png": str(png), "confusion": m["confusion"]}
+
+
+def evaluate_chips_from_rasters(package: str, rasters: list[str], png: Path, labels: str | None = None,
+                                class_field: str | None = None, label_raster: str | None = None,
+                                bands: list | None = None, input_units: str | None = None,
+                                background: str | None = None, max_chips: int = 2000) -> dict:
+    """A classify / detect package on chips sampled from raster(s) + labels (see the module docstring);
+    ``background``: classify, the model's class for chips touching no polygon (else none are made);
+    ``max_chips``: at most this many chips (seeded, balanced over classes for classify)."""
+    import torch
+
+    from .finetune.labels import build_chips
+    from .finetune.metrics import classification_metrics
+
+    pkg = load_package(package)
+    card = pkg.card
+    if card.task not in ("classify", "detect"):
+        raise SarmaeError(f"{package} is a '{card.task}' model; chips from rasters evaluate classify and detect models")
+    if card.task == "detect" and not (labels and class_field):
+        raise SarmaeError("detection evaluation needs --labels VECTOR --class-field NAME (one box per polygon)")
+    if not (labels and class_field) and not label_raster:
+        raise SarmaeError("give --labels VECTOR with --class-field NAME, or --label-raster RASTER")
+    names = card.class_names
+    if background and background not in names:
+        raise SarmaeError(f"--background '{background}' is not a class of {package} ({', '.join(names)})")
+    chips = build_chips(rasters, card.input, card.input_size[0], card.task, labels=labels, class_field=class_field,
+                        label_raster=None if labels else label_raster, classes=names, bands=bands,
+                        input_units=input_units, background=background if card.task == "classify" else None,
+                        evaluation=True, max_chips=max_chips)
+    out = {"task": card.task, "chips": len(chips.x), "unknown_classes": sorted(chips.unknown_classes),
+           "skipped_features": sum(chips.unknown_classes.values()), "log": chips.log, "warnings": chips.warnings}
+    with torch.no_grad():
+        if card.task == "classify":
+            pred = torch.cat([pkg.model(chips.x[i:i + 64].float()).argmax(1) for i in range(0, len(chips.x), 64)])
+            m = classification_metrics(chips.labels, pred.numpy(), names)
+            confusion_png(m["confusion"], names, png, "confusion matrix (evaluation)")
+            return {**out, "accuracy": m["accuracy"], "per_class_accuracy": m["per_class_accuracy"], "n": m["n"],
+                    "confusion_matrix_png": str(png), "confusion": m["confusion"]}
+        from .finetune.detect import detection_metrics
+
+        preds = []
+        for i in range(0, len(chips.x), 16):
+            preds += [{k: v.cpu() for k, v in o.items()} for o in pkg.model(list(chips.x[i:i + 16].float()))]
+    targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lb)}
+               for b, lb in zip(chips.boxes, chips.box_labels)]
+    m = detection_metrics(preds, targets, names)
+    return {**out, "map_50": m["map_50"], "map": m["map"], "ap_per_class": m["ap_per_class"], "boxes": m["boxes"],
+            "detections": m["detections"]}
 
 
 def _reference_raster(raster: str, labels: str | None, class_field: str | None, label_raster: str | None,
@@ -101,6 +153,7 @@ def _reference_raster(raster: str, labels: str | None, class_field: str | None, 
 
 def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = None, class_field: str | None = None,
                     label_raster: str | None = None, options: dict | None = None) -> dict:
+    """A segment package run over ``raster`` by the engine, against the labels (pixel metrics)."""
     import rasterio
 
     from engine.inference import InferenceOptions, run_inference
@@ -108,7 +161,8 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     pkg = load_package(package)
     card = pkg.card
     if card.task != "segment":
-        raise SarmaeError(f"{package} is a '{card.task}' model; raster evaluation here covers segmentation")
+        raise SarmaeError(f"{package} is a '{card.task}' model; raster evaluation here covers segmentation "
+                          "(classify and detect: evaluate_chips_from_rasters)")
     if not (labels and class_field) and not label_raster:
         raise SarmaeError("give --label-raster, or --labels with --class-field")
     names = card.class_names

@@ -16,9 +16,12 @@ Progress = Callable[[float, str], None]
 
 
 def finetune(params: dict, progress: Progress, should_cancel: Callable[[], bool]) -> dict:
-    """params: task, output, encoder, and either chips, or rasters + labels + class_field, or
-    rasters + label_raster; optional classes, background, overwrite, and FinetuneConfig fields under
-    "config" (epochs, max_minutes, shots, linear_probe, seed, ...)."""
+    """params: kind (classify | segment | detect), output, encoder, and either chips (classify), or
+    rasters + labels + class_field, or rasters + label_raster (segment, classify); optional classes,
+    colours (one '#rrggbb' per class, in ``classes`` order, or {name: colour}), background,
+    overwrite, and FinetuneConfig fields under "config" (epochs, max_minutes, shots, linear_probe,
+    seed, bands, input_units, class_weights, max_chips, export_onnx, ...)."""
+    from .finetune.common import progress_line
     from .finetune.config import FinetuneConfig
 
     task = params.get("task_name") or params.get("finetune_task") or params.get("kind")
@@ -33,32 +36,37 @@ def finetune(params: dict, progress: Progress, should_cancel: Callable[[], bool]
     def on_epoch(row: dict) -> None:
         if should_cancel():
             raise CancelledError("fine-tuning cancelled by the user; no package was written")
-        metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
-        progress((row["epoch"] + 1) / row["epochs"],
-                 f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, val {metric} {row[metric]:.4f}")
+        progress((row["epoch"] + 1) / row["epochs"], progress_line(row))
 
     overwrite = bool(params.get("overwrite"))
-    if task == "classify":
+    rasters = params.get("rasters") or []
+    kw = dict(classes=params.get("classes"), colours=params.get("colours"), overwrite=overwrite)
+    if task == "classify" and params.get("chips") and not rasters:
         from .finetune.classify import finetune_classifier
 
-        if not params.get("chips"):
-            raise SarmaeError("classification fine-tuning needs 'chips': a folder with one sub-folder per class")
-        result = finetune_classifier(params["chips"], params["output"], cfg, on_epoch, overwrite=overwrite)
+        return _done(finetune_classifier(params["chips"], params["output"], cfg, on_epoch, **kw))
+    if not rasters:
+        raise SarmaeError(f"{task} fine-tuning needs 'rasters' with 'labels' + 'class_field' or 'label_raster'"
+                          + (", or 'chips': a folder with one sub-folder per class" if task == "classify" else ""))
+    kw.update(labels=params.get("labels"), class_field=params.get("class_field"), progress=on_epoch)
+    if task == "segment":
+        from .finetune.segment import finetune_segmenter
+
+        result = finetune_segmenter(rasters, params["output"], cfg, label_raster=params.get("label_raster"),
+                                    background=params.get("background"), **kw)
+    elif task == "classify":
+        from .finetune.classify import finetune_classifier
+
+        result = finetune_classifier(None, params["output"], cfg, rasters=rasters, label_raster=params.get("label_raster"),
+                                     background=params.get("background"), **kw)
     else:
-        rasters = params.get("rasters") or []
-        if not rasters:
-            raise SarmaeError(f"{task} fine-tuning needs 'rasters'")
-        kw = dict(labels=params.get("labels"), class_field=params.get("class_field"), classes=params.get("classes"),
-                  progress=on_epoch, overwrite=overwrite)
-        if task == "segment":
-            from .finetune.segment import finetune_segmenter
+        from .finetune.detect import finetune_detector
 
-            result = finetune_segmenter(rasters, params["output"], cfg, label_raster=params.get("label_raster"),
-                                        background=params.get("background"), **kw)
-        else:
-            from .finetune.detect import finetune_detector
+        result = finetune_detector(rasters, params["output"], cfg, **kw)
+    return _done(result)
 
-            result = finetune_detector(rasters, params["output"], cfg, **kw)
+
+def _done(result: dict) -> dict:
     result.pop("history", None)
     return result
 

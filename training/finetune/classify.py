@@ -1,9 +1,13 @@
-"""Classification fine-tuning on ImageFolder-style chip folders (one sub-folder per class).
+"""Classification fine-tuning: ``finetune_classifier``, from ImageFolder-style chip folders (one
+sub-folder per class) or from rasters with labelled polygons / a class raster.
 
-Chips are scaled to [0, 1] by the pretraining data rule (training/data/scaling.py: 8-bit /255,
-calibrated data -> dB -> clip -> [0, 1]), resized to the model input, normalised with the encoder's
-mean/std, and cached in memory (small chip sets). Validation: a stratified held-out share of each
-class; ``shots`` keeps N training chips per class (seeded).
+Folder chips are scaled to [0, 1] by the pretraining data rule (training/data/scaling.py: 8-bit
+/255, calibrated data -> dB -> clip -> [0, 1]), resized to the model input, normalised with the
+encoder's mean/std, and cached in memory (small chip sets); validation: a stratified held-out
+share of each class. Raster chips come from ``labels.build_chips`` (task "classify": centred
+inside the polygons, read through the encoder's input contract, spatial block split). ``shots``
+keeps N training chips per class (seeded). Output: a ``classify`` package (``sarmae infer`` writes
+a grid of labelled windows) with metrics, training curves and the confusion matrix inside.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.config import DataConfig
-from .common import FinetuneError, fit, plot_history, start
+from .common import FinetuneError, class_colours, fit, save_task_package, start
 from .config import FinetuneConfig
-from .metrics import classification_metrics, confusion_png
+from .labels import build_chips, chip_provenance
+from .metrics import classification_metrics
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -58,6 +63,22 @@ def class_folders(root: str | Path) -> ChipSet:
     return ChipSet(used, files, np.array([remap[k] for k in labels], dtype=np.int64))
 
 
+def take_shots(labels: np.ndarray, idx: np.ndarray, shots: int | None, classes: list[str],
+               rng: np.random.Generator | None) -> np.ndarray:
+    """At most ``shots`` of the samples ``idx`` per class (all when None): a seeded draw, or the
+    first ones when ``rng`` is None (``idx`` already shuffled); a warning when a class has fewer."""
+    if shots is None:
+        return idx
+    keep = []
+    for k, c in enumerate(classes):
+        have = idx[labels[idx] == k]
+        have = rng.permutation(have) if rng is not None else have
+        if len(have) < shots:
+            log.warning("class %s has only %d training chips (< %d shots)", c, len(have), shots)
+        keep += have[:shots].tolist()
+    return np.array(sorted(keep), dtype=np.int64)
+
+
 def split(chips: ChipSet, val_fraction: float, shots: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split: per class, a held-out val share, then ``shots`` training chips (seeded)."""
     rng = np.random.default_rng(seed)
@@ -66,13 +87,9 @@ def split(chips: ChipSet, val_fraction: float, shots: int | None, seed: int) -> 
         idx = rng.permutation(np.flatnonzero(chips.labels == k))
         n_val = int(round(val_fraction * len(idx))) if len(idx) > 1 else 0
         val += idx[:n_val].tolist()
-        rest = idx[n_val:]
-        if shots is not None:
-            if len(rest) < shots:
-                log.warning("class %s has only %d training chips (< %d shots)", chips.classes[k], len(rest), shots)
-            rest = rest[:shots]
-        train += rest.tolist()
-    return np.array(sorted(train)), np.array(sorted(val))
+        train += idx[n_val:].tolist()
+    train = take_shots(chips.labels, np.array(train, dtype=np.int64), shots, chips.classes, None)
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
 
 
 def load_tensors(files: list[str], size: int, in_chans: int, mean: list[float], std: list[float],
@@ -117,73 +134,115 @@ def contract_for(kind: str, enc_input: dict, in_chans: int, clip_db) -> dict:
     return {**enc_input, "units": units, "clip": clip}
 
 
-def finetune_classifier(chips_dir: str | Path, output: str | Path, cfg: FinetuneConfig, progress=None,
-                        overwrite: bool = False) -> dict:
-    """Fine-tune (or linear-probe) a classifier; write a classify package with metrics and plots."""
-    from engine.models.heads import ViTClassifier
-    from engine.package import default_classes, new_card, save_package
+@dataclass
+class _Data:
+    """Classification data in memory, from either source."""
 
+    classes: list[str]
+    x: torch.Tensor  # (N, C, S, S) normalised model input (float32 from folders, float16 from rasters)
+    y: np.ndarray  # (N,) int64 class index
+    train: np.ndarray  # indices
+    val: np.ndarray
+    contract: dict  # the package's input contract
+    prov: dict  # what provenance records about the data
+    result: dict  # extra fields of the result (decisions and warnings of the raster path)
+
+
+def _from_folders(chips_dir, cfg: FinetuneConfig, enc_input: dict, size: int, in_chans: int) -> _Data:
+    if cfg.bands:
+        raise FinetuneError("--bands picks raster bands; chips in class folders are mapped to the encoder's channels "
+                            "automatically (leave --bands out, or train from --raster with --labels)")
+    chips = class_folders(chips_dir)
+    tr, va = split(chips, cfg.val_fraction, cfg.shots, cfg.seed)
+    if len(va) == 0:
+        raise FinetuneError(f"{chips_dir}: no validation chips; put more chips in each class folder or raise "
+                            "--val-fraction")
+    clip_db = (-35.0, 10.0) if enc_input["units"] != "db" else tuple(enc_input["clip"])
+    units = cfg.input_units if cfg.input_units != "uint8" else None  # 8-bit chips are always /255
+    x, kind = load_tensors(chips.files, size, in_chans, enc_input["mean"], enc_input["std"], units=units,
+                           clip_db=clip_db)
+    prov = {"task_data": str(chips_dir), "train_chips": int(len(tr)), "val_chips": int(len(va)),
+            "split": "stratified per class (seeded)", "shots": cfg.shots}
+    return _Data(chips.classes, x, chips.labels, tr, va, contract_for(kind, enc_input, in_chans, clip_db), prov, {})
+
+
+def _from_rasters(rasters, cfg: FinetuneConfig, enc_input: dict, size: int, **kw) -> _Data:
+    chips = build_chips(rasters, enc_input, size, "classify", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        bands=cfg.bands, input_units=cfg.input_units, max_chips=cfg.max_chips, **kw)
+    va = np.flatnonzero(chips.split)
+    tr = take_shots(chips.labels, np.flatnonzero(~chips.split), cfg.shots, chips.classes,
+                    np.random.default_rng(cfg.seed))
+    src = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
+           "labels": str(kw["labels"]) if kw.get("labels") else None, "class_field": kw.get("class_field"),
+           "label_raster": str(kw["label_raster"]) if kw.get("label_raster") else None,
+           "background": kw.get("background"), "shots": cfg.shots,
+           "chips": "centred inside labelled polygons (class raster cells); label = that polygon's class",
+           **chip_provenance(chips), "train_chips": int(len(tr))}
+    return _Data(chips.classes, chips.x, chips.labels, tr, va, dict(enc_input), src,
+                 {"log": chips.log, "warnings": chips.warnings})
+
+
+def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: FinetuneConfig, progress=None,
+                        overwrite: bool = False, *, rasters: list[str] | str | None = None, labels: str | None = None,
+                        class_field: str | None = None, label_raster: str | None = None,
+                        classes: list[str] | None = None, background: str | None = None,
+                        colours: dict[str, str] | list[str] | None = None) -> dict:
+    """Fine-tune (or linear-probe) a classifier; write a classify package with metrics and plots.
+
+    Data: ``chips_dir`` (one sub-folder of chips per class, stratified validation share), or
+    ``rasters`` with ``labels`` + ``class_field`` (polygons) or ``label_raster``: chips centred
+    inside the labelled polygons, several per large polygon, labelled with its class, validation
+    by spatial blocks (``labels.build_chips``); ``background`` names the class of chips that touch
+    no polygon (else there are none). ``cfg.shots`` keeps N training chips per class (seeded);
+    a batch larger than the training set is lowered to it.
+    """
+    from engine.models.heads import ViTClassifier
+
+    if (chips_dir is None) == (not rasters):
+        raise FinetuneError("give the classification data: a chip folder, or raster(s) with labelled polygons "
+                            "(--labels, --class-field) or a label raster (not both)")
+    if rasters and ((labels is None) == (label_raster is None) or (labels is not None and not class_field)):
+        raise FinetuneError("give the labels: a vector file with its class field, or a label raster (not both)")
     t0 = time.time()
     device, enc, size = start(cfg)
     c = enc.model.in_chans
-    chips = class_folders(chips_dir)
-    tr, va = split(chips, cfg.val_fraction, cfg.shots, cfg.seed)
-    if len(tr) < len(chips.classes):
-        raise FinetuneError(f"only {len(tr)} training chips for {len(chips.classes)} classes")
-    if len(va) == 0:
-        raise FinetuneError("no validation chips: use more chips per class or a larger val_fraction")
-    clip_db = (-35.0, 10.0) if enc.input["units"] != "db" else tuple(enc.input["clip"])
-    x, kind = load_tensors(chips.files, size, c, enc.input["mean"], enc.input["std"], clip_db=clip_db)
-    y = torch.from_numpy(chips.labels)
+    if chips_dir is not None:
+        data = _from_folders(chips_dir, cfg, enc.input, size, c)
+    else:
+        data = _from_rasters(rasters, cfg, enc.input, size, labels=labels, class_field=class_field,
+                             label_raster=label_raster, classes=classes, background=background)
+    colours = class_colours(data.classes, colours, classes)
+    k, tr, va = len(data.classes), data.train, data.val
+    if len(tr) < k:
+        raise FinetuneError(f"only {len(tr)} training chips for {k} classes ({', '.join(data.classes)})")
     bs = min(cfg.batch_size, len(tr))
-    g = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[tr], y[tr]), batch_size=bs,
-                                               shuffle=True, drop_last=len(tr) >= 2 * bs, generator=g)
-    model = ViTClassifier(enc.model, len(chips.classes)).to(device)
+    if bs < cfg.batch_size:
+        log.warning("only %d training chips: batch size lowered from %d to %d", len(tr), cfg.batch_size, bs)
+    y = torch.from_numpy(data.y)
+    loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
+                                         drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
+    model = ViTClassifier(enc.model, k).to(device)
 
-    def train_step(m, batch):
-        xb, yb = batch
+    def train_step(m, idx):
+        xb = data.x[idx].float()
         xb = augment(xb) if cfg.augment else xb
-        return F.cross_entropy(m(xb.to(device)), yb.to(device), label_smoothing=cfg.label_smoothing)
-
-    def predict(m, xs: torch.Tensor) -> np.ndarray:
-        return torch.cat([m(xs[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(xs), 256)]).numpy()
+        return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     def evaluate(m):
-        return classification_metrics(chips.labels[va], predict(m, x[va]), chips.classes)
+        pred = torch.cat([m(data.x[va[i:i + 256]].float().to(device)).argmax(1).cpu() for i in range(0, len(va), 256)])
+        return classification_metrics(data.y[va], pred.numpy(), data.classes)
 
-    log.info("%s; %d classes, %d train / %d val chips%s, %d px, %s", enc.report, len(chips.classes), len(tr), len(va),
+    log.info("%s; %d classes, %d train / %d val chips%s, %d px, %s", enc.report, k, len(tr), len(va),
              f" ({cfg.shots}-shot)" if cfg.shots else "", size, "linear probe" if cfg.linear_probe else "full fine-tune")
-    hist = fit(model, train_step, evaluate, train_loader, cfg, device, "accuracy", progress)
+    hist = fit(model, train_step, evaluate, loader, cfg, device, "accuracy", progress)
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
-    out = Path(output)
-    arch = {"name": _arch_name(enc.model), "encoder": enc.model.cfg.to_dict(), "head": {}}
-    arch["encoder"]["drop_path_rate"] = 0.0
-    contract = contract_for(kind, enc.input, c, clip_db)
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped}
-    prov = {"encoder": enc.source, "task_data": str(chips_dir), "train_chips": int(len(tr)), "val_chips": int(len(va)),
-            "shots": cfg.shots, "seed": cfg.seed, "mode": "linear probe" if cfg.linear_probe else "fine-tune",
-            "metrics": metrics, "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
-    card = new_card(out.stem, "classify", arch, contract, default_classes(chips.classes), prov)
-    pngs = {}
-    tmp = Path(str(out) + ".plots")
-    tmp.mkdir(parents=True, exist_ok=True)
-    plot_history(hist, "accuracy", tmp / "training_curves.png")
-    confusion_png(final["confusion"], chips.classes, tmp / "confusion_matrix.png")
-    for name in ("training_curves.png", "confusion_matrix.png"):
-        pngs[name] = (tmp / name).read_bytes()
-    for p in tmp.iterdir():
-        p.unlink()
-    tmp.rmdir()
-    save_package(model.cpu().state_dict(), card, out, extra_files=pngs, overwrite=overwrite)
-    return {"package": str(out), **metrics, "history": {"val_accuracy": hist.val_score, "train_loss": hist.train_loss}}
-
-
-def _arch_name(vit) -> str:
-    from engine.models.registry import size_of
-
-    size = size_of(vit.cfg)
-    return f"vit_{size}_patch16" if size and vit.patch_size == 16 else "custom"
+    out = save_task_package(model, enc, "classify", {}, data.classes, data.contract, output, cfg, hist, "accuracy",
+                            metrics, {**data.prov, "batch_size": bs}, t0, cm=final["confusion"], overwrite=overwrite,
+                            colours=colours)
+    return {"package": str(out), **metrics, "classes": data.classes, "train_chips": int(len(tr)),
+            "val_chips": int(len(va)), **data.result, "seconds": round(time.time() - t0, 1),
+            "history": {"val_accuracy": hist.val_score, "train_loss": hist.train_loss}}

@@ -6,7 +6,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from engine.package import default_input
 
 from ..optim import lr_at
 from .config import FinetuneConfig
+from .metrics import confusion_png
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -172,8 +176,11 @@ def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader
             hist.best_score, hist.best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
         if progress is not None:
+            now = time.time()
+            eta = (now - t0) / (epoch + 1) * (cfg.epochs - epoch - 1)
             progress({"epoch": epoch, "epochs": cfg.epochs, "train_loss": hist.train_loss[-1], metric_name: score,
-                      "best": hist.best_score, "elapsed_s": time.time() - t0})
+                      "metric": metric_name, "best": hist.best_score, "elapsed_s": now - t0,
+                      "eta_s": min(eta, max(0.0, deadline - now)) if deadline else eta})
         if deadline and time.time() > deadline:
             hist.stopped = f"time budget of {cfg.max_minutes} min reached after epoch {epoch}"
             break
@@ -183,6 +190,20 @@ def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader
     if best_state is not None:
         model.load_state_dict(best_state)
     return hist
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def progress_line(row: dict) -> str:
+    """One epoch of ``fit``'s progress as text: 'epoch 3/50: loss 0.41, val accuracy 0.82 (best 0.85),
+    12 s, ETA 3 min 10 s' (the rest of the epochs at the mean pace so far, within the time budget;
+    early stopping may end sooner)."""
+    m = row["metric"]
+    return (f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, val {m} {row[m]:.4f} "
+            f"(best {row['best']:.4f}), {_duration(row['elapsed_s'])}, ETA {_duration(row['eta_s'])}")
 
 
 def plot_history(hist: History, metric_name: str, png: Path) -> None:
@@ -205,8 +226,91 @@ def plot_history(hist: History, metric_name: str, png: Path) -> None:
     plt.close(fig)
 
 
+def arch_name(vit) -> str:
+    """'vit_<size>_patch<p>' for a named encoder size, else 'custom'."""
+    from engine.models.registry import size_of
+
+    size = size_of(vit.cfg)
+    return f"vit_{size}_patch{vit.cfg.patch_size}" if size else "custom"
+
+
+def class_colours(classes: list[str], colours: dict[str, str] | list[str] | None,
+                  given: list[str] | None = None) -> dict[str, str]:
+    """{class: '#rrggbb'} from a dict, or from a list aligned with ``given`` (the user's class order,
+    else ``classes``); FinetuneError on a malformed colour or a list of the wrong length."""
+    if not colours:
+        return {}
+    if not isinstance(colours, dict):
+        names = list(given or classes)
+        if len(colours) != len(names):
+            raise FinetuneError(f"{len(colours)} colour(s) given for {len(names)} class(es) ({', '.join(names)}); "
+                                "give one '#rrggbb' per class, in the class order")
+        colours = dict(zip(names, colours))
+    bad = [c for c in colours.values() if not (isinstance(c, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", c))]
+    if bad:
+        raise FinetuneError(f"colour(s) {bad} are not '#rrggbb'")
+    return {str(k): str(v) for k, v in colours.items()}
+
+
+def save_task_package(model: nn.Module, enc: Encoder, task: str, head: dict, classes: list[str], contract: dict,
+                      output: str | Path, cfg: FinetuneConfig, hist: History, metric: str, metrics: dict,
+                      data: dict, t0: float, cm=None, overwrite: bool = False,
+                      colours: dict[str, str] | None = None) -> Path:
+    """Write a task package: input contract, classes + colours, provenance (encoder, ``data``,
+    metrics, config), training_curves.png and (when ``cm``) confusion_matrix.png inside, and with
+    ``cfg.export_onnx`` a model.onnx checked against torch (the engine's exporter)."""
+    from engine.package import default_classes, new_card, save_package
+
+    out = Path(output)
+    arch = {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0}, "head": head}
+    prov = {"encoder": enc.source, "encoder_load": enc.report, **data, "seed": cfg.seed,
+            "mode": "linear probe" if cfg.linear_probe else "fine-tune", "metrics": metrics,
+            "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
+    cls = [{**c, "colour": (colours or {}).get(c["name"], c["colour"])} for c in default_classes(classes)]
+    card = new_card(out.stem, task, arch, dict(contract), cls, prov)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_history(hist, metric, Path(tmp) / "training_curves.png")
+        if cm is not None:
+            confusion_png(cm, classes, Path(tmp) / "confusion_matrix.png")
+        pngs = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    sd = model.cpu().state_dict()
+    save_package(sd, card, out, extra_files=pngs, overwrite=overwrite)
+    if cfg.export_onnx:
+        save_package(sd, card, out, onnx_bytes=onnx_export(out), extra_files=pngs, overwrite=True)
+    return out
+
+
+def onnx_export(package: Path) -> bytes:
+    """model.onnx for a written package, as ``sarmae export`` makes it, refused when onnxruntime and
+    torch disagree by more than 1e-4."""
+    import json
+
+    from engine.backends import OnnxBackend, TorchBackend, export_onnx
+    from engine.package import load_package
+
+    pkg = load_package(package)
+    card = pkg.card
+    with warnings.catch_warnings():  # the tracer's notes on shape checks: the input size is fixed
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        blob = export_onnx(pkg.model, card.task, card.in_chans, card.input_size, json.dumps(card.to_dict()))
+    x = np.random.default_rng(0).standard_normal((2, card.in_chans, *card.input_size)).astype(np.float32)
+    diff = float(np.abs(TorchBackend(pkg.model, card.task, "cpu").run(x) - OnnxBackend(blob, card.task, "cpu").run(x)).max())
+    if diff > 1e-4:
+        raise FinetuneError(f"{package}: the ONNX export disagrees with torch (max abs diff {diff:.2e}); the package "
+                            "was written without model.onnx and runs with the torch backend")
+    log.info("model.onnx written (%.1f MB); torch vs onnxruntime max abs diff %.1e", len(blob) / 1e6, diff)
+    return blob
+
+
 def start(cfg: FinetuneConfig) -> tuple[str, Encoder, int]:
     """The start every task shares: seed, device, encoder, and the model input size in px."""
+    from engine.backends import ONNX_TASKS
+
+    if cfg.export_onnx and cfg.task not in ONNX_TASKS:
+        raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(ONNX_TASKS)}; '{cfg.task}' packages run "
+                            "with the torch backend (leave --export-onnx off)")
+    if cfg.class_weights not in (None, "none") and cfg.task != "segment":
+        raise FinetuneError(f"--class-weights applies to segmentation, not to '{cfg.task}'; leave it out")
     torch.manual_seed(cfg.seed)
     enc = load_encoder(cfg)
     return pick_device(cfg.device), enc, enc.model.cfg.grid[0] * enc.model.patch_size

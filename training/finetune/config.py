@@ -32,6 +32,11 @@ class FinetuneConfig:
     num_workers: int = 0  # data-loader workers
     device: str = "auto"  # auto | cpu | cuda
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
+    bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)
+    input_units: str | None = None  # what the data holds, overriding detection: db | linear_power | amplitude | uint8
+    class_weights: str | list[float] | None = None  # segment: None, "auto" (inverse pixel frequency) or one per class
+    max_chips: int = 2000  # rasters: at most this many chips are sampled (seeded)
+    export_onnx: bool = False  # also write model.onnx into the package (segment, classify)
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .common import FinetuneError, fit, start
+from .common import FinetuneError, class_colours, fit, save_task_package, start
 from .config import FinetuneConfig
-from .labels import build_chips
-from .segment import dense_config, save_task_package
+from .labels import build_chips, chip_provenance
+from .segment import dense_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import DetHeadConfig
@@ -83,8 +83,8 @@ def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str]
 def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: FinetuneConfig, *, labels: str,
                       class_field: str, classes: list[str] | None = None,
                       progress: Callable[[dict], None] | None = None, overwrite: bool = False,
-                      bands: list | None = None, input_units: str | None = None, head: DetHeadConfig | None = None,
-                      background_share: float = 0.25, max_chips: int = 2000) -> dict:
+                      head: DetHeadConfig | None = None, background_share: float = 0.25,
+                      colours: dict[str, str] | list[str] | None = None) -> dict:
     """Fine-tune a box detector on raster(s) + labelled polygons; write a ``detect`` package.
 
     Args:
@@ -92,13 +92,13 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         labels / class_field: a vector file and its class attribute (one box per polygon).
         classes: class names in order (default: sorted values found); labels 1..K = classes[0..K-1].
         background_share: share of chips placed anywhere (negatives, or objects met by chance).
-        bands / input_units: as ``sarmae infer --bands / --input-units``.
         head: a ``DetHeadConfig`` (default: ViTDet/torchvision settings, FPN 256).
+        colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
+        ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``.
     Returns:
         {"package", "val_map_50", "val_map", "val_ap_per_class", "best_epoch", ..., "history"}.
     """
     from engine.models.heads import DetHeadConfig, ViTDetector
-
 
     if not labels or not class_field:
         raise FinetuneError("detection needs labelled polygons: a vector file and its class field")
@@ -106,8 +106,9 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     cfg = dense_config(cfg, "detect")
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "detect", labels=labels, class_field=class_field, classes=classes,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=bands,
-                        input_units=input_units, background_share=background_share, max_chips=max_chips)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
+                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
+    colours = class_colours(chips.classes, colours, classes)
     tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
     n_tr, n_va = (sum(len(chips.boxes[i]) for i in s) for s in (tr, va))
     if not n_tr or not n_va:
@@ -147,9 +148,9 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
                "val_boxes": n_va, "train_boxes": n_tr, "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs),
                "stopped": hist.stopped}
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
-               "labels": str(labels), "class_field": class_field}
-    out = save_task_package(model, enc, "detect", head.to_dict(), chips, output, cfg, hist, "map_50", metrics,
-                            sources, t0, overwrite=overwrite)
+               "labels": str(labels), "class_field": class_field, **chip_provenance(chips)}
+    out = save_task_package(model, enc, "detect", head.to_dict(), chips.classes, enc.input, output, cfg, hist,
+                            "map_50", metrics, sources, t0, overwrite=overwrite, colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
             "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),
             "history": {"val_map_50": hist.val_score, "train_loss": hist.train_loss}}

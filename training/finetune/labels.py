@@ -4,8 +4,11 @@ labels -> each raster's CRS -> its pixel space (x = column, y = row) -> blocks o
 tile each raster, whole blocks go to validation (seeded) -> chip windows centred on labelled cells
 (+ jitter) and background chips, each entirely inside one block, so no validation pixel is ever
 seen in training -> inputs read through ``engine`` SarRaster + Radiometry with the encoder's input
-contract (exactly what ``sarmae infer`` feeds the model) -> masks (``rasterize``, 255 = ignore) or
-boxes (polygon bounds, labels 1..K). Chips live in memory as float16 (analyst scale).
+contract (exactly what ``sarmae infer`` feeds the model) -> masks (``rasterize``, 255 = ignore),
+boxes (polygon bounds, labels 1..K) or one class per chip (the class of the polygon / class-raster
+cell it is centred on; a named background class for chips touching no label). Chips live in memory
+as float16 (analyst scale). ``evaluation=True``: every chip is held out (no split), for
+``sarmae evaluate``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class ChipSet:
     masks: torch.Tensor | None = None  # segment: (N, S, S) uint8 class index, 255 = ignore
     boxes: list[np.ndarray] | None = None  # detect: per chip (n, 4) float32 x0, y0, x1, y1 in chip px
     box_labels: list[np.ndarray] | None = None  # detect: per chip (n,) int64 in 1..K
+    labels: np.ndarray | None = None  # classify: (N,) int64 class index per chip
+    unknown_classes: dict[str, int] = field(default_factory=dict)  # vector: features of classes not asked for
     log: list[str] = field(default_factory=list)  # what was decided (reprojection, repairs, split)
     warnings: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # radiometry per raster
@@ -54,8 +59,9 @@ def _name(v) -> str | None:
 
 
 def read_vector(path: str, class_field: str, classes: list[str] | None, background: str | None,
-                notes: list[str], warns: list[str]) -> tuple[list, list[int], list[str], str | None]:
-    """Polygons (repaired), class index per polygon, class names and the layer's CRS (WKT)."""
+                notes: list[str], warns: list[str]) -> tuple[list, list[int], list[str], str | None, dict[str, int]]:
+    """Polygons (repaired), class index per polygon, class names, the layer's CRS (WKT) and the
+    feature count of each class value not in ``classes`` (skipped)."""
     import fiona
     from shapely import make_valid, unary_union
     from shapely.geometry import shape
@@ -103,6 +109,7 @@ def read_vector(path: str, class_field: str, classes: list[str] | None, backgrou
     if repaired:
         notes.append(f"{where}: repaired {repaired} invalid polygon(s) with make_valid")
     found = sorted(set(names))
+    unknown: dict[str, int] = {}
     if classes:
         unknown = {n: names.count(n) for n in found if n not in classes}
         if unknown:
@@ -119,7 +126,7 @@ def read_vector(path: str, class_field: str, classes: list[str] | None, backgrou
     if background and background not in classes:
         classes = [background, *classes]
     notes.append(f"{where}: {len(geoms)} labelled polygon(s), classes {classes}")
-    return geoms, [classes.index(n) for n in names], classes, crs
+    return geoms, [classes.index(n) for n in names], classes, crs, unknown
 
 
 def to_pixels(geoms: list, layer_crs: str | None, raster, notes: list[str]) -> list:
@@ -208,17 +215,20 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
                 class_field: str | None = None, label_raster: str | None = None, classes: list[str] | None = None,
                 background: str | None = None, val_fraction: float = 0.2, seed: int = 0, batch_size: int = 1,
                 bands: list | None = None, input_units: str | None = None, background_share: float = 0.25,
-                max_chips: int = 2000, block_chips: int | None = None) -> ChipSet:
+                max_chips: int = 2000, block_chips: int | None = None, evaluation: bool = False) -> ChipSet:
     """Sample, split and read training chips (see the module docstring); FinetuneError on bad input.
 
     Args:
-        task: "segment" (masks) or "detect" (boxes; background chips are negatives).
+        task: "segment" (masks), "detect" (boxes; background chips are negatives) or "classify"
+            (one class per chip: the polygon / class-raster cell it is centred on).
         labels / class_field: vector labels; or label_raster: a class raster (value v -> classes[v],
             or "class_<v>"; nodata and negative values are ignored).
-        background: segment with vector labels: class of unlabelled pixels in chips (else ignored).
+        background: with vector labels, the class of unlabelled pixels (segment) or of chips that
+            touch no labelled polygon (classify); else unlabelled pixels are ignored.
         batch_size: fewer training chips than this is an error.
         background_share: share of chips placed anywhere (background class or detection negatives).
         block_chips: block side in chip sizes (None: 3, or 2 when that gives too few labelled blocks).
+        evaluation: no split (every chip held out, centred without jitter), one class is enough.
     """
     paths = [str(p) for p in ([rasters] if isinstance(rasters, (str, Path)) else rasters)]
     if not paths:
@@ -238,22 +248,35 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
         lab.presence = [_presence(f, len(lab.classes), (r.height, r.width), *(lab.shapes[i] if lab.shapes else
                                   (None, None)), cmap=lab.cmaps[i] if lab.cmaps else None) for i, (r, _) in enumerate(opened)]
         present = [c for j, c in enumerate(lab.classes) if any(p[j].any() for p in lab.presence)]
-        present += [lab.background] if lab.background else []
-        if task == "segment" and len(present) < 2:
-            raise FinetuneError(f"only one class ({', '.join(present) or 'none'}) in the labels over the raster(s): "
-                                "segmentation needs two. Label another class" + (
-                                    ", or name a background class (--background) for the unlabelled pixels around "
+        present += [lab.background] if lab.background and lab.background not in present else []
+        over = ", ".join(Path(p).name for p in paths)
+        if task in ("segment", "classify") and len(present) < 2 and not evaluation:
+            raise FinetuneError(f"only one class ({', '.join(present) or 'none'}) in {lab.source} over {over}: "
+                                f"{'segmentation' if task == 'segment' else 'classification'} needs two. Label "
+                                "another class" + (
+                                    ", or name a background class (--background) for the unlabelled areas around "
                                     "your polygons" if labels is not None else " in the label raster"))
-        wins, split, blocks = _windows([r for r, _ in opened], lab, size, task, val_fraction, rng,
-                                       background_share, max_chips, block_chips, notes)
+        wins, split, blocks, klass = _windows([r for r, _ in opened], lab, size, task, val_fraction, rng,
+                                              background_share, max_chips, block_chips, notes, evaluation)
         n_tr = int((~split).sum())
-        if n_tr < batch_size or not split.any():
+        if not evaluation and (n_tr < batch_size or not split.any()):
             raise FinetuneError(f"only {n_tr} training and {int(split.sum())} validation chip(s) of {size} px from "
-                                f"these labels, for a batch size of {batch_size}: lower the batch size, or label "
-                                "more (and more spread out) areas")
+                                f"{lab.source} over {over}, for a batch size of {batch_size}: lower the batch size "
+                                "(--batch-size), or label more (and more spread out) areas")
+        if not wins:
+            raise FinetuneError(f"no chip of {size} px could be placed from {lab.source} over {over}")
         chips = _read(opened, lab, wins, size, task)
         chips.split, chips.blocks, chips.log, chips.warnings = split, blocks, notes, warns
-    _warn_counts(chips, lab.counts if task == "detect" else None)
+        chips.unknown_classes = lab.unknown
+        if task == "classify":
+            chips.labels = klass
+            got = sorted({lab.classes[k] for k in klass[~split]})
+            if len(got) < 2 and not evaluation:
+                raise FinetuneError(f"the training chips from {lab.source} hold only {', '.join(got) or 'no class'}: "
+                                    "classification needs two classes in training; label more areas of the other "
+                                    "classes (away from the validation blocks), or add a raster")
+    if not evaluation:
+        _warn_counts(chips, lab.counts if task in ("detect", "classify") else None)
     for m in notes:
         log.info(m)
     for m in chips.warnings:
@@ -267,7 +290,7 @@ def _load_labels(rasters: list, labels: str | None, class_field: str | None, lab
     from shapely.geometry import box
 
     if labels is not None:
-        geoms, cls, classes, crs = read_vector(labels, class_field, classes, background, notes, warns)
+        geoms, cls, classes, crs, unknown = read_vector(labels, class_field, classes, background, notes, warns)
         shapes = []
         for r in rasters:
             px = to_pixels(geoms, crs, r, notes)
@@ -276,7 +299,7 @@ def _load_labels(rasters: list, labels: str | None, class_field: str | None, lab
         if not any(s[0] for s in shapes):
             _outside(labels, geoms, crs, rasters)
         counts = [sum(c == j for _, cl in shapes for c in cl) for j in range(len(classes))]
-        return _Labels(classes, shapes, None, background, counts)
+        return _Labels(classes, shapes, None, background, counts, Path(labels).name, unknown)
     raw = [read_class_map(label_raster, r, notes) for r in rasters]
     values = sorted(set().union(*(np.unique(m[m >= 0]).tolist() for m in raw)))
     if not values:
@@ -292,7 +315,7 @@ def _load_labels(rasters: list, labels: str | None, class_field: str | None, lab
     lut[list(index)] = list(index.values())
     cmaps = [np.where(m >= 0, lut[np.clip(m, 0, values[-1])], IGNORE).astype(np.uint8) for m in raw]
     notes.append(f"label raster {Path(label_raster).name}: values {values} -> classes {classes}; nodata/negative ignored")
-    return _Labels(classes, None, cmaps, None, None)
+    return _Labels(classes, None, cmaps, None, None, Path(label_raster).name)
 
 
 def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
@@ -332,6 +355,15 @@ def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
     inputs = [f"{Path(r.paths[0]).name}: {rad.describe()}" for r, rad in opened]
     return ChipSet(lab.classes, x, np.zeros(len(wins), bool), wins, [], masks, boxes,
                    box_labels if boxes is not None else None, inputs=inputs)
+
+
+def chip_provenance(chips: ChipSet) -> dict:
+    """What a package records about the chips it was trained on (provenance)."""
+    val = chips.split
+    return {"inputs": chips.inputs, "train_chips": int((~val).sum()), "val_chips": int(val.sum()),
+            "val_blocks": sum(b[-1] for b in chips.blocks), "blocks": len(chips.blocks),
+            "split": "spatial blocks (whole blocks held out for validation)", "log": chips.log,
+            "warnings": chips.warnings}
 
 
 def chip_boxes(bounds: list[tuple], cls: list[int], r: int, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +406,9 @@ def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
     k = len(chips.classes)
     for split, name in ((False, "training"), (True, "validation")):
         sel = np.flatnonzero(chips.split == split)
-        if chips.masks is not None:
+        if chips.labels is not None:
+            have = np.bincount(chips.labels[sel], minlength=k)
+        elif chips.masks is not None:
             have = np.zeros(k + 1, int)
             for n in sel:
                 have[np.unique(chips.masks[n].numpy()).clip(max=k)] += 1
@@ -386,7 +420,7 @@ def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
         for j, c in enumerate(chips.classes):
             if have[j] == 0:
                 chips.warnings.append(f"class '{c}' appears in no {name} chip")
-            elif instances is None and not split and have[j] < MIN_SAMPLES:
+            elif (instances is None or chips.labels is not None) and not split and have[j] < MIN_SAMPLES:
                 chips.warnings.append(f"class '{c}' appears in only {have[j]} training chip(s): label more of it")
     for j, n in enumerate(instances or []):
         if 0 < n < MIN_SAMPLES:

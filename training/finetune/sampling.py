@@ -5,6 +5,8 @@ Each raster is tiled into square blocks of 2-4 chip sizes; whole blocks go to va
 and every chip window lies entirely inside one block, so no validation pixel is ever seen in
 training. Chips are centred on labelled polygons (or cells of a class raster, balanced over
 classes), jittered by up to a quarter chip, plus background chips / detection negatives.
+Classification chips are centred inside their polygon (a grid of points inside large ones) and
+carry its class; background chips (a named background class) touch no other labelled class.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from .common import FinetuneError
 
 IGNORE = 255  # mask value excluded from the loss and the metrics
+BACKGROUND = -2  # anchor class of a chip placed anywhere (background class, or a detection negative)
 
 
 @dataclass
@@ -25,6 +28,8 @@ class _Labels:
     cmaps: list[np.ndarray] | None  # label raster: per raster (H, W) uint8 class index, 255 = ignore
     background: str | None
     counts: list[int] | None  # vector: labelled polygons per class over the rasters
+    source: str = ""  # the label file's name, for messages
+    unknown: dict[str, int] = field(default_factory=dict)  # vector: features of classes not asked for
     f: int = 1  # presence cell side in px (set with the chip size)
     presence: list[np.ndarray] = field(default_factory=list)  # per raster (K, H/f, W/f) bool: classes per cell
 
@@ -82,9 +87,10 @@ def _presence(f: int, k: int, shape: tuple[int, int], geoms=None, cls=None, cmap
     return out
 
 
-def _anchor_points(g, size: int) -> list[tuple[float, float]]:
+def _anchor_points(g, size: int, inside: bool = False) -> list[tuple[float, float]]:
     """(row, col) chip centres for one pixel-space polygon: its centre when it fits in half a chip,
-    else a grid of stride size/2 over the cells it touches."""
+    else a grid of stride size/2 over the cells it touches (``inside``: the grid points inside it,
+    or one point inside a thin polygon)."""
     import shapely
 
     x0, y0, x1, y1 = g.bounds
@@ -92,30 +98,56 @@ def _anchor_points(g, size: int) -> list[tuple[float, float]]:
     if max(x1 - x0, y1 - y0) <= h:
         return [((y0 + y1) / 2, (x0 + x1) / 2)]
     xs, ys = np.meshgrid(np.arange(x0 + h / 2, x1 + h / 2, h), np.arange(y0 + h / 2, y1 + h / 2, h))
-    ok = shapely.intersects(g, shapely.box(xs - h / 2, ys - h / 2, xs + h / 2, ys + h / 2))
+    if inside:
+        ok = shapely.contains_xy(g, xs, ys)
+        if not ok.any():
+            p = g.representative_point()
+            return [(p.y, p.x)]
+    else:
+        ok = shapely.intersects(g, shapely.box(xs - h / 2, ys - h / 2, xs + h / 2, ys + h / 2))
     return list(zip(ys[ok].tolist(), xs[ok].tolist()))
 
 
+def _balanced(klass: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to n sorted indices into ``klass``, as even over its values as their counts allow (seeded):
+    the rarest classes keep all their chips, the others share what is left."""
+    groups = sorted((rng.permutation(np.flatnonzero(klass == c)) for c in np.unique(klass)), key=len)
+    take, left = [], n
+    for j, g in enumerate(groups):
+        m = min(len(g), left // (len(groups) - j))
+        take.append(g[:m])
+        left -= m
+    return np.sort(np.concatenate(take))
+
+
 def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: float, rng: np.random.Generator,
-             background_share: float, max_chips: int, block_chips: int | None, notes: list[str]):
-    """Chip windows (raster, row, col), their validation flags and the blocks (with flags)."""
+             background_share: float, max_chips: int, block_chips: int | None, notes: list[str],
+             evaluation: bool = False):
+    """Chip windows (raster, row, col), their validation flags, the blocks (with flags) and the class
+    each chip is centred on (the label of a classification chip; chips placed anywhere: the
+    background class, or -1 without one). ``evaluation``: no split, every chip is held out and
+    centred without jitter."""
     f, k = lab.f, len(lab.classes)
     for bc in ([block_chips] if block_chips else [3, 2]):
         blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
         bpres = [lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any((1, 2)) for i, r0, c0, r1, c1 in blocks]
         labelled = [bool(p.any()) for p in bpres]
-        if sum(labelled) >= 4:
+        if sum(labelled) >= 4 or evaluation:
             break
-    if sum(labelled) < 2:
-        raise FinetuneError(f"the labels fall in {sum(labelled)} block of {bc}x{bc} chips ({size} px each): a spatially "
-                            "separate validation set is impossible. Label a wider area, or add a raster")
-    val = split_blocks(bpres, labelled, val_fraction, rng)
-    notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
-                 f"{sum(labelled)} labelled blocks held out for validation")
-    anchors = []  # (raster, row, col) chip centres
+    if evaluation:
+        val = np.ones(len(blocks), bool)
+    elif sum(labelled) < 2:
+        raise FinetuneError(f"the labels of {lab.source} fall in {sum(labelled)} block of {bc}x{bc} chips ({size} px "
+                            "each): a spatially separate validation set is impossible. Label a wider area, or add a "
+                            "raster")
+    else:
+        val = split_blocks(bpres, labelled, val_fraction, rng)
+        notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
+                     f"{sum(labelled)} labelled blocks held out for validation")
+    anchors = []  # chip centres: (raster, row, col, class index or BACKGROUND)
     for i, r in enumerate(rasters):
         if lab.shapes:
-            anchors += [(i, y, x) for g in lab.shapes[i][0] for y, x in _anchor_points(g, size)
+            anchors += [(i, y, x, c) for g, c in zip(*lab.shapes[i]) for y, x in _anchor_points(g, size, task == "classify")
                         if -size / 4 <= y < r.height + size / 4 and -size / 4 <= x < r.width + size / 4]
             continue
         p = lab.presence[i]  # class raster: balanced over classes, as many chips as the area needs
@@ -123,22 +155,39 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
         budget = -(-int(p.any(0).sum()) * f * f // max(1, size * size // 4))
         for j in have:
             rc = np.argwhere(p[j])
-            anchors += [(i, (a + 0.5) * f, (b + 0.5) * f) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
+            anchors += [(i, (a + 0.5) * f, (b + 0.5) * f, j) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
     if lab.background or task == "detect":  # background chips / detection negatives, anywhere
         area = np.array([(r1 - r0) * (c1 - c0) for _, r0, c0, r1, c1 in blocks], float)
         for b in rng.choice(len(blocks), round(len(anchors) * background_share / (1 - background_share)), p=area / area.sum()):
             i, r0, c0, r1, c1 = blocks[b]
-            anchors.append((i, rng.uniform(r0, r1), rng.uniform(c0, c1)))
+            anchors.append((i, rng.uniform(r0, r1), rng.uniform(c0, c1), BACKGROUND))
     if len(anchors) > max_chips:
-        anchors = [anchors[j] for j in np.sort(rng.choice(len(anchors), max_chips, replace=False))]
-    wins, split = [], []
-    for i, cr, cc in anchors:  # the anchor's block; the jittered window is clamped inside it
+        kinds = np.array([a[3] for a in anchors])
+        pick = _balanced(kinds, max_chips, rng) if task == "classify" else \
+            np.sort(rng.choice(len(anchors), max_chips, replace=False))
+        anchors = [anchors[j] for j in pick]
+        notes.append(f"{len(anchors)} chips kept of {len(kinds)} candidates (--max-chips {max_chips}"
+                     + (", balanced over classes)" if task == "classify" else ")"))
+    bg = lab.classes.index(lab.background) if lab.background else -1
+    jit = 0 if evaluation else size // 4
+    wins, split, klass, touching = [], [], [], 0
+    for i, cr, cc, kk in anchors:  # the anchor's block; the jittered window is clamped inside it
         rr = min(max(cr, 0), rasters[i].height - 1)
         cl = min(max(cc, 0), rasters[i].width - 1)
         b = next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
         _, r0, c0, r1, c1 = blocks[b]
-        jr, jc = rng.integers(-(size // 4), size // 4 + 1, 2)
-        wins.append((i, int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))),
-                     int(np.clip(round(cc - size / 2) + jc, c0, max(c0, c1 - size)))))
+        jr, jc = rng.integers(-jit, jit + 1, 2)
+        r, c = int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))), \
+            int(np.clip(round(cc - size / 2) + jc, c0, max(c0, c1 - size)))
+        if task == "classify" and kk == BACKGROUND:  # a background chip must touch no other labelled class
+            near = lab.presence[i][:, r // f:-(-(r + size) // f), c // f:-(-(c + size) // f)].any((1, 2))
+            near[bg] = False
+            if near.any():
+                touching += 1
+                continue
+        wins.append((i, r, c))
         split.append(bool(val[b]))
-    return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)]
+        klass.append(bg if kk == BACKGROUND else kk)
+    if touching:
+        notes.append(f"{touching} background chip(s) dropped: they touched a labelled polygon")
+    return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)], np.array(klass, np.int64)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import Encoder, FinetuneError, History, fit, plot_history, start
+from .common import FinetuneError, class_colours, fit, save_task_package, start
 from .config import FinetuneConfig
-from .labels import IGNORE, ChipSet, build_chips
-from .metrics import confusion, confusion_png, iou_metrics
+from .labels import IGNORE, build_chips, chip_provenance
+from .metrics import confusion, iou_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import SegHeadConfig
 
 log = logging.getLogger("sarmae.finetune")
+
+
 def dense_config(cfg: FinetuneConfig, task: str) -> FinetuneConfig:
     """``cfg`` for a dense task (its layer decay default, 0.9, applies unless one was given)."""
     cfg = dataclasses.replace(cfg, task=task)
@@ -74,17 +75,20 @@ def seg_loss(logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tenso
     return loss
 
 
-def class_weights_of(masks: torch.Tensor, k: int, how: str | list[float] | None) -> torch.Tensor | None:
-    """None; "inverse" (inverse pixel frequency in the training masks, mean 1 over the present
-    classes, clipped to 0.1..10); or explicit per-class weights."""
+def class_weights_of(masks: torch.Tensor, classes: list[str], how: str | list[float] | None) -> torch.Tensor | None:
+    """None; "auto" / "inverse" (inverse pixel frequency in the training masks, mean 1 over the
+    present classes, clipped to 0.1..10); or explicit weights, one per class in ``classes`` order."""
+    k = len(classes)
     if how is None or how == "none":
         return None
     if not isinstance(how, str):
         if len(how) != k:
-            raise FinetuneError(f"{len(how)} class weights given for {k} classes")
-        return torch.tensor(how, dtype=torch.float32)
-    if how != "inverse":
-        raise FinetuneError(f"class weights '{how}': use 'inverse', 'none' or one number per class")
+            raise FinetuneError(f"{len(how)} class weight(s) given for {k} classes ({', '.join(classes)}); "
+                                "give one per class in this order, or 'auto'")
+        return torch.tensor([float(w) for w in how], dtype=torch.float32)
+    if how not in ("auto", "inverse"):
+        raise FinetuneError(f"class weights '{how}': use 'auto' (inverse pixel frequency), 'none' or one number "
+                            "per class")
     counts = torch.bincount(masks.flatten().long(), minlength=256)[:k].double()
     w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts))
     w = w / w[counts > 0].mean()
@@ -96,47 +100,12 @@ def predict_masks(model, x: torch.Tensor, device: str, batch: int = 32) -> torch
     return torch.cat([model(x[i:i + batch].float().to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
 
 
-def arch_name(vit) -> str:
-    """'vit_<size>_patch<p>' for a named encoder size, else 'custom'."""
-    from engine.models.registry import size_of
-
-    size = size_of(vit.cfg)
-    return f"vit_{size}_patch{vit.cfg.patch_size}" if size else "custom"
-
-
-def save_task_package(model, enc: Encoder, task: str, head: dict, chips: ChipSet, output: str | Path,
-                      cfg: FinetuneConfig, hist: History, metric: str, metrics: dict, sources: dict,
-                      t0: float, cm=None, overwrite: bool = False) -> Path:
-    """Write a task package: encoder contract, classes + colours, provenance (metrics, data, log),
-    training_curves.png and (when ``cm``) confusion_matrix.png inside."""
-    from engine.package import default_classes, new_card, save_package
-
-    out = Path(output)
-    arch = {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0}, "head": head}
-    val = chips.split
-    prov = {"encoder": enc.source, "encoder_load": enc.report, **sources, "inputs": chips.inputs,
-            "train_chips": int((~val).sum()), "val_chips": int(val.sum()),
-            "val_blocks": sum(b[-1] for b in chips.blocks), "blocks": len(chips.blocks),
-            "split": "spatial blocks (whole blocks held out for validation)", "seed": cfg.seed,
-            "mode": "linear probe" if cfg.linear_probe else "fine-tune", "metrics": metrics,
-            "log": chips.log, "warnings": chips.warnings, "config": cfg.to_dict(),
-            "minutes": round((time.time() - t0) / 60, 2)}
-    card = new_card(out.stem, task, arch, dict(enc.input), default_classes(chips.classes), prov)
-    with tempfile.TemporaryDirectory() as tmp:
-        plot_history(hist, metric, Path(tmp) / "training_curves.png")
-        if cm is not None:
-            confusion_png(cm, chips.classes, Path(tmp) / "confusion_matrix.png")
-        pngs = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-    return save_package(model.cpu().state_dict(), card, out, extra_files=pngs, overwrite=overwrite)
-
-
 def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: FinetuneConfig, *,
                        labels: str | None = None, class_field: str | None = None, label_raster: str | None = None,
                        classes: list[str] | None = None, background: str | None = None,
                        progress: Callable[[dict], None] | None = None, overwrite: bool = False,
-                       bands: list | None = None, input_units: str | None = None,
-                       class_weights: str | list[float] | None = None, head: SegHeadConfig | None = None,
-                       background_share: float = 0.25, max_chips: int = 2000) -> dict:
+                       head: SegHeadConfig | None = None, background_share: float = 0.25,
+                       colours: dict[str, str] | list[str] | None = None) -> dict:
     """Fine-tune a segmenter on raster(s) + labels; write a ``segment`` package.
 
     Args:
@@ -145,9 +114,10 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
             raster (value v = classes[v], or "class_<v>"; nodata / negative values ignored).
         classes: class names in order (default: sorted values found).
         background: class name of the unlabelled pixels in chips (default: they are ignored).
-        bands / input_units: as ``sarmae infer --bands / --input-units``.
-        class_weights: None, "inverse" (pixel frequency) or one weight per class.
         head: a ``SegHeadConfig`` (default: width from the encoder).
+        colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
+        ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``;
+        ``cfg.class_weights``: None, "auto" (inverse pixel frequency) or one weight per class.
     Returns:
         {"package", "val_mean_iou", "val_iou", "val_pixel_accuracy", "best_epoch", ..., "history"}.
     """
@@ -160,13 +130,14 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "segment", labels=labels, class_field=class_field,
                         label_raster=label_raster, classes=classes, background=background,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=bands,
-                        input_units=input_units, background_share=background_share, max_chips=max_chips)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
+                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
+    colours = class_colours(chips.classes, colours, classes)
     k = len(chips.classes)
     head = head or SegHeadConfig(channels=default_head_channels(enc.model.embed_dim))
     model = ViTSegmenter(enc.model, k, head).to(device)
     tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
-    weight = class_weights_of(chips.masks[tr], k, class_weights)
+    weight = class_weights_of(chips.masks[tr], chips.classes, cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     bs = cfg.batch_size
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True, drop_last=len(tr) >= 2 * bs,
@@ -194,9 +165,10 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
                "labels": str(labels) if labels else None, "class_field": class_field,
                "label_raster": str(label_raster) if label_raster else None, "background": background,
-               "class_weights": class_weights}
-    out = save_task_package(model, enc, "segment", head.to_dict(), chips, output, cfg, hist, "mean_iou", metrics,
-                            sources, t0, cm=final["confusion"], overwrite=overwrite)
+               "class_weights": weight.tolist() if weight is not None else None, **chip_provenance(chips)}
+    out = save_task_package(model, enc, "segment", head.to_dict(), chips.classes, enc.input, output, cfg, hist,
+                            "mean_iou", metrics, sources, t0, cm=final["confusion"], overwrite=overwrite,
+                            colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
             "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),
             "history": {"val_mean_iou": hist.val_score, "train_loss": hist.train_loss}}

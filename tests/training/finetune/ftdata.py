@@ -1,9 +1,11 @@
 """Tiny data for the fine-tuning tests (segment / detect), made inside each test's tmp_path.
 
 - ``build_encoder``: a random-weight encoder package (ViT-Tiny width, depth 2, 32-64 px).
+- ``build_task_package``: the same as a random-weight classify / segment / detect package.
 - ``water_land``: a dual-pol dB raster, dark speckled water and bright land split by a wavy
   diagonal, with its truth map (0 water, 1 land) and the labels as polygons.
 - ``ship_scene``: dark sea with bright square "ships" on a jittered grid, and their boxes.
+- ``chip_folders``: ImageFolder-style 8-bit PNG chips, one sub-folder per class (mean grey level).
 Import as ``from ftdata import ...`` (pytest puts this folder on sys.path).
 """
 
@@ -33,6 +35,23 @@ def build_encoder(dest: Path, in_chans: int = 2, img_size: int = 32, units: str 
     card = new_card("tiny-encoder", "embed", arch, default_input(in_chans, units, bands), [],
                     {"training": "none: random initialisation, fine-tuning tests"})
     return save_package(enc.state_dict(), card, dest)
+
+
+def build_task_package(dest: Path, task: str, classes: list[str], in_chans: int = 2, img_size: int = 32) -> Path:
+    """A random-weight ``task`` package (depth-2 ViT-Tiny encoder, small heads) for evaluation tests."""
+    import torch
+
+    from engine.models import build_from_architecture, create_model
+    from engine.package import default_classes, default_input, new_card, save_package
+
+    torch.manual_seed(0)
+    enc = create_model("vit_tiny_patch16", in_chans=in_chans, img_size=img_size, depth=2)
+    head = {"segment": {"channels": 32}, "detect": {"fpn_channels": 32, "anchor_sizes": [4, 8, 16, 32, 64]}}
+    arch = {"name": "vit_tiny_patch16", "encoder": enc.cfg.to_dict(), "head": head.get(task, {})}
+    model = build_from_architecture(arch, task, len(classes))
+    card = new_card(f"random-{task}", task, arch, default_input(in_chans), default_classes(classes),
+                    {"training": "none: random initialisation, evaluation tests"})
+    return save_package(model.state_dict(), card, dest)
 
 
 def transform():
@@ -124,3 +143,21 @@ def boxes_to_polygons(boxes: list[tuple], name: str = "ship", tf=None) -> list[t
         (a, b), (c, d) = tf * (x0, y0), tf * (x1, y1)
         out.append((box(min(a, c), min(b, d), max(a, c), max(b, d)), name))
     return out
+
+
+def chip_folders(root: Path, levels: dict[str, int], n: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """``n`` speckled 8-bit PNG chips per class under root/<class>/, class k around grey level levels[k]."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    rng = np.random.default_rng(seed)
+    for name, level in levels.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.clip(level * rng.gamma(4.0, 0.25, (size, size)), 0, 255).astype(np.uint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(root / name / f"{name}_{i:02d}.png", "w", driver="PNG", width=size, height=size,
+                                   count=1, dtype="uint8") as dst:
+                    dst.write(img, 1)
+    return root

@@ -141,6 +141,76 @@ def test_spatial_split_never_overlaps(tmp_path, contract, seed, block_chips):
     assert not (seen_val & seen_train).any()
 
 
+# -------------------------------------------------------------------------------- classification
+def label_share(chips, truth: np.ndarray, names=("water", "land")) -> np.ndarray:
+    """Per chip: the share of its window whose truth is the chip's class."""
+    out = []
+    for n, (_, r, c) in enumerate(chips.windows):
+        want = names.index(chips.classes[chips.labels[n]])
+        out.append(float(np.mean(truth[r:r + S, c:c + S] == want)))
+    return np.array(out)
+
+
+def test_classify_chips_inside_the_polygons(scene, contract):
+    tif, truth, gpkg = scene
+    chips = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class")
+    assert chips.masks is None and chips.boxes is None and chips.labels.shape == (len(chips.x),)
+    assert len(chips.x) > 40  # a grid of chips inside each of the two large polygons
+    assert label_share(chips, truth).mean() > 0.9
+    for split in (False, True):  # both classes on both sides of the spatial split
+        assert set(chips.labels[chips.split == split].tolist()) == {0, 1}
+    for (_, r, c), val in zip(chips.windows, chips.split):
+        inside = [b for b in chips.blocks if b[1] <= r and r + S <= b[3] and b[2] <= c and c + S <= b[4]]
+        assert len(inside) == 1 and inside[0][5] == val
+    again = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class")
+    assert again.windows == chips.windows  # seeded
+    capped = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class", max_chips=20)
+    assert len(capped.x) == 20 and np.bincount(capped.labels).tolist() == [10, 10]
+    assert any("20 chips kept" in m and "balanced over classes" in m for m in capped.log)
+
+
+def test_classify_background_chips_touch_no_label(tmp_path, scene, contract):
+    tif, truth, _ = scene
+    gpkg = write_labels(tmp_path / "w.gpkg", class_polygons(truth, {0: "water"}))
+    with pytest.raises(FinetuneError, match=r"only one class \(water\) in w.gpkg over wl.tif: classification"):
+        build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class")
+    chips = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class", background="land",
+                        background_share=0.5)
+    assert chips.classes == ["land", "water"]
+    land = chips.labels == 0
+    assert land.sum() >= 5
+    for n in np.flatnonzero(land):  # background chips hold no labelled (water) pixel at all
+        _, r, c = chips.windows[n]
+        assert truth[r:r + S, c:c + S].min() == 1
+
+
+def test_classify_chips_from_a_label_raster(tmp_path, scene, contract):
+    import rasterio
+
+    tif, truth, _ = scene
+    with rasterio.open(tif) as src:
+        prof = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
+                    transform=src.transform)
+    with rasterio.open(tmp_path / "lab.tif", "w", **prof) as dst:
+        dst.write(truth, 1)
+    chips = build_chips(tif, contract, S, "classify", label_raster=tmp_path / "lab.tif", classes=["water", "land"])
+    assert set(chips.labels.tolist()) == {0, 1} and label_share(chips, truth).mean() > 0.8
+
+
+def test_classify_evaluation_chips(tmp_path, scene, contract):
+    tif, truth, _ = scene
+    feats = class_polygons(truth, {0: "water", 1: "land"}) + boxes_to_polygons([(10, 150, 40, 180)], "rock")
+    gpkg = write_labels(tmp_path / "e.gpkg", feats)
+    chips = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class", classes=["water", "land"],
+                        evaluation=True)
+    assert chips.split.all() and chips.unknown_classes == {"rock": 1}  # matched by name, the rest reported
+    assert label_share(chips, truth).mean() > 0.9
+    one = write_labels(tmp_path / "one.gpkg", class_polygons(truth, {0: "water"}))
+    only = build_chips(tif, contract, S, "classify", labels=one, class_field="class", classes=["water", "land"],
+                       evaluation=True)  # one class is enough to evaluate
+    assert set(only.labels.tolist()) == {0}
+
+
 def test_plan_blocks_cover_the_raster_once():
     for h, w in [(192, 192), (200, 90), (31, 500), (96, 97)]:
         cover = np.zeros((h, w), int)
@@ -266,8 +336,16 @@ def test_labels_outside_the_raster(tmp_path, scene, contract):
 
 def test_empty_layer(tmp_path, scene, contract):
     gpkg = write_labels(tmp_path / "empty.gpkg", [])
-    with pytest.raises(FinetuneError, match="empty"):
+    with pytest.raises(FinetuneError, match="empty.gpkg: the label layer is empty; draw and label"):
         build_chips(scene[0], contract, S, "segment", labels=gpkg, class_field="class")
+
+
+def test_missing_or_unreadable_label_file(tmp_path, scene, contract):
+    with pytest.raises(FinetuneError, match="label file not found: .*nowhere.gpkg"):
+        build_chips(scene[0], contract, S, "classify", labels=str(tmp_path / "nowhere.gpkg"), class_field="class")
+    (tmp_path / "notes.gpkg").write_text("not a vector file")
+    with pytest.raises(FinetuneError, match="notes.gpkg is not a vector file fiona can read"):
+        build_chips(scene[0], contract, S, "classify", labels=str(tmp_path / "notes.gpkg"), class_field="class")
 
 
 def test_missing_class_field_lists_fields(scene, contract):
@@ -292,9 +370,11 @@ def test_one_class_segmentation_refused_unless_background(tmp_path, scene, contr
     assert chips.classes == ["land", "water"]
 
 
-def test_fewer_chips_than_the_batch(scene, contract):
-    with pytest.raises(FinetuneError, match=r"only \d+ training and \d+ validation chip\(s\).*batch size of 5000"):
-        build_chips(scene[0], contract, S, "segment", labels=scene[2], class_field="class", batch_size=5000)
+@pytest.mark.parametrize("task", ["segment", "classify", "detect"])
+def test_fewer_chips_than_the_batch(scene, contract, task):
+    with pytest.raises(FinetuneError, match=r"only \d+ training and \d+ validation chip\(s\) of 32 px from wl.gpkg "
+                                            r"over wl.tif, for a batch size of 5000: lower the batch size"):
+        build_chips(scene[0], contract, S, task, labels=scene[2], class_field="class", batch_size=5000)
 
 
 def test_input_contract_mismatch(tmp_path, scene, contract):

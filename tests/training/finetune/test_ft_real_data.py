@@ -16,9 +16,9 @@ from training.finetune.segment import finetune_segmenter
 pytestmark = pytest.mark.slow
 
 
-def cfg(encoder, epochs: int) -> FinetuneConfig:
+def cfg(encoder, epochs: int, **kw) -> FinetuneConfig:
     return FinetuneConfig(encoder=str(encoder), epochs=epochs, batch_size=16, lr=1e-3, warmup_epochs=1, drop_path=0.0,
-                          device="cpu", max_minutes=0.75)
+                          device="cpu", max_minutes=0.75, max_chips=300, **kw)
 
 
 def test_sen1floods11_water(tmp_path, shared_data):
@@ -28,8 +28,7 @@ def test_sen1floods11_water(tmp_path, shared_data):
         pytest.skip("Sen1Floods11 sample not found")
     enc = build_encoder(tmp_path / "enc", img_size=64)
     t0 = time.time()
-    r = finetune_segmenter(s1, tmp_path / "water.pkg", cfg(enc, 5), label_raster=label, classes=["dry", "water"],
-                           max_chips=300)
+    r = finetune_segmenter(s1, tmp_path / "water.pkg", cfg(enc, 5), label_raster=label, classes=["dry", "water"])
     assert r["classes"] == ["dry", "water"] and r["val_iou"]["water"] is not None
     assert r["val_iou"]["water"] > 0.3, r  # a random-init tiny ViT after a few CPU epochs
     print(f"Sen1Floods11: water IoU {r['val_iou']['water']:.3f}, mean IoU {r['val_mean_iou']:.3f}, "
@@ -56,8 +55,8 @@ def test_hrsid_ships_from_instance_masks(tmp_path, shared_data):
             dst.write(ship, 1)
     enc = build_encoder(tmp_path / "enc", in_chans=1, img_size=64, units="uint8", bands=["HH"])
     t0 = time.time()
-    r = finetune_segmenter(img, tmp_path / "ships.pkg", cfg(enc, 5), label_raster=tmp_path / "ship.tif",
-                           classes=["sea", "ship"], bands=[1], max_chips=300, class_weights="inverse")
+    r = finetune_segmenter(img, tmp_path / "ships.pkg", cfg(enc, 5, bands=[1], class_weights="auto"),
+                           label_raster=tmp_path / "ship.tif", classes=["sea", "ship"])
     assert r["val_iou"]["ship"] is not None and r["val_iou"]["sea"] > 0.8, r  # ships: ~1 % of the pixels
     res = run_inference(str(img), tmp_path / "ships.tif", tmp_path / "ships.pkg",
                         InferenceOptions(device="cpu", bands=[1], batch_size=8))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ftdata import build_encoder, class_polygons, water_land, write_labels
 
-from training.finetune.common import FinetuneError
+from training.finetune.common import FinetuneError, progress_line
 from training.finetune.config import FinetuneConfig
 from training.finetune.labels import IGNORE
 from training.finetune.segment import (
@@ -60,12 +60,16 @@ def test_augment_pair_moves_image_and_mask_together():
 
 def test_class_weights():
     m = torch.tensor([[0, 0, 0, 1], [0, 0, 0, IGNORE]], dtype=torch.uint8)
-    w = class_weights_of(m, 3, "inverse")
+    abc = ["a", "b", "c"]
+    w = class_weights_of(m, abc, "auto")
     assert w[1] > w[0] and w[2] == 1.0
-    assert class_weights_of(m, 3, None) is None
-    assert class_weights_of(m, 3, [1, 2, 3]).tolist() == [1, 2, 3]
-    with pytest.raises(FinetuneError):
-        class_weights_of(m, 3, [1, 2])
+    assert torch.equal(class_weights_of(m, abc, "inverse"), w)
+    assert class_weights_of(m, abc, None) is None and class_weights_of(m, abc, "none") is None
+    assert class_weights_of(m, abc, [1, 2, 3]).tolist() == [1, 2, 3]
+    with pytest.raises(FinetuneError, match=r"2 class weight\(s\) given for 3 classes \(a, b, c\)"):
+        class_weights_of(m, abc, [1, 2])
+    with pytest.raises(FinetuneError, match="auto"):
+        class_weights_of(m, abc, "square")
 
 
 def test_dense_layer_decay_default():
@@ -89,8 +93,8 @@ def test_segmenter_learns_and_runs_in_inference(tmp_path, encoder):
     tif, truth = water_land(tmp_path / "train.tif", size=192, seed=0)
     gpkg = write_labels(tmp_path / "labels.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
     rows = []
-    r = finetune_segmenter(tif, tmp_path / "water.pkg", tiny_cfg(encoder), labels=gpkg, class_field="class",
-                           class_weights="inverse", progress=rows.append)
+    r = finetune_segmenter(tif, tmp_path / "water.pkg", tiny_cfg(encoder, class_weights="auto"), labels=gpkg,
+                           class_field="class", progress=rows.append, colours={"water": "#0000ff"})
     assert r["classes"] == ["land", "water"] and len(rows) == r["epochs_run"]
     # trivial baseline: one class everywhere -> mean IoU = majority share / 2 <= 0.5
     assert r["val_mean_iou"] > 0.75, r
@@ -98,7 +102,9 @@ def test_segmenter_learns_and_runs_in_inference(tmp_path, encoder):
     pkg = load_package(tmp_path / "water.pkg")
     card = pkg.card
     assert card.task == "segment" and [c["name"] for c in card.classes] == ["land", "water"]
-    assert all(c["colour"].startswith("#") for c in card.classes)
+    assert all(c["colour"].startswith("#") for c in card.classes) and card.classes[1]["colour"] == "#0000ff"
+    assert all("ETA" in progress_line(row) for row in rows)
+    assert len(card.provenance["class_weights"]) == 2  # "auto": the weights used are recorded
     enc_card = json.loads((encoder / "model.json").read_text())
     assert card.input == enc_card["input"]
     m = card.provenance["metrics"]

@@ -1,0 +1,124 @@
+"""Classification fine-tuning (training/finetune/classify.py): from class folders (linear probe,
+N-shot with seeds, batch lowered to the data) and from a raster + labelled polygons (chips inside
+the polygons, spatial split), packages with metrics and plots that ``sarmae infer`` runs unchanged
+(a grid GeoPackage), and the optional ONNX export."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from ftdata import build_encoder, chip_folders, class_polygons, water_land, write_labels
+
+from training.finetune.classify import class_folders, finetune_classifier, split
+from training.finetune.common import FinetuneError
+from training.finetune.config import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return build_encoder(tmp_path_factory.mktemp("enc") / "enc", img_size=32)
+
+
+def tiny_cfg(encoder, **kw) -> FinetuneConfig:
+    d = dict(encoder=str(encoder), epochs=6, batch_size=16, lr=1e-3, warmup_epochs=1, drop_path=0.0, device="cpu",
+             patience=6)
+    d.update(kw)
+    return FinetuneConfig(**d)
+
+
+def test_shots_are_per_class_and_follow_the_seed(tmp_path):
+    chips = class_folders(chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=10))
+    runs = [split(chips, 0.2, 3, seed) for seed in (0, 0, 1)]
+    for tr, va in runs:
+        assert np.bincount(chips.labels[tr]).tolist() == [3, 3] and np.bincount(chips.labels[va]).tolist() == [2, 2]
+        assert not set(tr) & set(va)
+    assert np.array_equal(runs[0][0], runs[1][0]) and not np.array_equal(runs[0][0], runs[2][0])
+
+
+def test_linear_probe_on_class_folders(tmp_path, encoder, caplog):
+    from engine.package import load_package
+
+    root = chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=12)
+    rows = []
+    with caplog.at_level(logging.WARNING, logger="sarmae.finetune"):
+        r = finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder, linear_probe=True, shots=4), rows.append)
+    assert "batch size lowered from 16 to 8" in caplog.text  # 2 x 4 shots < the batch: lowered, said
+    assert r["classes"] == ["bright", "dark"] and r["train_chips"] == 8 and r["val_accuracy"] >= 0.75, r
+    assert len(rows) == r["epochs_run"] and all("eta_s" in row for row in rows)
+    pkg = load_package(tmp_path / "c.pkg")
+    card = pkg.card
+    assert card.task == "classify" and card.input["units"] == "uint8" and card.input["clip"] == [0.0, 255.0]
+    prov = card.provenance
+    assert prov["mode"] == "linear probe" and prov["shots"] == 4 and prov["config"]["label_smoothing"] == 0.1
+    assert set(prov["metrics"]["val_per_class_accuracy"]) == {"bright", "dark"}
+    assert {"training_curves.png", "confusion_matrix.png"} <= {p.name for p in (tmp_path / "c.pkg").iterdir()}
+    with pytest.raises(FinetuneError, match="--bands picks raster bands"):
+        finetune_classifier(root, tmp_path / "b.pkg", tiny_cfg(encoder, bands=[1]))
+
+
+def test_class_folders_need_two_classes(tmp_path, encoder):
+    root = chip_folders(tmp_path / "one", {"dark": 40}, n=4)
+    (root / "empty").mkdir()
+    with pytest.raises(FinetuneError, match=r"one.*at least two class sub-folders with chips \(found 1: dark\)"):
+        finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder))
+    with pytest.raises(FinetuneError, match="nowhere: chip folder not found; give a folder with one sub-folder"):
+        finetune_classifier(tmp_path / "nowhere", tmp_path / "c.pkg", tiny_cfg(encoder))
+    with pytest.raises(FinetuneError, match="give the classification data"):
+        finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder), rasters=["x.tif"], labels="l.gpkg",
+                            class_field="class")
+
+
+def test_classifier_from_polygons_runs_in_infer(tmp_path, encoder):
+    import fiona
+
+    from engine.inference import InferenceOptions, run_inference
+    from engine.package import load_package
+
+    tif, truth = water_land(tmp_path / "train.tif")
+    gpkg = write_labels(tmp_path / "labels.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
+    rows = []
+    r = finetune_classifier(None, tmp_path / "wl.pkg", tiny_cfg(encoder, export_onnx=True), rows.append,
+                            rasters=[tif], labels=gpkg, class_field="class", classes=["water", "land"],
+                            colours=["#0000ff", "#00aa00"])
+    assert r["classes"] == ["water", "land"] and r["val_accuracy"] > 0.85, r
+    assert r["train_chips"] > 20 and r["val_chips"] > 5  # several chips per (large) polygon
+    pkg = load_package(tmp_path / "wl.pkg")
+    card = pkg.card
+    assert [(c["name"], c["colour"]) for c in card.classes] == [("water", "#0000ff"), ("land", "#00aa00")]
+    assert card.input == load_package(encoder).card.input  # the encoder's contract: what infer feeds the model
+    prov = card.provenance
+    assert prov["split"].startswith("spatial blocks") and prov["val_blocks"] >= 1 and prov["labels"] == str(gpkg)
+    assert {"training_curves.png", "confusion_matrix.png", "model.onnx"} <= {p.name for p in (tmp_path / "wl.pkg").iterdir()}
+    # infer, unchanged, through onnxruntime: a grid of labelled 32 px windows over an unseen scene
+    test_tif, test_truth = water_land(tmp_path / "test.tif", size=160, seed=5)
+    res = run_inference(str(test_tif), tmp_path / "grid.gpkg", pkg,
+                        InferenceOptions(device="cpu", backend="onnxruntime", batch_size=8))
+    assert res.task == "classify"
+    with fiona.open(res.outputs["grid"]) as src:
+        cells = [f.properties for f in src]
+    assert len(cells) == 25
+    hit = [p["class_name"] == ("land" if test_truth[p["row_off"]:p["row_off"] + 32, p["col_off"]:p["col_off"] + 32]
+                                .mean() > 0.5 else "water") for p in cells]
+    assert np.mean(hit) > 0.8, np.mean(hit)  # chance: 0.5
+
+
+def test_classifier_from_polygons_bad_input(tmp_path, encoder):
+    tif, truth = water_land(tmp_path / "wl.tif")
+    water = write_labels(tmp_path / "water.gpkg", class_polygons(truth, {0: "water"}))
+    with pytest.raises(FinetuneError, match=r"only one class \(water\) in water.gpkg over wl.tif.*--background"):
+        finetune_classifier(None, tmp_path / "m.pkg", tiny_cfg(encoder), rasters=tif, labels=water, class_field="class")
+    with pytest.raises(FinetuneError, match="give the labels"):
+        finetune_classifier(None, tmp_path / "m.pkg", tiny_cfg(encoder), rasters=tif, labels=water)
+    with pytest.raises(FinetuneError, match="--class-weights applies to segmentation"):
+        finetune_classifier(None, tmp_path / "m.pkg", tiny_cfg(encoder, class_weights="auto"), rasters=tif,
+                            labels=water, class_field="class")
+    with pytest.raises(FinetuneError, match="ONNX export covers"):
+        from training.finetune.detect import finetune_detector
+
+        finetune_detector(tif, tmp_path / "m.pkg", tiny_cfg(encoder, export_onnx=True), labels=water,
+                          class_field="class")
+    with pytest.raises(FinetuneError, match=r"1 colour\(s\) given for 2 class\(es\)"):
+        finetune_classifier(None, tmp_path / "m.pkg", tiny_cfg(encoder, epochs=1), rasters=tif, labels=water,
+                            class_field="class", background="land", colours=["#ffffff"])

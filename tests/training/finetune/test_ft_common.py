@@ -1,0 +1,80 @@
+"""What every fine-tuning task shares (training/finetune/common.py): layer-wise lr decay, early
+stopping with the best weights restored, the time budget, progress rows with an ETA, colours."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from training.finetune.common import FinetuneError, class_colours, decay_groups, fit, progress_line
+from training.finetune.config import FinetuneConfig
+
+
+class Toy(nn.Module):
+    """An 'encoder' of two blocks and a head: the names fit and decay_groups look at."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.patch_embed = nn.Linear(2, 2)
+        self.encoder.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        for b in self.encoder.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def loader(n: int = 4):
+    return [torch.randn(3, 2) for _ in range(n)]
+
+
+def test_layer_decay_scales():
+    groups = decay_groups(Toy(), depth=2, weight_decay=0.05, layer_decay=0.75)
+    scale = {(round(g["lr_scale"], 6), g["weight_decay"]) for g in groups}
+    # embeddings 0.75^3, block 0 0.75^2, block 1 0.75, head 1; biases without weight decay
+    assert scale == {(round(0.75 ** k, 6), wd) for k in (3, 2, 1, 0) for wd in (0.0, 0.05)}
+
+
+def test_early_stopping_restores_the_best_weights():
+    torch.manual_seed(0)
+    model = Toy()
+    scores, snapshots, rows = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.95]), [], []
+
+    def evaluate(m):
+        snapshots.append(m.head.weight.detach().clone())
+        return {"accuracy": next(scores)}
+
+    cfg = FinetuneConfig(epochs=6, patience=2, warmup_epochs=0, lr=1e-2)
+    hist = fit(model, lambda m, x: m(x).pow(2).mean(), evaluate, loader(), cfg, "cpu", "accuracy", rows.append)
+    assert hist.best_epoch == 1 and len(hist.epochs) == 4 and "early stop at epoch 3" in hist.stopped
+    assert torch.equal(model.head.weight, snapshots[1])
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all(r["metric"] == "accuracy" for r in rows)
+    assert rows[0]["eta_s"] >= rows[-1]["eta_s"] >= 0
+    assert progress_line(rows[1]).startswith("epoch 2/6: loss") and "val accuracy 0.9000 (best 0.9000)" in \
+        progress_line(rows[1]) and "ETA" in progress_line(rows[1])
+
+
+def test_time_budget_keeps_the_best_model_found_in_time():
+    def slow_step(m, x):
+        time.sleep(0.05)
+        return m(x).pow(2).mean()
+
+    rows = []
+    cfg = FinetuneConfig(epochs=100, patience=100, warmup_epochs=0, max_minutes=0.1 / 60)
+    t0 = time.time()
+    hist = fit(Toy(), slow_step, lambda m: {"accuracy": 0.5}, loader(50), cfg, "cpu", "accuracy", rows.append)
+    assert time.time() - t0 < 2.0 and len(hist.epochs) == 1 and "time budget" in hist.stopped
+    assert rows[-1]["eta_s"] == 0.0  # the budget is spent: nothing left to wait for
+
+
+def test_class_colours():
+    assert class_colours(["a", "b"], None) == {}
+    assert class_colours(["bg", "a", "b"], ["#000000", "#ffffff"], ["a", "b"]) == {"a": "#000000", "b": "#ffffff"}
+    assert class_colours(["a"], {"a": "#00ff00"}) == {"a": "#00ff00"}
+    with pytest.raises(FinetuneError, match="not '#rrggbb'"):
+        class_colours(["a"], ["red"])
