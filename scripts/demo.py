@@ -1,142 +1,348 @@
-"""`make demo`: the best end-to-end path that exists, on a sample scene or on your raster.
+"""`make demo`: the whole SARMAE workflow on a generated sample scene, or on your raster.
 
-Without --input: makes a realistic synthetic dual-pol Sentinel-1-like scene (water, land textures,
-ships with sidelobes, speckle) with ground-truth polygons, then runs the engine on it. With
---input: the same on your raster. What runs today (the plugin issue will extend it):
-  1. an encoder package (the newest pretrained one under demo_output/models if any, else a
-     randomly initialised ViT-Tiny, said plainly),
-  2. `embed`: per-patch features + an RGB PCA preview,
-  3. `similarity`: cosine similarity to a query point (the darkest region of the scene by default),
-  4. `reconstruct`: what the MAE sees (random decoder unless a pretrained package exists),
-  5. a PNG preview of input, PCA, similarity and reconstruction side by side.
+Without --input (about 8 minutes on 2 CPU cores; all budgets are wall-clock limits):
+  1. a realistic synthetic dual-pol Sentinel-1-like scene (VV+VH in dB, EPSG:32631, 10 m): open
+     water with wind streaks, a coastline and a river, field/forest/urban textures, ships as bright
+     point targets with sidelobes, multiplicative speckle; plus ground-truth polygons;
+  2. an encoder: the one an earlier demo pretrained (demo_output/models/demo_encoder), else a quick
+     SARMAE pretraining on the scene (masked autoencoder + SARE speckle noise);
+  3. fine-tuning from the polygons: a water/land segmenter (unlabelled pixels = land) and a ship
+     detector, written as model packages into demo_output/models;
+  4. segmentation and detection of the scene through `qgis_process` (the plugin's Processing
+     algorithms, the plugin installed into a demo-only QGIS profile);
+  5. a QGIS project (.qgz) with the styled layers, and a PNG preview rendered by QGIS.
+With --input RASTER (no labels): embeddings + PCA preview, the MAE reconstruction, and every
+installed model whose input fits (demo_output/models and the QGIS profile's models folder), all
+through `qgis_process`, then the same project and preview.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="Unable to import Axes3D")  # pip matplotlib beside Debian's toolkits
+QGIS_PROCESS = shutil.which("qgis_process.bin") or "/usr/bin/qgis_process.bin"
+SCALES = {"full": dict(size=1024, ships=48, pretrain_min=3.0, seg_min=1.5, det_min=2.0, epochs=40),
+          "quick": dict(size=512, ships=16, pretrain_min=0.25, seg_min=0.2, det_min=0.2, epochs=2)}
 
 
 def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def init_package(task: str, out: Path, in_chans: int, bands: list[str], units: str) -> Path:
-    from engine.cli import main as sarmae
+class Demo:
+    def __init__(self, out: Path, scale: dict, fresh_encoder: bool):
+        self.out = out
+        self.scale = scale
+        self.fresh_encoder = fresh_encoder
+        self.models = out / "models"
+        self.results = out / "results"
+        self.layers: list[dict] = []  # for the project, top first
+        self.timings: dict[str, float] = {}
+        self._qgis_env: dict | None = None
 
-    if not out.exists():
-        args = ["init", "--arch", "vit_tiny_patch16", "--task", task, "--in-chans", str(in_chans), "--units", units,
-                "--bands", ",".join(bands), "--img-size", "224", "--output", str(out)]
-        if task == "reconstruct":
-            args += ["--decoder-depth", "2", "--decoder-dim", "256"]
-        if sarmae(args) != 0:
-            raise SystemExit(f"could not create {out}")
-    return out
+    # ---- QGIS ---------------------------------------------------------------------------------
+    def qgis_env(self) -> dict:
+        """qgis_process with the plugin installed into demo_output/qgis_profile (never the user's)."""
+        if self._qgis_env is None:
+            if not Path(QGIS_PROCESS).exists():
+                raise SystemExit(f"qgis_process not found ({QGIS_PROCESS}): install QGIS (make setup does)")
+            sys.path.insert(0, str(ROOT / "scripts"))
+            import build_plugin
+
+            root = self.out / "qgis_profile"
+            zip_path = build_plugin.build_zip(root / "dist")
+            profile = root / "profiles" / "default"
+            build_plugin.install_zip(zip_path, profile)
+            build_plugin.enable_plugin(profile)
+            env = {**os.environ, "QGIS_CUSTOM_CONFIG_PATH": str(root), "SARMAE_PYTHON": sys.executable,
+                   "QT_QPA_PLATFORM": "offscreen"}
+            env.pop("PYTHONPATH", None)
+            self._qgis_env = env
+        return self._qgis_env
+
+    def qgis_run(self, algorithm: str, params: dict) -> dict:
+        """`qgis_process.bin run sarmae:<algorithm> --KEY=VALUE ...`; returns its JSON results."""
+        args = [QGIS_PROCESS, "--json", "run", f"sarmae:{algorithm}", "--", *[f"{k}={v}" for k, v in params.items()]]
+        print("$ " + " ".join(a if " " not in a else f"'{a}'" for a in args[:4] + args[5:]), flush=True)
+        t0 = time.time()
+        proc = subprocess.run(args, env=self.qgis_env(), capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+            raise SystemExit(f"qgis_process sarmae:{algorithm} failed (exit {proc.returncode}):\n{tail}")
+        text = proc.stdout[proc.stdout.find("{"):]
+        results = json.loads(text).get("results", {})
+        print(f"   done in {time.time() - t0:.0f} s", flush=True)
+        return results
+
+    def write_project(self, title: str) -> tuple[Path, Path]:
+        spec = {"project": str(self.out / "sarmae_demo.qgz"), "png": str(self.out / "preview.png"), "title": title,
+                "layers": self.layers}
+        spec_path = self.out / "project_spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_project.py"), str(spec_path)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise SystemExit(f"could not write the QGIS project:\n{proc.stderr[-2000:]}")
+        return Path(spec["project"]), Path(spec["png"])
+
+    # ---- models -------------------------------------------------------------------------------
+    def encoder(self, image: Path) -> Path:
+        """The demo's dual-pol encoder: reused when an earlier demo made it, else pretrained now."""
+        from engine.package import read_card
+
+        pkg = self.models / "demo_encoder"
+        if pkg.is_dir() and not self.fresh_encoder:
+            try:
+                card = read_card(pkg)
+                if card.architecture["encoder"]["in_chans"] == 2:
+                    print(f"reusing the encoder an earlier demo pretrained: {pkg} (--fresh-encoder pretrains again)")
+                    return pkg
+            except Exception as e:  # a damaged package: pretrain again
+                print(f"{pkg} is not usable ({e}); pretraining a new encoder")
+        from engine.cli import main as sarmae
+        from training.config import load_config
+        from training.pretrain import pretrain
+
+        run = self.out / "pretrain"
+        minutes = self.scale["pretrain_min"]
+        print(f"pretraining a ViT-Tiny SARMAE encoder (MAE + SARE) on windows of the scene for {minutes} min "
+              "(a real encoder needs hours on many scenes: see README, Pretraining)")
+        cfg = load_config("cpu_vit_tiny", [
+            f"run.output={json.dumps(str(run))}", f"data.paths={json.dumps([str(image)])}", "model.in_chans=2",
+            "data.in_chans=2", "data.windows_per_raster=512", "optim.epochs=30", "optim.batch_size=32",
+            "optim.warmup_epochs=1", f"run.max_minutes={minutes}", "run.checkpoint_every_epochs=100",
+            "run.log_every_steps=20"])
+        if run.exists():
+            shutil.rmtree(run)
+        summary = pretrain(cfg) or {}
+        print(f"pretraining: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})}")
+        if sarmae(["convert", str(run / "last.pt"), "--output", str(pkg), "--overwrite", "--name", "demo_encoder"]) != 0:
+            raise SystemExit("could not convert the pretraining checkpoint into an encoder package")
+        # the whole masked autoencoder too: `make demo INPUT=...` shows its reconstruction
+        sarmae(["convert", str(run / "last.pt"), "--task", "reconstruct", "--output", str(self.models / "demo_mae"),
+                "--overwrite", "--name", "demo_mae"])
+        return pkg
+
+    def finetune(self, image: Path, encoder: Path, labels: Path) -> tuple[Path, Path]:
+        from training.finetune.config import FinetuneConfig
+        from training.finetune.detect import finetune_detector
+        from training.finetune.segment import finetune_segmenter
+
+        water, ships = split_labels(labels, self.out / "labels")
+
+        def show(row: dict) -> None:
+            metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
+            print(f"   epoch {row['epoch'] + 1}: loss {row['train_loss']:.3f}, val {metric} {row[metric]:.3f}",
+                  flush=True)
+
+        s = self.scale
+        seg = self.models / "demo_water_segmenter"
+        print(f"segmenter: water polygons, unlabelled pixels = land, {s['seg_min']} min budget")
+        cfg = FinetuneConfig(task="segment", encoder=str(encoder), epochs=s["epochs"], batch_size=16,
+                             max_minutes=s["seg_min"], device="cpu", max_chips=600, patience=6)
+        r = finetune_segmenter([str(image)], seg, cfg, labels=str(water), class_field="class",
+                               classes=["water", "land"], background="land", colours=["#1f78b4", "#b2df8a"],
+                               progress=show, overwrite=True)
+        print(f"-> {seg}: validation mean IoU {r['val_mean_iou']:.3f} ({r['val_iou']})")
+        det = self.models / "demo_ship_detector"
+        print(f"detector: ship boxes, {s['det_min']} min budget")
+        cfg = FinetuneConfig(task="detect", encoder=str(encoder), epochs=s["epochs"], batch_size=8,
+                             max_minutes=s["det_min"], device="cpu", max_chips=400, patience=8)
+        r = finetune_detector([str(image)], det, cfg, labels=str(ships), class_field="class", colours=["#ff3030"],
+                              progress=show, overwrite=True)
+        print(f"-> {det}: validation mAP@0.5 {r['val_map_50']:.3f}, mAP@[.5:.95] {r['val_map']:.3f}")
+        return seg, det
+
+    # ---- the two demos ------------------------------------------------------------------------
+    def sample(self) -> str:
+        from training.data.synthetic import make_scene
+
+        s = self.scale
+        step(f"1/5 a {s['size']}x{s['size']} synthetic dual-pol scene (VV+VH, dB, EPSG:32631, 10 m)")
+        scene = make_scene(self.out / "scene", size=s["size"], seed=0, n_ships=s["ships"])
+        print(f"scene:  {scene.image}\nlabels: {scene.labels} (water polygons, {len(scene.ships)} ship boxes)")
+        step("2/5 encoder")
+        t0 = time.time()
+        encoder = self.encoder(scene.image)
+        self.timings["encoder"] = time.time() - t0
+        step("3/5 fine-tuning from the polygons")
+        t0 = time.time()
+        seg, det = self.finetune(scene.image, encoder, scene.labels)
+        self.timings["finetune"] = time.time() - t0
+        step("4/5 segmentation and detection through qgis_process (the plugin's Processing algorithms)")
+        t0 = time.time()
+        res = self.results
+        res.mkdir(parents=True, exist_ok=True)
+        self.qgis_run("segment", {"INPUT": scene.image, "MODEL": seg, "OUTPUT": res / "water_classes.tif",
+                                  "CONFIDENCE": res / "water_confidence.tif", "VECTORS": res / "water_polygons.gpkg",
+                                  "MIN_AREA": 50, "DEVICE": 1, "BATCH_SIZE": 8})
+        self.qgis_run("detect", {"INPUT": scene.image, "MODEL": det, "OUTPUT": res / "ships.gpkg",
+                                 "SCORE_THRESHOLD": 0.5, "DEVICE": 1, "BATCH_SIZE": 8})
+        self.timings["qgis_process"] = time.time() - t0
+        seg_classes = [["water", "#1f78b4"], ["land", "#b2df8a"]]
+        self.layers = [
+            {"path": str(res / "ships.gpkg"), "name": "ships (detected)", "role": "detections",
+             "classes": [["ship", "#ff3030"]], "group": "SARMAE results"},
+            {"path": str(res / "water_polygons.gpkg"), "name": "water polygons", "role": "vectors",
+             "classes": seg_classes, "group": "SARMAE results", "visible": False},
+            {"path": str(res / "water_classes.tif"), "name": "water / land", "role": "class", "classes": seg_classes,
+             "group": "SARMAE results", "opacity": 0.45},
+            {"path": str(res / "water_confidence.tif"), "name": "confidence", "role": "confidence",
+             "group": "SARMAE results", "visible": False},
+            {"path": str(scene.labels), "name": "ground truth", "role": "labels",
+             "classes": [["water", "#08306b"], ["ship", "#ffff00"]], "group": "sample scene", "visible": False},
+            {"path": str(scene.image), "name": "synthetic S1 (VV, dB)", "role": "input", "group": "sample scene"},
+        ]
+        return "SARMAE demo: water segmentation and ship detection on a synthetic Sentinel-1 scene"
+
+    def user_raster(self, image: Path) -> str:
+        step(f"your raster: {image}")
+        res = self.results
+        res.mkdir(parents=True, exist_ok=True)
+        n_bands, names = raster_bands(image)
+        print(f"{n_bands} band(s): {', '.join(names)}")
+        from engine.cli import main as sarmae
+
+        step("encoder")
+        chans = min(n_bands, 2)
+        bands = ",".join(str(i + 1) for i in range(chans))
+        enc = self.models / "demo_encoder"
+        if not (enc.is_dir() and package_in_chans(enc) == chans):
+            enc = self.models / f"random_encoder_{chans}ch"
+            if not enc.exists():
+                sarmae(["init", "--task", "embed", "--in-chans", str(chans), "--img-size", "128", "--output", str(enc)])
+            print(f"no pretrained {chans}-channel encoder yet: using a randomly initialised ViT-Tiny ({enc}); "
+                  "its features show backscatter and texture, not semantics. `make demo` without INPUT pretrains one.")
+        mae = self.models / "demo_mae"
+        step("embed + reconstruct through qgis_process")
+        self.qgis_run("embed", {"INPUT": image, "MODEL": enc, "BANDS": bands, "OUTPUT": res / "embedding.tif",
+                                "PCA": res / "embedding_pca.tif", "DEVICE": 1})
+        self.layers.append({"path": str(res / "embedding_pca.tif"), "name": "embedding (PCA)", "role": "pca",
+                            "group": "SARMAE results", "visible": False})
+        if package_in_chans(mae) != chans:
+            print(f"no {chans}-channel masked autoencoder from an earlier demo ({mae}): no reconstruction")
+        else:
+            self.qgis_run("reconstruct", {"INPUT": image, "MODEL": mae, "BANDS": bands,
+                                          "OUTPUT": res / "reconstruction.tif", "DEVICE": 1})
+            self.layers.append({"path": str(res / "reconstruction.tif"), "name": "MAE reconstruction",
+                                "role": "reconstruction", "group": "SARMAE results", "visible": False})
+        step("installed models")
+        for card, folder in installed_models(self.models):
+            if card["task"] not in ("segment", "detect", "classify"):
+                continue
+            want = card["architecture"]["encoder"]["in_chans"]
+            model_bands = (card.get("input") or {}).get("bands") or []
+            if want > n_bands:
+                print(f"skipping {card['name']}: it takes {want} channel(s), the raster has {n_bands}")
+                continue
+            use = ",".join(model_bands) if all(b in names for b in model_bands) and model_bands else \
+                ",".join(str(i + 1) for i in range(want))
+            name = card["name"]
+            classes = [[c["name"], c.get("colour", "#808080")] for c in card.get("classes") or []]
+            if card["task"] == "segment":
+                self.qgis_run("segment", {"INPUT": image, "MODEL": folder, "BANDS": use, "DEVICE": 1,
+                                          "OUTPUT": res / f"{name}_classes.tif",
+                                          "CONFIDENCE": res / f"{name}_confidence.tif"})
+                self.layers.append({"path": str(res / f"{name}_classes.tif"), "name": f"{name}: classes",
+                                    "role": "class", "classes": classes, "group": "SARMAE results", "opacity": 0.5})
+            else:
+                role = "detections" if card["task"] == "detect" else "grid"
+                self.qgis_run(card["task"], {"INPUT": image, "MODEL": folder, "BANDS": use, "DEVICE": 1,
+                                             "OUTPUT": res / f"{name}.gpkg"})
+                self.layers.insert(0, {"path": str(res / f"{name}.gpkg"), "name": name, "role": role,
+                                       "classes": classes, "group": "SARMAE results"})
+        self.layers.append({"path": str(image), "name": image.stem, "role": "input", "group": "input"})
+        return f"SARMAE demo on {image.name}"
 
 
-def preview(paths: dict[str, Path], png: Path) -> None:
-    import matplotlib
+def split_labels(labels: Path, out: Path) -> tuple[Path, Path]:
+    """The ground truth as the two label layers an analyst would draw: water polygons, ship boxes."""
+    import fiona
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"water": out / "water.gpkg", "ship": out / "ships.gpkg"}
+    with fiona.open(labels) as src:
+        feats = list(src)
+        for cls, path in paths.items():
+            if path.exists():
+                path.unlink()
+            with fiona.open(path, "w", driver="GPKG", crs=src.crs, schema=src.schema) as dst:
+                dst.writerecords([f for f in feats if f["properties"]["class"] == cls])
+    return paths["water"], paths["ship"]
+
+
+def raster_bands(path: Path) -> tuple[int, list[str]]:
     import rasterio
 
-    fig, axes = plt.subplots(1, len(paths), figsize=(5 * len(paths), 5))
-    for ax, (title, p) in zip(np.atleast_1d(axes), paths.items()):
-        with rasterio.open(p) as src:
-            step_ = max(1, max(src.height, src.width) // 1024)
-            a = src.read(out_shape=(src.count, src.height // step_, src.width // step_)).astype(np.float32)
-        if a.shape[0] == 3 and a.dtype == np.float32 and title.startswith("PCA"):
-            ax.imshow(np.moveaxis(a, 0, -1).astype(np.uint8))
-        else:
-            band = a[0]
-            lo, hi = np.nanpercentile(band, 2), np.nanpercentile(band, 98)
-            ax.imshow(band, cmap="magma" if "similarity" in title else "gray", vmin=lo, vmax=hi)
-        ax.set_title(title)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
+    try:
+        with rasterio.open(path) as src:
+            return src.count, [d or str(i + 1) for i, d in enumerate(src.descriptions)]
+    except rasterio.errors.RasterioIOError as e:
+        raise SystemExit(f"{path}: not a raster GDAL can read ({e}); give a GeoTIFF or another GDAL raster") from e
+
+
+def package_in_chans(pkg: Path) -> int | None:
+    try:
+        return int(json.loads((pkg / "model.json").read_text())["architecture"]["encoder"]["in_chans"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def installed_models(demo_models: Path) -> list[tuple[dict, Path]]:
+    """Packages in the demo's models folder and in the default QGIS profile's SARMAE models folder."""
+    folders = [demo_models, Path.home() / ".local/share/QGIS/QGIS3/profiles/default/sarmae/models"]
+    out = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for pkg in sorted(folder.iterdir()):
+            try:
+                out.append((json.loads((pkg / "model.json").read_text()), pkg))
+            except (OSError, ValueError):
+                continue
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", help="your SAR raster (default: a generated sample scene)")
     ap.add_argument("--output", default=str(ROOT / "demo_output"), help="folder for everything (default: %(default)s)")
-    ap.add_argument("--size", type=int, default=1024, help="sample scene size in px (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="tiny scene and budgets (a smoke test, about 2 minutes)")
+    ap.add_argument("--fresh-encoder", action="store_true", help="pretrain again even if an earlier demo made one")
     a = ap.parse_args()
     t0 = time.time()
-    out = Path(a.output)
+    out = Path(a.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    import rasterio
-
-    from engine.inference import InferenceOptions, run_inference
-    from engine.similarity import run_similarity
-
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+    demo = Demo(out, SCALES["quick" if a.quick else "full"], a.fresh_encoder)
     if a.input:
-        image = Path(a.input)
-        step(f"your raster: {image}")
+        image = Path(a.input).expanduser().resolve()
+        if not image.is_file():
+            raise SystemExit(f"{image}: no such file; give the path of a SAR raster (GeoTIFF, SAFE measurement, ...)")
+        title = demo.user_raster(image)
     else:
-        from training.data.synthetic import make_scene
-
-        step(f"making a {a.size}x{a.size} synthetic dual-pol scene (VV+VH, dB, EPSG:32631, 10 m)")
-        scene = make_scene(out / "scene", size=a.size, seed=0)
-        image = scene.image
-        print(f"scene:  {scene.image}\nlabels: {scene.labels} (water polygons, {len(scene.ships)} ship boxes)")
-    with rasterio.open(image) as src:
-        count = src.count
-        descr = [d or f"band{i + 1}" for i, d in enumerate(src.descriptions)]
-    in_chans = min(count, 2)
-    bands = descr[:in_chans]
-    from engine.radiometry import detect_units
-    from engine.reader import SarRaster
-
-    with SarRaster.open([str(image)], list(range(1, in_chans + 1))) as r:
-        units, reason = detect_units(r)
-    units = units if units in ("db", "linear_power", "amplitude", "uint8") else "db"
-    print(f"input: {count} band(s) {descr}, units {units} ({reason}); using {'+'.join(bands)}")
-
-    models = out / "models"
-    step("encoder package")
-    emb = init_package("embed", models / f"encoder_{in_chans}ch_{units}", in_chans, bands, units)
-    rec = init_package("reconstruct", models / f"mae_{in_chans}ch_{units}", in_chans, bands, units)
-    print(f"using {emb.name}: randomly initialised ViT-Tiny (no pretrained encoder yet: `sarmae pretrain` "
-          "will make one); random ViT features already separate backscatter and texture, not semantics")
-
-    opts = InferenceOptions(bands=list(range(1, in_chans + 1)), overwrite=True, batch_size=8)
-    res = out / "results"
-    step("embed: per-patch features (stride 16) + PCA preview")
-    r_emb = run_inference([str(image)], res / "embedding.tif", emb, opts)
-    print(f"{r_emb.outputs}  ({r_emb.timings['total_s']:.1f} s)")
-
-    step("similarity to the darkest region (typically open water)")
-    with rasterio.open(image) as src:
-        small = src.read(1, out_shape=(64, 64)).astype(np.float64)
-        small[~np.isfinite(small)] = np.inf
-        rr, cc = np.unravel_index(np.argmin(small), small.shape)
-        x, y = src.xy(int((rr + 0.5) * src.height / 64), int((cc + 0.5) * src.width / 64))
-    r_sim = run_similarity(res / "embedding.tif", res / "similarity.tif", (x, y), overwrite=True)
-    print(f"query point ({x:.1f}, {y:.1f}) -> {r_sim['output']}")
-
-    step("reconstruct: the masked autoencoder's view (75 % of patches hidden)")
-    r_rec = run_inference([str(image)], res / "reconstruction.tif", rec, opts)
-    print(f"{r_rec.outputs}  ({r_rec.timings['total_s']:.1f} s)")
-
-    step("preview")
-    png = out / "preview.png"
-    preview({"input (band 1)": image, "PCA of embeddings": Path(r_emb.outputs["pca"]),
-             "similarity to query": res / "similarity.tif", "MAE reconstruction": res / "reconstruction.tif"}, png)
-    print(f"\nDone in {time.time() - t0:.0f} s. Everything is in {out}:\n  preview: {png}\n  rasters: {res}\n"
-          f"Open the GeoTIFFs in QGIS (Layer > Add Raster Layer), or run `sarmae --help` for more.")
+        title = demo.sample()
+    step("5/5 QGIS project and preview" if not a.input else "QGIS project and preview")
+    qgz, png = demo.write_project(title)
+    minutes = (time.time() - t0) / 60
+    timings = ", ".join(f"{k} {v / 60:.1f} min" for k, v in demo.timings.items())
+    print(f"\nDone in {minutes:.1f} min{' (' + timings + ')' if timings else ''}. Everything is in {out}:\n"
+          f"  QGIS project: {qgz}\n      open it:  qgis {qgz}\n  preview:      {png}\n"
+          f"  models:       {demo.models} (install them in QGIS: Raster > SARMAE > Models… > Import folder)\n"
+          f"  results:      {demo.results}")
     return 0
 
 
