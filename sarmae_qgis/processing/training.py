@@ -65,7 +65,8 @@ Segment / Detect / Classify algorithms and the Run model dialog.</p>
 <p><b>Task</b>: <i>segment</i> (one class per pixel) and <i>detect</i> (boxes) learn from <b>training rasters</b>
 plus <b>labelled polygons</b> (a polygon layer and its <b>class field</b>; any CRS, reprojected to each raster);
 <i>segment</i> can instead use a <b>label raster</b> (class index per pixel, on the training raster's grid).
-<i>classify</i> learns from a <b>chip folder</b>: one sub-folder per class holding image chips (PNG/TIFF).</p>
+<i>classify</i> learns from a <b>chip folder</b> (one sub-folder per class holding image chips, PNG/TIFF), or
+from training rasters + labelled polygons (windows inside each polygon take its class).</p>
 <p><b>Encoder</b>: the pretrained encoder package to start from (empty: random initialisation, for tests only).
 <b>Classes</b>: class names in the order you want (empty: the sorted values found). <b>Background</b>: the class
 given to unlabelled pixels around your polygons (empty: they are ignored).</p>
@@ -76,9 +77,9 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterEnum("TASK", "Task", FINETUNE_TASKS, defaultValue=0))
-        self.addParameter(QgsProcessingParameterMultipleLayers("RASTERS", "Training rasters (segment, detect)",
+        self.addParameter(QgsProcessingParameterMultipleLayers("RASTERS", "Training rasters (segment, detect, classify)",
                                                                QgsProcessing.TypeRaster, optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource("LABELS", "Labelled polygons (segment, detect)",
+        self.addParameter(QgsProcessingParameterFeatureSource("LABELS", "Labelled polygons (segment, detect, classify)",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field", parentLayerParameterName="LABELS",
                                                       optional=True))
@@ -113,8 +114,11 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
             return ok, message
         task = FINETUNE_TASKS[self.parameterAsEnum(parameters, "TASK", context)]
         has = {k: is_set(parameters, k) for k in ("RASTERS", "LABELS", "CLASS_FIELD", "LABEL_RASTER", "CHIPS")}
-        if task == "classify" and not has["CHIPS"]:
-            return False, "classification fine-tuning needs a chip folder (one sub-folder of chips per class)"
+        if task == "classify" and not has["CHIPS"] and not (has["RASTERS"] and has["LABELS"]):
+            return False, ("classification fine-tuning needs a chip folder (one sub-folder of chips per class), or "
+                           "training rasters with labelled polygons and their class field")
+        if task == "classify" and has["LABELS"] and not has["CLASS_FIELD"]:
+            return False, "choose the class field of the labelled polygons"
         if task != "classify":
             if not has["RASTERS"]:
                 return False, f"{task} fine-tuning needs at least one training raster"
@@ -152,7 +156,7 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
         background = self.parameterAsString(parameters, "BACKGROUND", context).strip()
         if background:
             request["background"] = background
-        if task == "classify":
+        if task == "classify" and is_set(parameters, "CHIPS"):
             request["chips"] = self.parameterAsFile(parameters, "CHIPS", context)
         else:
             request["rasters"] = layer_files(self.parameterAsLayerList(parameters, "RASTERS", context))

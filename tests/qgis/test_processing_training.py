@@ -55,6 +55,16 @@ def test_finetune_classify_from_chip_folders(assets, tmp_path):
     assert card.task == "classify" and sorted(card.class_names) == ["land", "water"]
 
 
+def test_finetune_classify_from_rasters_and_polygons(assets, tmp_path):
+    out = processing.run("sarmae:finetune", {"TASK": 2, "RASTERS": [str(assets / "train.tif")],
+                                             "LABELS": str(assets / "labels.gpkg"), "CLASS_FIELD": "class",
+                                             "ENCODER": str(assets / "encoder.pkg"), "LINEAR_PROBE": True,
+                                             "OUTPUT": str(tmp_path / "cls_poly.pkg"), **TINY})
+    card = read_card(out["OUTPUT"])
+    assert card.task == "classify" and sorted(card.class_names) == ["land", "water"]
+    assert "val_accuracy" in json.loads(out["METRICS"])
+
+
 def test_finetune_checks_its_inputs_and_output(assets, tmp_path):
     alg = QgsApplication.processingRegistry().algorithmById("sarmae:finetune")
     context = QgsProcessingContext()
