@@ -8,8 +8,15 @@
   backends:   torch vs onnxruntime px/s on the same windows
 
 Usage: python benchmarks/bench_inference.py [efficiency|memory|scaling|backends|all] [--size N]
-       [--depth D] (memory/scaling default to a 2-block ViT-Tiny: the pipeline's memory and overhead
-       do not depend on the encoder depth, and 16384^2 with 12 blocks takes ~30 CPU-minutes)
+       [--depth D] [--backend torch|onnxruntime] [--batch B] [--sizes 4096,8192,16384]
+       (memory/scaling default to a 2-block ViT-Tiny: the pipeline's memory and overhead do not
+       depend on the encoder depth, and 16384^2 with 12 blocks takes ~30 CPU-minutes)
+
+memory/scaling run each size in a fresh process with GDAL_CACHEMAX=64 (MB). The raster, the package
+and (for --backend onnxruntime) its model.onnx are made by this parent process first, so the
+measured process with --backend onnxruntime imports no torch (it reports whether it did), and it
+prints its memory at each stage: after Python + numpy, after the pipeline's imports, after the
+package and backend are loaded, after the first batch, and at the end (VmHWM = peak so far).
 """
 
 from __future__ import annotations
@@ -21,14 +28,32 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, big_scene, peak_rss_mb, small_package
+from common import ROOT, big_scene, peak_rss_mb, rss_mb, small_package
 
 WORK = ROOT / "benchmarks" / "_work"
+STAGES = ("start", "imports", "backend", "first_batch", "end")
+
+
+def prepare(size: int, depth: int, backend: str = "torch") -> tuple[Path, Path]:
+    """The scene and the package of a run (made once; an onnxruntime run gets a model.onnx too).
+    Imports torch when something has to be made: call it in the parent, not in a measured process."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    scene = big_scene(WORK / f"scene_{size}.tif", size)
+    light = depth < 12  # memory/scaling runs: a light model, the pipeline is what is measured
+    pkg_path = small_package(WORK / f"seg_d{depth}{'_h32' if light else ''}", "segment", depth,
+                             head_channels=32 if light else None)
+    if backend == "onnxruntime" and not (pkg_path / "model.onnx").is_file():
+        from engine.cli import main as sarmae
+
+        sarmae(["export", str(pkg_path)])
+    return scene, pkg_path
 
 
 def one_run(size: int, depth: int, backend: str = "torch", measure_model: bool = False, batch: int = 8) -> dict:
     """Run the pipeline once in this process; optionally time the model alone on the same windows."""
+    stages = {"start": rss_mb()}
     import numpy as np
+    import rasterio  # noqa: F401  (the reader's and writers' import, counted in "imports")
 
     from engine.backends import choose_backend
     from engine.inference import InferenceOptions, RunContext, _read_padded, run_inference
@@ -37,25 +62,29 @@ def one_run(size: int, depth: int, backend: str = "torch", measure_model: bool =
     from engine.reader import SarRaster
     from engine.tiling import Window, plan_tiles
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    scene = big_scene(WORK / f"scene_{size}.tif", size)
-    light = depth < 12  # memory/scaling runs: a light model, the pipeline is what is measured
-    pkg_path = small_package(WORK / f"seg_d{depth}{'_h32' if light else ''}", "segment", depth,
-                             head_channels=32 if light else None)
-    pkg = load_package(pkg_path)
-    if backend == "onnxruntime" and not pkg.has_onnx:
-        from engine.cli import main as sarmae
-
-        sarmae(["export", str(pkg_path)])
-        pkg = load_package(pkg_path)
+    if backend == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    else:
+        import engine.torch_backend  # noqa: F401  (torch)
+    stages["imports"] = rss_mb()
+    scene, pkg_path = prepare(size, depth, backend)
+    pkg = load_package(pkg_path, lazy=True)
     opts = InferenceOptions(batch_size=batch, backend=backend, overwrite=True, device="cpu")
     t0 = time.perf_counter()
-    res = run_inference([str(scene)], WORK / f"out_{size}_d{depth}.tif", pkg, opts)
+    be = choose_backend(backend, pkg, "cpu", (batch, pkg.card.in_chans, *pkg.card.input_size))
+    stages["backend"] = rss_mb()
+
+    def progress(fraction: float, message: str) -> None:
+        if fraction >= 0 and "first_batch" not in stages:
+            stages["first_batch"] = rss_mb()
+
+    res = run_inference([str(scene)], WORK / f"out_{size}_d{depth}.tif", pkg, opts, progress=progress, backend=be)
     t_e2e = time.perf_counter() - t0
-    out = {"size": size, "depth": depth, "backend": backend, "e2e_s": t_e2e, "model_s_in_pipeline": res.timings["model_s"],
-           "px": size * size, "peak_rss_mb": peak_rss_mb()}
+    stages["end"] = rss_mb()
+    out = {"size": size, "depth": depth, "backend": backend, "batch": batch, "e2e_s": t_e2e,
+           "model_s_in_pipeline": res.timings["model_s"], "px": size * size, "peak_rss_mb": peak_rss_mb(),
+           "stages": stages, "torch_imported": sys.modules.get("torch") is not None}
     if measure_model:  # the model alone on the same windows: read first (untimed), then time run()
-        be = choose_backend(backend, pkg, "cpu", (batch, 2, 224, 224))
         with SarRaster.open([str(scene)]) as r:
             rad = Radiometry.for_raster(pkg.card.input, r)
             plan = plan_tiles(size, size, 224, 0.25)
@@ -72,11 +101,13 @@ def one_run(size: int, depth: int, backend: str = "torch", measure_model: bool =
     return out
 
 
-def in_subprocess(size: int, depth: int, backend: str = "torch") -> dict:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import json, bench_inference as b; "
-            f"print(json.dumps(b.one_run({size}, {depth}, {backend!r})))")
+def in_subprocess(size: int, depth: int, backend: str = "torch", batch: int = 8) -> dict:
+    """``one_run`` in a fresh process (its peak RSS is the run's alone); assets are made here first."""
     import os
 
+    prepare(size, depth, backend)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import json, bench_inference as b; "
+            f"print(json.dumps(b.one_run({size}, {depth}, {backend!r}, batch={batch})))")
     env = {**os.environ, "GDAL_CACHEMAX": "64"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode:
@@ -84,14 +115,26 @@ def in_subprocess(size: int, depth: int, backend: str = "torch") -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def stage_line(r: dict) -> str:
+    st = r["stages"]
+    return ("    stages (RSS now / peak so far, MB): "
+            + ", ".join(f"{k} {st[k]['rss']:.0f}/{st[k]['hwm']:.0f}" for k in STAGES if k in st)
+            + f"; torch imported: {r['torch_imported']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="?", default="all", choices=["efficiency", "memory", "scaling", "backends", "all"])
     ap.add_argument("--size", type=int, default=8192, help="raster side for efficiency/backends")
     ap.add_argument("--depth", type=int, default=2, help="encoder blocks for memory/scaling runs")
+    ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                    help="backend of the memory/scaling runs (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=8, help="windows per batch in memory/scaling runs")
+    ap.add_argument("--sizes", default="4096,8192,16384", help="raster sides of the memory/scaling runs")
     ap.add_argument("--repeats", type=int, default=3, help="alternating efficiency passes (median reported)")
     a = ap.parse_args()
     if a.what in ("efficiency", "all"):
+        prepare(a.size, 12)
         # alternate end-to-end and model-only passes so that a change of machine load hits both
         ratios = []
         for i in range(a.repeats):
@@ -103,19 +146,25 @@ def main() -> None:
         print(f"efficiency (ViT-Tiny seg, {a.size}^2 x 2, CPU): median ratio {sorted(ratios)[len(ratios) // 2]:.3f} "
               f"over {len(ratios)} alternating passes (target >= 0.95)")
     if a.what in ("memory", "scaling", "all"):
-        runs = {s: in_subprocess(s, a.depth) for s in (4096, 8192, 16384)}
-        for s_, r in runs.items():
-            print(f"  {s_}^2: {r['e2e_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        # the same runs give both figures
-        m4, m16 = runs[4096]["peak_rss_mb"], runs[16384]["peak_rss_mb"]
-        print(f"memory (depth {a.depth}): peak RSS 4096^2 {m4:.0f} MB, 8192^2 {runs[8192]['peak_rss_mb']:.0f} MB, "
-              f"16384^2 {m16:.0f} MB -> ratio {m16 / m4:.3f} (target <= 1.15, and < 500 MB)")
+        sizes = [int(s) for s in a.sizes.split(",")]
+        runs = {}
+        for s in sizes:
+            runs[s] = r = in_subprocess(s, a.depth, a.backend, a.batch)
+            print(f"  {s}^2: {r['e2e_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(stage_line(r), flush=True)
+            if a.backend == "onnxruntime" and r["torch_imported"]:
+                print("  WARNING: the onnxruntime run imported torch", flush=True)
+        lo, hi = runs[min(sizes)]["peak_rss_mb"], runs[max(sizes)]["peak_rss_mb"]
+        print(f"memory ({a.backend}, depth {a.depth}, batch {a.batch}): peak RSS "
+              + ", ".join(f"{s}^2 {r['peak_rss_mb']:.0f} MB" for s, r in runs.items())
+              + f" -> ratio {max(sizes)}/{min(sizes)} {hi / lo:.3f} (target <= 1.15, and < 500 MB at 16384^2)")
         spm = {s: r["e2e_s"] / (r["px"] / 1e6) for s, r in runs.items()}
-        mean = sum(spm.values()) / 3
+        mean = sum(spm.values()) / len(spm)
         print("scaling: s/Mpx " + ", ".join(f"{s}^2 {v:.3f}" for s, v in spm.items())
               + f" -> max deviation {max(abs(v / mean - 1) for v in spm.values()) * 100:.1f} % (target within 10 %)")
     if a.what in ("backends", "all"):
         size = min(a.size, 4096)
+        prepare(size, 12, "onnxruntime")
         t = one_run(size, 12, "torch")
         o = one_run(size, 12, "onnxruntime")
         print(f"backends (ViT-Tiny seg, {size}^2): torch {t['px'] / t['e2e_s'] / 1e3:.1f} kpx/s, onnxruntime "

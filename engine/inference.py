@@ -149,10 +149,36 @@ def iter_batches(ctx: RunContext, windows: list[Window], batch_size: int, should
                 thread.join(timeout=0.05)
 
 
+class _HeapTrimmer:
+    """Give freed heap memory back to the system at most every ``every_s`` seconds (glibc only).
+
+    A run frees and allocates arrays of a few MB per window and batch in several threads, while GDAL
+    keeps its blocks: glibc's heaps fragment and the freed pages stay resident, which made the peak
+    RSS of a 16384-px-wide raster ~20 MB higher than needed. ``malloc_trim(0)`` returns them;
+    elsewhere (macOS, musl, Windows) this does nothing.
+    """
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.last = every_s, time.perf_counter()
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def maybe(self) -> None:
+        now = time.perf_counter()
+        if self._trim is not None and now - self.last >= self.every_s:
+            self._trim(0)
+            self.last = now
+
+
 def _open_package(model):
+    """A ``LoadedPackage`` whose torch model is built only if a torch backend asks for it."""
     from .package import LoadedPackage, load_package
 
-    return model if isinstance(model, LoadedPackage) else load_package(model)
+    return model if isinstance(model, LoadedPackage) else load_package(model, lazy=True)
 
 
 def run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
@@ -221,12 +247,15 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")
         t_model = 0.0
         done = 0
+        trimmer = _HeapTrimmer()
         try:
             for wins, x, valid in iter_batches(ctx, windows, opts.batch_size, should_cancel):
                 t1 = time.perf_counter()
                 y = backend.run(x)
                 t_model += time.perf_counter() - t1
                 sink.consume(wins, y, valid)
+                del x, y, valid
+                trimmer.maybe()
                 done += len(wins)
                 if progress is not None:
                     progress(done / len(windows), f"{done}/{len(windows)} windows")

@@ -192,6 +192,17 @@ class _Source:
             return (self.prefix + name) in self.zip.namelist()
         return (self.path / name).is_file()
 
+    def sha256(self, name: str) -> str:
+        """sha256 of one file, streamed in chunks (the file is never held whole in memory)."""
+        digest = hashlib.sha256()
+        try:
+            with (self.zip.open(self.prefix + name) if self.zip is not None else open(self.path / name, "rb")) as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except (KeyError, FileNotFoundError) as e:
+            raise PackageError(f"{self.path}: {name} is missing from the model package") from e
+        return digest.hexdigest()
+
 
 def read_card(path: str | os.PathLike) -> ModelCard:
     """Parse and validate model.json without touching the weights."""
@@ -204,15 +215,61 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     return validate_card(d, str(Path(path) / CARD))
 
 
-@dataclass
 class LoadedPackage:
-    card: ModelCard
-    model: Any  # torch.nn.Module in eval mode
-    path: Path
-    has_onnx: bool
+    """A validated package: its card, where it is, whether it holds a model.onnx, and ``model``.
+
+    ``model`` (the torch module in eval mode) is built from the weights the first time it is
+    used, so that a run through onnxruntime never imports torch nor reads the weights into memory.
+    """
+
+    def __init__(self, card: ModelCard, model: Any, path: Path, has_onnx: bool, device: str = "cpu"):
+        import threading
+
+        self.card, self.path, self.has_onnx, self.device = card, Path(path), has_onnx, device
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """The torch module (built on first use: imports torch, reads and checks the weights)."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = build_model(self.path, self.card, self.device)
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
 
     def read_onnx(self) -> bytes:
         return _Source(self.path).read(ONNX)
+
+    def onnx_model(self) -> Path | bytes:
+        """What onnxruntime opens: the file of a folder package (not copied through Python), the
+        bytes of a zipped one."""
+        return self.path / ONNX if self.path.is_dir() else self.read_onnx()
+
+    def __repr__(self) -> str:
+        return (f"LoadedPackage({self.card.name!r}, task={self.card.task!r}, path={str(self.path)!r}, "
+                f"has_onnx={self.has_onnx}, model_loaded={self.model_loaded})")
+
+
+def _hash_mismatch(path: Path, digest: str, card: ModelCard) -> PackageError:
+    return PackageError(
+        f"{path}: the weights do not match model.json (sha256 {digest[:12]}... expected "
+        f"{card.weights['sha256'][:12]}...). The package is corrupt or was modified: re-copy or re-export it"
+    )
+
+
+def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> ModelCard:
+    """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
+    path = Path(path)
+    card = card or read_card(path)
+    digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
+    if digest != card.weights["sha256"]:
+        raise _hash_mismatch(path, digest, card)
+    return card
 
 
 def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> tuple[ModelCard, dict]:
@@ -225,21 +282,18 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
     data = src.read(card.weights.get("file", WEIGHTS))
     digest = sha256_bytes(data)
     if digest != card.weights["sha256"]:
-        raise PackageError(
-            f"{path}: the weights do not match model.json (sha256 {digest[:12]}... expected "
-            f"{card.weights['sha256'][:12]}...). The package is corrupt or was modified: re-copy or re-export it"
-        )
+        raise _hash_mismatch(path, digest, card)
     try:
         return card, st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise PackageError(f"{path}: cannot read {WEIGHTS} ({e})") from e
 
 
-def load_package(path: str | os.PathLike, device: str = "cpu") -> LoadedPackage:
-    """Load a package: validated card + the model built from it with its weights (eval mode)."""
+def build_model(path: str | os.PathLike, card: ModelCard | None = None, device: str = "cpu") -> Any:
+    """The package's torch model with its (hash-checked) weights, in eval mode on ``device``."""
     from .models import build_from_architecture
 
-    card, sd = load_state_dict(path)
+    card, sd = load_state_dict(path, card)
     model = build_from_architecture(card.architecture, card.task, len(card.classes))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("pos_embed")]  # fixed tables are rebuilt
@@ -248,8 +302,24 @@ def load_package(path: str | os.PathLike, device: str = "cpu") -> LoadedPackage:
             f"{path}: weights do not fit the architecture in model.json "
             f"({len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]})"
         )
-    model.to(device).eval()
-    return LoadedPackage(card, model, Path(path), _Source(Path(path)).has(ONNX))
+    return model.to(device).eval()
+
+
+def load_package(path: str | os.PathLike, device: str = "cpu", lazy: bool = False) -> LoadedPackage:
+    """Load a package: validated card + the model built from it with its weights (eval mode).
+
+    ``lazy=True`` checks the card and the weights' sha256 (streamed) now and builds the torch
+    model only when ``.model`` is first used: what inference does, so that a run through
+    onnxruntime needs neither torch nor the weights in memory.
+    """
+    path = Path(path)
+    card = read_card(path)
+    if lazy:
+        verify_weights(path, card)
+        model = None
+    else:
+        model = build_model(path, card, device)
+    return LoadedPackage(card, model, path, _Source(path).has(ONNX), device)
 
 
 def new_card(name: str, task: str, architecture: dict, input_contract: dict, classes: list[dict] | None = None,

@@ -35,18 +35,29 @@ DEFAULT_CACHEMAX_MB = 256
 _POL_TAG_KEYS = ("POLARISATION", "POLARIZATION", "POLARISATIONS", "POL", "POLARIMETRIC_INTERP")
 
 
-def gdal_env_options() -> dict[str, Any]:
-    """GDAL options used around every open and read: a bounded block cache.
-
-    ``GDAL_CACHEMAX`` from the environment wins when it is a number (GDAL reads values below
-    100000 as megabytes, larger ones as bytes) or ends in MB/GB; otherwise 256 MB.
-    """
+def gdal_cachemax_mb() -> int:
+    """The GDAL block cache bound in MB: ``GDAL_CACHEMAX`` from the environment when it is a number
+    (GDAL reads values below 100000 as megabytes, larger ones as bytes) or ends in MB/GB; else 256."""
     raw = os.environ.get("GDAL_CACHEMAX", "").strip().upper()
     m = re.fullmatch(r"(\d+)\s*(MB|GB)?", raw)
     if m is None:
-        return {"GDAL_CACHEMAX": DEFAULT_CACHEMAX_MB}
-    value = int(m.group(1)) * (1024 if m.group(2) == "GB" else 1)
-    return {"GDAL_CACHEMAX": value if value > 0 else DEFAULT_CACHEMAX_MB}
+        return DEFAULT_CACHEMAX_MB
+    value = int(m.group(1))
+    if m.group(2) is None and value >= 100000:  # bytes
+        value //= 1 << 20
+    elif m.group(2) == "GB":
+        value *= 1024
+    return value if value > 0 else DEFAULT_CACHEMAX_MB
+
+
+def gdal_env_options() -> dict[str, Any]:
+    """GDAL options used around every open and read: a bounded block cache.
+
+    ``rasterio.Env`` hands an integer ``GDAL_CACHEMAX`` to ``GDALSetCacheMax`` as BYTES, so the
+    bound (``gdal_cachemax_mb``) is given in bytes: ``GDAL_CACHEMAX=256`` would be a 256-byte cache,
+    which flushes every block (the writers' unfinished tiles too) at each read.
+    """
+    return {"GDAL_CACHEMAX": gdal_cachemax_mb() << 20}
 
 
 def name_tokens(text: str) -> list[str]:

@@ -82,7 +82,8 @@ class ModelCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry, True
-        entry = CachedModel(key, load_package(key[0]))  # slow part outside the lock
+        entry = CachedModel(key, load_package(key[0], lazy=True))  # slow part outside the lock; the torch
+        # model is built when a torch backend first needs it
         with self._lock:
             for stale in [k for k in self._entries if k[0] == key[0]]:  # older versions of this package
                 del self._entries[stale]

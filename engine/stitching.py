@@ -75,6 +75,11 @@ class RollingStitcher:
     ``held_rows`` and ``peak_held_rows`` report that row count. Strips that are not popped stay
     held, so a caller that never pops holds the whole raster.
 
+    With ``copy_strips=False`` the strips are views of the ring, valid until the next ``add``
+    (their ring rows are zeroed then; strips not popped by then are copied first, so none is ever
+    lost): a caller that writes each strip before adding the next window saves the ``C * stride``
+    rows of copies, and holds ``itemsize * W * (C + 1) * R`` (``window`` rows).
+
     Example::
 
         stitcher = RollingStitcher(plan, channels=C)
@@ -92,6 +97,7 @@ class RollingStitcher:
         channels: int,
         dtype: DTypeLike = np.float32,
         fill_value: float = float("nan"),
+        copy_strips: bool = True,
     ) -> None:
         """Allocate the ring buffer.
 
@@ -101,6 +107,8 @@ class RollingStitcher:
             dtype: Floating dtype of the buffers and strips.
             fill_value: Output value where no weight was added (every window marked the pixel
                 invalid), instead of dividing by zero.
+            copy_strips: False: hand out strips as views of the ring, valid until the next
+                ``add`` (see the class notes).
 
         Raises:
             ValueError: If ``channels`` or ``dtype`` is invalid, or the plan's windows are not
@@ -134,6 +142,8 @@ class RollingStitcher:
         self._lo = 0  # first raster row not yet final; the ring holds rows [_lo, _lo + R)
         self._ready: list[tuple[int, np.ndarray]] = []
         self._ready_copied_rows = 0  # rows of ready strips not backed by the ring
+        self.copy_strips = copy_strips
+        self._to_zero: list[slice] = []  # ring rows handed out as views, zeroed at the next add
         self.peak_held_rows = self.buffer_rows
 
     @property
@@ -176,6 +186,7 @@ class RollingStitcher:
         if window.row_off < self._lo or window.row_end > self._lo + self.buffer_rows:
             raise ValueError(f"window {window} does not fit the rolling buffer (inconsistent plan)")
 
+        self._release_views()
         cols = window.slices()[1]
         for row_off, ring in self._ring_pieces(window.row_off, window.row_end):
             k = slice(row_off - window.row_off, row_off - window.row_off + ring.stop - ring.start)
@@ -234,6 +245,20 @@ class RollingStitcher:
             row += n
         return pieces
 
+    def _release_views(self) -> None:
+        """Zero the ring rows handed out as views (copying strips nobody popped yet)."""
+        if not self._to_zero:
+            return
+        for i, (row_off, strip) in enumerate(self._ready):
+            if np.may_share_memory(strip, self._acc):
+                self._ready[i] = (row_off, strip.copy())
+                self._ready_copied_rows += strip.shape[1]
+        for ring in self._to_zero:
+            self._acc[:, ring] = 0
+            self._wsum[ring] = 0
+        self._to_zero = []
+        self.peak_held_rows = max(self.peak_held_rows, self.held_rows)
+
     def _finalize(self, until: int, in_place: bool) -> None:
         """Normalise rows ``[_lo, until)`` and queue them as strips."""
         for row_off, ring in self._ring_pieces(self._lo, until):
@@ -243,6 +268,10 @@ class RollingStitcher:
             acc[:, ~covered] = self.fill_value
             if in_place:  # last band: the ring is never written again, hand out views
                 self._ready.append((row_off, acc))
+                continue
+            if not self.copy_strips:  # a view until the next add, which zeroes these rows
+                self._ready.append((row_off, acc))
+                self._to_zero.append(ring)
                 continue
             self._ready.append((row_off, acc.copy()))
             self._ready_copied_rows += ring.stop - ring.start

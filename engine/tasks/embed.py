@@ -31,7 +31,7 @@ class EmbedSink:
         self.windows = [Window(w.row_off * p, w.col_off * p, w.height * p, w.width * p) for w in self.token_plan.windows]
         self._token_windows = dict(zip(self.windows, self.token_plan.windows))
         self.dim = ctx.card.architecture["encoder"]["embed_dim"]
-        self.stitcher = RollingStitcher(self.token_plan, self.dim)
+        self.stitcher = RollingStitcher(self.token_plan, self.dim, copy_strips=False)
         self.geo = Georef(ctx.raster, region, scale=p)
         self.paths = {"embedding": ctx.output, "pca": sibling(ctx.output, "_pca.tif")}
         check_extra_outputs(ctx, [self.paths["pca"]])
@@ -51,8 +51,8 @@ class EmbedSink:
             # a token is valid when most of its pixels are
             tv = v.reshape(v.shape[0] // p, p, v.shape[1] // p, p).mean(axis=(1, 3)) > 0.5
             self.stitcher.add(tw, f, tv)
-        for row_off, strip in self.stitcher.pop_ready():
-            self._write(row_off, strip)
+            for row_off, strip in self.stitcher.pop_ready():  # before the next add: strips are views
+                self._write(row_off, strip)
 
     def _write(self, row_off: int, strip: np.ndarray) -> None:
         vecs = strip.reshape(self.dim, -1).T

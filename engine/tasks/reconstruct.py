@@ -15,7 +15,7 @@ class ReconstructSink(PixelSink):
         super().__init__(ctx)
         region, opts = ctx.region, ctx.options
         c = ctx.card.in_chans
-        self.stitcher = RollingStitcher(self.plan, c)
+        self.stitcher = RollingStitcher(self.plan, c, copy_strips=False)
         inp = ctx.card.input
         self.lo, self.hi = inp["clip"]
         self.mean = np.asarray(inp["mean"], np.float32).reshape(c, 1, 1)
@@ -28,8 +28,8 @@ class ReconstructSink(PixelSink):
     def consume(self, windows, recon: np.ndarray, valid: np.ndarray) -> None:
         for b, win in enumerate(windows):
             self.stitcher.add(win, recon[b], valid[b])
-        for row_off, strip in self.stitcher.pop_ready():
-            self._write(row_off, strip)
+            for row_off, strip in self.stitcher.pop_ready():  # before the next add: strips are views
+                self._write(row_off, strip)
 
     def _write(self, row_off: int, strip: np.ndarray) -> None:
         x01 = strip * self.std + self.mean  # undo mean/std -> [0, 1]

@@ -7,9 +7,10 @@ import numpy as np
 from ..inference import InferenceResult
 from ..stitching import RollingStitcher
 from ..writers import GeoTiffWriter, class_colormap
-from .base import PixelSink, check_extra_outputs, sibling, softmax
+from .base import PixelSink, check_extra_outputs, sibling
 
 NODATA_CLASS = 255
+CHUNK_PX = 1 << 17  # pixels post-processed and written at a time (whole rows, at least one)
 
 
 class SegmentSink(PixelSink):
@@ -20,7 +21,7 @@ class SegmentSink(PixelSink):
         k = len(self.classes)
         if k > 255:
             raise ValueError("at most 255 classes fit a uint8 class raster")
-        self.stitcher = RollingStitcher(self.plan, k)
+        self.stitcher = RollingStitcher(self.plan, k, copy_strips=False)
         common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
         names = [c["name"] for c in self.classes]
         self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
@@ -50,27 +51,38 @@ class SegmentSink(PixelSink):
     def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:
         for b, win in enumerate(windows):
             self.stitcher.add(win, logits[b], valid[b])
-        for row_off, strip in self.stitcher.pop_ready():
-            self._write(row_off, strip)
+            for row_off, strip in self.stitcher.pop_ready():  # before the next add: strips are views
+                self._write(row_off, strip)
 
     def _write(self, row_off: int, strip: np.ndarray) -> None:
-        invalid = np.isnan(strip[0])
-        probs = softmax(np.nan_to_num(strip, nan=0.0), axis=0)
+        # a few rows at a time: the temporaries (softmax, argmax, statistics) stay ~CHUNK_PX pixels,
+        # instead of several copies of a whole strip (up to window rows x the raster's width)
+        rows = max(1, CHUNK_PX // strip.shape[2])
+        for r in range(0, strip.shape[1], rows):
+            self._write_rows(row_off + r, strip[:, r:r + rows])
+
+    def _write_rows(self, row_off: int, logits: np.ndarray) -> None:
+        invalid = np.isnan(logits[0])
+        probs = np.nan_to_num(logits, nan=0.0)  # a copy: softmax in place below
+        probs -= probs.max(axis=0, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=0, keepdims=True)
         cls = probs.argmax(axis=0).astype(np.uint8)
         conf = probs.max(axis=0).astype(np.float32)
         cls[invalid] = NODATA_CLASS
         conf[invalid] = np.nan
-        valid_cls = cls[~invalid]
+        valid = ~invalid
+        valid_cls = cls[valid]
         k = len(self.classes)
         self.counts += np.bincount(valid_cls, minlength=k)[:k]
         row_area = np.broadcast_to(self.geo.row_areas(row_off, cls.shape[0])[:, None], cls.shape)
-        self.areas += np.bincount(valid_cls, weights=row_area[~invalid], minlength=k)[:k]
-        self.conf_sum += np.bincount(valid_cls, weights=conf[~invalid], minlength=len(self.classes))[: len(self.classes)]
+        self.areas += np.bincount(valid_cls, weights=row_area[valid], minlength=k)[:k]
+        self.conf_sum += np.bincount(valid_cls, weights=conf[valid], minlength=k)[:k]
         self.writers["class"].write_rows(row_off, cls)
         self.writers["confidence"].write_rows(row_off, conf)
         if "probabilities" in self.writers:
             probs[:, invalid] = np.nan
-            self.writers["probabilities"].write_rows(row_off, probs.astype(np.float32))
+            self.writers["probabilities"].write_rows(row_off, probs.astype(np.float32, copy=False))
 
     def finish(self) -> InferenceResult:
         for row_off, strip in self.stitcher.flush():

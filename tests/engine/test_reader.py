@@ -200,10 +200,25 @@ def test_reads_from_threads_agree(tmp_path: Path) -> None:
 
 def test_gdal_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
-    assert gdal_env_options() == {"GDAL_CACHEMAX": 256}
-    for value, expected in (("512", 512), ("1GB", 1024), ("64MB", 64), ("lots", 256)):
+    assert gdal_env_options() == {"GDAL_CACHEMAX": 256 << 20}  # bytes: what rasterio.Env passes to GDAL
+    for value, expected in (("512", 512), ("1GB", 1024), ("64MB", 64), ("lots", 256), (str(300 << 20), 300)):
         monkeypatch.setenv("GDAL_CACHEMAX", value)
-        assert gdal_env_options() == {"GDAL_CACHEMAX": expected}
+        assert gdal_env_options() == {"GDAL_CACHEMAX": expected << 20}
+
+
+def test_gdal_cache_bound_reaches_gdal_in_megabytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the reader's ``rasterio.Env`` GDAL's block cache holds 64 MB (not 64 bytes): a block
+    read there stays cached."""
+    import ctypes
+
+    monkeypatch.setenv("GDAL_CACHEMAX", "64")
+    libs = sorted((Path(rasterio.__file__).parent.parent / "rasterio.libs").glob("libgdal*.so*"))
+    if not libs:
+        pytest.skip("rasterio's GDAL library is not a separate file here (not a manylinux wheel)")
+    gdal = ctypes.CDLL(str(libs[0]))
+    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
+    with rasterio.Env(**gdal_env_options()):
+        assert gdal.GDALGetCacheMax64() == 64 << 20
 
 
 # ------------------------------------------------------------------------------- errors
