@@ -64,6 +64,7 @@ def build(spec: dict) -> dict:
         QgsMapSettings,
         QgsProject,
         QgsRasterLayer,
+        QgsReferencedRectangle,
         QgsVectorLayer,
     )
     from qgis.PyQt.QtCore import QSize
@@ -108,6 +109,8 @@ def build(spec: dict) -> dict:
     inputs = [layer for layer, role, _ in loaded if role == "input"]
     if inputs:
         project.setCrs(inputs[0].crs())
+        # QGIS opens the project zoomed to the scene (a project without a view opens at 1:1, empty)
+        project.viewSettings().setDefaultViewExtent(QgsReferencedRectangle(inputs[0].extent(), inputs[0].crs()))
     qgz = Path(spec["project"])
     tmp = qgz.with_name(f".{qgz.stem}.part.qgz")
     if not project.write(str(tmp)):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from qgis.core import (
     Qgis,
+    QgsCoordinateTransform,
+    QgsCsException,
     QgsExpression,
     QgsFeature,
     QgsFeatureRequest,
@@ -25,11 +27,12 @@ from qgis.core import (
     QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorFileWriter,
     QgsVectorLayer,
     QgsWkbTypes,
 )
-from qgis.gui import QgsFieldComboBox, QgsMapLayerComboBox, QgsMessageBar
+from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import Qt, QVariant
 from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (
@@ -66,9 +69,9 @@ from .about_dialog import ICON_PATH
 FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
 NO_BACKGROUND = "(none: unlabelled pixels are ignored)"
 TASK_HELP = {
-    "segment": "one class per pixel, learnt from the polygons (class raster + confidence as output)",
-    "detect": "one box per labelled polygon (objects such as ships); output: boxes with scores",
-    "classify": "one label per window, learnt from windows inside the polygons; output: a labelled grid",
+    "segment": "one class per pixel (output: class raster + confidence)",
+    "detect": "one box per labelled polygon, e.g. ships (output: scored boxes)",
+    "classify": "one label per window, from windows inside the polygons (output: a grid)",
 }
 
 
@@ -134,7 +137,8 @@ class FinetuneDialog(QDialog):
         self.task_help.setWordWrap(True)
         self.raster_list = QListWidget(self)
         self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
-        self.raster_list.setMaximumHeight(90)
+        self.raster_list.setMinimumHeight(48)
+        self.raster_list.setMaximumHeight(80)
         self.label_combo = QgsMapLayerComboBox(self)
         self.label_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
         self.label_combo.setAllowEmptyLayer(True)
@@ -202,12 +206,19 @@ class FinetuneDialog(QDialog):
         mform.addRow("New model name", self.name_edit)
         budget = QGroupBox("Budget", self)
         bform = QFormLayout(budget)
-        bform.addRow("Time budget", self.minutes_spin)
-        bform.addRow("Maximum epochs", self.epochs_spin)
+        row = QHBoxLayout()
+        row.addWidget(self.minutes_spin)
+        row.addWidget(QLabel("at most", self))
+        row.addWidget(self.epochs_spin)
+        row.addWidget(QLabel("epochs", self))
+        bform.addRow("Time budget", row)
         bform.addRow("", self.probe_check)
-        bform.addRow("Batch size", self.batch_spin)
-        bform.addRow("Seed", self.seed_spin)
-        bform.addRow("Device", self.device_combo)
+        self.advanced = QgsCollapsibleGroupBox("Advanced", self)
+        self.advanced.setCollapsed(True)
+        aform = QFormLayout(self.advanced)
+        aform.addRow("Batch size", self.batch_spin)
+        aform.addRow("Seed", self.seed_spin)
+        aform.addRow("Device", self.device_combo)
         self.buttons = QDialogButtonBox(self)
         self.run_button = self.buttons.addButton("Fine-tune", QDialogButtonBox.AcceptRole)
         self.buttons.addButton(QDialogButtonBox.Cancel)
@@ -218,6 +229,7 @@ class FinetuneDialog(QDialog):
         layout.addWidget(data)
         layout.addWidget(model)
         layout.addWidget(budget)
+        layout.addWidget(self.advanced)
         layout.addWidget(self.buttons)
         self.setMinimumWidth(560)
 
@@ -239,6 +251,31 @@ class FinetuneDialog(QDialog):
         for i in range(self.raster_list.count()):
             item = self.raster_list.item(i)
             item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in ids else Qt.Unchecked)
+
+    def rasters_under(self, labels: QgsVectorLayer) -> list[QgsRasterLayer]:
+        """The project's rasters that the label layer's extent overlaps and the encoder can read
+        (same number of bands), to tick by default."""
+        card = self.encoder_card() if hasattr(self, "encoder_combo") else None
+        bounds = QgsRectangle()
+        bounds.setMinimal()
+        for feature in labels.getFeatures(QgsFeatureRequest().setNoAttributes()):  # edit buffer included
+            if feature.hasGeometry():
+                bounds.combineExtentWith(feature.geometry().boundingBox())
+        if bounds.isEmpty():
+            return []
+        out = []
+        for layer in self.project.mapLayers().values():
+            if not isinstance(layer, QgsRasterLayer):
+                continue
+            if card is not None and layer.bandCount() != card.in_chans:
+                continue
+            try:
+                extent = QgsCoordinateTransform(labels.crs(), layer.crs(), self.project).transformBoundingBox(bounds)
+            except QgsCsException:
+                continue
+            if extent.intersects(layer.extent()):
+                out.append(layer)
+        return out
 
     def checked_rasters(self) -> list[QgsRasterLayer]:
         out = []
@@ -293,6 +330,8 @@ class FinetuneDialog(QDialog):
 
     def _on_label_layer_changed(self, layer) -> None:
         self.field_combo.setLayer(layer if isinstance(layer, QgsVectorLayer) else None)
+        if isinstance(layer, QgsVectorLayer) and not self.checked_rasters():
+            self.set_rasters_checked(self.rasters_under(layer))
         if isinstance(layer, QgsVectorLayer):
             names = [f.name() for f in layer.fields()]
             for preferred in ("class", "class_name", "label", "classe", "type"):

@@ -185,3 +185,15 @@ def test_finetune_task_reports_engine_errors(dialog, models, tmp_path):
     task.finished(ok)
     assert not ok and bar.messages[-1][2] == Qgis.Critical and "gone.tif" in bar.messages[-1][1]
     assert not (models / request.name).exists()
+
+
+def test_rasters_under_the_labels_are_ticked(models, labelled, assets, project, tmp_path):
+    """With several rasters, the ones the labels overlap and the encoder can read are ticked."""
+    raster, layer = labelled
+    project.addMapLayer(QgsRasterLayer(str(assets / "scene3.tif"), "three bands"))  # same area, 3 bands
+    d = FinetuneDialog(project=project, models_folder=models)  # the label layer is chosen at once
+    assert d.checked_rasters() == [raster]
+    d.set_rasters_checked([])
+    d.label_combo.setLayer(None)
+    d.label_combo.setLayer(layer)
+    assert d.checked_rasters() == [raster]
