@@ -134,7 +134,6 @@ class FinetuneDialog(QDialog):
         self.task_combo = QComboBox(self)
         self.task_combo.addItems(FINETUNE_TASKS)
         self.task_help = QLabel(self)
-        self.task_help.setWordWrap(True)
         self.raster_list = QListWidget(self)
         self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
         self.raster_list.setMinimumHeight(48)
