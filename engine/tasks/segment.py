@@ -21,7 +21,11 @@ class SegmentSink(PixelSink):
         k = len(self.classes)
         if k > 255:
             raise ValueError("at most 255 classes fit a uint8 class raster")
-        self.stitcher = RollingStitcher(self.plan, k, copy_strips=False)
+        # softmax does not change when one number is added to every logit of a pixel, and neither does
+        # blending: blend logit_k - logit_0 (k >= 1) with 0 for class 0, one channel fewer in the
+        # rolling buffer (a third less of it for two classes)
+        self.relative = k > 1
+        self.stitcher = RollingStitcher(self.plan, k - 1 if self.relative else k, copy_strips=False)
         common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
         names = [c["name"] for c in self.classes]
         self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
@@ -50,7 +54,8 @@ class SegmentSink(PixelSink):
 
     def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:
         for b, win in enumerate(windows):
-            self.stitcher.add(win, logits[b], valid[b])
+            y = logits[b, 1:] - logits[b, :1] if self.relative else logits[b]
+            self.stitcher.add(win, y, valid[b])
             for row_off, strip in self.stitcher.pop_ready():  # before the next add: strips are views
                 self._write(row_off, strip)
 
@@ -63,8 +68,11 @@ class SegmentSink(PixelSink):
 
     def _write_rows(self, row_off: int, logits: np.ndarray) -> None:
         invalid = np.isnan(logits[0])
-        probs = np.nan_to_num(logits, nan=0.0)  # a copy: softmax in place below
-        probs -= probs.max(axis=0, keepdims=True)
+        k = len(self.classes)
+        probs = np.zeros((k, *logits.shape[1:]), np.float32)  # class 0 stays 0 when logits are relative
+        probs[k - logits.shape[0]:] = logits
+        np.nan_to_num(probs, copy=False, nan=0.0)
+        probs -= probs.max(axis=0, keepdims=True)  # softmax, in place
         np.exp(probs, out=probs)
         probs /= probs.sum(axis=0, keepdims=True)
         cls = probs.argmax(axis=0).astype(np.uint8)
@@ -73,7 +81,6 @@ class SegmentSink(PixelSink):
         conf[invalid] = np.nan
         valid = ~invalid
         valid_cls = cls[valid]
-        k = len(self.classes)
         self.counts += np.bincount(valid_cls, minlength=k)[:k]
         row_area = np.broadcast_to(self.geo.row_areas(row_off, cls.shape[0])[:, None], cls.shape)
         self.areas += np.bincount(valid_cls, weights=row_area[valid], minlength=k)[:k]

@@ -660,6 +660,36 @@ def test_stitched_segmentation_equals_whole_image(tmp_path, seg):
     assert "per-pixel test function" in res.provenance["backend"]
 
 
+class PixelBackendK(PixelBackend):
+    """``PixelBackend`` with ``k`` logits per pixel (the segment sink blends logit_k - logit_0)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        a, b = x[:, 0], x[:, 1]
+        return np.stack([np.tanh(2 * a) + 0.5 * b * b, a * b - 0.1, 0.3 * a - b][: self.k], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("classes", [("water",), ("water", "land", "ice")])
+def test_stitched_segmentation_equals_whole_image_for_one_and_three_classes(tmp_path, tiny_package, classes):
+    src = odd_raster(tmp_path)
+    k = len(classes)
+    res = run_inference(str(src), tmp_path / "out.tif", tiny_package("segment", classes=classes),
+                        InferenceOptions(window=64, overlap=0.25, probabilities=True), backend=PixelBackendK(k))
+    y, valid = normalised(src)
+    logits = PixelBackendK(k).run(y[None].astype(np.float32))[0].astype(np.float64)
+    e = np.exp(logits - logits.max(0))
+    probs = e / e.sum(0)
+    probs[:, ~valid] = np.nan
+    np.testing.assert_allclose(read(res.outputs["probabilities"]), probs, atol=1e-5)
+    cls = read(res.outputs["class"], 1)
+    top2 = np.sort(np.nan_to_num(probs), axis=0)[-2:] if k > 1 else np.array([np.zeros_like(probs[0]), probs[0]])
+    clear = valid & (top2[1] - top2[0] > 1e-4)
+    assert np.array_equal(cls[clear], probs.argmax(0)[clear]) and (cls[~valid] == 255).all()
+    assert set(res.statistics["per_class"]) == set(classes)
+
+
 def test_stitched_embedding_equals_whole_image(tmp_path, tiny_package):
     pkg = tiny_package("embed")
     src = odd_raster(tmp_path)
