@@ -42,7 +42,6 @@ from qgis.PyQt.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -50,7 +49,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QPushButton,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -59,12 +57,13 @@ from qgis.PyQt.QtWidgets import (
 
 from ..errors import RequestError, SarmaePluginError
 from ..labelling import count_labels, label_classes
-from ..model_cards import PackageCard, check_channels, describe_html, list_packages, read_card
+from ..model_cards import PackageCard, check_channels
 from ..tasks.finetune_task import FINETUNE_TASKS, FinetuneRequest, FinetuneTask, headline
 from ..tasks.run_task import slug
 from ..toolbelt import settings
 from ..toolbelt.layers import band_names, raster_file
 from .about_dialog import ICON_PATH
+from .package_picker import PackagePicker
 
 FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
 NO_BACKGROUND = "(none: unlabelled pixels are ignored)"
@@ -146,12 +145,15 @@ class FinetuneDialog(QDialog):
         self.classes_label.setWordWrap(True)
         self.classes_label.setTextFormat(Qt.RichText)
         self.background_combo = QComboBox(self)
-        self.encoder_combo = QComboBox(self)
-        self.encoder_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.browse_button = QPushButton("Browse…", self)
-        self.encoder_label = QLabel(self)
-        self.encoder_label.setTextFormat(Qt.RichText)
-        self.encoder_label.setWordWrap(True)
+        self.encoder_picker = PackagePicker(
+            self.models_folder, self, tasks=("embed", "reconstruct"),
+            item_text=lambda card: f"{card.name} ({card.in_chans} ch, {card.img_size} px)",
+            added_text=lambda card, path: f"{card.name} ({Path(path).name})", add_first=True,
+            extra_items=[("random initialisation (no pretraining: for tests only)", "")],
+            browse_title="Encoder package folder", unreadable_text="{path}: not a readable model package",
+            no_package_text="<span style='color:#b00'>No pretrained encoder: expect poor results from a few "
+                            "labels. Pretrain one or install an encoder package.</span>")
+        self.encoder_combo, self.encoder_label = self.encoder_picker.combo, self.encoder_picker.card_label
         self.minutes_spin = QDoubleSpinBox(self)
         self.minutes_spin.setRange(0.0, 24 * 60)
         self.minutes_spin.setDecimals(1)
@@ -175,15 +177,12 @@ class FinetuneDialog(QDialog):
 
         self._layout()
         self.refresh_rasters()
-        self.refresh_encoders()
+        self.encoder_picker.refresh()
         self.task_combo.currentTextChanged.connect(self._on_task_changed)
         self.label_combo.layerChanged.connect(self._on_label_layer_changed)
         self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
-        self.encoder_combo.currentIndexChanged.connect(self._on_encoder_changed)
-        self.browse_button.clicked.connect(self._browse_encoder)
         self._on_task_changed(self.task_combo.currentText())
         self._on_label_layer_changed(self.label_combo.currentLayer())
-        self._on_encoder_changed(self.encoder_combo.currentIndex())
 
     def _layout(self) -> None:
         data = QGroupBox("Training data", self)
@@ -197,11 +196,7 @@ class FinetuneDialog(QDialog):
         form.addRow("Background class", self.background_combo)
         model = QGroupBox("Model", self)
         mform = QFormLayout(model)
-        row = QHBoxLayout()
-        row.addWidget(self.encoder_combo, 1)
-        row.addWidget(self.browse_button)
-        mform.addRow("Start from encoder", row)
-        mform.addRow("", self.encoder_label)
+        self.encoder_picker.add_to_form(mform, "Start from encoder")
         mform.addRow("New model name", self.name_edit)
         budget = QGroupBox("Budget", self)
         bform = QFormLayout(budget)
@@ -254,7 +249,7 @@ class FinetuneDialog(QDialog):
     def rasters_under(self, labels: QgsVectorLayer) -> list[QgsRasterLayer]:
         """The project's rasters that the label layer's extent overlaps and the encoder can read
         (same number of bands), to tick by default."""
-        card = self.encoder_card() if hasattr(self, "encoder_combo") else None
+        card = self.encoder_card() if hasattr(self, "encoder_picker") else None
         bounds = QgsRectangle()
         bounds.setMinimal()
         for feature in labels.getFeatures(QgsFeatureRequest().setNoAttributes()):  # edit buffer included
@@ -285,42 +280,12 @@ class FinetuneDialog(QDialog):
                 out.append(layer)
         return out
 
-    def refresh_encoders(self) -> None:
-        """Encoder packages (task embed) of the models folder, then "random initialisation"."""
-        self.encoder_combo.blockSignals(True)
-        self.encoder_combo.clear()
-        for card in list_packages(self.models_folder):
-            if card.task in ("embed", "reconstruct"):
-                self.encoder_combo.addItem(f"{card.name} ({card.in_chans} ch, {card.img_size} px)", card.path)
-        self.encoder_combo.addItem("random initialisation (no pretraining: for tests only)", "")
-        self.encoder_combo.blockSignals(False)
-
     def add_encoder(self, path: str | Path) -> int:
-        path = str(path)
-        index = self.encoder_combo.findData(path)
-        if index < 0:
-            try:
-                label = f"{read_card(path).name} ({Path(path).name})"
-            except SarmaePluginError:
-                label = Path(path).name
-            self.encoder_combo.insertItem(0, label, path)
-            index = 0
-        self.encoder_combo.setCurrentIndex(index)
-        return index
-
-    def _browse_encoder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Encoder package folder", str(self.models_folder))
-        if folder:
-            self.add_encoder(folder)
+        """Add an encoder package from elsewhere (Browse…) first in the list and select it."""
+        return self.encoder_picker.add_package(path)
 
     def encoder_card(self) -> PackageCard | None:
-        path = self.encoder_combo.currentData()
-        if not path:
-            return None
-        try:
-            return read_card(path)
-        except SarmaePluginError:
-            return None
+        return self.encoder_picker.current_card()
 
     # ---- reactions ------------------------------------------------------------------------------
     def _on_task_changed(self, task: str) -> None:
@@ -338,17 +303,6 @@ class FinetuneDialog(QDialog):
                     self.field_combo.setField(preferred)
                     break
         self._update_classes()
-
-    def _on_encoder_changed(self, _index: int) -> None:
-        card = self.encoder_card()
-        path = self.encoder_combo.currentData()
-        if card is not None:
-            self.encoder_label.setText(describe_html(card))
-        elif path:
-            self.encoder_label.setText(f"<span style='color:#b00'>{path}: not a readable model package</span>")
-        else:
-            self.encoder_label.setText("<span style='color:#b00'>No pretrained encoder: expect poor results "
-                                       "from a few labels. Pretrain one or install an encoder package.</span>")
 
     def class_counts(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
         layer, field = self.label_combo.currentLayer(), self.field_combo.currentField()
@@ -416,7 +370,7 @@ class FinetuneDialog(QDialog):
             class_list = [(n, c) for n, c in classes if counts.get(n, 0) > 0 or n == background]
         else:
             class_list = used
-        encoder = self.encoder_combo.currentData() or None
+        encoder = self.encoder_picker.current_path()
         if encoder:
             card = self.encoder_card()
             if card is None:

@@ -21,7 +21,6 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
-from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
@@ -29,13 +28,10 @@ from qgis.PyQt.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -46,8 +42,6 @@ from ..errors import RequestError, SarmaePluginError
 from ..model_cards import (
     PackageCard,
     check_channels,
-    describe_html,
-    list_packages,
     parse_bands,
     read_card,
 )
@@ -55,6 +49,7 @@ from ..tasks.run_task import RunRequest, slug
 from ..toolbelt import settings
 from ..toolbelt.layers import band_names, pixel_window, raster_file
 from .about_dialog import ICON_PATH
+from .package_picker import PackagePicker
 
 OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
 EXTENTS = ("Whole layer", "Map canvas extent", "Selected polygons of a layer")
@@ -91,14 +86,9 @@ class RunDialog(QDialog):
         self.bands_edit.setPlaceholderText("all bands in file order; or e.g. VV,VH or 1,2")
 
         # model
-        self.model_combo = QComboBox(self)
-        self.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.browse_button = QPushButton("Browse…", self)
-        self.browse_button.setToolTip("Choose a model package folder")
-        self.card_label = QLabel(self)
-        self.card_label.setTextFormat(Qt.RichText)
-        self.card_label.setWordWrap(True)
-        self.card_label.setMinimumHeight(60)
+        self.model_picker = PackagePicker(self.models_folder, self, browse_tip="Choose a model package folder",
+                                          card_min_height=60)
+        self.model_combo, self.card_label = self.model_picker.combo, self.model_picker.card_label
 
         # options
         self.window_spin = QSpinBox(self)
@@ -140,9 +130,8 @@ class RunDialog(QDialog):
 
         self._layout()
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
-        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
-        self.browse_button.clicked.connect(self._browse_model)
-        self.refresh_models()
+        self.model_picker.changed.connect(self._on_model_changed)
+        self.model_picker.refresh()
         self._on_layer_changed(self.layer_combo.currentLayer())
 
     def _layout(self) -> None:
@@ -150,11 +139,7 @@ class RunDialog(QDialog):
         inp.addRow("Raster layer", self.layer_combo)
         inp.addRow("", self.bands_label)
         inp.addRow("Bands", self.bands_edit)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.browse_button)
-        inp.addRow("Model", model_row)
-        inp.addRow("", self.card_label)
+        self.model_picker.add_to_form(inp, "Model")
         inp.addRow("Extent", self.extent_combo)
         inp.addRow("Polygons", self.polygon_combo)
         opts = QGroupBox("Options", self)
@@ -182,58 +167,17 @@ class RunDialog(QDialog):
         self.setMinimumWidth(520)
 
     # ---- models ---------------------------------------------------------------------------------
-    def refresh_models(self) -> None:
-        """List the packages installed in the models folder."""
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for card in list_packages(self.models_folder):
-            self.model_combo.addItem(f"{card.name} ({card.task})", card.path)
-        self.model_combo.blockSignals(False)
-        if self.model_combo.count() == 0:
-            self.card_label.setText(f"No model packages in {self.models_folder}: copy packages there "
-                                    "(Settings: models folder) or Browse… for one.")
-        else:
-            self._on_model_changed(self.model_combo.currentIndex())
-
     def add_model(self, path: str | Path) -> int:
         """Add a package outside the models folder (Browse…) and select it; returns its index."""
-        path = str(path)
-        index = self.model_combo.findData(path)
-        if index < 0:
-            try:
-                card = read_card(path)
-                label = f"{card.name} ({card.task})"
-            except SarmaePluginError:
-                label = Path(path).name
-            self.model_combo.addItem(label, path)
-            index = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(index)
-        return index
-
-    def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Model package folder", str(self.models_folder))
-        if folder:
-            self.add_model(folder)
+        return self.model_picker.add_package(path)
 
     def current_card(self) -> PackageCard | None:
-        path = self.model_combo.currentData()
-        if not path:
-            return None
-        try:
-            return read_card(path)
-        except SarmaePluginError:
-            return None
+        return self.model_picker.current_card()
 
-    def _on_model_changed(self, _index: int) -> None:
-        path = self.model_combo.currentData()
-        if not path:
+    def _on_model_changed(self, _path: str) -> None:
+        card = self.current_card()
+        if card is None:
             return
-        try:
-            card = read_card(path)
-        except SarmaePluginError as e:
-            self.card_label.setText(f"<span style='color:#b00'>{e}</span>")
-            return
-        self.card_label.setText(describe_html(card))
         self.vectors_check.setEnabled(card.task == "segment")
         self._suggest_bands()
 

@@ -44,10 +44,8 @@ from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
-    QComboBox,
     QDialog,
     QDialogButtonBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -58,8 +56,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..errors import RequestError, SarmaePluginError
-from ..model_cards import describe_html, list_packages, read_card
+from ..errors import RequestError
 from ..tasks.similarity_task import (
     EMBED_TASKS,
     EmbeddingSource,
@@ -70,6 +67,7 @@ from ..tasks.similarity_task import (
 )
 from ..toolbelt import log, settings
 from .about_dialog import ICON_PATH
+from .package_picker import PackagePicker
 
 
 def format_xy(x: float, y: float, crs: QgsCoordinateReferenceSystem) -> str:
@@ -247,13 +245,12 @@ class SimilarityDialog(QDialog):
         self.layer_combo = QgsMapLayerComboBox(self)
         self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.layer_combo.setAllowEmptyLayer(True)
-        self.model_combo = QComboBox(self)
-        self.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.browse_button = QPushButton("Browse…", self)
-        self.browse_button.setToolTip("Choose an embed (encoder) model package folder")
-        self.card_label = QLabel(self)
-        self.card_label.setTextFormat(Qt.RichText)
-        self.card_label.setWordWrap(True)
+        self.model_picker = PackagePicker(
+            self.models_folder, self, tasks=EMBED_TASKS, browse_title="Embed model package folder",
+            browse_tip="Choose an embed (encoder) model package folder",
+            empty_text="No embed (encoder) package in {folder}: copy one there (Settings: models folder) "
+                       "or Browse… for one.")
+        self.model_combo, self.card_label = self.model_picker.combo, self.model_picker.card_label
         self.output_widget = QgsFileWidget(self)
         self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
         self.output_widget.setFilePath(str(settings.output_folder(s)))
@@ -271,21 +268,16 @@ class SimilarityDialog(QDialog):
         self.status_label.setWordWrap(True)
 
         self._layout()
-        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
-        self.browse_button.clicked.connect(self._browse_model)
+        self.model_picker.changed.connect(lambda _path: self.release_tool())
         self.pick_button.clicked.connect(self.pick_point)
         self.polygon_button.clicked.connect(self.use_selected_polygons)
         self.layer_combo.layerChanged.connect(lambda _layer: self.release_tool())
-        self.refresh_models()
+        self.model_picker.refresh()
 
     def _layout(self) -> None:
         form = QFormLayout()
         form.addRow("Raster layer", self.layer_combo)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.browse_button)
-        form.addRow("Embed model", model_row)
-        form.addRow("", self.card_label)
+        self.model_picker.add_to_form(form, "Embed model")
         form.addRow("Output folder", self.output_widget)
         query = QGroupBox("Query", self)
         qform = QFormLayout(query)
@@ -305,49 +297,9 @@ class SimilarityDialog(QDialog):
         self.setMinimumWidth(480)
 
     # ---- models ---------------------------------------------------------------------------------
-    def refresh_models(self) -> None:
-        """List the installed packages the engine can embed with (task "embed")."""
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for card in list_packages(self.models_folder):
-            if card.task in EMBED_TASKS:
-                self.model_combo.addItem(f"{card.name} ({card.task})", card.path)
-        self.model_combo.blockSignals(False)
-        if self.model_combo.count() == 0:
-            self.card_label.setText(f"No embed (encoder) package in {self.models_folder}: copy one there "
-                                    "(Settings: models folder) or Browse… for one.")
-        else:
-            self._on_model_changed(self.model_combo.currentIndex())
-
     def add_model(self, path: str | Path) -> int:
         """Add a package from elsewhere (Browse…) and select it; a non-embed one is refused on use."""
-        path = str(path)
-        index = self.model_combo.findData(path)
-        if index < 0:
-            try:
-                card = read_card(path)
-                label = f"{card.name} ({card.task})"
-            except SarmaePluginError:
-                label = Path(path).name
-            self.model_combo.addItem(label, path)
-            index = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(index)
-        return index
-
-    def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Embed model package folder", str(self.models_folder))
-        if folder:
-            self.add_model(folder)
-
-    def _on_model_changed(self, _index: int) -> None:
-        self.release_tool()
-        path = self.model_combo.currentData()
-        if not path:
-            return
-        try:
-            self.card_label.setText(describe_html(read_card(path)))
-        except SarmaePluginError as e:
-            self.card_label.setText(f"<span style='color:#b00'>{e}</span>")
+        return self.model_picker.add_package(path)
 
     # ---- request --------------------------------------------------------------------------------
     def build_source(self) -> EmbeddingSource:
@@ -357,7 +309,7 @@ class SimilarityDialog(QDialog):
             raise RequestError("Choose an output folder (embeddings are cached there).")
         if Path(folder).exists() and not Path(folder).is_dir():
             raise RequestError(f"The output folder {folder} is a file; choose a folder.")
-        return embedding_source(self.layer_combo.currentLayer(), self.model_combo.currentData(), folder)
+        return embedding_source(self.layer_combo.currentLayer(), self.model_picker.current_path(), folder)
 
     def make_tool(self) -> SimilarityMapTool | None:
         """The map tool for the current choices (reused while they do not change); None + a message
