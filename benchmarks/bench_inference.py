@@ -132,7 +132,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="windows per batch in memory/scaling runs")
     ap.add_argument("--sizes", default="4096,8192,16384", help="raster sides of the memory/scaling runs")
     ap.add_argument("--repeats", type=int, default=3, help="alternating efficiency passes (median reported)")
+    ap.add_argument("--reader-nice", type=int, default=None,
+                    help="niceness the reader thread adds (default: the engine's READER_NICENESS; 0: none)")
     a = ap.parse_args()
+    if a.reader_nice is not None:
+        import engine.inference
+
+        engine.inference.READER_NICENESS = a.reader_nice
     if a.what in ("efficiency", "all"):
         prepare(a.size, 12)
         # alternate end-to-end and model-only passes so that a change of machine load hits both
@@ -143,7 +149,10 @@ def main() -> None:
             print(f"  pass {i + 1}: end-to-end {r['px'] / r['e2e_s'] / 1e3:.1f} kpx/s, model-only "
                   f"{r['px'] / r['model_only_s'] / 1e3:.1f} kpx/s -> {r['efficiency']:.3f}; model share of the "
                   f"pipeline's own time {r['model_s_in_pipeline'] / r['e2e_s']:.3f}", flush=True)
-        print(f"efficiency (ViT-Tiny seg, {a.size}^2 x 2, CPU): median ratio {sorted(ratios)[len(ratios) // 2]:.3f} "
+        import engine.inference
+
+        print(f"efficiency (ViT-Tiny seg, {a.size}^2 x 2, CPU, reader niceness +{engine.inference.READER_NICENESS}): "
+              f"median ratio {sorted(ratios)[len(ratios) // 2]:.3f} "
               f"over {len(ratios)} alternating passes (target >= 0.95)")
     if a.what in ("memory", "scaling", "all"):
         sizes = [int(s) for s in a.sizes.split(",")]

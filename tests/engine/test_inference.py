@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -716,3 +717,24 @@ def _square(pad: np.ndarray) -> np.ndarray:
     sq = np.zeros((1, pad.shape[0], s, s), pad.dtype)
     sq[0, :, : pad.shape[1], : pad.shape[2]] = pad
     return sq
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_reader_thread_is_nicer_than_the_model():
+    """The reader thread lowers its own priority only (the caller's threads keep theirs)."""
+    from engine.inference import _lower_thread_priority
+
+    seen = {}
+
+    def reader():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        _lower_thread_priority(5)
+        seen["delta"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join()
+    assert seen["delta"] == min(5, 19 - main_before)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
