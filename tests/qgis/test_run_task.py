@@ -137,3 +137,51 @@ def test_run_on_an_extent_writes_only_that_window(assets, tmp_path, project):
     assert (classes.width(), classes.height()) == (40, 32)
     assert classes.extent().xMinimum() == pytest.approx(scene.extent().xMinimum() + 12 * 20.0)
     assert classes.extent().yMaximum() == pytest.approx(scene.extent().yMaximum() - 10 * 20.0)
+
+
+def test_worker_killed_mid_run_fails_readably_then_the_next_run_works(assets, tmp_path, project):
+    """The engine process dies during a run (killed here, as the OOM killer would): the task
+    fails with a message saying so, QGIS (this process) carries on, and the next run restarts the
+    worker and succeeds."""
+    import os
+    import signal
+    import threading
+
+    from osgeo import gdal
+
+    from sarmae_qgis.toolbelt.engine import get_client
+
+    big = tmp_path / "big.tif"  # large enough to still be running when the worker is killed
+    ds = gdal.GetDriverByName("GTiff").Create(str(big), 1536, 1536, 2, gdal.GDT_Float32)
+    ds.SetGeoTransform((500000.0, 20.0, 0.0, 4500000.0, 0.0, -20.0))
+    ds.SetProjection(QgsRasterLayer(str(assets / "scene.tif"), "s").crs().toWkt())
+    for b in (1, 2):
+        ds.GetRasterBand(b).Fill(-15.0)
+        ds.GetRasterBand(b).SetDescription(("VV", "VH")[b - 1])
+    ds = None
+    request = RunRequest(run_name="killed", layer_name="big", raster_path=str(big),
+                         model_path=str(assets / "segment.pkg"), model_name="tiny-segment", task="segment",
+                         output_dir=str(tmp_path / "killed"), batch_size=1)
+    bar = FakeMessageBar()
+    task = RunTask(request, message_bar=bar)
+    client = get_client()
+    client.start()
+    pid = client.proc.pid
+
+    def kill_when_running():
+        deadline = time.monotonic() + 60
+        while task.progress() <= 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    ok = task.run()
+    killer.join()
+    task.finished(ok)
+    assert not ok and bar.messages[-1][2] == Qgis.Critical
+    assert "stopped unexpectedly" in bar.messages[-1][1] and "restarted" in bar.messages[-1][1]
+    assert project.count() == 0 and not Path(request.output_path).exists()
+    again = RunTask(request_for(assets, tmp_path, "segment"), message_bar=bar)
+    assert run_now(again), again.error
+    assert get_client().proc.pid != pid and len(again.layers) == 2
