@@ -52,7 +52,7 @@ class SettingsDialog(QDialog):
         self.output_widget = QgsFileWidget(self)
         self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
         self.output_widget.setFilePath(s.output_folder)
-        self.output_widget.lineEdit().setPlaceholderText(f"default: {settings.default_output_folder()}")
+        self.output_widget.lineEdit().setPlaceholderText("default: sarmae_outputs next to the saved project, else in your home folder")
         self.device_combo = QComboBox(self)
         self.device_combo.addItems(settings.DEVICES)
         self.device_combo.setCurrentText(s.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsSettings
+from qgis.core import QgsApplication, QgsProject, QgsSettings
 
 from ..engine_client import default_python
 
@@ -27,7 +27,7 @@ class PluginSettings:
     device: str = "auto"  # default device of runs: auto | cpu | cuda
     backend: str = "auto"  # default backend of runs: auto | torch | onnxruntime
     batch_size: int = 4  # default windows per forward pass
-    output_folder: str = ""  # where the Run model dialog writes ("" = <home>/sarmae_outputs)
+    output_folder: str = ""  # where runs write ("" = next to the saved project, else ~/sarmae_outputs)
 
 
 def _key(name: str) -> str:
@@ -78,7 +78,9 @@ def default_models_folder() -> Path:
 
 
 def default_output_folder() -> Path:
-    return Path.home() / "sarmae_outputs"
+    """<saved project's folder>/sarmae_outputs (results next to the project), else ~/sarmae_outputs."""
+    home = QgsProject.instance().homePath()
+    return (Path(home) if home else Path.home()) / "sarmae_outputs"
 
 
 def engine_python(settings: PluginSettings | None = None) -> str:

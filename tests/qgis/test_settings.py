@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from qgis.core import QgsSettings
+from qgis.core import QgsProject, QgsSettings
 from qgis.PyQt.QtCore import QCoreApplication
 
 from sarmae_qgis.engine_client import default_python
@@ -40,7 +41,13 @@ def test_defaults_and_round_trip(restore_settings, tmp_path):
     assert s == settings.PluginSettings()
     assert settings.engine_python(s) == default_python()
     assert settings.models_folder(s) == settings.profile_folder() / "sarmae" / "models"
-    assert settings.output_folder(s).name == "sarmae_outputs"
+    assert settings.output_folder(s) == Path.home() / "sarmae_outputs"  # no saved project
+    project = QgsProject.instance()
+    project.setFileName(str(tmp_path / "flood.qgz"))  # a saved project: results go next to it
+    try:
+        assert settings.output_folder(s) == tmp_path / "sarmae_outputs"
+    finally:
+        project.setFileName("")
     s2 = settings.PluginSettings(engine_python=sys.executable, models_folder=str(tmp_path), device="cpu",
                                  backend="onnxruntime", batch_size=16, output_folder=str(tmp_path / "out"))
     settings.save(s2)
