@@ -69,16 +69,20 @@ class RollingStitcher:
     Peak memory, for ``C`` channels, raster width ``W``, ``itemsize`` bytes (4 for float32), if
     ``pop_ready`` is called after every ``add``::
 
-        itemsize * W * ((C + 1) * R + C * stride)  +  O(C * window**2) per window
+        itemsize * W * (C * R + C * stride + 32)  +  O(C * window**2) per window
 
-    i.e. ``window + stride`` rows of width ``W``, independent of the raster's height.
+    i.e. ``window + stride`` rows of width ``W``, independent of the raster's height. The
+    weight sum ``sum(w)`` is a function of the plan while every window is valid: it is then
+    recomputed for the rows being finalised, 32 at a time, by the same float additions in the
+    same order (bitwise what a kept buffer would hold). The first window with invalid pixels
+    starts an explicit ``R``-row buffer for it (``(C + 1) * R`` rows from then on).
     ``held_rows`` and ``peak_held_rows`` report that row count. Strips that are not popped stay
     held, so a caller that never pops holds the whole raster.
 
     With ``copy_strips=False`` the strips are views of the ring, valid until the next ``add``
     (their ring rows are zeroed then; strips not popped by then are copied first, so none is ever
     lost): a caller that writes each strip before adding the next window saves the ``C * stride``
-    rows of copies, and holds ``itemsize * W * (C + 1) * R`` (``window`` rows).
+    rows of copies, and holds ``itemsize * W * C * R`` (``window`` rows; ``(C + 1) * R`` with nodata).
 
     Example::
 
@@ -125,8 +129,12 @@ class RollingStitcher:
         self.buffer_rows = min(plan.window, plan.raster_height)  # R, ring rows
         width = plan.raster_width
         self._acc = np.zeros((channels, self.buffer_rows, width), self.dtype)  # sum(w * logit)
-        self._wsum = np.zeros((self.buffer_rows, width), self.dtype)  # sum(w)
+        # sum(w): kept only once a window brings invalid pixels. Until then it is a function of the
+        # plan alone and is recomputed for the rows being finalised, a few rows at a time, with the
+        # same float additions in the same order (bitwise the same result): one ring of width W less.
+        self._wsum: np.ndarray | None = None
         self._weights = blend_weights(plan.window, plan.overlap_px).astype(self.dtype)
+        self._band_windows: list[tuple[int, int, int, int]] = []  # (row_off, row_end, first, stop) indexes
 
         # Index of a band's last window -> rows above this one are final once it is added.
         bands = [(row_off, len(ws)) for row_off, ws in iter_row_bands(plan)]
@@ -134,7 +142,9 @@ class RollingStitcher:
             raise ValueError("the plan's windows are not in row-major order of row bands")
         self._final_after: dict[int, int] = {}
         last = -1
-        for k, (_, count) in enumerate(bands):
+        for k, (row_off, count) in enumerate(bands):
+            height = plan.windows[last + 1].height
+            self._band_windows.append((row_off, row_off + height, last + 1, last + 1 + count))
             last += count
             self._final_after[last] = bands[k + 1][0] if k + 1 < len(bands) else plan.raster_height
 
@@ -181,17 +191,21 @@ class RollingStitcher:
         h, w = window.height, window.width
         logits = self._crop(np.asarray(logits), "logits", (self.channels,))
         weight = self._weights[:h, :w]
-        if valid is not None:
-            weight = weight * self._crop(np.asarray(valid, dtype=bool), "valid", ())
+        mask = None if valid is None else self._crop(np.asarray(valid, dtype=bool), "valid", ())
         if window.row_off < self._lo or window.row_end > self._lo + self.buffer_rows:
             raise ValueError(f"window {window} does not fit the rolling buffer (inconsistent plan)")
 
-        self._release_views()
+        self._release_views()  # before _start_wsum: it zeroes recycled ring rows
+        if mask is not None and not mask.all():
+            weight = weight * mask
+            if self._wsum is None:
+                self._start_wsum()
         cols = window.slices()[1]
         for row_off, ring in self._ring_pieces(window.row_off, window.row_end):
             k = slice(row_off - window.row_off, row_off - window.row_off + ring.stop - ring.start)
             self._acc[:, ring, cols] += logits[:, k] * weight[k]
-            self._wsum[ring, cols] += weight[k]
+            if self._wsum is not None:
+                self._wsum[ring, cols] += weight[k]
 
         final = self._final_after.get(self._next)
         self._next += 1
@@ -255,17 +269,51 @@ class RollingStitcher:
                 self._ready_copied_rows += strip.shape[1]
         for ring in self._to_zero:
             self._acc[:, ring] = 0
-            self._wsum[ring] = 0
+            if self._wsum is not None:
+                self._wsum[ring] = 0
         self._to_zero = []
         self.peak_held_rows = max(self.peak_held_rows, self.held_rows)
+
+    def _plan_wsum(self, start: int, stop: int, upto: int) -> np.ndarray:
+        """sum(w) over rows ``[start, stop)`` of windows ``plan.windows[:upto]`` (all valid), added
+        in the plan's order: what the explicit accumulator would hold there."""
+        out = np.zeros((stop - start, self.plan.raster_width), self.dtype)
+        windows = self.plan.windows
+        for band_start, band_end, first, last in self._band_windows:
+            if band_start >= stop or first >= upto:
+                break
+            if band_end <= start:
+                continue
+            a, b = max(start, band_start), min(stop, band_end)
+            for win in windows[first:min(last, upto)]:
+                out[a - start:b - start, win.col_off:win.col_off + win.width] += \
+                    self._weights[a - band_start:b - band_start, :win.width]
+        return out
+
+    def _start_wsum(self) -> None:
+        """The first window with invalid pixels: keep sum(w) explicitly from now on, starting from
+        the (all-valid) windows added so far."""
+        self._wsum = np.zeros((self.buffer_rows, self.plan.raster_width), self.dtype)
+        stop = min(self._lo + self.buffer_rows, self.plan.raster_height)
+        for row_off, ring in self._ring_pieces(self._lo, stop):
+            self._wsum[ring] = self._plan_wsum(row_off, row_off + ring.stop - ring.start, self._next)
+
+    def _normalise(self, acc: np.ndarray, wsum: np.ndarray) -> None:
+        covered = wsum > 0
+        np.divide(acc, wsum, out=acc, where=covered)
+        acc[:, ~covered] = self.fill_value
 
     def _finalize(self, until: int, in_place: bool) -> None:
         """Normalise rows ``[_lo, until)`` and queue them as strips."""
         for row_off, ring in self._ring_pieces(self._lo, until):
-            acc, wsum = self._acc[:, ring], self._wsum[ring]  # views (C, n, W), (n, W)
-            covered = wsum > 0
-            np.divide(acc, wsum, out=acc, where=covered)
-            acc[:, ~covered] = self.fill_value
+            acc = self._acc[:, ring]  # view (C, n, W)
+            if self._wsum is not None:
+                self._normalise(acc, self._wsum[ring])
+            else:  # every window so far was valid: sum(w) from the plan, 32 rows at a time
+                n = ring.stop - ring.start
+                for i in range(0, n, 32):
+                    j = min(n, i + 32)
+                    self._normalise(acc[:, i:j], self._plan_wsum(row_off + i, row_off + j, self._next))
             if in_place:  # last band: the ring is never written again, hand out views
                 self._ready.append((row_off, acc))
                 continue
@@ -276,6 +324,7 @@ class RollingStitcher:
             self._ready.append((row_off, acc.copy()))
             self._ready_copied_rows += ring.stop - ring.start
             acc[...] = 0
-            wsum[...] = 0
+            if self._wsum is not None:
+                self._wsum[ring] = 0
         self._lo = until
         self.peak_held_rows = max(self.peak_held_rows, self.held_rows)
