@@ -66,7 +66,7 @@ Segment / Detect / Classify algorithms and the Run model dialog.</p>
 plus <b>labelled polygons</b> (a polygon layer and its <b>class field</b>; any CRS, reprojected to each raster);
 <i>segment</i> can instead use a <b>label raster</b> (class index per pixel, on the training raster's grid).
 <i>classify</i> learns from a <b>chip folder</b> (one sub-folder per class holding image chips, PNG/TIFF), or
-from training rasters + labelled polygons (windows inside each polygon take its class).</p>
+learns from the training rasters + labelled polygons (windows inside each polygon take its class).</p>
 <p><b>Encoder</b>: the pretrained encoder package to start from (empty: random initialisation, for tests only).
 <b>Classes</b>: class names in the order you want (empty: the sorted values found). <b>Background</b>: the class
 given to unlabelled pixels around your polygons (empty: they are ignored).</p>
