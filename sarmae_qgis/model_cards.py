@@ -102,6 +102,16 @@ def read_card(path: str | Path) -> PackageCard:
                        has_onnx=has_onnx, raw=d)
 
 
+def card_or_none(path: str | Path | None) -> PackageCard | None:
+    """The package's card, or None when there is no path or its card does not read."""
+    if not path:
+        return None
+    try:
+        return read_card(path)
+    except ModelCardError:
+        return None
+
+
 def list_packages(folder: str | Path) -> list[PackageCard]:
     """Readable packages directly inside ``folder`` (sub-folders with model.json, and .zip files),
     sorted by name; unreadable ones are skipped."""

@@ -400,8 +400,7 @@ class FinetuneDialog(QDialog):
             run_dir=str(run_dir), classes=tuple(n for n, _ in class_list), colours=tuple(c for _, c in class_list),
             background=background or None, encoder=encoder, max_minutes=round(self.minutes_spin.value(), 2),
             epochs=self.epochs_spin.value(), linear_probe=self.probe_check.isChecked(), seed=self.seed_spin.value(),
-            batch_size=self.batch_spin.value(), device=self.device_combo.currentText(), layer_name=rasters[0].name(),
-            extra={"few": [n for n, _ in used if counts.get(n, 0) < FEW_LABELS]})
+            batch_size=self.batch_spin.value(), device=self.device_combo.currentText(), layer_name=rasters[0].name())
 
     def show_error(self, message: str) -> None:
         self.message_bar.clearWidgets()

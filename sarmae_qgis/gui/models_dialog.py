@@ -38,7 +38,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..errors import SarmaePluginError
-from ..model_cards import PackageCard, describe_html, list_packages, read_card
+from ..model_cards import PackageCard, card_or_none, describe_html, list_packages, read_card
 from ..model_store import (
     PackageExistsError,
     delete_package,
@@ -237,13 +237,7 @@ class ModelsDialog(QDialog):
 
     def selected_card(self) -> PackageCard | None:
         """The selected package's card (None when nothing is selected or the card does not read)."""
-        path = self.selected_path()
-        if not path:
-            return None
-        try:
-            return read_card(path)
-        except SarmaePluginError:
-            return None
+        return card_or_none(self.selected_path())
 
     def _show_current(self) -> None:
         path = self.selected_path()

@@ -25,7 +25,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..errors import SarmaePluginError
-from ..model_cards import PackageCard, describe_html, list_packages, read_card
+from ..model_cards import PackageCard, card_or_none, describe_html, list_packages, read_card
 
 EMPTY_TEXT = "No model packages in {folder}: copy packages there (Settings: models folder) or Browse… for one."
 
@@ -132,13 +132,7 @@ class PackagePicker(QWidget):
 
     def current_card(self) -> PackageCard | None:
         """The chosen package's card (None: no package, or its card does not read)."""
-        path = self.current_path()
-        if not path:
-            return None
-        try:
-            return read_card(path)
-        except SarmaePluginError:
-            return None
+        return card_or_none(self.current_path())
 
     def _on_index_changed(self, _index: int) -> None:
         path = self.current_path()

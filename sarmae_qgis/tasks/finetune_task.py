@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import Qgis, QgsTask
@@ -49,7 +49,6 @@ class FinetuneRequest:
     batch_size: int = 16
     device: str = "auto"
     layer_name: str = ""  # the first raster's layer name (to offer running the new model on it)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def message(self) -> dict:
         """The worker's ``run`` request fields."""
