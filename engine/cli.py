@@ -153,7 +153,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    """Add model.onnx to a package (the same folder or zip, rewritten atomically)."""
+    """Add model.onnx to a package (the same folder or zip, rewritten atomically); every other file it
+    holds (training curves, confusion matrix, ...) is kept."""
     import json
 
     import numpy as np
@@ -169,12 +170,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     diff = float(np.abs(TorchBackend(pkg.model, card.task, "cpu").run(x) - OnnxBackend(blob, card.task, "cpu").run(x)).max())
     if diff > 1e-4:
         raise SarmaeError(f"the ONNX export disagrees with torch (max abs diff {diff:.2e} > 1e-4); not written")
-    from .package import load_state_dict
+    from .package import load_state_dict, read_extra_files
 
     _, sd = load_state_dict(a.package, card)
-    save_package(sd, card, a.output or a.package, onnx_bytes=blob, overwrite=True)
+    extra = read_extra_files(a.package, card)  # training curves, confusion matrix, ...: kept as they are
+    save_package(sd, card, a.output or a.package, onnx_bytes=blob, extra_files=extra, overwrite=True)
+    kept = f"; kept {', '.join(extra)}" if extra else ""
     print(f"wrote model.onnx into {a.output or a.package} ({len(blob) / 1e6:.1f} MB, opset {a.opset}); "
-          f"torch vs onnxruntime max abs diff {diff:.2e}")
+          f"torch vs onnxruntime max abs diff {diff:.2e}{kept}")
     return 0
 
 
@@ -281,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="add an ONNX export (model.onnx) to a package",
                        description="Export the package's model to ONNX (checked against torch on random input) and "
-                                   "store it in the package with the model card as ONNX metadata.")
+                                   "store it in the package with the model card as ONNX metadata. The package's other "
+                                   "files (training curves, confusion matrix, ...) are kept.")
     s.add_argument("package", help="package folder or .zip")
     s.add_argument("--output", "-o", help="write a new package here instead of updating PACKAGE")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")

@@ -192,6 +192,14 @@ class _Source:
             return (self.prefix + name) in self.zip.namelist()
         return (self.path / name).is_file()
 
+    def names(self) -> list[str]:
+        """Every file of the package, as a path relative to its top folder (``/``-separated)."""
+        if self.zip is not None:
+            n = len(self.prefix)
+            return sorted(i.filename[n:] for i in self.zip.infolist()
+                          if i.filename.startswith(self.prefix) and not i.is_dir() and len(i.filename) > n)
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+
     def sha256(self, name: str) -> str:
         """sha256 of one file, streamed in chunks (the file is never held whole in memory)."""
         digest = hashlib.sha256()
@@ -270,6 +278,22 @@ def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> Mo
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
     return card
+
+
+def read_extra_files(path: str | os.PathLike, card: ModelCard | None = None) -> dict[str, bytes]:
+    """Every file of a package that :func:`save_package` does not regenerate (all but model.json,
+    the weights and model.onnx), e.g. a fine-tuned package's training_curves.png and
+    confusion_matrix.png: what to pass as ``extra_files`` when rewriting it."""
+    path = Path(path)
+    card = card or read_card(path)
+    src = _Source(path)
+    own = {CARD, WEIGHTS, ONNX, card.weights.get("file", WEIGHTS)}
+    names = [n for n in src.names() if n not in own]
+    for name in names:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise PackageError(f"{path}: the package holds a file named '{name}', outside its folder; "
+                               "remove it from the zip (or re-export the package) and try again")
+    return {name: src.read(name) for name in names}
 
 
 def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> tuple[ModelCard, dict]:
@@ -363,6 +387,7 @@ def save_package(state_dict: dict, card: ModelCard, dest: str | os.PathLike, onn
             out = tmp / "pkg"
             out.mkdir()
             for name, data in files.items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
             _replace(out, dest)
     finally:

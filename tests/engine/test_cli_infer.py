@@ -156,6 +156,35 @@ def test_torch_and_onnxruntime_agree_after_export(tmp_path, capsys, tiny_package
         np.testing.assert_allclose(ta, tb, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("suffix", ["", ".zip"])
+def test_export_keeps_the_packages_other_files(tmp_path, capsys, tiny_package, suffix):
+    """A fine-tuned package's curves and confusion matrix survive ``sarmae export`` (in place, and
+    into a new package with --output)."""
+    from engine.package import load_package, load_state_dict, read_card, save_package
+
+    extra = {"training_curves.png": b"\x89PNG curves", "confusion_matrix.png": b"\x89PNG cm", "notes/data.txt": b"hi"}
+    card, sd = load_state_dict(tiny_package("segment"))
+    pkg = save_package(sd, card, tmp_path / f"pkg{suffix}", extra_files=extra)
+    assert main(["export", str(pkg), "--output", str(tmp_path / f"new{suffix}")]) == 0
+    assert "; kept confusion_matrix.png, notes/data.txt, training_curves.png" in capsys.readouterr().out
+    assert main(["export", str(pkg)]) == 0
+    for path in (pkg, tmp_path / f"new{suffix}"):
+        loaded = load_package(path, lazy=True)
+        assert loaded.has_onnx and read_card(path).name == card.name
+        if suffix:
+            import zipfile
+
+            with zipfile.ZipFile(path) as z:
+                got = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+        else:
+            got = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        assert {k: v for k, v in got.items() if k in extra} == extra
+        assert set(got) == {*extra, "model.json", "weights.safetensors", "model.onnx"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
 # ---------------------------------------------------------------------------------- real data
 def assert_same_grid(out: str, src: Path) -> None:
     with rasterio.open(out) as o, rasterio.open(src) as s:

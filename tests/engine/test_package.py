@@ -14,6 +14,7 @@ from engine.package import (
     load_package,
     new_card,
     read_card,
+    read_extra_files,
     save_package,
 )
 
@@ -111,3 +112,22 @@ def test_zip_layout(tmp_path):
     names = zipfile.ZipFile(tmp_path / "m.zip").namelist()
     assert sorted(names) == ["m/model.json", "m/weights.safetensors"]
     assert load_package(tmp_path / "m.zip").card.task == "embed"
+
+
+@pytest.mark.parametrize("suffix", ["", ".zip"])
+def test_read_extra_files_lists_all_but_what_save_package_regenerates(tmp_path, suffix):
+    enc = create_model("vit_tiny_patch16", in_chans=2, img_size=32, depth=2)
+    arch = {"name": "vit_tiny_patch16", "encoder": enc.cfg.to_dict()}
+    card = new_card("test", "embed", arch, default_input(2), [], {"note": "unit test"})
+    extra = {"training_curves.png": b"\x89PNG curves", "confusion_matrix.png": b"\x89PNG cm", "notes/readme.txt": b"hi"}
+    path = save_package(build_from_architecture(arch, "embed", 0).state_dict(), card, tmp_path / f"p{suffix}",
+                        onnx_bytes=b"not really onnx", extra_files=extra)
+    assert read_extra_files(path) == extra
+
+
+def test_read_extra_files_refuses_a_name_outside_the_package(tmp_path):
+    make_package(tmp_path / "m.zip", task="embed")
+    with zipfile.ZipFile(tmp_path / "m.zip", "a") as z:
+        z.writestr("m/../evil.txt", b"x")
+    with pytest.raises(PackageError, match=r"m\.zip: the package holds a file named '\.\./evil\.txt', outside"):
+        read_extra_files(tmp_path / "m.zip")
