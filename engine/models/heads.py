@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -198,12 +199,31 @@ class _ViTDetBackbone(nn.Module):
 
 @dataclass
 class DetHeadConfig:
-    fpn_channels: int = 256  # FPN width (torchvision / ViTDet default)
+    """Detection head settings. The defaults are sized for CPU fine-tuning on small SAR chips:
+    FPN 128 channels, a 256-wide box MLP and 128 sampled RoIs per image make a training step about
+    8x cheaper than torchvision's (256 / 1024 / 512: ``benchmarks/bench_detect.py``), where the box
+    MLP and RoIAlign's backward dominate; packages written before these fields existed keep
+    torchvision's values (``LEGACY``)."""
+
+    fpn_channels: int = 128  # FPN width (ViTDet / torchvision: 256)
+    representation_size: int = 256  # box head MLP width (torchvision: 1024)
+    box_batch_size_per_image: int = 128  # RoIs sampled per image for the box losses (torchvision: 512)
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # one size per level (SAR targets are small)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     score_thresh: float = 0.05  # boxes below this score are dropped
     nms_thresh: float = 0.5  # per-class NMS inside a window
     detections_per_img: int = 300
+
+    LEGACY: ClassVar[dict] = {"fpn_channels": 256, "representation_size": 1024, "box_batch_size_per_image": 512}
+
+    @classmethod
+    def from_dict(cls, head: dict) -> DetHeadConfig:
+        """The config a package's ``architecture.head`` describes (missing fields: ``LEGACY``)."""
+        d = {**cls.LEGACY, **head}
+        for k in ("anchor_sizes", "aspect_ratios"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -221,6 +241,7 @@ class ViTDetector(nn.Module):
     def __init__(self, encoder: VisionTransformer, num_classes: int, cfg: DetHeadConfig | None = None):
         from torchvision.models.detection import FasterRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
         super().__init__()
         cfg = cfg or DetHeadConfig()
@@ -229,8 +250,12 @@ class ViTDetector(nn.Module):
         sizes = tuple((s,) for s in cfg.anchor_sizes)
         anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
         size = max(encoder.cfg.grid) * encoder.patch_size
+        roi = 7  # torchvision's MultiScaleRoIAlign output size
         self.detector = FasterRCNN(
-            backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+            backbone, num_classes=None, rpn_anchor_generator=anchors,
+            box_head=TwoMLPHead(cfg.fpn_channels * roi * roi, cfg.representation_size),
+            box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes + 1),
+            box_batch_size_per_image=cfg.box_batch_size_per_image,
             min_size=size, max_size=size, image_mean=[0.0] * encoder.in_chans, image_std=[1.0] * encoder.in_chans,
             box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh, box_detections_per_img=cfg.detections_per_img,
         )

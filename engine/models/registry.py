@@ -99,10 +99,7 @@ def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.M
             if head.get("indices") is not None:
                 head["indices"] = tuple(head["indices"])
             return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))
-        for k in ("anchor_sizes", "aspect_ratios"):
-            if k in head:
-                head[k] = tuple(head[k])
-        return ViTDetector(encoder, num_classes, DetHeadConfig(**head))
+        return ViTDetector(encoder, num_classes, DetHeadConfig.from_dict(head))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelConfigError):
             raise

@@ -68,6 +68,7 @@ def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str]
         raise FinetuneError("detection metrics need torchmetrics and pycocotools: "
                             "pip install torchmetrics pycocotools") from e
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True)
+    metric.warn_on_many_detections = False  # COCO rules: the 100 best-scored boxes per chip count
     metric.update(preds, targets)
     r = metric.compute()
     per = {c: None for c in classes}
@@ -92,7 +93,7 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         labels / class_field: a vector file and its class attribute (one box per polygon).
         classes: class names in order (default: sorted values found); labels 1..K = classes[0..K-1].
         background_share: share of chips placed anywhere (negatives, or objects met by chance).
-        head: a ``DetHeadConfig`` (default: ViTDet/torchvision settings, FPN 256).
+        head: a ``DetHeadConfig`` (default: the CPU-sized head, FPN 128; see its docstring).
         colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
         ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``.
     Returns:

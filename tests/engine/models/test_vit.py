@@ -112,3 +112,23 @@ def test_sarc_head_and_loss():
     both = torch.cat([t[:1], -t[1:]])
     assert torch.isclose(sarc_loss(both, t, paired), torch.tensor(0.0), atol=1e-5)
     assert sarc_loss(s, t, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_detector_head_sizes_default_and_legacy():
+    """New packages record the CPU-sized head; a head dict without the new fields (packages written
+    before them) builds torchvision's sizes, so their weights still fit."""
+    from engine.models.heads import DetHeadConfig, ViTDetector
+
+    enc = small_cfg(img_size=64).to_dict()
+    det = build_from_architecture({"encoder": enc, "head": DetHeadConfig().to_dict()}, "detect", 2)
+    heads = det.detector.roi_heads
+    assert heads.box_head.fc6.weight.shape == (256, 128 * 7 * 7)
+    assert heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
+    assert heads.fg_bg_sampler.batch_size_per_image == 128
+    legacy = build_from_architecture({"encoder": enc, "head": {"anchor_sizes": [4, 8, 16, 32, 64]}}, "detect", 2)
+    lh = legacy.detector.roi_heads
+    assert lh.box_head.fc6.weight.shape == (1024, 256 * 7 * 7) and lh.fg_bg_sampler.batch_size_per_image == 512
+    assert legacy.cfg.anchor_sizes == (4, 8, 16, 32, 64)
+    # a legacy state dict loads into a legacy-built detector with every key matched
+    again = ViTDetector(legacy.encoder, 2, DetHeadConfig.from_dict(legacy.cfg.to_dict()))
+    assert not again.load_state_dict(legacy.state_dict()).missing_keys
