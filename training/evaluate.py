@@ -4,7 +4,9 @@
   model does not know are reported (``unknown_classes``) and left out of the accuracy.
 - segment + ``--raster R`` with ``--label-raster L`` or ``--labels V --class-field F``: the model runs
   over the raster with the engine (exactly as ``sarmae infer``), and its class raster is compared
-  with the labels where they exist: per-class IoU, mean IoU, pixel accuracy.
+  with the labels where they exist: per-class IoU, mean IoU, pixel accuracy. Polygons are read and
+  rasterized exactly as fine-tuning reads them (``finetune.labels``: repaired, reprojected, pixel
+  centres inside); classes the model does not know are reported (``unknown_classes``) and left out.
 - classify / detect + ``--raster R`` with ``--labels V --class-field F`` (classify also
   ``--label-raster L``): chips sampled from the labels exactly as fine-tuning samples them
   (``finetune.labels.build_chips``, centred, no split), read through the package's input contract;
@@ -105,50 +107,46 @@ def evaluate_chips_from_rasters(package: str, rasters: list[str], png: Path, lab
             "detections": m["detections"]}
 
 
-def _reference_raster(raster: str, labels: str | None, class_field: str | None, label_raster: str | None,
-                      names: list[str], out_shape, transform, crs) -> tuple[np.ndarray, list[str]]:
-    """Labels on the raster grid: model class index, 255 where unlabelled; plus unknown class names."""
-    import fiona
+def _reference_raster(label_raster: str, names: list[str], out_shape, transform, crs) -> tuple[np.ndarray, list[str]]:
+    """A class raster on the predicted grid: model class index, 255 where unlabelled; plus unknown class names."""
     import rasterio
-    from rasterio.features import rasterize
-    from rasterio.warp import Resampling, reproject, transform_geom
+    from rasterio.warp import Resampling, reproject
 
     ref = np.full(out_shape, 255, np.uint8)
     unknown: set[str] = set()
-    if label_raster:
-        with rasterio.open(label_raster) as src:
-            lab = np.full(out_shape, -1, np.int64)
-            reproject(rasterio.band(src, 1), lab, dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest,
-                      dst_nodata=-1)
-            nod = src.nodata
-        for v in np.unique(lab):
-            if v < 0 or (nod is not None and v == nod):
-                continue
-            name = f"class_{v}"
-            # a label raster holds indices: match by index when names are generic, else by 'class_<v>'
-            idx = names.index(name) if name in names else (int(v) if int(v) < len(names) else None)
-            if idx is None:
-                unknown.add(name)
-            else:
-                ref[lab == v] = idx
-        return ref, sorted(unknown)
-    with fiona.open(labels) as src:
-        if class_field not in src.schema["properties"]:
-            raise SarmaeError(f"{labels}: no field '{class_field}'; fields: {', '.join(src.schema['properties'])}")
-        shapes = []
-        for f in src:
-            name = f["properties"].get(class_field)
-            if name is None or f["geometry"] is None:
-                continue
-            name = str(name)
-            if name not in names:
-                unknown.add(name)
-                continue
-            geom = transform_geom(src.crs, crs, f["geometry"]) if src.crs and crs else f["geometry"]
-            shapes.append((geom, names.index(name)))
-    if shapes:
-        ref = rasterize(shapes, out_shape=out_shape, transform=transform, fill=255, dtype="uint8")
+    with rasterio.open(label_raster) as src:
+        lab = np.full(out_shape, -1, np.int64)
+        reproject(rasterio.band(src, 1), lab, dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest,
+                  dst_nodata=-1)
+        nod = src.nodata
+    for v in np.unique(lab):
+        if v < 0 or (nod is not None and v == nod):
+            continue
+        name = f"class_{v}"
+        # a label raster holds indices: match by index when names are generic, else by 'class_<v>'
+        idx = names.index(name) if name in names else (int(v) if int(v) < len(names) else None)
+        if idx is None:
+            unknown.add(name)
+        else:
+            ref[lab == v] = idx
     return ref, sorted(unknown)
+
+
+def _vector_labels(raster: str, labels: str, class_field: str, names: list[str],
+                   opts) -> tuple[tuple[list, list[int]], dict[str, int], list[str], list[str]]:
+    """The polygons of ``labels`` in ``raster``'s pixel space, read exactly as fine-tuning reads them
+    (``finetune.labels.vector_labels``: invalid geometries repaired or skipped and counted, reprojected
+    to the raster's CRS, GCPs, or pixel coordinates without georeferencing), classes matched to the
+    model's by name: (polygons, model class index), features per unknown class, notes, warnings."""
+    from engine.reader import SarRaster
+
+    from .finetune.labels import vector_labels
+
+    notes: list[str] = []
+    warns: list[str] = []
+    with SarRaster.open(raster, opts.bands, opts.complex_mode) as r:
+        (shapes,), _, unknown = vector_labels(labels, class_field, names, None, [r], notes, warns)
+    return shapes, unknown, notes, warns
 
 
 def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = None, class_field: str | None = None,
@@ -158,6 +156,8 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
 
     from engine.inference import InferenceOptions, run_inference
 
+    from .finetune.labels import rasterize_polygons
+
     pkg = load_package(package)
     card = pkg.card
     if card.task != "segment":
@@ -166,12 +166,19 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     if not (labels and class_field) and not label_raster:
         raise SarmaeError("give --label-raster, or --labels with --class-field")
     names = card.class_names
+    opts = InferenceOptions(**(options or {}))
+    vector = bool(labels and class_field) and not label_raster  # a label raster, when given, wins (as before)
+    if vector:  # before the model runs: bad labels fail at once
+        shapes, skipped, notes, warns = _vector_labels(raster, labels, class_field, names, opts)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_inference([raster], Path(tmp) / "pred.tif", pkg, InferenceOptions(**(options or {})))
+        res = run_inference([raster], Path(tmp) / "pred.tif", pkg, opts)
         with rasterio.open(res.outputs["class"]) as src:
             pred = src.read(1)
-            ref, unknown = _reference_raster(raster, labels, class_field, label_raster, names, pred.shape,
-                                             src.transform, src.crs)
+            if vector:  # on the processed region's pixel grid (all of the raster unless an extent is given)
+                r0, c0 = (0, 0) if opts.extent is None else (max(int(opts.extent[0]), 0), max(int(opts.extent[1]), 0))
+                ref, unknown = rasterize_polygons(*shapes, pred.shape, r0, c0), sorted(skipped)
+            else:
+                ref, unknown = _reference_raster(label_raster, names, pred.shape, src.transform, src.crs)
     ok = (ref != 255) & (pred != 255)
     if not ok.any():
         raise SarmaeError(f"no labelled pixel of {labels or label_raster} falls on valid pixels of {raster}")
@@ -179,5 +186,8 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     cm = np.bincount(ref[ok].astype(np.int64) * k + pred[ok], minlength=k * k).reshape(k, k)
     m = iou_metrics(cm, names)
     confusion_png(cm, names, png, "pixel confusion (evaluation)")
-    return {"task": "segment", **m, "labelled_pixels": int(ok.sum()), "unknown_classes": unknown,
-            "confusion_matrix_png": str(png)}
+    out = {"task": "segment", **m, "labelled_pixels": int(ok.sum()), "unknown_classes": unknown,
+           "confusion_matrix_png": str(png)}
+    if vector:
+        out.update(skipped_features=sum(skipped.values()), log=notes, warnings=warns)
+    return out

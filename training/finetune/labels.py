@@ -120,9 +120,11 @@ def read_vector(path: str, class_field: str, classes: list[str] | None, backgrou
     else:
         classes = found
     if not geoms:
+        others = ", ".join(f"'{k}' ({v})" for k, v in unknown.items()) or "none"
         raise FinetuneError(f"{where}: no usable labelled polygon in field '{class_field}' ({len(records)} "
                             f"features: {empty} with empty class values, {not_poly} not polygons, {bad} invalid"
-                            + (f", none of classes {classes}" if classes else "") + ")")
+                            + (f", none of classes {classes}; other classes found: {others}" if classes else "")
+                            + ")")
     if background and background not in classes:
         classes = [background, *classes]
     notes.append(f"{where}: {len(geoms)} labelled polygon(s), classes {classes}")
@@ -159,6 +161,38 @@ def to_pixels(geoms: list, layer_crs: str | None, raster, notes: list[str]) -> l
                          f"(the CRS of {name})")
     inv = ~t
     return [affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
+
+
+def vector_labels(path: str, class_field: str, classes: list[str] | None, background: str | None, rasters: list,
+                  notes: list[str], warns: list[str]) -> tuple[list[tuple[list, list[int]]], list[str], dict[str, int]]:
+    """``read_vector`` + ``to_pixels`` for each raster: per raster (its pixel-space polygons that touch
+    it, their class index), the class names and the feature count of each class not in ``classes``.
+    FinetuneError when every label lies outside every raster."""
+    from shapely.geometry import box
+
+    geoms, cls, classes, crs, unknown = read_vector(path, class_field, classes, background, notes, warns)
+    shapes = []
+    for r in rasters:
+        px = to_pixels(geoms, crs, r, notes)
+        keep = [i for i, g in enumerate(px) if g.intersects(box(0, 0, r.width, r.height))]
+        shapes.append(([px[i] for i in keep], [cls[i] for i in keep]))
+    if not any(s[0] for s in shapes):
+        _outside(path, geoms, crs, rasters)
+    return shapes, classes, unknown
+
+
+def rasterize_polygons(geoms: list, cls: list[int], shape: tuple[int, int], row_off: int = 0, col_off: int = 0,
+                       fill: int = IGNORE) -> np.ndarray:
+    """Pixel-space polygons -> (H, W) uint8 class index of the ``shape`` window at (row_off, col_off):
+    pixels whose centre is inside, later features on top, ``fill`` elsewhere. Training masks and
+    evaluation references are both made here."""
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    if not geoms:
+        return np.full(shape, fill, np.uint8)
+    return rasterize(list(zip(geoms, cls)), shape, fill=fill, transform=Affine.translation(col_off, row_off),
+                     all_touched=False, dtype=np.uint8)
 
 
 def read_class_map(path: str, raster, notes: list[str]) -> np.ndarray:
@@ -287,17 +321,8 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
 def _load_labels(rasters: list, labels: str | None, class_field: str | None, label_raster: str | None,
                  classes: list[str] | None, background: str | None, notes: list[str], warns: list[str]) -> _Labels:
     """Vector labels in each raster's pixel space, or the class raster on each raster's grid."""
-    from shapely.geometry import box
-
     if labels is not None:
-        geoms, cls, classes, crs, unknown = read_vector(labels, class_field, classes, background, notes, warns)
-        shapes = []
-        for r in rasters:
-            px = to_pixels(geoms, crs, r, notes)
-            keep = [i for i, g in enumerate(px) if g.intersects(box(0, 0, r.width, r.height))]
-            shapes.append(([px[i] for i in keep], [cls[i] for i in keep]))
-        if not any(s[0] for s in shapes):
-            _outside(labels, geoms, crs, rasters)
+        shapes, classes, unknown = vector_labels(labels, class_field, classes, background, rasters, notes, warns)
         counts = [sum(c == j for _, cl in shapes for c in cl) for j in range(len(classes))]
         return _Labels(classes, shapes, None, background, counts, Path(labels).name, unknown)
     raw = [read_class_map(label_raster, r, notes) for r in rasters]
@@ -320,8 +345,6 @@ def _load_labels(rasters: list, labels: str | None, class_field: str | None, lab
 
 def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
     """Read each chip through the raster's Radiometry; masks (segment) or boxes (detect)."""
-    from affine import Affine
-    from rasterio.features import rasterize
     from shapely import STRtree
     from shapely.geometry import box
 
@@ -342,8 +365,8 @@ def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
         if masks is not None:
             m = np.full((s, s), bg if lab.shapes else IGNORE, np.uint8)
             if hits:  # later features on top
-                m = rasterize([(lab.shapes[i][0][q], lab.shapes[i][1][q]) for q in hits], (s, s), fill=bg,
-                              transform=Affine.translation(c, r), all_touched=False, dtype=np.uint8)
+                m = rasterize_polygons([lab.shapes[i][0][q] for q in hits], [lab.shapes[i][1][q] for q in hits],
+                                       (s, s), r, c, fill=bg)
             elif lab.cmaps:
                 m[:h, :w] = lab.cmaps[i][r:r + h, c:c + w]
             m[~valid] = IGNORE

@@ -14,6 +14,7 @@ from ftdata import (
     class_polygons,
     ship_scene,
     water_land,
+    write_db,
     write_labels,
 )
 
@@ -79,3 +80,95 @@ def test_segmenter_through_the_engine(tmp_path):
     assert r["task"] == "segment" and r["unknown_classes"] == ["rock"]
     assert r["labelled_pixels"] == int(np.sum(truth == 0)) and set(r["iou"]) == {"water", "land"}
     assert (tmp_path / "cm.png").exists()
+
+
+@pytest.fixture
+def spy_reference(monkeypatch):
+    """The reference raster evaluate_raster builds from polygons (captured from rasterize_polygons)."""
+    from training.finetune import labels
+
+    seen: list[np.ndarray] = []
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    real = labels.rasterize_polygons
+    monkeypatch.setattr(labels, "rasterize_polygons", spy)
+    return seen
+
+
+def test_segmenter_reads_polygons_exactly_as_fine_tuning(tmp_path, spy_reference):
+    """Reprojected from EPSG:4326, a bow-tie repaired, an empty class skipped and counted, an unknown
+    class reported: the reference equals the masks fine-tuning makes from the same file."""
+    from rasterio.warp import transform_geom
+    from shapely.geometry import Polygon, mapping, shape
+
+    from engine.package import read_card
+    from training.finetune.labels import IGNORE, build_chips
+
+    pkg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
+    tif, truth = water_land(tmp_path / "wl.tif", size=96)
+    x0, y0 = 500000.0 + 20 * 40, 4500000.0 - 20 * 10
+    bowtie = Polygon([(x0, y0), (x0 + 200, y0 - 200), (x0 + 200, y0), (x0, y0 - 200)])
+    utm = class_polygons(truth, {0: "water", 1: "land"}) + [(bowtie, "land")] + boxes_to_polygons([(5, 70, 20, 90)], "rock")
+    feats = [(shape(transform_geom("EPSG:32631", "EPSG:4326", mapping(g))), n) for g, n in utm]
+    feats += [(feats[0][0], "")]
+    gpkg = write_labels(tmp_path / "wgs84.gpkg", feats, crs="EPSG:4326")
+    opts = {"device": "cpu", "bands": ["VV", "VH"]}
+    r = evaluate_raster(str(pkg), str(tif), tmp_path / "cm.png", labels=str(gpkg), class_field="class", options=opts)
+    ref = spy_reference[-1]
+    assert r["unknown_classes"] == ["rock"] and r["skipped_features"] == 1
+    assert any("reprojected" in m and "EPSG:4326" in m for m in r["log"])
+    assert any("repaired 1 invalid polygon" in m for m in r["log"])
+    assert any("skipped 1 feature(s) with an empty class value" in m for m in r["warnings"])
+    assert r["labelled_pixels"] == int(np.sum(ref != IGNORE)) > 0.98 * truth.size
+    names = np.array(["water", "land"])
+    assert np.mean(names[ref[ref != IGNORE]] == np.where(truth == 0, "water", "land")[ref != IGNORE]) > 0.99
+    chips = build_chips(str(tif), read_card(pkg).input, 32, "segment", labels=str(gpkg), class_field="class",
+                        classes=["water", "land"], evaluation=True)
+    assert len(chips.windows) > 3
+    for n, (_, row, col) in enumerate(chips.windows):  # the masks fine-tuning trains on, pixel for pixel
+        m = chips.masks[n].numpy()[:96 - row, :96 - col]
+        np.testing.assert_array_equal(m, ref[row:row + 32, col:col + 32])
+    part = evaluate_raster(str(pkg), str(tif), tmp_path / "cm.png", labels=str(gpkg), class_field="class",
+                           options={**opts, "extent": (10, 20, 50, 200)})  # clipped to the raster: 50 x 76
+    np.testing.assert_array_equal(spy_reference[-1], ref[10:60, 20:96])
+    assert part["labelled_pixels"] == int(np.sum(ref[10:60, 20:96] != IGNORE))
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_segmenter_on_a_raster_without_georeferencing(tmp_path, spy_reference):
+    """Polygons drawn in QGIS over a pixel-space image (y = -row) are placed as fine-tuning places them."""
+    import rasterio
+    from affine import Affine
+
+    pkg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
+    tif, truth = water_land(tmp_path / "wl.tif", size=96)
+    with rasterio.open(tif) as src:
+        nogeo = write_db(tmp_path / "nogeo.tif", src.read(), crs=None)
+    gpkg = write_labels(tmp_path / "px.gpkg", class_polygons(truth, {0: "water", 1: "land"}, Affine(1, 0, 0, 0, -1, 0)),
+                        crs=None)
+    r = evaluate_raster(str(pkg), str(nogeo), tmp_path / "cm.png", labels=str(gpkg), class_field="class",
+                        options={"device": "cpu", "bands": ["VV", "VH"]})
+    assert any("pixel coordinates (y = -row)" in m for m in r["log"])
+    assert r["labelled_pixels"] == truth.size
+    np.testing.assert_array_equal(spy_reference[-1], np.where(truth == 0, 0, 1))  # water 0, land 1
+
+
+def test_segmenter_labels_refused_before_the_model_runs(tmp_path, monkeypatch):
+    from shapely.affinity import translate
+
+    from training import evaluate
+
+    monkeypatch.setattr("engine.inference.run_inference", lambda *a, **k: pytest.fail("the model ran"))
+    pkg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
+    tif, truth = water_land(tmp_path / "wl.tif", size=64)
+    rock = write_labels(tmp_path / "rock.gpkg", class_polygons(truth, {0: "rock", 1: "sand"}))
+    with pytest.raises(SarmaeError, match=r"none of classes \['water', 'land'\]; other classes found: 'rock' \(1\), "
+                                          r"'sand' \(1\)"):
+        evaluate.evaluate_raster(str(pkg), str(tif), tmp_path / "cm.png", labels=str(rock), class_field="class")
+    far = write_labels(tmp_path / "far.gpkg", [(translate(g, 300000, 0), n) for g, n in
+                                               class_polygons(truth, {0: "water", 1: "land"})])
+    with pytest.raises(SarmaeError, match=r"all labels in .*far.gpkg lie outside the raster"):
+        evaluate.evaluate_raster(str(pkg), str(tif), tmp_path / "cm.png", labels=str(far), class_field="class")
