@@ -310,7 +310,7 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
                                     "classification needs two classes in training; label more areas of the other "
                                     "classes (away from the validation blocks), or add a raster")
     if not evaluation:
-        _warn_counts(chips, lab.counts if task in ("detect", "classify") else None)
+        _warn_counts(chips, lab.counts if task == "detect" else None)
     for m in notes:
         log.info(m)
     for m in chips.warnings:
@@ -425,7 +425,9 @@ def _outside(path: str, geoms: list, crs: str | None, rasters: list) -> None:
 
 
 def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
-    """Warn about classes with fewer than MIN_SAMPLES instances / chips, or absent from a split."""
+    """Warn about classes absent from a split, or with fewer than MIN_SAMPLES of what the task learns
+    from: ``instances`` (detection: labelled polygons per class, one box each) when given, else
+    training chips (segmentation, and classification, where one large polygon gives many chips)."""
     k = len(chips.classes)
     for split, name in ((False, "training"), (True, "validation")):
         sel = np.flatnonzero(chips.split == split)
@@ -443,7 +445,7 @@ def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
         for j, c in enumerate(chips.classes):
             if have[j] == 0:
                 chips.warnings.append(f"class '{c}' appears in no {name} chip")
-            elif (instances is None or chips.labels is not None) and not split and have[j] < MIN_SAMPLES:
+            elif instances is None and not split and have[j] < MIN_SAMPLES:
                 chips.warnings.append(f"class '{c}' appears in only {have[j]} training chip(s): label more of it")
     for j, n in enumerate(instances or []):
         if 0 < n < MIN_SAMPLES:

@@ -397,6 +397,18 @@ def test_few_instances_warned(tmp_path, contract):
     assert any("'buoy' has only 3 labelled polygon" in m for m in chips.warnings)
 
 
+def test_classify_warns_about_few_chips_not_few_polygons(tmp_path, scene, contract):
+    """One large polygon per class gives dozens of chips each: nothing to warn about; a small class
+    with a single chip is still warned about, in chips (what classification learns from)."""
+    tif, truth, gpkg = scene
+    chips = build_chips(tif, contract, S, "classify", labels=gpkg, class_field="class")
+    assert np.bincount(chips.labels[~chips.split]).min() >= 5 and chips.warnings == []
+    feats = class_polygons(truth, {0: "water", 1: "land"}) + boxes_to_polygons([(150, 10, 170, 30)], "rock")
+    rock = build_chips(tif, contract, S, "classify", labels=write_labels(tmp_path / "r.gpkg", feats), class_field="class")
+    assert "class 'rock' appears in only 1 training chip(s): label more of it" in rock.warnings
+    assert not [m for m in rock.warnings if "labelled polygon" in m]
+
+
 def test_labels_in_pixel_space(tmp_path, contract):
     import rasterio
 
