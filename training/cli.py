@@ -122,7 +122,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from engine.errors import SarmaeError
     from engine.package import read_card
 
-    from .evaluate import evaluate_chips, evaluate_chips_from_rasters, evaluate_raster
+    from .evaluate import evaluate_chips, evaluate_chips_from_rasters, evaluate_detections, evaluate_raster
 
     png = Path(a.report) if a.report else Path("evaluation_confusion.png")
     task = read_card(a.package).task
@@ -134,6 +134,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         options = {"bands": a.bands, "input_units": a.input_units}
         r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster,
                             {k: v for k, v in options.items() if v})
+    elif a.raster and task == "detect":
+        options = {"bands": a.bands, "input_units": a.input_units, "score_threshold": a.score_threshold}
+        r = evaluate_detections(a.package, a.raster, png, a.labels, a.class_field,
+                                {k: v for k, v in options.items() if v is not None})
     elif a.raster:
         r = evaluate_chips_from_rasters(a.package, a.raster, png, a.labels, a.class_field, a.label_raster, a.bands,
                                         a.input_units, a.background, a.max_chips or 2000)
@@ -237,5 +241,8 @@ def register(sub) -> None:
     s.add_argument("--label-raster", help="class raster on the raster's grid (segment, classify)")
     s.add_argument("--background", help="classify with --labels: the model's class for chips touching no polygon")
     _data_options(s)
-    s.add_argument("--report", help="confusion-matrix PNG path (default: evaluation_confusion.png)")
+    s.add_argument("--score-threshold", type=float, help="detect: the score of the reported operating point "
+                                                          "(precision / recall / F1; default 0.3 as sarmae infer)")
+    s.add_argument("--report", help="PNG path: confusion matrix, or detect: precision-recall curves "
+                                    "(default: evaluation_confusion.png)")
     s.set_defaults(func=cmd_evaluate)

@@ -7,11 +7,16 @@
   with the labels where they exist: per-class IoU, mean IoU, pixel accuracy. Polygons are read and
   rasterized exactly as fine-tuning reads them (``finetune.labels``: repaired, reprojected, pixel
   centres inside); classes the model does not know are reported (``unknown_classes``) and left out.
-- classify / detect + ``--raster R`` with ``--labels V --class-field F`` (classify also
-  ``--label-raster L``): chips sampled from the labels exactly as fine-tuning samples them
-  (``finetune.labels.build_chips``, centred, no split), read through the package's input contract;
-  classify: accuracy, per-class accuracy, confusion matrix; detect: mAP@0.5 and mAP@[.5:.95] of
-  the detections on those chips against the labelled boxes. Label classes are matched to the
+- detect + ``--raster R`` (repeatable) with ``--labels V --class-field F``: the model runs over each
+  whole raster with the engine (windows, NMS across windows, exactly as ``sarmae infer``) and its
+  boxes are compared with one box per polygon: mAP@0.5, mAP@[.5:.95] (COCO rules), and the
+  operating point at ``--score-threshold``: true / false positives, missed objects, precision,
+  recall, F1; precision-recall curves as the PNG. (``evaluate_chips_from_rasters`` scores a
+  detector on sampled chips instead, as fine-tuning's validation does.)
+- classify + ``--raster R`` with ``--labels V --class-field F`` or ``--label-raster L``: chips
+  sampled from the labels exactly as fine-tuning samples them (``finetune.labels.build_chips``,
+  centred, no split), read through the package's input contract: accuracy, per-class accuracy,
+  confusion matrix. Label classes are matched to the
   model's BY NAME; the others are reported (``unknown_classes``) and left out.
 A confusion-matrix PNG is written to ``--report`` (default: evaluation_confusion.png).
 """
@@ -162,7 +167,7 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     card = pkg.card
     if card.task != "segment":
         raise SarmaeError(f"{package} is a '{card.task}' model; raster evaluation here covers segmentation "
-                          "(classify and detect: evaluate_chips_from_rasters)")
+                          "(classify: evaluate_chips_from_rasters, detect: evaluate_detections)")
     if not (labels and class_field) and not label_raster:
         raise SarmaeError("give --label-raster, or --labels with --class-field")
     names = card.class_names
@@ -191,3 +196,161 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     if vector:
         out.update(skipped_features=sum(skipped.values()), log=notes, warnings=warns)
     return out
+
+
+def match_boxes(det: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """COCO-style greedy matching of one class in one image: detections in descending score order
+    each take the still-unmatched reference box they overlap most (IoU >= ``iou``). Returns a
+    true-positive flag per detection, in the given order."""
+    import torch
+    from torchvision.ops import box_iou
+
+    tp = np.zeros(len(det), bool)
+    if not len(det) or not len(truth):
+        return tp
+    ious = box_iou(torch.as_tensor(det, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)).numpy()
+    free = np.ones(len(truth), bool)
+    for i in np.argsort(-scores, kind="stable"):
+        cand = np.where(free, ious[i], -1.0)
+        j = int(cand.argmax())
+        if cand[j] >= iou:
+            tp[i], free[j] = True, False
+    return tp
+
+
+def _read_detections(gpkg: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes (x0, y0, x1, y1 in raster pixels), scores and class indexes of an engine detections file."""
+    import fiona
+
+    rows = []
+    with fiona.open(gpkg, layer="detections") as src:
+        for f in src:
+            p = f["properties"]
+            rows.append((p["px_col"], p["px_row"], p["px_col"] + p["px_width"], p["px_row"] + p["px_height"],
+                         p["score"], p["class_id"]))
+    a = np.asarray(rows, np.float64).reshape(-1, 6)
+    return a[:, :4], a[:, 4], a[:, 5].astype(np.int64)
+
+
+def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str | None = None,
+                        class_field: str | None = None, options: dict | None = None) -> dict:
+    """A detect package run over whole rasters by the engine (as ``sarmae infer``: windows, boxes
+    merged across windows by NMS), against one box per labelled polygon (its pixel-space bounds,
+    polygons read exactly as fine-tuning reads them). Each raster counts as one image.
+
+    Returns mAP@0.5 and mAP@[.5:.95] (COCO rules, torchmetrics, every detection down to score 0.05
+    counted), AP per class, and the analyst's operating point at ``score_threshold`` (default 0.3,
+    as ``infer``): true / false positives, missed boxes, precision, recall, F1 per class and overall
+    (IoU >= 0.5). ``png``: precision-recall curves at IoU 0.5.
+    """
+    import dataclasses
+    from collections import Counter
+
+    import torch
+
+    from engine.inference import InferenceOptions, run_inference
+
+    from .finetune.detect import detection_metrics
+
+    pkg = load_package(package)
+    card = pkg.card
+    if card.task != "detect":
+        raise SarmaeError(f"{package} is a '{card.task}' model; detection evaluation needs a 'detect' package")
+    if not (labels and class_field):
+        raise SarmaeError("detection evaluation needs --labels VECTOR --class-field NAME (one box per polygon)")
+    if not rasters:
+        raise SarmaeError("give at least one --raster to evaluate on")
+    names = card.class_names
+    opts = InferenceOptions(**(options or {}))
+    threshold = opts.score_threshold
+    run = dataclasses.replace(opts, score_threshold=min(threshold, 0.05), overwrite=True)
+    truth, skipped, notes, warns = [], Counter(), [], []
+    for r in rasters:  # every raster's labels first: bad labels fail before any model runs
+        try:
+            (polys, cls), unknown, n, w = _vector_labels(r, labels, class_field, names, opts)
+        except SarmaeError as e:
+            if "outside" not in str(e) or len(rasters) == 1:
+                raise
+            polys, cls, unknown, n, w = [], [], {}, [f"{Path(r).name}: no labelled polygon on it"], []
+        b = np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4)
+        if opts.extent is not None:  # the boxes whose centre lies in the processed region
+            r0, c0, h, wd = opts.extent
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+            keep = (cx >= c0) & (cx < c0 + wd) & (cy >= r0) & (cy < r0 + h)
+            b, cls = b[keep], [c for c, k in zip(cls, keep) if k]
+        truth.append((b, np.asarray(cls, np.int64)))
+        skipped.update(unknown)
+        notes += [x for x in n if x not in notes]
+        warns += [x for x in w if x not in warns]
+    if not sum(len(t[0]) for t in truth):
+        raise SarmaeError(f"no polygon of {labels} with a class of {package} ({', '.join(names)}) lies on the "
+                          f"raster(s){' inside --extent' if opts.extent is not None else ''}")
+    preds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, r in enumerate(rasters):
+            res = run_inference([r], Path(tmp) / f"det{i}.gpkg", pkg, run)
+            preds.append(_read_detections(res.outputs["detections"]))
+    most = max([100] + [len(p[0]) for p in preds])
+    m = detection_metrics([{"boxes": torch.from_numpy(b).float(), "scores": torch.from_numpy(s).float(),
+                            "labels": torch.from_numpy(c + 1)} for b, s, c in preds],
+                          [{"boxes": torch.from_numpy(b).float(), "labels": torch.from_numpy(c + 1)} for b, c in truth],
+                          names, max_detections=most)
+    per_class, curves = {}, {}
+    for k, name in enumerate(names):
+        scores, flags, n_true = [], [], 0
+        for (db, ds, dc), (tb, tc) in zip(preds, truth):
+            sel = dc == k
+            flags.append(match_boxes(db[sel], ds[sel], tb[tc == k]))
+            scores.append(ds[sel])
+            n_true += int((tc == k).sum())
+        s, f = np.concatenate(scores), np.concatenate(flags)
+        at = s >= threshold
+        tp, fp = int(f[at].sum()), int((~f[at]).sum())
+        per_class[name] = _operating_point(tp, fp, n_true - tp)
+        order = np.argsort(-s, kind="stable")
+        ctp = np.cumsum(f[order])
+        curves[name] = (ctp / max(n_true, 1), ctp / np.arange(1, len(order) + 1), s[order], n_true)
+    tot = {k: sum(p[k] for p in per_class.values()) for k in ("true_positives", "false_positives", "missed")}
+    overall = _operating_point(tot["true_positives"], tot["false_positives"], tot["missed"])
+    _pr_png(curves, threshold, png)
+    return {"task": "detect", "rasters": len(rasters), "map_50": m["map_50"], "map": m["map"],
+            "ap_per_class": m["ap_per_class"], "boxes": m["boxes"],
+            "detections": int(sum(int((p[1] >= threshold).sum()) for p in preds)),
+            "score_threshold": threshold, **{k: overall[k] for k in ("precision", "recall", "f1")},
+            **tot, "per_class": per_class, "unknown_classes": sorted(skipped),
+            "skipped_features": sum(skipped.values()), "log": notes, "warnings": warns, "pr_curve_png": str(png)}
+
+
+def _operating_point(tp: int, fp: int, missed: int) -> dict:
+    p = tp / (tp + fp) if tp + fp else None
+    r = tp / (tp + missed) if tp + missed else None
+    f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else (0.0 if p is not None and r is not None else None)
+    return {"true_positives": tp, "false_positives": fp, "missed": missed, "precision": p, "recall": r, "f1": f1}
+
+
+def _pr_png(curves: dict, threshold: float, png: Path) -> None:
+    """Precision-recall curve per class (IoU 0.5), the operating point at ``threshold`` marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
+    for name, (rec, prec, s, n) in curves.items():
+        if not len(rec):
+            continue
+        line, = ax.plot(rec, prec, label=f"{name} ({n} boxes)")
+        at = np.flatnonzero(s >= threshold)
+        if len(at):
+            ax.plot(rec[at[-1]], prec[at[-1]], "o", color=line.get_color())
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"precision-recall at IoU 0.5 (dot: score {threshold:g})")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower left", fontsize=8)
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".part.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)

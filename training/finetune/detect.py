@@ -60,15 +60,17 @@ def augment_boxes(x: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Ten
     return x, boxes
 
 
-def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str]) -> dict:
-    """mAP@0.5, mAP@[.5:.95] (COCO) and AP@[.5:.95] per class; labels are 1..K."""
+def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str], max_detections: int = 100) -> dict:
+    """mAP@0.5, mAP@[.5:.95] (COCO) and AP@[.5:.95] per class; labels are 1..K. ``max_detections``:
+    the best-scored boxes counted per image (COCO: 100; a whole scene needs more)."""
     try:
         from torchmetrics.detection import MeanAveragePrecision
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise FinetuneError("detection metrics need torchmetrics and pycocotools: "
                             "pip install torchmetrics pycocotools") from e
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True)
-    metric.warn_on_many_detections = False  # COCO rules: the 100 best-scored boxes per chip count
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
+                                  max_detection_thresholds=[1, 10, max(100, max_detections)])
+    metric.warn_on_many_detections = False  # COCO rules: only the best-scored boxes per image count
     metric.update(preds, targets)
     r = metric.compute()
     per = {c: None for c in classes}

@@ -4,6 +4,8 @@ segmentation through the engine."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ftdata import (
@@ -19,7 +21,13 @@ from ftdata import (
 )
 
 from engine.errors import SarmaeError
-from training.evaluate import evaluate_chips, evaluate_chips_from_rasters, evaluate_raster
+from training.evaluate import (
+    evaluate_chips,
+    evaluate_chips_from_rasters,
+    evaluate_detections,
+    evaluate_raster,
+    match_boxes,
+)
 from training.finetune.classify import finetune_classifier
 from training.finetune.config import FinetuneConfig
 
@@ -172,3 +180,48 @@ def test_segmenter_labels_refused_before_the_model_runs(tmp_path, monkeypatch):
                                                class_polygons(truth, {0: "water", 1: "land"})])
     with pytest.raises(SarmaeError, match=r"all labels in .*far.gpkg lie outside the raster"):
         evaluate.evaluate_raster(str(pkg), str(tif), tmp_path / "cm.png", labels=str(far), class_field="class")
+
+
+def test_match_boxes_greedy_by_score():
+    truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    det = np.array([[1, 1, 10, 10],     # IoU 0.81 with truth 0, lower score
+                    [0, 0, 10, 11],     # IoU 0.91 with truth 0, best score: takes it
+                    [20, 20, 30, 30],   # exact match of truth 1
+                    [40, 40, 50, 50],   # on nothing
+                    [20, 20, 30, 31]], float)  # truth 1 already taken: a duplicate
+    scores = np.array([0.6, 0.9, 0.8, 0.7, 0.5])
+    assert match_boxes(det, scores, truth).tolist() == [False, True, True, False, False]
+    assert match_boxes(det[:1], scores[:1], truth[:1], iou=0.9).tolist() == [False]  # below the IoU asked
+    assert match_boxes(det[:0], scores[:0], truth).tolist() == []
+    assert match_boxes(det, scores, truth[:0]).tolist() == [False] * 5
+
+
+@pytest.mark.filterwarnings("ignore:Encountered more than 100 detections")
+def test_detector_over_whole_rasters(tmp_path, capsys):
+    """The engine's boxes over each whole raster against every labelled box: the counts add up, the
+    operating point follows the threshold, unknown classes are reported, bad input is refused."""
+    pkg = build_task_package(tmp_path / "d.pkg", "detect", ["ship"])
+    tif, boxes = ship_scene(tmp_path / "ships.tif", size=96, step=32)
+    tif2, boxes2 = ship_scene(tmp_path / "ships2.tif", size=96, step=48, seed=1)
+    gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes) + boxes_to_polygons(boxes2)
+                        + boxes_to_polygons(boxes[:1], "buoy"))
+    opts = {"device": "cpu", "bands": ["VV", "VH"], "score_threshold": 0.0}
+    r = evaluate_detections(str(pkg), [str(tif), str(tif2)], tmp_path / "pr.png", labels=str(gpkg),
+                            class_field="class", options=opts)
+    n = len(boxes) + len(boxes2)  # both scenes share the transform: each raster sees its own boxes only
+    assert r["task"] == "detect" and r["rasters"] == 2 and r["unknown_classes"] == ["buoy"]
+    assert r["boxes"] >= n and r["true_positives"] + r["missed"] == r["boxes"]
+    assert r["true_positives"] + r["false_positives"] == r["detections"]
+    assert 0.0 <= r["map"] <= r["map_50"] + 1e-9 <= 1.0 + 1e-9 and set(r["per_class"]) == {"ship"}
+    assert (tmp_path / "pr.png").stat().st_size > 0
+    from engine.cli import main  # the same through `sarmae evaluate` (a whole-raster run for detect packages)
+
+    assert main(["evaluate", str(pkg), "--raster", str(tif), "--labels", str(gpkg), "--class-field", "class",
+                 "--bands", "VV,VH", "--score-threshold", "1.01", "--report", str(tmp_path / "pr2.png")]) == 0
+    strict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert strict["detections"] == strict["true_positives"] == 0 and strict["recall"] == 0.0
+    with pytest.raises(SarmaeError, match="needs --labels"):
+        evaluate_detections(str(pkg), [str(tif)], tmp_path / "x.png", options=opts)
+    seg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
+    with pytest.raises(SarmaeError, match="needs a 'detect' package"):
+        evaluate_detections(str(seg), [str(tif)], tmp_path / "x.png", labels=str(gpkg), class_field="class")
