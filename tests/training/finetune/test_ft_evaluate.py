@@ -20,6 +20,7 @@ from ftdata import (
     write_labels,
 )
 
+from engine.cli import main
 from engine.errors import SarmaeError
 from training.evaluate import (
     evaluate_chips,
@@ -214,8 +215,7 @@ def test_detector_over_whole_rasters(tmp_path, capsys):
     assert r["true_positives"] + r["false_positives"] == r["detections"]
     assert 0.0 <= r["map"] <= r["map_50"] + 1e-9 <= 1.0 + 1e-9 and set(r["per_class"]) == {"ship"}
     assert (tmp_path / "pr.png").stat().st_size > 0
-    from engine.cli import main  # the same through `sarmae evaluate` (a whole-raster run for detect packages)
-
+    # the same through `sarmae evaluate` (a whole-raster run for detect packages)
     assert main(["evaluate", str(pkg), "--raster", str(tif), "--labels", str(gpkg), "--class-field", "class",
                  "--bands", "VV,VH", "--score-threshold", "1.01", "--report", str(tmp_path / "pr2.png")]) == 0
     strict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
