@@ -122,7 +122,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from engine.errors import SarmaeError
     from engine.package import read_card
 
-    from .evaluate import evaluate_chips, evaluate_chips_from_rasters, evaluate_detections, evaluate_raster
+    from .evaluate import (
+        evaluate_chips,
+        evaluate_chips_from_rasters,
+        evaluate_detections,
+        evaluate_raster,
+    )
 
     png = Path(a.report) if a.report else Path("evaluation_confusion.png")
     task = read_card(a.package).task
