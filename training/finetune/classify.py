@@ -178,7 +178,7 @@ def _from_rasters(rasters, cfg: FinetuneConfig, enc_input: dict, size: int, **kw
            "background": kw.get("background"), "shots": cfg.shots,
            "chips": "centred inside labelled polygons (class raster cells); label = that polygon's class",
            **chip_provenance(chips), "train_chips": int(len(tr))}
-    return _Data(chips.classes, chips.x, chips.labels, tr, va, dict(enc_input), src,
+    return _Data(chips.classes, chips.x, chips.labels, tr, va, dict(chips.contract), src,
                  {"log": chips.log, "warnings": chips.warnings})
 
 

@@ -152,7 +152,7 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
                "stopped": hist.stopped}
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
                "labels": str(labels), "class_field": class_field, **chip_provenance(chips)}
-    out = save_task_package(model, enc, "detect", head.to_dict(), chips.classes, enc.input, output, cfg, hist,
+    out = save_task_package(model, enc, "detect", head.to_dict(), chips.classes, chips.contract, output, cfg, hist,
                             "map_50", metrics, sources, t0, overwrite=overwrite, colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
             "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),

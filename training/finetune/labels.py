@@ -46,6 +46,7 @@ class ChipSet:
     log: list[str] = field(default_factory=list)  # what was decided (reprojection, repairs, split)
     warnings: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # radiometry per raster
+    contract: dict = field(default_factory=dict)  # the input contract the chips were read with
 
 
 def _name(v) -> str | None:
@@ -225,10 +226,34 @@ def read_class_map(path: str, raster, notes: list[str]) -> np.ndarray:
     return np.where(bad, -1, np.round(np.nan_to_num(arr, nan=-1))).astype(np.int32)
 
 
-def open_input(path: str, contract: dict, bands: list | None, input_units: str | None, notes: list[str]):
-    """SarRaster (bands picked by the contract's names when the file has them) + its Radiometry."""
+def training_contract(contract: dict, data_units: str, source: str) -> tuple[dict, str | None]:
+    """The input contract a fine-tuned model gets for data in ``data_units``, and a note when it is
+    not the encoder's. 8-bit display values (PNG/JPEG chips, quick-looks) carry no calibrated unit,
+    so they cannot be converted to dB and back: with a calibrated encoder, the model is fine-tuned
+    (and saved) with an 8-bit contract, 0..255 scaled to [0, 1] then the encoder's mean / std, which
+    is how SARMAE pretraining scales 8-bit chips beside clipped dB rasters. Calibrated data with an
+    8-bit encoder get a dB contract (default clip) the same way. Otherwise the encoder's stands."""
+    from engine.package import DEFAULT_CLIP
+    from engine.radiometry import UNIT_LABEL, normalise_units
+
+    want, have = normalise_units(contract["units"]), normalise_units(data_units)
+    if (want == "uint8") == (have == "uint8"):
+        return contract, None
+    units = "uint8" if have == "uint8" else "db"
+    new = {**contract, "units": units, "clip": list(DEFAULT_CLIP[units])}
+    lo, hi = new["clip"]
+    return new, (f"{source} holds {UNIT_LABEL[have]} values and the encoder expects {UNIT_LABEL[want]}: the model is "
+                 f"fine-tuned and saved with a {UNIT_LABEL[units]} input contract ({lo:g}..{hi:g} scaled to [0, 1], the "
+                 "encoder's mean/std), so sarmae infer feeds it such data; if the file is calibrated, say so with "
+                 "--input-units")
+
+
+def open_input(path: str, contract: dict, bands: list | None, input_units: str | None, notes: list[str],
+               adapt: bool = False):
+    """SarRaster (bands picked by the contract's names when the file has them), its Radiometry, and
+    the contract used (``adapt``: ``training_contract`` for the file's units, else ``contract``)."""
     from engine.errors import SarmaeError
-    from engine.radiometry import Radiometry
+    from engine.radiometry import Radiometry, detect_units
     from engine.reader import SarRaster
 
     try:
@@ -240,7 +265,11 @@ def open_input(path: str, contract: dict, bands: list | None, input_units: str |
             raster = SarRaster.open(path, list(contract["bands"]))
             notes.append(f"{Path(path).name}: bands {'+'.join(contract['bands'])} picked by name (give the same "
                          f"--bands {','.join(contract['bands'])} to sarmae infer)")
-        return raster, Radiometry.for_raster(contract, raster, input_units)
+        if adapt:
+            contract, note = training_contract(contract, input_units or detect_units(raster)[0], Path(path).name)
+            if note:
+                notes.append(note)
+        return raster, Radiometry.for_raster(contract, raster, input_units), contract
     except SarmaeError as e:
         raise FinetuneError(f"{path}: {e}") from e
 
@@ -272,9 +301,11 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
     rng = np.random.default_rng(seed)
     with contextlib.ExitStack() as stack:
         opened = []
-        for p in paths:
-            opened.append(open_input(p, contract, bands, input_units, notes))
-            stack.callback(opened[-1][0].close)
+        for p in paths:  # the first raster settles the contract (training); the others must meet it
+            raster, radiometry, contract = open_input(p, contract, bands, input_units, notes,
+                                                      adapt=not evaluation and not opened)
+            opened.append((raster, radiometry))
+            stack.callback(raster.close)
         lab = _load_labels([r for r, _ in opened], labels, class_field, label_raster, classes, background, notes, warns)
         if lab.background is None and background and labels is None:
             notes.append(f"background '{background}' ignored: a label raster names every labelled pixel itself")
@@ -302,6 +333,7 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
         chips = _read(opened, lab, wins, size, task)
         chips.split, chips.blocks, chips.log, chips.warnings = split, blocks, notes, warns
         chips.unknown_classes = lab.unknown
+        chips.contract = contract
         if task == "classify":
             chips.labels = klass
             got = sorted({lab.classes[k] for k in klass[~split]})

@@ -166,7 +166,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
                "labels": str(labels) if labels else None, "class_field": class_field,
                "label_raster": str(label_raster) if label_raster else None, "background": background,
                "class_weights": weight.tolist() if weight is not None else None, **chip_provenance(chips)}
-    out = save_task_package(model, enc, "segment", head.to_dict(), chips.classes, enc.input, output, cfg, hist,
+    out = save_task_package(model, enc, "segment", head.to_dict(), chips.classes, chips.contract, output, cfg, hist,
                             "mean_iou", metrics, sources, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),

@@ -426,3 +426,36 @@ def test_labels_in_pixel_space(tmp_path, contract):
                                                                Affine(1, 0, 0, 0, -1, 0)), crs=None)
     flipped = build_chips(nogeo, contract, S, "segment", labels=qgis, class_field="class")
     assert any("y = -row" in m for m in flipped.log) and agreement(flipped, truth) > 0.99
+
+
+def test_8bit_rasters_with_a_db_encoder_get_an_8bit_contract(tmp_path, scene, contract):
+    """8-bit display rasters (PNG/JPEG-style chips, no calibrated unit) fine-tune from a dB encoder:
+    the chips are read 0..255 -> [0, 1] -> the encoder's mean/std and the contract says so; evaluation
+    keeps the package's contract (a mismatch there is refused), and calibrated rasters keep the
+    encoder's."""
+    import rasterio
+
+    tif, truth = water_land(tmp_path / "wl.tif")
+    with rasterio.open(tif) as src:
+        db, profile = src.read(), src.profile
+    u8 = np.clip((db + 35.0) / 45.0 * 255.0, 0, 255).astype(np.uint8)
+    profile.update(dtype="uint8", nodata=None)
+    with rasterio.open(tmp_path / "u8.tif", "w", **profile) as dst:
+        dst.write(u8)
+        dst.descriptions = ("VV", "VH")
+    gpkg = write_labels(tmp_path / "wl.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
+    chips = build_chips(str(tmp_path / "u8.tif"), contract, S, "segment", labels=gpkg, class_field="class")
+    assert chips.contract["units"] == "uint8" and chips.contract["clip"] == [0.0, 255.0]
+    assert chips.contract["mean"] == contract["mean"] and chips.contract["bands"] == contract["bands"]
+    assert any("8-bit display values and the encoder expects dB" in m for m in chips.log)
+    x = chips.x.float().numpy()
+    want = (u8.astype(np.float32) / 255.0 - 0.5) / 0.5  # what the 8-bit contract makes of the pixels
+    assert x.min() >= want.min() - 1e-2 and x.max() <= want.max() + 1e-2
+    assert agreement(chips, truth) > 0.99
+    calibrated = build_chips(str(tif), contract, S, "segment", labels=gpkg, class_field="class")
+    assert calibrated.contract == contract
+    with pytest.raises(FinetuneError, match="u8.tif.*8-bit display"):  # evaluation: the package's contract
+        build_chips(str(tmp_path / "u8.tif"), contract, S, "segment", labels=gpkg, class_field="class",
+                    evaluation=True)
+    with pytest.raises(FinetuneError, match="wl.tif.*8-bit"):  # a second raster must meet the first's contract
+        build_chips([str(tmp_path / "u8.tif"), str(tif)], contract, S, "segment", labels=gpkg, class_field="class")
