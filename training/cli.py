@@ -223,7 +223,7 @@ def register(sub) -> None:
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch / 256)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch / 256; detect: 3e-4)")
     s.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default: classify 0.75, dense 0.9)")
     s.add_argument("--img-size", type=int, help="model input size (default: the encoder's)")
     s.add_argument("--patience", type=int, help="early stopping patience in epochs (default 10)")

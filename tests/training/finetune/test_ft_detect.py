@@ -92,3 +92,15 @@ def test_detector_needs_objects_in_both_splits(tmp_path):
     cfg = FinetuneConfig(encoder=str(enc), batch_size=1, device="cpu")
     with pytest.raises(FinetuneError, match="block"):
         finetune_detector(tif, tmp_path / "m.pkg", cfg, labels=gpkg, class_field="class")
+
+
+def test_detector_learns_small_ships_at_the_default_lr(tmp_path):
+    """The default head and learning rate learn bright 5-9 px ships on a speckled sea in a few CPU
+    epochs (at the classification rule's 3e-5 the same run stays near mAP@0.5 0.3)."""
+    enc = build_encoder(tmp_path / "enc", img_size=64)
+    tif, boxes = ship_scene(tmp_path / "ships.tif", size=512, step=32)
+    gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes))
+    cfg = FinetuneConfig(encoder=str(enc), epochs=3, batch_size=8, warmup_epochs=0.5, drop_path=0.0, device="cpu",
+                         max_chips=300, seed=0)
+    r = finetune_detector(tif, tmp_path / "ships.pkg", cfg, labels=gpkg, class_field="class")
+    assert r["val_map_50"] > 0.6, r["history"]
