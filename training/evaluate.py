@@ -112,21 +112,19 @@ def evaluate_chips_from_rasters(package: str, rasters: list[str], png: Path, lab
             "detections": m["detections"]}
 
 
-def _reference_raster(label_raster: str, names: list[str], out_shape, transform, crs) -> tuple[np.ndarray, list[str]]:
-    """A class raster on the predicted grid: model class index, 255 where unlabelled; plus unknown class names."""
-    import rasterio
-    from rasterio.warp import Resampling, reproject
+def _reference_raster(raster: str, label_raster: str, names: list[str], opts) -> tuple[np.ndarray, list[str]]:
+    """The label raster on ``raster``'s grid, read as fine-tuning reads it (``finetune.labels.
+    read_class_map``: same grid, reprojected when both have a CRS, refused when they cannot be
+    aligned): model class index, 255 where unlabelled; plus unknown class names."""
+    from engine.reader import SarRaster
 
-    ref = np.full(out_shape, 255, np.uint8)
+    from .finetune.labels import read_class_map
+
+    with SarRaster.open(raster, opts.bands, opts.complex_mode) as r:
+        lab = read_class_map(label_raster, r, [])
+    ref = np.full(lab.shape, 255, np.uint8)
     unknown: set[str] = set()
-    with rasterio.open(label_raster) as src:
-        lab = np.full(out_shape, -1, np.int64)
-        reproject(rasterio.band(src, 1), lab, dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest,
-                  dst_nodata=-1)
-        nod = src.nodata
-    for v in np.unique(lab):
-        if v < 0 or (nod is not None and v == nod):
-            continue
+    for v in np.unique(lab[lab >= 0]):
         name = f"class_{v}"
         # a label raster holds indices: match by index when names are generic, else by 'class_<v>'
         idx = names.index(name) if name in names else (int(v) if int(v) < len(names) else None)
@@ -175,15 +173,18 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     vector = bool(labels and class_field) and not label_raster  # a label raster, when given, wins (as before)
     if vector:  # before the model runs: bad labels fail at once
         shapes, skipped, notes, warns = _vector_labels(raster, labels, class_field, names, opts)
+    else:
+        full, unknown = _reference_raster(raster, label_raster, names, opts)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_inference([raster], Path(tmp) / "pred.tif", pkg, opts)
         with rasterio.open(res.outputs["class"]) as src:
             pred = src.read(1)
-            if vector:  # on the processed region's pixel grid (all of the raster unless an extent is given)
-                r0, c0 = (0, 0) if opts.extent is None else (max(int(opts.extent[0]), 0), max(int(opts.extent[1]), 0))
-                ref, unknown = rasterize_polygons(*shapes, pred.shape, r0, c0), sorted(skipped)
-            else:
-                ref, unknown = _reference_raster(label_raster, names, pred.shape, src.transform, src.crs)
+    # the references on the processed region's pixel grid (all of the raster unless an extent is given)
+    r0, c0 = (0, 0) if opts.extent is None else (max(int(opts.extent[0]), 0), max(int(opts.extent[1]), 0))
+    if vector:
+        ref, unknown = rasterize_polygons(*shapes, pred.shape, r0, c0), sorted(skipped)
+    else:
+        ref = full[r0:r0 + pred.shape[0], c0:c0 + pred.shape[1]]
     ok = (ref != 255) & (pred != 255)
     if not ok.any():
         raise SarmaeError(f"no labelled pixel of {labels or label_raster} falls on valid pixels of {raster}")

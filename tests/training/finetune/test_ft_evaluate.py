@@ -225,3 +225,29 @@ def test_detector_over_whole_rasters(tmp_path, capsys):
     seg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
     with pytest.raises(SarmaeError, match="needs a 'detect' package"):
         evaluate_detections(str(seg), [str(tif)], tmp_path / "x.png", labels=str(gpkg), class_field="class")
+
+
+def test_segmenter_with_a_label_raster_in_pixel_space(tmp_path):
+    """A raster and a label raster without georeferencing (PNG-style chips and masks), on the same
+    grid: read as fine-tuning reads them (was a 'Missing dst_crs' crash); an unalignable pair is
+    refused with a message that names both."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    pkg = build_task_package(tmp_path / "s.pkg", "segment", ["water", "land"])
+    tif, truth = water_land(tmp_path / "wl.tif", size=96)
+    with rasterio.open(tif) as src:
+        nogeo = write_db(tmp_path / "nogeo.tif", src.read(), crs=None)
+    lab = np.where(np.arange(96)[:, None] < 48, truth, -1).astype(np.int16)  # top half labelled
+    with pytest.warns(NotGeoreferencedWarning):
+        with rasterio.open(tmp_path / "lab.tif", "w", driver="GTiff", width=96, height=96, count=1, dtype="int16",
+                           nodata=-1) as dst:
+            dst.write(lab, 1)
+    opts = {"device": "cpu", "bands": ["VV", "VH"]}
+    r = evaluate_raster(str(pkg), str(nogeo), tmp_path / "cm.png", label_raster=str(tmp_path / "lab.tif"), options=opts)
+    assert r["labelled_pixels"] == int((lab >= 0).sum()) and r["unknown_classes"] == []
+    part = evaluate_raster(str(pkg), str(nogeo), tmp_path / "cm2.png", label_raster=str(tmp_path / "lab.tif"),
+                           options={**opts, "extent": (32, 0, 32, 96)})  # rows 32..63: 16 labelled rows
+    assert part["labelled_pixels"] == int((lab[32:64] >= 0).sum())
+    with pytest.raises(SarmaeError, match="cannot be aligned"):
+        evaluate_raster(str(pkg), str(tif), tmp_path / "x.png", label_raster=str(tmp_path / "lab.tif"), options=opts)
