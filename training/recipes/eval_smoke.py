@@ -14,7 +14,7 @@ Runs are epoch-bound (not time-bound), so machine load does not favour one encod
 and writes results.json (resumable: finished runs are skipped).
 
 Usage: .venv/bin/python training/recipes/eval_smoke.py --encoders random=none sare=runs/.../encoder.pkg
-       [--tasks floods ships_seg ships_det] [--epochs-seg 15] [--epochs-det 20] [--out runs/eval_smoke]
+       [--tasks floods ships_seg ships_det] [--epochs-seg 40] [--epochs-det 20] [--out runs/eval_smoke]
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--encoders", nargs="+", required=True, help="name=package (or name=none for random init)")
     ap.add_argument("--tasks", nargs="+", default=["floods", "ships_seg", "ships_det"],
                     choices=["floods", "ships_seg", "ships_det"])
-    ap.add_argument("--epochs-seg", type=int, default=15)
+    ap.add_argument("--epochs-seg", type=int, default=40)
     ap.add_argument("--epochs-det", type=int, default=20)
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--max-chips", type=int, default=400)
