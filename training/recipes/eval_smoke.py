@@ -123,17 +123,11 @@ def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
                          class_weights="auto" if task == "ships_seg" else None)
     dest = out / f"{task}_{name}.pkg"
     infer = {"bands": d["bands"], "input_units": d["units"], "device": "cpu", "batch_size": 8}
-    if task == "floods":
-        r = finetune_segmenter(d["raster"], dest, cfg, label_raster=d["train_labels"], classes=d["classes"],
-                               overwrite=True)
-        ev = evaluate_raster(str(dest), d["raster"], out / f"{task}_{name}_confusion.png",
-                             label_raster=d["test_labels"], options=infer)
-        return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"]}
-    if task == "ships_seg":
-        r = finetune_segmenter(d["train_raster"], dest, cfg, label_raster=d["train_labels"], classes=d["classes"],
-                               overwrite=True)
-        ev = evaluate_raster(str(dest), d["test_raster"], out / f"{task}_{name}_confusion.png",
-                             label_raster=d["test_labels"], options=infer)
+    if task in ("floods", "ships_seg"):  # floods trains and tests on one raster, ships on two mosaics
+        train, test = (d["raster"], d["raster"]) if task == "floods" else (d["train_raster"], d["test_raster"])
+        r = finetune_segmenter(train, dest, cfg, label_raster=d["train_labels"], classes=d["classes"], overwrite=True)
+        ev = evaluate_raster(str(dest), test, out / f"{task}_{name}_confusion.png", label_raster=d["test_labels"],
+                             options=infer)
         return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"]}
     r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True)
     ev = evaluate_detections(str(dest), [d["test_raster"]], out / f"{task}_{name}_pr.png", labels=d["test_vector"],
