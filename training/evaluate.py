@@ -135,20 +135,24 @@ def _reference_raster(raster: str, label_raster: str, names: list[str], opts) ->
     return ref, sorted(unknown)
 
 
-def _vector_labels(raster: str, labels: str, class_field: str, names: list[str],
-                   opts) -> tuple[tuple[list, list[int]], dict[str, int], list[str], list[str]]:
-    """The polygons of ``labels`` in ``raster``'s pixel space, read exactly as fine-tuning reads them
+def _vector_labels(rasters: list[str], labels: str, class_field: str, names: list[str],
+                   opts) -> tuple[list[tuple[list, list[int]]], dict[str, int], list[str], list[str]]:
+    """The polygons of ``labels`` in each raster's pixel space, read exactly as fine-tuning reads them
     (``finetune.labels.vector_labels``: invalid geometries repaired or skipped and counted, reprojected
-    to the raster's CRS, GCPs, or pixel coordinates without georeferencing), classes matched to the
-    model's by name: (polygons, model class index), features per unknown class, notes, warnings."""
+    to the raster's CRS, GCPs, or pixel coordinates without georeferencing; refused when they lie
+    outside every raster), classes matched to the model's by name: per raster (polygons, model class
+    index), features per unknown class, notes, warnings."""
+    import contextlib
+
     from engine.reader import SarRaster
 
     from .finetune.labels import vector_labels
 
     notes: list[str] = []
     warns: list[str] = []
-    with SarRaster.open(raster, opts.bands, opts.complex_mode) as r:
-        (shapes,), _, unknown = vector_labels(labels, class_field, names, None, [r], notes, warns)
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(SarRaster.open(r, opts.bands, opts.complex_mode)) for r in rasters]
+        shapes, _, unknown = vector_labels(labels, class_field, names, None, opened, notes, warns)
     return shapes, unknown, notes, warns
 
 
@@ -172,7 +176,7 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     opts = InferenceOptions(**(options or {}))
     vector = bool(labels and class_field) and not label_raster  # a label raster, when given, wins (as before)
     if vector:  # before the model runs: bad labels fail at once
-        shapes, skipped, notes, warns = _vector_labels(raster, labels, class_field, names, opts)
+        (shapes,), skipped, notes, warns = _vector_labels([raster], labels, class_field, names, opts)
     else:
         full, unknown = _reference_raster(raster, label_raster, names, opts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +249,6 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
     (IoU >= 0.5). ``png``: precision-recall curves at IoU 0.5.
     """
     import dataclasses
-    from collections import Counter
 
     import torch
 
@@ -265,24 +268,20 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
     opts = InferenceOptions(**(options or {}))
     threshold = opts.score_threshold
     run = dataclasses.replace(opts, score_threshold=min(threshold, 0.05), overwrite=True)
-    truth, skipped, notes, warns = [], Counter(), [], []
-    for r in rasters:  # every raster's labels first: bad labels fail before any model runs
-        try:
-            (polys, cls), unknown, n, w = _vector_labels(r, labels, class_field, names, opts)
-        except SarmaeError as e:
-            if "outside" not in str(e) or len(rasters) == 1:
-                raise
-            polys, cls, unknown, n, w = [], [], {}, [f"{Path(r).name}: no labelled polygon on it"], []
+    # every raster's labels first (read once): bad labels fail before any model runs
+    shapes, skipped, notes, warns = _vector_labels(rasters, labels, class_field, names, opts)
+    truth = []
+    for (polys, cls), r in zip(shapes, rasters):
+        if not polys:
+            notes.append(f"{Path(r).name}: no labelled polygon on it")
         b = np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4)
+        cls = np.asarray(cls, np.int64)
         if opts.extent is not None:  # the boxes whose centre lies in the processed region
             r0, c0, h, wd = opts.extent
             cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
             keep = (cx >= c0) & (cx < c0 + wd) & (cy >= r0) & (cy < r0 + h)
-            b, cls = b[keep], [c for c, k in zip(cls, keep) if k]
-        truth.append((b, np.asarray(cls, np.int64)))
-        skipped.update(unknown)
-        notes += [x for x in n if x not in notes]
-        warns += [x for x in w if x not in warns]
+            b, cls = b[keep], cls[keep]
+        truth.append((b, cls))
     if not sum(len(t[0]) for t in truth):
         raise SarmaeError(f"no polygon of {labels} with a class of {package} ({', '.join(names)}) lies on the "
                           f"raster(s){' inside --extent' if opts.extent is not None else ''}")
@@ -323,9 +322,10 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
 
 
 def _operating_point(tp: int, fp: int, missed: int) -> dict:
+    """Counts -> precision, recall, F1 (None where undefined: no detection / no reference box)."""
     p = tp / (tp + fp) if tp + fp else None
     r = tp / (tp + missed) if tp + missed else None
-    f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else (0.0 if p is not None and r is not None else None)
+    f1 = None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0)
     return {"true_positives": tp, "false_positives": fp, "missed": missed, "precision": p, "recall": r, "f1": f1}
 
 

@@ -24,7 +24,7 @@ from engine.models.registry import encoder_config
 from engine.package import default_input
 
 from ..optim import lr_at
-from .config import DETECT_LR, FinetuneConfig
+from .config import FinetuneConfig
 from .metrics import confusion_png
 
 log = logging.getLogger("sarmae.finetune")
@@ -131,7 +131,7 @@ def fit(model: nn.Module, train_step: Callable, evaluate: Callable, train_loader
         model.encoder.requires_grad_(False)
     elif cfg.freeze_epochs:
         model.encoder.requires_grad_(False)
-    lr = cfg.lr or (DETECT_LR if cfg.task == "detect" else cfg.base_lr * cfg.batch_size / 256)
+    lr = cfg.peak_lr
     groups = decay_groups(model, depth, cfg.weight_decay, cfg.decay)
     opt = torch.optim.AdamW(groups, lr=lr)
     steps_per_epoch = max(1, len(train_loader))

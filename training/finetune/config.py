@@ -55,6 +55,13 @@ class FinetuneConfig:
         return asdict(self)
 
     @property
+    def peak_lr(self) -> float:
+        """The peak lr in force: the given one, else DETECT_LR for detection, else base_lr x batch / 256."""
+        if self.lr:
+            return self.lr
+        return DETECT_LR if self.task == "detect" else self.base_lr * self.batch_size / 256
+
+    @property
     def decay(self) -> float:
         """The layer decay in force: the given one, else 0.75 for classification, 0.9 for dense tasks."""
         if self.layer_decay is not None:

@@ -104,3 +104,10 @@ def test_detector_learns_small_ships_at_the_default_lr(tmp_path):
                          max_chips=300, seed=0)
     r = finetune_detector(tif, tmp_path / "ships.pkg", cfg, labels=gpkg, class_field="class")
     assert r["val_map_50"] > 0.6, r["history"]
+    # the same model through `sarmae evaluate`'s whole-raster path (engine windows, NMS, boxes read back
+    # from the GeoPackage in raster pixels): a misplaced box there would score near 0
+    from training.evaluate import evaluate_detections
+
+    ev = evaluate_detections(str(tmp_path / "ships.pkg"), [str(tif)], tmp_path / "pr.png", labels=str(gpkg),
+                             class_field="class", options={"device": "cpu", "batch_size": 8})
+    assert ev["boxes"] == len(boxes) and ev["map_50"] > 0.5 and ev["recall"] > 0.5, ev
