@@ -163,13 +163,13 @@ def _bands(text: str) -> list[int | str]:
 
 
 def _class_weights(text: str) -> str | list[float]:
-    """'auto' (inverse pixel frequency), 'none', or one number per class: '1,3.5'."""
-    if text.strip().lower() in ("auto", "inverse", "none"):
+    """'auto' (inverse pixel frequency), 'sqrt' (its square root), 'none', or one number per class: '1,3.5'."""
+    if text.strip().lower() in ("auto", "inverse", "sqrt", "none"):
         return text.strip().lower()
     try:
         return [float(t) for t in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}': use auto, none, or one number per class, e.g. 1,3.5") from None
+        raise argparse.ArgumentTypeError(f"'{text}': use auto, sqrt, none, or one number per class, e.g. 1,3.5") from None
 
 
 def _data_options(s) -> None:
@@ -216,7 +216,8 @@ def register(sub) -> None:
                                         "polygon (default: none, unlabelled areas are ignored)")
     _data_options(s)
     s.add_argument("--class-weights", type=_class_weights,
-                   help="segment: auto (inverse pixel frequency), none, or one weight per class (default: none)")
+                   help="segment: auto (inverse pixel frequency), sqrt (its square root), none, or one weight "
+                        "per class (default: none)")
     s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
                                                               "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")

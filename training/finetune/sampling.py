@@ -3,8 +3,11 @@ windows inside them (see ``labels.build_chips``).
 
 Each raster is tiled into square blocks of 2-4 chip sizes; whole blocks go to validation (seeded),
 and every chip window lies entirely inside one block, so no validation pixel is ever seen in
-training. Chips are centred on labelled polygons (or cells of a class raster, balanced over
-classes), jittered by up to a quarter chip, plus background chips / detection negatives.
+training. Training chips are centred on labelled polygons (or cells of a class raster, balanced
+over classes), jittered by up to a quarter chip, plus background chips / detection negatives.
+For segmentation and detection the held-out blocks are tiled edge to edge instead (chips touching
+a label, or every chip with a background class / for detection), so the validation score that
+picks the best epoch counts false alarms away from the labels as a whole scene would.
 Classification chips are centred inside their polygon (a grid of points inside large ones) and
 carry its class; background chips (a named background class) touch no other labelled class.
 """
@@ -19,6 +22,7 @@ from .common import FinetuneError
 
 IGNORE = 255  # mask value excluded from the loss and the metrics
 BACKGROUND = -2  # anchor class of a chip placed anywhere (background class, or a detection negative)
+POOL = -3  # class of a detection chip in the hard-negative pool (training-area tiles, mined during training)
 
 
 @dataclass
@@ -122,11 +126,12 @@ def _balanced(klass: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
 
 def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: float, rng: np.random.Generator,
              background_share: float, max_chips: int, block_chips: int | None, notes: list[str],
-             evaluation: bool = False):
+             evaluation: bool = False, pool: float = 0.0):
     """Chip windows (raster, row, col), their validation flags, the blocks (with flags) and the class
     each chip is centred on (the label of a classification chip; chips placed anywhere: the
     background class, or -1 without one). ``evaluation``: no split, every chip is held out and
-    centred without jitter."""
+    centred without jitter. ``pool`` (detection): also up to pool x the training chips tiling the
+    training blocks, class ``POOL``, for hard-negative mining."""
     f, k = lab.f, len(lab.classes)
     for bc in ([block_chips] if block_chips else [3, 2]):
         blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
@@ -144,20 +149,27 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
         val = split_blocks(bpres, labelled, val_fraction, rng)
         notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
                      f"{sum(labelled)} labelled blocks held out for validation")
+    tile_val = task in ("segment", "detect") and not evaluation  # validation = whole held-out blocks, tiled
+    held = [np.zeros(pr.shape[1:], bool) for pr in lab.presence]  # per raster: presence cells in a held-out block
+    for (i, r0, c0, r1, c1), v in zip(blocks, val):
+        held[i][r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)] |= bool(v) and tile_val
     anchors = []  # chip centres: (raster, row, col, class index or BACKGROUND)
     for i, r in enumerate(rasters):
         if lab.shapes:
             anchors += [(i, y, x, c) for g, c in zip(*lab.shapes[i]) for y, x in _anchor_points(g, size, task == "classify")
                         if -size / 4 <= y < r.height + size / 4 and -size / 4 <= x < r.width + size / 4]
             continue
-        p = lab.presence[i]  # class raster: balanced over classes, as many chips as the area needs
+        p = lab.presence[i] & ~held[i]  # class raster: balanced over classes, as many chips as the area needs
         have = [j for j in range(k) if p[j].any()]
         budget = -(-int(p.any(0).sum()) * f * f // max(1, size * size // 4))
         for j in have:
             rc = np.argwhere(p[j])
             anchors += [(i, (a + 0.5) * f, (b + 0.5) * f, j) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
+    if tile_val:  # anchors in held-out blocks: those blocks are tiled instead
+        anchors = [a for a in anchors if not val[_block_of(blocks, rasters, *a[:3])]]
     if lab.background or task == "detect":  # background chips / detection negatives, anywhere
-        area = np.array([(r1 - r0) * (c1 - c0) for _, r0, c0, r1, c1 in blocks], float)
+        area = np.array([(r1 - r0) * (c1 - c0) * (not (v and tile_val)) for (_, r0, c0, r1, c1), v in zip(blocks, val)],
+                        float)
         for b in rng.choice(len(blocks), round(len(anchors) * background_share / (1 - background_share)), p=area / area.sum()):
             i, r0, c0, r1, c1 = blocks[b]
             anchors.append((i, rng.uniform(r0, r1), rng.uniform(c0, c1), BACKGROUND))
@@ -172,9 +184,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
     jit = 0 if evaluation else size // 4
     wins, split, klass, touching = [], [], [], 0
     for i, cr, cc, kk in anchors:  # the anchor's block; the jittered window is clamped inside it
-        rr = min(max(cr, 0), rasters[i].height - 1)
-        cl = min(max(cc, 0), rasters[i].width - 1)
-        b = next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
+        b = _block_of(blocks, rasters, i, cr, cc)
         _, r0, c0, r1, c1 = blocks[b]
         jr, jc = rng.integers(-jit, jit + 1, 2)
         r, c = int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))), \
@@ -190,4 +200,50 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
         klass.append(bg if kk == BACKGROUND else kk)
     if touching:
         notes.append(f"{touching} background chip(s) dropped: they touched a labelled polygon")
+    if tile_val:
+        tiles = _tiles(blocks, val, lab, size, everywhere=bool(lab.background) or task == "detect")
+        cap = max(1, round(max_chips * val_fraction))
+        msg = f"validation: {len(tiles)} chip(s) tiling the held-out blocks"
+        if len(tiles) > cap:
+            tiles = [tiles[j] for j in np.sort(rng.choice(len(tiles), cap, replace=False))]
+            msg += f", {cap} kept at random (--max-chips x the validation fraction)"
+        notes.append(msg + " (scored as a scene is: background and far-from-label areas included)")
+        wins += tiles
+        split += [True] * len(tiles)
+        klass += [-1] * len(tiles)
+    if tile_val and pool and task == "detect":
+        tiles = _tiles(blocks, ~val, lab, size, everywhere=True)
+        n = min(len(tiles), max(1, round(pool * split.count(False))))
+        tiles = [tiles[j] for j in np.sort(rng.choice(len(tiles), n, replace=False))]
+        notes.append(f"hard-negative pool: {n} chip(s) tiling the training blocks (the detector's worst false "
+                     "alarms among them join the training chips as it learns)")
+        wins += tiles
+        split += [False] * n
+        klass += [POOL] * n
     return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)], np.array(klass, np.int64)
+
+
+def _block_of(blocks: list, rasters: list, i: int, row: float, col: float) -> int:
+    """Index of raster i's block holding (row, col), clamped into the raster."""
+    rr = min(max(row, 0), rasters[i].height - 1)
+    cl = min(max(col, 0), rasters[i].width - 1)
+    return next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
+
+
+def _tiles(blocks: list, val: np.ndarray, lab: _Labels, size: int, everywhere: bool) -> list[tuple[int, int, int]]:
+    """Chip windows (raster, row, col) covering every held-out block without gaps (the last row /
+    column of chips shifted back inside the block). Unless ``everywhere`` (a background class, or
+    detection, where every pixel is labelled), only chips touching a labelled pixel are kept."""
+    def starts(a: int, b: int) -> list[int]:
+        s = list(range(a, max(a, b - size) + 1, size))
+        return s + [b - size] if b - size > s[-1] else s
+
+    f, out = lab.f, []
+    for (i, r0, c0, r1, c1), v in zip(blocks, val):
+        if not v:
+            continue
+        for r in starts(r0, r1):
+            for c in starts(c0, c1):
+                if everywhere or lab.presence[i][:, r // f:-(-(r + size) // f), c // f:-(-(c + size) // f)].any():
+                    out.append((i, r, c))
+    return out

@@ -77,7 +77,8 @@ def seg_loss(logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tenso
 
 def class_weights_of(masks: torch.Tensor, classes: list[str], how: str | list[float] | None) -> torch.Tensor | None:
     """None; "auto" / "inverse" (inverse pixel frequency in the training masks, mean 1 over the
-    present classes, clipped to 0.1..10); or explicit weights, one per class in ``classes`` order."""
+    present classes, clipped to 0.1..10); "sqrt" (its square root: a softer push towards rare
+    classes); or explicit weights, one per class in ``classes`` order."""
     k = len(classes)
     if how is None or how == "none":
         return None
@@ -86,11 +87,12 @@ def class_weights_of(masks: torch.Tensor, classes: list[str], how: str | list[fl
             raise FinetuneError(f"{len(how)} class weight(s) given for {k} classes ({', '.join(classes)}); "
                                 "give one per class in this order, or 'auto'")
         return torch.tensor([float(w) for w in how], dtype=torch.float32)
-    if how not in ("auto", "inverse"):
-        raise FinetuneError(f"class weights '{how}': use 'auto' (inverse pixel frequency), 'none' or one number "
-                            "per class")
+    if how not in ("auto", "inverse", "sqrt"):
+        raise FinetuneError(f"class weights '{how}': use 'auto' (inverse pixel frequency), 'sqrt' (its square "
+                            "root), 'none' or one number per class")
     counts = torch.bincount(masks.flatten().long(), minlength=256)[:k].double()
     w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts))
+    w = w.sqrt() if how == "sqrt" else w
     w = w / w[counts > 0].mean()
     return torch.where(counts > 0, w.clamp(0.1, 10.0), torch.ones_like(w)).float()
 

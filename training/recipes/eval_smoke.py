@@ -120,7 +120,7 @@ def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
                          epochs=a.epochs_det if task == "ships_det" else a.epochs_seg, max_minutes=None,
                          batch_size=8 if task == "ships_det" else 16, warmup_epochs=1.0, patience=100,
                          bands=d["bands"], input_units=d["units"], max_chips=a.max_chips, device="cpu",
-                         class_weights="auto" if task == "ships_seg" else None)
+                         class_weights=a.class_weights if task == "ships_seg" else None)
     dest = out / f"{task}_{name}.pkg"
     infer = {"bands": d["bands"], "input_units": d["units"], "device": "cpu", "batch_size": 8}
     if task in ("floods", "ships_seg"):  # floods trains and tests on one raster, ships on two mosaics
@@ -129,7 +129,8 @@ def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
         ev = evaluate_raster(str(dest), test, out / f"{task}_{name}_confusion.png", label_raster=d["test_labels"],
                              options=infer)
         return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"]}
-    r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True)
+    r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True,
+                          hard_negatives=a.hard_negatives)
     ev = evaluate_detections(str(dest), [d["test_raster"]], out / f"{task}_{name}_pr.png", labels=d["test_vector"],
                              class_field="class", options=infer)
     return {"val_map_50": r["val_map_50"], "test_map_50": ev["map_50"], "test_map": ev["map"],
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--max-chips", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--class-weights", default="auto", help="ships_seg: auto, sqrt or none (floods: none)")
+    ap.add_argument("--hard-negatives", type=float, default=0.25, help="ships_det: mined chips share (0: off)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_smoke"))
     a = ap.parse_args()
     import torch

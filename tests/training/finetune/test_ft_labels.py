@@ -292,7 +292,33 @@ def test_detection_boxes(tmp_path, contract):
         assert (lb == 1).all() and ((bx >= 0) & (bx <= S)).all()
         clipped = {(max(b[0], c) - c, max(b[1], r) - r, min(b[2], c + S) - c, min(b[3], r + S) - r) for b in boxes}
         assert {tuple(b) for b in bx.tolist()} <= clipped  # each box: a ship seen through the chip
-    assert len(chips.windows) == len(boxes) + round(len(boxes) / 3)  # one per ship + 25 % placed anywhere
+    tr = np.flatnonzero(~chips.split)
+    held = [b for b in chips.blocks if b[-1]]
+    in_train = [b for b in boxes if not any(r0 <= (b[1] + b[3]) / 2 < r1 and c0 <= (b[0] + b[2]) / 2 < c1
+                                            for _, r0, c0, r1, c1, _ in held)]
+    assert len(tr) == len(in_train) + round(len(in_train) / 3)  # one per ship in training + 25 % placed anywhere
+
+
+def test_validation_tiles_the_held_out_blocks(tmp_path, contract):
+    """Dense tasks are validated as a scene is seen: the held-out blocks tiled edge to edge (sea
+    between the ships included), and no training chip reaches into them."""
+    tif, boxes = ship_scene(tmp_path / "ships.tif")
+    gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes))
+    chips = build_chips(tif, contract, S, "detect", labels=gpkg, class_field="class")
+    held = [b for b in chips.blocks if b[-1]]
+    assert held and any("tiling the held-out blocks" in m for m in chips.log)
+    for _, r0, c0, r1, c1, _ in held:
+        cover = np.zeros((r1 - r0, c1 - c0), int)
+        for (_i, r, c), v in zip(chips.windows, chips.split):
+            if v and r0 <= r < r1 and c0 <= c < c1:
+                assert r + S <= r1 and c + S <= c1  # a tile stays inside its block
+                cover[r - r0:r - r0 + S, c - c0:c - c0 + S] += 1
+        assert cover.min() >= 1  # every pixel of the block is scored
+    for (_i, r, c), v in zip(chips.windows, chips.split):
+        if not v:
+            assert not any(r < r1 and r + S > r0 and c < c1 and c + S > c0 for _, r0, c0, r1, c1, _ in held)
+    capped = build_chips(tif, contract, S, "detect", labels=gpkg, class_field="class", max_chips=10, val_fraction=0.2)
+    assert capped.split.sum() == 2 and any("kept at random" in m for m in capped.log)
 
 
 def test_chip_boxes_clip_and_drop():

@@ -64,6 +64,8 @@ def test_class_weights():
     w = class_weights_of(m, abc, "auto")
     assert w[1] > w[0] and w[2] == 1.0
     assert torch.equal(class_weights_of(m, abc, "inverse"), w)
+    sq = class_weights_of(m, abc, "sqrt")  # the same ordering, a smaller spread
+    assert sq[1] > sq[0] and sq[2] == 1.0 and sq[1] / sq[0] == pytest.approx(float(w[1] / w[0]) ** 0.5)
     assert class_weights_of(m, abc, None) is None and class_weights_of(m, abc, "none") is None
     assert class_weights_of(m, abc, [1, 2, 3]).tolist() == [1, 2, 3]
     with pytest.raises(FinetuneError, match=r"2 class weight\(s\) given for 3 classes \(a, b, c\)"):
