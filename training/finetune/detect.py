@@ -84,17 +84,27 @@ def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str]
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise FinetuneError("detection metrics need torchmetrics and pycocotools: "
                             "pip install torchmetrics pycocotools") from e
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", extended_summary=True,
                                   max_detection_thresholds=[1, 10, max(100, max_detections)])
     metric.warn_on_many_detections = False  # COCO rules: only the best-scored boxes per image count
     metric.update(preds, targets)
     r = metric.compute()
-    per = {c: None for c in classes}
+    # COCO's summary reads its headline mAP at 100 boxes per image (-1 when 100 is not a threshold),
+    # so every number is taken from the precision table at the largest threshold instead:
+    # (IoU thresholds, recall points, classes, area ranges, max detections); -1 = no such class
+    prec = r["precision"][:, :, :, 0, -1].double()
     ids = r["classes"].reshape(-1).tolist()
-    for cid, ap in zip(ids, r["map_per_class"].reshape(-1).tolist()):
-        if 1 <= cid <= len(classes) and ap >= 0:
-            per[classes[cid - 1]] = float(ap)
-    return {"map_50": max(0.0, float(r["map_50"])), "map": max(0.0, float(r["map"])), "ap_per_class": per,
+    per, ap = {c: None for c in classes}, []
+    for k, cid in enumerate(ids):
+        p = prec[:, :, k]
+        if (p > -1).any():
+            a = torch.where(p > -1, p, torch.zeros_like(p)).mean(1)  # AP per IoU threshold
+            ap.append(a)
+            if 1 <= cid <= len(classes):
+                per[classes[cid - 1]] = float(a.mean())
+    ap = torch.stack(ap) if ap else torch.zeros(1, prec.shape[0], dtype=torch.float64)
+    per = {c: None if v is None else round(v, 6) for c, v in per.items()}
+    return {"map_50": round(float(ap[:, 0].mean()), 6), "map": round(float(ap.mean()), 6), "ap_per_class": per,
             "boxes": int(sum(len(t["boxes"]) for t in targets)),
             "detections": int(sum(len(p["boxes"]) for p in preds))}
 

@@ -52,20 +52,25 @@ def plan_blocks(height: int, width: int, size: int, block_chips: int) -> list[tu
 
 
 def split_blocks(present: list[np.ndarray], labelled: list[bool], val_fraction: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Validation flag per block: ~val_fraction of the labelled blocks (>= 1 in each split), chosen
-    among up to 50 seeded shuffles so that as many classes as possible appear in both splits."""
+                 rng: np.random.Generator, weights: list[float] | None = None) -> np.ndarray:
+    """Validation flag per block: labelled blocks holding ~val_fraction of the labels (``weights``:
+    the amount of labels per block, e.g. objects; default one per block), >= 1 block in each split,
+    chosen among 50 seeded shuffles so that as many classes as possible appear in both splits, then
+    so that the held-out share of the labels is closest to ``val_fraction`` (labels are often
+    clustered: a dense harbour in one block must not take most of the objects)."""
     lab = np.flatnonzero(labelled)
-    n_val = min(len(lab) - 1, max(1, round(val_fraction * len(lab))))
-    best, best_score = None, -1
+    w = np.ones(len(labelled)) if weights is None else np.asarray(weights, float)
+    w = np.where(w[lab] > 0, w[lab], 1e-6)
+    best, best_score = None, None
     for _ in range(50):
-        perm = rng.permutation(lab)
-        val, tr = perm[:n_val], perm[n_val:]
-        score = int(np.sum(np.any([present[i] for i in val], 0) & np.any([present[i] for i in tr], 0)))
-        if score > best_score:
+        order = rng.permutation(len(lab))
+        share = np.cumsum(w[order]) / w.sum()
+        n = 1 + int(np.argmin(np.abs(share[:-1] - val_fraction)))  # 1 .. len(lab) - 1 blocks held out
+        val, tr = lab[order[:n]], lab[order[n:]]
+        cover = int(np.sum(np.any([present[i] for i in val], 0) & np.any([present[i] for i in tr], 0)))
+        score = (cover, -abs(share[n - 1] - val_fraction))
+        if best_score is None or score > best_score:
             best, best_score = val, score
-        if score == len(present[0]):
-            break
     flags = rng.random(len(labelled)) < val_fraction  # unlabelled blocks: background chips only
     flags[lab] = False
     flags[best] = True
@@ -146,9 +151,19 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
                             "each): a spatially separate validation set is impossible. Label a wider area, or add a "
                             "raster")
     else:
-        val = split_blocks(bpres, labelled, val_fraction, rng)
+        weights = np.zeros(len(blocks))  # labels per block: detection objects (by centroid), or labelled area
+        if lab.shapes and task == "detect":
+            for i in range(len(rasters)):
+                for g in lab.shapes[i][0]:
+                    p = g.centroid
+                    weights[_block_of(blocks, rasters, i, p.y, p.x)] += 1
+        else:
+            weights = np.array([lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any(0).sum()
+                                for i, r0, c0, r1, c1 in blocks], float)
+        val = split_blocks(bpres, labelled, val_fraction, rng, weights)
         notes.append(f"spatial split: blocks of {bc * size} px; {int(val[np.flatnonzero(labelled)].sum())} of "
-                     f"{sum(labelled)} labelled blocks held out for validation")
+                     f"{sum(labelled)} labelled blocks, {100 * weights[val].sum() / max(weights.sum(), 1):.0f} % of the "
+                     f"{'objects' if lab.shapes and task == 'detect' else 'labelled area'}, held out for validation")
     tile_val = task in ("segment", "detect") and not evaluation  # validation = whole held-out blocks, tiled
     held = [np.zeros(pr.shape[1:], bool) for pr in lab.presence]  # per raster: presence cells in a held-out block
     for (i, r0, c0, r1, c1), v in zip(blocks, val):

@@ -86,6 +86,20 @@ def test_detector_trains_reports_map_and_runs_in_inference(tmp_path):
     assert set(res.statistics["per_class"]) == {"ship"}
 
 
+def test_map_counts_every_box_of_a_scene():
+    """Raising the per-image box limit for whole scenes keeps mAP@[.5:.95] and the per-class AP
+    (COCO's summary reads them at 100 boxes, and reported -1 -> 0 for any other limit)."""
+    t = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([1, 2])}]
+    p = [{"boxes": torch.tensor([[0.0, 0, 10, 13], [50, 50, 60, 60]]), "scores": torch.tensor([0.9, 0.8]),
+          "labels": torch.tensor([1, 2])}]
+    coco = detection_metrics(p, t, ["a", "b", "c"])
+    scene = detection_metrics(p, t, ["a", "b", "c"], max_detections=5000)
+    assert coco == scene
+    # a: IoU 10/13 = 0.77 matches at 0.5..0.75 (6 of 10 thresholds); b: missed; c: no ground truth
+    assert scene["ap_per_class"] == {"a": pytest.approx(0.6), "b": 0.0, "c": None}
+    assert scene["map_50"] == pytest.approx(0.5) and scene["map"] == pytest.approx(0.3)
+
+
 def test_false_alarm_scores():
     truth = [torch.tensor([[10.0, 10, 20, 20]]), torch.zeros((0, 4)), torch.tensor([[0.0, 0, 8, 8]])]
     preds = [{"boxes": torch.tensor([[10.0, 10, 20, 21], [40, 40, 50, 50]]), "scores": torch.tensor([0.9, 0.4])},

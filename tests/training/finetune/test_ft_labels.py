@@ -18,7 +18,7 @@ from ftdata import (
 
 from training.finetune.common import FinetuneError
 from training.finetune.labels import IGNORE, build_chips, chip_boxes
-from training.finetune.sampling import plan_blocks
+from training.finetune.sampling import plan_blocks, split_blocks
 
 S = 32
 
@@ -209,6 +209,19 @@ def test_classify_evaluation_chips(tmp_path, scene, contract):
     only = build_chips(tif, contract, S, "classify", labels=one, class_field="class", classes=["water", "land"],
                        evaluation=True)  # one class is enough to evaluate
     assert set(only.labels.tolist()) == {0}
+
+
+def test_split_holds_out_a_share_of_the_labels_not_of_the_blocks():
+    """Ten labelled blocks, one a dense harbour with 90 of the 108 objects: validation takes about
+    a fifth of the objects (never the harbour), not a fifth of the blocks."""
+    present = [np.array([True])] * 10
+    weights = [90] + [2] * 9
+    for seed in range(5):
+        val = split_blocks(present, [True] * 10, 0.2, np.random.default_rng(seed), weights)
+        share = sum(w for w, v in zip(weights, val) if v) / sum(weights)
+        assert not val[0] and 0.1 <= share <= 0.2 and 1 <= val.sum() <= 9
+    even = split_blocks(present, [True] * 10, 0.2, np.random.default_rng(0))  # default: a fifth of the blocks
+    assert even.sum() == 2
 
 
 def test_plan_blocks_cover_the_raster_once():
