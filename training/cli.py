@@ -224,7 +224,7 @@ def register(sub) -> None:
                         "per class (default: none)")
     s.add_argument("--hard-negatives", type=float, metavar="SHARE",
                    help="detect: extra training chips, as a share of the others, re-picked after every epoch "
-                        "where the detector's false alarms score highest (default 0.25; 0: off)")
+                        "where the detector's false alarms score highest, e.g. 0.25 (default 0: off)")
     s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
                                                               "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")

@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--max-chips", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--class-weights", default="none", help="ships_seg: none (the default of finetune), auto or sqrt")
-    ap.add_argument("--hard-negatives", type=float, default=0.25, help="ships_det: mined chips share (0: off)")
+    ap.add_argument("--hard-negatives", type=float, default=0.0, help="ships_det: mined chips share (0: off)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_smoke"))
     a = ap.parse_args()
     import torch

@@ -112,12 +112,12 @@ def test_false_alarm_scores():
 
 def test_detector_mines_training_tiles_only(tmp_path):
     """The mined chips are tiles of the training blocks (never of a validation block), a quarter as
-    many as the other training chips; mining off trains without them."""
+    many as the other training chips; mining off (the default) trains without them."""
     enc = build_encoder(tmp_path / "enc", img_size=32)
     tif, boxes = ship_scene(tmp_path / "ships.tif", size=192, step=32)
     gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes))
     cfg = FinetuneConfig(encoder=str(enc), epochs=2, batch_size=8, warmup_epochs=0.5, drop_path=0.0, device="cpu")
-    r = finetune_detector(tif, tmp_path / "a.pkg", cfg, labels=gpkg, class_field="class")
+    r = finetune_detector(tif, tmp_path / "a.pkg", cfg, labels=gpkg, class_field="class", hard_negatives=0.25)
     mined = r["hard_negative_windows"]
     assert len(mined) == round(0.25 * r["train_chips"]) and any("hard-negative pool" in m for m in r["log"])
     from engine.package import read_card
@@ -130,7 +130,7 @@ def test_detector_mines_training_tiles_only(tmp_path):
                                                          if chips.pool[i]}
     for _, r0, c0 in mined:
         assert not any(r0 < b[3] and r0 + 32 > b[1] and c0 < b[4] and c0 + 32 > b[2] for b in val_blocks)
-    off = finetune_detector(tif, tmp_path / "b.pkg", cfg, labels=gpkg, class_field="class", hard_negatives=0.0)
+    off = finetune_detector(tif, tmp_path / "b.pkg", cfg, labels=gpkg, class_field="class")
     assert off["hard_negative_windows"] == []
 
 
