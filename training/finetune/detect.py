@@ -6,8 +6,8 @@ of chips placed anywhere serve as negatives (empty targets). Optional hard-negat
 epoch the detector runs over a pool of tiles of the training blocks, and the tiles where its false
 alarms score highest become the next epoch's extra training chips. Model: ``ViTDetector`` (ViTDet simple
 pyramid + FPN + torchvision Faster R-CNN). Flips / 90-degree rotations move boxes with the image.
-Selection metric: mAP@0.5 on the validation chips (the held-out blocks tiled edge to edge) (torchmetrics MeanAveragePrecision, COCO
-rules); mAP@[.5:.95] is reported too. Output: a ``detect`` package that ``sarmae infer`` runs.
+Selection metric: mAP@0.5 on the validation chips, which tile the held-out blocks edge to edge
+(torchmetrics MeanAveragePrecision, COCO rules); mAP@[.5:.95] is reported too. Output: a ``detect`` package that ``sarmae infer`` runs.
 """
 
 from __future__ import annotations
