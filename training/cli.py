@@ -81,9 +81,6 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     if a.chips and a.raster:
         raise SarmaeError("give one kind of training data: --chips DIR, or --raster R with labels (not both)")
-    if a.hard_negatives is not None and (a.task != "detect" or not 0 <= a.hard_negatives <= 1):
-        raise SarmaeError(f"--hard-negatives {a.hard_negatives}: a share from 0 (off) to 1 of the training chips, "
-                          "for --task detect only")
     if a.chips:
         if a.task != "classify":
             raise SarmaeError("--chips (class folders) is for --task classify; dense tasks take --raster with labels")
@@ -105,8 +102,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                 raise SarmaeError("detection learns boxes from polygons: give --labels VECTOR --class-field NAME")
             from .finetune.detect import finetune_detector
 
-            r = finetune_detector(a.raster, a.output, cfg, **kw,
-                                  **({} if a.hard_negatives is None else {"hard_negatives": a.hard_negatives}))
+            r = finetune_detector(a.raster, a.output, cfg, **kw)
         else:
             from .finetune.classify import finetune_classifier
 
@@ -222,9 +218,6 @@ def register(sub) -> None:
     s.add_argument("--class-weights", type=_class_weights,
                    help="segment: auto (inverse pixel frequency), sqrt (its square root), none, or one weight "
                         "per class (default: none)")
-    s.add_argument("--hard-negatives", type=float, metavar="SHARE",
-                   help="detect: extra training chips, as a share of the others, re-picked after every epoch "
-                        "where the detector's false alarms score highest, e.g. 0.25 (default 0: off)")
     s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
                                                               "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")

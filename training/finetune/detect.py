@@ -2,12 +2,11 @@
 
 Chips come from ``labels.build_chips`` (task "detect"): boxes are the polygons' bounds in chip
 pixels (clipped; boxes under 2 px or less than half inside are dropped), labels 1..K, and a share
-of chips placed anywhere serve as negatives (empty targets). Optional hard-negative mining: after each
-epoch the detector runs over a pool of tiles of the training blocks, and the tiles where its false
-alarms score highest become the next epoch's extra training chips. Model: ``ViTDetector`` (ViTDet simple
+of chips placed anywhere serve as negatives (empty targets). Model: ``ViTDetector`` (ViTDet simple
 pyramid + FPN + torchvision Faster R-CNN). Flips / 90-degree rotations move boxes with the image.
 Selection metric: mAP@0.5 on the validation chips, which tile the held-out blocks edge to edge
-(torchmetrics MeanAveragePrecision, COCO rules); mAP@[.5:.95] is reported too. Output: a ``detect`` package that ``sarmae infer`` runs.
+(torchmetrics MeanAveragePrecision, COCO rules); mAP@[.5:.95] is reported too. Output: a
+``detect`` package that ``sarmae infer`` runs.
 """
 
 from __future__ import annotations
@@ -62,20 +61,6 @@ def augment_boxes(x: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Ten
     return x, boxes
 
 
-def false_alarm_scores(preds: list[dict], truth: list[np.ndarray], iou: float = 0.5) -> np.ndarray:
-    """Per chip, the highest score among predicted boxes overlapping no labelled box by ``iou`` or
-    more (class-agnostic; 0 without such a box): how badly the detector errs there."""
-    from torchvision.ops import box_iou
-
-    out = np.zeros(len(preds))
-    for n, (p, t) in enumerate(zip(preds, truth)):
-        s = p["scores"]
-        if len(s) and len(t):
-            s = s[box_iou(p["boxes"].float(), torch.as_tensor(t, dtype=torch.float32)).max(1).values < iou]
-        out[n] = float(s.max()) if len(s) else 0.0
-    return out
-
-
 def detection_metrics(preds: list[dict], targets: list[dict], classes: list[str], max_detections: int = 100) -> dict:
     """mAP@0.5, mAP@[.5:.95] (COCO) and AP@[.5:.95] per class; labels are 1..K. ``max_detections``:
     the best-scored boxes counted per image (COCO: 100; a whole scene needs more)."""
@@ -113,7 +98,7 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
                       class_field: str, classes: list[str] | None = None,
                       progress: Callable[[dict], None] | None = None, overwrite: bool = False,
                       head: DetHeadConfig | None = None, background_share: float = 0.25,
-                      hard_negatives: float = 0.0, colours: dict[str, str] | list[str] | None = None) -> dict:
+                      colours: dict[str, str] | list[str] | None = None) -> dict:
     """Fine-tune a box detector on raster(s) + labelled polygons; write a ``detect`` package.
 
     Args:
@@ -121,11 +106,6 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         labels / class_field: a vector file and its class attribute (one box per polygon).
         classes: class names in order (default: sorted values found); labels 1..K = classes[0..K-1].
         background_share: share of chips placed anywhere (negatives, or objects met by chance).
-        hard_negatives: extra training chips, as a share of the others, taken after every epoch from
-            tiles of the training area where the detector's false alarms score highest (random tiles
-            in the first epoch; 0, the default, turns mining off). Their labelled objects stay targets.
-            On the HRSID smoke check it did not pay: test mAP@0.5 0.040 with 0.25, 0.047 without
-            (SARE encoder: 0.091 / 0.147), for 29 % more time.
         head: a ``DetHeadConfig`` (default: the CPU-sized head, FPN 128; see its docstring).
         colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
         ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``.
@@ -141,10 +121,9 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "detect", labels=labels, class_field=class_field, classes=classes,
                         val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
-                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips,
-                        hard_negative_pool=3 * hard_negatives)
+                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
     colours = class_colours(chips.classes, colours, classes)
-    tr, va, pool = (np.flatnonzero(m) for m in (~chips.split & ~chips.pool, chips.split, chips.pool))
+    tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
     n_tr, n_va = (sum(len(chips.boxes[i]) for i in s) for s in (tr, va))
     if not n_tr or not n_va:
         raise FinetuneError(f"{n_tr} training and {n_va} validation box(es) in the chips: both splits need objects; "
@@ -154,10 +133,7 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     boxes = [torch.from_numpy(b) for b in chips.boxes]
     blabels = [torch.from_numpy(b) for b in chips.box_labels]
     bs = cfg.batch_size
-    rng = np.random.default_rng(cfg.seed)
-    n_hard = min(len(pool), round(hard_negatives * len(tr)))
-    order = torch.from_numpy(np.concatenate([tr, rng.choice(pool, n_hard, replace=False)]))  # tail: mined in place
-    loader = torch.utils.data.DataLoader(order, batch_size=bs, shuffle=True, drop_last=len(order) >= 2 * bs,
+    loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True, drop_last=len(tr) >= 2 * bs,
                                          generator=torch.Generator().manual_seed(cfg.seed))
 
     def train_step(m, idx):
@@ -168,37 +144,27 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         losses = m(list(x.to(device)), targets)
         return sum(losses.values())
 
-    def predict(m, idx) -> list[dict]:
+    def evaluate(m) -> dict:
         preds = []
-        for j in range(0, len(idx), 16):
-            out = m(list(chips.x[idx[j:j + 16]].float().to(device)))
+        for j in range(0, len(va), 16):
+            out = m(list(chips.x[va[j:j + 16]].float().to(device)))
             preds += [{k: v.cpu() for k, v in o.items()} for o in out]
-        return preds
-
-    def evaluate(m, mine: bool = True) -> dict:
         targets = [{"boxes": boxes[i], "labels": blabels[i]} for i in va]
-        res = detection_metrics(predict(m, va), targets, chips.classes)
-        if mine and n_hard:
-            worst = false_alarm_scores(predict(m, pool), [boxes[i] for i in pool])
-            order[len(tr):] = torch.from_numpy(pool[np.argsort(-worst, kind="stable")[:n_hard]])
-            res["hard_negative_score"] = float(np.sort(worst)[::-1][:n_hard].mean())
-        return res
+        return detection_metrics(preds, targets, chips.classes)
 
-    log.info("%s; %d classes, %d train (+%d mined from %d tiles) / %d val chips of %d px, %d / %d boxes", enc.report,
-             len(chips.classes), len(tr), n_hard, len(pool), len(va), size, n_tr, n_va)
+    log.info("%s; %d classes, %d train / %d val chips of %d px, %d / %d boxes", enc.report, len(chips.classes),
+             len(tr), len(va), size, n_tr, n_va)
     hist = fit(model, train_step, evaluate, loader, cfg, device, "map_50", progress)
     model.eval()
     with torch.no_grad():
-        final = evaluate(model, mine=False)
+        final = evaluate(model)
     metrics = {"val_map_50": final["map_50"], "val_map": final["map"], "val_ap_per_class": final["ap_per_class"],
                "val_boxes": n_va, "train_boxes": n_tr, "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs),
                "stopped": hist.stopped}
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
-               "labels": str(labels), "class_field": class_field, "hard_negative_chips": n_hard,
-               **chip_provenance(chips)}
+               "labels": str(labels), "class_field": class_field, **chip_provenance(chips)}
     out = save_task_package(model, enc, "detect", head.to_dict(), chips.classes, chips.contract, output, cfg, hist,
                             "map_50", metrics, sources, t0, overwrite=overwrite, colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
             "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),
-            "hard_negative_windows": [chips.windows[i] for i in order[len(tr):].tolist()],
             "history": {"val_map_50": hist.val_score, "train_loss": hist.train_loss}}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .common import FinetuneError
-from .sampling import IGNORE, POOL, _Labels, _presence, _windows  # noqa: F401  (IGNORE is re-exported)
+from .sampling import IGNORE, _Labels, _presence, _windows  # noqa: F401  (IGNORE is re-exported)
 
 log = logging.getLogger("sarmae.finetune")
 MIN_SAMPLES = 5  # fewer labelled instances / chips of a class than this -> warning
@@ -42,7 +42,6 @@ class ChipSet:
     boxes: list[np.ndarray] | None = None  # detect: per chip (n, 4) float32 x0, y0, x1, y1 in chip px
     box_labels: list[np.ndarray] | None = None  # detect: per chip (n,) int64 in 1..K
     labels: np.ndarray | None = None  # classify: (N,) int64 class index per chip
-    pool: np.ndarray | None = None  # detect: (N,) bool, training-area tiles kept for hard-negative mining
     unknown_classes: dict[str, int] = field(default_factory=dict)  # vector: features of classes not asked for
     log: list[str] = field(default_factory=list)  # what was decided (reprojection, repairs, split)
     warnings: list[str] = field(default_factory=list)
@@ -279,8 +278,7 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
                 class_field: str | None = None, label_raster: str | None = None, classes: list[str] | None = None,
                 background: str | None = None, val_fraction: float = 0.2, seed: int = 0, batch_size: int = 1,
                 bands: list | None = None, input_units: str | None = None, background_share: float = 0.25,
-                max_chips: int = 2000, block_chips: int | None = None, evaluation: bool = False,
-                hard_negative_pool: float = 0.0) -> ChipSet:
+                max_chips: int = 2000, block_chips: int | None = None, evaluation: bool = False) -> ChipSet:
     """Sample, split and read training chips (see the module docstring); FinetuneError on bad input.
 
     Args:
@@ -294,8 +292,6 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
         background_share: share of chips placed anywhere (background class or detection negatives).
         block_chips: block side in chip sizes (None: 3, or 2 when that gives too few labelled blocks).
         evaluation: no split (every chip held out, centred without jitter), one class is enough.
-        hard_negative_pool: detection: also read up to this many x the training chips tiling the
-            training blocks (``ChipSet.pool``), for mining the detector's false alarms.
     """
     paths = [str(p) for p in ([rasters] if isinstance(rasters, (str, Path)) else rasters)]
     if not paths:
@@ -326,9 +322,8 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
                                     ", or name a background class (--background) for the unlabelled areas around "
                                     "your polygons" if labels is not None else " in the label raster"))
         wins, split, blocks, klass = _windows([r for r, _ in opened], lab, size, task, val_fraction, rng,
-                                              background_share, max_chips, block_chips, notes, evaluation,
-                                              hard_negative_pool)
-        n_tr = int((~split & (klass != POOL)).sum())
+                                              background_share, max_chips, block_chips, notes, evaluation)
+        n_tr = int((~split).sum())
         if not evaluation and (n_tr < batch_size or not split.any()):
             raise FinetuneError(f"only {n_tr} training and {int(split.sum())} validation chip(s) of {size} px from "
                                 f"{lab.source} over {over}, for a batch size of {batch_size}: lower the batch size "
@@ -339,7 +334,6 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
         chips.split, chips.blocks, chips.log, chips.warnings = split, blocks, notes, warns
         chips.unknown_classes = lab.unknown
         chips.contract = contract
-        chips.pool = klass == POOL
         if task == "classify":
             chips.labels = klass
             got = sorted({lab.classes[k] for k in klass[~split]})
@@ -420,9 +414,8 @@ def _read(opened: list, lab: _Labels, wins: list, s: int, task: str) -> ChipSet:
 
 def chip_provenance(chips: ChipSet) -> dict:
     """What a package records about the chips it was trained on (provenance)."""
-    val, pool = chips.split, chips.pool if chips.pool is not None else np.zeros(len(chips.split), bool)
-    return {"inputs": chips.inputs, "train_chips": int((~val & ~pool).sum()), "val_chips": int(val.sum()),
-            "hard_negative_pool": int(pool.sum()),
+    val = chips.split
+    return {"inputs": chips.inputs, "train_chips": int((~val).sum()), "val_chips": int(val.sum()),
             "val_blocks": sum(b[-1] for b in chips.blocks), "blocks": len(chips.blocks),
             "split": "spatial blocks (whole blocks held out for validation)", "log": chips.log,
             "warnings": chips.warnings}
@@ -469,7 +462,7 @@ def _warn_counts(chips: ChipSet, instances: list[int] | None) -> None:
     training chips (segmentation, and classification, where one large polygon gives many chips)."""
     k = len(chips.classes)
     for split, name in ((False, "training"), (True, "validation")):
-        sel = np.flatnonzero((chips.split == split) & ~chips.pool)
+        sel = np.flatnonzero(chips.split == split)
         if chips.labels is not None:
             have = np.bincount(chips.labels[sel], minlength=k)
         elif chips.masks is not None:

@@ -22,7 +22,6 @@ from .common import FinetuneError
 
 IGNORE = 255  # mask value excluded from the loss and the metrics
 BACKGROUND = -2  # anchor class of a chip placed anywhere (background class, or a detection negative)
-POOL = -3  # class of a detection chip in the hard-negative pool (training-area tiles, mined during training)
 
 
 @dataclass
@@ -131,12 +130,11 @@ def _balanced(klass: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
 
 def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: float, rng: np.random.Generator,
              background_share: float, max_chips: int, block_chips: int | None, notes: list[str],
-             evaluation: bool = False, pool: float = 0.0):
+             evaluation: bool = False):
     """Chip windows (raster, row, col), their validation flags, the blocks (with flags) and the class
     each chip is centred on (the label of a classification chip; chips placed anywhere: the
     background class, or -1 without one). ``evaluation``: no split, every chip is held out and
-    centred without jitter. ``pool`` (detection): also up to pool x the training chips tiling the
-    training blocks, class ``POOL``, for hard-negative mining."""
+    centred without jitter."""
     f, k = lab.f, len(lab.classes)
     for bc in ([block_chips] if block_chips else [3, 2]):
         blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
@@ -144,6 +142,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
         labelled = [bool(p.any()) for p in bpres]
         if sum(labelled) >= 4 or evaluation:
             break
+    block_of = _block_locator(blocks, rasters)
     if evaluation:
         val = np.ones(len(blocks), bool)
     elif sum(labelled) < 2:
@@ -156,7 +155,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
             for i in range(len(rasters)):
                 for g in lab.shapes[i][0]:
                     p = g.centroid
-                    weights[_block_of(blocks, rasters, i, p.y, p.x)] += 1
+                    weights[block_of(i, p.y, p.x)] += 1
         else:
             weights = np.array([lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any(0).sum()
                                 for i, r0, c0, r1, c1 in blocks], float)
@@ -167,7 +166,8 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
     tile_val = task in ("segment", "detect") and not evaluation  # validation = whole held-out blocks, tiled
     held = [np.zeros(pr.shape[1:], bool) for pr in lab.presence]  # per raster: presence cells in a held-out block
     for (i, r0, c0, r1, c1), v in zip(blocks, val):
-        held[i][r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)] |= bool(v) and tile_val
+        if v and tile_val:
+            held[i][r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)] = True
     anchors = []  # chip centres: (raster, row, col, class index or BACKGROUND)
     for i, r in enumerate(rasters):
         if lab.shapes:
@@ -181,7 +181,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
             rc = np.argwhere(p[j])
             anchors += [(i, (a + 0.5) * f, (b + 0.5) * f, j) for a, b in rc[rng.permutation(len(rc))[:-(-budget // len(have))]]]
     if tile_val:  # anchors in held-out blocks: those blocks are tiled instead
-        anchors = [a for a in anchors if not val[_block_of(blocks, rasters, *a[:3])]]
+        anchors = [a for a in anchors if not val[block_of(*a[:3])]]
     if lab.background or task == "detect":  # background chips / detection negatives, anywhere
         area = np.array([(r1 - r0) * (c1 - c0) * (not (v and tile_val)) for (_, r0, c0, r1, c1), v in zip(blocks, val)],
                         float)
@@ -199,7 +199,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
     jit = 0 if evaluation else size // 4
     wins, split, klass, touching = [], [], [], 0
     for i, cr, cc, kk in anchors:  # the anchor's block; the jittered window is clamped inside it
-        b = _block_of(blocks, rasters, i, cr, cc)
+        b = block_of(i, cr, cc)
         _, r0, c0, r1, c1 = blocks[b]
         jr, jc = rng.integers(-jit, jit + 1, 2)
         r, c = int(np.clip(round(cr - size / 2) + jr, r0, max(r0, r1 - size))), \
@@ -226,23 +226,27 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
         wins += tiles
         split += [True] * len(tiles)
         klass += [-1] * len(tiles)
-    if tile_val and pool and task == "detect":
-        tiles = _tiles(blocks, ~val, lab, size, everywhere=True)
-        n = min(len(tiles), max(1, round(pool * split.count(False))))
-        tiles = [tiles[j] for j in np.sort(rng.choice(len(tiles), n, replace=False))]
-        notes.append(f"hard-negative pool: {n} chip(s) tiling the training blocks (the detector's worst false "
-                     "alarms among them join the training chips as it learns)")
-        wins += tiles
-        split += [False] * n
-        klass += [POOL] * n
     return wins, np.array(split, bool), [(*b, bool(v)) for b, v in zip(blocks, val)], np.array(klass, np.int64)
 
 
-def _block_of(blocks: list, rasters: list, i: int, row: float, col: float) -> int:
-    """Index of raster i's block holding (row, col), clamped into the raster."""
-    rr = min(max(row, 0), rasters[i].height - 1)
-    cl = min(max(col, 0), rasters[i].width - 1)
-    return next(b for b, (j, r0, c0, r1, c1) in enumerate(blocks) if j == i and r0 <= rr < r1 and c0 <= cl < c1)
+def _block_locator(blocks: list, rasters: list):
+    """A function (raster i, row, col) -> index of the block holding that point (clamped into the
+    raster), by bisection on raster i's block edges: ``blocks`` hold each raster's ``plan_blocks``
+    in order (rows of blocks, left to right), so a look-up costs no scan over every block."""
+    grid: dict[int, list] = {}
+    for b, (i, r0, c0, _, _) in enumerate(blocks):
+        g = grid.setdefault(i, [b, set(), set()])
+        g[1].add(r0)
+        g[2].add(c0)
+    edges = {i: (first, np.array(sorted(rs)), np.array(sorted(cs))) for i, (first, rs, cs) in grid.items()}
+
+    def locate(i: int, row: float, col: float) -> int:
+        first, rs, cs = edges[i]
+        r = int(np.searchsorted(rs, min(max(row, 0), rasters[i].height - 1), "right")) - 1
+        c = int(np.searchsorted(cs, min(max(col, 0), rasters[i].width - 1), "right")) - 1
+        return first + r * len(cs) + c
+
+    return locate
 
 
 def _tiles(blocks: list, val: np.ndarray, lab: _Labels, size: int, everywhere: bool) -> list[tuple[int, int, int]]:

@@ -163,8 +163,7 @@ def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
         ev = evaluate_raster(str(dest), test, out / f"{task}_{name}_confusion.png", label_raster=d["test_labels"],
                              options=infer)
         return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"]}
-    r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True,
-                          hard_negatives=a.hard_negatives)
+    r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True)
     ev = evaluate_detections(str(dest), [d["test_raster"]], out / f"{task}_{name}_pr.png", labels=d["test_vector"],
                              class_field="class", options=infer)
     return {"val_map_50": r["val_map_50"], "test_map_50": ev["map_50"], "test_map": ev["map"],
@@ -183,7 +182,6 @@ def main() -> None:
     ap.add_argument("--max-chips", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--class-weights", default="none", help="ships_seg: none (the default of finetune), auto or sqrt")
-    ap.add_argument("--hard-negatives", type=float, default=0.0, help="ships_det: mined chips share (0: off)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_smoke"))
     a = ap.parse_args()
     import torch

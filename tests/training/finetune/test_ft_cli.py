@@ -54,11 +54,6 @@ def test_finetune_classify_from_polygons_then_evaluate(tmp_path, data, capsys):
       "--class-weights", "auto"], "--class-weights applies to segmentation"),
     (["--task", "detect", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class", "--export-onnx"],
      "ONNX export covers segment, classify"),
-    (["--task", "segment", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class",
-      "--hard-negatives", "0.3"], "--hard-negatives 0.3: a share from 0 (off) to 1 of the training chips, for --task "
-                                  "detect only"),
-    (["--task", "detect", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class",
-      "--hard-negatives", "2"], "--hard-negatives 2.0: a share from 0 (off) to 1"),
     (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "kind"],
      "no field 'kind' to read classes from; the layer has: class"),
 ])

@@ -12,7 +12,6 @@ from training.finetune.config import FinetuneConfig
 from training.finetune.detect import (
     augment_boxes,
     detection_metrics,
-    false_alarm_scores,
     finetune_detector,
     flip_boxes,
     rot90_boxes,
@@ -98,40 +97,6 @@ def test_map_counts_every_box_of_a_scene():
     # a: IoU 10/13 = 0.77 matches at 0.5..0.75 (6 of 10 thresholds); b: missed; c: no ground truth
     assert scene["ap_per_class"] == {"a": pytest.approx(0.6), "b": 0.0, "c": None}
     assert scene["map_50"] == pytest.approx(0.5) and scene["map"] == pytest.approx(0.3)
-
-
-def test_false_alarm_scores():
-    truth = [torch.tensor([[10.0, 10, 20, 20]]), torch.zeros((0, 4)), torch.tensor([[0.0, 0, 8, 8]])]
-    preds = [{"boxes": torch.tensor([[10.0, 10, 20, 21], [40, 40, 50, 50]]), "scores": torch.tensor([0.9, 0.4])},
-             {"boxes": torch.tensor([[1.0, 1, 5, 5]]), "scores": torch.tensor([0.7])},
-             {"boxes": torch.tensor([[0.0, 0, 8, 8]]), "scores": torch.tensor([0.95])}]
-    # chip 0: the 0.9 box finds its ship, the 0.4 box is a false alarm; chip 1: everything is; chip 2: nothing
-    assert false_alarm_scores(preds, truth).tolist() == pytest.approx([0.4, 0.7, 0.0])
-    assert false_alarm_scores([{"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0)}], truth[:1]).tolist() == [0.0]
-
-
-def test_detector_mines_training_tiles_only(tmp_path):
-    """The mined chips are tiles of the training blocks (never of a validation block), a quarter as
-    many as the other training chips; mining off (the default) trains without them."""
-    enc = build_encoder(tmp_path / "enc", img_size=32)
-    tif, boxes = ship_scene(tmp_path / "ships.tif", size=192, step=32)
-    gpkg = write_labels(tmp_path / "ships.gpkg", boxes_to_polygons(boxes))
-    cfg = FinetuneConfig(encoder=str(enc), epochs=2, batch_size=8, warmup_epochs=0.5, drop_path=0.0, device="cpu")
-    r = finetune_detector(tif, tmp_path / "a.pkg", cfg, labels=gpkg, class_field="class", hard_negatives=0.25)
-    mined = r["hard_negative_windows"]
-    assert len(mined) == round(0.25 * r["train_chips"]) and any("hard-negative pool" in m for m in r["log"])
-    from engine.package import read_card
-    from training.finetune.labels import build_chips
-
-    chips = build_chips(tif, read_card(enc).input, 32, "detect", labels=gpkg, class_field="class",
-                        hard_negative_pool=0.75)  # the same seeded split as the run's
-    val_blocks = [b for b in chips.blocks if b[-1]]
-    assert val_blocks and {tuple(w) for w in mined} <= {chips.windows[i] for i in range(len(chips.windows))
-                                                         if chips.pool[i]}
-    for _, r0, c0 in mined:
-        assert not any(r0 < b[3] and r0 + 32 > b[1] and c0 < b[4] and c0 + 32 > b[2] for b in val_blocks)
-    off = finetune_detector(tif, tmp_path / "b.pkg", cfg, labels=gpkg, class_field="class")
-    assert off["hard_negative_windows"] == []
 
 
 def test_detector_needs_objects_in_both_splits(tmp_path):

@@ -498,3 +498,21 @@ def test_8bit_rasters_with_a_db_encoder_get_an_8bit_contract(tmp_path, scene, co
                     evaluation=True)
     with pytest.raises(FinetuneError, match="wl.tif.*8-bit"):  # a second raster must meet the first's contract
         build_chips([str(tmp_path / "u8.tif"), str(tif)], contract, S, "segment", labels=gpkg, class_field="class")
+
+
+def test_block_locator_matches_the_blocks():
+    """Every pixel (and points off the raster, clamped) maps to the block that holds it, on rasters
+    whose last block row / column is wider (a remainder narrower than a chip joins it)."""
+    from types import SimpleNamespace
+
+    from training.finetune.sampling import _block_locator
+
+    rasters = [SimpleNamespace(height=100, width=70), SimpleNamespace(height=40, width=130)]
+    blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, 8, 3)]
+    locate = _block_locator(blocks, rasters)
+    for i, r in enumerate(rasters):
+        for row in range(-3, r.height + 3, 2):
+            for col in range(-3, r.width + 3, 2):
+                j, r0, c0, r1, c1 = blocks[locate(i, row + 0.5, col + 0.5)]
+                rr, cc = min(max(row + 0.5, 0), r.height - 1), min(max(col + 0.5, 0), r.width - 1)
+                assert j == i and r0 <= rr < r1 and c0 <= cc < c1
