@@ -57,7 +57,7 @@ def _finetune_config(a: argparse.Namespace):
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
          "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
-              "bands", "input_units", "class_weights", "max_chips"):
+              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -221,6 +221,13 @@ def register(sub) -> None:
     s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
                                                               "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")
+    s.add_argument("--mode", choices=["auto", "head", "full"],
+                   help="classify/segment: head = quick, a light head fitted on the frozen encoder in seconds "
+                        "(few labels); full = fine-tune the whole model; auto (default) = quick below a few dozen "
+                        "training chips, else quick then full, keeping the better validation score")
+    s.add_argument("--seg-head", choices=["light", "upernet"],
+                   help="segment, full fine-tune: light (per-pixel head, fast on CPUs; the default) or upernet "
+                        "(simple pyramid + UPerNet, for GPUs)")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)

@@ -32,6 +32,7 @@ from engine.errors import SarmaeError
 from engine.package import load_package
 
 from .finetune.metrics import classification_metrics, confusion_png, iou_metrics
+from .reference import reference_raster, vector_reference
 
 
 def evaluate_chips(package: str, chips_dir: str, png: Path) -> dict:
@@ -112,53 +113,11 @@ def evaluate_chips_from_rasters(package: str, rasters: list[str], png: Path, lab
             "detections": m["detections"]}
 
 
-def _reference_raster(raster: str, label_raster: str, names: list[str], opts) -> tuple[np.ndarray, list[str]]:
-    """The label raster on ``raster``'s grid, read as fine-tuning reads it (``finetune.labels.
-    read_class_map``: same grid, reprojected when both have a CRS, refused when they cannot be
-    aligned): model class index, 255 where unlabelled; plus unknown class names."""
-    from engine.reader import SarRaster
-
-    from .finetune.labels import read_class_map
-
-    with SarRaster.open(raster, opts.bands, opts.complex_mode) as r:
-        lab = read_class_map(label_raster, r, [])
-    ref = np.full(lab.shape, 255, np.uint8)
-    unknown: set[str] = set()
-    for v in np.unique(lab[lab >= 0]):
-        name = f"class_{v}"
-        # a label raster holds indices: match by index when names are generic, else by 'class_<v>'
-        idx = names.index(name) if name in names else (int(v) if int(v) < len(names) else None)
-        if idx is None:
-            unknown.add(name)
-        else:
-            ref[lab == v] = idx
-    return ref, sorted(unknown)
-
-
-def _vector_labels(rasters: list[str], labels: str, class_field: str, names: list[str],
-                   opts) -> tuple[list[tuple[list, list[int]]], dict[str, int], list[str], list[str]]:
-    """The polygons of ``labels`` in each raster's pixel space, read exactly as fine-tuning reads them
-    (``finetune.labels.vector_labels``: invalid geometries repaired or skipped and counted, reprojected
-    to the raster's CRS, GCPs, or pixel coordinates without georeferencing; refused when they lie
-    outside every raster), classes matched to the model's by name: per raster (polygons, model class
-    index), features per unknown class, notes, warnings."""
-    import contextlib
-
-    from engine.reader import SarRaster
-
-    from .finetune.labels import vector_labels
-
-    notes: list[str] = []
-    warns: list[str] = []
-    with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(SarRaster.open(r, opts.bands, opts.complex_mode)) for r in rasters]
-        shapes, _, unknown = vector_labels(labels, class_field, names, None, opened, notes, warns)
-    return shapes, unknown, notes, warns
-
-
 def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = None, class_field: str | None = None,
-                    label_raster: str | None = None, options: dict | None = None) -> dict:
-    """A segment package run over ``raster`` by the engine, against the labels (pixel metrics)."""
+                    label_raster: str | None = None, options: dict | None = None, baselines: bool = False) -> dict:
+    """A segment package run over ``raster`` by the engine, against the labels (pixel metrics);
+    ``baselines``: also the classical rows (``baselines.segment_rows``: threshold, Otsu, random
+    forest, fitted on the package's training labels) on the same pixels, under "baselines"."""
     import rasterio
 
     from engine.inference import InferenceOptions, run_inference
@@ -176,9 +135,9 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     opts = InferenceOptions(**(options or {}))
     vector = bool(labels and class_field) and not label_raster  # a label raster, when given, wins (as before)
     if vector:  # before the model runs: bad labels fail at once
-        (shapes,), skipped, notes, warns = _vector_labels([raster], labels, class_field, names, opts)
+        (shapes,), skipped, notes, warns = vector_reference([raster], labels, class_field, names, opts)
     else:
-        full, unknown = _reference_raster(raster, label_raster, names, opts)
+        full, unknown = reference_raster(raster, label_raster, names, opts)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_inference([raster], Path(tmp) / "pred.tif", pkg, opts)
         with rasterio.open(res.outputs["class"]) as src:
@@ -200,6 +159,10 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
            "confusion_matrix_png": str(png)}
     if vector:
         out.update(skipped_features=sum(skipped.values()), log=notes, warnings=warns)
+    if baselines:
+        from .baselines import segment_rows
+
+        out["baselines"], out["baseline_notes"] = segment_rows(card, raster, ref, ok, opts)
     return out
 
 
@@ -269,7 +232,7 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
     threshold = opts.score_threshold
     run = dataclasses.replace(opts, score_threshold=min(threshold, 0.05), overwrite=True)
     # every raster's labels first (read once): bad labels fail before any model runs
-    shapes, skipped, notes, warns = _vector_labels(rasters, labels, class_field, names, opts)
+    shapes, skipped, notes, warns = vector_reference(rasters, labels, class_field, names, opts)
     truth = []
     for (polys, cls), r in zip(shapes, rasters):
         if not polys:

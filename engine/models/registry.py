@@ -79,7 +79,7 @@ def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.M
     arch: {"name": ..., "encoder": ViTConfig dict, "decoder": DecoderConfig dict (reconstruct),
     "head": head config dict (classify/segment/detect)}.
     """
-    from .heads import DetHeadConfig, SegHeadConfig, ViTClassifier, ViTDetector, ViTSegmenter
+    from .heads import DetHeadConfig, ViTClassifier, ViTDetector
 
     if task not in TASKS:
         raise ModelConfigError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
@@ -96,11 +96,29 @@ def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.M
         if task == "classify":
             return ViTClassifier(encoder, num_classes)
         if task == "segment":
-            if head.get("indices") is not None:
-                head["indices"] = tuple(head["indices"])
-            return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))
+            return build_segmenter(encoder, num_classes, head)
         return ViTDetector(encoder, num_classes, DetHeadConfig.from_dict(head))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelConfigError):
             raise
         raise ModelConfigError(f"invalid architecture in model.json: {e}") from e
+
+
+SEG_HEADS = ("upernet", "light")  # architecture.head.kind of a segment package (absent: upernet)
+
+
+def build_segmenter(encoder: VisionTransformer, num_classes: int, head: dict | None = None) -> nn.Module:
+    """The segmenter ``head`` describes: ``kind`` "light" (``seg_light.LightSegmenter``, per-pixel
+    head for CPUs) or "upernet" / absent (``heads.ViTSegmenter``, simple pyramid + UPerNet)."""
+    from .heads import SegHeadConfig, ViTSegmenter
+    from .seg_light import LightSegHeadConfig, LightSegmenter
+
+    head = dict(head or {})
+    kind = head.pop("kind", "upernet") or "upernet"
+    if kind == "light":
+        return LightSegmenter(encoder, num_classes, LightSegHeadConfig.from_dict(head))
+    if kind != "upernet":
+        raise ModelConfigError(f"unknown segmentation head '{kind}'; known: {', '.join(SEG_HEADS)}")
+    if head.get("indices") is not None:
+        head["indices"] = tuple(head["indices"])
+    return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))

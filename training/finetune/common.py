@@ -11,7 +11,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from engine.package import default_input
 
 from ..optim import lr_at
 from .config import FinetuneConfig
-from .metrics import confusion_png
+from .metrics import confusion_png, preview_png
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -252,26 +252,55 @@ def class_colours(classes: list[str], colours: dict[str, str] | list[str] | None
     return {str(k): str(v) for k, v in colours.items()}
 
 
+def fit_batch(cfg: FinetuneConfig, n_train: int, warnings_out: list[str]) -> FinetuneConfig:
+    """``cfg`` with the batch size lowered to the number of training chips when they are fewer
+    (a handful of polygons must train), saying so in ``warnings_out``."""
+    if n_train >= cfg.batch_size:
+        return cfg
+    bs = max(1, n_train)
+    msg = f"only {n_train} training chip(s): batch size lowered from {cfg.batch_size} to {bs}"
+    log.warning(msg)
+    warnings_out.append(msg)
+    return replace(cfg, batch_size=bs)
+
+
+def budget_spent(cfg: FinetuneConfig, t0: float) -> bool:
+    """True when ``cfg.max_minutes`` (counted from ``t0``) is used up."""
+    return bool(cfg.max_minutes) and time.time() - t0 >= 60 * cfg.max_minutes
+
+
+def remaining(cfg: FinetuneConfig, t0: float) -> FinetuneConfig:
+    """``cfg`` with ``max_minutes`` reduced to what is left of it since ``t0``."""
+    if not cfg.max_minutes:
+        return cfg
+    return replace(cfg, max_minutes=max(0.05, cfg.max_minutes - (time.time() - t0) / 60))
+
+
 def save_task_package(model: nn.Module, enc: Encoder, task: str, head: dict, classes: list[str], contract: dict,
                       output: str | Path, cfg: FinetuneConfig, hist: History, metric: str, metrics: dict,
                       data: dict, t0: float, cm=None, overwrite: bool = False,
-                      colours: dict[str, str] | None = None) -> Path:
+                      colours: dict[str, str] | None = None, preview: tuple | None = None) -> Path:
     """Write a task package: input contract, classes + colours, provenance (encoder, ``data``,
-    metrics, config), training_curves.png and (when ``cm``) confusion_matrix.png inside, and with
-    ``cfg.export_onnx`` a model.onnx checked against torch (the engine's exporter)."""
+    metrics, config), training_curves.png, (when ``cm``) confusion_matrix.png and (when
+    ``preview``: chips, labels, predictions, tags) preview.png inside, and with ``cfg.export_onnx``
+    a model.onnx checked against torch (the engine's exporter)."""
     from engine.package import default_classes, new_card, save_package
 
     out = Path(output)
     arch = {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0}, "head": head}
+    mode = metrics.get("mode") or "full"
+    mode = "linear probe" if cfg.linear_probe and mode == "full" else mode
     prov = {"encoder": enc.source, "encoder_load": enc.report, **data, "seed": cfg.seed,
-            "mode": "linear probe" if cfg.linear_probe else "fine-tune", "metrics": metrics,
-            "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
+            "mode": {"head": "quick (light head on the frozen encoder)", "full": "full fine-tune"}.get(mode, mode),
+            "metrics": metrics, "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
     cls = [{**c, "colour": (colours or {}).get(c["name"], c["colour"])} for c in default_classes(classes)]
     card = new_card(out.stem, task, arch, dict(contract), cls, prov)
     with tempfile.TemporaryDirectory() as tmp:
         plot_history(hist, metric, Path(tmp) / "training_curves.png")
         if cm is not None:
             confusion_png(cm, classes, Path(tmp) / "confusion_matrix.png")
+        if preview is not None:
+            preview_png(*preview, [c["colour"] for c in cls], Path(tmp) / "preview.png")
         pngs = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     sd = model.cpu().state_dict()
     save_package(sd, card, out, extra_files=pngs, overwrite=overwrite)
@@ -309,6 +338,9 @@ def start(cfg: FinetuneConfig) -> tuple[str, Encoder, int]:
     if cfg.export_onnx and cfg.task not in ONNX_TASKS:
         raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(ONNX_TASKS)}; '{cfg.task}' packages run "
                             "with the torch backend (leave --export-onnx off)")
+    if cfg.task == "detect" and cfg.mode == "head":
+        raise FinetuneError("--mode head (quick) covers classify and segment; detection fine-tunes its whole model "
+                            "(leave --mode out)")
     if cfg.class_weights not in (None, "none") and cfg.task != "segment":
         raise FinetuneError(f"--class-weights applies to segmentation, not to '{cfg.task}'; leave it out")
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,120 @@
+"""A light segmentation head for CPUs: patch tokens + per-pixel SAR features, mixed per pixel.
+
+``LightSegmenter`` (head kind ``"light"``): the outputs of a few encoder blocks (stride p) are
+normalised, projected to ``hidden`` channels and upsampled bilinearly to the input size; the input
+itself gives per-pixel features (the bands, their local mean and standard deviation over
+``scales`` px boxes, and the band differences: a ratio when the contract is dB); both are summed,
+passed through GELU and a 1x1 classifier. Everything after the encoder is per pixel, so the head
+costs little beside the encoder (windows/s against the UPerNet head: ``benchmarks/bench_seg_heads.py``),
+exports to ONNX, and can be fitted on FROZEN encoder features in
+seconds (``split``: ``features`` runs the encoder once per chip, ``decode`` is all that trains).
+
+forward: (N, C, H, W) -> (N, K, H, W) logits (``return_aux=True`` adds ``None``: no aux head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .heads import LayerNorm2d
+from .vit import VisionTransformer
+
+DEFAULT_SCALES = (3, 7, 15)
+
+
+def pixel_feature_count(in_chans: int, scales: tuple[int, ...] = DEFAULT_SCALES) -> int:
+    """Channels of ``pixel_features``: C bands + 2 C per scale + C (C - 1) / 2 differences."""
+    return in_chans * (1 + 2 * len(scales)) + in_chans * (in_chans - 1) // 2
+
+
+def pixel_features(x: torch.Tensor, scales: tuple[int, ...] = DEFAULT_SCALES) -> torch.Tensor:
+    """(N, C, H, W) model input -> (N, F, H, W) per-pixel features (``pixel_feature_count``).
+
+    The bands; per ``scales`` box (odd side s, borders averaged over the pixels inside) the local
+    mean and standard deviation (texture: speckle is strong on rough land, weak on calm water); the
+    pairwise band differences (in a dB contract: the VV/VH ratio). The random forest baseline and
+    the light head use these same features."""
+    feats = [x]
+    for s in scales:
+        mean = F.avg_pool2d(x, s, stride=1, padding=s // 2, count_include_pad=False)
+        sq = F.avg_pool2d(x * x, s, stride=1, padding=s // 2, count_include_pad=False)
+        feats += [mean, (sq - mean * mean).clamp(min=0.0).add(1e-6).sqrt()]
+    c = x.shape[1]
+    feats += [x[:, i:i + 1] - x[:, j:j + 1] for i in range(c) for j in range(i + 1, c)]
+    return torch.cat(feats, 1)
+
+
+def default_light_indices(depth: int) -> tuple[int, ...]:
+    """Blocks feeding the head: the middle one and the last one ((5, 11) for depth 12)."""
+    return (max(0, depth // 2 - 1), depth - 1) if depth > 1 else (0,)
+
+
+@dataclass
+class LightSegHeadConfig:
+    kind: str = "light"  # model.json architecture.head.kind (UPerNet packages: "upernet" or absent)
+    hidden: int = 64  # width of the per-pixel mixing layer
+    indices: tuple[int, ...] | None = None  # encoder blocks used (None: middle and last)
+    scales: tuple[int, ...] = DEFAULT_SCALES  # box sides of the local mean / std features (px, odd)
+    aux_weight: float = 0.0  # no auxiliary head (the training loss reads this field)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LightSegHeadConfig:
+        d = dict(d)
+        for k in ("indices", "scales"):
+            if d.get(k) is not None:
+                d[k] = tuple(int(v) for v in d[k])
+        bad = [s for s in d.get("scales", ()) if s < 1 or s % 2 == 0]
+        if bad:
+            raise ValueError(f"light head scales must be odd positive box sides, got {bad}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["indices"] = list(self.indices) if self.indices is not None else None
+        d["scales"] = list(self.scales)
+        return d
+
+
+class LightSegmenter(nn.Module):
+    """Encoder block maps (stride p) + per-pixel features -> per-pixel logits (see the module doc)."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, cfg: LightSegHeadConfig | None = None):
+        super().__init__()
+        cfg = cfg or LightSegHeadConfig()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.indices = tuple(cfg.indices) if cfg.indices else default_light_indices(len(encoder.blocks))
+        d, n_pix = encoder.embed_dim, pixel_feature_count(encoder.in_chans, cfg.scales)
+        self.token_norm = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for _ in self.indices)
+        self.token_proj = nn.Conv2d(d * len(self.indices), cfg.hidden, 1)
+        # per-channel standardisation of the pixel features (fitted on the training chips; identity at init)
+        self.register_buffer("pixel_mean", torch.zeros(1, n_pix, 1, 1))
+        self.register_buffer("pixel_std", torch.ones(1, n_pix, 1, 1))
+        self.pixel_proj = nn.Conv2d(n_pix, cfg.hidden, 1)
+        self.cls = nn.Conv2d(cfg.hidden, num_classes, 1)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's part: (N, C, H, W) -> block maps, each (N, D, H/p, W/p)."""
+        return self.encoder.get_intermediate_layers(x, self.indices)
+
+    def decode(self, maps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Block maps + the input -> (N, K, H, W) logits (all that trains in the quick, frozen mode)."""
+        t = torch.cat([norm(m.float()) for norm, m in zip(self.token_norm, maps)], 1)
+        h = F.interpolate(self.token_proj(t), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        p = self.pixel_proj((pixel_features(x, self.cfg.scales) - self.pixel_mean) / self.pixel_std)
+        return self.cls(F.gelu(h + p))
+
+    def fit_pixel_standardisation(self, x: torch.Tensor) -> None:
+        """Set the pixel features' mean / std from sample chips (N, C, H, W)."""
+        with torch.no_grad():
+            f = pixel_features(x.float(), self.cfg.scales)
+            self.pixel_mean.copy_(f.mean((0, 2, 3), keepdim=True))
+            self.pixel_std.copy_(f.std((0, 2, 3), keepdim=True).clamp(min=1e-3))
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        logits = self.decode(self.features(x), x)
+        return (logits, None) if return_aux else logits

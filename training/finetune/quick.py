@@ -1,0 +1,147 @@
+"""Quick mode (``--mode head``): a light head fitted on FROZEN encoder features, the default when
+labels are few; and the choice between it and a full fine-tune (``--mode auto``).
+
+- Segmentation: ``LightSegmenter`` (engine/models/seg_light.py). The encoder runs ONCE per chip
+  (its block maps are cached as float16); only the per-pixel head trains (Adam, a few hundred
+  steps, early stopping on the validation mean IoU), so a few polygons give a package in seconds.
+- Classification: the ``ViTClassifier``'s pooled, normalised embedding of every training chip in
+  its 8 flips / 90-degree rotations, standardised, into a class-balanced multinomial logistic
+  regression (scikit-learn; its strength chosen on the validation chips); the fitted scaler and
+  coefficients are folded into the classifier's linear head.
+Either way the result is an ordinary package (same model classes) that ``sarmae infer``, ONNX
+export and the plugin run unchanged; a full fine-tune may start from it (linear probe, then
+fine-tune).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .common import FinetuneError, History, fit
+from .config import FinetuneConfig
+
+log = logging.getLogger("sarmae.finetune")
+
+HEAD_LR = 1e-3  # the head starts from random weights: AdamW at 1e-3 (no layer decay: the encoder is frozen)
+HEAD_STEPS = 400  # optimiser steps the head mode aims for (early stopping may end sooner)
+# auto: with fewer training chips than this, a full fine-tune is not tried (it overfits a handful of
+# chips and costs minutes); above it, both run and the better validation score is kept
+AUTO_FULL_MIN_CHIPS = {"segment": 48, "classify": 200}
+
+
+def resolve_mode(cfg: FinetuneConfig, task: str, n_train: int) -> tuple[str, str]:
+    """("head" | "full" | "auto", why) for ``cfg.mode`` and the number of training chips."""
+    if cfg.mode not in ("auto", "head", "full"):
+        raise FinetuneError(f"--mode '{cfg.mode}': use head (quick: a light head on the frozen encoder), full "
+                            "(fine-tune the whole model) or auto (chosen by the number of labels)")
+    if cfg.linear_probe and cfg.mode == "auto":
+        return "full", "--linear-probe trains the task head by gradient descent on the frozen encoder"
+    if cfg.mode != "auto":
+        return cfg.mode, f"mode {cfg.mode} as asked"
+    need = AUTO_FULL_MIN_CHIPS[task]
+    if n_train < need:
+        return "head", (f"{n_train} training chips (< {need}): quick mode on the frozen encoder; a full fine-tune "
+                        "would overfit so few labels")
+    return "auto", (f"{n_train} training chips (>= {need}): quick mode first, then a full fine-tune from it; the "
+                    "better validation score is kept")
+
+
+def head_config(cfg: FinetuneConfig, steps_per_epoch: int) -> FinetuneConfig:
+    """``cfg`` for fitting a head on cached features: frozen encoder, HEAD_LR, about HEAD_STEPS steps."""
+    epochs = int(min(200, max(10, math.ceil(HEAD_STEPS / max(1, steps_per_epoch)))))
+    return dataclasses.replace(cfg, linear_probe=True, freeze_epochs=0, lr=cfg.lr or HEAD_LR, layer_decay=1.0,
+                               epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, 0.05 * epochs),
+                               patience=max(cfg.patience, epochs // 4), weight_decay=1e-4)
+
+
+@torch.no_grad()
+def encode(model, x: torch.Tensor, device: str, batch: int = 32) -> list[torch.Tensor]:
+    """The frozen encoder's block maps of every chip, float16 on the CPU: one tensor per block."""
+    model.eval()
+    parts = [model.features(x[i:i + batch].float().to(device)) for i in range(0, len(x), batch)]
+    return [torch.cat([p[j].half().cpu() for p in parts]) for j in range(len(parts[0]))]
+
+
+def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig, device: str, loss_fn,
+                     evaluate_pred, progress=None) -> History:
+    """Fit ``model``'s light head on cached encoder maps of the chips (see the module docstring).
+
+    loss_fn(logits, target) -> loss; evaluate_pred(pred (N, S, S) int64 numpy) -> metrics of the val chips."""
+    model.fit_pixel_standardisation(chips.x[tr[: min(len(tr), 256)]])
+    cache = encode(model, chips.x, device)
+    bs = min(cfg.batch_size, len(tr))
+    loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
+                                         drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
+    hcfg = head_config(cfg, len(loader))
+
+    def decode(m, idx) -> torch.Tensor:
+        return m.decode([c[idx].to(device) for c in cache], chips.x[idx].float().to(device))
+
+    def train_step(m, idx):
+        return loss_fn(decode(m, idx), chips.masks[idx].long().to(device))
+
+    def evaluate(m) -> dict:
+        pred = torch.cat([decode(m, torch.from_numpy(va[i:i + 32])).argmax(1).cpu() for i in range(0, len(va), 32)])
+        return evaluate_pred(pred.numpy())
+
+    log.info("quick mode: %d chips encoded once; fitting the light head (%d epochs at most, lr %.0e)",
+             len(chips.x), hcfg.epochs, hcfg.peak_lr)
+    return fit(model, train_step, evaluate, loader, hcfg, device, "mean_iou", progress)
+
+
+@torch.no_grad()
+def pooled_features(model, x: torch.Tensor, device: str, views: bool, batch: int = 64) -> np.ndarray:
+    """(N, C, S, S) chips -> (N * V, D) pooled embeddings: V = 8 dihedral views (flips and 90-degree
+    rotations, view-major) when ``views``, else 1."""
+    model.eval()
+    out = []
+    for k in range(8 if views else 1):
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].float()
+            xb = torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1))
+            out.append(model.forward_features(xb.to(device)).cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig,
+                      device: str, classes: list[str]) -> dict:
+    """Fit ``model.head`` (a ViTClassifier's linear layer) by logistic regression on frozen pooled
+    embeddings (see the module docstring); returns {"C", "val_accuracy", "train_accuracy"}."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    views = cfg.augment
+    f_tr = pooled_features(model, x[tr], device, views)
+    y_tr = np.tile(y[tr], 8 if views else 1)
+    f_va = pooled_features(model, x[va], device, False)
+    scaler = StandardScaler().fit(f_tr)
+    z_tr, z_va = scaler.transform(f_tr), scaler.transform(f_va)
+    best = None
+    for c in (0.01, 0.03, 0.1, 0.3, 1.0):  # inverse regularisation strength, chosen on the validation chips
+        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=cfg.seed).fit(z_tr, y_tr)
+        acc = float((lr.predict(z_va) == y[va]).mean()) if len(va) else float(lr.score(z_tr, y_tr))
+        if best is None or acc > best[0]:
+            best = (acc, c, lr)
+    acc, c, lr = best
+    k = len(classes)
+    coef, icpt = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # binary: one logit difference -> two logits with the same softmax
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
+    full_w, full_b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)  # classes never seen in training: never predicted
+    full_w[lr.classes_], full_b[lr.classes_] = coef, icpt
+    scale = scaler.scale_
+    w = full_w / scale
+    b = full_b - full_w @ (scaler.mean_ / scale)
+    head: nn.Linear = model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w).float())
+        head.bias.copy_(torch.from_numpy(b).float())
+    log.info("quick mode: logistic regression on %d frozen embeddings (%s), C=%g: validation accuracy %.3f",
+             len(f_tr), "8 views per chip" if views else "1 view", c, acc)
+    return {"C": c, "val_accuracy": acc, "train_accuracy": float(lr.score(z_tr, y_tr))}
