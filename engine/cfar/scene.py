@@ -83,7 +83,7 @@ def to_power(x: np.ndarray, valid: np.ndarray, units: str, given: bool, source: 
     """Reader values (h, w) -> linear power float32; negative 'linear' values are refused (they are dB)."""
     from engine.radiometry import convert_units
 
-    if units in ("linear_power", "amplitude") and valid.any():
+    if units in ("linear_power", "amplitude") and (x < 0).any():  # invalid pixels hold 0
         neg = float(np.mean(x[valid] < 0))
         if neg > 0:
             how = "you gave them as" if given else "they were read as"
@@ -145,7 +145,7 @@ def run_cfar(paths: list[str] | str, output: str | Path | None, cfg: CfarConfig,
         finally:
             if mask is not None:
                 mask.close()
-        objects, valid, tested, water = res
+        objects, valid, tested, water, seams = res
         if cfg.water_mask and water == 0:
             msg = f"no boxes: the mask {cfg.water_mask} has no water (no pixel with value {cfg.water_values})"
             return _finish(out, CfarResult(None, CfarObjects.empty(), 0, 0, 0.0 if px.metres else None, units, log,
@@ -157,8 +157,7 @@ def run_cfar(paths: list[str] | str, output: str | Path | None, cfg: CfarConfig,
                 f"{source}: no valid pixel has {cfg.min_background:.0%} of its {px.ring_cells}-cell background ring "
                 f"valid: the background window ({2 * bx + 1} x {2 * by + 1} px) is larger than the valid area. "
                 "Choose a smaller background window")
-        if cfg.nms_iou < 1 and len(objects):
-            objects = objects.take(np.sort(nms(objects.boxes, objects.scores, cfg.nms_iou)))
+        objects = _merge_at_seams(objects, seams, cfg.nms_iou)
         area = valid * spacing[0] * spacing[1] / 1e6 if spacing is not None else None
         log.append(f"CFAR {cfg.method.upper()} ({_rule(cfg)}): {len(objects)} object(s) in {valid / 1e6:.2f} Mpx"
                    + (f" ({area:.2f} km2)" if area is not None else ""))
@@ -217,7 +216,25 @@ def _strips(raster, mask, cfg: CfarConfig, px: CfarPixels, units: str, source: s
                 valid_n, tested_n, water_n = valid_n + v, tested_n + t, water_n + w
                 if progress is not None:
                     progress(len(parts) / len(starts))
-    return CfarObjects.concat(parts), valid_n, tested_n, water_n
+    return CfarObjects.concat(parts), valid_n, tested_n, water_n, (np.asarray(starts[1:], np.float64), over)
+
+
+def _merge_at_seams(objects: CfarObjects, seams: tuple[np.ndarray, int], iou: float) -> CfarObjects:
+    """NMS among the objects within the overlap of a seam between strips: the only place where one
+    object can be reported twice (inside a strip, connected components are distinct objects)."""
+    rows, over = seams
+    if iou >= 1 or not len(objects) or not len(rows):
+        return objects
+    y0, y1 = objects.boxes[:, 1], objects.boxes[:, 3]
+    k = np.clip(np.searchsorted(rows, (y0 + y1) / 2), 1, len(rows)) - 1  # the seams around each object
+    near = np.zeros(len(objects), bool)
+    for kk in (k, np.minimum(k + 1, len(rows) - 1)):
+        near |= (y0 < rows[kk] + over) & (y1 > rows[kk] - over)
+    cand = np.flatnonzero(near)
+    keep = np.ones(len(objects), bool)
+    keep[cand] = False
+    keep[cand[nms(objects.boxes[cand], objects.scores[cand], iou)]] = True
+    return objects.take(keep)
 
 
 def _finish(out: Path | None, res: CfarResult, raster, cfg: CfarConfig, px: CfarPixels) -> CfarResult:
