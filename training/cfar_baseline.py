@@ -69,3 +69,17 @@ def choose_cfar(rasters: list[str], labels: str, class_field: str, names: list[s
                       "recall": sc["recall"]})
     best = max(tried, key=lambda t: (t["f1"], t["map_50"], -t["pfa"]))  # ties: the fewer false alarms
     return {**base, "pfa": best["pfa"], "k_sigma": None}, tried
+
+
+def evaluate_cfar(rasters: list[str], labels: str, class_field: str, names: list[str], opts,
+                  settings: dict) -> dict:
+    """CFAR alone over ``rasters`` against one box per polygon: the metrics of a detection
+    evaluation (``training.evaluate.score_detections``) at the CFAR ``score_threshold``."""
+    from .evaluate import _vector_labels, score_detections
+
+    shapes, _, _, _ = _vector_labels(rasters, labels, class_field, names, opts)
+    truth = [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
+             for polys, cls in shapes]
+    cfg, preds, log = cfar_boxes(rasters, settings, opts, names)
+    scores, _ = score_detections(preds, truth, names, cfg.score_threshold, search_area(rasters, opts))
+    return {**scores, "config": cfg.to_dict(), "log": log}
