@@ -54,9 +54,10 @@ def choose_cfar(rasters: list[str], labels: str, class_field: str, names: list[s
                 pfas: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)) -> tuple[dict, list[dict]]:
     """The ``pfa`` with the best F1 (every box at the pfa) on the TRAINING rasters + labels; the
     other settings are ``base``. Returns the chosen settings and each candidate's scores."""
-    from .evaluate import _vector_labels, score_detections
+    from .evaluate import score_detections
+    from .reference import vector_reference
 
-    shapes, _, _, _ = _vector_labels(rasters, labels, class_field, names, opts)
+    shapes, _, _, _ = vector_reference(rasters, labels, class_field, names, opts)
     truth = [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
              for polys, cls in shapes]
     area = search_area(rasters, opts)
@@ -75,9 +76,10 @@ def evaluate_cfar(rasters: list[str], labels: str, class_field: str, names: list
                   settings: dict) -> dict:
     """CFAR alone over ``rasters`` against one box per polygon: the metrics of a detection
     evaluation (``training.evaluate.score_detections``) at the CFAR ``score_threshold``."""
-    from .evaluate import _vector_labels, score_detections
+    from .evaluate import score_detections
+    from .reference import vector_reference
 
-    shapes, _, _, _ = _vector_labels(rasters, labels, class_field, names, opts)
+    shapes, _, _, _ = vector_reference(rasters, labels, class_field, names, opts)
     truth = [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
              for polys, cls in shapes]
     cfg, preds, log = cfar_boxes(rasters, settings, opts, names)

@@ -138,7 +138,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise SarmaeError("segmentation evaluation takes one --raster (run it once per raster)")
         options = {"bands": a.bands, "input_units": a.input_units}
         r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster,
-                            {k: v for k, v in options.items() if v})
+                            {k: v for k, v in options.items() if v}, baselines=a.baselines)
     elif a.raster and task == "detect":
         options = {"bands": a.bands, "input_units": a.input_units, "score_threshold": a.score_threshold}
         r = evaluate_detections(a.package, a.raster, png, a.labels, a.class_field,
@@ -253,6 +253,10 @@ def register(sub) -> None:
     s.add_argument("--class-field", help="class attribute of --labels")
     s.add_argument("--label-raster", help="class raster on the raster's grid (segment, classify)")
     s.add_argument("--background", help="classify with --labels: the model's class for chips touching no polygon")
+    s.add_argument("--baselines", action="store_true",
+                   help="segment: also the classical rows (best threshold per band, Otsu per band, random forest on "
+                        "per-pixel features), fitted on the package's own training labels and scored on the same "
+                        "pixels")
     _data_options(s)
     s.add_argument("--score-threshold", type=float, help="detect: the score of the reported operating point "
                                                           "(precision / recall / F1; default 0.3 as sarmae infer)")
