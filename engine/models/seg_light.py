@@ -4,7 +4,8 @@
 normalised, projected to ``hidden`` channels and upsampled bilinearly to the input size; the input
 itself gives per-pixel features (the bands, their local mean and standard deviation over
 ``scales`` px boxes, and the band differences: a ratio when the contract is dB); both are summed,
-passed through GELU and a 1x1 classifier. Everything after the encoder is per pixel, so the head
+passed through GELU and a 1x1 classifier, on cells of ``stride`` px (default 2: a quarter of the
+per-pixel work), the logits upsampled bilinearly to the input size. Everything after the encoder is per pixel, so the head
 costs little beside the encoder (windows/s against the UPerNet head: ``benchmarks/bench_seg_heads.py``),
 exports to ONNX, and can be fitted on FROZEN encoder features in
 seconds (``split``: ``features`` runs the encoder once per chip, ``decode`` is all that trains).
@@ -39,13 +40,33 @@ def pixel_features(x: torch.Tensor, scales: tuple[int, ...] = DEFAULT_SCALES) ->
     pairwise band differences (in a dB contract: the VV/VH ratio). The random forest baseline and
     the light head use these same features."""
     feats = [x]
+    both = torch.cat([x, x * x], 1)
     for s in scales:
-        mean = F.avg_pool2d(x, s, stride=1, padding=s // 2, count_include_pad=False)
-        sq = F.avg_pool2d(x * x, s, stride=1, padding=s // 2, count_include_pad=False)
+        mean, sq = box_mean(both, s).chunk(2, 1)
         feats += [mean, (sq - mean * mean).clamp(min=0.0).add(1e-6).sqrt()]
     c = x.shape[1]
     feats += [x[:, i:i + 1] - x[:, j:j + 1] for i in range(c) for j in range(i + 1, c)]
     return torch.cat(feats, 1)
+
+
+def _box_sum_1d(z: torch.Tensor, s: int, dim: int) -> torch.Tensor:
+    """Sums over windows of ``s`` (odd) centred on each position along ``dim``, zero-padded:
+    a running sum, so the cost does not grow with ``s``."""
+    r = s // 2
+    pad = [0, 0] * (z.ndim - 1 - dim % z.ndim) + [r + 1, r]
+    c = F.pad(z, pad).cumsum(dim)
+    n = z.shape[dim]
+    return c.narrow(dim, s, n) - c.narrow(dim, 0, n)
+
+
+def box_mean(z: torch.Tensor, s: int) -> torch.Tensor:
+    """(N, C, H, W) -> the mean over the s x s box centred on each pixel, over the pixels inside the
+    image (as ``avg_pool2d(..., count_include_pad=False)``), with running sums (separable)."""
+    total = _box_sum_1d(_box_sum_1d(z, s, -1), s, -2)
+    h, w = z.shape[-2:]
+    ones = torch.ones(1, 1, h, w, dtype=z.dtype, device=z.device)
+    count = _box_sum_1d(_box_sum_1d(ones, s, -1), s, -2)
+    return total / count
 
 
 def default_light_indices(depth: int) -> tuple[int, ...]:
@@ -57,6 +78,7 @@ def default_light_indices(depth: int) -> tuple[int, ...]:
 class LightSegHeadConfig:
     kind: str = "light"  # model.json architecture.head.kind (UPerNet packages: "upernet" or absent)
     hidden: int = 64  # width of the per-pixel mixing layer
+    stride: int = 2  # the mixing runs on stride x stride cells; logits upsampled to the input (1: every pixel)
     indices: tuple[int, ...] | None = None  # encoder blocks used (None: middle and last)
     scales: tuple[int, ...] = DEFAULT_SCALES  # box sides of the local mean / std features (px, odd)
     aux_weight: float = 0.0  # no auxiliary head (the training loss reads this field)
@@ -102,11 +124,19 @@ class LightSegmenter(nn.Module):
         return self.encoder.get_intermediate_layers(x, self.indices)
 
     def decode(self, maps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Block maps + the input -> (N, K, H, W) logits (all that trains in the quick, frozen mode)."""
+        """Block maps + the input -> (N, K, H, W) logits (all that trains in the quick, frozen mode).
+
+        The mixing runs at ``cfg.stride`` (pixel features averaged over stride x stride cells), and
+        the logits are upsampled bilinearly to the input size."""
         t = torch.cat([norm(m.float()) for norm, m in zip(self.token_norm, maps)], 1)
-        h = F.interpolate(self.token_proj(t), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        p = self.pixel_proj((pixel_features(x, self.cfg.scales) - self.pixel_mean) / self.pixel_std)
-        return self.cls(F.gelu(h + p))
+        f = (pixel_features(x, self.cfg.scales) - self.pixel_mean) / self.pixel_std
+        if self.cfg.stride > 1:
+            f = F.avg_pool2d(f, self.cfg.stride, ceil_mode=True)
+        h = F.interpolate(self.token_proj(t), size=f.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.cls(F.gelu(h + self.pixel_proj(f)))
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
 
     def fit_pixel_standardisation(self, x: torch.Tensor) -> None:
         """Set the pixel features' mean / std from sample chips (N, C, H, W)."""

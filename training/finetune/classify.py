@@ -30,6 +30,7 @@ from .common import (
     class_colours,
     fit,
     fit_batch,
+    gain_jitter,
     remaining,
     save_task_package,
     start,
@@ -239,7 +240,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
 
     def train_step(m, idx):
         xb = data.x[idx].float()
-        xb = augment(xb) if cfg.augment else xb
+        xb = gain_jitter(augment(xb), data.contract, cfg.gain_db) if cfg.augment else xb
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     def evaluate(m):
@@ -251,7 +252,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
              "quick mode, then full fine-tune"}.get(mode, "linear probe" if cfg.linear_probe else "full fine-tune"))
     hist, chosen = None, mode
     if mode in ("head", "auto"):
-        q = fit_classify_head(model, data.x, data.y, tr, va, cfg, device, data.classes)
+        q = fit_classify_head(model, data.x, data.y, tr, va, cfg, device, data.classes, data.contract)
         model.eval()
         with torch.no_grad():
             acc = evaluate(model)["accuracy"]

@@ -84,6 +84,28 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
     return Encoder(model, inp, f"{card.name} (sha256 {card.weights['sha256'][:12]})", report)
 
 
+def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
+    """A random radiometric gain per chip, uniform in +-``max_db`` dB, on normalised model input
+    (N, C, H, W): acquisitions differ in calibration, incidence angle and processing, and a model
+    that keys on absolute brightness fails on the next sensor. dB contracts shift by the gain;
+    amplitude and 8-bit display values scale by 10^(g/20), linear power by 10^(g/10); the result is
+    clipped to the contract's range as the engine clips real data."""
+    if not max_db:
+        return x
+    n, c = x.shape[:2]
+    g = (torch.rand(n, 1, 1, 1) * 2 - 1) * max_db
+    mean = torch.tensor(contract["mean"][:c], dtype=x.dtype).view(1, c, 1, 1)
+    std = torch.tensor(contract["std"][:c], dtype=x.dtype).view(1, c, 1, 1)
+    v = x * std + mean  # [0, 1] scaled
+    units = contract.get("units", "db")
+    if units == "db":
+        lo, hi = contract["clip"]
+        v = v + g / (hi - lo)
+    else:
+        v = v * 10 ** (g / (10 if units == "linear_power" else 20))
+    return (v.clamp(0.0, 1.0) - mean) / std
+
+
 def layer_id(name: str, depth: int) -> int:
     """0 for embeddings, i + 1 for block i, depth + 1 for everything after (norms, heads)."""
     for prefix in ("encoder.", "detector.backbone.encoder."):

@@ -39,6 +39,7 @@ class FinetuneConfig:
     num_workers: int = 0  # data-loader workers
     device: str = "auto"  # auto | cpu | cuda
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
+    gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
     bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)
     input_units: str | None = None  # what the data holds, overriding detection: db | linear_power | amplitude | uint8
     class_weights: str | list[float] | None = None  # segment: None, "auto" (inverse pixel frequency) or one per class

@@ -5,7 +5,7 @@ labels are few; and the choice between it and a full fine-tune (``--mode auto``)
   (its block maps are cached as float16); only the per-pixel head trains (Adam, a few hundred
   steps, early stopping on the validation mean IoU), so a few polygons give a package in seconds.
 - Classification: the ``ViTClassifier``'s pooled, normalised embedding of every training chip in
-  its 8 flips / 90-degree rotations, standardised, into a class-balanced multinomial logistic
+  its 8 flips / 90-degree rotations (each with a random gain, ``cfg.gain_db``), standardised, into a class-balanced multinomial logistic
   regression (scikit-learn; its strength chosen on the validation chips); the fitted scaler and
   coefficients are folded into the classifier's linear head.
 Either way the result is an ordinary package (same model classes) that ``sarmae infer``, ONNX
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import FinetuneError, History, fit
+from .common import FinetuneError, History, fit, gain_jitter
 from .config import FinetuneConfig
 
 log = logging.getLogger("sarmae.finetune")
@@ -96,28 +96,31 @@ def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: Finetune
 
 
 @torch.no_grad()
-def pooled_features(model, x: torch.Tensor, device: str, views: bool, batch: int = 64) -> np.ndarray:
+def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict | None = None,
+                    gain_db: float = 0.0, batch: int = 64) -> np.ndarray:
     """(N, C, S, S) chips -> (N * V, D) pooled embeddings: V = 8 dihedral views (flips and 90-degree
-    rotations, view-major) when ``views``, else 1."""
+    rotations, view-major), each with a random gain within +-``gain_db`` dB (``gain_jitter``), when
+    ``views``, else 1 view as it is."""
     model.eval()
     out = []
     for k in range(8 if views else 1):
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].float()
-            xb = torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1))
+            if views:
+                xb = gain_jitter(torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)), contract, gain_db)
             out.append(model.forward_features(xb.to(device)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
 def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig,
-                      device: str, classes: list[str]) -> dict:
+                      device: str, classes: list[str], contract: dict) -> dict:
     """Fit ``model.head`` (a ViTClassifier's linear layer) by logistic regression on frozen pooled
     embeddings (see the module docstring); returns {"C", "val_accuracy", "train_accuracy"}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     views = cfg.augment
-    f_tr = pooled_features(model, x[tr], device, views)
+    f_tr = pooled_features(model, x[tr], device, views, contract, cfg.gain_db)
     y_tr = np.tile(y[tr], 8 if views else 1)
     f_va = pooled_features(model, x[va], device, False)
     scaler = StandardScaler().fit(f_tr)

@@ -29,6 +29,7 @@ from .common import (
     class_colours,
     fit,
     fit_batch,
+    gain_jitter,
     remaining,
     save_task_package,
     start,
@@ -185,6 +186,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
         x, y = chips.x[idx].float(), chips.masks[idx].long()
         if cfg.augment:
             x, y = augment_pair(x, y)
+            x = gain_jitter(x, chips.contract, cfg.gain_db)
         logits, aux = m(x.to(device), return_aux=True)
         return seg_loss(logits, aux, y.to(device), weight, head.aux_weight)
 

@@ -53,3 +53,27 @@ def test_pixel_standardisation_is_fitted_and_saved():
     m.fit_pixel_standardisation(x)
     assert float(m.pixel_mean[0, 0]) == pytest.approx(5.0, abs=0.1) and float(m.pixel_std[0, 0]) == pytest.approx(2.0, abs=0.1)
     assert "pixel_mean" in m.state_dict() and "pixel_std" in m.state_dict()
+
+
+@pytest.mark.parametrize("s", [1, 3, 7, 15])
+def test_box_mean_equals_average_pooling_without_padding(s):
+    import torch.nn.functional as F
+
+    from engine.models.seg_light import box_mean
+
+    z = torch.randn(2, 3, 37, 41)
+    ref = F.avg_pool2d(z, s, stride=1, padding=s // 2, count_include_pad=False)
+    assert torch.allclose(box_mean(z, s), ref, atol=1e-5)
+
+
+def test_light_segmenter_exports_to_onnx(tmp_path):
+    import numpy as np
+
+    from engine.backends import OnnxBackend, TorchBackend, export_onnx
+
+    enc = create_model("vit_tiny_patch16", in_chans=2, img_size=32, depth=2)
+    m = LightSegmenter(enc, 3).eval()
+    blob = export_onnx(m, "segment", 2, (32, 32), "{}")
+    x = np.random.default_rng(0).standard_normal((2, 2, 32, 32)).astype(np.float32)
+    diff = np.abs(TorchBackend(m, "segment", "cpu").run(x) - OnnxBackend(blob, "segment", "cpu").run(x)).max()
+    assert diff < 1e-4
