@@ -214,9 +214,13 @@ def load_package(path: str | os.PathLike, device: str = "cpu", lazy: bool = Fals
     model only when ``.model`` is first used: what inference does, so that a run through
     onnxruntime needs neither torch nor the weights in memory.
     """
+    from .tasks import get_task
+
     path = Path(path)
     card = read_card(path)
-    if lazy:
+    if not get_task(card.task).needs_weights:
+        model = None  # a task without a network (e.g. CFAR): its own backend, no weights file
+    elif lazy:
         verify_weights(path, card)
         model = None
     else:
