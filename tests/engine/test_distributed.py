@@ -32,8 +32,8 @@ from engine.distributed import (
     split_rows,
     stitch_strips,
 )
-from engine.tasks import get_task
 from engine.stitching import RollingStitcher
+from engine.tasks import get_task
 from engine.tiling import plan_tiles
 
 REPO = Path(__file__).resolve().parents[2]
