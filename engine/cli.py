@@ -32,30 +32,27 @@ def cmd_init(a: argparse.Namespace) -> int:
     """A randomly initialised package (for tests, demos and trying the pipeline)."""
     import torch
 
-    from .models import build_from_architecture, create_model
-    from .models.registry import TASKS
+    from .models import create_model
     from .package import default_classes, default_input, new_card, save_package
+    from .tasks import get_task
 
-    if a.task not in TASKS:
-        raise SarmaeError(f"unknown task '{a.task}'; use one of {', '.join(TASKS)}")
-    needs_classes = a.task in ("classify", "segment", "detect")
+    task = get_task(a.task)
+    needs_classes = task.needs_classes
     if needs_classes and not a.classes:
         raise SarmaeError(f"--task {a.task} needs --classes, e.g. --classes water,land")
     torch.manual_seed(a.seed)
     base = a.arch.replace("mae_", "")
     enc_model = create_model(base, in_chans=a.in_chans, img_size=a.img_size)
-    arch = {"name": base, "encoder": enc_model.cfg.to_dict()}
-    if a.task == "reconstruct":
-        arch["name"] = "mae_" + base
-        arch["decoder"] = {"embed_dim": a.decoder_dim, "depth": a.decoder_depth, "num_heads": max(1, a.decoder_dim // 32),
-                           "norm_pix_loss": False}
+    decoder = {"embed_dim": a.decoder_dim, "depth": a.decoder_depth, "num_heads": max(1, a.decoder_dim // 32),
+               "norm_pix_loss": False}
+    arch = task.init_architecture({"name": base, "encoder": enc_model.cfg.to_dict()}, decoder)
     classes = default_classes(a.classes) if needs_classes else []
-    model = build_from_architecture(arch, a.task, len(classes))
     bands = a.bands or None
     if bands and len(bands) != a.in_chans:
         raise SarmaeError(f"--bands names {len(bands)} band(s) but --in-chans is {a.in_chans}")
     card = new_card(a.name or f"{base}-{a.task}-random", a.task, arch, default_input(a.in_chans, a.units, bands),
                     classes, provenance={"training": f"none: random initialisation (seed {a.seed})"})
+    model = task.build_model(card)
     save_package(model.state_dict(), card, a.output, overwrite=a.overwrite)
     print(f"wrote {a.output}: {a.task} model {arch['name']}, {a.in_chans} channel(s), input {a.img_size}px"
           + (f", classes {', '.join(a.classes)}" if classes else "") + " (random weights)")
@@ -214,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a randomly initialised model package",
                        description="Write a model package with random weights (for tests, demos, trying the pipeline).")
     s.add_argument("--arch", default="vit_tiny_patch16", help="encoder: vit_{tiny,small,base,large}_patch16 (default: %(default)s)")
-    s.add_argument("--task", default="segment", help="embed | reconstruct | classify | segment | detect (default: %(default)s)")
+    s.add_argument("--task", default="segment", help="a registered task: embed | reconstruct | classify | segment | "
+                   "detect, or one a plug-in adds (default: %(default)s)")
     s.add_argument("--classes", type=_csv, help="comma-separated class names (classify/segment/detect)")
     s.add_argument("--in-chans", type=int, default=2, help="input channels: 1 single pol, 2 VV+VH, 3 reference layout (default: %(default)s)")
     s.add_argument("--bands", type=_csv, help="channel names in order, e.g. VV,VH (default: VV,VH for 2 channels)")

@@ -31,9 +31,9 @@ from engine.distributed import (
     run_batch,
     split_rows,
     stitch_strips,
-    task_plan,
 )
 from engine.stitching import RollingStitcher
+from engine.tasks import get_task
 from engine.tiling import plan_tiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,12 @@ def test_owned_rows_are_bitwise_equal_to_the_single_stitch(height, width, window
         part, _ = _stitch(part_plan, logits[g0:g1], valid[g0:g1])
         r0, r1 = s.rows
         np.testing.assert_array_equal(part[:, r0 - e0:r1 - e0], full[:, r0:r1])
+
+
+def task_plan(task: str, height: int, width: int, window: int, patch: int, overlap: float | None):
+    from types import SimpleNamespace
+
+    return get_task(task).plan(SimpleNamespace(patch_size=patch), height, width, window, overlap)
 
 
 def test_task_plans_follow_the_sinks():

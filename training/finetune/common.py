@@ -355,10 +355,11 @@ def onnx_export(package: Path) -> bytes:
 
 def start(cfg: FinetuneConfig) -> tuple[str, Encoder, int]:
     """The start every task shares: seed, device, encoder, and the model input size in px."""
-    from engine.backends import ONNX_TASKS
+    from engine.backends import onnx_tasks
+    from engine.tasks import get_task
 
-    if cfg.export_onnx and cfg.task not in ONNX_TASKS:
-        raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(ONNX_TASKS)}; '{cfg.task}' packages run "
+    if cfg.export_onnx and not get_task(cfg.task).onnx:
+        raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(onnx_tasks())}; '{cfg.task}' packages run "
                             "with the torch backend (leave --export-onnx off)")
     if cfg.task == "detect" and cfg.mode == "head":
         raise FinetuneError("--mode head (quick) covers classify and segment; detection fine-tunes its whole model "
