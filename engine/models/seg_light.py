@@ -77,7 +77,7 @@ def default_light_indices(depth: int) -> tuple[int, ...]:
 @dataclass
 class LightSegHeadConfig:
     kind: str = "light"  # model.json architecture.head.kind (UPerNet packages: "upernet" or absent)
-    hidden: int = 64  # width of the per-pixel mixing layer
+    hidden: int = 64  # width of the per-pixel mixing layer (0: linear, as the quick mode fits it)
     stride: int = 2  # the mixing runs on stride x stride cells; logits upsampled to the input (1: every pixel)
     indices: tuple[int, ...] | None = None  # encoder blocks used (None: middle and last)
     scales: tuple[int, ...] = DEFAULT_SCALES  # box sides of the local mean / std features (px, odd)
@@ -112,12 +112,13 @@ class LightSegmenter(nn.Module):
         self.indices = tuple(cfg.indices) if cfg.indices else default_light_indices(len(encoder.blocks))
         d, n_pix = encoder.embed_dim, pixel_feature_count(encoder.in_chans, cfg.scales)
         self.token_norm = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for _ in self.indices)
-        self.token_proj = nn.Conv2d(d * len(self.indices), cfg.hidden, 1)
+        width = cfg.hidden or num_classes  # hidden 0: a linear head, the projections give the logits
+        self.token_proj = nn.Conv2d(d * len(self.indices), width, 1)
         # per-channel standardisation of the pixel features (fitted on the training chips; identity at init)
         self.register_buffer("pixel_mean", torch.zeros(1, n_pix, 1, 1))
         self.register_buffer("pixel_std", torch.ones(1, n_pix, 1, 1))
-        self.pixel_proj = nn.Conv2d(n_pix, cfg.hidden, 1)
-        self.cls = nn.Conv2d(cfg.hidden, num_classes, 1)
+        self.pixel_proj = nn.Conv2d(n_pix, width, 1)
+        self.cls = nn.Conv2d(cfg.hidden, num_classes, 1) if cfg.hidden else nn.Identity()
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's part: (N, C, H, W) -> block maps, each (N, D, H/p, W/p)."""
@@ -128,15 +129,22 @@ class LightSegmenter(nn.Module):
 
         The mixing runs at ``cfg.stride`` (pixel features averaged over stride x stride cells), and
         the logits are upsampled bilinearly to the input size."""
+        t, f = self.cell_features(maps, x)
+        h = F.interpolate(self.token_proj(t), size=f.shape[-2:], mode="bilinear", align_corners=False)
+        z = h + self.pixel_proj(f)
+        logits = self.cls(F.gelu(z)) if self.cfg.hidden else z
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def cell_features(self, maps: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's inputs: normalised block maps (N, D x blocks, H/p, W/p) and standardised pixel
+        features on stride x stride cells (N, F, H/stride, W/stride)."""
         t = torch.cat([norm(m.float()) for norm, m in zip(self.token_norm, maps)], 1)
         f = (pixel_features(x, self.cfg.scales) - self.pixel_mean) / self.pixel_std
         if self.cfg.stride > 1:
             f = F.avg_pool2d(f, self.cfg.stride, ceil_mode=True)
-        h = F.interpolate(self.token_proj(t), size=f.shape[-2:], mode="bilinear", align_corners=False)
-        logits = self.cls(F.gelu(h + self.pixel_proj(f)))
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
+        return t, f
 
     def fit_pixel_standardisation(self, x: torch.Tensor) -> None:
         """Set the pixel features' mean / std from sample chips (N, C, H, W)."""

@@ -95,6 +95,89 @@ def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: Finetune
     return fit(model, train_step, evaluate, loader, hcfg, device, "mean_iou", progress)
 
 
+MAX_PIXELS = 40_000  # labelled cells sampled for the logistic fit (per chip evenly, seeded)
+
+
+@torch.no_grad()
+def _cell_samples(model, cache: list[torch.Tensor], chips, idx: np.ndarray, device: str, per_chip: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (n, D x blocks + F), labels and chip index of labelled stride cells of chips ``idx``."""
+    import torch.nn.functional as F
+
+    from .labels import IGNORE
+
+    s = model.cfg.stride
+    xs, ys, gs = [], [], []
+    for i in idx:
+        sel = torch.tensor([int(i)])
+        t, f = model.cell_features([c[sel].to(device) for c in cache], chips.x[sel].float().to(device))
+        t = F.interpolate(t, size=f.shape[-2:], mode="bilinear", align_corners=False)
+        y = chips.masks[int(i)][s // 2::s, s // 2::s][: f.shape[-2], : f.shape[-1]].numpy()
+        ok = np.flatnonzero(y.ravel() != IGNORE)
+        if not len(ok):
+            continue
+        ok = rng.permutation(ok)[:per_chip]
+        feats = torch.cat([t, f], 1)[0].flatten(1).T.cpu().numpy()
+        xs.append(feats[ok])
+        ys.append(y.ravel()[ok].astype(np.int64))
+        gs.append(np.full(len(ok), int(i)))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+
+
+def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device: str, k: int) -> dict:
+    """Fit a linear light head (``hidden`` 0) by class-balanced logistic regression on labelled cells
+    of the training chips (frozen encoder maps + pixel features), its strength chosen by
+    cross-validation grouped by chip (so a fold is scored on chips it never saw, which also tells
+    how far the score can be trusted when the validation split is tiny); the scaler and
+    coefficients are folded into ``token_proj`` / ``pixel_proj``. Returns the CV scores."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    model.fit_pixel_standardisation(chips.x[tr[: min(len(tr), 256)]])
+    cache = encode(model, chips.x[tr], device)
+    rng = np.random.default_rng(cfg.seed)
+    local = type("Sub", (), {"x": chips.x[tr], "masks": chips.masks[tr]})
+    X, y, g = _cell_samples(model, cache, local, np.arange(len(tr)), device, max(200, MAX_PIXELS // len(tr)), rng)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise FinetuneError(f"the training chips hold labelled pixels of one class only ({classes.tolist()}): the "
+                            "quick mode needs two; label another class")
+    scaler = StandardScaler().fit(X)
+    Z = scaler.transform(X)
+    folds = min(5, len(np.unique(g)))
+    cv: dict[float, float] = {}
+    grid = (0.001, 0.01, 0.1, 1.0)
+    if folds >= 2:
+        for c in grid:
+            accs = []
+            for a, b in GroupKFold(n_splits=folds).split(Z, y, g):
+                if len(np.unique(y[a])) < 2:
+                    continue
+                lr = LogisticRegression(C=c, class_weight="balanced", max_iter=500).fit(Z[a], y[a])
+                pred = lr.predict(Z[b])  # balanced accuracy over the classes present in the held-out chips
+                accs.append(np.mean([(pred[y[b] == j] == j).mean() for j in np.unique(y[b])]))
+            cv[c] = float(np.mean(accs)) if accs else float("nan")
+    best = max((c for c in grid if np.isfinite(cv.get(c, np.nan))), key=lambda c: cv[c], default=0.01)
+    lr = LogisticRegression(C=best, class_weight="balanced", max_iter=1000).fit(Z, y)
+    coef, icpt = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # binary: one logit difference -> two logits with the same softmax
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
+    w, b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)  # classes never labelled: never predicted
+    w[lr.classes_], b[lr.classes_] = coef, icpt
+    w = w / scaler.scale_
+    b = b - w @ scaler.mean_
+    n_tok = model.token_proj.in_channels
+    with torch.no_grad():
+        model.token_proj.weight.copy_(torch.from_numpy(w[:, :n_tok]).float().view(k, n_tok, 1, 1))
+        model.token_proj.bias.copy_(torch.from_numpy(b).float())
+        model.pixel_proj.weight.copy_(torch.from_numpy(w[:, n_tok:]).float().view(k, -1, 1, 1))
+        model.pixel_proj.bias.zero_()
+    log.info("quick mode: logistic regression on %d labelled cells of %d chips (C=%g; cross-validated by chip: "
+             "balanced accuracy %s)", len(y), len(tr), best, ", ".join(f"{v:.3f}" for v in cv.values()) or "n/a")
+    return {"C": best, "cv_balanced_accuracy": cv.get(best), "cv_folds": folds, "cells": int(len(y))}
+
+
 @torch.no_grad()
 def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict | None = None,
                     gain_db: float = 0.0, batch: int = 64) -> np.ndarray:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .common import (
     FinetuneError,
+    History,
     budget_spent,
     class_colours,
     fit,
@@ -37,7 +38,7 @@ from .common import (
 from .config import FinetuneConfig
 from .labels import IGNORE, build_chips, chip_provenance
 from .metrics import confusion, iou_metrics
-from .quick import fit_segment_head, resolve_mode
+from .quick import fit_segment_head, fit_segment_linear, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import SegHeadConfig
@@ -165,7 +166,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
         kind = "light" if mode != "full" else cfg.seg_head
         if kind not in ("light", "upernet"):
             raise FinetuneError(f"segmentation head '{kind}': use light or upernet")
-        head = (LightSegHeadConfig() if kind == "light"
+        head = (LightSegHeadConfig(hidden=0 if mode != "full" else 64) if kind == "light"
                 else SegHeadConfig(channels=default_head_channels(enc.model.embed_dim)))
     elif mode != "full" and not isinstance(head, LightSegHeadConfig):
         raise FinetuneError("the quick mode fits the light head; use --mode full for the UPerNet head")
@@ -194,10 +195,21 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
         return scores(predict_masks(m, chips.x[va], device).numpy())
 
     log.info("%s; %d classes, %d train / %d val chips of %d px", enc.report, k, len(tr), len(va), size)
-    hist, chosen = None, mode
+    hist, chosen, cv = None, mode, None
     if mode in ("head", "auto"):
-        hist = fit_segment_head(model, chips, tr, va, cfg, device,
-                                lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
+        if head.hidden == 0:  # the linear quick head: logistic regression, cross-validated by chip
+            cv = fit_segment_linear(model, chips, tr, cfg, device, k)
+            model.eval()
+            with torch.no_grad():
+                got = evaluate(model)
+            hist = History(epochs=[0], train_loss=[float("nan")], val_score=[got["mean_iou"]], val_metrics=[got],
+                           best_epoch=0, best_score=got["mean_iou"], stopped="quick mode: one logistic-regression fit")
+            if progress is not None:
+                progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "mean_iou": got["mean_iou"],
+                          "metric": "mean_iou", "best": got["mean_iou"], "elapsed_s": time.time() - t0, "eta_s": 0.0})
+        else:
+            hist = fit_segment_head(model, chips, tr, va, cfg, device,
+                                    lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
         chosen = "head"
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
         quick = (hist.best_score, copy.deepcopy(model.state_dict())) if hist is not None else None
@@ -212,7 +224,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
-    validation = validation_report(chips.classes, true_va, len(va))
+    validation = validation_report(chips.classes, true_va, len(va), cv)
     warns = chips.warnings + ([validation["note"]] if not validation["reliable"] else [])
     metrics = {"val_mean_iou": final["mean_iou"], "val_iou": final["iou"], "val_pixel_accuracy": final["pixel_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
@@ -234,9 +246,10 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
             "history": {"val_mean_iou": hist.val_score, "train_loss": hist.train_loss}}
 
 
-def validation_report(classes: list[str], true: np.ndarray, n_chips: int) -> dict:
-    """How far the validation score can be trusted: chips, classes present, and a sentence when it is
-    weak (fewer than 4 chips, or a class missing from the held-out pixels)."""
+def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: dict | None = None) -> dict:
+    """How far the validation score can be trusted: chips, classes present, the quick mode's
+    cross-validation by chip when it ran, and a sentence when the held-out split is weak (fewer than
+    4 chips, or a class missing from the held-out pixels)."""
     present = [c for j, c in enumerate(classes) if (true == j).any()]
     missing = [c for c in classes if c not in present]
     reliable = n_chips >= 4 and not missing
@@ -244,6 +257,13 @@ def validation_report(classes: list[str], true: np.ndarray, n_chips: int) -> dic
     if not reliable:
         why = [f"only {n_chips} validation chip(s)"] if n_chips < 4 else []
         why += [f"no {', '.join(missing)} pixel in the held-out area"] if missing else []
-        note = ("validation is weak (" + "; ".join(why) + "): its score says little about the map; label more areas, "
-                "spread out, with every class in several places")
-    return {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
+        note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
+        if cv and cv.get("cv_balanced_accuracy") is not None:
+            note += (f"; cross-validation over the {cv['cv_folds']} training chips (each scored by a head fitted "
+                     f"without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
+        note += ". Label more areas, spread out, with every class in several places"
+    out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
+    if cv:
+        out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
+                                   "by": "training chip"}
+    return out
