@@ -57,7 +57,7 @@ def _finetune_config(a: argparse.Namespace):
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
          "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
-              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head"):
+              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -228,6 +228,8 @@ def register(sub) -> None:
     s.add_argument("--seg-head", choices=["light", "upernet"],
                    help="segment, full fine-tune: light (per-pixel head, fast on CPUs; the default) or upernet "
                         "(simple pyramid + UPerNet, for GPUs)")
+    s.add_argument("--gain-db", type=float, help="classify/segment: random radiometric gain per training chip within "
+                   "+-this many dB, so the model does not key on one acquisition's brightness (default 2; 0: off)")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)

@@ -96,6 +96,7 @@ def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: Finetune
 
 
 MAX_PIXELS = 40_000  # labelled cells sampled for the logistic fit (per chip evenly, seeded)
+TIE = 0.005  # cross-validated scores this close count as a tie: the simpler candidate is kept
 
 
 @torch.no_grad()
@@ -126,10 +127,11 @@ def _cell_samples(model, cache: list[torch.Tensor], chips, idx: np.ndarray, devi
 
 def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device: str, k: int) -> dict:
     """Fit a linear light head (``hidden`` 0) by class-balanced logistic regression on labelled cells
-    of the training chips (frozen encoder maps + pixel features), its strength chosen by
-    cross-validation grouped by chip (so a fold is scored on chips it never saw, which also tells
-    how far the score can be trusted when the validation split is tiny); the scaler and
-    coefficients are folded into ``token_proj`` / ``pixel_proj``. Returns the CV scores."""
+    of the training chips. The features (the SAR pixel features alone, or with the frozen encoder's
+    maps) and the strength are chosen by cross-validation grouped by chip (each fold scored on chips
+    it never saw; ties go to the simpler candidate, so an encoder whose maps do not help on these
+    labels is left out, e.g. a random one); the scaler and coefficients are folded into
+    ``token_proj`` / ``pixel_proj``. Returns the choice and its CV score."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
@@ -143,23 +145,34 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
     if len(classes) < 2:
         raise FinetuneError(f"the training chips hold labelled pixels of one class only ({classes.tolist()}): the "
                             "quick mode needs two; label another class")
-    scaler = StandardScaler().fit(X)
-    Z = scaler.transform(X)
+    n_tok = model.token_proj.in_channels
     folds = min(5, len(np.unique(g)))
-    cv: dict[float, float] = {}
-    grid = (0.001, 0.01, 0.1, 1.0)
+    # candidates, simplest first: the SAR pixel features alone, then with the encoder's maps; each
+    # with a strength C; ties (within TIE) go to the simpler, more regularised candidate
+    cands = [(feats, c) for feats in ("pixel", "pixel+encoder") for c in (0.001, 0.01, 0.1, 1.0)]
+    cv: dict[tuple[str, float], float] = {}
+
+    def cols(feats: str) -> slice:
+        return slice(n_tok, None) if feats == "pixel" else slice(0, None)
+
     if folds >= 2:
-        for c in grid:
+        for feats, c in cands:
             accs = []
-            for a, b in GroupKFold(n_splits=folds).split(Z, y, g):
+            for a, b in GroupKFold(n_splits=folds).split(X, y, g):
                 if len(np.unique(y[a])) < 2:
                     continue
-                lr = LogisticRegression(C=c, class_weight="balanced", max_iter=500).fit(Z[a], y[a])
-                pred = lr.predict(Z[b])  # balanced accuracy over the classes present in the held-out chips
+                sc = StandardScaler().fit(X[a][:, cols(feats)])
+                lr = LogisticRegression(C=c, class_weight="balanced", max_iter=500).fit(
+                    sc.transform(X[a][:, cols(feats)]), y[a])
+                pred = lr.predict(sc.transform(X[b][:, cols(feats)]))  # balanced accuracy on the held-out chips
                 accs.append(np.mean([(pred[y[b] == j] == j).mean() for j in np.unique(y[b])]))
-            cv[c] = float(np.mean(accs)) if accs else float("nan")
-    best = max((c for c in grid if np.isfinite(cv.get(c, np.nan))), key=lambda c: cv[c], default=0.01)
-    lr = LogisticRegression(C=best, class_weight="balanced", max_iter=1000).fit(Z, y)
+            cv[(feats, c)] = float(np.mean(accs)) if accs else float("nan")
+    scored = [k for k in cands if np.isfinite(cv.get(k, np.nan))]
+    top = max((cv[k] for k in scored), default=None)
+    feats, best = next((k for k in scored if cv[k] >= top - TIE), ("pixel", 0.01))
+    use = cols(feats)
+    scaler = StandardScaler().fit(X[:, use])
+    lr = LogisticRegression(C=best, class_weight="balanced", max_iter=1000).fit(scaler.transform(X[:, use]), y)
     coef, icpt = lr.coef_, lr.intercept_
     if coef.shape[0] == 1:  # binary: one logit difference -> two logits with the same softmax
         coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
@@ -167,15 +180,18 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
     w[lr.classes_], b[lr.classes_] = coef, icpt
     w = w / scaler.scale_
     b = b - w @ scaler.mean_
-    n_tok = model.token_proj.in_channels
+    if feats == "pixel":  # the encoder's maps get zero weight
+        w = np.concatenate([np.zeros((k, n_tok)), w], 1)
     with torch.no_grad():
         model.token_proj.weight.copy_(torch.from_numpy(w[:, :n_tok]).float().view(k, n_tok, 1, 1))
         model.token_proj.bias.copy_(torch.from_numpy(b).float())
         model.pixel_proj.weight.copy_(torch.from_numpy(w[:, n_tok:]).float().view(k, -1, 1, 1))
         model.pixel_proj.bias.zero_()
-    log.info("quick mode: logistic regression on %d labelled cells of %d chips (C=%g; cross-validated by chip: "
-             "balanced accuracy %s)", len(y), len(tr), best, ", ".join(f"{v:.3f}" for v in cv.values()) or "n/a")
-    return {"C": best, "cv_balanced_accuracy": cv.get(best), "cv_folds": folds, "cells": int(len(y))}
+    log.info("quick mode: logistic regression on %d labelled cells of %d chips, features %s, C=%g (cross-validated "
+             "by chip, balanced accuracy %s)", len(y), len(tr), feats, best,
+             ", ".join(f"{f} C={c:g}: {v:.3f}" for (f, c), v in cv.items()) or "n/a: fewer than 2 chips")
+    return {"C": best, "features": feats, "cv_balanced_accuracy": cv.get((feats, best)), "cv_folds": folds,
+            "cells": int(len(y))}
 
 
 @torch.no_grad()
