@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guard", type=float, help="full side of the guard window around a pixel, in --units (default: 7 px)")
     c.add_argument("--background", type=float, help="full side of the background window, in --units (default: 41 px)")
     c.add_argument("--pixel-spacing", type=float, help="metres per pixel for rasters without georeferencing (--units m)")
-    c.add_argument("--min-area", type=float, help="smallest object: px, or m^2 with --units m (default: 2 px)")
+    c.add_argument("--min-area", type=float, help="smallest object kept: px, or m^2 with --units m (default: 2, in "
+                   "those units; objects are at least 1 px)")
     c.add_argument("--max-area", type=float, help="largest object: px, or m^2 with --units m (default: none)")
     c.add_argument("--max-length", type=float, help="longest object (major axis), in --units (default: none)")
     c.add_argument("--score-threshold", type=float, help="the package's box score threshold, score = 1 - 1/(peak over "
