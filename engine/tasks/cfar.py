@@ -105,11 +105,10 @@ class CfarTask(Task):
                       score_threshold=self.score_threshold(card, options),
                       input_units=options.input_units or base.input_units, threads=options.threads or base.threads)
 
-        def part(lo: float, hi: float, what: str):  # progress of one step, mapped to [lo, hi]
-            def report(fraction: float, message: str = "") -> None:
-                if progress is not None:
-                    progress(fraction, message) if fraction < 0 else progress(
-                        lo + (hi - lo) * fraction, f"{what}: {message}" if message else what)
+        def part(lo: float, hi: float, what: str):  # progress of one step mapped to [lo, hi]; its log
+            def report(fraction: float, message: str = "") -> None:  # lines (< 0) are said once it ends
+                if progress is not None and fraction >= 0:
+                    progress(lo + (hi - lo) * fraction, f"{what}: {message}" if message else what)
             return report
 
         tmp = None

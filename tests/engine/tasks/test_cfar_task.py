@@ -272,16 +272,23 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         assert json.loads(self.proc.stdout.readline())["event"] == "hello"
 
-    def request(self, **req) -> list[dict]:
+    def send(self, **req) -> None:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        events = []
+
+    def until(self, rid: str, events: tuple[str, ...] = ("result", "error")) -> list[dict]:
+        """Events up to the first of ``events`` for ``rid`` (others' events included)."""
+        seen = []
         while True:
             line = self.proc.stdout.readline()
             assert line, f"the worker died: {Path(self.log.name).read_text()}"
-            events.append(json.loads(line))
-            if events[-1].get("id") == req["id"] and events[-1]["event"] in ("result", "error"):
-                return events
+            seen.append(json.loads(line))
+            if seen[-1].get("id") == rid and seen[-1]["event"] in events:
+                return seen
+
+    def request(self, **req) -> list[dict]:
+        self.send(**req)
+        return self.until(req["id"])
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -312,5 +319,13 @@ def test_worker_runs_cfar_like_any_detector_and_reports_bad_input(cfar_pkg, scen
             assert words in err["error"]["message"] and "traceback" not in err["error"]
         again = w.request(id="r2", inputs=[str(raster)], output=str(tmp_path / "w2.gpkg"), options={}, **run)[-1]
         assert again["event"] == "result" and again["cache"]["package"] == "hit"
+        big = write_raster(tmp_path / "big.tif", 10 * np.log10(np.random.default_rng(3).exponential(
+            0.01, (4096, 1024))).astype(np.float32))
+        w.send(id="big", inputs=[str(big)], output=str(tmp_path / "big.gpkg"), options={"threads": 1}, **run)
+        w.until("big", ("progress",))
+        w.send(id="stop", type="cancel", target="big")
+        last = w.until("big")[-1]
+        assert last["event"] == "error" and last["error"]["cancelled"] is True, last
+        assert not [p.name for p in tmp_path.iterdir() if "big." in p.name and p.suffix != ".tif"]
     finally:
         w.close()
