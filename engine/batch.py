@@ -15,7 +15,7 @@ from typing import Any
 from .errors import SarmaeError
 from .inference import _open_package, run_inference
 from .process_group import agreed, all_gather, dist_info, error_record
-from .tasks import get_task
+from .tasks import task_for
 from .types import InferenceOptions, ProgressFn
 
 log = logging.getLogger("sarmae.distributed")
@@ -43,7 +43,7 @@ def run_batch(inputs: list, output_dir: str | os.PathLike, model, options: Infer
 
     def prepare() -> None:
         pkg = state["pkg"] = _open_package(model)
-        ext = get_task(pkg.card.task).output_suffix
+        ext = task_for(pkg.card).output_suffix
         outs = [Path(output_dir) / f"{Path(it[0]).stem}{suffix}{ext}" for it in items]
         seen: dict[Path, int] = {}
         for i, o in enumerate(outs):
@@ -70,7 +70,7 @@ def run_batch(inputs: list, output_dir: str | os.PathLike, model, options: Infer
 
         rec = {"index": i, "inputs": items[i], "output": str(outs[i]), "rank": rank, "result": None, "error": None}
         try:
-            if backend is None:
+            if backend is None and task_for(pkg.card).windowed:  # CFAR reads rasters itself: no backend
                 from .backends import choose_backend
 
                 card = pkg.card

@@ -15,6 +15,10 @@ model.json, format_version 2 (version 1 cards, without ``output``, still load)::
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
      "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"}}
 
+A task (or a task's method, e.g. ``detect`` + ``cfar``) without a network (``Task.needs_weights``
+False) has no ``architecture.encoder``, may have no ``input``, and has ``"weights": {}``; its settings
+sit in the architecture under the method's name (``"architecture": {"name": "cfar", "cfar": {...}}``).
+
 ``ModelCard.architecture`` (``Architecture``, with ``.encoder`` an ``EncoderSpec``) and
 ``ModelCard.input`` (``InputContract``) are dataclasses with typed fields; they also read as the
 JSON objects they came from (``card.input["units"]``, ``dict(card.architecture["encoder"])``),
@@ -107,25 +111,26 @@ class EncoderSpec(_Record):
 
 @dataclass(eq=False)
 class Architecture(_Record):
-    """How to build the model: a named constructor, its encoder, and the task's decoder or head."""
+    """How to build the model: a named constructor, its encoder, and the task's decoder or head (a
+    method without a network, e.g. CFAR: no encoder, its settings in ``extra``)."""
 
     name: str
-    encoder: EncoderSpec
+    encoder: EncoderSpec | None
     decoder: dict | None = None  # MAE decoder (reconstruct)
     head: dict | None = None  # task head (classify, segment, detect)
     extra: dict[str, Any] = field(default_factory=dict)
-    _optional = ("decoder", "head")
+    _optional = ("encoder", "decoder", "head")
 
     @classmethod
-    def parse(cls, d: Any, problems: list[str]) -> Architecture | None:
+    def parse(cls, d: Any, problems: list[str], needs_encoder: bool = True) -> Architecture | None:
         if not isinstance(d, Mapping):
             problems.append("'architecture' is missing or not an object")
             return None
-        enc = EncoderSpec.parse(d.get("encoder"), problems)
+        enc = EncoderSpec.parse(d.get("encoder"), problems) if needs_encoder or d.get("encoder") is not None else None
         for k in ("decoder", "head"):
             if d.get(k) is not None and not isinstance(d[k], Mapping):
                 problems.append(f"'architecture.{k}' must be an object")
-        if enc is None or any(d.get(k) is not None and not isinstance(d[k], Mapping) for k in ("decoder", "head")):
+        if (enc is None and needs_encoder) or any(d.get(k) is not None and not isinstance(d[k], Mapping) for k in ("decoder", "head")):
             return None
         return cls(name=str(d.get("name", "custom")), encoder=enc,
                    decoder=None if d.get("decoder") is None else dict(d["decoder"]),
@@ -192,7 +197,7 @@ class ModelCard:
     name: str
     task: str
     architecture: Architecture
-    input: InputContract
+    input: InputContract | None  # None only for a task without a network (CFAR)
     classes: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
@@ -201,18 +206,23 @@ class ModelCard:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        from .tasks import get_task
+
         problems: list[str] = []
+        arch = self.architecture
+        method = arch.name if isinstance(arch, Architecture) else arch.get("name") if isinstance(arch, Mapping) else None
+        task = get_task(self.task, method if isinstance(method, str) else None)
         if not isinstance(self.architecture, Architecture):
-            self.architecture = Architecture.parse(self.architecture, problems)
-        if not isinstance(self.input, InputContract):
-            n = self.architecture.encoder.in_chans if self.architecture is not None else None
-            self.input = InputContract.parse(self.input, n, problems)
+            self.architecture = Architecture.parse(self.architecture, problems, task.needs_weights)
+        if not isinstance(self.input, InputContract) and (self.input is not None or task.needs_weights):
+            enc = self.architecture.encoder if self.architecture is not None else None
+            self.input = InputContract.parse(self.input, enc.in_chans if enc is not None else None, problems)
+        if self.output is None:
+            self.output = task.outputs[0]
+        if not problems:
+            problems += task.check_card(self)
         if problems:
             raise PackageError(f"model card '{self.name}': " + "; ".join(problems))
-        if self.output is None:
-            from .tasks import get_task
-
-            self.output = get_task(self.task).outputs[0]
 
     @property
     def class_names(self) -> list[str]:
@@ -220,22 +230,30 @@ class ModelCard:
 
     @property
     def in_chans(self) -> int:
-        return self.architecture.encoder.in_chans
+        enc = self.architecture.encoder
+        return enc.in_chans if enc is not None else len(self.input.bands) if self.input is not None else 1
+
+    def _encoder(self) -> EncoderSpec:
+        if self.architecture.encoder is None:
+            raise PackageError(f"model '{self.name}' ({self.task}, {self.architecture.name}) has no network: "
+                               "it has no input size, patch size or weights")
+        return self.architecture.encoder
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self.architecture.encoder.input_size
+        return self._encoder().input_size
 
     @property
     def patch_size(self) -> int:
-        return self.architecture.encoder.patch_size
+        return self._encoder().patch_size
 
     def to_dict(self) -> dict:
         """The model.json object, written as the current ``FORMAT_VERSION``."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
-                "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
-                "input": self.input.to_dict(), "output": self.output, "provenance": self.provenance,
-                "weights": self.weights}
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
+             "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
+             "input": None if self.input is None else self.input.to_dict(), "output": self.output,
+             "provenance": self.provenance, "weights": self.weights}
+        return {k: v for k, v in d.items() if not (k == "input" and v is None)}
 
 
 def validate_card(d: Any, where: str) -> ModelCard:
@@ -252,7 +270,7 @@ def validate_card(d: Any, where: str) -> ModelCard:
         problems.append(f"'format_version' must be a positive integer (found {fv!r})")
     elif fv > FORMAT_VERSION:
         problems.append(f"format_version {fv} is newer than this sarmae understands ({FORMAT_VERSION}): upgrade sarmae")
-    for key, typ in (("name", str), ("task", str), ("architecture", dict), ("input", dict), ("weights", dict)):
+    for key, typ in (("name", str), ("task", str), ("architecture", dict), ("weights", dict)):
         if not isinstance(d.get(key), typ):
             problems.append(f"'{key}' is missing or not a {typ.__name__}")
     if problems:
@@ -262,12 +280,16 @@ def validate_card(d: Any, where: str) -> ModelCard:
         problems.append(f"'task' must be one of {', '.join(task_names())} (found '{d['task']}'); other tasks come "
                         "from packages with 'sarmae.tasks' entry points")
     else:
+        method = d["architecture"].get("name")
         try:
-            task = get_task(d["task"])
+            task = get_task(d["task"], method if isinstance(method, str) else None)
         except TaskRegistryError as e:
             problems.append(str(e))
-    arch = Architecture.parse(d["architecture"], problems)
-    inp = InputContract.parse(d["input"], arch.encoder.in_chans if arch else None, problems)
+    network = task is None or task.needs_weights  # no network (CFAR): no encoder, input optional
+    arch = Architecture.parse(d["architecture"], problems, needs_encoder=network)
+    inp = None
+    if network or d.get("input") is not None:
+        inp = InputContract.parse(d.get("input"), arch.encoder.in_chans if arch and arch.encoder else None, problems)
     classes = d.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
         problems.append("'classes' must be a list of {\"name\": ..., \"colour\": \"#rrggbb\"}")
@@ -284,6 +306,9 @@ def validate_card(d: Any, where: str) -> ModelCard:
         problems.append("'weights.sha256' must be a 64-character hex digest")
     if problems:
         raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
-    return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
-                     provenance=d.get("provenance", {}), weights=w, output=output, format=d["format"],
-                     format_version=fv)
+    try:
+        return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
+                         provenance=d.get("provenance", {}), weights=w, output=output, format=d["format"],
+                         format_version=fv)
+    except PackageError as e:  # the task's own checks of the card (e.g. CFAR's settings)
+        raise PackageError(f"{where}: invalid model.json: {e}") from e

@@ -37,7 +37,7 @@ from .errors import NoValidDataError, SarmaeError
 from .inference import _clip_extent, _open_package, run_inference
 from .process_group import agreed, dist_info, dist_shutdown
 from .reader import SarRaster
-from .tasks import get_task
+from .tasks import task_for
 from .tasks.merging import MergeJob, part_path, remove_parts, stitch_strips
 from .tiling import Window
 from .types import InferenceOptions, InferenceResult, ProgressFn, RunContext
@@ -138,12 +138,15 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
     def prepare() -> dict | None:
         pkg = state["pkg"] = _open_package(model)
         card = pkg.card
+        if not task_for(card).windowed:
+            raise SarmaeError(f"{model}: {card.architecture.name} reads whole rasters by strips and is not split over "
+                              "torchrun ranks: run it without torchrun (or give each rank its rasters: run_batch)")
         size = opts.window or card.input_size[0]
         if size % card.patch_size:
             raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
         if rank != 0:
             return None
-        task = get_task(card.task)
+        task = task_for(card)
         out = Path(output)
         out = check_output(out if out.suffix else out.with_suffix(task.output_suffix), inputs, opts.overwrite)
         for extra in task.extra_outputs(out, opts):
@@ -163,7 +166,7 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
     info = agreed(prepare)[0]
     pkg = state["pkg"]
     card = pkg.card
-    task = get_task(card.task)
+    task = task_for(card)
     out, token, region = Path(info["out"]), info["token"], Window(*info["region"])
     size = opts.window or card.input_size[0]
     plan, unit = task.plan(card, region.height, region.width, size, opts.overlap)

@@ -159,7 +159,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     from .backends import choose_backend
     from .radiometry import Radiometry
     from .reader import SarRaster
-    from .tasks import get_task
+    from .tasks import task_for
     from .writers import check_output
 
     t0 = time.perf_counter()
@@ -175,11 +175,15 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
 
     pkg = _open_package(model)
     card = pkg.card
-    task = get_task(card.task)
+    task = task_for(card)
     out = Path(output)
     if not out.suffix:
         out = out.with_suffix(task.output_suffix)
     out = check_output(out, inputs, opts.overwrite)
+    if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
+        result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
+        elapsed = time.perf_counter() - t0
+        return _record(result, t0, elapsed, card, inputs, opts, messages)
     size = opts.window or card.input_size[0]
     if size % card.patch_size:
         raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
@@ -223,9 +227,16 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         except BaseException:
             sink.abort()
             raise
+    result.provenance = {"input_units": radiometry.describe(), "backend": backend.describe()}
+    return _record(result, t0, t_model, card, inputs, opts, messages)
+
+
+def _record(result: InferenceResult, t0: float, t_model: float, card, inputs: list[str], opts: InferenceOptions,
+            messages: list[str]) -> InferenceResult:
+    """The result record's timings, provenance (the task's ``input_units`` and ``backend`` kept) and log."""
     result.timings = {"total_s": time.perf_counter() - t0, "model_s": t_model}
     result.provenance = {"model": card.name, "model_sha256": card.weights.get("sha256"), "inputs": inputs,
-                         "input_units": radiometry.describe(), "backend": backend.describe(),
+                         "input_units": result.provenance.get("input_units"), "backend": result.provenance.get("backend"),
                          "software": f"sarmae {__version__}", "options": asdict(opts)}
     result.log = messages
     return result

@@ -2,7 +2,7 @@
 
 A package is a folder (or the same folder zipped) holding ``model.json`` (the model card: schema
 and typed records in ``engine.card``), ``weights.safetensors`` (never a pickle) and optionally
-``model.onnx``. Loading validates the card and the weights' sha256 and says exactly what is wrong.
+``model.onnx``; a package of a task without a network (CFAR) holds model.json alone. Loading validates the card and the weights' sha256 and says exactly what is wrong.
 """
 
 from __future__ import annotations
@@ -148,10 +148,21 @@ def _hash_mismatch(path: Path, digest: str, card: ModelCard) -> PackageError:
     )
 
 
+def _no_network(path: Path, card: ModelCard) -> None:
+    """Refuse to read weights from a package whose task has no network (a CFAR detector)."""
+    from .tasks import task_for
+
+    if not task_for(card).needs_weights:
+        raise PackageError(f"{path}: '{card.name}' is a {card.task} package without a network "
+                           f"({card.architecture.name}): it has no weights to load, fine-tune or export; "
+                           "run it with 'sarmae infer', or choose a package with a model")
+
+
 def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> ModelCard:
     """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
     path = Path(path)
     card = card or read_card(path)
+    _no_network(path, card)
     digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
@@ -180,6 +191,7 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
 
     path = Path(path)
     card = card or read_card(path)
+    _no_network(path, card)
     src = _Source(path)
     data = src.read(card.weights.get("file", WEIGHTS))
     digest = sha256_bytes(data)
@@ -193,10 +205,10 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
 
 def build_model(path: str | os.PathLike, card: ModelCard | None = None, device: str = "cpu") -> Any:
     """The package's torch model with its (hash-checked) weights, in eval mode on ``device``."""
-    from .tasks import get_task
+    from .tasks import task_for
 
     card, sd = load_state_dict(path, card)
-    model = get_task(card.task).build_model(card)
+    model = task_for(card).build_model(card)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("pos_embed")]  # fixed tables are rebuilt
     if missing or unexpected:
@@ -214,11 +226,11 @@ def load_package(path: str | os.PathLike, device: str = "cpu", lazy: bool = Fals
     model only when ``.model`` is first used: what inference does, so that a run through
     onnxruntime needs neither torch nor the weights in memory.
     """
-    from .tasks import get_task
+    from .tasks import task_for
 
     path = Path(path)
     card = read_card(path)
-    if not get_task(card.task).needs_weights:
+    if not task_for(card).needs_weights:
         model = None  # a task without a network (e.g. CFAR): its own backend, no weights file
     elif lazy:
         verify_weights(path, card)
@@ -236,24 +248,34 @@ def new_card(name: str, task: str, architecture: dict, input_contract: dict, cla
                      classes=classes or [], provenance=prov, weights={})
 
 
-def save_package(state_dict: dict, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
+def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
                  extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
-    """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically.
+    """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically; ``state_dict``
+    None: a package without weights (a task without a network, e.g. CFAR: model.json alone).
 
     Everything is written into a temporary sibling first and renamed on success, so an existing
     package is never left half-written.
     """
-    from safetensors.torch import save as st_save
+    from .tasks import task_for
 
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise PackageError(f"{dest} already exists; choose another output or pass --overwrite")
+    if (state_dict is None) == task_for(card).needs_weights:
+        raise PackageError(f"{dest}: a '{card.task}' package of '{card.architecture.name}' "
+                           + ("needs weights" if state_dict is None else "has no network: it takes no weights"))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    blob = st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task})
-    card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
+    files = {}
+    if state_dict is not None:
+        from safetensors.torch import save as st_save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        files[WEIGHTS] = blob = st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task})
+        card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
+    else:
+        card.weights = {}
     validate_card(json.loads(json.dumps(card.to_dict())), str(dest / CARD))
-    files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), WEIGHTS: blob}
+    files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), **files}
     if onnx_bytes is not None:
         files[ONNX] = onnx_bytes
     files.update(extra_files or {})
@@ -296,20 +318,25 @@ def _replace(src: Path, dest: Path) -> None:
 
 def describe(card: ModelCard) -> str:
     """A human-readable model card for ``sarmae info``."""
+    from .tasks import task_for
+
     enc = card.architecture.encoder
     inp = card.input
-    lines = [
-        f"name:          {card.name}",
-        f"task:          {card.task}",
-        f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
-        f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})",
-        f"input:         {enc.in_chans} channel(s) {'+'.join(inp.bands)}, units {inp.units}, "
-        f"clip {inp.clip[0]}..{inp.clip[1]}, mean {inp.mean}, std {inp.std}",
-        f"output:        {card.output}",
-    ]
+    lines = [f"name:          {card.name}", f"task:          {card.task}"]
+    if enc is not None:
+        lines.append(f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
+                     f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})")
+    else:
+        lines.append(f"method:        {card.architecture.name} (no network, no weights)")
+    if inp is not None:
+        lines.append(f"input:         {card.in_chans} channel(s) {'+'.join(inp.bands)}, units {inp.units}, "
+                     f"clip {inp.clip[0]}..{inp.clip[1]}, mean {inp.mean}, std {inp.std}")
+    lines += task_for(card).summary(card)
+    lines.append(f"output:        {card.output}")
     if card.classes:
         lines.append("classes:       " + ", ".join(f"{c['name']} ({c.get('colour', '-')})" for c in card.classes))
     for k, v in card.provenance.items():
         lines.append(f"{k + ':':<15}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights.get('sha256', '')[:16]}...")
+    if card.weights.get("sha256"):
+        lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights['sha256'][:16]}...")
     return "\n".join(lines)

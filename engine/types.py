@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # types only: no import at run time
     from .reader import SarRaster
 
 ProgressFn = Callable[[float, str], None]
+DEFAULT_SCORE_THRESHOLD = 0.3  # detect: the score a learned detector's boxes need when none is given
 CancelFn = Callable[[], bool]
 
 
@@ -40,9 +41,14 @@ class InferenceOptions:
     vector: bool = False  # segment: also write polygons (GeoPackage)
     min_area_px: int = 0  # segment vectors: drop regions smaller than this many pixels
     probabilities: bool = False  # segment: also write per-class probabilities
-    score_threshold: float = 0.3  # detect: keep boxes with at least this score
+    score_threshold: float | None = None  # detect: keep boxes scoring at least this (None: the package's own:
+    # DEFAULT_SCORE_THRESHOLD for a model, a CFAR card's score_threshold)
     nms_iou: float = 0.5  # detect: IoU above which overlapping boxes of one class are merged
     mask_ratio: float = 0.75  # reconstruct: fraction of patches hidden from the encoder
+    water_mask: str | None = None  # detect (CFAR): boxes only on water: a mask raster on the input's grid, or a
+    # segmentation package run first
+    water_class: str | None = None  # the mask's water: the package's class (default water/sea/ocean), or raster
+    # value(s) "1" / "1,2" (default 1)
     cog: bool = False  # write Cloud-Optimised GeoTIFFs
     overwrite: bool = False  # replace existing outputs
     extent: tuple[int, int, int, int] | None = None  # (row_off, col_off, height, width) subset in px

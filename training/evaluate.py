@@ -220,6 +220,7 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
     import dataclasses
 
     from engine.inference import InferenceOptions, run_inference
+    from engine.tasks import task_for
 
     from .cfar_baseline import cfar_boxes, search_area
 
@@ -233,7 +234,7 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
         raise SarmaeError("give at least one --raster to evaluate on")
     names = card.class_names
     opts = InferenceOptions(**(options or {}))
-    threshold = opts.score_threshold
+    threshold = task_for(card).score_threshold(card, opts)  # the run's, else the package's default
     run = dataclasses.replace(opts, score_threshold=min(threshold, 0.05), overwrite=True)
     # every raster's labels first (read once): bad labels fail before any model runs
     shapes, skipped, notes, warns = vector_reference(rasters, labels, class_field, names, opts)

@@ -11,14 +11,16 @@ from .registry import (
     TASKS,
     TaskRegistryError,
     get_task,
+    method_names,
     reset_registry,
+    task_for,
     task_names,
 )
 
 __all__ = ["ENTRY_POINT_GROUP", "TASKS", "Sink", "Task", "TaskRegistryError", "get_task", "make_sink",
-           "reset_registry", "task_names"]
+           "method_names", "reset_registry", "task_for", "task_names"]
 
 
 def make_sink(ctx: RunContext) -> Sink:
     """The sink of the package's task for this run."""
-    return get_task(ctx.card.task).make_sink(ctx)
+    return task_for(ctx.card).make_sink(ctx)

@@ -8,18 +8,22 @@ the ``sarmae.tasks`` entry point group; see ``engine.tasks.registry``). It says
 - what it writes: the main output (a GeoTIFF, or a GeoPackage when ``vector_output``) and the
   files beside it (``extra_outputs``),
 - how a model runs on a batch: ``build_model`` (torch, from the card), ``forward`` (torch;
-  also what is exported to ONNX when ``onnx``), ``to_numpy``; a task without a network (a CFAR
-  detector) returns a backend of its own from ``backend`` and needs neither torch nor weights,
+  also what is exported to ONNX when ``onnx``), ``to_numpy``; a task without a network
+  (``needs_weights = False``) returns a backend of its own from ``backend`` and needs neither torch
+  nor weights; one that reads the raster itself (``windowed = False``: the CFAR detector, by strips
+  with its background margins) does its whole run in ``run_raster`` instead of windows and a sink,
 - its sink (``make_sink``): ``windows``, ``consume(windows, outputs, valid)`` per batch, ``finish()``
   -> ``InferenceResult``, ``abort()`` (remove partial outputs; called on any failure or cancel),
 - how per-rank parts merge under torchrun (``blended``, ``part_options``, ``merge``).
 
 The pipeline (``engine.inference``) and the scale-out (``engine.distributed``) know nothing else
-about a task.
+about a task. A METHOD of a task (``method``: ``detect`` + ``cfar``) is a task class registered as
+``<task>.<method>`` and chosen by the card's architecture name (``engine.tasks.registry``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -27,9 +31,11 @@ import numpy as np
 
 from ..tiling import TilePlan, Window, plan_tiles
 from ..types import InferenceOptions, InferenceResult, RunContext
+from .georef import EARTH_RADIUS_M, Georef  # noqa: F401  (re-exported: engine/cfar/scene.py imports them from here)
 
 if TYPE_CHECKING:
     from ..card import ModelCard
+    from ..types import CancelFn, ProgressFn
     from .merging import MergeJob
 
 
@@ -55,15 +61,23 @@ class Task:
     """Base class of the tasks; a task overrides ``make_sink`` and ``merge`` and sets its attributes."""
 
     name: ClassVar[str] = ""  # as written in model.json's "task"
+    method: ClassVar[str | None] = None  # a method of the task, chosen by model.json's architecture name
     outputs: ClassVar[tuple[str, ...]] = ()  # what the model may return (model.json "output"); [0]: default
     needs_classes: ClassVar[bool] = False  # model.json must list classes
-    needs_weights: ClassVar[bool] = True  # a package without weights (e.g. CFAR) sets False
+    needs_weights: ClassVar[bool] = True  # a network: weights, architecture.encoder, input (CFAR: False)
+    windowed: ClassVar[bool] = True  # runs window by window through a sink (False: ``run_raster``)
     vector_output: ClassVar[bool] = False  # the main output is a GeoPackage (else a GeoTIFF)
     blended: ClassVar[bool] = True  # overlapping windows are blended into rasters (distributed: see split_rows)
     onnx: ClassVar[bool] = False  # the model exports to / runs from model.onnx
     default_overlap: ClassVar[float] = 0.25  # when --overlap is not given
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("make_sink", "merge")  # a plug-in must define these
+    REQUIRED: ClassVar[tuple[str, ...]] = ("make_sink", "merge")  # a plug-in must define these (not
+    # windowed: run_raster)
+
+    @classmethod
+    def key(cls) -> str:
+        """The registry name: the task's, or ``<task>.<method>`` for a method."""
+        return f"{cls.name}.{cls.method}" if cls.method else cls.name
 
     @property
     def output_suffix(self) -> str:
@@ -110,7 +124,23 @@ class Task:
         """The backend's torch output as the sink's numpy input."""
         return y.float().cpu().numpy()
 
+    def check_card(self, card: ModelCard) -> list[str]:
+        """The card's problems for this task beyond the common schema (e.g. CFAR's settings), as sentences."""
+        return []
+
+    def summary(self, card: ModelCard) -> list[str]:
+        """Lines of ``sarmae info`` about the task's own settings (e.g. CFAR's windows and pfa)."""
+        return []
+
     # ------------------------------------------------------------------ output and merging
+    def run_raster(self, inputs: list[str], output: Path, package: Any, options: InferenceOptions,
+                   say: Callable[[str], None], progress: ProgressFn | None,
+                   should_cancel: CancelFn | None) -> InferenceResult:
+        """The whole run of a task that is not ``windowed``: read ``inputs``, write ``output`` (checked
+        by the engine: not an input, absent unless ``overwrite``) atomically and return the result
+        record; ``engine.inference`` adds timings, provenance and the log."""
+        raise NotImplementedError(f"task '{self.key()}' is windowed: it runs through make_sink")
+
     def make_sink(self, ctx: RunContext) -> Sink:
         raise NotImplementedError
 
@@ -143,7 +173,6 @@ class PixelSink:
     ``windows`` and ``geo`` (georeferencing of the region at the plan's unit)."""
 
     def __init__(self, task: Task, ctx: RunContext):
-        from .georef import Georef
 
         self.task, self.ctx = task, ctx
         self.plan, self.unit = task.plan(ctx.card, ctx.region.height, ctx.region.width, ctx.size,

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..types import InferenceOptions, InferenceResult, RunContext
+from ..types import DEFAULT_SCORE_THRESHOLD, InferenceOptions, InferenceResult, RunContext
 from ..writers import write_features
 from .base import PixelSink, Task
 from .merging import MergeJob, part_features
@@ -19,6 +19,10 @@ class DetectTask(Task):
     vector_output = True
     blended = False  # boxes are not blended: a rank runs exactly its own bands
     # variable-length outputs per window: torch only, no ONNX
+
+    def score_threshold(self, card, options: InferenceOptions) -> float:
+        """The score a box needs: the run's ``score_threshold``, else the package's default."""
+        return DEFAULT_SCORE_THRESHOLD if options.score_threshold is None else float(options.score_threshold)
 
     def to_numpy(self, y) -> list[dict]:
         return [{k: v.float().cpu().numpy() for k, v in d.items()} for d in y]
@@ -56,7 +60,7 @@ class DetectSink(PixelSink):
         self.labels: list[np.ndarray] = []
 
     def consume(self, windows, outputs: list[dict], valid: np.ndarray) -> None:
-        thr = self.ctx.options.score_threshold
+        thr = self.task.score_threshold(self.ctx.card, self.ctx.options)
         for win, det, v in zip(windows, outputs, valid):
             keep = det["scores"] >= thr
             b = det["boxes"][keep].astype(np.float64)

@@ -6,6 +6,11 @@ A package adds a task with one entry point in the ``sarmae.tasks`` group, named 
     [project.entry-points."sarmae.tasks"]
     cfar = "sarmae_cfar.task:CfarTask"
 
+A METHOD of a task (a detector with no network, such as CFAR, for the task ``detect``) is
+registered as ``<task>.<method>`` (``detect.cfar``); a card selects it with its architecture name
+(``"task": "detect", "architecture": {"name": "cfar", ...}``), and ``task_for(card)`` returns it (the
+task itself when no such method is registered). Methods are not listed among the task names.
+
 Tasks are imported when first looked up (``get_task``), so that listing them stays cheap. A name
 registered twice, a class that is not a ``Task`` or lacks a required method, is refused with a
 ``TaskRegistryError`` that names the entry point(s).
@@ -15,9 +20,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from ..errors import SarmaeError
 from .base import Task
+
+if TYPE_CHECKING:
+    from ..card import ModelCard
 
 ENTRY_POINT_GROUP = "sarmae.tasks"
 BUILTIN = {
@@ -26,6 +35,7 @@ BUILTIN = {
     "classify": "engine.tasks.classify:ClassifyTask",
     "segment": "engine.tasks.segment:SegmentTask",
     "detect": "engine.tasks.detect:DetectTask",
+    "detect.cfar": "engine.tasks.cfar:CfarTask",
 }
 
 
@@ -59,8 +69,13 @@ def reset_registry() -> None:
 
 
 def task_names() -> list[str]:
-    """Every registered task name (built in and plug-ins), sorted."""
-    return sorted(_all_specs())
+    """Every registered task name (built in and plug-ins), sorted; methods (``detect.cfar``) are not tasks."""
+    return sorted(n for n in _all_specs() if "." not in n)
+
+
+def method_names(task: str) -> list[str]:
+    """The methods registered for ``task`` (``detect`` -> ``["cfar"]``), sorted."""
+    return sorted(n.partition(".")[2] for n in _all_specs() if n.startswith(task + "."))
 
 
 def _load(name: str, source: str, target: str) -> Task:
@@ -79,10 +94,11 @@ def check_task(obj: object, name: str, source: str) -> Task:
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskRegistryError(f"task '{name}': {source} points at {obj!r}, which is not a subclass of "
                                 "engine.tasks.Task; see DESIGN.md, 'Adding a task'")
-    missing = [m for m in Task.REQUIRED if not callable(getattr(cls, m, None)) or getattr(cls, m) is getattr(Task, m)]
+    required = Task.REQUIRED if cls.windowed else ("run_raster",)
+    missing = [m for m in required if not callable(getattr(cls, m, None)) or getattr(cls, m) is getattr(Task, m)]
     problems = [f"does not define {', '.join(missing)}"] if missing else []
-    if cls.name != name:
-        problems.append(f"its name is {cls.name!r} but it is registered as {name!r}")
+    if cls.key() != name:
+        problems.append(f"its name is {cls.key()!r} but it is registered as {name!r}")
     if not cls.outputs:
         problems.append("it lists no 'outputs' (what its model returns, e.g. ('logits', 'probabilities'))")
     if problems:
@@ -92,8 +108,12 @@ def check_task(obj: object, name: str, source: str) -> Task:
     return obj if isinstance(obj, Task) else cls()
 
 
-def get_task(name: str) -> Task:
-    """The registered task ``name``; a clear error when it is unknown or registered twice."""
+def get_task(name: str, method: str | None = None) -> Task:
+    """The registered task ``name``; a clear error when it is unknown or registered twice. With
+    ``method`` (a card's architecture name): the task's method ``name.method`` when one is
+    registered (``get_task("detect", "cfar")``), else the task itself."""
+    if method and "." not in name and f"{name}.{method}" in _all_specs():
+        name = f"{name}.{method}"
     if name in _loaded:
         return _loaded[name]
     specs = _all_specs()
@@ -109,6 +129,11 @@ def get_task(name: str) -> Task:
     return task
 
 
+def task_for(card: ModelCard) -> Task:
+    """The task that runs ``card``: its task, or the task's method named by its architecture."""
+    return get_task(card.task, card.architecture.name)
+
+
 class _Registry(Mapping):
     """``TASKS``: the registry read as a mapping of names to tasks (loaded on access)."""
 
@@ -122,7 +147,7 @@ class _Registry(Mapping):
         return len(task_names())
 
     def __contains__(self, name: object) -> bool:
-        return name in _all_specs()
+        return isinstance(name, str) and "." not in name and name in _all_specs()
 
 
 TASKS = _Registry()

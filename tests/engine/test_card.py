@@ -62,6 +62,10 @@ def test_a_card_of_this_version_round_trips(tiny_package):
     (lambda d: d["architecture"]["encoder"].update(patch_size="16"), "encoder.patch_size' must be a positive integer"),
     (lambda d: d["architecture"].update(head=[1]), "'architecture.head' must be an object"),
     (lambda d: d["input"].update(clip=[5, 1]), "'input.clip' must be \\[low, high\\]"),
+    # a network needs its encoder and input contract (only a task without one, CFAR, goes without)
+    (lambda d: d["architecture"].pop("encoder"), "'architecture.encoder' is missing"),
+    (lambda d: d.pop("input"), "'input' is missing"),
+    (lambda d: d["weights"].pop("sha256"), "'weights.sha256' must be a 64-character hex digest"),
 ])
 def test_typed_fields_are_validated(tiny_package, tmp_path, mutate, message):
     pkg = _copy(tiny_package, tmp_path)
