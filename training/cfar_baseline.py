@@ -34,6 +34,15 @@ def search_area(rasters: list[str], opts) -> tuple[float, str]:
     return (km2, "km2") if metres else (mpx, "Mpx")
 
 
+def truth_boxes(rasters: list[str], labels: str, class_field: str, names: list[str], opts) -> list[tuple]:
+    """One box (pixel bounds) per labelled polygon, per raster, read as detection evaluation reads them."""
+    from .reference import vector_reference
+
+    shapes = vector_reference(rasters, labels, class_field, names, opts)[0]
+    return [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
+            for polys, cls in shapes]
+
+
 def cfar_boxes(rasters: list[str], settings: dict | CfarConfig, opts, names: list[str]):
     """CFAR over each raster (bands, units and complex mode of the evaluation's options): the
     settings used, per raster (boxes (n, 4) in pixels, scores, class index), and the log. Boxes get
@@ -54,11 +63,9 @@ def choose_cfar(rasters: list[str], labels: str, class_field: str, names: list[s
                 pfas: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)) -> tuple[dict, list[dict]]:
     """The ``pfa`` with the best F1 (every box at the pfa) on the TRAINING rasters + labels; the
     other settings are ``base``. Returns the chosen settings and each candidate's scores."""
-    from .evaluate import _vector_labels, score_detections
+    from .evaluate import score_detections
 
-    shapes, _, _, _ = _vector_labels(rasters, labels, class_field, names, opts)
-    truth = [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
-             for polys, cls in shapes]
+    truth = truth_boxes(rasters, labels, class_field, names, opts)
     area = search_area(rasters, opts)
     tried = []
     for pfa in pfas:
@@ -75,11 +82,9 @@ def evaluate_cfar(rasters: list[str], labels: str, class_field: str, names: list
                   settings: dict) -> dict:
     """CFAR alone over ``rasters`` against one box per polygon: the metrics of a detection
     evaluation (``training.evaluate.score_detections``) at the CFAR ``score_threshold``."""
-    from .evaluate import _vector_labels, score_detections
+    from .evaluate import score_detections
 
-    shapes, _, _, _ = _vector_labels(rasters, labels, class_field, names, opts)
-    truth = [(np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4), np.asarray(cls, np.int64))
-             for polys, cls in shapes]
+    truth = truth_boxes(rasters, labels, class_field, names, opts)
     cfg, preds, log = cfar_boxes(rasters, settings, opts, names)
     scores, _ = score_detections(preds, truth, names, cfg.score_threshold, search_area(rasters, opts))
     return {**scores, "config": cfg.to_dict(), "log": log}
