@@ -1,8 +1,15 @@
 """CFAR detections -> objects: connected components, their boxes, scores, sizes; NMS in numpy.
 
-A component's score is its peak CFAR ratio ``r`` (pixel over its detection threshold, > 1) mapped
-to ``1 - 1/r``: 0 at the threshold, 0.5 at twice it, towards 1 for the brightest; monotone, so
-rankings (mAP) follow the CFAR statistic. Its length is the major axis of the ellipse with the
+Objects: detected pixels are grown by ``merge`` px (a square, by shifted ORs) before connected
+components (8-connectivity), so the pieces of one bright ship (bow, superstructure, stern, split by
+darker deck) become one object; its box, size and statistics come from its own detected pixels only.
+
+Score: the object's size-weighted CFAR statistic ``S = sum of ln r`` over its pixels (``r`` = pixel
+over its detection threshold, > 1), mapped to ``S / (1 + S)``: 0 at the threshold, 0.5 at S = 1
+nat, towards 1 for large bright objects; monotone in S, so rankings (mAP) follow it. Chosen on the
+HRSID training strip over the peak ratio, the mean and the count (mAP@0.5 0.16 peak, 0.21 mean
+log, 0.19 count, 0.24 sum): a ship is many pixels well above the clutter, a speckle or a sidelobe
+few. The peak ratio stays in ``ratios`` (the GeoPackage's ``cfar_ratio``). Its length is the major axis of the ellipse with the
 same second moments (``4 sqrt(largest eigenvalue)``, as skimage's ``major_axis_length``),
 measured on the (row, column) spacing of the grid.
 """
@@ -21,8 +28,8 @@ EIGHT = np.ones((3, 3), bool)  # 8-connectivity: a ship's diagonal pixels belong
 
 @dataclass
 class CfarObjects:
-    """Objects of one array (n rows each): boxes (x0, y0, x1, y1) in pixel edges, scores in [0, 1),
-    peak ratios, pixel counts, major-axis lengths (in the grid's spacing units), centre rows."""
+    """Objects of one array (n rows each): boxes (x0, y0, x1, y1) in pixel edges, scores in [0, 1)
+    (``score_of`` the summed log ratios), peak ratios, pixel counts, major-axis lengths (in the grid's spacing units), centre rows."""
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -55,23 +62,42 @@ class CfarObjects:
         return len(self.scores)
 
 
-def score_of(ratio: np.ndarray) -> np.ndarray:
-    """Peak CFAR ratio (> 1) -> score in [0, 1): ``1 - 1/r``."""
-    r = np.asarray(ratio, np.float64)
-    return np.clip(1.0 - 1.0 / np.maximum(r, 1.0), 0.0, 1.0)
+def score_of(statistic: np.ndarray) -> np.ndarray:
+    """An object's CFAR statistic ``S`` (sum over its pixels of ln(pixel / threshold), >= 0) ->
+    score in [0, 1): ``S / (1 + S)``."""
+    st = np.maximum(np.asarray(statistic, np.float64), 0.0)
+    return st / (1.0 + st)
+
+
+def grown(detected: np.ndarray, r: int) -> np.ndarray:
+    """``detected`` (h, w) bool dilated by a (2r+1)^2 square: shifted ORs along rows, then columns
+    (whole-row operations; a generic binary dilation is ~10x slower)."""
+    if r <= 0:
+        return detected
+    a = detected.copy()
+    for k in range(1, r + 1):
+        a[:, k:] |= detected[:, :-k]
+        a[:, :-k] |= detected[:, k:]
+    b = a.copy()
+    for k in range(1, r + 1):
+        b[k:] |= a[:-k]
+        b[:-k] |= a[k:]
+    return b
 
 
 def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarObjects:
-    """Connected components of ``detected`` (h, w) -> objects within the size limits of ``px``."""
-    lab, n = ndi.label(detected, structure=EIGHT)
+    """Detections ``detected`` (h, w) grouped into objects (``px.merge``) within the size limits of ``px``."""
+    lab, n = ndi.label(grown(detected, px.merge), structure=EIGHT)
     if n == 0:
         return CfarObjects.empty()
-    idx = np.flatnonzero(lab)  # only the detected pixels are visited below
+    idx = np.flatnonzero(detected)  # only the detected pixels are visited below
     ids = lab.ravel()[idx] - 1
     rows, cols = np.divmod(idx, detected.shape[1])
     cnt = np.bincount(ids, minlength=n).astype(np.float64)
+    r = ratio.ravel()[idx].astype(np.float64)
     peak = np.zeros(n)
-    np.maximum.at(peak, ids, ratio.ravel()[idx].astype(np.float64))
+    np.maximum.at(peak, ids, r)
+    statistic = np.bincount(ids, np.log(np.maximum(r, 1.0)), n)
     r0, c0 = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).max)
     r1, c1 = np.zeros(n, np.int64), np.zeros(n, np.int64)
     np.minimum.at(r0, ids, rows)
@@ -94,7 +120,7 @@ def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarO
     if px.max_length is not None:
         keep &= length <= px.max_length
     boxes = np.stack([c0, r0, c1 + 1, r1 + 1], axis=1).astype(np.float64)
-    obj = CfarObjects(boxes, score_of(peak), peak, cnt.astype(np.int64), length, (r0 + r1 + 1) / 2.0)
+    obj = CfarObjects(boxes, score_of(statistic), peak, cnt.astype(np.int64), length, (r0 + r1 + 1) / 2.0)
     return obj.take(keep)
 
 

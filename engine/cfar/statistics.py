@@ -71,13 +71,16 @@ class CfarMap:
 
 
 def _box_sums(a: np.ndarray, halves: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Sums of ``a`` (h, w) over (2hy+1) x (2hx+1) boxes centred on each pixel, zeros outside:
-    one float64 cumulative sum down the rows serves every box; float32 out."""
+    """Sums of ``a`` (h, w) over (2hy+1) x (2hx+1) boxes centred on each pixel, zeros outside;
+    float32 out. Vertically from one float64 cumulative sum down the rows shared by every box, built
+    row by row (a loop over rows of whole-row adds streams through memory; ``np.cumsum(axis=0)`` walks
+    columns and runs ~30x slower); horizontally with ``scipy.ndimage.uniform_filter1d`` along rows."""
     h, w = a.shape
     pad = max(hy for hy, _ in halves)
     buf = np.empty((h + 2 * pad + 1, w), np.float64)  # buf[j] = cumsum row j - pad - 1, clipped
     buf[: pad + 1] = 0.0
-    np.cumsum(a, axis=0, dtype=np.float64, out=buf[pad + 1: pad + 1 + h])
+    for i in range(h):
+        np.add(buf[pad + i], a[i], out=buf[pad + 1 + i])
     buf[pad + 1 + h:] = buf[pad + h]
     out = []
     for hy, hx in halves:
