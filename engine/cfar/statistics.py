@@ -98,6 +98,26 @@ def _edge_counts(n: int, half: int) -> np.ndarray:
     return (np.minimum(i + half, n - 1) - np.maximum(i - half, 0) + 1).astype(np.float32)
 
 
+def _tested_rows(shape: tuple[int, int], px: CfarPixels, nmin: float) -> np.ndarray:
+    """Per row, the pixels whose full-data ring has at least ``nmin`` cells (no nodata): the count
+    depends on the row's edge counts only, so one pass per distinct pair of them."""
+    (gy, gx), (by, bx) = px.guard, px.background
+    h, w = shape
+    ebx, egx = _edge_counts(w, bx), _edge_counts(w, gx)
+    pairs, inv = np.unique(np.stack([_edge_counts(h, by), _edge_counts(h, gy)], 1), axis=0, return_inverse=True)
+    per = np.array([int(((b * ebx - g * egx) >= nmin).sum()) for b, g in pairs], np.int64)
+    return per[inv.ravel()]
+
+
+def _counts_at(flat: np.ndarray, shape: tuple[int, int], px: CfarPixels) -> np.ndarray:
+    """Ring cells (no nodata) at flat indexes of an array of ``shape``, float64."""
+    (gy, gx), (by, bx) = px.guard, px.background
+    rows, cols = np.divmod(flat, shape[1])
+    h, w = shape
+    return (_edge_counts(h, by)[rows].astype(np.float64) * _edge_counts(w, bx)[cols]
+            - _edge_counts(h, gy)[rows].astype(np.float64) * _edge_counts(w, gx)[cols])
+
+
 def ring_counts(valid: np.ndarray, px: CfarPixels, all_valid: bool) -> np.ndarray:
     """Valid cells in each pixel's ring (h, w) float32; an outer product of edge counts when all valid."""
     (gy, gx), (by, bx) = px.guard, px.background
@@ -135,38 +155,51 @@ def cfar_map(power: np.ndarray, valid: np.ndarray, cfg: CfarConfig, px: CfarPixe
     the stride from the raster's origin) for strips to match the whole array.
     """
     all_valid = bool(valid.all())
-    n = ring_counts(valid, px, all_valid)
-    nmin = cfg.min_background * px.ring_cells
-    ok = valid & (n >= nmin - 0.5)
-    tested = ok.sum(axis=1)
-    ratio = np.zeros(power.shape, np.float32)
+    nmin = cfg.min_background * px.ring_cells - 0.5
+    if all_valid:  # counts from edge counts: no (h, w) array; computed at candidates only
+        n, ok, tested = None, None, _tested_rows(power.shape, px, nmin)
+    else:
+        n = ring_counts(valid, px, False)
+        ok = valid & (n >= nmin)
+        tested = ok.sum(axis=1)
     stride = 1
     if cfg.method == "ca" and cfg.pfa is not None:
         s, _ = ring_sums(power, valid, px, all_valid)
-        t_min = float(ca_factor(px.ring_cells, cfg.pfa, cfg.enl))  # T(n) falls with n: a cheap pre-filter
-        cand = np.flatnonzero(ok & (power * n > np.float32(t_min) * s))
-        nc = n.flat[cand]
+        # T(n) / n falls with n: x > T(N) / N * S (N the full ring) is a necessary condition, one pass
+        pre = np.multiply(s, np.float32(ca_factor(px.ring_cells, cfg.pfa, cfg.enl) / px.ring_cells))
+        pre_b = power > pre
+        del pre
+        if ok is not None:
+            pre_b &= ok
+        cand = np.flatnonzero(pre_b)
+        nc = _counts_at(cand, power.shape, px) if n is None else n.flat[cand].astype(np.float64)
+        cand, nc = cand[nc >= nmin], nc[nc >= nmin]
         level = ca_factor(nc, cfg.pfa, cfg.enl) * s.flat[cand] / nc
-    elif cfg.method == "ca":  # k-sigma
-        s, q = ring_sums(power, valid, px, all_valid, square=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s / n
-            std = np.sqrt(np.maximum(q / n - mean * mean, 0.0))
-            lvl = mean + np.float32(cfg.k_sigma) * std
-        cand = np.flatnonzero(ok & (power > lvl))
-        level = lvl.flat[cand].astype(np.float64)
     else:
-        stride = os_stride(cfg, px)
-        lvl, n_samples, rank = _os_level(power, valid, all_valid, px, cfg.os_rank, stride)
-        t = os_factor(n_samples, rank + 1, float(cfg.pfa), float(cfg.enl))
-        cand = np.flatnonzero(ok & (power > np.float32(t) * lvl))
-        level = t * lvl.flat[cand].astype(np.float64)
+        if n is None:
+            n = ring_counts(valid, px, True)
+            ok = n >= nmin
+        if cfg.method == "ca":  # k-sigma
+            s, q = ring_sums(power, valid, px, all_valid, square=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = s / n
+                std = np.sqrt(np.maximum(q / n - mean * mean, 0.0))
+                lvl = mean + np.float32(cfg.k_sigma) * std
+            cand = np.flatnonzero(ok & (power > lvl))
+            level = lvl.flat[cand].astype(np.float64)
+        else:
+            stride = os_stride(cfg, px)
+            lvl, n_samples, rank = _os_level(power, valid, all_valid, px, cfg.os_rank, stride)
+            t = os_factor(n_samples, rank + 1, float(cfg.pfa), float(cfg.enl))
+            cand = np.flatnonzero(ok & (power > np.float32(t) * lvl))
+            level = t * lvl.flat[cand].astype(np.float64)
     x = power.flat[cand].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(level > 0, x / level, np.inf)
     keep = r > 1.0
     detected = np.zeros(power.shape, bool)
     detected.flat[cand[keep]] = True
+    ratio = np.zeros(power.shape, np.float32)  # calloc'd: only the pages of detections are touched
     ratio.flat[cand[keep]] = np.minimum(r[keep], np.finfo(np.float32).max)
     return CfarMap(detected, ratio, tested, stride)
 
