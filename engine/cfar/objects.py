@@ -1,7 +1,7 @@
 """CFAR detections -> objects: connected components, their boxes, scores, sizes; NMS in numpy.
 
-Objects: detected pixels are grown by ``merge`` px (a square, by shifted ORs) before connected
-components (8-connectivity), so the pieces of one bright ship (bow, superstructure, stern, split by
+Objects: detected pixels are grown by ``merge`` px (a square) before connected components
+(8-connectivity), so the pieces of one bright ship (bow, superstructure, stern, split by
 darker deck) become one object; its box, size and statistics come from its own detected pixels only.
 
 Score: the object's size-weighted CFAR statistic ``S = sum of ln r`` over its pixels (``r`` = pixel
@@ -70,8 +70,7 @@ def score_of(statistic: np.ndarray) -> np.ndarray:
 
 
 def grown(detected: np.ndarray, r: int) -> np.ndarray:
-    """``detected`` (h, w) bool dilated by a (2r+1)^2 square: shifted ORs along rows, then columns
-    (whole-row operations; a generic binary dilation is ~10x slower)."""
+    """``detected`` (h, w) bool dilated by a (2r+1)^2 square: shifted ORs along rows, then columns."""
     if r <= 0:
         return detected
     a = detected.copy()
@@ -85,13 +84,61 @@ def grown(detected: np.ndarray, r: int) -> np.ndarray:
     return b
 
 
+def group(idx: np.ndarray, shape: tuple[int, int], r: int) -> tuple[np.ndarray, int]:
+    """Object ids (0..n-1, in raster order of their first pixel) of the detected pixels at sorted
+    flat indexes ``idx`` of an array of ``shape``: two pixels belong together when a chain of
+    detections links them with steps of Chebyshev distance <= 2r + 1 (their (2r+1)^2 squares touch:
+    the components of ``grown(detected, r)`` under 8-connectivity, r = 0: plain 8-connectivity).
+
+    Sparse (a few detections): neighbour pairs by binary search, then graph components, at a cost
+    in the detections, not the pixels. Dense (many): the grown mask labelled by ``ndimage.label``."""
+    h, w = shape
+    if len(idx) > 0.02 * h * w:
+        lab, n = ndi.label(grown(_mask(idx, shape), r), structure=EIGHT)
+        return _first_order(lab.ravel()[idx] - 1, n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    reach = 2 * r + 1
+    cols = idx % w
+    src, dst = [], []
+    for dy in range(reach + 1):
+        for dx in range(-reach, reach + 1):
+            if dy == 0 and dx <= 0:
+                continue
+            ok = (cols + dx >= 0) & (cols + dx < w)
+            target = idx + (dy * w + dx)
+            pos = np.minimum(np.searchsorted(idx, target), len(idx) - 1)
+            hit = np.flatnonzero(ok & (idx[pos] == target))
+            src.append(hit)
+            dst.append(pos[hit])
+    i, j = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(idx), len(idx)))
+    n, ids = connected_components(graph, directed=False)
+    return _first_order(ids, n)
+
+
+def _first_order(ids: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """Ids renumbered in the order of each object's first pixel (``ids`` follow sorted flat indexes)."""
+    _, first = np.unique(ids, return_index=True)
+    new = np.empty(n, np.int64)
+    new[np.argsort(first)] = np.arange(n)
+    return new[ids], n
+
+
+def _mask(idx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m.flat[idx] = True
+    return m
+
+
 def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarObjects:
-    """Detections ``detected`` (h, w) grouped into objects (``px.merge``) within the size limits of ``px``."""
-    lab, n = ndi.label(grown(detected, px.merge), structure=EIGHT)
-    if n == 0:
-        return CfarObjects.empty()
+    """Detections ``detected`` (h, w) grouped into objects (``group``, ``px.merge``) within the size
+    limits of ``px``."""
     idx = np.flatnonzero(detected)  # only the detected pixels are visited below
-    ids = lab.ravel()[idx] - 1
+    if not len(idx):
+        return CfarObjects.empty()
+    ids, n = group(idx, detected.shape, px.merge)
     rows, cols = np.divmod(idx, detected.shape[1])
     cnt = np.bincount(ids, minlength=n).astype(np.float64)
     r = ratio.ravel()[idx].astype(np.float64)
