@@ -8,18 +8,12 @@ when L = 1) ``x / (x + S)`` follows Beta(L, nL), so ``T(n) = n q / (1 - q)`` wit
 ``q = Beta(L, nL).isf(pfa)`` (L = 1: ``T = n (pfa^(-1/n) - 1)``). Vertical box sums come from one
 float64 cumulative sum shared by both windows, horizontal ones from ``scipy.ndimage.uniform_filter1d``.
 
-Order statistic: the ring's ``os_rank`` quantile from ``scipy.ndimage.rank_filter`` on a grid that
-samples every ``d``-th pixel (``d = os_stride``; 1 = the exact filter), with a guard wide enough
-that no sample of a pixel's ring falls in its guard window; each pixel takes its cell's value. The
-factor solves ``pfa = E[P(x > T Y_k)]`` with ``Y_k`` the k-th of ``N`` ring samples. Nodata samples
-are filled with the local cell-average before ranking.
+Order statistic: the ring's ``os_rank`` quantile on a coarse grid (``order``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -35,30 +29,11 @@ def ca_factor(n: np.ndarray | int, pfa: float, enl: float = 1.0) -> np.ndarray:
     return n * q / (1.0 - q)
 
 
-@lru_cache(maxsize=64)
-def os_factor(n: int, k: int, pfa: float, enl: float = 1.0) -> float:
-    """OS-CFAR factor: ``P(x > T * Y_k) = pfa``, ``Y_k`` the k-th smallest of ``n`` clutter cells
-    (gamma, ``enl`` looks; exponential when 1), by root finding on the integral over ``u = F(Y_k)``."""
-    from scipy import integrate, optimize
-
-    if not 1 <= k <= n:
-        raise ValueError(f"rank {k} is not within 1..{n}")
-    clutter, order = stats.gamma(enl, scale=1.0 / enl), stats.beta(k, n - k + 1)
-    lo, hi = order.ppf(1e-15), order.isf(1e-15)
-
-    def log_pfa(t: float) -> float:
-        f = lambda u: order.pdf(u) * clutter.sf(t * clutter.ppf(u))  # noqa: E731
-        v, _ = integrate.quad(f, lo, hi, points=[(k - 1) / max(n - 1, 1)], limit=200, epsabs=0, epsrel=1e-9)
-        return math.log(max(v, 1e-300))
-
-    return float(optimize.brentq(lambda t: log_pfa(t) - math.log(pfa), 1e-6, 1e7, xtol=1e-10, rtol=1e-10))
-
-
 @dataclass
 class CfarMap:
     """What a CFAR pass over one array found: ``detected`` (h, w) bool, ``ratio`` (h, w) float32
     (x over the detection threshold at detected pixels, 0 elsewhere), ``tested_rows`` (h,) the pixels
-    of each row with enough valid background to be tested, ``stride`` (OS sampling step, 1 for CA)."""
+    of each row with enough valid background to be tested, ``stride`` (OS cell side, 1 for CA)."""
 
     detected: np.ndarray
     ratio: np.ndarray
@@ -143,16 +118,11 @@ def ring_sums(power: np.ndarray, valid: np.ndarray, px: CfarPixels, all_valid: b
     return sb, qb
 
 
-def os_stride(cfg: CfarConfig, px: CfarPixels) -> int:
-    """The OS sampling step: ``os_stride``, or about a third of the guard window's smaller side."""
-    return cfg.os_stride or max(1, (2 * min(px.guard) + 1) // 3)
-
-
 def cfar_map(power: np.ndarray, valid: np.ndarray, cfg: CfarConfig, px: CfarPixels) -> CfarMap:
     """Per-pixel CFAR decision on linear power (h, w) float32 with its valid mask (h, w) bool.
 
-    For OS the array's first row and column must lie on the global sampling grid (a multiple of
-    the stride from the raster's origin) for strips to match the whole array.
+    For OS the array's first row and column must lie on the global cell grid (a multiple of
+    ``order.os_grid(...).cell`` from the raster's origin) for strips to match the whole array.
     """
     all_valid = bool(valid.all())
     nmin = cfg.min_background * px.ring_cells - 0.5
@@ -188,9 +158,12 @@ def cfar_map(power: np.ndarray, valid: np.ndarray, cfg: CfarConfig, px: CfarPixe
             cand = np.flatnonzero(ok & (power > lvl))
             level = lvl.flat[cand].astype(np.float64)
         else:
-            stride = os_stride(cfg, px)
-            lvl, n_samples, rank = _os_level(power, valid, all_valid, px, cfg.os_rank, stride)
-            t = os_factor(n_samples, rank + 1, float(cfg.pfa), float(cfg.enl))
+            from .order import os_factor, os_grid, os_level
+
+            grid = os_grid(cfg, px)
+            stride = grid.cell
+            lvl = os_level(power, valid, all_valid, grid)
+            t = os_factor(len(grid.offsets), grid.rank + 1, float(cfg.pfa), float(cfg.enl))
             cand = np.flatnonzero(ok & (power > np.float32(t) * lvl))
             level = t * lvl.flat[cand].astype(np.float64)
     x = power.flat[cand].astype(np.float64)
@@ -202,36 +175,3 @@ def cfar_map(power: np.ndarray, valid: np.ndarray, cfg: CfarConfig, px: CfarPixe
     ratio = np.zeros(power.shape, np.float32)  # calloc'd: only the pages of detections are touched
     ratio.flat[cand[keep]] = np.minimum(r[keep], np.finfo(np.float32).max)
     return CfarMap(detected, ratio, tested, stride)
-
-
-def _os_level(power: np.ndarray, valid: np.ndarray, all_valid: bool, px: CfarPixels, os_rank: float,
-              d: int) -> tuple[np.ndarray, int, int]:
-    """The ring's order statistic per pixel (h, w) float32 from samples every ``d`` px; the number of
-    ring samples and the 0-based rank used."""
-    (gy, gx), (by, bx) = px.guard, px.background
-    gcy, gcx = math.ceil(gy / d), math.ceil(gx / d)
-    bcy, bcx = max(gcy + 1, round(by / d)), max(gcx + 1, round(bx / d))
-    ring = np.ones((2 * bcy + 1, 2 * bcx + 1), bool)
-    ring[bcy - gcy: bcy + gcy + 1, bcx - gcx: bcx + gcx + 1] = False
-    n_samples = int(ring.sum())
-    rank = min(n_samples - 1, int(round(os_rank * (n_samples - 1))))
-    off = d // 2
-    h, w = power.shape
-    hp, wp = -(-h // d) * d, -(-w // d) * d
-    src = power if (hp, wp) == (h, w) else np.pad(power, ((0, hp - h), (0, wp - w)), mode="edge")
-    coarse = np.ascontiguousarray(src[off::d, off::d])
-    if not all_valid:  # nodata / land samples take the local valid mean, so they do not bias the rank
-        vsrc = valid if (hp, wp) == (h, w) else np.pad(valid, ((0, hp - h), (0, wp - w)), mode="edge")
-        cv = vsrc[off::d, off::d]
-        if cv.any() and not cv.all():
-            cpx = CfarPixels((gcy, gcx), (bcy, bcx), 1.0, None, None)
-            s, _ = ring_sums(coarse, cv, cpx, False)
-            cnt = ring_counts(cv, cpx, False)
-            fill = np.float32(np.median(coarse[cv]))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                local = np.where(cnt > 0, s / np.maximum(cnt, 1), fill)
-            coarse = np.where(cv, coarse, local).astype(np.float32)
-    lvl = ndi.rank_filter(coarse, rank, footprint=ring, mode="reflect")
-    if d > 1:
-        lvl = np.repeat(np.repeat(lvl, d, axis=0), d, axis=1)
-    return lvl[:h, :w], n_samples, rank
