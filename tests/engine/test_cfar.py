@@ -227,8 +227,9 @@ def test_pieces_of_one_ship_are_one_object_ranked_above_a_bright_speck():
     speck = iou_matrix(np.array([[150.0, 40, 151, 41]]), found[2].boxes)[0].argmax()
     assert found[2].scores[iou_matrix(ship, found[2].boxes)[0].argmax()] > found[2].scores[speck]
     assert found[2].ratios[speck] > 100  # ... although its peak CFAR ratio is the highest
-    spacing = CfarConfig(window_units="m", guard=150, background=500, merge_gap=20).resolve((10.0, 10.0))
-    assert spacing.merge == 1  # 20 m = 2 px
+    metres = CfarConfig(window_units="m", guard=150, background=500, merge_gap=40)
+    assert metres.resolve((10.0, 10.0)).merge == 2  # 40 m = 4 px
+    assert CfarConfig(window_units="m", guard=150, background=500).resolve((10.0, 10.0)).merge == 1  # default 2 px
 
 
 @pytest.mark.parametrize("density", [3e-4, 5e-3, 0.05])
