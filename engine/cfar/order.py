@@ -11,7 +11,7 @@ the guard window of ANY pixel of the cell: then each pixel's test still uses onl
 its own guard, and ``pfa`` holds exactly on homogeneous clutter (the samples are still i.i.d.).
 
 Cells lie on a grid anchored at the raster's origin: strips start on multiples of ``D`` so that
-they match the whole array. Nodata / land samples take the local valid mean before ranking.
+they match the whole array. Nodata / land samples are left out of the ranking (``os_level``).
 
 The factor solves ``pfa = E[P(x > T Y_k)]`` with ``Y_k`` the k-th of ``N`` ring samples (gamma
 clutter of ``enl`` looks), by root finding.
@@ -87,51 +87,52 @@ def os_grid(cfg: CfarConfig, px: CfarPixels) -> OsGrid:
 
 
 def os_level(power: np.ndarray, valid: np.ndarray, all_valid: bool, grid: OsGrid) -> np.ndarray:
-    """The ring's order statistic per pixel (h, w) float32 (each pixel its cell's value). The array's
-    first row and column must lie on the cell grid (multiples of ``grid.cell`` from the origin)."""
-    d, m, (bcy, bcx) = grid.d, grid.m, grid.background
+    """The ring's order statistic per pixel (h, w) float32 (each pixel its cell's value; +inf where
+    a cell's ring has no valid sample). The array's first row and column must lie on the cell grid
+    (multiples of ``grid.cell`` from the origin).
+
+    Nodata / land samples are left out of the ranking: of a cell's ``u`` invalid samples,
+    ``round(k u / (n - 1))`` become -inf and the rest +inf, so the k-th of all ``n`` samples is the
+    same quantile (k / (n - 1)) of its valid samples."""
     h, w = power.shape
-    coarse = _samples(power, d)
-    if not all_valid:
-        coarse = _fill_invalid(coarse, _samples(valid, d), grid)
-    hc, wc = coarse.shape
-    hm, wm = -(-hc // m), -(-wc // m)
-    c = m // 2  # the centre sample of a cell
-    # 'symmetric' = scipy.ndimage's 'reflect'; enough rows / cols for the last (partial) cell
-    cp = np.pad(coarse, ((bcy, bcy + hm * m - hc), (bcx, bcx + wm * m - wc)), mode="symmetric")
+    cp, hm, wm = _padded_samples(power, grid.d, grid)
+    cv = None if all_valid else _padded_samples(valid, grid.d, grid)[0]
     level = np.empty((hm, wm), np.float32)
-    n = len(grid.offsets)
+    n, k = len(grid.offsets), grid.rank
     step = max(1, CHUNK // max(1, n * wm))
     for k0 in range(0, hm, step):
         k1 = min(hm, k0 + step)
-        stack = np.empty((n, k1 - k0, wm), np.float32)
-        for i, (oy, ox) in enumerate(grid.offsets):
-            r0 = bcy + c + oy + k0 * m
-            stack[i] = cp[r0: r0 + (k1 - k0 - 1) * m + 1: m, bcx + c + ox: bcx + c + ox + (wm - 1) * m + 1: m]
-        level[k0:k1] = np.partition(stack, grid.rank, axis=0)[grid.rank]
+        stack = _gather(cp, grid, k0, k1, wm, np.float32)
+        if cv is not None:
+            bad = ~_gather(cv, grid, k0, k1, wm, bool)
+            if bad.any():
+                low = np.rint(k * bad.sum(axis=0) / max(n - 1, 1))  # invalid samples sent below the rank
+                stack[bad] = np.where((np.cumsum(bad, axis=0, dtype=np.int32) <= low)[bad], -np.inf, np.inf)
+        level[k0:k1] = np.partition(stack, k, axis=0)[k]
+    level[level == -np.inf] = np.inf  # no valid sample: nothing to compare with
     cell = grid.cell
     return np.repeat(np.repeat(level, cell, axis=0)[:h], cell, axis=1)[:, :w]
 
 
-def _samples(a: np.ndarray, d: int) -> np.ndarray:
-    """Every d-th pixel from d // 2, edge-padded to whole steps: (ceil(h/d), ceil(w/d))."""
+def _padded_samples(a: np.ndarray, d: int, grid: OsGrid) -> tuple[np.ndarray, int, int]:
+    """Every d-th pixel from d // 2 (edge-padded to whole steps), padded by the ring ('symmetric' =
+    scipy.ndimage's 'reflect') and to whole cells; the cells (rows, cols)."""
     h, w = a.shape
     hp, wp = -(-h // d) * d, -(-w // d) * d
     src = a if (hp, wp) == (h, w) else np.pad(a, ((0, hp - h), (0, wp - w)), mode="edge")
-    return np.ascontiguousarray(src[d // 2:: d, d // 2:: d])
+    coarse = src[d // 2:: d, d // 2:: d]
+    hc, wc = coarse.shape
+    m, (bcy, bcx) = grid.m, grid.background
+    hm, wm = -(-hc // m), -(-wc // m)
+    return np.pad(coarse, ((bcy, bcy + hm * m - hc), (bcx, bcx + wm * m - wc)), mode="symmetric"), hm, wm
 
 
-def _fill_invalid(coarse: np.ndarray, cv: np.ndarray, grid: OsGrid) -> np.ndarray:
-    """Nodata / land samples take the mean of the valid samples of their ring (the median of all
-    valid samples where none), so they do not bias the rank."""
-    from .statistics import ring_counts, ring_sums
-
-    if not cv.any() or cv.all():
-        return coarse
-    cpx = CfarPixels(grid.guard, grid.background, 1.0, None, None)
-    s, _ = ring_sums(coarse, cv, cpx, False)
-    cnt = ring_counts(cv, cpx, False)
-    fill = np.float32(np.median(coarse[cv]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        local = np.where(cnt > 0, s / np.maximum(cnt, 1), fill)
-    return np.where(cv, coarse, local).astype(np.float32)
+def _gather(cp: np.ndarray, grid: OsGrid, k0: int, k1: int, wm: int, dtype) -> np.ndarray:
+    """The ring samples of cell rows k0..k1-1: (samples, k1 - k0, wm), by one strided slice each."""
+    m, (bcy, bcx) = grid.m, grid.background
+    c = m // 2  # the centre sample of a cell
+    stack = np.empty((len(grid.offsets), k1 - k0, wm), dtype)
+    for i, (oy, ox) in enumerate(grid.offsets):
+        r0, c0 = bcy + c + oy + k0 * m, bcx + c + ox
+        stack[i] = cp[r0: r0 + (k1 - k0 - 1) * m + 1: m, c0: c0 + (wm - 1) * m + 1: m]
+    return stack

@@ -113,11 +113,12 @@ def test_guard_window_must_hold_the_target():
     assert not m.detected[99, 99]  # the object's own pixels fill the ring: its centre is not detected
 
 
-def test_nodata_is_left_out_of_the_background(tmp_path):
+@pytest.mark.parametrize("method", ["ca", "os"])
+def test_nodata_is_left_out_of_the_background(tmp_path, method):
     x = np.random.default_rng(4).exponential(size=(400, 400)).astype(np.float32)
     x[:, :200] = -9999.0  # declared nodata: half the raster
     path = write_tif(tmp_path / "gap_linear.tif", x, nodata=-9999.0)
-    cfg = CfarConfig(pfa=1e-3, guard=3, background=31, min_area=1, input_units="linear_power")
+    cfg = CfarConfig(method=method, pfa=1e-3, guard=3, background=31, min_area=1, input_units="linear_power")
     res = run_cfar(path, None, cfg)
     assert res.valid_pixels == 400 * 200
     # counted as zeros, the gap would halve the ring mean beside it (~30x the false alarms there)
