@@ -64,7 +64,8 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from engine.cfar import CfarConfig
 from engine.cfar.scene import run_cfar
-import engine.reader, engine.radiometry, engine.writers, engine.tasks.base, fiona, shapely.geometry, scipy.stats  # noqa
+import engine.reader, engine.radiometry, engine.writers, engine.tasks.base, fiona, shapely.geometry  # noqa
+import scipy.integrate, scipy.optimize, scipy.sparse.csgraph, scipy.stats  # noqa
 cfg = CfarConfig(method={method!r}, pfa=1e-6, guard=11, background=41, threads={threads})
 t, c = time.perf_counter(), time.process_time()
 res = run_cfar({path!r}, {out!r}, cfg, overwrite=True)
