@@ -6,10 +6,15 @@
   memory: peak resident memory of a process running CFAR over a 4096^2 scene and over 16384 rows
           x 2048 columns (and 16384 x 4096): the strips keep it flat in the raster's height
 
-Each measurement runs in a fresh process (peak RSS from ``resource``). Scenes are written once
-to ``benchmarks/_work/`` (block by block; an 8192^2 float32 scene takes 256 MB of disk).
+  --against REV: the same speed runs with the engine of git revision REV (extracted with
+          ``git archive`` to ``benchmarks/_work/engine_REV``), and the ratio of the speeds
 
-Usage: python benchmarks/bench_cfar.py [--size 8192] [--threads 2] [--methods ca] [--no-memory]
+Each measurement runs in a fresh process (peak RSS from ``resource``); the modules CFAR uses are
+imported before the clock starts (their one-off import is not detection time). Scenes are written
+once to ``benchmarks/_work/`` (block by block; an 8192^2 float32 scene takes 256 MB of disk).
+
+Usage: python benchmarks/bench_cfar.py [--size 8192] [--threads 2] [--methods ca os] [--no-memory]
+       [--against 64016b6]
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from engine.cfar import CfarConfig
 from engine.cfar.scene import run_cfar
+import engine.reader, engine.radiometry, engine.writers, engine.tasks.base, fiona, shapely.geometry  # noqa
+import scipy.integrate, scipy.optimize, scipy.sparse.csgraph, scipy.stats  # noqa
 cfg = CfarConfig(method={method!r}, pfa=1e-6, guard=11, background=41, threads={threads})
 t, c = time.perf_counter(), time.process_time()
 res = run_cfar({path!r}, {out!r}, cfg, overwrite=True)
@@ -68,14 +75,27 @@ print(json.dumps({{"seconds": dt, "cpu_seconds": cpu, "mpx": res.valid_pixels / 
 """
 
 
-def measure(path: Path, method: str, threads: int) -> dict:
-    code = CHILD.format(root=str(ROOT), method=method, threads=threads, path=str(path),
-                        out=str(WORK / f"{path.stem}_{method}.gpkg"))
+def measure(path: Path, method: str, threads: int, root: Path = ROOT) -> dict:
+    code = CHILD.format(root=str(root), method=method, threads=threads, path=str(path),
+                        out=str(WORK / f"{path.stem}_{method}_{root.name}.gpkg"))
     # GDAL's block cache (256 MB by default) fills with what was read: bounded, but it would hide
     # whether the detector's own memory stays flat, so the benchmark keeps it small
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "GDAL_CACHEMAX": "32"}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "GDAL_CACHEMAX": "32"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def old_engine(rev: str) -> Path:
+    """The repository's ``engine`` package at git revision ``rev``, extracted once under _work."""
+    import io
+    import tarfile
+
+    dest = WORK / f"engine_{rev}"
+    if not (dest / "engine").exists():
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "engine"], capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
+            t.extractall(dest)  # our own repository's files
+    return dest
 
 
 def main() -> None:
@@ -84,6 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["ca"], choices=["ca", "os"])
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--against", metavar="REV", help="also time the engine of this git revision")
     a = ap.parse_args()
     big = make_scene(WORK / f"cfar_{a.size}x{a.size}.tif", a.size, a.size)
     for method in a.methods:
@@ -92,6 +113,12 @@ def main() -> None:
               f"({m['objects']} objects; {a.threads} threads; target >= 20 Mpx/s); {m['mpx'] / m['cpu_seconds']:.1f} Mpx "
               f"per CPU-second (what a loaded machine hides); peak {m['peak_mb']:.0f} MB",
               flush=True)
+        if a.against:
+            o = measure(big, method, a.threads, old_engine(a.against))
+            print(f"       {a.against}: {o['seconds']:.2f} s, {o['mpx'] / o['seconds']:.1f} Mpx/s, "
+                  f"{o['mpx'] / o['cpu_seconds']:.1f} Mpx per CPU-second ({o['objects']} objects); this code is "
+                  f"{o['seconds'] / m['seconds']:.2f}x as fast (wall), {o['cpu_seconds'] / m['cpu_seconds']:.2f}x "
+                  "(CPU)", flush=True)
     if a.no_memory:
         return
     peaks = {}

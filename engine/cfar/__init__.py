@@ -6,7 +6,8 @@ strips of rows, to a GeoPackage).
 
 from .config import CfarConfig, CfarConfigError, CfarPixels
 from .objects import CfarObjects, detect_array, nms, score_of
-from .statistics import ca_factor, cfar_map, os_factor
+from .order import os_factor
+from .statistics import ca_factor, cfar_map
 
 __all__ = ["CfarConfig", "CfarConfigError", "CfarPixels", "CfarObjects", "detect_array", "nms", "score_of",
            "ca_factor", "cfar_map", "os_factor"]

@@ -34,6 +34,7 @@ class CfarConfig:
     os_rank: float = 0.75  # OS: the rank of the ring statistic as a fraction of its cells (Rohling: 3/4)
     os_stride: int = 0  # OS: ring sampled every n px (0: auto, about a third of the guard; 1: exact)
     min_background: float = 0.5  # least fraction of valid ring cells (nodata, land) to test a pixel
+    merge_gap: float | None = None  # detections this far apart (px, or m) are one object (None: 2 px)
     min_area: float = 2.0  # smallest object kept (pixels, or m^2 with window_units "m")
     max_area: float | None = None  # largest object kept (None: no limit)
     max_length: float | None = None  # longest object kept, major axis (None: no limit)
@@ -80,6 +81,8 @@ class CfarConfig:
             raise bad(f"display_units={self.display_units!r}: 8-bit values are read as 'amplitude' or 'linear_power'")
         if not 0.0 <= self.score_threshold < 1.0 or not 0.0 < self.nms_iou <= 1.0:
             raise bad("score_threshold must lie in [0, 1) and nms_iou in (0, 1]")
+        if self.merge_gap is not None and not self.merge_gap >= 0:
+            raise bad(f"merge_gap={self.merge_gap} must be >= 0 (0: only touching pixels form one object)")
         if self.pixel_spacing_m is not None and not self.pixel_spacing_m > 0:
             raise bad(f"pixel_spacing_m={self.pixel_spacing_m} must be > 0")
 
@@ -114,12 +117,15 @@ class CfarConfig:
                                   f"{self.window_units} leave no ring on {source}'s {sy:g} x {sx:g} m pixels: "
                                   "make the background window larger")
         px_area = sy * sx
+        gap = 2.0 if self.merge_gap is None else self.merge_gap / max(sy, sx)  # in px
+        merge = int(gap + 1e-9) // 2  # pieces <= 2 r px apart touch once grown by r
         max_length = self.max_length
         if max_length is not None and self.window_units == "px" and spacing is not None:
             max_length *= math.sqrt(spacing[0] * spacing[1])  # lengths are measured in metres
         return CfarPixels(guard=g, background=b, min_area=max(1.0, self.min_area / px_area),
                           max_area=None if self.max_area is None else self.max_area / px_area,
-                          max_length=max_length, spacing=spacing or (1.0, 1.0), metres=spacing is not None)
+                          max_length=max_length, spacing=spacing or (1.0, 1.0), metres=spacing is not None,
+                          merge=merge)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class CfarPixels:
     max_length: float | None  # major axis, in metres when ``metres`` else pixels
     spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) metres per pixel, or (1, 1) in pixel units
     metres: bool = False  # lengths and areas are measured in metres (else pixels)
+    merge: int = 1  # detections are grown by this many px (a square) to group them into objects
 
     @property
     def ring_cells(self) -> int:

@@ -1,8 +1,15 @@
 """CFAR detections -> objects: connected components, their boxes, scores, sizes; NMS in numpy.
 
-A component's score is its peak CFAR ratio ``r`` (pixel over its detection threshold, > 1) mapped
-to ``1 - 1/r``: 0 at the threshold, 0.5 at twice it, towards 1 for the brightest; monotone, so
-rankings (mAP) follow the CFAR statistic. Its length is the major axis of the ellipse with the
+Objects: detected pixels are grown by ``merge`` px (a square) before connected components
+(8-connectivity), so the pieces of one bright ship (bow, superstructure, stern, split by
+darker deck) become one object; its box, size and statistics come from its own detected pixels only.
+
+Score: the object's size-weighted CFAR statistic ``S = sum of ln r`` over its pixels (``r`` = pixel
+over its detection threshold, > 1), mapped to ``S / (1 + S)``: 0 at the threshold, 0.5 at S = 1
+nat, towards 1 for large bright objects; monotone in S, so rankings (mAP) follow it. Chosen on the
+HRSID training strip over the peak ratio, the mean and the count (mAP@0.5 0.16 peak, 0.21 mean
+log, 0.19 count, 0.24 sum): a ship is many pixels well above the clutter, a speckle or a sidelobe
+few. The peak ratio stays in ``ratios`` (the GeoPackage's ``cfar_ratio``). Its length is the major axis of the ellipse with the
 same second moments (``4 sqrt(largest eigenvalue)``, as skimage's ``major_axis_length``),
 measured on the (row, column) spacing of the grid.
 """
@@ -21,8 +28,8 @@ EIGHT = np.ones((3, 3), bool)  # 8-connectivity: a ship's diagonal pixels belong
 
 @dataclass
 class CfarObjects:
-    """Objects of one array (n rows each): boxes (x0, y0, x1, y1) in pixel edges, scores in [0, 1),
-    peak ratios, pixel counts, major-axis lengths (in the grid's spacing units), centre rows."""
+    """Objects of one array (n rows each): boxes (x0, y0, x1, y1) in pixel edges, scores in [0, 1)
+    (``score_of`` the summed log ratios), peak ratios, pixel counts, major-axis lengths (in the grid's spacing units), centre rows."""
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -55,23 +62,89 @@ class CfarObjects:
         return len(self.scores)
 
 
-def score_of(ratio: np.ndarray) -> np.ndarray:
-    """Peak CFAR ratio (> 1) -> score in [0, 1): ``1 - 1/r``."""
-    r = np.asarray(ratio, np.float64)
-    return np.clip(1.0 - 1.0 / np.maximum(r, 1.0), 0.0, 1.0)
+def score_of(statistic: np.ndarray) -> np.ndarray:
+    """An object's CFAR statistic ``S`` (sum over its pixels of ln(pixel / threshold), >= 0) ->
+    score in [0, 1): ``S / (1 + S)``."""
+    st = np.maximum(np.asarray(statistic, np.float64), 0.0)
+    return st / (1.0 + st)
+
+
+def grown(detected: np.ndarray, r: int) -> np.ndarray:
+    """``detected`` (h, w) bool dilated by a (2r+1)^2 square: shifted ORs along rows, then columns."""
+    if r <= 0:
+        return detected
+    a = detected.copy()
+    for k in range(1, r + 1):
+        a[:, k:] |= detected[:, :-k]
+        a[:, :-k] |= detected[:, k:]
+    b = a.copy()
+    for k in range(1, r + 1):
+        b[k:] |= a[:-k]
+        b[:-k] |= a[k:]
+    return b
+
+
+def group(idx: np.ndarray, shape: tuple[int, int], r: int) -> tuple[np.ndarray, int]:
+    """Object ids (0..n-1, in raster order of their first pixel) of the detected pixels at sorted
+    flat indexes ``idx`` of an array of ``shape``: two pixels belong together when a chain of
+    detections links them with steps of Chebyshev distance <= 2r + 1 (their (2r+1)^2 squares touch:
+    the components of ``grown(detected, r)`` under 8-connectivity, r = 0: plain 8-connectivity).
+
+    Sparse (a few detections): neighbour pairs by binary search, then graph components, at a cost
+    in the detections, not the pixels. Dense (many): the grown mask labelled by ``ndimage.label``."""
+    h, w = shape
+    if len(idx) > 0.02 * h * w:
+        lab, n = ndi.label(grown(_mask(idx, shape), r), structure=EIGHT)
+        return _first_order(lab.ravel()[idx] - 1, n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    reach = 2 * r + 1
+    cols = idx % w
+    src, dst = [], []
+    for dy in range(reach + 1):
+        for dx in range(-reach, reach + 1):
+            if dy == 0 and dx <= 0:
+                continue
+            ok = (cols + dx >= 0) & (cols + dx < w)
+            target = idx + (dy * w + dx)
+            pos = np.minimum(np.searchsorted(idx, target), len(idx) - 1)
+            hit = np.flatnonzero(ok & (idx[pos] == target))
+            src.append(hit)
+            dst.append(pos[hit])
+    i, j = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(idx), len(idx)))
+    n, ids = connected_components(graph, directed=False)
+    return _first_order(ids, n)
+
+
+def _first_order(ids: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """Ids renumbered in the order of each object's first pixel (``ids`` follow sorted flat indexes)."""
+    _, first = np.unique(ids, return_index=True)
+    new = np.empty(n, np.int64)
+    new[np.argsort(first)] = np.arange(n)
+    return new[ids], n
+
+
+def _mask(idx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m.flat[idx] = True
+    return m
 
 
 def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarObjects:
-    """Connected components of ``detected`` (h, w) -> objects within the size limits of ``px``."""
-    lab, n = ndi.label(detected, structure=EIGHT)
-    if n == 0:
+    """Detections ``detected`` (h, w) grouped into objects (``group``, ``px.merge``) within the size
+    limits of ``px``."""
+    idx = np.flatnonzero(detected)  # only the detected pixels are visited below
+    if not len(idx):
         return CfarObjects.empty()
-    idx = np.flatnonzero(lab)  # only the detected pixels are visited below
-    ids = lab.ravel()[idx] - 1
+    ids, n = group(idx, detected.shape, px.merge)
     rows, cols = np.divmod(idx, detected.shape[1])
     cnt = np.bincount(ids, minlength=n).astype(np.float64)
+    r = ratio.ravel()[idx].astype(np.float64)
     peak = np.zeros(n)
-    np.maximum.at(peak, ids, ratio.ravel()[idx].astype(np.float64))
+    np.maximum.at(peak, ids, r)
+    statistic = np.bincount(ids, np.log(np.maximum(r, 1.0)), n)
     r0, c0 = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).max)
     r1, c1 = np.zeros(n, np.int64), np.zeros(n, np.int64)
     np.minimum.at(r0, ids, rows)
@@ -94,7 +167,7 @@ def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarO
     if px.max_length is not None:
         keep &= length <= px.max_length
     boxes = np.stack([c0, r0, c1 + 1, r1 + 1], axis=1).astype(np.float64)
-    obj = CfarObjects(boxes, score_of(peak), peak, cnt.astype(np.int64), length, (r0 + r1 + 1) / 2.0)
+    obj = CfarObjects(boxes, score_of(statistic), peak, cnt.astype(np.int64), length, (r0 + r1 + 1) / 2.0)
     return obj.take(keep)
 
 

@@ -23,7 +23,8 @@ from engine.tiling import Window
 
 from .config import CfarConfig, CfarConfigError, CfarPixels
 from .objects import CfarObjects, nms, objects_of
-from .statistics import cfar_map, os_stride
+from .order import os_grid
+from .statistics import cfar_map
 
 OBJECT_OVERLAP_PX = 64  # rows shared by neighbouring strips for objects (longer ones are merged by NMS)
 
@@ -49,7 +50,7 @@ class CfarResult:
 def pixel_spacing_m(raster) -> tuple[float, float] | None:
     """(row, column) metres per pixel at the raster's centre, or None (no georeferencing, or a
     projected CRS whose unit is not the metre)."""
-    from engine.tasks.base import EARTH_RADIUS_M, Georef
+    from engine.tasks.georef import EARTH_RADIUS_M, Georef
 
     geo = Georef(raster, Window(0, 0, raster.height, raster.width))
     if geo.area_unit != "m2":
@@ -170,10 +171,10 @@ def _rule(cfg: CfarConfig) -> str:
 
 def _strips(raster, mask, cfg: CfarConfig, px: CfarPixels, units: str, source: str, progress, should_cancel):
     """Every strip (on ``cfg.threads`` threads, at most that many in memory): objects, counts."""
-    d = os_stride(cfg, px) if cfg.method == "os" else 1
-    by = px.background[0]
-    if cfg.method == "os":  # the sampled ring reaches a cell further; rows must stay on the sampling grid
-        by = (max(by, (math.ceil(by / d) + 2) * d))
+    d, by = 1, px.background[0]
+    if cfg.method == "os":  # strips start on the cell grid; a cell's ring reaches further than the window
+        grid = os_grid(cfg, px)
+        d, by = grid.cell, max(by, grid.reach)
     over = OBJECT_OVERLAP_PX if px.max_length is None else max(
         OBJECT_OVERLAP_PX, math.ceil(px.max_length / px.spacing[0]))
     margin = -(-(by + over) // d) * d
@@ -243,7 +244,7 @@ def _finish(out: Path | None, res: CfarResult, raster, cfg: CfarConfig, px: Cfar
         return res
     from shapely.geometry import box as shp_box
 
-    from engine.tasks.base import Georef
+    from engine.tasks.georef import Georef
     from engine.writers import write_features
 
     geo = Georef(raster, Window(0, 0, raster.height, raster.width))

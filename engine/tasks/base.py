@@ -31,7 +31,7 @@ import numpy as np
 
 from ..tiling import TilePlan, Window, plan_tiles
 from ..types import InferenceOptions, InferenceResult, RunContext
-from .georef import EARTH_RADIUS_M, Georef  # noqa: F401  (re-exported: engine/cfar/scene.py imports them from here)
+from .georef import Georef
 
 if TYPE_CHECKING:
     from ..card import ModelCard

@@ -113,11 +113,12 @@ def test_guard_window_must_hold_the_target():
     assert not m.detected[99, 99]  # the object's own pixels fill the ring: its centre is not detected
 
 
-def test_nodata_is_left_out_of_the_background(tmp_path):
+@pytest.mark.parametrize("method", ["ca", "os"])
+def test_nodata_is_left_out_of_the_background(tmp_path, method):
     x = np.random.default_rng(4).exponential(size=(400, 400)).astype(np.float32)
     x[:, :200] = -9999.0  # declared nodata: half the raster
     path = write_tif(tmp_path / "gap_linear.tif", x, nodata=-9999.0)
-    cfg = CfarConfig(pfa=1e-3, guard=3, background=31, min_area=1, input_units="linear_power")
+    cfg = CfarConfig(method=method, pfa=1e-3, guard=3, background=31, min_area=1, input_units="linear_power")
     res = run_cfar(path, None, cfg)
     assert res.valid_pixels == 400 * 200
     # counted as zeros, the gap would halve the ring mean beside it (~30x the false alarms there)
@@ -193,7 +194,8 @@ def test_water_mask(tmp_path):
 
 
 def test_bad_settings_and_windows(tmp_path):
-    for bad in (dict(pfa=0.0), dict(pfa=1.5), dict(pfa=None), dict(guard=41, background=41), dict(method="x")):
+    for bad in (dict(pfa=0.0), dict(pfa=1.5), dict(pfa=None), dict(guard=41, background=41), dict(method="x"),
+                dict(merge_gap=-1)):
         with pytest.raises(CfarConfigError):
             CfarConfig(**bad)
     small = write_tif(tmp_path / "tiny_linear.tif", np.ones((30, 30), np.float32))
@@ -206,6 +208,46 @@ def test_bad_settings_and_windows(tmp_path):
         run_cfar(gap, None, CfarConfig(background=41, input_units="linear_power"))
     with pytest.raises(CfarConfigError, match="no georeferencing in metres"):
         run_cfar(small, None, CfarConfig(guard=5, background=21, window_units="m"))
+
+
+def test_pieces_of_one_ship_are_one_object_ranked_above_a_bright_speck():
+    x = np.random.default_rng(7).exponential(size=(200, 200)).astype(np.float32)
+    x[100:104, 50:57] = 40.0  # a ship in two pieces, 2 dark columns apart (bow / stern)
+    x[100:104, 59:66] = 40.0
+    x[40, 150] = 1e4  # one very bright pixel (a speck, a sidelobe)
+    found = {}
+    for gap in (0, 2):
+        cfg = CfarConfig(pfa=1e-6, guard=15, background=41, merge_gap=gap, min_area=1)
+        px = cfg.resolve(None)
+        assert px.merge == gap // 2
+        found[gap] = detect_array(x, None, cfg, px)
+    ship = np.array([[50.0, 100, 66, 104]])
+    assert iou_matrix(ship, found[2].boxes).max() == 1.0  # one object, one box
+    assert iou_matrix(np.array([[50.0, 100, 57, 104], [59, 100, 66, 104]]), found[0].boxes).max(1).min() == 1.0
+    # the ship (56 px well above the clutter) outranks the single brightest pixel
+    speck = iou_matrix(np.array([[150.0, 40, 151, 41]]), found[2].boxes)[0].argmax()
+    assert found[2].scores[iou_matrix(ship, found[2].boxes)[0].argmax()] > found[2].scores[speck]
+    assert found[2].ratios[speck] > 100  # ... although its peak CFAR ratio is the highest
+    metres = CfarConfig(window_units="m", guard=150, background=500, merge_gap=40)
+    assert metres.resolve((10.0, 10.0)).merge == 2  # 40 m = 4 px
+    assert CfarConfig(window_units="m", guard=150, background=500).resolve((10.0, 10.0)).merge == 1  # default 2 px
+
+
+@pytest.mark.parametrize("density", [3e-4, 5e-3, 0.05])
+def test_grouping_is_the_grown_mask_components(density):
+    from scipy import ndimage as ndi
+
+    from engine.cfar.objects import EIGHT, group, grown
+
+    det = np.random.default_rng(8).random((300, 420)) < density  # 0.05: the dense path
+    idx = np.flatnonzero(det)
+    for r in (0, 1, 2):
+        lab, n = ndi.label(grown(det, r), structure=EIGHT)
+        ids, m = group(idx, det.shape, r)
+        pairs = np.unique(np.stack([lab.ravel()[idx], ids], 1), axis=0)
+        assert n == m == len(pairs)  # the same partition of the detections
+        firsts = np.unique(ids, return_index=True)[1]
+        assert (np.diff(firsts) > 0).all()  # numbered in raster order of their first pixel
 
 
 def test_nms_keeps_the_best_of_overlapping_boxes():

@@ -9,7 +9,7 @@ import pytest
 from ftdata import PIXEL_M, boxes_to_polygons, build_task_package, ship_scene, write_labels
 
 from engine.inference import InferenceOptions
-from training.cfar_baseline import choose_cfar
+from training.cfar_baseline import best_f1_threshold, choose_cfar
 from training.evaluate import evaluate_detections, score_detections
 
 CFAR = {"enl": 4.0, "guard": 11, "background": 31, "pfa": 1e-6, "class_name": "ship"}
@@ -48,5 +48,18 @@ def test_cfar_chosen_on_training_data(tmp_path):
     pfas = (0.2, 1e-6)
     best, tried = choose_cfar([str(tif)], str(gpkg), "class", ["ship"], opts, CFAR, pfas=pfas)
     assert [t["pfa"] for t in tried] == list(pfas)
-    # pfa 0.2 floods the sea with false alarms: the training F1 picks 1e-6
-    assert best["pfa"] == 1e-6 and tried[0]["f1"] < tried[1]["f1"]
+    # pfa 0.2 floods the sea with false alarms: training mAP (and F1) pick 1e-6
+    assert best["pfa"] == 1e-6 and tried[0]["f1"] < tried[1]["f1"] and tried[0]["map_50"] < tried[1]["map_50"]
+    assert 0.0 <= best["score_threshold"] < 1.0  # the operating point, also chosen on training
+    best2, tried2 = choose_cfar([str(tif)], str(gpkg), "class", ["ship"], opts, CFAR, pfas=pfas,
+                                grid={"min_area": (1, 4)})
+    assert [(t["min_area"], t["pfa"]) for t in tried2] == [(1, 0.2), (1, 1e-6), (4, 0.2), (4, 1e-6)]
+    assert best2["min_area"] in (1, 4) and best2["pfa"] == 1e-6
+
+
+def test_best_f1_threshold():
+    truth = [(np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0, 0]))]
+    # scores 0.9 (hit), 0.8 (false), 0.7 (hit), 0.1 (false): F1 2/3, 1/2, 4/5, 2/3 -> keep >= 0.7
+    boxes = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30], [70, 70, 80, 80]], float)
+    preds = [(boxes, np.array([0.9, 0.8, 0.7, 0.1]), np.zeros(4, np.int64))]
+    assert best_f1_threshold(preds, truth) == 0.7
