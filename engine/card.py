@@ -13,7 +13,9 @@ model.json, format_version 2 (version 1 cards, without ``output``, still load)::
      "output": what the model (and its model.onnx) returns: "logits" | "probabilities" (classify, segment),
                "features" (embed), "image" (reconstruct), "boxes" (detect); v1 cards: the task's default,
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
-     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"}}
+     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"},
+     "onnx": {"fp32": {"file": "model.onnx", "sha256": hex},            # optional: the ONNX files,
+              "int8": {"file": "model.int8.onnx", "sha256": hex, "method": str, "gate": {...}}}}
 
 ``ModelCard.architecture`` (``Architecture``, with ``.encoder`` an ``EncoderSpec``) and
 ``ModelCard.input`` (``InputContract``) are dataclasses with typed fields; they also read as the
@@ -197,6 +199,7 @@ class ModelCard:
     provenance: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     output: str | None = None
+    onnx: dict = field(default_factory=dict)  # precision (fp32, int8) -> {"file", "sha256", ...}: the ONNX files
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -235,7 +238,7 @@ class ModelCard:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
                 "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
                 "input": self.input.to_dict(), "output": self.output, "provenance": self.provenance,
-                "weights": self.weights}
+                "weights": self.weights, **({"onnx": self.onnx} if self.onnx else {})}
 
 
 def validate_card(d: Any, where: str) -> ModelCard:
@@ -282,8 +285,27 @@ def validate_card(d: Any, where: str) -> ModelCard:
     w = d["weights"]
     if task is not None and task.needs_weights and (not isinstance(w.get("sha256"), str) or len(w["sha256"]) != 64):
         problems.append("'weights.sha256' must be a 64-character hex digest")
+    onnx = d.get("onnx", {})
+    problems += _onnx_problems(onnx)
     if problems:
         raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
     return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
-                     provenance=d.get("provenance", {}), weights=w, output=output, format=d["format"],
+                     provenance=d.get("provenance", {}), weights=w, output=output, onnx=onnx, format=d["format"],
                      format_version=fv)
+
+
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def _onnx_problems(onnx: Any) -> list[str]:
+    """What is wrong with the card's optional ``onnx`` object (the ONNX files and their sha256)."""
+    if not isinstance(onnx, dict):
+        return ["'onnx' must be an object {precision: {\"file\": ..., \"sha256\": ...}}"]
+    problems = []
+    for prec, rec in onnx.items():
+        if prec not in ONNX_PRECISIONS:
+            problems.append(f"'onnx.{prec}': unknown precision (known: {', '.join(ONNX_PRECISIONS)})")
+        elif not (isinstance(rec, dict) and isinstance(rec.get("file"), str) and isinstance(rec.get("sha256"), str)
+                  and len(rec["sha256"]) == 64):
+            problems.append(f"'onnx.{prec}' must hold 'file' and a 64-character hex 'sha256'")
+    return problems
