@@ -64,7 +64,7 @@ def calibration_windows(card, raster_path: str | Path, count: int = DEFAULT_WIND
                     break
     except RasterInputError as e:
         raise RasterInputError(f"{package}: the calibration raster does not fit the model's input contract "
-                               f"({card.in_chans} band(s) {'+'.join(card.input.bands)}, {card.input.units}): {e}. "
+                               f"({card.in_chans} band(s) {'+'.join(card.input.bands)}, {card.input.units}): {str(e).rstrip('.')}. "
                                "Give a raster with the model's bands (--calibration-units if its units are "
                                "detected wrongly)") from e
     if not xs:
