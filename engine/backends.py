@@ -174,7 +174,8 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
         chosen_precision, why = resolve_precision(precision, package, device)
         if chosen_precision == "int8":
             return _int8_backend(kind, package, task, threads, why, log)
-        log(f"precision fp32 ({why})")
+        if getattr(package, "has_int8", False):  # a decision worth a line only when int8 was there to take
+            log(f"precision fp32 ({why})")
     onnx_ok = package.has_onnx and get_task(task).onnx
     if kind == "torch" or (kind == "auto" and not onnx_ok):
         return _torch_backend(package, task, device, threads, mask_ratio)
