@@ -6,8 +6,11 @@
               and < 500 MB at 16384^2 (a light segmentation model: depth --depth, head width 32)
   scaling:    seconds per megapixel at 4096^2, 8192^2, 16384^2 (within +-10 %)
   backends:   torch vs onnxruntime px/s on the same windows
+  precision:  fp32 vs int8 (model.int8.onnx) end to end, ViT-Tiny segmentation with the light and the
+              UPerNet head and a briefly trained light head: ratios and label agreement
+              (benchmarks/bench_precision.py; --size defaults to 4096 there)
 
-Usage: python benchmarks/bench_inference.py [efficiency|memory|scaling|backends|all] [--size N]
+Usage: python benchmarks/bench_inference.py [efficiency|memory|scaling|backends|precision|all] [--size N]
        [--depth D] [--backend torch|onnxruntime] [--batch B] [--sizes 4096,8192,16384]
        (memory/scaling default to a 2-block ViT-Tiny: the pipeline's memory and overhead do not
        depend on the encoder depth, and 16384^2 with 12 blocks takes ~30 CPU-minutes)
@@ -124,7 +127,7 @@ def stage_line(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="?", default="all", choices=["efficiency", "memory", "scaling", "backends", "all"])
+    ap.add_argument("what", nargs="?", default="all", choices=["efficiency", "memory", "scaling", "backends", "precision", "all"])
     ap.add_argument("--size", type=int, default=8192, help="raster side for efficiency/backends")
     ap.add_argument("--depth", type=int, default=2, help="encoder blocks for memory/scaling runs")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
@@ -171,6 +174,10 @@ def main() -> None:
         mean = sum(spm.values()) / len(spm)
         print("scaling: s/Mpx " + ", ".join(f"{s}^2 {v:.3f}" for s, v in spm.items())
               + f" -> max deviation {max(abs(v / mean - 1) for v in spm.values()) * 100:.1f} % (target within 10 %)")
+    if a.what == "precision":
+        import bench_precision
+
+        bench_precision.run(a.size, a.repeats)
     if a.what in ("backends", "all"):
         size = min(a.size, 4096)
         prepare(size, 12, "onnxruntime")

@@ -44,7 +44,7 @@ def big_scene(path: Path, size: int, tile: int = 1024, seed: int = 0) -> Path:
 
 
 def small_package(path: Path, task: str = "segment", depth: int = 12, img: int = 224, classes=("water", "land"),
-                  head_channels: int | None = None) -> Path:
+                  head_channels: int | None = None, head: dict | None = None) -> Path:
     """A ViT-Tiny package (random weights; speed and memory do not depend on the weights)."""
     if path.exists():  # before importing torch: a measured onnxruntime process must not import it
         return path
@@ -58,6 +58,8 @@ def small_package(path: Path, task: str = "segment", depth: int = 12, img: int =
     arch = {"name": "vit_tiny_patch16" if depth == 12 else "custom", "encoder": enc.cfg.to_dict()}
     if head_channels:
         arch["head"] = {"channels": head_channels}
+    if head:
+        arch["head"] = dict(head)
     cls = default_classes(list(classes)) if task in ("segment", "classify", "detect") else []
     model = build_from_architecture(arch, task, len(cls))
     save_package(model.state_dict(), new_card(f"bench-{task}-d{depth}", task, arch, default_input(2), cls), path)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SarmaeError
+from .precision import resolve_precision
 from .tasks import TASKS, get_task
 
 _TORCH_NAMES = ("TorchBackend", "InferenceModule", "export_onnx", "pick_device")
@@ -52,7 +53,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_model: bytes | str | os.PathLike, task: str, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32"):
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - a dependency of sarmae
@@ -67,13 +68,14 @@ class OnnxBackend:
         model = str(onnx_model) if isinstance(onnx_model, (str, os.PathLike)) else onnx_model
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
-        self.task = task
+        self.task, self.precision = task, precision
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def describe(self) -> str:
-        return f"onnxruntime {self.ort.__version__} ({', '.join(self.session.get_providers())})"
+        return (f"onnxruntime {self.ort.__version__} ({', '.join(self.session.get_providers())})"
+                + (", int8 model" if self.precision == "int8" else ""))
 
 
 def _cache_path() -> Path:
@@ -137,17 +139,30 @@ def _torch_backend(package, task: str, device: str, threads: int | None, mask_ra
     return TorchBackend(package.model, task, device, threads=threads, mask_ratio=mask_ratio)
 
 
-def _onnx_backend(package, task: str, device: str, threads: int | None):
+def _onnx_backend(package, task: str, device: str, threads: int | None, precision: str = "fp32"):
     if not package.has_onnx:
         raise SarmaeError(f"{package.path}: the package has no model.onnx; run 'sarmae export {package.path}' first")
     if not get_task(task).onnx:
         raise SarmaeError(f"'{task}' models run with --backend torch only (onnxruntime: {', '.join(onnx_tasks())})")
-    return OnnxBackend(package.onnx_model(), task, device, threads)
+    return OnnxBackend(package.onnx_model(precision), task, device, threads, precision)
+
+
+def _int8_backend(kind: str, package, task: str, threads: int | None, why: str, log):
+    """The package's model.int8.onnx through onnxruntime on the CPU (int8 is the CPU path)."""
+    if kind == "torch":
+        raise SarmaeError(f"{package.path}: int8 runs the package's model.int8.onnx through onnxruntime; use "
+                          "--backend onnxruntime (or auto) with --precision int8, or --precision fp32 with --backend torch")
+    if kind not in ("auto", "onnx", "onnxruntime"):
+        raise SarmaeError(f"unknown backend '{kind}'; use torch, onnxruntime or auto")
+    log(f"precision int8 ({why}): model.int8.onnx through onnxruntime on the CPU")
+    return _onnx_backend(package, task, "cpu", threads, "int8")
 
 
 def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...], threads: int | None = None,
-                   log=print, mask_ratio: float = 0.75):
-    """Build the backend named by ``kind`` (torch | onnxruntime | auto).
+                   log=print, mask_ratio: float = 0.75, precision: str = "fp32"):
+    """Build the backend named by ``kind`` (torch | onnxruntime | auto) at ``precision`` (fp32 |
+    int8 | auto: ``engine.precision.resolve_precision``; int8 is the package's model.int8.onnx
+    through onnxruntime).
 
     ``auto`` uses onnxruntime only when the package holds a model.onnx and the task supports it;
     it times both on one batch the first time and caches the faster per (model sha256, machine,
@@ -155,6 +170,12 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
     backend touches ``package.model`` (torch and the weights are loaded then).
     """
     task = package.card.task
+    if precision != "fp32":
+        chosen_precision, why = resolve_precision(precision, package, device)
+        if chosen_precision == "int8":
+            return _int8_backend(kind, package, task, threads, why, log)
+        if getattr(package, "has_int8", False):  # a decision worth a line only when int8 was there to take
+            log(f"precision fp32 ({why})")
     onnx_ok = package.has_onnx and get_task(task).onnx
     if kind == "torch" or (kind == "auto" and not onnx_ok):
         return _torch_backend(package, task, device, threads, mask_ratio)

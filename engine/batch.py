@@ -76,7 +76,7 @@ def run_batch(inputs: list, output_dir: str | os.PathLike, model, options: Infer
                 card = pkg.card
                 size = opts.window or card.input_size[0]
                 backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
-                                         opts.threads, log=log.info)
+                                         opts.threads, log=log.info, precision=opts.precision)
             rec["result"] = run_inference(items[i], outs[i], pkg, opts, progress=batch_progress,
                                           backend=backend).to_dict()
         except Exception as e:

@@ -13,7 +13,9 @@ model.json, format_version 2 (version 1 cards, without ``output``, still load)::
      "output": what the model (and its model.onnx) returns: "logits" | "probabilities" (classify, segment),
                "features" (embed), "image" (reconstruct), "boxes" (detect); v1 cards: the task's default,
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
-     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"}}
+     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"},
+     "onnx": {"fp32": {"file": "model.onnx", "sha256": hex},            # optional: the ONNX files,
+              "int8": {"file": "model.int8.onnx", "sha256": hex, "method": str, "gate": {...}}}}
 
 A task (or a task's method, e.g. ``detect`` + ``cfar``) without a network (``Task.needs_weights``
 False) has no ``architecture.encoder``, may have no ``input``, and has ``"weights": {}``; its settings
@@ -202,6 +204,7 @@ class ModelCard:
     provenance: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     output: str | None = None
+    onnx: dict = field(default_factory=dict)  # precision (fp32, int8) -> {"file", "sha256", ...}: the ONNX files
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -252,7 +255,7 @@ class ModelCard:
         d = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
              "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
              "input": None if self.input is None else self.input.to_dict(), "output": self.output,
-             "provenance": self.provenance, "weights": self.weights}
+             "provenance": self.provenance, "weights": self.weights, **({"onnx": self.onnx} if self.onnx else {})}
         return {k: v for k, v in d.items() if not (k == "input" and v is None)}
 
 
@@ -304,11 +307,30 @@ def validate_card(d: Any, where: str) -> ModelCard:
     w = d["weights"]
     if task is not None and task.needs_weights and (not isinstance(w.get("sha256"), str) or len(w["sha256"]) != 64):
         problems.append("'weights.sha256' must be a 64-character hex digest")
+    onnx = d.get("onnx", {})
+    problems += _onnx_problems(onnx)
     if problems:
         raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
     try:
         return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
-                         provenance=d.get("provenance", {}), weights=w, output=output, format=d["format"],
+                         provenance=d.get("provenance", {}), weights=w, output=output, onnx=onnx, format=d["format"],
                          format_version=fv)
     except PackageError as e:  # the task's own checks of the card (e.g. CFAR's settings)
         raise PackageError(f"{where}: invalid model.json: {e}") from e
+
+
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def _onnx_problems(onnx: Any) -> list[str]:
+    """What is wrong with the card's optional ``onnx`` object (the ONNX files and their sha256)."""
+    if not isinstance(onnx, dict):
+        return ["'onnx' must be an object {precision: {\"file\": ..., \"sha256\": ...}}"]
+    problems = []
+    for prec, rec in onnx.items():
+        if prec not in ONNX_PRECISIONS:
+            problems.append(f"'onnx.{prec}': unknown precision (known: {', '.join(ONNX_PRECISIONS)})")
+        elif not (isinstance(rec, dict) and isinstance(rec.get("file"), str) and isinstance(rec.get("sha256"), str)
+                  and len(rec["sha256"]) == 64):
+            problems.append(f"'onnx.{prec}' must hold 'file' and a 64-character hex 'sha256'")
+    return problems

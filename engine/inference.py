@@ -203,7 +203,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         if backend is None:  # before the sink opens its (temporary) output files
             backend = task.backend(pkg, opts) or choose_backend(
                 opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size), opts.threads, log=say,
-                mask_ratio=opts.mask_ratio)
+                mask_ratio=opts.mask_ratio, precision=opts.precision)
         sink = task.make_sink(ctx)
         windows = list(sink.windows)
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")

@@ -2,7 +2,10 @@
 
 A package is a folder (or the same folder zipped) holding ``model.json`` (the model card: schema
 and typed records in ``engine.card``), ``weights.safetensors`` (never a pickle) and optionally
-``model.onnx``; a package of a task without a network (CFAR) holds model.json alone. Loading validates the card and the weights' sha256 and says exactly what is wrong.
+``model.onnx`` and its int8 quantisation ``model.int8.onnx`` (both covered by sha256 in the card's
+``onnx``); a package of a task without a network (CFAR) holds model.json alone. Loading validates
+the card and the weights' sha256 and says exactly what is wrong; an ONNX file is checked against its
+sha256 when a backend opens it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from .errors import PackageError
 CARD = "model.json"
 WEIGHTS = "weights.safetensors"
 ONNX = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
+ONNX_FILES = {"fp32": ONNX, "int8": ONNX_INT8}
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -108,10 +113,12 @@ class LoadedPackage:
     used, so that a run through onnxruntime never imports torch nor reads the weights into memory.
     """
 
-    def __init__(self, card: ModelCard, model: Any, path: Path, has_onnx: bool, device: str = "cpu"):
+    def __init__(self, card: ModelCard, model: Any, path: Path, has_onnx: bool, device: str = "cpu",
+                 has_int8: bool = False):
         import threading
 
         self.card, self.path, self.has_onnx, self.device = card, Path(path), has_onnx, device
+        self.has_int8 = has_int8  # model.int8.onnx (``sarmae export --precision int8``)
         self._model = model
         self._lock = threading.Lock()
 
@@ -128,13 +135,14 @@ class LoadedPackage:
     def model_loaded(self) -> bool:
         return self._model is not None
 
-    def read_onnx(self) -> bytes:
-        return _Source(self.path).read(ONNX)
+    def read_onnx(self, precision: str = "fp32") -> bytes:
+        return _Source(self.path).read(ONNX_FILES[precision])
 
-    def onnx_model(self) -> Path | bytes:
-        """What onnxruntime opens: the file of a folder package (not copied through Python), the
-        bytes of a zipped one."""
-        return self.path / ONNX if self.path.is_dir() else self.read_onnx()
+    def onnx_model(self, precision: str = "fp32") -> Path | bytes:
+        """What onnxruntime opens, checked against its sha256 in model.json: the file of a folder
+        package (not copied through Python), the bytes of a zipped one."""
+        verify_onnx(self.path, self.card, precision)
+        return self.path / ONNX_FILES[precision] if self.path.is_dir() else self.read_onnx(precision)
 
     def __repr__(self) -> str:
         return (f"LoadedPackage({self.card.name!r}, task={self.card.task!r}, path={str(self.path)!r}, "
@@ -148,7 +156,7 @@ def _hash_mismatch(path: Path, digest: str, card: ModelCard) -> PackageError:
     )
 
 
-def _no_network(path: Path, card: ModelCard) -> None:
+def require_network(path: Path, card: ModelCard) -> None:
     """Refuse to read weights from a package whose task has no network (a CFAR detector)."""
     from .tasks import task_for
 
@@ -162,11 +170,36 @@ def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> Mo
     """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
     path = Path(path)
     card = card or read_card(path)
-    _no_network(path, card)
+    require_network(path, card)
     digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
     return card
+
+
+def verify_onnx(path: str | os.PathLike, card: ModelCard, precision: str = "fp32") -> bool:
+    """Check an ONNX file of the package against its sha256 in model.json (streamed). Returns False
+    for a model.onnx that the card does not cover (exported by an older sarmae); an int8 file must be
+    covered (its record holds the quality gate it passed)."""
+    path, name = Path(path), ONNX_FILES[precision]
+    rec = card.onnx.get(precision)
+    if rec is None:
+        if precision == "fp32":
+            return False
+        raise PackageError(f"{path}: {name} is not recorded in model.json (no sha256, no quality gate); "
+                           f"remake it with 'sarmae export {path} --precision int8'")
+    digest = _Source(path).sha256(rec.get("file", name))
+    if digest != rec["sha256"]:
+        raise PackageError(f"{path}: {name} does not match model.json (sha256 {digest[:12]}... expected "
+                           f"{rec['sha256'][:12]}...). The package is corrupt or was modified: re-copy it, or "
+                           f"re-export with 'sarmae export {path}" + (" --precision int8'" if precision == "int8" else "'"))
+    return True
+
+
+def verify_onnx_files(path: str | os.PathLike, card: ModelCard) -> dict[str, bool]:
+    """Check every ONNX file the package holds (``verify_onnx``): file name -> covered by model.json."""
+    present = set(_Source(Path(path)).names())
+    return {name: verify_onnx(path, card, prec) for prec, name in ONNX_FILES.items() if name in present}
 
 
 def read_extra_files(path: str | os.PathLike, card: ModelCard | None = None) -> dict[str, bytes]:
@@ -176,7 +209,7 @@ def read_extra_files(path: str | os.PathLike, card: ModelCard | None = None) -> 
     path = Path(path)
     card = card or read_card(path)
     src = _Source(path)
-    own = {CARD, WEIGHTS, ONNX, card.weights.get("file", WEIGHTS)}
+    own = {CARD, WEIGHTS, ONNX, ONNX_INT8, card.weights.get("file", WEIGHTS)}
     names = [n for n in src.names() if n not in own]
     for name in names:
         if name.startswith("/") or ".." in name.split("/"):
@@ -191,7 +224,7 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
 
     path = Path(path)
     card = card or read_card(path)
-    _no_network(path, card)
+    require_network(path, card)
     src = _Source(path)
     data = src.read(card.weights.get("file", WEIGHTS))
     digest = sha256_bytes(data)
@@ -237,7 +270,8 @@ def load_package(path: str | os.PathLike, device: str = "cpu", lazy: bool = Fals
         model = None
     else:
         model = build_model(path, card, device)
-    return LoadedPackage(card, model, path, _Source(path).has(ONNX), device)
+    src = _Source(path)
+    return LoadedPackage(card, model, path, src.has(ONNX), device, has_int8=src.has(ONNX_INT8))
 
 
 def new_card(name: str, task: str, architecture: dict, input_contract: dict, classes: list[dict] | None = None,
@@ -249,9 +283,13 @@ def new_card(name: str, task: str, architecture: dict, input_contract: dict, cla
 
 
 def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
-                 extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
+                 extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
+                 int8_bytes: bytes | None = None) -> Path:
     """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically; ``state_dict``
     None: a package without weights (a task without a network, e.g. CFAR: model.json alone).
+
+    ``card.onnx`` is rewritten to cover exactly the ONNX files written (their sha256); the int8
+    record keeps what the caller put in ``card.onnx["int8"]`` (method, quality gate).
 
     Everything is written into a temporary sibling first and renamed on success, so an existing
     package is never left half-written.
@@ -274,10 +312,20 @@ def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLi
         card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
     else:
         card.weights = {}
+    if int8_bytes is not None and onnx_bytes is None:
+        raise PackageError(f"{dest}: an int8 model needs its fp32 model.onnx in the same package")
+    onnx_records = {}
+    if onnx_bytes is not None:
+        onnx_records["fp32"] = {"file": ONNX, "sha256": sha256_bytes(onnx_bytes)}
+    if int8_bytes is not None:
+        onnx_records["int8"] = {**card.onnx.get("int8", {}), "file": ONNX_INT8, "sha256": sha256_bytes(int8_bytes)}
+    card.onnx = onnx_records
     validate_card(json.loads(json.dumps(card.to_dict())), str(dest / CARD))
     files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), **files}
     if onnx_bytes is not None:
         files[ONNX] = onnx_bytes
+    if int8_bytes is not None:
+        files[ONNX_INT8] = int8_bytes
     files.update(extra_files or {})
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -339,4 +387,9 @@ def describe(card: ModelCard) -> str:
         lines.append(f"{k + ':':<15}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
     if card.weights.get("sha256"):
         lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights['sha256'][:16]}...")
+    for prec, rec in card.onnx.items():
+        gate = rec.get("gate")
+        lines.append(f"{'onnx ' + prec + ':':<15}{rec['file']} sha256 {rec['sha256'][:16]}..."
+                     + (f"; {gate['metric']} with fp32 {gate['value']:.4f} on {gate['windows']} window(s)"
+                        + (" (forced below the gate)" if gate.get("forced") else "") if gate else ""))
     return "\n".join(lines)

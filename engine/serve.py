@@ -93,16 +93,16 @@ class ModelCache:
         return entry, False
 
     def backend(self, entry: CachedModel, opts: Any, size: int, say) -> tuple[Any, bool]:
-        """The backend for these options, built once per (kind, device, batch, threads, window)."""
+        """The backend for these options, built once per (kind, device, batch, threads, window, precision)."""
         from .backends import choose_backend
 
-        bkey = (opts.backend, opts.device, opts.batch_size, opts.threads, size, opts.mask_ratio)
+        bkey = (opts.backend, opts.device, opts.batch_size, opts.threads, size, opts.mask_ratio, opts.precision)
         with self._lock:
             if bkey in entry.backends:
                 return entry.backends[bkey], True
         shape = (opts.batch_size, entry.package.card.in_chans, size, size)
         backend = choose_backend(opts.backend, entry.package, opts.device, shape, opts.threads, log=say,
-                                 mask_ratio=opts.mask_ratio)
+                                 mask_ratio=opts.mask_ratio, precision=opts.precision)
         with self._lock:
             # a torch backend moves the package's (shared) model to its device: drop the others
             device = getattr(backend, "device", None)

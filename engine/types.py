@@ -34,6 +34,7 @@ class InferenceOptions:
     batch_size: int = 4  # windows per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     backend: str = "auto"  # auto | torch | onnxruntime
+    precision: str = "auto"  # fp32 | int8 (the package's model.int8.onnx) | auto (int8 when present on an int8-capable CPU)
     threads: int | None = None  # CPU threads for the backend (default: torch/onnxruntime's own)
     bands: list[int | str] | None = None  # band indexes (1-based) or polarisation names, in model order
     input_units: str | None = None  # override unit detection: db | linear_power | amplitude | uint8

@@ -70,6 +70,9 @@ class Task:
     blended: ClassVar[bool] = True  # overlapping windows are blended into rasters (distributed: see split_rows)
     onnx: ClassVar[bool] = False  # the model exports to / runs from model.onnx
     default_overlap: ClassVar[float] = 0.25  # when --overlap is not given
+    # the int8 export's quality gate (``engine.quantize``): what ``agreement`` measures, and its floor
+    agreement_metric: ClassVar[str | None] = None  # None: no int8 export for this task
+    agreement_threshold: ClassVar[float] = 0.99
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("make_sink", "merge")  # a plug-in must define these (not
     # windowed: run_raster)
@@ -131,6 +134,12 @@ class Task:
     def summary(self, card: ModelCard) -> list[str]:
         """Lines of ``sarmae info`` about the task's own settings (e.g. CFAR's windows and pfa)."""
         return []
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """How far a quantised model's outputs ``test`` agree with the fp32 model's ``reference`` on
+        one batch of calibration windows (``valid`` (B, S, S): the windows' data pixels), in [0, 1]:
+        the int8 gate refuses a model below ``agreement_threshold``."""
+        raise NotImplementedError(f"task '{self.name}' has no int8 quality gate (Task.agreement)")
 
     # ------------------------------------------------------------------ output and merging
     def run_raster(self, inputs: list[str], output: Path, package: Any, options: InferenceOptions,

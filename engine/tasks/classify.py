@@ -19,6 +19,13 @@ class ClassifyTask(Task):
     blended = False  # each window is one grid cell: a rank runs exactly its own bands
     onnx = True
     default_overlap = 0.0  # a grid by default
+    agreement_metric = "top-1 agreement"
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """The fraction of windows (with any data) whose top class (argmax of (B, K)) is the same."""
+        keep = valid.reshape(len(valid), -1).any(1)
+        same = reference.argmax(1) == test.argmax(1)
+        return float(same[keep].mean()) if keep.any() else 1.0
 
     def make_sink(self, ctx: RunContext) -> ClassifySink:
         return ClassifySink(self, ctx)

@@ -85,6 +85,17 @@ class EmbedTask(Task):
     name = "embed"
     outputs = ("features",)  # (B, D, H/p, W/p) patch tokens
     onnx = True
+    agreement_metric = "mean cosine similarity"
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """The mean cosine similarity of the (B, D, gh, gw) patch tokens over the patches with data."""
+        b, _, gh, gw = reference.shape
+        p = valid.shape[1] // gh
+        keep = valid[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p).any((2, 4))
+        dot = (reference * test).sum(1)
+        norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(test, axis=1)
+        cos = dot / np.maximum(norms, 1e-12)
+        return float(cos[keep].mean()) if keep.any() else 1.0
 
     def plan(self, card, height: int, width: int, window: int, overlap: float | None) -> tuple[TilePlan, int]:
         p = card.patch_size

@@ -75,6 +75,12 @@ class SegmentTask(Task):
     outputs = ("logits", "probabilities")
     needs_classes = True
     onnx = True
+    agreement_metric = "pixel label agreement"
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """The fraction of data pixels whose class (argmax of (B, K, S, S) scores) is the same."""
+        same = reference.argmax(1) == test.argmax(1)
+        return float(same[valid].mean()) if valid.any() else 1.0
 
     def extra_outputs(self, output: Path, options: InferenceOptions) -> list[Path]:
         return ([sibling(output, "_confidence.tif")]
