@@ -75,14 +75,18 @@ def test_quick_then_full_keeps_the_better(tmp_path, encoder):
     cfg = FinetuneConfig(encoder=str(encoder), batch_size=8, device="cpu", drop_path=0.0, epochs=2, mode="auto",
                          warmup_epochs=0.5)
     import training.finetune.quick as quick
+    import training.finetune.segment as segment
 
-    old = dict(quick.AUTO_FULL_MIN_CHIPS)
-    quick.AUTO_FULL_MIN_CHIPS["segment"] = 1  # make "auto" run both stages on this tiny scene
+    old = dict(quick.AUTO_FULL_MIN_CHIPS), segment.QUICK_MLP_MIN_CHIPS
+    quick.AUTO_FULL_MIN_CHIPS["segment"] = 1  # make "auto" run every stage on this tiny scene
+    segment.QUICK_MLP_MIN_CHIPS = 1
     try:
         r = finetune_segmenter(tif, tmp_path / "auto.pkg", cfg, labels=gpkg, class_field="class")
     finally:
-        quick.AUTO_FULL_MIN_CHIPS.update(old)
+        quick.AUTO_FULL_MIN_CHIPS.update(old[0])
+        segment.QUICK_MLP_MIN_CHIPS = old[1]
     assert r["mode"] in ("head", "full") and "quick mode first" in r["mode_reason"]
+    assert any("per-pixel MLP head scored" in line for line in r["log"]), r["log"]
     assert r["val_mean_iou"] > 0.75, r
 
 
