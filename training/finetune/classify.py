@@ -12,7 +12,6 @@ a grid of labelled windows) with metrics, training curves and the confusion matr
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -28,17 +27,15 @@ from .common import (
     History,
     budget_spent,
     class_colours,
-    fit,
     fit_batch,
     gain_jitter,
-    remaining,
     save_task_package,
     start,
 )
 from .config import FinetuneConfig
 from .labels import build_chips, chip_provenance
 from .metrics import classification_metrics
-from .quick import fit_classify_head, resolve_mode
+from .quick import fit_classify_head, full_after_quick, resolve_mode
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -260,15 +257,10 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
                        best_score=acc, stopped="quick mode: one logistic-regression fit")
         chosen = "head"
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
-        quick = (hist.best_score, copy.deepcopy(model.state_dict())) if hist is not None else None
-        model.encoder.requires_grad_(True)
-        full = fit(model, train_step, evaluate, loader, remaining(cfg, t0), device, "accuracy", progress)
-        hist, chosen = full, "full"
-        if quick is not None and full.best_score <= quick[0]:
-            model.load_state_dict(quick[1])
-            chosen = "head"
-            log.info("kept the quick head: validation accuracy %.3f against %.3f after the full fine-tune",
-                     quick[0], full.best_score)
+        hist, chosen, note = full_after_quick(model, hist, train_step, evaluate, loader, cfg, t0, device, "accuracy",
+                                              progress)
+        if note:
+            log.info(note)
     model.eval()
     with torch.no_grad():
         final = evaluate(model)

@@ -254,3 +254,24 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
     log.info("quick mode: logistic regression on %d frozen embeddings (%s), C=%g: validation accuracy %.3f",
              len(f_tr), "8 views per chip" if views else "1 view", c, acc)
     return {"C": c, "val_accuracy": acc, "train_accuracy": float(lr.score(z_tr, y_tr))}
+
+
+def full_after_quick(model, quick: History | None, train_step, evaluate, loader, cfg: FinetuneConfig, t0: float,
+                     device: str, metric: str, progress=None) -> tuple[History, str, str]:
+    """The full fine-tune (whole model, from the quick head when there is one: linear probe, then
+    fine-tune), within what is left of ``cfg.max_minutes`` since ``t0``; when a quick head came first
+    and the full fine-tune does not beat its validation score, the quick weights are put back.
+    Returns (history kept, "head" | "full", a sentence saying what was kept, or "")."""
+    import copy
+
+    from .common import remaining
+
+    saved = (quick.best_score, copy.deepcopy(model.state_dict())) if quick is not None else None
+    model.encoder.requires_grad_(True)
+    full = fit(model, train_step, evaluate, loader, remaining(cfg, t0), device, metric, progress)
+    if saved is not None and full.best_score <= saved[0]:
+        model.load_state_dict(saved[1])
+        return quick, "head", (f"kept the quick head: validation {metric} {saved[0]:.3f} against {full.best_score:.3f} "
+                               "after the full fine-tune")
+    return full, "full", ""
+

@@ -11,7 +11,6 @@ together. Selection metric: mean IoU on the validation chips. Output: a ``segmen
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -28,17 +27,15 @@ from .common import (
     History,
     budget_spent,
     class_colours,
-    fit,
     fit_batch,
     gain_jitter,
-    remaining,
     save_task_package,
     start,
 )
 from .config import FinetuneConfig
 from .labels import IGNORE, build_chips, chip_provenance
 from .metrics import confusion, iou_metrics
-from .quick import fit_segment_head, fit_segment_linear, resolve_mode
+from .quick import fit_segment_head, fit_segment_linear, full_after_quick, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import SegHeadConfig
@@ -228,15 +225,10 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
                                     lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
         chosen = "head"
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
-        quick = (hist.best_score, copy.deepcopy(model.state_dict())) if hist is not None else None
-        model.encoder.requires_grad_(True)
-        full = fit(model, train_step, evaluate, loader, remaining(cfg, t0), device, "mean_iou", progress)
-        hist, chosen = full, "full"
-        if quick is not None and full.best_score <= quick[0]:
-            model.load_state_dict(quick[1])
-            chosen = "head"
-            chips.log.append(f"kept the quick head: validation mean IoU {quick[0]:.3f} against {full.best_score:.3f} "
-                             "after the full fine-tune")
+        hist, chosen, note = full_after_quick(model, hist, train_step, evaluate, loader, cfg, t0, device, "mean_iou",
+                                              progress)
+        if note:
+            chips.log.append(note)
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
