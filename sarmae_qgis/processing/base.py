@@ -29,9 +29,8 @@ from ..engine_client import EngineClient, EngineError
 from ..errors import SarmaePluginError
 from ..model_cards import PackageCard, check_task, read_card
 from ..toolbelt import engine
-from ..toolbelt.metadata import PACKAGE_DIR
+from ..toolbelt.resources import ICON_PATH
 
-ICON_PATH = PACKAGE_DIR / "icons" / "sarmae.svg"
 GROUPS = {"inference": "Inference", "training": "Training", "packages": "Model packages"}
 
 
