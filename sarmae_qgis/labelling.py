@@ -132,7 +132,8 @@ def create_label_layer(path: str | Path, crs: QgsCoordinateReferenceSystem, clas
         raise LayerError(f"QGIS cannot open the new label layer {path}")
     configure_label_layer(layer, classes, field)
     layer.saveStyleToDatabase("sarmae labels", "SARMAE label layer: class value map and colours", True, "")
-    project.addMapLayer(layer)
+    project.addMapLayer(layer, False)
+    project.layerTreeRoot().insertLayer(0, layer)  # on top: the analyst sees what they draw
     if start_editing:
         layer.startEditing()
     return layer

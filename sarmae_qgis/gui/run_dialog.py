@@ -240,7 +240,7 @@ class RunDialog(QDialog):
             overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             backend=self.backend_combo.currentText(),
-            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent)
+            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent, layer_id=layer.id())
 
     def pixel_extent(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
         """The chosen extent as the layer's pixel window (None: the whole layer)."""

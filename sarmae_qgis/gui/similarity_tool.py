@@ -65,7 +65,7 @@ from ..tasks.similarity_task import (
     embedding_source,
     start_task,
 )
-from ..toolbelt import log, settings
+from ..toolbelt import log, messages, settings
 from .about_dialog import ICON_PATH
 from .package_picker import PackagePicker
 
@@ -212,11 +212,9 @@ class SimilarityMapTool(QgsMapToolEmitPoint):
     def _say(self, text: str, level) -> None:
         self.last_message = text
         log.log(text, level)
-        if self.message_bar is not None:
-            try:
-                self.message_bar.pushMessage("SARMAE similarity", text, level, 5 if level == Qgis.Info else 8)
-            except RuntimeError:  # the bar was deleted (its dialog closed)
-                self.message_bar = None
+        if self.message_bar is not None and \
+                messages.push(self.message_bar, "SARMAE similarity", text, level, 5 if level == Qgis.Info else 8) is None:
+            self.message_bar = None  # the bar was deleted (its dialog closed)
 
 
 class SimilarityDialog(QDialog):

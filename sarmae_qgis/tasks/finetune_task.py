@@ -21,7 +21,7 @@ from qgis.core import Qgis, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ..engine_client import EngineClient, EngineError
-from ..toolbelt import log
+from ..toolbelt import log, messages
 from ..toolbelt.engine import exclusive_run, get_client
 
 FINETUNE_TASKS = ("segment", "detect", "classify")
@@ -140,8 +140,7 @@ class FinetuneTask(QgsTask):
             log.critical(f"fine-tuning {r.name}: could not show the results ({e}); the package is {r.output}")
 
     def _message(self, title: str, text: str, level) -> None:
-        if self.message_bar is not None:
-            self.message_bar.pushMessage(f"SARMAE: {title}", text, level, 0 if level == Qgis.Critical else 15)
+        messages.push(self.message_bar, f"SARMAE: {title}", text, level, 15)
 
 
 def headline(result: dict) -> tuple[str, float] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from bars import RecordingBar
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -25,12 +26,6 @@ pytestmark = pytest.mark.qgis
 CLASSES = [("water", "#0055ff"), ("land", "#22aa22")]
 
 
-class FakeMessageBar:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, str, object]] = []
-
-    def pushMessage(self, title, text, level, duration=0):  # noqa: N802
-        self.messages.append((title, text, level))
 
 
 @pytest.fixture
@@ -156,7 +151,7 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
     dialog.batch_spin.setValue(8)
     dialog.device_combo.setCurrentText("cpu")
     request = dialog.build_request()
-    bar, done = FakeMessageBar(), []
+    bar, done = RecordingBar(), []
     task = FinetuneTask(request, message_bar=bar, on_done=done.append)
     statuses: list[str] = []
     task.status.connect(statuses.append)
@@ -179,7 +174,7 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
 def test_finetune_task_reports_engine_errors(dialog, models, tmp_path):
     request = dialog.build_request()
     broken = request.__class__(**{**request.__dict__, "rasters": (str(tmp_path / "gone.tif"),)})
-    bar = FakeMessageBar()
+    bar = RecordingBar()
     task = FinetuneTask(broken, message_bar=bar)
     ok = task.run()
     task.finished(ok)
