@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qgis.core import Qgis, QgsApplication, QgsProject
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsTask
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QToolBar
@@ -151,8 +152,7 @@ class SarmaePlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        for task in self.tasks:
-            task.cancel()
+        cancel_tasks(self.tasks)
         self.tasks.clear()
         shutdown_client()
 
@@ -275,6 +275,23 @@ class SarmaePlugin:
         dialog = AboutDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         dialog.exec_()
+
+
+def cancel_tasks(tasks) -> int:
+    """Cancel the tasks still running; finished ones (whose C++ object QGIS may have deleted
+    already) are skipped. Returns how many were cancelled. Never raises: unload must not fail."""
+    n = 0
+    for task in tasks:
+        try:
+            if sip.isdeleted(task) or getattr(task, "is_done", False):
+                continue
+            if task.status() in (QgsTask.Complete, QgsTask.Terminated):
+                continue
+            task.cancel()
+            n += 1
+        except RuntimeError:  # deleted between the check and the call
+            continue
+    return n
 
 
 def _close(bar, item) -> None:

@@ -25,6 +25,19 @@ from ..toolbelt import log, messages
 from ..toolbelt.engine import exclusive_run, get_client
 
 FINETUNE_TASKS = ("segment", "detect", "classify")
+MODES = ("auto", "head", "full")  # FinetuneConfig.mode: chosen by label count | frozen encoder + head | full
+MODE_LABELS = {"auto": "Automatic (by the number of labels)", "head": "Quick (frozen encoder)",
+               "full": "Full fine-tune"}
+
+
+def budget_fraction(event_fraction: float, elapsed_s: float, max_minutes: float) -> float:
+    """The progress of a time-budgeted run: the engine's own fraction (epochs done) or the share of
+    the time budget spent, whichever is further; training stops at the budget, so the bar moves in
+    time instead of jumping from a few per cent to 100 (issue 16, item 8). Below 0.99 until the end."""
+    f = max(0.0, min(1.0, event_fraction))
+    if max_minutes > 0:
+        f = max(f, min(0.99, elapsed_s / (60.0 * max_minutes)))
+    return f
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class FinetuneRequest:
     encoder: str | None = None  # encoder package (None: random initialisation)
     max_minutes: float = 5.0
     epochs: int = 50
+    mode: str = "auto"  # one of MODES (FinetuneConfig.mode)
     linear_probe: bool = False
     seed: int = 0
     batch_size: int = 16
@@ -52,8 +66,8 @@ class FinetuneRequest:
 
     def message(self) -> dict:
         """The worker's ``run`` request fields."""
-        config: dict = {"epochs": self.epochs, "linear_probe": self.linear_probe, "seed": self.seed,
-                        "batch_size": self.batch_size, "device": self.device}
+        config: dict = {"epochs": self.epochs, "mode": self.mode, "linear_probe": self.linear_probe,
+                        "seed": self.seed, "batch_size": self.batch_size, "device": self.device}
         if self.max_minutes > 0:
             config["max_minutes"] = self.max_minutes
         msg: dict = {"task": "finetune", "kind": self.task, "output": self.output, "rasters": list(self.rasters),
@@ -86,11 +100,22 @@ class FinetuneTask(QgsTask):
         self.history: list[str] = []
         self.is_done = False
         self.seconds = 0.0
+        self._t0 = time.monotonic()
+        self._fraction = 0.0  # the engine's last progress fraction
+
+    def _tick(self) -> bool:
+        """Polled every 0.2 s while the engine works: move the bar with the time budget; returns
+        whether the user cancelled (it is the request's ``is_cancelled``)."""
+        self.setProgress(100.0 * budget_fraction(self._fraction, time.monotonic() - self._t0,
+                                                 self.request.max_minutes))
+        return self.isCanceled()
 
     def _on_event(self, msg: dict) -> None:
         text = str(msg.get("message") or "")
         if msg.get("event") == "progress":
-            self.setProgress(100.0 * min(1.0, max(0.0, float(msg.get("fraction", 0.0)))))
+            self._fraction = float(msg.get("fraction", 0.0))
+            self.setProgress(100.0 * budget_fraction(self._fraction, time.monotonic() - self._t0,
+                                                     self.request.max_minutes))
             if text:
                 self.history.append(text)
                 self.status.emit(text)
@@ -100,12 +125,12 @@ class FinetuneTask(QgsTask):
 
     def run(self) -> bool:
         """Background thread: send the request, wait for the package (no QGIS objects touched)."""
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         try:
             Path(self.request.run_dir).mkdir(parents=True, exist_ok=True)
             Path(self.request.output).parent.mkdir(parents=True, exist_ok=True)
             with exclusive_run(self.isCanceled, on_wait=lambda: self.status.emit("waiting for another SARMAE run")):
-                self.result = self.client_factory().request("run", self._on_event, self.isCanceled,
+                self.result = self.client_factory().request("run", self._on_event, self._tick,
                                                             **self.request.message())
         except Exception as e:  # EngineError or a bug: reported in finished(), never raised into QGIS
             self.error = e
