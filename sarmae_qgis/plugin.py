@@ -233,7 +233,7 @@ class SarmaePlugin:
     def _finetune_done(self, task) -> None:
         if task.result is None:
             return
-        from .gui.finetune_dialog import FinetuneResultDialog
+        from .gui.finetune_results import FinetuneResultDialog
 
         layers = QgsProject.instance().mapLayersByName(task.request.layer_name)
         dialog = FinetuneResultDialog(task, self.iface.mainWindow(), can_run=bool(layers))
