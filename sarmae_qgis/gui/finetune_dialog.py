@@ -433,6 +433,11 @@ class FinetuneDialog(QDialog):
     def show_error(self, message: str) -> None:
         self.notice.warn("Cannot fine-tune", message)
 
+    def reject(self) -> None:
+        """Cancel / Esc closes the dialog; an embedded form (a dock tab) stays."""
+        if not self.embedded:
+            super().reject()
+
     def accept(self) -> None:
         """Validate; a valid request closes the dialog (or, embedded, is emitted as ``requested``)."""
         try:

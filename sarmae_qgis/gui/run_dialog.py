@@ -307,6 +307,11 @@ class RunDialog(QDialog):
     def show_error(self, message: str) -> None:
         self.notice.warn("Cannot run", message)
 
+    def reject(self) -> None:
+        """Cancel / Esc closes the dialog; an embedded form (a dock tab) stays."""
+        if not self.embedded:
+            super().reject()
+
     def accept(self) -> None:
         """Run: close only with a valid request (embedded: emit it and stay); otherwise say what to fix."""
         try:

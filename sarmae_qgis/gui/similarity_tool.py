@@ -226,8 +226,12 @@ class SimilarityDialog(QDialog):
     """
 
     def __init__(self, canvas: QgsMapCanvas, parent: QWidget | None = None, message_bar=None,
-                 models_folder: str | Path | None = None, project: QgsProject | None = None) -> None:
+                 models_folder: str | Path | None = None, project: QgsProject | None = None,
+                 embedded: bool = False) -> None:
         super().__init__(parent)
+        self.embedded = embedded  # a tab of the dock panel: no Close button, Esc does not hide it
+        if embedded:
+            self.setWindowFlags(Qt.Widget)
         self.setWindowTitle("SARMAE: Similarity search")
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         self.canvas = canvas
@@ -285,14 +289,17 @@ class SimilarityDialog(QDialog):
         poly_row.addWidget(self.polygon_button)
         qform.addRow("Polygon layer", poly_row)
         qform.addRow(self.status_label)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
-        buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
         layout.addWidget(self.message_bar)
         layout.addLayout(form)
         layout.addWidget(query)
-        layout.addWidget(buttons)
-        self.setMinimumWidth(480)
+        if not self.embedded:
+            buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+            buttons.rejected.connect(self.reject)
+            layout.addWidget(buttons)
+            self.setMinimumWidth(480)
+        else:
+            layout.addStretch(1)
 
     # ---- models ---------------------------------------------------------------------------------
     def add_model(self, path: str | Path) -> int:
@@ -377,7 +384,8 @@ class SimilarityDialog(QDialog):
 
     def done(self, result: int) -> None:  # close, Esc, the Close button
         self.release_tool()
-        super().done(result)
+        if not self.embedded:  # a tab stays where it is
+            super().done(result)
 
     def closeEvent(self, event) -> None:  # noqa: N802  # Qt API (the window's close button)
         self.release_tool()

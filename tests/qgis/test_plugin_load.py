@@ -24,7 +24,7 @@ from sarmae_qgis.toolbelt import log
 from sarmae_qgis.toolbelt.metadata import plugin_metadata, plugin_version
 
 pytestmark = pytest.mark.qgis
-MENU = ["Run model…", "New label layer…", "Fine-tune…", "Similarity search…", "Models…", "Settings…", "About SARMAE…"]
+MENU = ["SARMAE panel", "Run model…", "New label layer…", "Fine-tune…", "Similarity search…", "Models…", "Settings…", "About SARMAE…"]
 
 
 class FakeRasterMenu:
@@ -283,9 +283,10 @@ def test_unload_is_safe_with_finished_cancelled_and_running_tasks(qgis_iface, ra
     cancelled.cancel()
 
     def wait_for_cancel(task):
-        while not task.isCanceled():
+        deadline = time.monotonic() + 30  # bounded: a broken unload fails the test instead of hanging it
+        while not task.isCanceled() and time.monotonic() < deadline:
             time.sleep(0.02)
-        return None
+        return task.isCanceled()
 
     running = QgsTask.fromFunction("SARMAE test: waits to be cancelled", wait_for_cancel)
     manager.addTask(running)
@@ -293,6 +294,10 @@ def test_unload_is_safe_with_finished_cancelled_and_running_tasks(qgis_iface, ra
     plugin.tasks = [finished, cancelled, running]
 
     plugin.unload()  # must not raise
+    from sarmae_qgis.plugin import cancel_tasks
+
+    queued = failing_finetune("queued")  # not started: its ``status`` attribute is a signal, not QgsTask.status
+    assert cancel_tasks([queued]) == 1 and queued.isCanceled()
     _wait(lambda: sip.isdeleted(running) or running.status() in (QgsTask.Terminated, QgsTask.Complete), 10)
     assert sip.isdeleted(running) or running.isCanceled()
     assert plugin.tasks == []
