@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 
 from .errors import SarmaeError
+from .tasks import TASKS, get_task
 
-# reconstruct draws random masks (torch generator) and detect returns variable-length lists: torch only
-ONNX_TASKS = ("segment", "classify", "embed")
 _TORCH_NAMES = ("TorchBackend", "InferenceModule", "export_onnx", "pick_device")
 
 
@@ -121,10 +120,16 @@ def measure(backend, batch: np.ndarray, repeats: int = 3) -> float:
     return best
 
 
+def onnx_tasks() -> list[str]:
+    """The registered tasks whose models run from model.onnx (``Task.onnx``)."""
+    return [n for n in TASKS if TASKS[n].onnx]
+
+
 def _torch_backend(package, task: str, device: str, threads: int | None, mask_ratio: float = 0.75):
     if not torch_installed():
-        hint = ("; this package has a model.onnx: use --backend onnxruntime" if package.has_onnx and task in ONNX_TASKS
-                else f"; '{task}' models need torch" if task not in ONNX_TASKS
+        onnx = get_task(task).onnx
+        hint = ("; this package has a model.onnx: use --backend onnxruntime" if package.has_onnx and onnx
+                else f"; '{task}' models need torch" if not onnx
                 else f"; or add a model.onnx with 'sarmae export {package.path}' where torch is installed")
         raise SarmaeError("torch is not installed in this environment (pip install torch)" + hint)
     from .torch_backend import TorchBackend
@@ -135,8 +140,8 @@ def _torch_backend(package, task: str, device: str, threads: int | None, mask_ra
 def _onnx_backend(package, task: str, device: str, threads: int | None):
     if not package.has_onnx:
         raise SarmaeError(f"{package.path}: the package has no model.onnx; run 'sarmae export {package.path}' first")
-    if task not in ONNX_TASKS:
-        raise SarmaeError(f"'{task}' models run with --backend torch only (onnxruntime: {', '.join(ONNX_TASKS)})")
+    if not get_task(task).onnx:
+        raise SarmaeError(f"'{task}' models run with --backend torch only (onnxruntime: {', '.join(onnx_tasks())})")
     return OnnxBackend(package.onnx_model(), task, device, threads)
 
 
@@ -150,7 +155,7 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
     backend touches ``package.model`` (torch and the weights are loaded then).
     """
     task = package.card.task
-    onnx_ok = package.has_onnx and task in ONNX_TASKS
+    onnx_ok = package.has_onnx and get_task(task).onnx
     if kind == "torch" or (kind == "auto" and not onnx_ok):
         return _torch_backend(package, task, device, threads, mask_ratio)
     if kind in ("onnx", "onnxruntime"):

@@ -14,6 +14,7 @@ from .errors import SarmaeError
 
 EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
+  sarmae init --task detect --method cfar --pfa 1e-6 --guard 60 --background 400 --units m --classes ship -o cfar.pkg
   sarmae info water.pkg
   sarmae convert sarmae_vitb.pth --output sarmae_vitb_encoder
   sarmae infer --model water.pkg --input scene_VV.tif --input scene_VH.tif --output water.tif --vector
@@ -30,35 +31,68 @@ def _csv(text: str) -> list[str]:
 
 def cmd_init(a: argparse.Namespace) -> int:
     """A randomly initialised package (for tests, demos and trying the pipeline)."""
+    if a.method:
+        return _init_method(a)
     import torch
 
-    from .models import build_from_architecture, create_model
-    from .models.registry import TASKS
+    from .models import create_model
     from .package import default_classes, default_input, new_card, save_package
+    from .tasks import get_task
 
-    if a.task not in TASKS:
-        raise SarmaeError(f"unknown task '{a.task}'; use one of {', '.join(TASKS)}")
-    needs_classes = a.task in ("classify", "segment", "detect")
+    task = get_task(a.task)
+    needs_classes = task.needs_classes
     if needs_classes and not a.classes:
         raise SarmaeError(f"--task {a.task} needs --classes, e.g. --classes water,land")
     torch.manual_seed(a.seed)
     base = a.arch.replace("mae_", "")
     enc_model = create_model(base, in_chans=a.in_chans, img_size=a.img_size)
-    arch = {"name": base, "encoder": enc_model.cfg.to_dict()}
-    if a.task == "reconstruct":
-        arch["name"] = "mae_" + base
-        arch["decoder"] = {"embed_dim": a.decoder_dim, "depth": a.decoder_depth, "num_heads": max(1, a.decoder_dim // 32),
-                           "norm_pix_loss": False}
+    decoder = {"embed_dim": a.decoder_dim, "depth": a.decoder_depth, "num_heads": max(1, a.decoder_dim // 32),
+               "norm_pix_loss": False}
+    arch = task.init_architecture({"name": base, "encoder": enc_model.cfg.to_dict()}, decoder)
     classes = default_classes(a.classes) if needs_classes else []
-    model = build_from_architecture(arch, a.task, len(classes))
     bands = a.bands or None
     if bands and len(bands) != a.in_chans:
         raise SarmaeError(f"--bands names {len(bands)} band(s) but --in-chans is {a.in_chans}")
-    card = new_card(a.name or f"{base}-{a.task}-random", a.task, arch, default_input(a.in_chans, a.units, bands),
+    card = new_card(a.name or f"{base}-{a.task}-random", a.task, arch, default_input(a.in_chans, a.units or "db", bands),
                     classes, provenance={"training": f"none: random initialisation (seed {a.seed})"})
+    model = task.build_model(card)
     save_package(model.state_dict(), card, a.output, overwrite=a.overwrite)
     print(f"wrote {a.output}: {a.task} model {arch['name']}, {a.in_chans} channel(s), input {a.img_size}px"
           + (f", classes {', '.join(a.classes)}" if classes else "") + " (random weights)")
+    return 0
+
+
+def _init_method(a: argparse.Namespace) -> int:
+    """A package of a task's method without a network (``--task detect --method cfar``): model.json alone."""
+    from .package import save_package
+    from .tasks import get_task, method_names
+
+    task = get_task(a.task, a.method)
+    if task.method != a.method:
+        raise SarmaeError(f"--method {a.method}: task '{a.task}' has no such method (its methods: "
+                          f"{', '.join(method_names(a.task)) or 'none'})")
+    if a.method != "cfar":
+        raise SarmaeError(f"--method {a.method} comes from a plug-in: write its package with that plug-in")
+    from .cfar import CfarConfig
+    from .tasks.cfar import cfar_card
+
+    units = a.units or "px"
+    if units not in ("px", "m"):
+        raise SarmaeError(f"--units {units}: a CFAR detector's windows and sizes are in px or m")
+    if units == "m" and (a.guard is None or a.background is None):
+        raise SarmaeError("--units m needs --guard and --background in metres (e.g. --guard 60 --background 400)")
+    if a.classes and len(a.classes) != 1:
+        raise SarmaeError(f"--classes: a CFAR detector finds one class of objects (got {', '.join(a.classes)})")
+    d = CfarConfig()
+    cfg = CfarConfig(method=a.statistic, pfa=None if a.k_sigma is not None else a.pfa, k_sigma=a.k_sigma,
+                     enl=a.looks, guard=d.guard if a.guard is None else a.guard,
+                     background=d.background if a.background is None else a.background, window_units=units,
+                     pixel_spacing_m=a.pixel_spacing, min_area=d.min_area if a.min_area is None else a.min_area,
+                     max_area=a.max_area, max_length=a.max_length,
+                     score_threshold=d.score_threshold if a.score_threshold is None else a.score_threshold)
+    card = cfar_card(cfg, a.classes[0] if a.classes else "target", a.name)
+    save_package(None, card, a.output, overwrite=a.overwrite)
+    print(f"wrote {a.output}: {a.task} by {a.method} ({card.name}, class {card.classes[0]['name']}; no weights)")
     return 0
 
 
@@ -66,13 +100,16 @@ def cmd_info(a: argparse.Namespace) -> int:
     import json
 
     from .package import describe, load_state_dict, read_card
+    from .tasks import task_for
 
     card = read_card(a.package)
     if a.json:
         print(json.dumps(card.to_dict(), indent=2))
     else:
         print(describe(card))
-    if a.verify:
+    if a.verify and not task_for(card).needs_weights:
+        print("weights:       none (no network): nothing to verify")
+    elif a.verify:
         load_state_dict(a.package, card)
         print("weights:       sha256 verified")
     return 0
@@ -107,7 +144,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
         threads=a.threads, bands=[_band(b) for b in a.bands] if a.bands else None, input_units=a.input_units,
         complex_mode=a.complex_mode, vector=a.vector, min_area_px=a.min_area, probabilities=a.probabilities,
         score_threshold=a.score_threshold, nms_iou=a.nms_iou, mask_ratio=a.mask_ratio, cog=a.cog, overwrite=a.overwrite,
-        extent=tuple(a.extent) if a.extent else None,
+        extent=tuple(a.extent) if a.extent else None, water_mask=a.water_mask, water_class=a.water_class,
     )
     bar = None
 
@@ -164,8 +201,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     pkg = load_package(a.package)
     card = pkg.card
+    model = pkg.model  # a package without a network (CFAR) is refused here, naming the package
     size = card.input_size
-    blob = export_onnx(pkg.model, card.task, card.in_chans, size, json.dumps(card.to_dict()), opset=a.opset)
+    blob = export_onnx(model, card.task, card.in_chans, size, json.dumps(card.to_dict()), opset=a.opset)
     x = np.random.default_rng(0).standard_normal((2, card.in_chans, *size)).astype(np.float32)
     diff = float(np.abs(TorchBackend(pkg.model, card.task, "cpu").run(x) - OnnxBackend(blob, card.task, "cpu").run(x)).max())
     if diff > 1e-4:
@@ -214,15 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a randomly initialised model package",
                        description="Write a model package with random weights (for tests, demos, trying the pipeline).")
     s.add_argument("--arch", default="vit_tiny_patch16", help="encoder: vit_{tiny,small,base,large}_patch16 (default: %(default)s)")
-    s.add_argument("--task", default="segment", help="embed | reconstruct | classify | segment | detect (default: %(default)s)")
+    s.add_argument("--task", default="segment", help="a registered task: embed | reconstruct | classify | segment | "
+                   "detect, or one a plug-in adds (default: %(default)s)")
     s.add_argument("--classes", type=_csv, help="comma-separated class names (classify/segment/detect)")
     s.add_argument("--in-chans", type=int, default=2, help="input channels: 1 single pol, 2 VV+VH, 3 reference layout (default: %(default)s)")
     s.add_argument("--bands", type=_csv, help="channel names in order, e.g. VV,VH (default: VV,VH for 2 channels)")
-    s.add_argument("--units", default="db", help="input units the model expects: db | linear_power | amplitude | uint8 (default: %(default)s)")
+    s.add_argument("--units", help="input units the model expects: db | linear_power | amplitude | uint8 (default: db); "
+                   "with --method cfar the units of windows and sizes: px | m (default: px)")
     s.add_argument("--img-size", type=int, default=224, help="model input size in pixels, a multiple of 16 (default: %(default)s)")
     s.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width for --task reconstruct (default: %(default)s)")
     s.add_argument("--decoder-depth", type=int, default=8, help="MAE decoder blocks for --task reconstruct (default: %(default)s)")
     s.add_argument("--name", help="model name shown in QGIS (default: derived from arch and task)")
+    c = s.add_argument_group("a method without a network: --task detect --method cfar (constant false-alarm rate "
+                             "on linear power; no weights, no training)")
+    c.add_argument("--method", help="a method of the task instead of a network: cfar (with --task detect)")
+    c.add_argument("--statistic", default="ca", choices=["ca", "os"],
+                   help="CFAR clutter statistic: ca cell averaging, os order statistic (default: %(default)s)")
+    c.add_argument("--pfa", type=float, default=1e-6, help="false-alarm probability per pixel, in (0, 1) (default: %(default)s)")
+    c.add_argument("--k-sigma", type=float, help="instead of --pfa: detect above mean + k std of the background (ca)")
+    c.add_argument("--looks", type=float, default=1.0, help="equivalent number of looks of the clutter (default: %(default)s)")
+    c.add_argument("--guard", type=float, help="full side of the guard window around a pixel, in --units (default: 7 px)")
+    c.add_argument("--background", type=float, help="full side of the background window, in --units (default: 41 px)")
+    c.add_argument("--pixel-spacing", type=float, help="metres per pixel for rasters without georeferencing (--units m)")
+    c.add_argument("--min-area", type=float, help="smallest object kept: px, or m^2 with --units m (default: 2, in "
+                   "those units; objects are at least 1 px)")
+    c.add_argument("--max-area", type=float, help="largest object: px, or m^2 with --units m (default: none)")
+    c.add_argument("--max-length", type=float, help="longest object (major axis), in --units (default: none)")
+    c.add_argument("--score-threshold", type=float, help="the package's box score threshold, score = 1 - 1/(peak over "
+                   "threshold) (default: 0, every box at the pfa)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     s.add_argument("--output", "-o", required=True, help="package folder to write (or a .zip path)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")
@@ -271,9 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", action="store_true", help="segment: also write class polygons to a GeoPackage")
     s.add_argument("--min-area", type=int, default=0, help="segment vectors: drop regions below this many pixels")
     s.add_argument("--probabilities", action="store_true", help="segment: also write per-class probabilities")
-    s.add_argument("--score-threshold", type=float, default=0.3, help="detect: minimum box score (default: %(default)s)")
+    s.add_argument("--score-threshold", type=float, help="detect: minimum box score (default: the package's: 0.3 for "
+                   "a model, a CFAR package's own, 0 = every box at its false-alarm probability)")
     s.add_argument("--nms-iou", type=float, default=0.5, help="detect: IoU for merging boxes (default: %(default)s)")
     s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruct: fraction of patches hidden (default: %(default)s)")
+    s.add_argument("--water-mask", help="detect (CFAR): boxes only on water: a mask raster on the input's grid, or a "
+                   "segmentation package run first")
+    s.add_argument("--water-class", help="the mask's water: the package's class (default: water/sea/ocean), or the "
+                   "raster's value(s), e.g. 1 or 1,2 (default: 1)")
     s.add_argument("--extent", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
                    help="process only this pixel region of the input")
     s.add_argument("--cog", action="store_true", help="write Cloud-Optimised GeoTIFFs")

@@ -23,6 +23,10 @@ class RasterInputError(SarmaeError, OSError):
     """An input raster is missing, unreadable, or does not meet the model's input contract."""
 
 
+class NoValidDataError(RasterInputError):
+    """Every pixel (or window) of the processed region is nodata: there is nothing to run on."""
+
+
 class OutputError(SarmaeError, OSError):
     """An output cannot be written (exists, not writable, same as the input, disk full)."""
 

@@ -12,84 +12,20 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .errors import CancelledError, RasterInputError, SarmaeError
 from .tiling import Window
+from .types import CancelFn, InferenceOptions, InferenceResult, ProgressFn, RunContext
+
+__all__ = ["CancelFn", "InferenceOptions", "InferenceResult", "ProgressFn", "RunContext", "run_inference"]
 
 log = logging.getLogger("sarmae.inference")
-
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
-
-
-@dataclass
-class InferenceOptions:
-    """Options of one run; every field has a command-line flag of the same name."""
-
-    window: int | None = None  # window size in px (default: the model's input size)
-    overlap: float | None = None  # fraction of the window shared by neighbours (default 0.25; classify 0)
-    batch_size: int = 4  # windows per forward pass
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    backend: str = "auto"  # auto | torch | onnxruntime
-    threads: int | None = None  # CPU threads for the backend (default: torch/onnxruntime's own)
-    bands: list[int | str] | None = None  # band indexes (1-based) or polarisation names, in model order
-    input_units: str | None = None  # override unit detection: db | linear_power | amplitude | uint8
-    complex_mode: str = "intensity"  # complex (SLC) bands -> intensity |z|^2 or amplitude |z|
-    vector: bool = False  # segment: also write polygons (GeoPackage)
-    min_area_px: int = 0  # segment vectors: drop regions smaller than this many pixels
-    probabilities: bool = False  # segment: also write per-class probabilities
-    score_threshold: float = 0.3  # detect: keep boxes with at least this score
-    nms_iou: float = 0.5  # detect: IoU above which overlapping boxes of one class are merged
-    mask_ratio: float = 0.75  # reconstruct: fraction of patches hidden from the encoder
-    cog: bool = False  # write Cloud-Optimised GeoTIFFs
-    overwrite: bool = False  # replace existing outputs
-    extent: tuple[int, int, int, int] | None = None  # (row_off, col_off, height, width) subset in px
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceOptions:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SarmaeError(f"unknown inference options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-
-@dataclass
-class InferenceResult:
-    """The result record (JSON-serialisable): what was written and what was measured."""
-
-    task: str
-    outputs: dict[str, str]  # role -> path (class, confidence, vectors, detections, ...)
-    classes: list[dict] = field(default_factory=list)
-    statistics: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    log: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class RunContext:
-    """What a task sink needs to know about the run."""
-
-    raster: Any  # engine.reader.SarRaster
-    card: Any  # engine.package.ModelCard
-    radiometry: Any  # engine.radiometry.Radiometry
-    output: Path
-    options: InferenceOptions
-    size: int  # model window in px
-    tags: dict[str, str]  # provenance tags for every raster output
-    region: Window  # the part of the raster being processed
-    say: Callable[[str], None]
-
 
 def _read_padded(raster, win: Window, size: int, region: Window) -> tuple[np.ndarray, np.ndarray]:
     """Read ``win`` (relative to ``region``) clipped to the region, zero-padded to size x size."""
@@ -223,7 +159,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     from .backends import choose_backend
     from .radiometry import Radiometry
     from .reader import SarRaster
-    from .tasks import make_sink
+    from .tasks import task_for
     from .writers import check_output
 
     t0 = time.perf_counter()
@@ -239,10 +175,15 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
 
     pkg = _open_package(model)
     card = pkg.card
+    task = task_for(card)
     out = Path(output)
     if not out.suffix:
-        out = out.with_suffix(".gpkg" if card.task in ("detect", "classify") else ".tif")
+        out = out.with_suffix(task.output_suffix)
     out = check_output(out, inputs, opts.overwrite)
+    if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
+        result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
+        elapsed = time.perf_counter() - t0
+        return _record(result, t0, elapsed, card, inputs, opts, messages)
     size = opts.window or card.input_size[0]
     if size % card.patch_size:
         raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
@@ -260,9 +201,10 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
                 "SARMAE_SOFTWARE": f"sarmae {__version__}", "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
         ctx = RunContext(raster, card, radiometry, out, opts, size, tags, region, say)
         if backend is None:  # before the sink opens its (temporary) output files
-            backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
-                                     opts.threads, log=say, mask_ratio=opts.mask_ratio)
-        sink = make_sink(ctx)
+            backend = task.backend(pkg, opts) or choose_backend(
+                opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size), opts.threads, log=say,
+                mask_ratio=opts.mask_ratio)
+        sink = task.make_sink(ctx)
         windows = list(sink.windows)
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")
         t_model = 0.0
@@ -285,9 +227,16 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         except BaseException:
             sink.abort()
             raise
+    result.provenance = {"input_units": radiometry.describe(), "backend": backend.describe()}
+    return _record(result, t0, t_model, card, inputs, opts, messages)
+
+
+def _record(result: InferenceResult, t0: float, t_model: float, card, inputs: list[str], opts: InferenceOptions,
+            messages: list[str]) -> InferenceResult:
+    """The result record's timings, provenance (the task's ``input_units`` and ``backend`` kept) and log."""
     result.timings = {"total_s": time.perf_counter() - t0, "model_s": t_model}
     result.provenance = {"model": card.name, "model_sha256": card.weights.get("sha256"), "inputs": inputs,
-                         "input_units": radiometry.describe(), "backend": backend.describe(),
+                         "input_units": result.provenance.get("input_units"), "backend": result.provenance.get("backend"),
                          "software": f"sarmae {__version__}", "options": asdict(opts)}
     result.log = messages
     return result

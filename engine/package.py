@@ -1,20 +1,8 @@
 """Model packages: the contract between training, the engine and the plugin (DESIGN.md).
 
-A package is a folder (or the same folder zipped) holding ``model.json`` (schema below),
-``weights.safetensors`` (never a pickle) and optionally ``model.onnx``. Loading validates the
-schema and the weights' sha256 and says exactly what is wrong.
-
-model.json, format_version 1::
-
-    {"format": "sarmae-model", "format_version": 1,
-     "name": str, "task": "embed"|"reconstruct"|"classify"|"segment"|"detect",
-     "architecture": {"name": str, "encoder": {...ViTConfig}, "decoder": {...}, "head": {...}},
-     "classes": [{"name": str, "colour": "#rrggbb"}, ...],
-     "input": {"bands": [str], "units": "linear_power"|"amplitude"|"db"|"uint8",
-               "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask",
-               "pixel_spacing_m": float|null},
-     "provenance": {...free-form: data, epochs, metrics, date, code version...},
-     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"}}
+A package is a folder (or the same folder zipped) holding ``model.json`` (the model card: schema
+and typed records in ``engine.card``), ``weights.safetensors`` (never a pickle) and optionally
+``model.onnx``; a package of a task without a network (CFAR) holds model.json alone. Loading validates the card and the weights' sha256 and says exactly what is wrong.
 """
 
 from __future__ import annotations
@@ -25,137 +13,27 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .card import (  # noqa: F401  (re-exported: the package API)
+    DEFAULT_CLIP,
+    FORMAT,
+    FORMAT_VERSION,
+    PALETTE,
+    UNITS,
+    ModelCard,
+    default_classes,
+    default_input,
+    validate_card,
+)
 from .errors import PackageError
 
-FORMAT = "sarmae-model"
-FORMAT_VERSION = 1
 CARD = "model.json"
 WEIGHTS = "weights.safetensors"
 ONNX = "model.onnx"
-UNITS = ("linear_power", "amplitude", "db", "uint8")
-TASKS = ("embed", "reconstruct", "classify", "segment", "detect")
-CLASS_TASKS = ("classify", "segment", "detect")
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
-
-# Default clip ranges per unit (what [0, 1] spans before mean/std): wide enough for land, water
-# and bright targets in calibrated backscatter; a package overrides them with its training data's.
-DEFAULT_CLIP = {"db": [-35.0, 10.0], "linear_power": [0.0, 1.0], "amplitude": [0.0, 1.0], "uint8": [0.0, 255.0]}
-
-
-def default_input(in_chans: int, units: str = "db", bands: list[str] | None = None) -> dict:
-    """The SARMAE input contract: clip to a unit range, scale to [0, 1], mean 0.5 / std 0.5."""
-    if units not in UNITS:
-        raise PackageError(f"unknown input units '{units}'; use one of {', '.join(UNITS)}")
-    if bands is None:
-        bands = ["VV", "VH"][:in_chans] if in_chans <= 2 else [f"band{i + 1}" for i in range(in_chans)]
-    return {"bands": list(bands), "units": units, "clip": list(DEFAULT_CLIP[units]),
-            "mean": [0.5] * in_chans, "std": [0.5] * in_chans, "nodata": "mask", "pixel_spacing_m": None}
-
-
-def default_classes(names: list[str]) -> list[dict]:
-    return [{"name": n, "colour": PALETTE[i % len(PALETTE)]} for i, n in enumerate(names)]
-
-
-@dataclass
-class ModelCard:
-    """The parsed model.json."""
-
-    name: str
-    task: str
-    architecture: dict
-    input: dict
-    classes: list[dict] = field(default_factory=list)
-    provenance: dict = field(default_factory=dict)
-    weights: dict = field(default_factory=dict)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.classes]
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.architecture["encoder"]["in_chans"])
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        s = self.architecture["encoder"]["img_size"]
-        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.architecture["encoder"]["patch_size"])
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        order = ["format", "format_version", "name", "task", "architecture", "classes", "input", "provenance", "weights"]
-        return {k: d[k] for k in order}
-
-
-def validate_card(d: Any, where: str) -> ModelCard:
-    """Check a parsed model.json; every problem is listed with the file it came from."""
-    if not isinstance(d, dict):
-        raise PackageError(f"{where}: model.json must hold a JSON object, found {type(d).__name__}")
-    problems: list[str] = []
-    if d.get("format") != FORMAT:
-        problems.append(f"'format' must be '{FORMAT}' (found {d.get('format')!r})")
-    fv = d.get("format_version")
-    if not isinstance(fv, int) or fv < 1:
-        problems.append(f"'format_version' must be a positive integer (found {fv!r})")
-    elif fv > FORMAT_VERSION:
-        problems.append(f"format_version {fv} is newer than this sarmae understands ({FORMAT_VERSION}): upgrade sarmae")
-    for key, typ in (("name", str), ("task", str), ("architecture", dict), ("input", dict), ("weights", dict)):
-        if not isinstance(d.get(key), typ):
-            problems.append(f"'{key}' is missing or not a {typ.__name__}")
-    if problems:
-        raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
-    task = d["task"]
-    if task not in TASKS:
-        problems.append(f"'task' must be one of {', '.join(TASKS)} (found '{task}')")
-    enc = d["architecture"].get("encoder")
-    if not isinstance(enc, dict):
-        problems.append("'architecture.encoder' is missing")
-    else:
-        for k in ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-            if k not in enc:
-                problems.append(f"'architecture.encoder.{k}' is missing")
-    classes = d.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
-        problems.append("'classes' must be a list of {\"name\": ..., \"colour\": \"#rrggbb\"}")
-    elif task in CLASS_TASKS and not classes:
-        problems.append(f"task '{task}' needs at least one class in 'classes'")
-    elif len({c["name"] for c in classes}) != len(classes):
-        problems.append("class names in 'classes' must be unique")
-    inp = d["input"]
-    if inp.get("units") not in UNITS:
-        problems.append(f"'input.units' must be one of {', '.join(UNITS)} (found {inp.get('units')!r})")
-    n = enc.get("in_chans") if isinstance(enc, dict) else None
-    for k in ("bands", "mean", "std"):
-        v = inp.get(k)
-        if not isinstance(v, list) or (isinstance(n, int) and len(v) != n):
-            problems.append(f"'input.{k}' must be a list with one entry per input channel ({n})")
-    clip = inp.get("clip")
-    if not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip) and clip[0] < clip[1]):
-        problems.append(f"'input.clip' must be [low, high] with low < high (found {clip!r})")
-    if isinstance(inp.get("std"), list) and any((not isinstance(s, (int, float))) or s <= 0 for s in inp["std"]):
-        problems.append("'input.std' values must be positive numbers")
-    w = d["weights"]
-    if not isinstance(w.get("sha256"), str) or len(w.get("sha256", "")) != 64:
-        problems.append("'weights.sha256' must be a 64-character hex digest")
-    if problems:
-        raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
-    return ModelCard(
-        name=d["name"], task=task, architecture=d["architecture"], input=inp, classes=classes,
-        provenance=d.get("provenance", {}), weights=w, format=d["format"], format_version=fv,
-    )
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -270,10 +148,21 @@ def _hash_mismatch(path: Path, digest: str, card: ModelCard) -> PackageError:
     )
 
 
+def _no_network(path: Path, card: ModelCard) -> None:
+    """Refuse to read weights from a package whose task has no network (a CFAR detector)."""
+    from .tasks import task_for
+
+    if not task_for(card).needs_weights:
+        raise PackageError(f"{path}: '{card.name}' is a {card.task} package without a network "
+                           f"({card.architecture.name}): it has no weights to load, fine-tune or export; "
+                           "run it with 'sarmae infer', or choose a package with a model")
+
+
 def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> ModelCard:
     """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
     path = Path(path)
     card = card or read_card(path)
+    _no_network(path, card)
     digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
@@ -302,6 +191,7 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
 
     path = Path(path)
     card = card or read_card(path)
+    _no_network(path, card)
     src = _Source(path)
     data = src.read(card.weights.get("file", WEIGHTS))
     digest = sha256_bytes(data)
@@ -315,10 +205,10 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
 
 def build_model(path: str | os.PathLike, card: ModelCard | None = None, device: str = "cpu") -> Any:
     """The package's torch model with its (hash-checked) weights, in eval mode on ``device``."""
-    from .models import build_from_architecture
+    from .tasks import task_for
 
     card, sd = load_state_dict(path, card)
-    model = build_from_architecture(card.architecture, card.task, len(card.classes))
+    model = task_for(card).build_model(card)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("pos_embed")]  # fixed tables are rebuilt
     if missing or unexpected:
@@ -336,9 +226,13 @@ def load_package(path: str | os.PathLike, device: str = "cpu", lazy: bool = Fals
     model only when ``.model`` is first used: what inference does, so that a run through
     onnxruntime needs neither torch nor the weights in memory.
     """
+    from .tasks import task_for
+
     path = Path(path)
     card = read_card(path)
-    if lazy:
+    if not task_for(card).needs_weights:
+        model = None  # a task without a network (e.g. CFAR): its own backend, no weights file
+    elif lazy:
         verify_weights(path, card)
         model = None
     else:
@@ -354,24 +248,34 @@ def new_card(name: str, task: str, architecture: dict, input_contract: dict, cla
                      classes=classes or [], provenance=prov, weights={})
 
 
-def save_package(state_dict: dict, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
+def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
                  extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
-    """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically.
+    """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically; ``state_dict``
+    None: a package without weights (a task without a network, e.g. CFAR: model.json alone).
 
     Everything is written into a temporary sibling first and renamed on success, so an existing
     package is never left half-written.
     """
-    from safetensors.torch import save as st_save
+    from .tasks import task_for
 
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise PackageError(f"{dest} already exists; choose another output or pass --overwrite")
+    if (state_dict is None) == task_for(card).needs_weights:
+        raise PackageError(f"{dest}: a '{card.task}' package of '{card.architecture.name}' "
+                           + ("needs weights" if state_dict is None else "has no network: it takes no weights"))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    blob = st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task})
-    card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
+    files = {}
+    if state_dict is not None:
+        from safetensors.torch import save as st_save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        files[WEIGHTS] = blob = st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task})
+        card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
+    else:
+        card.weights = {}
     validate_card(json.loads(json.dumps(card.to_dict())), str(dest / CARD))
-    files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), WEIGHTS: blob}
+    files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), **files}
     if onnx_bytes is not None:
         files[ONNX] = onnx_bytes
     files.update(extra_files or {})
@@ -414,19 +318,25 @@ def _replace(src: Path, dest: Path) -> None:
 
 def describe(card: ModelCard) -> str:
     """A human-readable model card for ``sarmae info``."""
-    enc = card.architecture["encoder"]
+    from .tasks import task_for
+
+    enc = card.architecture.encoder
     inp = card.input
-    lines = [
-        f"name:          {card.name}",
-        f"task:          {card.task}",
-        f"architecture:  {card.architecture.get('name', 'custom')} (width {enc['embed_dim']}, depth {enc['depth']}, "
-        f"heads {enc['num_heads']}, patch {enc['patch_size']}, input {card.input_size[0]}x{card.input_size[1]})",
-        f"input:         {enc['in_chans']} channel(s) {'+'.join(inp['bands'])}, units {inp['units']}, "
-        f"clip {inp['clip'][0]}..{inp['clip'][1]}, mean {inp['mean']}, std {inp['std']}",
-    ]
+    lines = [f"name:          {card.name}", f"task:          {card.task}"]
+    if enc is not None:
+        lines.append(f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
+                     f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})")
+    else:
+        lines.append(f"method:        {card.architecture.name} (no network, no weights)")
+    if inp is not None:
+        lines.append(f"input:         {card.in_chans} channel(s) {'+'.join(inp.bands)}, units {inp.units}, "
+                     f"clip {inp.clip[0]}..{inp.clip[1]}, mean {inp.mean}, std {inp.std}")
+    lines += task_for(card).summary(card)
+    lines.append(f"output:        {card.output}")
     if card.classes:
         lines.append("classes:       " + ", ".join(f"{c['name']} ({c.get('colour', '-')})" for c in card.classes))
     for k, v in card.provenance.items():
         lines.append(f"{k + ':':<15}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights.get('sha256', '')[:16]}...")
+    if card.weights.get("sha256"):
+        lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights['sha256'][:16]}...")
     return "\n".join(lines)

@@ -70,7 +70,7 @@ class ModelCache:
         p = Path(path).expanduser().resolve()
         card = read_card(p)  # validates model.json; raises PackageError with the reason
         stamp = p / CARD if p.is_dir() else p
-        return (str(p), stamp.stat().st_mtime_ns, card.weights["sha256"])
+        return (str(p), stamp.stat().st_mtime_ns, card.weights.get("sha256", ""))  # "": no weights (CFAR)
 
     def package(self, path: str) -> tuple[CachedModel, bool]:
         """(entry, True when it was already loaded)."""
@@ -216,20 +216,23 @@ class Worker:
 
     def _run_infer(self, req: P.Request, opts: Any, progress, cancel: threading.Event) -> dict:
         from .inference import run_inference
+        from .tasks import task_for
 
         t0 = time.perf_counter()
         entry, pkg_hit = self.cache.package(req.get("model"))
         card = entry.package.card
         progress(-1.0, f"model {card.name}: " + ("already loaded (cache hit)" if pkg_hit else
                                                   f"loaded in {time.perf_counter() - t0:.2f} s"))
-        size = opts.window or card.input_size[0]
-        backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
+        backend, be_hit = None, None  # a task that reads the raster itself (CFAR) has no backend
+        if task_for(card).windowed:
+            size = opts.window or card.input_size[0]
+            backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
         if cancel.is_set():  # cancelled while the model was loading
             raise CancelledError("cancelled by the user; no output was written")
         res = run_inference(req.get("inputs"), req.get("output"), entry.package, opts, progress,
                             cancel.is_set, backend=backend)
         return P.result(req.id, res.to_dict(), cache={"package": "hit" if pkg_hit else "miss",
-                                                      "backend": "hit" if be_hit else "miss"})
+                                                      "backend": "none" if be_hit is None else "hit" if be_hit else "miss"})
 
     def _run_other(self, req: P.Request, progress, cancel: threading.Event) -> dict:
         """Similarity (built in) or a task another package registered (fine-tuning, pretraining)."""

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import ONNX_TASKS
 from .errors import SarmaeError
+from .tasks import TASKS, Task, get_task
 
 
 def pick_device(device: str = "auto") -> str:
@@ -30,26 +30,16 @@ def pick_device(device: str = "auto") -> str:
 
 
 class InferenceModule(torch.nn.Module):
-    """Wraps a task model so its forward returns one tensor (what ONNX export and the pipeline need).
+    """Wraps a task model so its forward is the task's (``Task.forward``): what the pipeline runs and
+    ONNX export traces, e.g. segment -> logits (B, K, H, W); embed -> patch tokens (B, D, gh, gw)."""
 
-    segment -> logits (B, K, H, W); classify -> logits (B, K); embed -> patch tokens (B, D, gh, gw);
-    reconstruct -> (B, C, H, W) reconstruction (masked patches filled by the decoder, fixed seed).
-    """
-
-    def __init__(self, model: torch.nn.Module, task: str, mask_ratio: float = 0.75):
+    def __init__(self, model: torch.nn.Module, task: str | Task, mask_ratio: float = 0.75):
         super().__init__()
-        self.model, self.task, self.mask_ratio = model, task, mask_ratio
+        self.model, self.mask_ratio = model, mask_ratio
+        self.task = get_task(task) if isinstance(task, str) else task
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.task == "embed":
-            return self.model.forward_patch_tokens(x)
-        if self.task == "reconstruct":
-            # one mask pattern for every window: deterministic and independent of the batch size
-            g = torch.Generator(device=x.device).manual_seed(0)
-            n_tok = (x.shape[-2] // self.model.patch_size) * (x.shape[-1] // self.model.patch_size)
-            noise = torch.rand(1, n_tok, generator=g, device=x.device).expand(x.shape[0], -1)
-            return self.model.reconstruct(x, self.mask_ratio, noise=noise)
-        return self.model(x)
+    def forward(self, x: torch.Tensor):
+        return self.task.forward(self.model, x, self.mask_ratio)
 
 
 class TorchBackend:
@@ -61,7 +51,7 @@ class TorchBackend:
         self.device = pick_device(device)
         if threads:
             torch.set_num_threads(threads)
-        self.task = task
+        self.task = get_task(task) if isinstance(task, str) else task
         self.model = model.to(self.device).eval()
         self.module = InferenceModule(self.model, task, mask_ratio).eval()
         # autocast only on GPUs: bf16 where supported, else fp16; CPU stays fp32 (exact, and not slower here)
@@ -75,12 +65,10 @@ class TorchBackend:
         with torch.inference_mode():
             if self.amp_dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
-                    y = self.module(x) if self.task != "detect" else self.model(x)
+                    y = self.module(x)
             else:
-                y = self.module(x) if self.task != "detect" else self.model(x)
-        if self.task == "detect":
-            return [{k: v.float().cpu().numpy() for k, v in d.items()} for d in y]
-        return y.float().cpu().numpy()
+                y = self.module(x)
+        return self.task.to_numpy(y)
 
     def describe(self) -> str:
         return f"torch {self.torch.__version__} on {self.device}" + (f" ({self.amp_dtype})" if self.amp_dtype else "")
@@ -92,8 +80,9 @@ def export_onnx(model, task: str, in_chans: int, size: tuple[int, int], card_jso
 
     import onnx
 
-    if task not in ONNX_TASKS:
-        raise SarmaeError(f"ONNX export supports {', '.join(ONNX_TASKS)}; '{task}' models run with --backend torch")
+    if not get_task(task).onnx:
+        onnx_tasks = [n for n in TASKS if TASKS[n].onnx]
+        raise SarmaeError(f"ONNX export supports {', '.join(onnx_tasks)}; '{task}' models run with --backend torch")
     module = InferenceModule(model.cpu().eval(), task).eval()
     dummy = torch.zeros(1, in_chans, *size)
     buf = io.BytesIO()

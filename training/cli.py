@@ -57,7 +57,7 @@ def _finetune_config(a: argparse.Namespace):
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
          "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
-              "bands", "input_units", "class_weights", "max_chips"):
+              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -138,7 +138,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise SarmaeError("segmentation evaluation takes one --raster (run it once per raster)")
         options = {"bands": a.bands, "input_units": a.input_units}
         r = evaluate_raster(a.package, a.raster[0], png, a.labels, a.class_field, a.label_raster,
-                            {k: v for k, v in options.items() if v})
+                            {k: v for k, v in options.items() if v}, baselines=a.baselines)
     elif a.raster and task == "detect":
         options = {"bands": a.bands, "input_units": a.input_units, "score_threshold": a.score_threshold}
         r = evaluate_detections(a.package, a.raster, png, a.labels, a.class_field,
@@ -221,6 +221,15 @@ def register(sub) -> None:
     s.add_argument("--export-onnx", action="store_true", help="also write model.onnx into the package "
                                                               "(segment, classify; as 'sarmae export')")
     s.add_argument("--shots", type=int, help="classification: N training chips per class")
+    s.add_argument("--mode", choices=["auto", "head", "full"],
+                   help="classify/segment: head = quick, a light head fitted on the frozen encoder in seconds "
+                        "(few labels); full = fine-tune the whole model; auto (default) = quick below a few dozen "
+                        "training chips, else quick then full, keeping the better validation score")
+    s.add_argument("--seg-head", choices=["light", "upernet"],
+                   help="segment, full fine-tune: light (per-pixel head, fast on CPUs; the default) or upernet "
+                        "(simple pyramid + UPerNet, for GPUs)")
+    s.add_argument("--gain-db", type=float, help="classify/segment: random radiometric gain per training chip within "
+                   "+-this many dB, so the model does not key on one acquisition's brightness (default 2; 0: off)")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)
@@ -246,6 +255,10 @@ def register(sub) -> None:
     s.add_argument("--class-field", help="class attribute of --labels")
     s.add_argument("--label-raster", help="class raster on the raster's grid (segment, classify)")
     s.add_argument("--background", help="classify with --labels: the model's class for chips touching no polygon")
+    s.add_argument("--baselines", action="store_true",
+                   help="segment: also the classical rows (best threshold per band, Otsu per band, random forest on "
+                        "per-pixel features), fitted on the package's own training labels and scored on the same "
+                        "pixels")
     _data_options(s)
     s.add_argument("--score-threshold", type=float, help="detect: the score of the reported operating point "
                                                           "(precision / recall / F1; default 0.3 as sarmae infer)")

@@ -32,6 +32,7 @@ from engine.errors import SarmaeError
 from engine.package import load_package
 
 from .finetune.metrics import classification_metrics, confusion_png, iou_metrics
+from .reference import reference_raster, vector_reference
 
 
 def evaluate_chips(package: str, chips_dir: str, png: Path) -> dict:
@@ -112,53 +113,11 @@ def evaluate_chips_from_rasters(package: str, rasters: list[str], png: Path, lab
             "detections": m["detections"]}
 
 
-def _reference_raster(raster: str, label_raster: str, names: list[str], opts) -> tuple[np.ndarray, list[str]]:
-    """The label raster on ``raster``'s grid, read as fine-tuning reads it (``finetune.labels.
-    read_class_map``: same grid, reprojected when both have a CRS, refused when they cannot be
-    aligned): model class index, 255 where unlabelled; plus unknown class names."""
-    from engine.reader import SarRaster
-
-    from .finetune.labels import read_class_map
-
-    with SarRaster.open(raster, opts.bands, opts.complex_mode) as r:
-        lab = read_class_map(label_raster, r, [])
-    ref = np.full(lab.shape, 255, np.uint8)
-    unknown: set[str] = set()
-    for v in np.unique(lab[lab >= 0]):
-        name = f"class_{v}"
-        # a label raster holds indices: match by index when names are generic, else by 'class_<v>'
-        idx = names.index(name) if name in names else (int(v) if int(v) < len(names) else None)
-        if idx is None:
-            unknown.add(name)
-        else:
-            ref[lab == v] = idx
-    return ref, sorted(unknown)
-
-
-def _vector_labels(rasters: list[str], labels: str, class_field: str, names: list[str],
-                   opts) -> tuple[list[tuple[list, list[int]]], dict[str, int], list[str], list[str]]:
-    """The polygons of ``labels`` in each raster's pixel space, read exactly as fine-tuning reads them
-    (``finetune.labels.vector_labels``: invalid geometries repaired or skipped and counted, reprojected
-    to the raster's CRS, GCPs, or pixel coordinates without georeferencing; refused when they lie
-    outside every raster), classes matched to the model's by name: per raster (polygons, model class
-    index), features per unknown class, notes, warnings."""
-    import contextlib
-
-    from engine.reader import SarRaster
-
-    from .finetune.labels import vector_labels
-
-    notes: list[str] = []
-    warns: list[str] = []
-    with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(SarRaster.open(r, opts.bands, opts.complex_mode)) for r in rasters]
-        shapes, _, unknown = vector_labels(labels, class_field, names, None, opened, notes, warns)
-    return shapes, unknown, notes, warns
-
-
 def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = None, class_field: str | None = None,
-                    label_raster: str | None = None, options: dict | None = None) -> dict:
-    """A segment package run over ``raster`` by the engine, against the labels (pixel metrics)."""
+                    label_raster: str | None = None, options: dict | None = None, baselines: bool = False) -> dict:
+    """A segment package run over ``raster`` by the engine, against the labels (pixel metrics);
+    ``baselines``: also the classical rows (``baselines.segment_rows``: threshold, Otsu, random
+    forest, fitted on the package's training labels) on the same pixels, under "baselines"."""
     import rasterio
 
     from engine.inference import InferenceOptions, run_inference
@@ -176,9 +135,9 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
     opts = InferenceOptions(**(options or {}))
     vector = bool(labels and class_field) and not label_raster  # a label raster, when given, wins (as before)
     if vector:  # before the model runs: bad labels fail at once
-        (shapes,), skipped, notes, warns = _vector_labels([raster], labels, class_field, names, opts)
+        (shapes,), skipped, notes, warns = vector_reference([raster], labels, class_field, names, opts)
     else:
-        full, unknown = _reference_raster(raster, label_raster, names, opts)
+        full, unknown = reference_raster(raster, label_raster, names, opts)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_inference([raster], Path(tmp) / "pred.tif", pkg, opts)
         with rasterio.open(res.outputs["class"]) as src:
@@ -200,6 +159,10 @@ def evaluate_raster(package: str, raster: str, png: Path, labels: str | None = N
            "confusion_matrix_png": str(png)}
     if vector:
         out.update(skipped_features=sum(skipped.values()), log=notes, warnings=warns)
+    if baselines:
+        from .baselines import segment_rows
+
+        out["baselines"], out["baseline_notes"] = segment_rows(card, raster, ref, ok, opts)
     return out
 
 
@@ -238,7 +201,8 @@ def _read_detections(gpkg: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str | None = None,
-                        class_field: str | None = None, options: dict | None = None) -> dict:
+                        class_field: str | None = None, options: dict | None = None,
+                        cfar: dict | None = None) -> dict:
     """A detect package run over whole rasters by the engine (as ``sarmae infer``: windows, boxes
     merged across windows by NMS), against one box per labelled polygon (its pixel-space bounds,
     polygons read exactly as fine-tuning reads them). Each raster counts as one image.
@@ -246,15 +210,19 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
     Returns mAP@0.5 and mAP@[.5:.95] (COCO rules, torchmetrics, every detection down to score 0.05
     counted), AP per class, and the analyst's operating point at ``score_threshold`` (default 0.3,
     as ``infer``): true / false positives, missed boxes, precision, recall, F1 per class and overall
-    (IoU >= 0.5). ``png``: precision-recall curves at IoU 0.5.
+    (IoU >= 0.5), false alarms per km^2 (per megapixel when a raster is not georeferenced in metres).
+    ``png``: precision-recall curves at IoU 0.5.
+
+    ``cfar``: also run the CFAR detector (``engine.cfar.CfarConfig`` settings as a dict) over the same
+    rasters and return its row under ``"cfar"``: the same metrics, its boxes ranked by CFAR score and
+    its operating point at the CFAR ``score_threshold`` (0: every box at the pfa).
     """
     import dataclasses
 
-    import torch
-
     from engine.inference import InferenceOptions, run_inference
+    from engine.tasks import task_for
 
-    from .finetune.detect import detection_metrics
+    from .cfar_baseline import cfar_boxes, search_area
 
     pkg = load_package(package)
     card = pkg.card
@@ -266,10 +234,10 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
         raise SarmaeError("give at least one --raster to evaluate on")
     names = card.class_names
     opts = InferenceOptions(**(options or {}))
-    threshold = opts.score_threshold
+    threshold = task_for(card).score_threshold(card, opts)  # the run's, else the package's default
     run = dataclasses.replace(opts, score_threshold=min(threshold, 0.05), overwrite=True)
     # every raster's labels first (read once): bad labels fail before any model runs
-    shapes, skipped, notes, warns = _vector_labels(rasters, labels, class_field, names, opts)
+    shapes, skipped, notes, warns = vector_reference(rasters, labels, class_field, names, opts)
     truth = []
     for (polys, cls), r in zip(shapes, rasters):
         if not polys:
@@ -277,19 +245,48 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
         b = np.asarray([g.bounds for g in polys], np.float64).reshape(-1, 4)
         cls = np.asarray(cls, np.int64)
         if opts.extent is not None:  # the boxes whose centre lies in the processed region
-            r0, c0, h, wd = opts.extent
-            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-            keep = (cx >= c0) & (cx < c0 + wd) & (cy >= r0) & (cy < r0 + h)
+            keep = _in_extent(b, opts.extent)
             b, cls = b[keep], cls[keep]
         truth.append((b, cls))
     if not sum(len(t[0]) for t in truth):
         raise SarmaeError(f"no polygon of {labels} with a class of {package} ({', '.join(names)}) lies on the "
                           f"raster(s){' inside --extent' if opts.extent is not None else ''}")
+    area = search_area(rasters, opts)
     preds = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, r in enumerate(rasters):
             res = run_inference([r], Path(tmp) / f"det{i}.gpkg", pkg, run)
             preds.append(_read_detections(res.outputs["detections"]))
+    scores, curves = score_detections(preds, truth, names, threshold, area)
+    _pr_png(curves, threshold, png)
+    out = {"task": "detect", "rasters": len(rasters), **scores, "unknown_classes": sorted(skipped),
+           "skipped_features": sum(skipped.values()), "log": notes, "warnings": warns, "pr_curve_png": str(png)}
+    if cfar is not None:
+        cfg, cpreds, clog = cfar_boxes(rasters, cfar, opts, names)
+        if opts.extent is not None:
+            cpreds = [(b[k], s[k], c[k]) for b, s, c in cpreds for k in [_in_extent(b, opts.extent)]]
+        cscores, _ = score_detections(cpreds, truth, names, cfg.score_threshold, area)
+        out["cfar"] = {**cscores, "config": cfg.to_dict(), "log": clog}
+    return out
+
+
+def _in_extent(b: np.ndarray, extent) -> np.ndarray:
+    """Which boxes (n, 4) have their centre in ``extent`` (row_off, col_off, height, width)."""
+    r0, c0, h, wd = extent
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    keep = (cx >= c0) & (cx < c0 + wd) & (cy >= r0) & (cy < r0 + h)
+    return keep
+
+
+def score_detections(preds: list[tuple], truth: list[tuple], names: list[str], threshold: float,
+                     area: tuple[float, str]) -> tuple[dict, dict]:
+    """Detections (boxes, scores, class index) per image against reference (boxes, class index):
+    mAP@0.5, mAP@[.5:.95], AP per class, the operating point at ``threshold`` per class and overall,
+    false alarms per unit of ``area`` = (size, "km2" | "Mpx"); plus the PR curves per class."""
+    import torch
+
+    from .finetune.detect import detection_metrics
+
     most = max([100] + [len(p[0]) for p in preds])
     m = detection_metrics([{"boxes": torch.from_numpy(b).float(), "scores": torch.from_numpy(s).float(),
                             "labels": torch.from_numpy(c + 1)} for b, s, c in preds],
@@ -312,13 +309,12 @@ def evaluate_detections(package: str, rasters: list[str], png: Path, labels: str
         curves[name] = (ctp / max(n_true, 1), ctp / np.arange(1, len(order) + 1), s[order], n_true)
     tot = {k: sum(p[k] for p in per_class.values()) for k in ("true_positives", "false_positives", "missed")}
     overall = _operating_point(tot["true_positives"], tot["false_positives"], tot["missed"])
-    _pr_png(curves, threshold, png)
-    return {"task": "detect", "rasters": len(rasters), "map_50": m["map_50"], "map": m["map"],
-            "ap_per_class": m["ap_per_class"], "boxes": m["boxes"],
+    size, unit = area
+    return {"map_50": m["map_50"], "map": m["map"], "ap_per_class": m["ap_per_class"], "boxes": m["boxes"],
             "detections": int(sum(int((p[1] >= threshold).sum()) for p in preds)),
-            "score_threshold": threshold, **{k: overall[k] for k in ("precision", "recall", "f1")},
-            **tot, "per_class": per_class, "unknown_classes": sorted(skipped),
-            "skipped_features": sum(skipped.values()), "log": notes, "warnings": warns, "pr_curve_png": str(png)}
+            "score_threshold": threshold, **{k: overall[k] for k in ("precision", "recall", "f1")}, **tot,
+            f"false_alarms_per_{unit.lower()}": tot["false_positives"] / size if size else None,
+            "search_area": {"size": size, "unit": unit}, "per_class": per_class}, curves
 
 
 def _operating_point(tp: int, fp: int, missed: int) -> dict:

@@ -2,8 +2,8 @@
 
 from .mae import DecoderConfig, MaskedAutoencoderViT, patchify, random_masking, unpatchify
 from .registry import (
+    HEADS,
     SIZES,
-    TASKS,
     build_from_architecture,
     create_model,
     list_models,
@@ -13,7 +13,7 @@ from .sarc import SARCProjectionHead, sarc_loss
 from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
-    "SIZES", "TASKS", "DecoderConfig", "MaskedAutoencoderViT", "SARCProjectionHead", "ViTConfig",
+    "HEADS", "SIZES", "DecoderConfig", "MaskedAutoencoderViT", "SARCProjectionHead", "ViTConfig",
     "VisionTransformer", "build_from_architecture", "create_model", "list_models", "patchify",
     "random_masking", "register_model", "sarc_loss", "unpatchify",
 ]

@@ -21,8 +21,6 @@ SIZES: dict[str, dict] = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
-TASKS = ("embed", "reconstruct", "classify", "segment", "detect")
-
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -73,34 +71,68 @@ for _size in SIZES:
     _make(_size)
 
 
+def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
+    return build_segmenter(encoder, num_classes, head)
+
+
+def _classifier(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
+    from .heads import ViTClassifier
+
+    return ViTClassifier(encoder, num_classes)
+
+
+def _detector(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
+    from .heads import DetHeadConfig, ViTDetector
+
+    return ViTDetector(encoder, num_classes, DetHeadConfig.from_dict(head))
+
+
+# the model of each built-in task with a head: encoder + head config + number of classes -> module
+# (embed is the encoder itself, reconstruct the MAE; a task of another package builds its own model)
+HEADS: dict[str, Callable[[VisionTransformer, dict, int], nn.Module]] = {
+    "classify": _classifier, "segment": _segmenter, "detect": _detector}
+
+
 def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.Module:
     """Build the model described by model.json's ``architecture`` for ``task``.
 
     arch: {"name": ..., "encoder": ViTConfig dict, "decoder": DecoderConfig dict (reconstruct),
     "head": head config dict (classify/segment/detect)}.
     """
-    from .heads import DetHeadConfig, SegHeadConfig, ViTClassifier, ViTDetector, ViTSegmenter
-
-    if task not in TASKS:
-        raise ModelConfigError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
+    known = ("embed", "reconstruct", *HEADS)
+    if task not in known:
+        raise ModelConfigError(f"no built-in model for task '{task}'; known: {', '.join(known)}")
     try:
-        enc = ViTConfig.from_dict(arch["encoder"])
-        head = dict(arch.get("head") or {})
+        enc = ViTConfig.from_dict(dict(arch["encoder"]))
         if task == "reconstruct":
-            return MaskedAutoencoderViT(enc, DecoderConfig.from_dict(arch.get("decoder") or {}))
+            return MaskedAutoencoderViT(enc, DecoderConfig.from_dict(dict(arch.get("decoder") or {})))
         encoder = VisionTransformer(enc)
         if task == "embed":
             return encoder
         if num_classes < 1:
             raise ModelConfigError(f"task '{task}' needs at least one class")
-        if task == "classify":
-            return ViTClassifier(encoder, num_classes)
-        if task == "segment":
-            if head.get("indices") is not None:
-                head["indices"] = tuple(head["indices"])
-            return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))
-        return ViTDetector(encoder, num_classes, DetHeadConfig.from_dict(head))
+        return HEADS[task](encoder, dict(arch.get("head") or {}), num_classes)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelConfigError):
             raise
         raise ModelConfigError(f"invalid architecture in model.json: {e}") from e
+
+
+SEG_HEADS = ("upernet", "light")  # architecture.head.kind of a segment package (absent: upernet)
+
+
+def build_segmenter(encoder: VisionTransformer, num_classes: int, head: dict | None = None) -> nn.Module:
+    """The segmenter ``head`` describes: ``kind`` "light" (``seg_light.LightSegmenter``, per-pixel
+    head for CPUs) or "upernet" / absent (``heads.ViTSegmenter``, simple pyramid + UPerNet)."""
+    from .heads import SegHeadConfig, ViTSegmenter
+    from .seg_light import LightSegHeadConfig, LightSegmenter
+
+    head = dict(head or {})
+    kind = head.pop("kind", "upernet") or "upernet"
+    if kind == "light":
+        return LightSegmenter(encoder, num_classes, LightSegHeadConfig.from_dict(head))
+    if kind != "upernet":
+        raise ModelConfigError(f"unknown segmentation head '{kind}'; known: {', '.join(SEG_HEADS)}")
+    if head.get("indices") is not None:
+        head["indices"] = tuple(head["indices"])
+    return ViTSegmenter(encoder, num_classes, SegHeadConfig(**head))

@@ -1,21 +1,26 @@
-"""Task sinks: what happens to model outputs (stitching, post-processing, writing) per task."""
+"""Tasks: what a package's model does and where its outputs go (segment, detect, classify, embed,
+reconstruct, and tasks of other packages). The protocol is ``engine.tasks.base.Task``; the
+registry ``TASKS`` / ``get_task`` (``engine.tasks.registry``)."""
 
 from __future__ import annotations
 
+from ..types import RunContext
+from .base import Sink, Task
+from .registry import (
+    ENTRY_POINT_GROUP,
+    TASKS,
+    TaskRegistryError,
+    get_task,
+    method_names,
+    reset_registry,
+    task_for,
+    task_names,
+)
 
-def make_sink(ctx):
-    """The sink for the package's task (segment, detect, classify, embed, reconstruct)."""
-    task = ctx.card.task
-    if task == "segment":
-        from .segment import SegmentSink as Sink
-    elif task == "detect":
-        from .detect import DetectSink as Sink
-    elif task == "classify":
-        from .classify import ClassifySink as Sink
-    elif task == "embed":
-        from .embed import EmbedSink as Sink
-    elif task == "reconstruct":
-        from .reconstruct import ReconstructSink as Sink
-    else:  # validate_card already refuses other tasks
-        raise ValueError(f"no inference for task '{task}'")
-    return Sink(ctx)
+__all__ = ["ENTRY_POINT_GROUP", "TASKS", "Sink", "Task", "TaskRegistryError", "get_task", "make_sink",
+           "method_names", "reset_registry", "task_for", "task_names"]
+
+
+def make_sink(ctx: RunContext) -> Sink:
+    """The sink of the package's task for this run."""
+    return task_for(ctx.card).make_sink(ctx)

@@ -1,19 +1,165 @@
-"""Shared pieces of the task sinks: georeferencing of the processed region, writer factory."""
+"""The task protocol: what a task (segment, detect, classify, embed, reconstruct, ...) is to the engine.
+
+A task is one class in one file of ``engine/tasks/`` (or of another package, registered through
+the ``sarmae.tasks`` entry point group; see ``engine.tasks.registry``). It says
+
+- what it plans: the windows over the region (``plan``, ``windows``; overlap default
+  ``default_overlap``; a grid in pixels or, like embed, in tokens of ``unit`` pixels),
+- what it writes: the main output (a GeoTIFF, or a GeoPackage when ``vector_output``) and the
+  files beside it (``extra_outputs``),
+- how a model runs on a batch: ``build_model`` (torch, from the card), ``forward`` (torch;
+  also what is exported to ONNX when ``onnx``), ``to_numpy``; a task without a network
+  (``needs_weights = False``) returns a backend of its own from ``backend`` and needs neither torch
+  nor weights; one that reads the raster itself (``windowed = False``: the CFAR detector, by strips
+  with its background margins) does its whole run in ``run_raster`` instead of windows and a sink,
+- its sink (``make_sink``): ``windows``, ``consume(windows, outputs, valid)`` per batch, ``finish()``
+  -> ``InferenceResult``, ``abort()`` (remove partial outputs; called on any failure or cancel),
+- how per-rank parts merge under torchrun (``blended``, ``part_options``, ``merge``).
+
+The pipeline (``engine.inference``) and the scale-out (``engine.distributed``) know nothing else
+about a task. A METHOD of a task (``method``: ``detect`` + ``cfar``) is a task class registered as
+``<task>.<method>`` and chosen by the card's architecture name (``engine.tasks.registry``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from ..tiling import TilePlan, Window, plan_tiles
+from ..types import InferenceOptions, InferenceResult, RunContext
+from .georef import EARTH_RADIUS_M, Georef  # noqa: F401  (re-exported: engine/cfar/scene.py imports them from here)
 
+if TYPE_CHECKING:
+    from ..card import ModelCard
+    from ..types import CancelFn, ProgressFn
+    from .merging import MergeJob
+
+
+class Sink(Protocol):
+    """Where a task's model outputs go, batch by batch, until ``finish`` publishes the outputs.
+
+    ``windows``: the windows to run, in order (relative to the region). ``consume`` gets each batch's
+    windows, the backend's outputs for them and their valid masks (B, S, S) (False on padding and
+    nodata). ``finish`` writes and publishes every output atomically and returns the result record;
+    ``abort`` removes whatever was written (nothing is published before ``finish``).
+    """
+
+    windows: list[Window]
+
+    def consume(self, windows: list[Window], outputs: Any, valid: np.ndarray) -> None: ...
+
+    def finish(self) -> InferenceResult: ...
+
+    def abort(self) -> None: ...
+
+
+class Task:
+    """Base class of the tasks; a task overrides ``make_sink`` and ``merge`` and sets its attributes."""
+
+    name: ClassVar[str] = ""  # as written in model.json's "task"
+    method: ClassVar[str | None] = None  # a method of the task, chosen by model.json's architecture name
+    outputs: ClassVar[tuple[str, ...]] = ()  # what the model may return (model.json "output"); [0]: default
+    needs_classes: ClassVar[bool] = False  # model.json must list classes
+    needs_weights: ClassVar[bool] = True  # a network: weights, architecture.encoder, input (CFAR: False)
+    windowed: ClassVar[bool] = True  # runs window by window through a sink (False: ``run_raster``)
+    vector_output: ClassVar[bool] = False  # the main output is a GeoPackage (else a GeoTIFF)
+    blended: ClassVar[bool] = True  # overlapping windows are blended into rasters (distributed: see split_rows)
+    onnx: ClassVar[bool] = False  # the model exports to / runs from model.onnx
+    default_overlap: ClassVar[float] = 0.25  # when --overlap is not given
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("make_sink", "merge")  # a plug-in must define these (not
+    # windowed: run_raster)
+
+    @classmethod
+    def key(cls) -> str:
+        """The registry name: the task's, or ``<task>.<method>`` for a method."""
+        return f"{cls.name}.{cls.method}" if cls.method else cls.name
+
+    @property
+    def output_suffix(self) -> str:
+        return ".gpkg" if self.vector_output else ".tif"
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, card: ModelCard, height: int, width: int, window: int,
+             overlap: float | None) -> tuple[TilePlan, int]:
+        """The tile plan over a ``height x width`` region and its grid unit in pixels (1: pixels)."""
+        ov = self.default_overlap if overlap is None else overlap
+        return plan_tiles(height, width, window, ov), 1
+
+    def windows(self, plan: TilePlan, unit: int) -> list[Window]:
+        """The plan's windows in pixels of the region."""
+        if unit == 1:
+            return list(plan.windows)
+        return [Window(w.row_off * unit, w.col_off * unit, w.height * unit, w.width * unit) for w in plan.windows]
+
+    def extra_outputs(self, output: Path, options: InferenceOptions) -> list[Path]:
+        """The files a run writes beside ``output`` (checked before any work starts)."""
+        return []
+
+    # ------------------------------------------------------------------ the model
+    def build_model(self, card: ModelCard) -> Any:
+        """The torch model of the card (weights not loaded)."""
+        from ..models import build_from_architecture
+
+        return build_from_architecture(card.architecture.to_dict(), self.name, len(card.classes))
+
+    def backend(self, package: Any, options: InferenceOptions) -> Any | None:
+        """A backend of the task's own (``run(batch) -> outputs``, ``describe()``, ``name``), or None:
+        the engine's torch / onnxruntime choice (``engine.backends.choose_backend``)."""
+        return None
+
+    def init_architecture(self, architecture: dict, decoder: dict) -> dict:
+        """A new (random) package's architecture from the encoder's (``sarmae init``)."""
+        return architecture
+
+    def forward(self, model: Any, x: Any, mask_ratio: float = 0.75) -> Any:
+        """The torch forward of one batch (B, C, H, W); also what ONNX export traces."""
+        return model(x)
+
+    def to_numpy(self, y: Any) -> Any:
+        """The backend's torch output as the sink's numpy input."""
+        return y.float().cpu().numpy()
+
+    def check_card(self, card: ModelCard) -> list[str]:
+        """The card's problems for this task beyond the common schema (e.g. CFAR's settings), as sentences."""
+        return []
+
+    def summary(self, card: ModelCard) -> list[str]:
+        """Lines of ``sarmae info`` about the task's own settings (e.g. CFAR's windows and pfa)."""
+        return []
+
+    # ------------------------------------------------------------------ output and merging
+    def run_raster(self, inputs: list[str], output: Path, package: Any, options: InferenceOptions,
+                   say: Callable[[str], None], progress: ProgressFn | None,
+                   should_cancel: CancelFn | None) -> InferenceResult:
+        """The whole run of a task that is not ``windowed``: read ``inputs``, write ``output`` (checked
+        by the engine: not an input, absent unless ``overwrite``) atomically and return the result
+        record; ``engine.inference`` adds timings, provenance and the log."""
+        raise NotImplementedError(f"task '{self.key()}' is windowed: it runs through make_sink")
+
+    def make_sink(self, ctx: RunContext) -> Sink:
+        raise NotImplementedError
+
+    def part_options(self, options: InferenceOptions) -> InferenceOptions:
+        """The options of one rank's part run (e.g. detect keeps every box for the global NMS)."""
+        return options
+
+    def merge(self, job: MergeJob) -> InferenceResult:
+        """Rank 0's merge of the parts' outputs into the outputs of a single run (bitwise)."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- shared by the sinks
 def sibling(path: Path, suffix: str) -> Path:
     """``out.tif`` + ``_confidence.tif`` -> ``out_confidence.tif``."""
     return path.with_name(path.stem + suffix)
 
 
-def check_extra_outputs(ctx, paths) -> None:
+def check_extra_outputs(ctx: RunContext, paths: list[Path]) -> None:
     """Apply the main output's checks (exists without overwrite, equals an input) to the outputs
     written beside it, before any file is opened."""
     from ..writers import check_output
@@ -22,94 +168,28 @@ def check_extra_outputs(ctx, paths) -> None:
         check_output(p, ctx.raster.paths, ctx.options.overwrite)
 
 
-class Georef:
-    """Georeferencing of the processed region, optionally at a coarser pixel (``scale`` px per cell).
-
-    A raster georeferenced by transform gets ``transform * translation(col0, row0) * scale(s)``; one
-    georeferenced by GCPs gets its GCPs shifted and scaled (and, for vectors, the affine fitted to
-    them by ``rasterio.transform.from_gcps``); without either, coordinates stay in pixels.
-    """
-
-    def __init__(self, raster, region, scale: int = 1):
-        from affine import Affine
-        from rasterio.control import GroundControlPoint
-
-        self.crs = raster.crs
-        self.gcps, self.gcp_crs = None, None
-        r0, c0 = region.row_off, region.col_off
-        if raster.georeferencing == "gcps":
-            self.gcps = [GroundControlPoint(row=(g.row - r0) / scale, col=(g.col - c0) / scale, x=g.x, y=g.y, z=g.z,
-                                            id=g.id, info=g.info) for g in raster.gcps]
-            self.gcp_crs = raster.gcp_crs
-            self.crs = raster.gcp_crs
-            from rasterio.transform import from_gcps
-
-            self.transform = from_gcps(self.gcps)
-            self.approximate = True
-        else:
-            base = raster.transform if raster.transform is not None else Affine.identity()
-            self.transform = base * Affine.translation(c0, r0) * Affine.scale(scale)
-            self.approximate = False
-        self.pixel_space = raster.georeferencing == "none"
-
-    def writer_kwargs(self) -> dict[str, Any]:
-        if self.gcps:
-            return {"gcps": self.gcps, "gcp_crs": self.gcp_crs}
-        return {"crs": self.crs, "transform": self.transform}
-
-    @property
-    def area_unit(self) -> str:
-        if self.pixel_space or self.crs is None:
-            return "px"
-        return "m2" if (self.crs.is_geographic or _linear_units_metres(self.crs)) else "crs_units2"
-
-    def row_areas(self, row_off: int, rows: int) -> np.ndarray:
-        """Area of one pixel in each of ``rows`` output rows: m^2 for projected CRSs in metres and
-        for geographic CRSs (spherical Earth of the authalic radius, cos(latitude) per row),
-        CRS units^2 for other projected CRSs, 1 in pixel space."""
-        t = self.transform
-        cell = abs(t.a * t.e - t.b * t.d)
-        if self.area_unit == "px":
-            return np.ones(rows)
-        if self.crs.is_geographic:
-            r = np.arange(row_off, row_off + rows) + 0.5
-            lat = np.radians(t.d * 0.5 + t.e * r + t.f)  # latitude of the row centre (column 0.5)
-            return cell * np.radians(1.0) ** 2 * EARTH_RADIUS_M**2 * np.cos(lat)
-        return np.full(rows, cell)
-
-    def to_map(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = self.transform
-        return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
-
-
-EARTH_RADIUS_M = 6371007.2  # authalic radius of WGS84
-
-
-def _linear_units_metres(crs) -> bool:
-    try:
-        return crs.linear_units.lower() in ("metre", "meter", "m")
-    except Exception:  # some CRSs have no linear units
-        return False
-
-
 class PixelSink:
-    """Common start of the sinks whose windows are planned on the pixel grid of the region:
-    ``plan`` (overlap from the options, else ``default_overlap``), ``windows``, ``geo``."""
+    """Common start of the sinks whose windows are planned by their task: ``plan``, ``unit``,
+    ``windows`` and ``geo`` (georeferencing of the region at the plan's unit)."""
 
-    default_overlap = 0.25
+    def __init__(self, task: Task, ctx: RunContext):
 
-    def __init__(self, ctx):
-        from ..tiling import plan_tiles
-
-        self.ctx = ctx
-        region, opts = ctx.region, ctx.options
-        overlap = self.default_overlap if opts.overlap is None else opts.overlap
-        self.plan = plan_tiles(region.height, region.width, ctx.size, overlap)
-        self.windows = self.plan.windows
-        self.geo = Georef(ctx.raster, region)
+        self.task, self.ctx = task, ctx
+        self.plan, self.unit = task.plan(ctx.card, ctx.region.height, ctx.region.width, ctx.size,
+                                         ctx.options.overlap)
+        self.windows = task.windows(self.plan, self.unit)
+        self.geo = Georef(ctx.raster, ctx.region, scale=self.unit)
 
 
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     z = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(z)
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def as_logits(y: np.ndarray, output: str | None) -> np.ndarray:
+    """The model's class scores as logits: probabilities (a model.onnx made elsewhere) become their
+    logarithms, so that the sinks' softmax gives them back instead of flattening them."""
+    if output == "probabilities":
+        return np.log(np.maximum(y, np.float32(1e-30)))
+    return y

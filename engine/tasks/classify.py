@@ -4,21 +4,46 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..inference import InferenceResult
+from ..errors import NoValidDataError
+from ..types import InferenceResult, RunContext
 from ..writers import write_features
-from .base import PixelSink, softmax
+from .base import PixelSink, Task, as_logits, softmax
+from .merging import MergeJob, part_features
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    outputs = ("logits", "probabilities")
+    needs_classes = True
+    vector_output = True
+    blended = False  # each window is one grid cell: a rank runs exactly its own bands
+    onnx = True
+    default_overlap = 0.0  # a grid by default
+
+    def make_sink(self, ctx: RunContext) -> ClassifySink:
+        return ClassifySink(self, ctx)
+
+    def merge(self, job: MergeJob) -> InferenceResult:
+        """The parts' grid cells, in window order, through the sink's ``finish``."""
+        sink = self.make_sink(job.ctx)
+        r0, c0 = job.ctx.region.row_off, job.ctx.region.col_off
+        names = job.ctx.card.class_names
+        windows = {(w.row_off, w.col_off): w for w in job.plan.windows}
+        for p in part_features(job):
+            probs = np.array([p[f"p_{n}"] for n in names], np.float32)
+            sink.rows.append((windows[(p["row_off"] - r0, p["col_off"] - c0)], int(p["class_id"]), float(p["score"]),
+                              float(p["valid_fraction"]), probs))
+        return sink.finish()
 
 
 class ClassifySink(PixelSink):
-    default_overlap = 0.0  # a grid by default
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
+    def __init__(self, task: ClassifyTask, ctx: RunContext):
+        super().__init__(task, ctx)
         self.classes = ctx.card.classes
         self.rows: list[tuple] = []
 
     def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:
-        probs = softmax(logits, axis=1)
+        probs = softmax(as_logits(logits, self.ctx.card.output), axis=1)
         for win, p, v in zip(windows, probs, valid):
             frac = float(v[: win.height, : win.width].mean())
             if frac == 0.0:
@@ -30,9 +55,7 @@ class ClassifySink(PixelSink):
         from shapely.geometry import box as shp_box
 
         if not self.rows:
-            from ..errors import RasterInputError
-
-            raise RasterInputError(f"{self.ctx.raster.paths[0]}: every window is nodata; nothing to classify")
+            raise NoValidDataError(f"{self.ctx.raster.paths[0]}: every window is nodata; nothing to classify")
         names = [c["name"] for c in self.classes]
         features, counts = [], dict.fromkeys(names, 0)
         for win, k, score, frac, p in self.rows:
@@ -51,4 +74,4 @@ class ClassifySink(PixelSink):
                                statistics={"windows": len(features), "per_class": counts})
 
     def abort(self) -> None:
-        pass
+        pass  # nothing is written before finish()

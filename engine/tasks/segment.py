@@ -1,21 +1,108 @@
-"""Segmentation: blended logits -> class raster (uint8 + colours) + confidence (+ probabilities, polygons)."""
+"""Segmentation: blended logits -> class raster (uint8 + colours) + confidence (+ probabilities, polygons).
+
+The model is any module mapping (N, C, H, W) -> (N, K, H, W) class scores (``output``: logits, or
+probabilities for a model.onnx made elsewhere), built by ``engine.models.build_from_architecture``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ..inference import InferenceResult
+from ..errors import NoValidDataError
 from ..stitching import RollingStitcher
+from ..types import InferenceOptions, InferenceResult, RunContext
 from ..writers import GeoTiffWriter, class_colormap
-from .base import PixelSink, check_extra_outputs, sibling
+from .base import PixelSink, Task, as_logits, check_extra_outputs, sibling
+from .merging import MergeJob, RasterMerge
 
 NODATA_CLASS = 255
 CHUNK_PX = 1 << 17  # pixels post-processed and written at a time (whole rows, at least one)
 
 
+class SegmentStatistics:
+    """Pixels, area and summed confidence per class: the one place they are computed (a single run's
+    sink and the merge of torchrun parts add the same rows in the same chunks: the same float sums)."""
+
+    def __init__(self, classes: list[dict], geo):
+        k = len(classes)
+        self.classes, self.geo = classes, geo
+        self.counts, self.areas, self.conf_sum = np.zeros(k, np.int64), np.zeros(k, np.float64), np.zeros(k, np.float64)
+
+    def add(self, row_off: int, cls: np.ndarray, conf: np.ndarray) -> None:
+        """One chunk of rows: class (rows, W) uint8, NODATA_CLASS off the data; confidence (rows, W)."""
+        k = len(self.classes)
+        valid = cls != NODATA_CLASS
+        valid_cls = cls[valid]
+        self.counts += np.bincount(valid_cls, minlength=k)[:k]
+        row_area = np.broadcast_to(self.geo.row_areas(row_off, cls.shape[0])[:, None], cls.shape)
+        self.areas += np.bincount(valid_cls, weights=row_area[valid], minlength=k)[:k]
+        self.conf_sum += np.bincount(valid_cls, weights=conf[valid], minlength=k)[:k]
+
+    def add_strip(self, row_off: int, cls: np.ndarray, conf: np.ndarray) -> None:
+        """A strip, in the chunks the sink writes it in."""
+        rows = chunk_rows(cls.shape[1])
+        for r in range(0, cls.shape[0], rows):
+            self.add(row_off + r, cls[r:r + rows], conf[r:r + rows])
+
+    def result(self) -> dict:
+        total = int(self.counts.sum())
+        stats = {"pixels": total, "area_unit": self.geo.area_unit, "per_class": {}}
+        for i, c in enumerate(self.classes):
+            n = int(self.counts[i])
+            stats["per_class"][c["name"]] = {"pixels": n, "area": float(self.areas[i]), "fraction": n / max(1, total),
+                                             "mean_confidence": float(self.conf_sum[i] / n) if n else None}
+        return stats
+
+
+def chunk_rows(width: int) -> int:
+    return max(1, CHUNK_PX // width)
+
+
+def _vectors(ctx: RunContext, class_tif: Path, stats: dict, outputs: dict) -> None:
+    """Polygons of the (closed, not yet published) class raster: a failure publishes nothing."""
+    from ..vectorize import polygonize_classes
+
+    gpkg = ctx.output.with_suffix(".gpkg")
+    vec = polygonize_classes(class_tif, gpkg, ctx.card.class_names, min_area_px=ctx.options.min_area_px)
+    outputs["vectors"] = str(gpkg)
+    stats["vectors"] = {k: v for k, v in vec.items() if k != "path"}
+
+
+class SegmentTask(Task):
+    name = "segment"
+    outputs = ("logits", "probabilities")
+    needs_classes = True
+    onnx = True
+
+    def extra_outputs(self, output: Path, options: InferenceOptions) -> list[Path]:
+        return ([sibling(output, "_confidence.tif")]
+                + ([sibling(output, "_probabilities.tif")] if options.probabilities else [])
+                + ([output.with_suffix(".gpkg")] if options.vector else []))
+
+    def make_sink(self, ctx: RunContext) -> SegmentSink:
+        return SegmentSink(self, ctx)
+
+    def merge(self, job: MergeJob) -> InferenceResult:
+        ctx = job.ctx
+        m = RasterMerge(job, recomputed=("vectors",))
+        stats = SegmentStatistics(ctx.card.classes, m.geo)
+        try:
+            m.copy(lambda row_off, block: stats.add_strip(row_off, block["class"][0], block["confidence"][0]))
+            outputs, result = m.outputs(), stats.result()
+            if ctx.options.vector:
+                _vectors(ctx, m.writers["class"].tmp, result, outputs)
+            m.commit()
+        except BaseException:
+            m.abort()
+            raise
+        return InferenceResult(task=self.name, outputs=outputs, classes=ctx.card.classes, statistics=result)
+
+
 class SegmentSink(PixelSink):
-    def __init__(self, ctx):
-        super().__init__(ctx)
+    def __init__(self, task: SegmentTask, ctx: RunContext):
+        super().__init__(task, ctx)
         region, opts = ctx.region, ctx.options
         self.classes = ctx.card.classes
         k = len(self.classes)
@@ -27,14 +114,11 @@ class SegmentSink(PixelSink):
         self.relative = k > 1
         self.stitcher = RollingStitcher(self.plan, k - 1 if self.relative else k, copy_strips=False)
         common = dict(width=region.width, height=region.height, cog=opts.cog, tags=ctx.tags, **self.geo.writer_kwargs())
-        names = [c["name"] for c in self.classes]
         self.paths = {"class": ctx.output, "confidence": sibling(ctx.output, "_confidence.tif")}
         if opts.probabilities:
             self.paths["probabilities"] = sibling(ctx.output, "_probabilities.tif")
-        self.paths_vectors = ctx.output.with_suffix(".gpkg")
         # every output is checked before the first temporary file is opened
-        check_extra_outputs(ctx, [p for k, p in self.paths.items() if k != "class"]
-                            + ([self.paths_vectors] if opts.vector else []))
+        check_extra_outputs(ctx, task.extra_outputs(ctx.output, opts))
         self.writers = {}
         try:
             self.writers["class"] = GeoTiffWriter(self.paths["class"], count=1, dtype="uint8", nodata=NODATA_CLASS,
@@ -44,15 +128,15 @@ class SegmentSink(PixelSink):
                                                        nodata=float("nan"), descriptions=["confidence"], **common)
             if opts.probabilities:
                 self.writers["probabilities"] = GeoTiffWriter(self.paths["probabilities"], count=k, dtype="float32",
-                                                              nodata=float("nan"), descriptions=names, **common)
+                                                              nodata=float("nan"), descriptions=ctx.card.class_names,
+                                                              **common)
         except BaseException:
             self.abort()
             raise
-        self.counts = np.zeros(k, np.int64)
-        self.areas = np.zeros(k, np.float64)
-        self.conf_sum = np.zeros(k, np.float64)
+        self.stats = SegmentStatistics(self.classes, self.geo)
 
     def consume(self, windows, logits: np.ndarray, valid: np.ndarray) -> None:
+        logits = as_logits(logits, self.ctx.card.output)
         for b, win in enumerate(windows):
             y = logits[b, 1:] - logits[b, :1] if self.relative else logits[b]
             self.stitcher.add(win, y, valid[b])
@@ -62,7 +146,7 @@ class SegmentSink(PixelSink):
     def _write(self, row_off: int, strip: np.ndarray) -> None:
         # a few rows at a time: the temporaries (softmax, argmax, statistics) stay ~CHUNK_PX pixels,
         # instead of several copies of a whole strip (up to window rows x the raster's width)
-        rows = max(1, CHUNK_PX // strip.shape[2])
+        rows = chunk_rows(strip.shape[2])
         for r in range(0, strip.shape[1], rows):
             self._write_rows(row_off + r, strip[:, r:r + rows])
 
@@ -79,12 +163,7 @@ class SegmentSink(PixelSink):
         conf = probs.max(axis=0).astype(np.float32)
         cls[invalid] = NODATA_CLASS
         conf[invalid] = np.nan
-        valid = ~invalid
-        valid_cls = cls[valid]
-        self.counts += np.bincount(valid_cls, minlength=k)[:k]
-        row_area = np.broadcast_to(self.geo.row_areas(row_off, cls.shape[0])[:, None], cls.shape)
-        self.areas += np.bincount(valid_cls, weights=row_area[valid], minlength=k)[:k]
-        self.conf_sum += np.bincount(valid_cls, weights=conf[valid], minlength=k)[:k]
+        self.stats.add(row_off, cls, conf)
         self.writers["class"].write_rows(row_off, cls)
         self.writers["confidence"].write_rows(row_off, conf)
         if "probabilities" in self.writers:
@@ -94,28 +173,15 @@ class SegmentSink(PixelSink):
     def finish(self) -> InferenceResult:
         for row_off, strip in self.stitcher.flush():
             self._write(row_off, strip)
-        if self.counts.sum() == 0:
-            from ..errors import RasterInputError
-
-            raise RasterInputError(f"{self.ctx.raster.paths[0]}: every pixel is nodata (declared nodata, NaN or inf); "
+        if self.stats.counts.sum() == 0:
+            raise NoValidDataError(f"{self.ctx.raster.paths[0]}: every pixel is nodata (declared nodata, NaN or inf); "
                                    "nothing to segment. Check the file's nodata value or the --bands choice")
         for w in self.writers.values():  # all complete on disk before any is published
             w.close()
-        stats = {"pixels": int(self.counts.sum()), "area_unit": self.geo.area_unit, "per_class": {}}
-        for i, c in enumerate(self.classes):
-            n = int(self.counts[i])
-            stats["per_class"][c["name"]] = {"pixels": n, "area": float(self.areas[i]),
-                                             "fraction": n / max(1, int(self.counts.sum())),
-                                             "mean_confidence": float(self.conf_sum[i] / n) if n else None}
+        stats = self.stats.result()
         outputs = {k: str(v) for k, v in self.paths.items()}
-        if self.ctx.options.vector:  # from the closed temporary class raster: a failure publishes nothing
-            from ..vectorize import polygonize_classes
-
-            gpkg = self.paths_vectors
-            vec = polygonize_classes(self.writers["class"].tmp, gpkg, [c["name"] for c in self.classes],
-                                     min_area_px=self.ctx.options.min_area_px)
-            outputs["vectors"] = str(gpkg)
-            stats["vectors"] = {k: v for k, v in vec.items() if k != "path"}
+        if self.ctx.options.vector:
+            _vectors(self.ctx, self.writers["class"].tmp, stats, outputs)
         for w in self.writers.values():
             w.commit()
         return InferenceResult(task="segment", outputs=outputs, classes=self.classes, statistics=stats)

@@ -31,9 +31,9 @@ from engine.distributed import (
     run_batch,
     split_rows,
     stitch_strips,
-    task_plan,
 )
 from engine.stitching import RollingStitcher
+from engine.tasks import get_task
 from engine.tiling import plan_tiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,12 @@ def test_owned_rows_are_bitwise_equal_to_the_single_stitch(height, width, window
         part, _ = _stitch(part_plan, logits[g0:g1], valid[g0:g1])
         r0, r1 = s.rows
         np.testing.assert_array_equal(part[:, r0 - e0:r1 - e0], full[:, r0:r1])
+
+
+def task_plan(task: str, height: int, width: int, window: int, patch: int, overlap: float | None):
+    from types import SimpleNamespace
+
+    return get_task(task).plan(SimpleNamespace(patch_size=patch), height, width, window, overlap)
 
 
 def test_task_plans_follow_the_sinks():
@@ -223,6 +229,11 @@ def launched(tmp_path_factory, tiny_package):
     small = [_db_raster(d / f"small{i}.tif", 70 + 9 * i, 90, seed=10 + i) for i in range(3)]
     pkgs = {t: str(tiny_package(t, img_size=64)) for t in ("segment", "embed", "detect", "classify", "reconstruct")}
     (d / "exists.tif").write_bytes(b"not a real output")
+    from engine.cfar import CfarConfig
+    from engine.package import save_package
+    from engine.tasks.cfar import cfar_card
+
+    cfar = str(save_package(None, cfar_card(CfarConfig(guard=3, background=21)), d / "cfar.pkg"))
     jobs = {
         "segment": dict(inputs=[raster], output=str(d / "seg.tif"), model=pkgs["segment"],
                         options={"vector": True, "probabilities": True, "batch_size": 2}),
@@ -239,6 +250,9 @@ def launched(tmp_path_factory, tiny_package):
         "batch": dict(batch=True, inputs=small, output_dir=str(d / "batch"), suffix="_seg", model=pkgs["segment"],
                       options={}),
         "exists": dict(inputs=[raster], output=str(d / "exists.tif"), model=pkgs["segment"], options={}),
+        "cfar": dict(inputs=[raster], output=str(d / "cfar.gpkg"), model=cfar, options={}),
+        "cfar_batch": dict(batch=True, inputs=small, output_dir=str(d / "cfar_batch"), suffix="_cfar", model=cfar,
+                           options={}),
     }
     for name, job in jobs.items():
         job["record"] = str(d / f"{name}.json")
@@ -423,3 +437,18 @@ def test_a_refused_output_fails_on_every_rank(launched):
     assert records["exists"]["error"].startswith("OutputError") and "already exists" in records["exists"]["error"]
     assert ranks1["exists"]["error"].startswith("OutputError") and "rank 0" in ranks1["exists"]["error"]
     assert (d / "exists.tif").read_bytes() == b"not a real output"
+
+
+@pytest.mark.slow
+def test_cfar_is_refused_by_torchrun_but_runs_in_a_batch(launched, tmp_path):
+    """CFAR reads whole rasters by strips: a torchrun split is refused with a sentence on every rank,
+    while run_batch gives each rank whole rasters (the same boxes as one process)."""
+    d, jobs, records, ranks1, _ = launched
+    for rec in (records["cfar"], ranks1["cfar"]):
+        assert rec["error"].startswith("SarmaeError") and "not split over torchrun ranks" in rec["error"], rec
+    assert not (d / "cfar.gpkg").exists()
+    items = records["cfar_batch"]["result"]
+    assert [r["rank"] for r in items] == [0, 1, 0] and all(r["error"] is None for r in items)
+    for item, src in zip(items, jobs["cfar_batch"]["inputs"]):
+        ref = _single({**jobs["cfar_batch"], "inputs": [src]}, tmp_path / f"{Path(src).stem}.gpkg")
+        assert _features(item["result"]["outputs"]["detections"]) == _features(ref.outputs["detections"])

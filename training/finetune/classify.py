@@ -12,6 +12,7 @@ a grid of labelled windows) with metrics, training curves and the confusion matr
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -22,10 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from ..data.config import DataConfig
-from .common import FinetuneError, class_colours, fit, save_task_package, start
+from .common import (
+    FinetuneError,
+    History,
+    budget_spent,
+    class_colours,
+    fit,
+    fit_batch,
+    gain_jitter,
+    remaining,
+    save_task_package,
+    start,
+)
 from .config import FinetuneConfig
 from .labels import build_chips, chip_provenance
 from .metrics import classification_metrics
+from .quick import fit_classify_head, resolve_mode
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -215,9 +228,11 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     k, tr, va = len(data.classes), data.train, data.val
     if len(tr) < k:
         raise FinetuneError(f"only {len(tr)} training chips for {k} classes ({', '.join(data.classes)})")
-    bs = min(cfg.batch_size, len(tr))
-    if bs < cfg.batch_size:
-        log.warning("only %d training chips: batch size lowered from %d to %d", len(tr), cfg.batch_size, bs)
+    warns = list(data.result.get("warnings", []))
+    cfg = fit_batch(cfg, len(tr), warns)
+    bs = cfg.batch_size
+    mode, why = resolve_mode(cfg, "classify", len(tr))
+    log.info(why)
     y = torch.from_numpy(data.y)
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
@@ -225,7 +240,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
 
     def train_step(m, idx):
         xb = data.x[idx].float()
-        xb = augment(xb) if cfg.augment else xb
+        xb = gain_jitter(augment(xb), data.contract, cfg.gain_db) if cfg.augment else xb
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     def evaluate(m):
@@ -233,16 +248,36 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
         return classification_metrics(data.y[va], pred.numpy(), data.classes)
 
     log.info("%s; %d classes, %d train / %d val chips%s, %d px, %s", enc.report, k, len(tr), len(va),
-             f" ({cfg.shots}-shot)" if cfg.shots else "", size, "linear probe" if cfg.linear_probe else "full fine-tune")
-    hist = fit(model, train_step, evaluate, loader, cfg, device, "accuracy", progress)
+             f" ({cfg.shots}-shot)" if cfg.shots else "", size, {"head": "quick mode (frozen encoder)", "auto":
+             "quick mode, then full fine-tune"}.get(mode, "linear probe" if cfg.linear_probe else "full fine-tune"))
+    hist, chosen = None, mode
+    if mode in ("head", "auto"):
+        q = fit_classify_head(model, data.x, data.y, tr, va, cfg, device, data.classes, data.contract)
+        model.eval()
+        with torch.no_grad():
+            acc = evaluate(model)["accuracy"]
+        hist = History(epochs=[0], train_loss=[float("nan")], val_score=[acc], val_metrics=[q], best_epoch=0,
+                       best_score=acc, stopped="quick mode: one logistic-regression fit")
+        chosen = "head"
+    if mode in ("full", "auto") and not budget_spent(cfg, t0):
+        quick = (hist.best_score, copy.deepcopy(model.state_dict())) if hist is not None else None
+        model.encoder.requires_grad_(True)
+        full = fit(model, train_step, evaluate, loader, remaining(cfg, t0), device, "accuracy", progress)
+        hist, chosen = full, "full"
+        if quick is not None and full.best_score <= quick[0]:
+            model.load_state_dict(quick[1])
+            chosen = "head"
+            log.info("kept the quick head: validation accuracy %.3f against %.3f after the full fine-tune",
+                     quick[0], full.best_score)
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
-               "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped}
+               "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
+               "mode": chosen, "mode_reason": why}
     out = save_task_package(model, enc, "classify", {}, data.classes, data.contract, output, cfg, hist, "accuracy",
                             metrics, {**data.prov, "batch_size": bs}, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours)
     return {"package": str(out), **metrics, "classes": data.classes, "train_chips": int(len(tr)),
-            "val_chips": int(len(va)), **data.result, "seconds": round(time.time() - t0, 1),
+            "val_chips": int(len(va)), **data.result, "warnings": warns, "seconds": round(time.time() - t0, 1),
             "history": {"val_accuracy": hist.val_score, "train_loss": hist.train_loss}}

@@ -11,7 +11,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from engine.package import default_input
 
 from ..optim import lr_at
 from .config import FinetuneConfig
-from .metrics import confusion_png
+from .metrics import confusion_png, preview_png
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -82,6 +82,28 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
         inp = {**inp, "bands": (inp["bands"] * c)[:c], "mean": (inp["mean"] * c)[:c], "std": (inp["std"] * c)[:c]}
     report = f"encoder {card.name}: {len(ok)}/{len(target)} tensors" + (f" ({', '.join(notes)})" if notes else "")
     return Encoder(model, inp, f"{card.name} (sha256 {card.weights['sha256'][:12]})", report)
+
+
+def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
+    """A random radiometric gain per chip, uniform in +-``max_db`` dB, on normalised model input
+    (N, C, H, W): acquisitions differ in calibration, incidence angle and processing, and a model
+    that keys on absolute brightness fails on the next sensor. dB contracts shift by the gain;
+    amplitude and 8-bit display values scale by 10^(g/20), linear power by 10^(g/10); the result is
+    clipped to the contract's range as the engine clips real data."""
+    if not max_db:
+        return x
+    n, c = x.shape[:2]
+    g = (torch.rand(n, 1, 1, 1) * 2 - 1) * max_db
+    mean = torch.tensor(contract["mean"][:c], dtype=x.dtype).view(1, c, 1, 1)
+    std = torch.tensor(contract["std"][:c], dtype=x.dtype).view(1, c, 1, 1)
+    v = x * std + mean  # [0, 1] scaled
+    units = contract.get("units", "db")
+    if units == "db":
+        lo, hi = contract["clip"]
+        v = v + g / (hi - lo)
+    else:
+        v = v * 10 ** (g / (10 if units == "linear_power" else 20))
+    return (v.clamp(0.0, 1.0) - mean) / std
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -259,26 +281,55 @@ def class_colours(classes: list[str], colours: dict[str, str] | list[str] | None
     return {str(k): str(v) for k, v in colours.items()}
 
 
+def fit_batch(cfg: FinetuneConfig, n_train: int, warnings_out: list[str]) -> FinetuneConfig:
+    """``cfg`` with the batch size lowered to the number of training chips when they are fewer
+    (a handful of polygons must train), saying so in ``warnings_out``."""
+    if n_train >= cfg.batch_size:
+        return cfg
+    bs = max(1, n_train)
+    msg = f"only {n_train} training chip(s): batch size lowered from {cfg.batch_size} to {bs}"
+    log.warning(msg)
+    warnings_out.append(msg)
+    return replace(cfg, batch_size=bs)
+
+
+def budget_spent(cfg: FinetuneConfig, t0: float) -> bool:
+    """True when ``cfg.max_minutes`` (counted from ``t0``) is used up."""
+    return bool(cfg.max_minutes) and time.time() - t0 >= 60 * cfg.max_minutes
+
+
+def remaining(cfg: FinetuneConfig, t0: float) -> FinetuneConfig:
+    """``cfg`` with ``max_minutes`` reduced to what is left of it since ``t0``."""
+    if not cfg.max_minutes:
+        return cfg
+    return replace(cfg, max_minutes=max(0.05, cfg.max_minutes - (time.time() - t0) / 60))
+
+
 def save_task_package(model: nn.Module, enc: Encoder, task: str, head: dict, classes: list[str], contract: dict,
                       output: str | Path, cfg: FinetuneConfig, hist: History, metric: str, metrics: dict,
                       data: dict, t0: float, cm=None, overwrite: bool = False,
-                      colours: dict[str, str] | None = None) -> Path:
+                      colours: dict[str, str] | None = None, preview: tuple | None = None) -> Path:
     """Write a task package: input contract, classes + colours, provenance (encoder, ``data``,
-    metrics, config), training_curves.png and (when ``cm``) confusion_matrix.png inside, and with
-    ``cfg.export_onnx`` a model.onnx checked against torch (the engine's exporter)."""
+    metrics, config), training_curves.png, (when ``cm``) confusion_matrix.png and (when
+    ``preview``: chips, labels, predictions, tags) preview.png inside, and with ``cfg.export_onnx``
+    a model.onnx checked against torch (the engine's exporter)."""
     from engine.package import default_classes, new_card, save_package
 
     out = Path(output)
     arch = {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0}, "head": head}
+    mode = metrics.get("mode") or "full"
+    mode = "linear probe" if cfg.linear_probe and mode == "full" else mode
     prov = {"encoder": enc.source, "encoder_load": enc.report, **data, "seed": cfg.seed,
-            "mode": "linear probe" if cfg.linear_probe else "fine-tune", "metrics": metrics,
-            "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
+            "mode": {"head": "quick (light head on the frozen encoder)", "full": "full fine-tune"}.get(mode, mode),
+            "metrics": metrics, "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
     cls = [{**c, "colour": (colours or {}).get(c["name"], c["colour"])} for c in default_classes(classes)]
     card = new_card(out.stem, task, arch, dict(contract), cls, prov)
     with tempfile.TemporaryDirectory() as tmp:
         plot_history(hist, metric, Path(tmp) / "training_curves.png")
         if cm is not None:
             confusion_png(cm, classes, Path(tmp) / "confusion_matrix.png")
+        if preview is not None:
+            preview_png(*preview, [c["colour"] for c in cls], Path(tmp) / "preview.png")
         pngs = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     sd = model.cpu().state_dict()
     save_package(sd, card, out, extra_files=pngs, overwrite=overwrite)
@@ -311,11 +362,15 @@ def onnx_export(package: Path) -> bytes:
 
 def start(cfg: FinetuneConfig) -> tuple[str, Encoder, int]:
     """The start every task shares: seed, device, encoder, and the model input size in px."""
-    from engine.backends import ONNX_TASKS
+    from engine.backends import onnx_tasks
+    from engine.tasks import get_task
 
-    if cfg.export_onnx and cfg.task not in ONNX_TASKS:
-        raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(ONNX_TASKS)}; '{cfg.task}' packages run "
+    if cfg.export_onnx and not get_task(cfg.task).onnx:
+        raise FinetuneError(f"--export-onnx: ONNX export covers {', '.join(onnx_tasks())}; '{cfg.task}' packages run "
                             "with the torch backend (leave --export-onnx off)")
+    if cfg.task == "detect" and cfg.mode == "head":
+        raise FinetuneError("--mode head (quick) covers classify and segment; detection fine-tunes its whole model "
+                            "(leave --mode out)")
     if cfg.class_weights not in (None, "none") and cfg.task != "segment":
         raise FinetuneError(f"--class-weights applies to segmentation, not to '{cfg.task}'; leave it out")
     torch.manual_seed(cfg.seed)

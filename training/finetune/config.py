@@ -17,7 +17,9 @@ class FinetuneConfig:
     arch: str = "vit_tiny_patch16"  # encoder architecture when starting from random weights
     img_size: int | None = None  # model input size (None: the encoder's)
     in_chans: int | None = None  # channels (None: the encoder's)
-    linear_probe: bool = False  # freeze the encoder, train the head only
+    mode: str = "auto"  # head: quick, a light head on the frozen encoder; full: fine-tune it all; auto: by label count
+    seg_head: str = "light"  # segment, full fine-tune: light (per-pixel head, fast on CPUs) | upernet (pyramid + UPerNet)
+    linear_probe: bool = False  # freeze the encoder, train the head only (by gradient descent, as a full fine-tune)
     freeze_epochs: int = 0  # epochs with a frozen encoder before full fine-tuning
     epochs: int = 50  # maximum epochs (early stopping and --max-minutes may end sooner)
     batch_size: int = 32  # samples per step
@@ -37,6 +39,7 @@ class FinetuneConfig:
     num_workers: int = 0  # data-loader workers
     device: str = "auto"  # auto | cpu | cuda
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
+    gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
     bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)
     input_units: str | None = None  # what the data holds, overriding detection: db | linear_power | amplitude | uint8
     class_weights: str | list[float] | None = None  # segment: None, "auto" (inverse pixel frequency) or one per class

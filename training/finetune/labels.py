@@ -290,7 +290,7 @@ def build_chips(rasters: list[str] | str, contract: dict, size: int, task: str, 
             touch no labelled polygon (classify); else unlabelled pixels are ignored.
         batch_size: fewer training chips than this is an error.
         background_share: share of chips placed anywhere (background class or detection negatives).
-        block_chips: block side in chip sizes (None: 3, or 2 when that gives too few labelled blocks).
+        block_chips: block side in chip sizes (None: 3, else 2, else 1 when that gives too few labelled blocks).
         evaluation: no split (every chip held out, centred without jitter), one class is enough.
     """
     paths = [str(p) for p in ([rasters] if isinstance(rasters, (str, Path)) else rasters)]

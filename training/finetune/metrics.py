@@ -57,3 +57,36 @@ def confusion_png(cm, classes: list[str], png: Path, title: str = "confusion mat
         fig.tight_layout()
         fig.savefig(png, dpi=100)
         plt.close(fig)
+
+
+def preview_png(x, true: np.ndarray, pred: np.ndarray, tags: list[str], colours: list[str], png: Path) -> None:
+    """Chips side by side with their labels and the model's prediction: one row per chip (image,
+    labels, prediction; unlabelled pixels grey), ``tags`` naming each row (validation / training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    n = len(tags)
+    if n == 0:
+        return
+    cmap = ListedColormap(list(colours) + ["#bdbdbd"])
+    k = len(colours)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.4 * n), squeeze=False)
+    for i in range(n):
+        img = np.asarray(x[i, 0], dtype=np.float32)
+        lo, hi = np.percentile(img, [2, 98])
+        lab = np.where(true[i] == 255, k, true[i])
+        for j, (a, title) in enumerate(zip((img, lab, pred[i]), ("image", "labels", "prediction"))):
+            ax = axes[i, j]
+            if j == 0:
+                ax.imshow(a, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            else:
+                ax.imshow(a, cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{title} ({tags[i]})" if j == 0 else title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

@@ -136,7 +136,7 @@ def _windows(rasters: list, lab: _Labels, size: int, task: str, val_fraction: fl
     background class, or -1 without one). ``evaluation``: no split, every chip is held out and
     centred without jitter."""
     f, k = lab.f, len(lab.classes)
-    for bc in ([block_chips] if block_chips else [3, 2]):
+    for bc in ([block_chips] if block_chips else [3, 2, 1]):
         blocks = [(i, *b) for i, r in enumerate(rasters) for b in plan_blocks(r.height, r.width, size, bc)]
         bpres = [lab.presence[i][:, r0 // f:-(-r1 // f), c0 // f:-(-c1 // f)].any((1, 2)) for i, r0, c0, r1, c1 in blocks]
         labelled = [bool(p.any()) for p in bpres]

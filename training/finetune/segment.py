@@ -1,15 +1,17 @@
 """Segmentation fine-tuning from labelled polygons or a class raster: ``finetune_segmenter``.
 
 Chips come from ``labels.build_chips`` (spatially split, read through the encoder's input contract).
-Model: ``ViTSegmenter`` (simple pyramid + UPerNet head + auxiliary FCN head). Loss: cross-entropy
-(255 ignored, optional class weights) + Dice over the classes present in the batch + ``aux_weight``
-x auxiliary cross-entropy (SARMAE_SPEC 5). Flips / 90-degree rotations move image and mask
+Models: ``LightSegmenter`` (per-pixel head on encoder maps + SAR pixel features; the quick mode fits it
+on the frozen encoder, ``quick.py``) or ``ViTSegmenter`` (simple pyramid + UPerNet head + auxiliary FCN
+head). Loss: cross-entropy (255 ignored, optional class weights) + Dice over the classes present in the
+batch + ``aux_weight`` x auxiliary cross-entropy (SARMAE_SPEC 5; the light head has none). Flips / 90-degree rotations move image and mask
 together. Selection metric: mean IoU on the validation chips. Output: a ``segment`` package that
 ``sarmae infer`` runs unchanged, with metrics, training curves and the confusion matrix inside.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -21,13 +23,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import FinetuneError, class_colours, fit, save_task_package, start
+from .common import (
+    FinetuneError,
+    History,
+    budget_spent,
+    class_colours,
+    fit,
+    fit_batch,
+    gain_jitter,
+    remaining,
+    save_task_package,
+    start,
+)
 from .config import FinetuneConfig
 from .labels import IGNORE, build_chips, chip_provenance
 from .metrics import confusion, iou_metrics
+from .quick import fit_segment_head, fit_segment_linear, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import SegHeadConfig
+    from engine.models.seg_light import LightSegHeadConfig
 
 log = logging.getLogger("sarmae.finetune")
 
@@ -106,7 +121,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
                        labels: str | None = None, class_field: str | None = None, label_raster: str | None = None,
                        classes: list[str] | None = None, background: str | None = None,
                        progress: Callable[[dict], None] | None = None, overwrite: bool = False,
-                       head: SegHeadConfig | None = None, background_share: float = 0.25,
+                       head: SegHeadConfig | LightSegHeadConfig | None = None, background_share: float = 0.25,
                        colours: dict[str, str] | list[str] | None = None) -> dict:
     """Fine-tune a segmenter on raster(s) + labels; write a ``segment`` package.
 
@@ -116,14 +131,20 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
             raster (value v = classes[v], or "class_<v>"; nodata / negative values ignored).
         classes: class names in order (default: sorted values found).
         background: class name of the unlabelled pixels in chips (default: they are ignored).
-        head: a ``SegHeadConfig`` (default: width from the encoder).
+        head: a ``LightSegHeadConfig`` or ``SegHeadConfig`` (UPerNet); default: ``cfg.seg_head``
+            (the quick mode always uses the light head).
         colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
+        ``cfg.mode``: head (quick, frozen encoder), full, or auto (``quick.resolve_mode``);
         ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``;
         ``cfg.class_weights``: None, "auto" (inverse pixel frequency) or one weight per class.
+        A batch larger than the training chips is lowered to their number.
     Returns:
-        {"package", "val_mean_iou", "val_iou", "val_pixel_accuracy", "best_epoch", ..., "history"}.
+        {"package", "val_mean_iou", "val_iou", "val_pixel_accuracy", "best_epoch", "mode", "validation",
+        "warnings", ..., "history"}.
     """
-    from engine.models.heads import SegHeadConfig, ViTSegmenter, default_head_channels
+    from engine.models.heads import SegHeadConfig, default_head_channels
+    from engine.models.registry import build_segmenter
+    from engine.models.seg_light import LightSegHeadConfig
 
     if (labels is None) == (label_raster is None) or (labels is not None and not class_field):
         raise FinetuneError("give the labels: a vector file with its class field, or a label raster (not both)")
@@ -132,45 +153,117 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "segment", labels=labels, class_field=class_field,
                         label_raster=label_raster, classes=classes, background=background,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, bands=cfg.bands,
                         input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
     colours = class_colours(chips.classes, colours, classes)
     k = len(chips.classes)
-    head = head or SegHeadConfig(channels=default_head_channels(enc.model.embed_dim))
-    model = ViTSegmenter(enc.model, k, head).to(device)
     tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
+    cfg = fit_batch(cfg, len(tr), chips.warnings)
+    mode, why = resolve_mode(cfg, "segment", len(tr))
+    chips.log.append(why)
+    log.info(why)
+    if head is None:
+        kind = "light" if mode != "full" else cfg.seg_head
+        if kind not in ("light", "upernet"):
+            raise FinetuneError(f"segmentation head '{kind}': use light or upernet")
+        head = (LightSegHeadConfig(hidden=0 if mode != "full" else 64) if kind == "light"
+                else SegHeadConfig(channels=default_head_channels(enc.model.embed_dim)))
+    elif mode != "full" and not isinstance(head, LightSegHeadConfig):
+        raise FinetuneError("the quick mode fits the light head; use --mode full for the UPerNet head")
+    head_dict = {"kind": "light" if isinstance(head, LightSegHeadConfig) else "upernet", **head.to_dict()}
+    model = build_segmenter(enc.model, k, head_dict).to(device)
     weight = class_weights_of(chips.masks[tr], chips.classes, cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     bs = cfg.batch_size
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True, drop_last=len(tr) >= 2 * bs,
                                          generator=torch.Generator().manual_seed(cfg.seed))
+    true_va = chips.masks[va].numpy()
+
+    def scores(pred: np.ndarray) -> dict:
+        ok = true_va != IGNORE
+        return iou_metrics(confusion(true_va[ok], pred[ok], k), chips.classes)
 
     def train_step(m, idx):
         x, y = chips.x[idx].float(), chips.masks[idx].long()
         if cfg.augment:
             x, y = augment_pair(x, y)
+            x = gain_jitter(x, chips.contract, cfg.gain_db)
         logits, aux = m(x.to(device), return_aux=True)
         return seg_loss(logits, aux, y.to(device), weight, head.aux_weight)
 
     def evaluate(m) -> dict:
-        pred, true = predict_masks(m, chips.x[va], device).numpy(), chips.masks[va].numpy()
-        ok = true != IGNORE
-        return iou_metrics(confusion(true[ok], pred[ok], k), chips.classes)
+        return scores(predict_masks(m, chips.x[va], device).numpy())
 
     log.info("%s; %d classes, %d train / %d val chips of %d px", enc.report, k, len(tr), len(va), size)
-    hist = fit(model, train_step, evaluate, loader, cfg, device, "mean_iou", progress)
+    hist, chosen, cv = None, mode, None
+    if mode in ("head", "auto"):
+        if head.hidden == 0:  # the linear quick head: logistic regression, cross-validated by chip
+            cv = fit_segment_linear(model, chips, tr, cfg, device, k)
+            model.eval()
+            with torch.no_grad():
+                got = evaluate(model)
+            hist = History(epochs=[0], train_loss=[float("nan")], val_score=[got["mean_iou"]], val_metrics=[got],
+                           best_epoch=0, best_score=got["mean_iou"], stopped="quick mode: one logistic-regression fit")
+            if progress is not None:
+                progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "mean_iou": got["mean_iou"],
+                          "metric": "mean_iou", "best": got["mean_iou"], "elapsed_s": time.time() - t0, "eta_s": 0.0})
+        else:
+            hist = fit_segment_head(model, chips, tr, va, cfg, device,
+                                    lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
+        chosen = "head"
+    if mode in ("full", "auto") and not budget_spent(cfg, t0):
+        quick = (hist.best_score, copy.deepcopy(model.state_dict())) if hist is not None else None
+        model.encoder.requires_grad_(True)
+        full = fit(model, train_step, evaluate, loader, remaining(cfg, t0), device, "mean_iou", progress)
+        hist, chosen = full, "full"
+        if quick is not None and full.best_score <= quick[0]:
+            model.load_state_dict(quick[1])
+            chosen = "head"
+            chips.log.append(f"kept the quick head: validation mean IoU {quick[0]:.3f} against {full.best_score:.3f} "
+                             "after the full fine-tune")
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
+    validation = validation_report(chips.classes, true_va, len(va), cv)
+    warns = chips.warnings + ([validation["note"]] if not validation["reliable"] else [])
     metrics = {"val_mean_iou": final["mean_iou"], "val_iou": final["iou"], "val_pixel_accuracy": final["pixel_accuracy"],
-               "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped}
+               "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
+               "mode": chosen, "mode_reason": why, "validation": validation}
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
                "labels": str(labels) if labels else None, "class_field": class_field,
                "label_raster": str(label_raster) if label_raster else None, "background": background,
                "class_weights": weight.tolist() if weight is not None else None, **chip_provenance(chips)}
-    out = save_task_package(model, enc, "segment", head.to_dict(), chips.classes, chips.contract, output, cfg, hist,
+    show = np.concatenate([va[:4], tr[:max(0, 6 - min(4, len(va)))]])
+    with torch.no_grad():
+        preview = (chips.x[show], chips.masks[show].numpy(), predict_masks(model, chips.x[show], device).numpy(),
+                   ["validation" if chips.split[i] else "training" for i in show])
+    out = save_task_package(model, enc, "segment", head_dict, chips.classes, chips.contract, output, cfg, hist,
                             "mean_iou", metrics, sources, t0, cm=final["confusion"], overwrite=overwrite,
-                            colours=colours)
+                            colours=colours, preview=preview)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
-            "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),
+            "log": chips.log, "warnings": warns, "seconds": round(time.time() - t0, 1),
+            "preview_png": str(Path(out) / "preview.png"),
             "history": {"val_mean_iou": hist.val_score, "train_loss": hist.train_loss}}
+
+
+def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: dict | None = None) -> dict:
+    """How far the validation score can be trusted: chips, classes present, the quick mode's
+    cross-validation by chip when it ran, and a sentence when the held-out split is weak (fewer than
+    4 chips, or a class missing from the held-out pixels)."""
+    present = [c for j, c in enumerate(classes) if (true == j).any()]
+    missing = [c for c in classes if c not in present]
+    reliable = n_chips >= 4 and not missing
+    note = ""
+    if not reliable:
+        why = [f"only {n_chips} validation chip(s)"] if n_chips < 4 else []
+        why += [f"no {', '.join(missing)} pixel in the held-out area"] if missing else []
+        note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
+        if cv and cv.get("cv_balanced_accuracy") is not None:
+            note += (f"; cross-validation over the {cv['cv_folds']} training chips (each scored by a head fitted "
+                     f"without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
+        note += ". Label more areas, spread out, with every class in several places"
+    out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
+    if cv:
+        out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
+                                   "by": "training chip"}
+    return out

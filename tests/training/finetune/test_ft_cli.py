@@ -53,7 +53,7 @@ def test_finetune_classify_from_polygons_then_evaluate(tmp_path, data, capsys):
     (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class",
       "--class-weights", "auto"], "--class-weights applies to segmentation"),
     (["--task", "detect", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class", "--export-onnx"],
-     "ONNX export covers segment, classify"),
+     "ONNX export covers classify, embed, segment"),
     (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "kind"],
      "no field 'kind' to read classes from; the layer has: class"),
 ])

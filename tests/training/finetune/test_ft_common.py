@@ -78,3 +78,23 @@ def test_class_colours():
     assert class_colours(["a"], {"a": "#00ff00"}) == {"a": "#00ff00"}
     with pytest.raises(FinetuneError, match="not '#rrggbb'"):
         class_colours(["a"], ["red"])
+
+
+def test_gain_jitter_moves_brightness_within_the_contract():
+    import torch
+
+    from training.finetune.common import gain_jitter
+
+    torch.manual_seed(0)
+    db = {"units": "db", "clip": [-35.0, 10.0], "mean": [0.5], "std": [0.5]}
+    x = torch.zeros(64, 1, 8, 8)  # normalised 0 = -12.5 dB
+    assert torch.equal(gain_jitter(x, db, 0.0), x)
+    y = gain_jitter(x, db, 3.0)
+    shift_db = (y[:, 0, 0, 0] * 0.5) * 45.0  # back to dB offsets
+    assert float(shift_db.abs().max()) <= 3.0 + 1e-4 and float(shift_db.std()) > 0.5
+    assert torch.all(y == y[:, :, :1, :1])  # one gain per chip, the same over its pixels
+    u8 = {"units": "uint8", "clip": [0, 255], "mean": [0.5], "std": [0.5]}
+    v = torch.full((64, 1, 4, 4), -0.5)  # 0.25 of the 8-bit range
+    ratio = ((gain_jitter(v, u8, 6.0) * 0.5 + 0.5) / 0.25)[:, 0, 0, 0]
+    assert float(ratio.min()) >= 10 ** (-6 / 20) - 1e-4 and float(ratio.max()) <= 10 ** (6 / 20) + 1e-4
+    assert float(gain_jitter(torch.ones(8, 1, 2, 2), u8, 6.0).max()) <= 1.0  # clipped like real data

@@ -95,7 +95,8 @@ def test_segmenter_learns_and_runs_in_inference(tmp_path, encoder):
     tif, truth = water_land(tmp_path / "train.tif", size=192, seed=0)
     gpkg = write_labels(tmp_path / "labels.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
     rows = []
-    r = finetune_segmenter(tif, tmp_path / "water.pkg", tiny_cfg(encoder, class_weights="auto"), labels=gpkg,
+    r = finetune_segmenter(tif, tmp_path / "water.pkg", tiny_cfg(encoder, class_weights="auto", mode="full",
+                                                                  seg_head="upernet"), labels=gpkg,
                            class_field="class", progress=rows.append, colours={"water": "#0000ff"})
     assert r["classes"] == ["land", "water"] and len(rows) == r["epochs_run"]
     # trivial baseline: one class everywhere -> mean IoU = majority share / 2 <= 0.5

@@ -1,0 +1,314 @@
+"""The model card (``model.json``) as typed records: the contract between training, the engine and
+the plugin (DESIGN.md, "Model packages").
+
+model.json, format_version 2 (version 1 cards, without ``output``, still load)::
+
+    {"format": "sarmae-model", "format_version": 2,
+     "name": str, "task": a registered task (engine.tasks: embed, reconstruct, classify, segment, detect, ...),
+     "architecture": {"name": str, "encoder": {in_chans, img_size, patch_size, embed_dim, depth, num_heads,
+                      ...other ViTConfig fields}, "decoder": {...} (reconstruct), "head": {...} (class tasks)},
+     "classes": [{"name": str, "colour": "#rrggbb"}, ...],
+     "input": {"bands": [str], "units": "linear_power"|"amplitude"|"db"|"uint8",
+               "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask", "pixel_spacing_m": float|null},
+     "output": what the model (and its model.onnx) returns: "logits" | "probabilities" (classify, segment),
+               "features" (embed), "image" (reconstruct), "boxes" (detect); v1 cards: the task's default,
+     "provenance": {...free-form: data, epochs, metrics, date, code version...},
+     "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"}}
+
+A task (or a task's method, e.g. ``detect`` + ``cfar``) without a network (``Task.needs_weights``
+False) has no ``architecture.encoder``, may have no ``input``, and has ``"weights": {}``; its settings
+sit in the architecture under the method's name (``"architecture": {"name": "cfar", "cfar": {...}}``).
+
+``ModelCard.architecture`` (``Architecture``, with ``.encoder`` an ``EncoderSpec``) and
+``ModelCard.input`` (``InputContract``) are dataclasses with typed fields; they also read as the
+JSON objects they came from (``card.input["units"]``, ``dict(card.architecture["encoder"])``),
+which is what ``engine.models.build_from_architecture`` and the training code take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PackageError
+
+FORMAT = "sarmae-model"
+FORMAT_VERSION = 2  # 2: "output" says what the model returns (logits or probabilities, ...)
+UNITS = ("linear_power", "amplitude", "db", "uint8")
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
+# Default clip ranges per unit (what [0, 1] spans before mean/std): wide enough for land, water
+# and bright targets in calibrated backscatter; a package overrides them with its training data's.
+DEFAULT_CLIP = {"db": [-35.0, 10.0], "linear_power": [0.0, 1.0], "amplitude": [0.0, 1.0], "uint8": [0.0, 255.0]}
+
+
+class _Record(Mapping):
+    """A typed record that also reads as the JSON object it came from (keys = its fields, except
+    ``extra``, whose keys it carries through unchanged; optional fields that are None are absent)."""
+
+    _optional: tuple[str, ...] = ()
+
+    def _items(self) -> Iterator[tuple[str, Any]]:
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if v is None and f.name in self._optional:
+                continue
+            yield f.name, v
+        yield from self.extra.items()
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items():
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.to_dict() if isinstance(v, _Record) else v) for k, v in self._items()}
+
+
+@dataclass(eq=False)
+class EncoderSpec(_Record):
+    """The ViT encoder (``engine.models.vit.ViTConfig``); fields the engine reads are typed."""
+
+    in_chans: int
+    img_size: int | list[int]
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    extra: dict[str, Any] = field(default_factory=dict)  # other ViTConfig fields (mlp_ratio, drop_path_rate, ...)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @classmethod
+    def parse(cls, d: Any, problems: list[str]) -> EncoderSpec | None:
+        if not isinstance(d, Mapping):
+            problems.append("'architecture.encoder' is missing")
+            return None
+        missing = [k for k in ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads") if k not in d]
+        problems += [f"'architecture.encoder.{k}' is missing" for k in missing]
+        ints = [k for k in ("in_chans", "patch_size", "embed_dim", "depth", "num_heads")
+                if k in d and not (isinstance(d[k], int) and d[k] > 0)]
+        problems += [f"'architecture.encoder.{k}' must be a positive integer (found {d[k]!r})" for k in ints]
+        if missing or ints:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: d[k] for k in known if k in d}, extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass(eq=False)
+class Architecture(_Record):
+    """How to build the model: a named constructor, its encoder, and the task's decoder or head (a
+    method without a network, e.g. CFAR: no encoder, its settings in ``extra``)."""
+
+    name: str
+    encoder: EncoderSpec | None
+    decoder: dict | None = None  # MAE decoder (reconstruct)
+    head: dict | None = None  # task head (classify, segment, detect)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _optional = ("encoder", "decoder", "head")
+
+    @classmethod
+    def parse(cls, d: Any, problems: list[str], needs_encoder: bool = True) -> Architecture | None:
+        if not isinstance(d, Mapping):
+            problems.append("'architecture' is missing or not an object")
+            return None
+        enc = EncoderSpec.parse(d.get("encoder"), problems) if needs_encoder or d.get("encoder") is not None else None
+        for k in ("decoder", "head"):
+            if d.get(k) is not None and not isinstance(d[k], Mapping):
+                problems.append(f"'architecture.{k}' must be an object")
+        if (enc is None and needs_encoder) or any(d.get(k) is not None and not isinstance(d[k], Mapping) for k in ("decoder", "head")):
+            return None
+        return cls(name=str(d.get("name", "custom")), encoder=enc,
+                   decoder=None if d.get("decoder") is None else dict(d["decoder"]),
+                   head=None if d.get("head") is None else dict(d["head"]),
+                   extra={k: v for k, v in d.items() if k not in ("name", "encoder", "decoder", "head")})
+
+
+@dataclass(eq=False)
+class InputContract(_Record):
+    """What the model expects: bands in order, units, and the clip/mean/std that scale them."""
+
+    bands: list[str]
+    units: str
+    clip: list[float]
+    mean: list[float]
+    std: list[float]
+    nodata: str = "mask"
+    pixel_spacing_m: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: Any, in_chans: int | None, problems: list[str]) -> InputContract | None:
+        if not isinstance(d, Mapping):
+            problems.append("'input' is missing or not an object")
+            return None
+        n0 = len(problems)
+        if d.get("units") not in UNITS:
+            problems.append(f"'input.units' must be one of {', '.join(UNITS)} (found {d.get('units')!r})")
+        for k in ("bands", "mean", "std"):
+            v = d.get(k)
+            if not isinstance(v, list) or (in_chans is not None and len(v) != in_chans):
+                problems.append(f"'input.{k}' must be a list with one entry per input channel ({in_chans})")
+        clip = d.get("clip")
+        if not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)
+                and clip[0] < clip[1]):
+            problems.append(f"'input.clip' must be [low, high] with low < high (found {clip!r})")
+        if isinstance(d.get("std"), list) and any(not isinstance(s, (int, float)) or s <= 0 for s in d["std"]):
+            problems.append("'input.std' values must be positive numbers")
+        if len(problems) > n0:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: d[k] for k in known if k in d}, extra={k: v for k, v in d.items() if k not in known})
+
+
+def default_input(in_chans: int, units: str = "db", bands: list[str] | None = None) -> dict:
+    """The SARMAE input contract: clip to a unit range, scale to [0, 1], mean 0.5 / std 0.5."""
+    if units not in UNITS:
+        raise PackageError(f"unknown input units '{units}'; use one of {', '.join(UNITS)}")
+    if bands is None:
+        bands = ["VV", "VH"][:in_chans] if in_chans <= 2 else [f"band{i + 1}" for i in range(in_chans)]
+    return {"bands": list(bands), "units": units, "clip": list(DEFAULT_CLIP[units]),
+            "mean": [0.5] * in_chans, "std": [0.5] * in_chans, "nodata": "mask", "pixel_spacing_m": None}
+
+
+def default_classes(names: list[str]) -> list[dict]:
+    return [{"name": n, "colour": PALETTE[i % len(PALETTE)]} for i, n in enumerate(names)]
+
+
+@dataclass
+class ModelCard:
+    """The parsed model.json. ``architecture`` and ``input`` given as plain dicts are parsed (and
+    checked) into their typed records; ``output`` None means the task's default."""
+
+    name: str
+    task: str
+    architecture: Architecture
+    input: InputContract | None  # None only for a task without a network (CFAR)
+    classes: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    output: str | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        from .tasks import get_task
+
+        problems: list[str] = []
+        arch = self.architecture
+        method = arch.name if isinstance(arch, Architecture) else arch.get("name") if isinstance(arch, Mapping) else None
+        task = get_task(self.task, method if isinstance(method, str) else None)
+        if not isinstance(self.architecture, Architecture):
+            self.architecture = Architecture.parse(self.architecture, problems, task.needs_weights)
+        if not isinstance(self.input, InputContract) and (self.input is not None or task.needs_weights):
+            enc = self.architecture.encoder if self.architecture is not None else None
+            self.input = InputContract.parse(self.input, enc.in_chans if enc is not None else None, problems)
+        if self.output is None:
+            self.output = task.outputs[0]
+        if not problems:
+            problems += task.check_card(self)
+        if problems:
+            raise PackageError(f"model card '{self.name}': " + "; ".join(problems))
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.classes]
+
+    @property
+    def in_chans(self) -> int:
+        enc = self.architecture.encoder
+        return enc.in_chans if enc is not None else len(self.input.bands) if self.input is not None else 1
+
+    def _encoder(self) -> EncoderSpec:
+        if self.architecture.encoder is None:
+            raise PackageError(f"model '{self.name}' ({self.task}, {self.architecture.name}) has no network: "
+                               "it has no input size, patch size or weights")
+        return self.architecture.encoder
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._encoder().input_size
+
+    @property
+    def patch_size(self) -> int:
+        return self._encoder().patch_size
+
+    def to_dict(self) -> dict:
+        """The model.json object, written as the current ``FORMAT_VERSION``."""
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
+             "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
+             "input": None if self.input is None else self.input.to_dict(), "output": self.output,
+             "provenance": self.provenance, "weights": self.weights}
+        return {k: v for k, v in d.items() if not (k == "input" and v is None)}
+
+
+def validate_card(d: Any, where: str) -> ModelCard:
+    """Check a parsed model.json (format_version 1 or 2); every problem is listed with its file."""
+    from .tasks import TASKS, TaskRegistryError, get_task, task_names
+
+    if not isinstance(d, dict):
+        raise PackageError(f"{where}: model.json must hold a JSON object, found {type(d).__name__}")
+    problems: list[str] = []
+    if d.get("format") != FORMAT:
+        problems.append(f"'format' must be '{FORMAT}' (found {d.get('format')!r})")
+    fv = d.get("format_version")
+    if not isinstance(fv, int) or fv < 1:
+        problems.append(f"'format_version' must be a positive integer (found {fv!r})")
+    elif fv > FORMAT_VERSION:
+        problems.append(f"format_version {fv} is newer than this sarmae understands ({FORMAT_VERSION}): upgrade sarmae")
+    for key, typ in (("name", str), ("task", str), ("architecture", dict), ("weights", dict)):
+        if not isinstance(d.get(key), typ):
+            problems.append(f"'{key}' is missing or not a {typ.__name__}")
+    if problems:
+        raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
+    task = None
+    if d["task"] not in TASKS:
+        problems.append(f"'task' must be one of {', '.join(task_names())} (found '{d['task']}'); other tasks come "
+                        "from packages with 'sarmae.tasks' entry points")
+    else:
+        method = d["architecture"].get("name")
+        try:
+            task = get_task(d["task"], method if isinstance(method, str) else None)
+        except TaskRegistryError as e:
+            problems.append(str(e))
+    network = task is None or task.needs_weights  # no network (CFAR): no encoder, input optional
+    arch = Architecture.parse(d["architecture"], problems, needs_encoder=network)
+    inp = None
+    if network or d.get("input") is not None:
+        inp = InputContract.parse(d.get("input"), arch.encoder.in_chans if arch and arch.encoder else None, problems)
+    classes = d.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
+        problems.append("'classes' must be a list of {\"name\": ..., \"colour\": \"#rrggbb\"}")
+    elif task is not None and task.needs_classes and not classes:
+        problems.append(f"task '{task.name}' needs at least one class in 'classes'")
+    elif len({c["name"] for c in classes}) != len(classes):
+        problems.append("class names in 'classes' must be unique")
+    output = d.get("output")
+    if fv >= 2 and task is not None and output not in task.outputs:
+        problems.append(f"'output' must say what the model returns, one of {', '.join(task.outputs)} for task "
+                        f"'{task.name}' (found {output!r})")
+    w = d["weights"]
+    if task is not None and task.needs_weights and (not isinstance(w.get("sha256"), str) or len(w["sha256"]) != 64):
+        problems.append("'weights.sha256' must be a 64-character hex digest")
+    if problems:
+        raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
+    try:
+        return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
+                         provenance=d.get("provenance", {}), weights=w, output=output, format=d["format"],
+                         format_version=fv)
+    except PackageError as e:  # the task's own checks of the card (e.g. CFAR's settings)
+        raise PackageError(f"{where}: invalid model.json: {e}") from e

@@ -1,0 +1,192 @@
+"""Flood / water segmentation against the classical baselines (issue: models that beat the
+baselines): Sen1Floods11, OMBRIA and ETCI 2021, each split into a training area and a test area
+the model never sees; every table row is scored on the same test pixels.
+
+  sen1floods11  one 512 x 512 scene, VV + VH in dB: the top 60 % of the rows train, the rest test.
+  ombria        bi-temporal 8-bit VV chips (before, after) as two bands, flood masks: seeded disjoint
+                sets of chips (``--ombria-chips`` each) placed side by side in a training and a test
+                mosaic (chips are from different events and places, so the test chips are new places).
+  etci          one scene's VV + VH tiles (8-bit) placed on the scene grid; water = flood or
+                permanent water; tiles in the top 60 % of the scene's rows train, the rest test.
+
+Rows: the baselines (``training.baselines``: best single threshold per band, Otsu per band on the
+test scene, random forest on per-pixel features; fitted on the training labels) and, per encoder,
+the quick mode (light head on the frozen encoder) and ``--mode auto`` (quick, then a full fine-tune
+when labels allow; the better validation score kept). Runs are epoch-bound (not time-bound), so
+machine load does not favour one row. Prints a table and writes results.json (resumable).
+
+Usage: .venv/bin/python training/recipes/eval_floods.py --encoders random=none mae=runs/.../encoder.pkg
+       [--sets sen1floods11 ombria etci] [--modes head auto] [--epochs 20] [--out runs/eval_floods]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / ".." / "shared" / "data"
+
+
+def _write(path: Path, a: np.ndarray, **profile) -> str:
+    import warnings
+
+    import rasterio
+
+    tmp = path.with_suffix(".part" + path.suffix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mosaics of chips have no georeferencing
+        with rasterio.open(tmp, "w", driver="GTiff", width=a.shape[-1], height=a.shape[-2],
+                           count=1 if a.ndim == 2 else a.shape[0], dtype=a.dtype, **profile) as dst:
+            dst.write(a, 1) if a.ndim == 2 else dst.write(a)
+    tmp.rename(path)
+    return str(path)
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    a = np.asarray(Image.open(path))
+    return a[..., 0] if a.ndim == 3 else a
+
+
+def sen1floods11(out: Path, frac: float = 0.6) -> dict:
+    import rasterio
+
+    d = DATA / "sen1floods11"
+    with rasterio.open(d / "Spain_7370579_LabelHand.tif") as src:
+        y, prof = src.read(1), {"crs": src.crs, "transform": src.transform, "nodata": -1}
+    cut = int(round(frac * y.shape[0]))
+    train, test = y.copy(), y.copy()
+    train[cut:], test[:cut] = -1, -1
+    raster = str(d / "Spain_7370579_S1Hand.tif")
+    return {"train_raster": raster, "test_raster": raster, "bands": [1, 2], "units": "db",
+            "train_labels": _write(out / "s1f_train_labels.tif", train.astype(np.int16), **prof),
+            "test_labels": _write(out / "s1f_test_labels.tif", test.astype(np.int16), **prof)}
+
+
+def ombria(out: Path, n: int, seed: int = 0) -> dict:
+    """Two mosaics of n chips each (before + after bands, flood mask), from disjoint seeded chip sets."""
+    s1 = DATA / "ombria" / "OmbriaS1" / "train"
+    idx = sorted(int(re.search(r"(\d+)", p.name).group(1)) for p in (s1 / "MASK").glob("S1_mask_*.png"))
+    pick = np.random.default_rng(seed).permutation(idx)
+    res = {"bands": [1, 2], "units": "uint8", "chips_each": n}
+    for split, ids in (("train", pick[:n]), ("test", pick[n:2 * n])):
+        cols = int(np.ceil(np.sqrt(n)))
+        rows = int(np.ceil(n / cols))
+        img = np.zeros((2, rows * 256, cols * 256), np.uint8)
+        lab = np.full((rows * 256, cols * 256), -1, np.int16)
+        for k, i in enumerate(ids):
+            r, c = divmod(k, cols)
+            sl = (slice(r * 256, r * 256 + 256), slice(c * 256, c * 256 + 256))
+            img[0][sl] = _png(s1 / "BEFORE" / f"S1_before_{i:04d}.png")
+            img[1][sl] = _png(s1 / "AFTER" / f"S1_after_{i:04d}.png")
+            lab[sl] = (_png(s1 / "MASK" / f"S1_mask_{i:04d}.png") > 127).astype(np.int16)
+        res[f"{split}_raster"] = _write(out / f"ombria_{split}.tif", img)
+        res[f"{split}_labels"] = _write(out / f"ombria_{split}_labels.tif", lab, nodata=-1)
+    return res
+
+
+def etci(out: Path, frac: float = 0.6) -> dict:
+    """The scene's tiles on their grid, split by tile row: the top ``frac`` of the rows train."""
+    base = next((DATA / "etci2021").iterdir()) / "tiles"
+    tiles = {}
+    for p in (base / "vv").glob("*_vv.png"):
+        m = re.search(r"_x-(\d+)_y-(\d+)_vv", p.name)
+        tiles[(int(m.group(2)), int(m.group(1)))] = p.name[: -len("_vv.png")]
+    ys = sorted({y for y, _ in tiles})
+    cut = ys[int(round(frac * len(ys)))]
+    res = {"bands": [1, 2], "units": "uint8", "tiles": len(tiles)}
+    for split, keep in (("train", lambda y: y < cut), ("test", lambda y: y >= cut)):
+        mine = {k: v for k, v in tiles.items() if keep(k[0])}
+        y0, x0 = min(y for y, _ in mine), min(x for _, x in mine)
+        h, w = (max(y for y, _ in mine) - y0 + 1) * 256, (max(x for _, x in mine) - x0 + 1) * 256
+        img = np.zeros((2, h, w), np.uint8)
+        lab = np.full((h, w), -1, np.int16)
+        for (y, x), stem in mine.items():
+            sl = (slice((y - y0) * 256, (y - y0 + 1) * 256), slice((x - x0) * 256, (x - x0 + 1) * 256))
+            img[0][sl], img[1][sl] = _png(base / "vv" / f"{stem}_vv.png"), _png(base / "vh" / f"{stem}_vh.png")
+            water = (_png(base / "flood_label" / f"{stem}.png") > 127) | (_png(base / "water_body_label" / f"{stem}.png") > 127)
+            lab[sl] = water.astype(np.int16)
+        res[f"{split}_raster"] = _write(out / f"etci_{split}.tif", img)
+        res[f"{split}_labels"] = _write(out / f"etci_{split}_labels.tif", lab, nodata=-1)
+        res[f"{split}_tiles"] = len(mine)
+    return res
+
+
+def run(d: dict, name: str, pkg: str, mode: str, a, out: Path, with_baselines: bool) -> dict:
+    from training.evaluate import evaluate_raster
+    from training.finetune.config import FinetuneConfig
+    from training.finetune.segment import finetune_segmenter
+
+    cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, seed=a.seed, epochs=a.epochs,
+                         batch_size=16, warmup_epochs=1.0, patience=100, bands=d["bands"], input_units=d["units"],
+                         max_chips=a.max_chips, device="cpu", mode=mode, in_chans=len(d["bands"]))
+    dest = out / f"{d['set']}_{name}_{mode}.pkg"
+    t0 = time.time()
+    r = finetune_segmenter(d["train_raster"], dest, cfg, label_raster=d["train_labels"], classes=["dry", "water"],
+                           overwrite=True)
+    train_min = (time.time() - t0) / 60
+    ev = evaluate_raster(str(dest), d["test_raster"], out / f"{d['set']}_{name}_{mode}_confusion.png",
+                         label_raster=d["test_labels"],
+                         options={"bands": d["bands"], "input_units": d["units"], "device": "cpu", "batch_size": 8},
+                         baselines=with_baselines)
+    return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"], "mode_kept": r["mode"],
+            "train_chips": r["train_chips"], "train_minutes": round(train_min, 2), "baselines": ev.get("baselines")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoders", nargs="+", required=True, help="name=package (or name=none for random init)")
+    ap.add_argument("--sets", nargs="+", default=["sen1floods11", "ombria", "etci"])
+    ap.add_argument("--modes", nargs="+", default=["head", "auto"], choices=["head", "auto", "full"])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--max-chips", type=int, default=400)
+    ap.add_argument("--ombria-chips", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "eval_floods"))
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    out = Path(a.out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    makers = {"sen1floods11": lambda: sen1floods11(out / "data"), "ombria": lambda: ombria(out / "data", a.ombria_chips),
+              "etci": lambda: etci(out / "data")}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    done = {(r["set"], r["encoder"], r["mode"]) for r in results}
+    for s in a.sets:
+        d = {"set": s, **makers[s]()}
+        for spec in a.encoders:
+            name, pkg = spec.split("=", 1)
+            for mode in a.modes:
+                if (s, name, mode) in done:
+                    continue
+                first = not any(r["set"] == s and r.get("baselines") for r in results)
+                rec = {"set": s, "encoder": name, "mode": mode, **run(d, name, pkg, mode, a, out, first)}
+                results.append(rec)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+                print(json.dumps(rec), flush=True)
+    print(f"\n{'set':<14}{'row':<34}{'water IoU':>10}{'mean IoU':>10}  (test area)")
+    for s in a.sets:
+        rows = [r for r in results if r["set"] == s]
+        for r in rows:
+            for b in r.get("baselines") or []:
+                print(f"{s:<14}{b['name']:<34}{b['iou']['water'] or 0:>10.3f}{b['mean_iou']:>10.3f}")
+        for r in rows:
+            label = f"{r['encoder']} {r['mode']}" + (f" (kept {r['mode_kept']})" if r.get("mode_kept") else "")
+            print(f"{s:<14}{label:<34}{r['test_iou']['water'] or 0:>10.3f}{r['test_mean_iou']:>10.3f}"
+                  f"  {r['train_minutes']:.1f} min, {r['train_chips']} chips")
+
+
+if __name__ == "__main__":
+    main()
