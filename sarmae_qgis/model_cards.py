@@ -206,11 +206,16 @@ def validation_doubts(provenance: dict) -> list[str]:
     return out
 
 
-def number(value) -> str:
-    """Integers as integers ("5", not "5.000"), other numbers with 3 decimals."""
+COUNT_WORDS = ("epoch", "chips", "count", "steps", "windows", "shots")  # keys whose values are counts
+
+
+def number(value, key: str = "") -> str:
+    """Integers as integers ("5", not "5.000"): ints, and whole floats under a count key such as
+    ``best_epoch``; other numbers (scores) with 3 decimals ("1.000")."""
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1):
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                  and any(w in key.lower() for w in COUNT_WORDS)):
         return str(int(value))
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -227,11 +232,11 @@ def describe_html(card: PackageCard) -> str:
     prov = card.raw.get("provenance") or {}
     metrics = prov.get("metrics") if isinstance(prov, dict) else None
     if isinstance(metrics, dict):
-        shown = [f"{k} {number(v)}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
+        shown = [f"{k} {number(v, k)}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
         if shown:
             rows.append("Validation: " + escape(", ".join(shown)))
     doubts = validation_doubts(prov if isinstance(prov, dict) else {})
     if doubts:
         rows.append("<span style='color:#a15c00'>Validation not reliable: " + escape(" ".join(doubts)) + "</span>")
-    rows.append(f"<small>{escape(card.path)}</small>")
+    rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /: narrow docks
     return "<br>".join(rows)

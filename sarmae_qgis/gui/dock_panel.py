@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qgis.gui import QgsDockWidget
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QFrame, QScrollArea, QTabWidget, QWidget
+from qgis.PyQt.QtWidgets import QComboBox, QFrame, QScrollArea, QTabWidget, QWidget
 
 from ..toolbelt import settings
 from .finetune_dialog import FinetuneDialog
@@ -26,6 +26,13 @@ from .similarity_tool import SimilarityDialog
 
 OBJECT_NAME = "SarmaeDockPanel"
 TABS = ("Run", "Fine-tune", "Similarity")
+
+
+def _narrow(form: QWidget) -> None:
+    """Let a form shrink to a dock's width: combo boxes size to a short text, not their longest item."""
+    for combo in form.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(8)
 
 
 def _scrolled(widget: QWidget, parent: QWidget) -> QScrollArea:
@@ -56,6 +63,7 @@ class SarmaePanel(QgsDockWidget):
                 (self.run_form, "Run", "Run a model on a raster layer"),
                 (self.finetune_form, "Fine-tune", "Fine-tune a model on your labelled polygons"),
                 (self.similarity_form, "Similarity", "Click a point or use polygons: map similar places")):
+            _narrow(form)
             index = self.tabs.addTab(_scrolled(form, self.tabs), title)
             self.tabs.setTabToolTip(index, tip)
         if on_run is not None:

@@ -106,6 +106,7 @@ class FinetuneDialog(QDialog):
         self.task_combo = QComboBox(self)
         self.task_combo.addItems(FINETUNE_TASKS)
         self.task_help = QLabel(self)
+        self.task_help.setWordWrap(True)
         self.raster_list = QListWidget(self)
         self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
         self.raster_list.setMinimumHeight(48)
@@ -209,7 +210,8 @@ class FinetuneDialog(QDialog):
         layout.addWidget(budget)
         layout.addWidget(self.advanced)
         layout.addWidget(self.buttons)
-        self.setMinimumWidth(560)
+        if not self.embedded:  # a dock tab takes the dock's width
+            self.setMinimumWidth(560)
 
     # ---- lists ----------------------------------------------------------------------------------
     def refresh_rasters(self) -> None:

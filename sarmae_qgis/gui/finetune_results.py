@@ -10,6 +10,7 @@ by training into the package), the training curves and the confusion matrix, at 
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def figure_path(result: dict, package: str, key: str | None, name: str | None) -
     return None
 
 
+def short_floats(text: str) -> str:
+    """"0.11912984450658162 min" -> "0.12 min": long decimals in the training side's sentences."""
+    return re.sub(r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.2f}", text)
+
+
 def summary_html(task: FinetuneTask) -> str:
     """The text part of the dialog (rich text)."""
     r, result = task.request, task.result or {}
@@ -64,17 +70,17 @@ def summary_html(task: FinetuneTask) -> str:
                                               if isinstance(v, (int, float))))
     if isinstance(result.get("epochs_run"), int):
         best = result.get("best_epoch")
-        rows.append(f"{result['epochs_run']} epochs, best at epoch {number(best) if best is not None else '?'}"
-                    + (f" ({escape(str(result['stopped']))})" if result.get("stopped") else ""))
+        rows.append(f"{result['epochs_run']} epochs, best at epoch {number(best, 'best_epoch') if best is not None else '?'}"
+                    + (f" ({escape(short_floats(str(result['stopped'])))})" if result.get("stopped") else ""))
     if result.get("mode"):
         rows.append(f"Mode: {escape(str(result['mode']))}")
     if isinstance(result.get("train_chips"), int):
-        rows.append(f"{result['train_chips']} training / {number(result.get('val_chips', '?'))} validation chips "
+        rows.append(f"{result['train_chips']} training / {number(result.get('val_chips', '?'), 'chips')} validation chips "
                     "(validation blocks are spatially separate)")
     rows.append(f"Installed as <code>{escape(r.output)}</code>")
     html = "<br>".join(rows)
     if warnings:
-        items = "".join(f"<li>{escape(w)}</li>" for w in warnings)
+        items = "".join(f"<li>{escape(short_floats(w))}</li>" for w in warnings)
         html += ("<div style='background:#fff4ce; border:1px solid #e0b000; padding:4px; margin-top:6px'>"
                  f"<b>How far to trust this score</b><ul style='margin:2px'>{items}</ul>"
                  "Look at the map tab, and run the model on the image before relying on it.</div>")

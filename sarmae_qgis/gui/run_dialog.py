@@ -179,7 +179,8 @@ class RunDialog(QDialog):
         layout.addWidget(opts)
         layout.addLayout(out)
         layout.addWidget(self.buttons)
-        self.setMinimumWidth(520)
+        if not self.embedded:  # a dock tab takes the dock's width
+            self.setMinimumWidth(520)
 
     # ---- models ---------------------------------------------------------------------------------
     def add_model(self, path: str | Path) -> int:
