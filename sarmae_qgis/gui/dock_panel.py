@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qgis.gui import QgsDockWidget
-from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QComboBox, QFrame, QScrollArea, QTabWidget, QWidget
+from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtGui import QDesktopServices
+from qgis.PyQt.QtWidgets import QComboBox, QFrame, QScrollArea, QTabWidget, QToolButton, QWidget
 
 from ..toolbelt import settings
+from ..toolbelt.resources import resource
 from .finetune_dialog import FinetuneDialog
 from .run_dialog import RunDialog
 from .similarity_tool import SimilarityDialog
@@ -70,6 +72,12 @@ class SarmaePanel(QgsDockWidget):
             self.run_form.requested.connect(on_run)
         if on_finetune is not None:
             self.finetune_form.requested.connect(on_finetune)
+        self.help_button = QToolButton(self.tabs)
+        self.help_button.setText("?")
+        self.help_button.setToolTip("What the tabs do (resources/help/panel.html)")
+        self.help_button.clicked.connect(
+            lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(resource("help", "panel.html")))))
+        self.tabs.setCornerWidget(self.help_button, Qt.TopRightCorner)
         self.setWidget(self.tabs)
         self.setMinimumWidth(360)
         self.tabs.setCurrentIndex(max(0, min(len(TABS) - 1, settings.remembered("panel", "tab", 0))))

@@ -102,3 +102,11 @@ def test_plugin_shows_the_panel_and_removes_it_on_unload(qgis_iface, monkeypatch
     assert plugin.panel is not None
     plugin.unload()
     flush_deletes()
+
+
+def test_the_resources_folder_holds_the_assets():
+    """The icon, layer opacities and help page live in resources/ (copied into the plugin zip)."""
+    from sarmae_qgis.toolbelt.resources import ICON_PATH, layer_opacities, opacity_for, resource
+
+    assert ICON_PATH.is_file() and resource("help", "panel.html").is_file()
+    assert layer_opacities()["class"] < 1 and opacity_for("similarity") < 1 and opacity_for("detections") == 1
