@@ -67,6 +67,7 @@ from ..tasks.similarity_task import (
 )
 from ..toolbelt import log, messages, settings
 from .about_dialog import ICON_PATH
+from .notice import Notice
 from .package_picker import PackagePicker
 
 
@@ -243,6 +244,7 @@ class SimilarityDialog(QDialog):
         self.message_bar = QgsMessageBar(self)
         self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
         self.map_message_bar = message_bar if message_bar is not None else self.message_bar
+        self.notice = Notice(self)  # the form's own errors, shown whole
 
         self.layer_combo = QgsMapLayerComboBox(self)
         self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -291,6 +293,7 @@ class SimilarityDialog(QDialog):
         qform.addRow(self.status_label)
         layout = QVBoxLayout(self)
         layout.addWidget(self.message_bar)
+        layout.addWidget(self.notice)
         layout.addLayout(form)
         layout.addWidget(query)
         if not self.embedded:
@@ -320,6 +323,7 @@ class SimilarityDialog(QDialog):
         """The map tool for the current choices (reused while they do not change); None + a message
         in the dialog when they are invalid."""
         self.message_bar.clearWidgets()
+        self.notice.clear()
         try:
             source = self.build_source()
         except RequestError as e:
@@ -361,8 +365,7 @@ class SimilarityDialog(QDialog):
         return task
 
     def show_error(self, message: str) -> None:
-        self.message_bar.clearWidgets()
-        self.message_bar.pushMessage("Cannot search", message, Qgis.Warning, 0)
+        self.notice.warn("Cannot search", message)
 
     # ---- map tool lifetime ----------------------------------------------------------------------
     def _on_tool_deactivated(self) -> None:

@@ -122,7 +122,7 @@ def dialog(qgis_iface, canvas, models, scene, bar, tmp_path):
 
 
 def dialog_messages(d: SimilarityDialog) -> str:
-    return " ".join(item.text() for item in d.message_bar.items())
+    return " ".join([item.text() for item in d.message_bar.items()] + [d.notice.plain])
 
 
 def test_dialog_lists_embed_models_and_builds_a_source(dialog, scene, assets, models, tmp_path, project):
