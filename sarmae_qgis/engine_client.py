@@ -89,6 +89,7 @@ class EngineClient:
                 return self.hello
             if self.proc is not None:
                 self.restarts += 1
+                self._close_pipes()  # the dead worker's stdin
             cmd = [self.python, "-m", "engine.serve", *self.extra_args]
             env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
             env.pop("PYTHONHOME", None)  # QGIS's own Python settings must not leak into the engine's
@@ -120,19 +121,21 @@ class EngineClient:
         return hello
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
-        for line in proc.stderr:
-            self._stderr.append(line.rstrip())
+        with proc.stderr:  # closed at the end of the stream: no unclosed file left
+            for line in proc.stderr:
+                self._stderr.append(line.rstrip())
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            key = "__hello__" if msg.get("event") == "hello" else msg.get("id")
-            q = self._queues.get(key) if key is not None else None
-            if q is not None:
-                q.put(msg)
+        with proc.stdout:  # closed at the end of the stream: no unclosed file left
+            for line in proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                key = "__hello__" if msg.get("event") == "hello" else msg.get("id")
+                q = self._queues.get(key) if key is not None else None
+                if q is not None:
+                    q.put(msg)
         proc.wait()
         self.last_death = f"exit code {proc.returncode}"
         for q in list(self._queues.values()):  # wake every waiter: the worker is gone
@@ -146,6 +149,19 @@ class EngineClient:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close our ends of the worker's pipes once it has exited (no ResourceWarning left behind).
+        stdout/stderr are closed by their reader threads when they reach the end of the stream."""
+        proc = self.proc
+        if proc is None or proc.poll() is None:
+            return
+        try:
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
+        except OSError:  # a broken pipe on flush: the worker is gone anyway
+            pass
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Ask the worker to exit (it cancels any run and cleans up), kill it if it does not."""
@@ -156,6 +172,7 @@ class EngineClient:
             self.proc.wait(timeout=timeout)
         except (OSError, subprocess.TimeoutExpired, EngineError):
             self.kill()
+        self._close_pipes()
 
     # ---- requests --------------------------------------------------------------------------
     def _send(self, msg: dict) -> None:

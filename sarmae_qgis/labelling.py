@@ -12,7 +12,8 @@ and configures it the way an analyst expects from a labelling layer:
   colours.
 
 :func:`label_classes` reads the classes back (property, value map, or the values found), which the
-Fine-tune dialog uses to pass class order and colours on.
+Fine-tune dialog uses to pass class order and colours on; :func:`snapshot_labels` copies a label
+layer (unsaved edits included, the class field only) into a fine-tuning run's folder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsDefaultValue,
     QgsEditorWidgetSetup,
+    QgsExpression,
+    QgsFeature,
+    QgsFeatureRequest,
     QgsField,
     QgsFields,
     QgsFillSymbol,
@@ -41,7 +45,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
-from .errors import LayerError
+from .errors import LayerError, RequestError
 
 CLASSES_PROPERTY = "sarmae/classes"
 DEFAULT_FIELD = "class"
@@ -132,7 +136,8 @@ def create_label_layer(path: str | Path, crs: QgsCoordinateReferenceSystem, clas
         raise LayerError(f"QGIS cannot open the new label layer {path}")
     configure_label_layer(layer, classes, field)
     layer.saveStyleToDatabase("sarmae labels", "SARMAE label layer: class value map and colours", True, "")
-    project.addMapLayer(layer)
+    project.addMapLayer(layer, False)
+    project.layerTreeRoot().insertLayer(0, layer)  # on top: the analyst sees what they draw
     if start_editing:
         layer.startEditing()
     return layer
@@ -196,3 +201,43 @@ def count_labels(layer: QgsVectorLayer, field: str) -> dict[str, int]:
         key = "" if v is None or str(v) in ("", "NULL") else str(v)
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def snapshot_labels(layer: QgsVectorLayer, field: str, path: str | Path, project: QgsProject | None = None) -> int:
+    """Write the layer's polygons with a non-empty ``field`` (edit buffer included, the class field
+    only, the layer's CRS) to a new GeoPackage at ``path``; returns the number written."""
+    project = project or QgsProject.instance()
+    index = layer.fields().indexOf(field)
+    if index < 0:
+        raise RequestError(f"Layer '{layer.name()}' has no field '{field}'.")
+    fields = QgsFields()
+    fields.append(QgsField(field, QVariant.String, "text", 254))
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = "labels"
+    opts.fileEncoding = "UTF-8"
+    tmp = f"{path}.part.gpkg"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    writer = QgsVectorFileWriter.create(tmp, fields, QgsWkbTypes.multiType(layer.wkbType()), layer.crs(),
+                                        project.transformContext(), opts)
+    if writer.hasError() != QgsVectorFileWriter.NoError:
+        message = writer.errorMessage()
+        del writer
+        raise RequestError(f"Cannot copy the labels of '{layer.name()}' to {path}: {message}")
+    quoted = field.replace('"', '""')
+    request = QgsFeatureRequest(QgsExpression(f'"{quoted}" IS NOT NULL AND trim(to_string("{quoted}")) <> \'\''))
+    n = 0
+    for feature in layer.getFeatures(request):
+        if not feature.hasGeometry():
+            continue
+        out = QgsFeature(fields)
+        geometry = feature.geometry()
+        geometry.convertToMultiType()
+        out.setGeometry(geometry)
+        out.setAttributes([str(feature.attribute(index)).strip()])
+        writer.addFeature(out)
+        n += 1
+    del writer  # closes the file
+    os.replace(tmp, path)
+    return n

@@ -138,6 +138,21 @@ def check_task(card: PackageCard, tasks: str | tuple[str, ...]) -> None:
                              f"the SARMAE '{card.task}' algorithm for this one")
 
 
+TASK_ORDER = ("segment", "detect", "classify", "embed", "reconstruct")  # what an analyst runs first
+
+
+def fit_rank(card: PackageCard, band_names: list[str], byte_data: bool = False) -> tuple:
+    """Sort key: packages whose input fits a layer come first (bands named like the layer's, or
+    as many channels, and 8-bit models only for 8-bit data), task models before encoders, then by
+    name. ``band_names`` are the layer's (e.g. ["VV", "VH"] or ["band 1"])."""
+    upper = [n.upper() for n in band_names]
+    named = bool(card.bands) and all(b.upper() in upper for b in card.bands)
+    channels = named or len(band_names) == card.in_chans
+    units = (card.units == "uint8") == byte_data
+    return (0 if channels and units else 1, 0 if named else 1,
+            TASK_ORDER.index(card.task) if card.task in TASK_ORDER else len(TASK_ORDER), card.name.lower())
+
+
 def parse_bands(text: str | None) -> list[str] | None:
     """'VV,VH' or '2, 1' -> ['VV', 'VH'] / ['2', '1']; empty -> None (all bands, in file order)."""
     items = [t.strip() for t in (text or "").replace(";", ",").split(",")]
@@ -145,19 +160,25 @@ def parse_bands(text: str | None) -> list[str] | None:
     return items or None
 
 
-def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | None, layer: str) -> None:
+def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | None, layer: str,
+                   can_choose_bands: bool = True) -> None:
     """The channels a run would feed the model must match its input contract in number, and the
-    chosen bands must exist (by 1-based index, or by name among ``band_names``)."""
+    chosen bands must exist (by 1-based index, or by name among ``band_names``). The advice fits
+    the case: choosing bands only helps when the layer has more than the model takes (and only
+    where the caller offers a band choice, ``can_choose_bands``)."""
     want = card.in_chans
     have = len(band_names)
     listing = ", ".join(f"{i + 1}: {n}" for i, n in enumerate(band_names))
     if bands is None:
         if have != want:
-            hint = ""
-            if all(b.upper() in (n.upper() for n in band_names) for b in card.bands):
-                hint = f" e.g. {','.join(card.bands)}"
-            raise ModelCardError(f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), layer "
-                                 f"'{layer}' has {have} band(s) ({listing}): choose the bands{hint}")
+            head = (f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), layer '{layer}' has "
+                    f"{have} band(s) ({listing})")
+            if have < want or not can_choose_bands:
+                raise ModelCardError(f"{head}: choose a model made for {have} band(s), or a raster with "
+                                     f"{'+'.join(card.bands)}")
+            named = all(b.upper() in (n.upper() for n in band_names) for b in card.bands)
+            example = ",".join(card.bands) if named else ",".join(str(i + 1) for i in range(want))
+            raise ModelCardError(f"{head}: choose {want} of its bands in the Bands field, e.g. {example}")
         return
     if len(bands) != want:
         raise ModelCardError(f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), "
@@ -173,6 +194,32 @@ def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | 
                                  "or these names")
 
 
+def validation_doubts(provenance: dict) -> list[str]:
+    """The reasons to doubt a package's validation score that training wrote into its provenance
+    (``warnings``, ``validation.note`` when ``validation.reliable`` is false)."""
+    out = [str(w) for w in provenance.get("warnings") or [] if str(w).strip()]
+    validation = provenance.get("validation")
+    if isinstance(validation, dict) and validation.get("reliable") is False:
+        note = str(validation.get("note") or "the validation set is too small")
+        if note not in out:
+            out.append(note)
+    return out
+
+
+COUNT_WORDS = ("epoch", "chips", "count", "steps", "windows", "shots")  # keys whose values are counts
+
+
+def number(value, key: str = "") -> str:
+    """Integers as integers ("5", not "5.000"): ints, and whole floats under a count key such as
+    ``best_epoch``; other numbers (scores) with 3 decimals ("1.000")."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                  and any(w in key.lower() for w in COUNT_WORDS)):
+        return str(int(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def describe_html(card: PackageCard) -> str:
     """A short card for dialogs: name, task, classes with their colours, input contract."""
     rows = [f"<b>{escape(card.name)}</b> &mdash; {escape(card.task)}"]
@@ -185,8 +232,11 @@ def describe_html(card: PackageCard) -> str:
     prov = card.raw.get("provenance") or {}
     metrics = prov.get("metrics") if isinstance(prov, dict) else None
     if isinstance(metrics, dict):
-        shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
+        shown = [f"{k} {number(v, k)}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
         if shown:
             rows.append("Validation: " + escape(", ".join(shown)))
-    rows.append(f"<small>{escape(card.path)}</small>")
+    doubts = validation_doubts(prov if isinstance(prov, dict) else {})
+    if doubts:
+        rows.append("<span style='color:#a15c00'>Validation not reliable: " + escape(" ".join(doubts)) + "</span>")
+    rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /: narrow docks
     return "<br>".join(rows)

@@ -1,24 +1,27 @@
 """The plugin object QGIS creates through :func:`sarmae_qgis.classFactory`.
 
 ``initProcessing`` registers the Processing provider ``sarmae`` (``qgis_process`` calls only this,
-with no ``iface``); ``initGui`` calls it too, then adds a "SARMAE" submenu under *Raster* (Run
-model…, New label layer…, Fine-tune…, Similarity search…, Models…, Settings…, About) and a
-"SARMAE" toolbar. ``unload`` removes every action, menu entry,
-toolbar and the provider, and stops the engine worker, so that reloading the plugin (Plugin
-Reloader, or disable/enable in the Plugin Manager) leaves nothing behind.
+with no ``iface``); ``initGui`` calls it too, then adds a "SARMAE" submenu under *Raster* (SARMAE
+panel, Run model…, New label layer…, Fine-tune…, Similarity search…, Models…, Settings…, About)
+and a "SARMAE" toolbar. The panel (``gui/dock_panel.py``: Run, Fine-tune and Similarity tabs) is
+made on first use and reopened at start-up when it was open; the modal dialogs are shortcuts.
+``unload`` removes every action, menu entry, toolbar, the panel and the provider, cancels the
+tasks still running and stops the engine worker, so that reloading the plugin (Plugin Reloader,
+or disable/enable in the Plugin Manager) leaves nothing behind.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qgis.core import Qgis, QgsApplication, QgsProject
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsTask
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QToolBar
 
 from .gui.about_dialog import ICON_PATH, AboutDialog
-from .toolbelt import log
+from .toolbelt import log, settings
 from .toolbelt.engine import shutdown_client
 from .toolbelt.metadata import plugin_version
 
@@ -51,6 +54,8 @@ class SarmaePlugin:
         self.similarity_action: QAction | None = None
         self.models_action: QAction | None = None
         self.similarity_dialog = None  # non-modal: kept while the plugin is loaded
+        self.panel_action: QAction | None = None
+        self.panel = None  # the dock panel (gui/dock_panel.py), made on first use
         self.provider: SarmaeProvider | None = None
         self.tasks: list[RunTask] = []  # running tasks (kept alive until they finish)
 
@@ -72,6 +77,12 @@ class SarmaePlugin:
         self.toolbar.setObjectName(TOOLBAR_OBJECT_NAME)
         self.toolbar.setToolTip("SARMAE SAR foundation model tools")
         icon = QIcon(str(ICON_PATH))
+
+        self.panel_action = QAction(icon, "SARMAE panel", main_window)
+        self.panel_action.setObjectName("SarmaePanelAction")
+        self.panel_action.setStatusTip("Show the SARMAE panel: Run, Fine-tune and Similarity tabs beside the map")
+        self.panel_action.triggered.connect(lambda _checked=False: self.show_panel())
+        self._add_action(self.panel_action, to_toolbar=True)
 
         self.run_action = QAction(icon, "Run model…", main_window)
         self.run_action.setObjectName("SarmaeRunModelAction")
@@ -119,6 +130,8 @@ class SarmaePlugin:
         self.about_action.triggered.connect(self.show_about)
         self._add_action(self.about_action, to_toolbar=False)
         log.info(f"SARMAE plugin {plugin_version()} loaded")
+        if settings.remembered("panel", "visible", False):
+            self.show_panel()
 
     def _add_action(self, action: QAction, to_toolbar: bool) -> None:
         """Register ``action`` in the Raster > SARMAE menu (and the toolbar if asked)."""
@@ -134,7 +147,13 @@ class SarmaePlugin:
             self.iface.removePluginRasterMenu(MENU_NAME, action)
             action.deleteLater()
         self.actions.clear()
-        self.about_action = self.run_action = self.settings_action = None
+        self.about_action = self.run_action = self.settings_action = self.panel_action = None
+        if self.panel is not None:
+            settings.remember("panel", visible=not self.panel.isHidden())  # reopened at the next start
+            self.panel.release()
+            self.iface.removeDockWidget(self.panel)
+            self.panel.deleteLater()
+            self.panel = None
         self.label_action = self.finetune_action = self.similarity_action = self.models_action = None
         if self.similarity_dialog is not None:
             from .tasks.similarity_task import cancel_all
@@ -151,21 +170,41 @@ class SarmaePlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        for task in self.tasks:
-            task.cancel()
+        cancel_tasks(self.tasks)
         self.tasks.clear()
         shutdown_client()
 
     # ---- actions ------------------------------------------------------------------------------
+    def show_panel(self, tab: str = "", layer=None):
+        """Show the dock panel (made on first use), on ``tab`` when given; returns it."""
+        if self.panel is None:
+            from .gui.dock_panel import SarmaePanel
+
+            self.panel = SarmaePanel(self.iface.mainWindow(), canvas=self.iface.mapCanvas(),
+                                     message_bar=self.iface.messageBar(), on_run=self.start_run,
+                                     on_finetune=self.start_finetune)
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.panel)
+            active = self.iface.activeLayer()
+            if active is not None and active.type() == active.RasterLayer:
+                self.panel.run_form.layer_combo.setLayer(active)
+                self.panel.similarity_form.layer_combo.setLayer(active)
+        if tab:
+            self.panel.show_tab(tab, layer)
+        else:
+            self.panel.setUserVisible(True)
+            self.panel.raise_()
+        return self.panel
+
     def show_run_dialog(self, layer=None, model: str | None = None) -> None:
-        """Open the Run model dialog (optionally with a layer and a model chosen); on Run, start a
-        background task for its request."""
+        """Open the Run model dialog on ``layer`` (default: the selected raster layer), optionally
+        with a model chosen; on Run, start a background task for its request."""
         from .gui.run_dialog import RunDialog
 
-        dialog = RunDialog(self.iface.mainWindow(), canvas=self.iface.mapCanvas())
+        if layer is None:
+            active = self.iface.activeLayer()
+            layer = active if active is not None and active.type() == active.RasterLayer else None
+        dialog = RunDialog(self.iface.mainWindow(), canvas=self.iface.mapCanvas(), layer=layer)
         dialog.setAttribute(Qt.WA_DeleteOnClose)
-        if layer is not None:
-            dialog.layer_combo.setLayer(layer)
         if model:
             dialog.add_model(model)
         if dialog.exec_() and dialog.request is not None:
@@ -232,8 +271,14 @@ class SarmaePlugin:
 
     def _finetune_done(self, task) -> None:
         if task.result is None:
+            from .engine_client import EngineError
+            from .tasks.finetune_task import gui_text
+
+            cancelled = (isinstance(task.error, EngineError) and task.error.cancelled) or task.error is None
+            if not cancelled:  # the reason beside the form, with the settings as they were
+                self.show_panel().show_failure(f"Fine-tuning '{task.request.name}' failed", gui_text(str(task.error)))
             return
-        from .gui.finetune_dialog import FinetuneResultDialog
+        from .gui.finetune_results import FinetuneResultDialog
 
         layers = QgsProject.instance().mapLayersByName(task.request.layer_name)
         dialog = FinetuneResultDialog(task, self.iface.mainWindow(), can_run=bool(layers))
@@ -275,6 +320,25 @@ class SarmaePlugin:
         dialog = AboutDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         dialog.exec_()
+
+
+def cancel_tasks(tasks) -> int:
+    """Cancel the tasks still running; finished ones (whose C++ object QGIS may have deleted
+    already) are skipped. Returns how many were cancelled. Never raises: unload must not fail."""
+    n = 0
+    for task in tasks:
+        try:
+            if sip.isdeleted(task) or getattr(task, "is_done", False):
+                continue
+            # QgsTask.status(task): FinetuneTask's ``status`` attribute is its progress-text signal
+            if QgsTask.status(task) in (QgsTask.Complete, QgsTask.Terminated):
+                continue
+            task.cancel()
+            n += 1
+        except (RuntimeError, TypeError) as e:  # deleted between the check and the call
+            log.info(f"unload: task not cancelled ({e})")
+            continue
+    return n
 
 
 def _close(bar, item) -> None:

@@ -5,15 +5,29 @@ The result record (DESIGN.md, worker protocol): ``{"task", "outputs": {role: pat
 [probabilities], [vectors]; detect -> detections; classify -> grid; embed -> embedding, pca;
 reconstruct -> reconstruction; similarity -> similarity. Call :func:`add_result_layers` on the main
 thread only.
+
+Placement: the group goes right above the input layer (so label layers kept on top stay there),
+named after the run plus the time (:func:`unique_group_name`: never two groups of one name); its
+layers carry short names ("classes", "confidence") and the details (model, input, options,
+statistics) in their metadata (Layer Properties > Metadata: title and abstract). Opacities come
+from ``resources/styles/layers.json``: class rasters and similarity are translucent.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from qgis.core import QgsLayerTreeGroup, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import (
+    QgsLayerMetadata,
+    QgsLayerTreeGroup,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
 
 from .styling import as_pairs, style_output
+from .toolbelt.resources import opacity_for
 
 VECTOR_ROLES = ("vectors", "detections", "grid")
 # role -> (layer name suffix, visible); order = order in the group, top first
@@ -33,22 +47,68 @@ def load_output(path: str, role: str, name: str):
     return layer if layer.isValid() else None
 
 
-def add_result_layers(result: dict, group_name: str, project: QgsProject | None = None) -> tuple[QgsLayerTreeGroup, list]:
-    """Add the outputs of ``result`` under a new top group ``group_name``, styled with the model's
-    classes; returns the group and the layers (top first). Unreadable outputs are skipped."""
+def unique_group_name(name: str, project: QgsProject | None = None, when: float | None = None) -> str:
+    """``"<name> HH:MM"``, with " (2)", " (3)"... when the project already has a group of that name."""
+    project = project or QgsProject.instance()
+    base = f"{name} {time.strftime('%H:%M', time.localtime(when))}"
+    root = project.layerTreeRoot()
+    out, k = base, 2
+    while root.findGroup(out) is not None:
+        out, k = f"{base} ({k})", k + 1
+    return out
+
+
+def set_details(layer, title: str, details: str) -> None:
+    """The layer's metadata title and abstract (Layer Properties > Metadata, and the legend tip)."""
+    meta = QgsLayerMetadata(layer.metadata())
+    meta.setTitle(title)
+    meta.setAbstract(details)
+    layer.setMetadata(meta)
+    layer.setTitle(title)
+    layer.setAbstract(details)
+
+
+def insert_group(project: QgsProject, name: str, above_layer_id: str | None = None) -> QgsLayerTreeGroup:
+    """A new group right above the layer ``above_layer_id`` (in that layer's parent group), or at the
+    top of the layer tree when it is not in the project."""
+    root = project.layerTreeRoot()
+    node = root.findLayer(above_layer_id) if above_layer_id else None
+    if node is None or node.parent() is None:
+        return root.insertGroup(0, name)
+    parent = node.parent()
+    return parent.insertGroup(parent.children().index(node), name)
+
+
+def details_text(result: dict, details: str = "") -> str:
+    """What a result layer's abstract says: the caller's details, then the result's summary."""
+    lines = [details] if details else []
+    summary = summarise(result)
+    if summary:
+        lines.append(f"Result: {summary}")
+    return "\n".join(lines)
+
+
+def add_result_layers(result: dict, group_name: str, project: QgsProject | None = None,
+                      above_layer_id: str | None = None, details: str = "") -> tuple[QgsLayerTreeGroup, list]:
+    """Add the outputs of ``result`` under a new group ``group_name`` (right above the layer
+    ``above_layer_id``, else at the top), styled with the model's classes and translucent where
+    the image must show through; returns the group and the layers (top first). Unreadable outputs
+    are skipped. ``details`` (model, input, options) goes into each layer's metadata abstract."""
     project = project or QgsProject.instance()
     classes = as_pairs(result.get("classes"))
     outputs = result.get("outputs") or {}
-    root = project.layerTreeRoot()
-    group = root.insertGroup(0, group_name)
+    group = insert_group(project, group_name, above_layer_id)
+    abstract = details_text(result, details)
     layers = []
     roles = sorted(outputs, key=lambda r: list(ROLE_ORDER).index(r) if r in ROLE_ORDER else len(ROLE_ORDER))
     for role in roles:
         suffix, visible = ROLE_ORDER.get(role, (role, False))
-        layer = load_output(outputs[role], role, f"{group_name} {suffix}")
+        layer = load_output(outputs[role], role, suffix)
         if layer is None:
             continue
         style_output(layer, role, classes)
+        layer.setOpacity(opacity_for(role))
+        set_details(layer, f"{group_name}: {suffix}", f"{abstract}\nFile: {outputs[role]}".strip())
         project.addMapLayer(layer, False)
         node = group.addLayer(layer)
         node.setItemVisibilityChecked(visible)

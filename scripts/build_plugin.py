@@ -4,8 +4,9 @@
     python scripts/build_plugin.py --output dist            # -> dist/sarmae_qgis-<version>.zip
     python scripts/build_plugin.py --output dist --install  # ... and install + enable it
 
-The zip holds one top folder, ``sarmae_qgis/``: the package files (no ``__pycache__``), its
-icons, and the repository's ``metadata.txt`` copied into it (QGIS reads it from there).
+The zip holds one top folder, ``sarmae_qgis/``: the package files (no ``__pycache__``), the
+repository's ``resources/`` (icons, layer styles, help) as ``sarmae_qgis/resources/``, and its
+``metadata.txt`` copied into it (QGIS reads it from there).
 ``--install`` unpacks the zip into
 ``~/.local/share/QGIS/QGIS3/profiles/default/python/plugins/sarmae_qgis`` (through a temporary
 folder and a rename, so a half-copied plugin is never visible to QGIS) and sets
@@ -27,6 +28,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "sarmae_qgis"
+RESOURCES = "resources"  # the top-level assets folder, copied to sarmae_qgis/resources/
 EXCLUDED_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo"}
 
@@ -66,6 +68,10 @@ def build_zip(output_dir: Path, repo_root: Path = REPO_ROOT) -> Path:
         zf.write(metadata, f"{PLUGIN_NAME}/metadata.txt")
         for path in plugin_files(package_dir):
             zf.write(path, f"{PLUGIN_NAME}/{path.relative_to(package_dir).as_posix()}")
+        resources = repo_root / RESOURCES
+        if resources.is_dir():  # icons, styles, help: read by sarmae_qgis/toolbelt/resources.py
+            for path in plugin_files(resources):
+                zf.write(path, f"{PLUGIN_NAME}/{RESOURCES}/{path.relative_to(resources).as_posix()}")
     os.replace(tmp_path, zip_path)
     return zip_path
 

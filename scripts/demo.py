@@ -316,12 +316,38 @@ def installed_models(demo_models: Path) -> list[tuple[dict, Path]]:
     return out
 
 
+def plugin_models_folder() -> Path:
+    """The models folder the QGIS plugin reads by default: <default QGIS profile>/sarmae/models."""
+    return Path.home() / ".local/share/QGIS/QGIS3/profiles/default/sarmae/models"
+
+
+def install_models(src: Path, dest: Path) -> list[str]:
+    """Copy every package folder of ``src`` into ``dest`` (a temporary sibling renamed into place; an
+    older copy of the same name is replaced); returns the names installed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for pkg in sorted(p for p in src.iterdir() if (p / "model.json").is_file()):
+        tmp = dest / f".{pkg.name}.installing"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(pkg, tmp)
+        old = dest / f".{pkg.name}.old"
+        if (dest / pkg.name).exists():
+            os.replace(dest / pkg.name, old)
+        os.replace(tmp, dest / pkg.name)
+        shutil.rmtree(old, ignore_errors=True)
+        names.append(pkg.name)
+    return names
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", help="your SAR raster (default: a generated sample scene)")
     ap.add_argument("--output", default=str(ROOT / "demo_output"), help="folder for everything (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="tiny scene and budgets (a smoke test, about 2 minutes)")
     ap.add_argument("--fresh-encoder", action="store_true", help="pretrain again even if an earlier demo made one")
+    ap.add_argument("--models-folder", default=str(plugin_models_folder()),
+                    help="install the demo's models here, where the QGIS plugin finds them (default: %(default)s)")
+    ap.add_argument("--no-install", action="store_true", help="leave the models in the output folder only")
     a = ap.parse_args()
     t0 = time.time()
     out = Path(a.output).resolve()
@@ -337,11 +363,18 @@ def main() -> int:
         title = demo.sample()
     step("5/5 QGIS project and preview" if not a.input else "QGIS project and preview")
     qgz, png = demo.write_project(title)
+    installed = "" if a.no_install else Path(a.models_folder).expanduser()
+    if installed:
+        names = install_models(demo.models, installed)
+        print(f"installed {len(names)} model(s) into {installed}, the SARMAE plugin's models folder: "
+              f"{', '.join(names)}")
     minutes = (time.time() - t0) / 60
     timings = ", ".join(f"{k} {v / 60:.1f} min" for k, v in demo.timings.items())
     print(f"\nDone in {minutes:.1f} min{' (' + timings + ')' if timings else ''}. Everything is in {out}:\n"
           f"  QGIS project: {qgz}\n      open it:  qgis {qgz}\n  preview:      {png}\n"
-          f"  models:       {demo.models} (install them in QGIS: Raster > SARMAE > Models… > Import folder)\n"
+          f"  models:       {demo.models}"
+          + (f" (installed into {installed}: the plugin lists them)\n" if installed else
+             " (install them in QGIS: Raster > SARMAE > Models… > Import folder)\n") +
           f"  results:      {demo.results}")
     return 0
 

@@ -15,9 +15,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..toolbelt.metadata import PACKAGE_DIR, plugin_metadata
+from ..toolbelt.metadata import plugin_metadata
+from ..toolbelt.resources import ICON_PATH
 
-ICON_PATH = PACKAGE_DIR / "icons" / "sarmae.svg"
+__all__ = ["ICON_PATH", "AboutDialog", "about_html"]
 
 
 def about_html(meta: dict[str, str]) -> str:

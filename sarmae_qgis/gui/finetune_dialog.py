@@ -1,43 +1,37 @@
-"""The Fine-tune dialog (rasters + label layer + encoder + budget -> FinetuneRequest) and the
-results dialog shown when fine-tuning ends (metrics, training curves, "Run on <layer>").
+"""The Fine-tune form (rasters + label layer + encoder + mode + budget -> FinetuneRequest), as a
+dialog or as the dock panel's Fine-tune tab (``embedded=True``: it stays open and emits
+``requested``). The results dialog is in ``finetune_results.py``.
 
 :meth:`FinetuneDialog.build_request` validates everything a user can get wrong before any
 minute of training is spent: no raster or a raster that is not a file, no label layer, no class
-field, no labelled polygons, a single class (segmentation needs two, or one plus a background),
-classes with very few polygons (warned), an encoder whose channels the rasters cannot feed, a
-model name already taken. The label layer is then snapshotted into the run folder with
-:func:`snapshot_labels` (unsaved edits included, the class field only).
+field, no labelled polygons, labels that cover none of the ticked rasters, a single class
+(segmentation needs two, or one plus a background), classes with very few polygons (warned), an
+encoder whose channels the rasters cannot feed, a model name already taken (an automatic name is
+made unique instead). Messages name the dialog's own settings, never a command-line flag. The
+choices are remembered between openings (QgsSettings, ``sarmae/finetune/...``). The label layer
+is snapshotted into the run folder with :func:`~sarmae_qgis.labelling.snapshot_labels`.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from qgis.core import (
-    Qgis,
     QgsCoordinateTransform,
     QgsCsException,
-    QgsExpression,
-    QgsFeature,
     QgsFeatureRequest,
-    QgsField,
-    QgsFields,
     QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
-    QgsVectorFileWriter,
     QgsVectorLayer,
-    QgsWkbTypes,
 )
-from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsMapLayerComboBox, QgsMessageBar
-from qgis.PyQt.QtCore import Qt, QVariant
-from qgis.PyQt.QtGui import QIcon, QPixmap
+from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -49,21 +43,25 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from ..errors import RequestError, SarmaePluginError
-from ..labelling import count_labels, label_classes
+from ..labelling import count_labels, label_classes, snapshot_labels
 from ..model_cards import PackageCard, check_channels
-from ..tasks.finetune_task import FINETUNE_TASKS, FinetuneRequest, FinetuneTask, headline
+from ..tasks.finetune_task import FINETUNE_TASKS, MODE_LABELS, MODES, FinetuneRequest
 from ..tasks.run_task import slug
 from ..toolbelt import settings
 from ..toolbelt.layers import band_names, raster_file
 from .about_dialog import ICON_PATH
+from .finetune_results import FinetuneResultDialog
+from .notice import Notice
 from .package_picker import PackagePicker
+
+__all__ = ["FinetuneDialog", "FinetuneResultDialog", "snapshot_labels", "unique_model_name"]
+SECTION = "finetune"  # QgsSettings: sarmae/finetune/<key>
 
 FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
 NO_BACKGROUND = "(none: unlabelled pixels are ignored)"
@@ -74,52 +72,28 @@ TASK_HELP = {
 }
 
 
-def snapshot_labels(layer: QgsVectorLayer, field: str, path: str | Path, project: QgsProject | None = None) -> int:
-    """Write the layer's polygons with a non-empty ``field`` (edit buffer included, the class field
-    only, the layer's CRS) to a new GeoPackage at ``path``; returns the number written."""
-    project = project or QgsProject.instance()
-    index = layer.fields().indexOf(field)
-    if index < 0:
-        raise RequestError(f"Layer '{layer.name()}' has no field '{field}'.")
-    fields = QgsFields()
-    fields.append(QgsField(field, QVariant.String, "text", 254))
-    opts = QgsVectorFileWriter.SaveVectorOptions()
-    opts.driverName = "GPKG"
-    opts.layerName = "labels"
-    opts.fileEncoding = "UTF-8"
-    tmp = f"{path}.part.gpkg"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-    writer = QgsVectorFileWriter.create(tmp, fields, QgsWkbTypes.multiType(layer.wkbType()), layer.crs(),
-                                        project.transformContext(), opts)
-    if writer.hasError() != QgsVectorFileWriter.NoError:
-        message = writer.errorMessage()
-        del writer
-        raise RequestError(f"Cannot copy the labels of '{layer.name()}' to {path}: {message}")
-    quoted = field.replace('"', '""')
-    request = QgsFeatureRequest(QgsExpression(f'"{quoted}" IS NOT NULL AND trim(to_string("{quoted}")) <> \'\''))
-    n = 0
-    for feature in layer.getFeatures(request):
-        if not feature.hasGeometry():
-            continue
-        out = QgsFeature(fields)
-        geometry = feature.geometry()
-        geometry.convertToMultiType()
-        out.setGeometry(geometry)
-        out.setAttributes([str(feature.attribute(index)).strip()])
-        writer.addFeature(out)
-        n += 1
-    del writer  # closes the file
-    os.replace(tmp, path)
-    return n
+def unique_model_name(base: str, models_folder: Path) -> str:
+    """``slug(base)``, or ``slug(base)_2``, ``_3``... : the first that is not installed yet."""
+    name, k = slug(base), 2
+    while (models_folder / name).exists():
+        name, k = f"{slug(base)}_{k}", k + 1
+    return name
 
 
 class FinetuneDialog(QDialog):
-    """Choose rasters, labels, an encoder and a budget; ``request`` holds the result after OK."""
+    """Choose rasters, labels, an encoder and a budget; ``request`` holds the result after OK.
+
+    ``embedded``: the form is a tab of the dock panel: "Fine-tune" emits ``requested(request)``
+    and the form stays open with its choices."""
+
+    requested = pyqtSignal(object)  # a FinetuneRequest (embedded form)
 
     def __init__(self, parent: QWidget | None = None, project: QgsProject | None = None,
-                 models_folder: str | Path | None = None) -> None:
+                 models_folder: str | Path | None = None, embedded: bool = False) -> None:
         super().__init__(parent)
+        self.embedded = embedded
+        if embedded:
+            self.setWindowFlags(Qt.Widget)
         self.setWindowTitle("SARMAE: Fine-tune a model on my labels")
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         self.project = project or QgsProject.instance()
@@ -128,11 +102,11 @@ class FinetuneDialog(QDialog):
         self.models_folder = Path(models_folder) if models_folder else settings.models_folder(s)
         self.output_folder = settings.output_folder(s)
 
-        self.message_bar = QgsMessageBar(self)
-        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.notice = Notice(self)
         self.task_combo = QComboBox(self)
         self.task_combo.addItems(FINETUNE_TASKS)
         self.task_help = QLabel(self)
+        self.task_help.setWordWrap(True)
         self.raster_list = QListWidget(self)
         self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
         self.raster_list.setMinimumHeight(48)
@@ -157,27 +131,37 @@ class FinetuneDialog(QDialog):
         self.minutes_spin = QDoubleSpinBox(self)
         self.minutes_spin.setRange(0.0, 24 * 60)
         self.minutes_spin.setDecimals(1)
-        self.minutes_spin.setValue(5.0)
+        self.minutes_spin.setValue(settings.remembered(SECTION, "max_minutes", 5.0))
         self.minutes_spin.setSuffix(" min")
         self.minutes_spin.setSpecialValueText("no limit")
         self.epochs_spin = QSpinBox(self)
         self.epochs_spin.setRange(1, 10000)
-        self.epochs_spin.setValue(50)
-        self.probe_check = QCheckBox("Linear probe (freeze the encoder: faster, for very few labels)", self)
+        self.epochs_spin.setValue(settings.remembered(SECTION, "epochs", 50))
+        self.mode_combo = QComboBox(self)
+        for mode in MODES:
+            self.mode_combo.addItem(MODE_LABELS[mode], mode)
+        self.mode_combo.setToolTip("Quick: a light head fitted on the frozen encoder, in seconds; the right choice "
+                                   "for a handful of polygons.\nFull fine-tune: the encoder learns too; needs many "
+                                   "labels and minutes.\nAutomatic: chosen from the number of labels.")
+        self.mode_combo.setCurrentIndex(max(0, self.mode_combo.findData(settings.remembered(SECTION, "mode", "auto"))))
         self.seed_spin = QSpinBox(self)
         self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setValue(settings.remembered(SECTION, "seed", 0))
         self.batch_spin = QSpinBox(self)
         self.batch_spin.setRange(1, 512)
-        self.batch_spin.setValue(16)
+        self.batch_spin.setValue(settings.remembered(SECTION, "batch_size", 16))
+        self.batch_spin.setToolTip("Chips per training step; with fewer training chips than this, training uses "
+                                   "what there is")
         self.device_combo = QComboBox(self)
         self.device_combo.addItems(settings.DEVICES)
-        self.device_combo.setCurrentText(s.device)
+        self.device_combo.setCurrentText(settings.remembered(SECTION, "device", s.device))
         self.name_edit = QLineEdit(self)
-        self.name_edit.setPlaceholderText("automatic: <task>_<label layer>")
+        self.name_edit.setPlaceholderText("automatic: <task>_<label layer> (made unique)")
 
         self._layout()
         self.refresh_rasters()
         self.encoder_picker.refresh()
+        self._restore_choices()
         self.task_combo.currentTextChanged.connect(self._on_task_changed)
         self.label_combo.layerChanged.connect(self._on_label_layer_changed)
         self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
@@ -206,7 +190,7 @@ class FinetuneDialog(QDialog):
         row.addWidget(self.epochs_spin)
         row.addWidget(QLabel("epochs", self))
         bform.addRow("Time budget", row)
-        bform.addRow("", self.probe_check)
+        bform.addRow("Mode", self.mode_combo)
         self.advanced = QgsCollapsibleGroupBox("Advanced", self)
         self.advanced.setCollapsed(True)
         aform = QFormLayout(self.advanced)
@@ -215,17 +199,19 @@ class FinetuneDialog(QDialog):
         aform.addRow("Device", self.device_combo)
         self.buttons = QDialogButtonBox(self)
         self.run_button = self.buttons.addButton("Fine-tune", QDialogButtonBox.AcceptRole)
-        self.buttons.addButton(QDialogButtonBox.Cancel)
+        if not self.embedded:
+            self.buttons.addButton(QDialogButtonBox.Cancel)
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.message_bar)
+        layout.addWidget(self.notice)
         layout.addWidget(data)
         layout.addWidget(model)
         layout.addWidget(budget)
         layout.addWidget(self.advanced)
         layout.addWidget(self.buttons)
-        self.setMinimumWidth(560)
+        if not self.embedded:  # a dock tab takes the dock's width
+            self.setMinimumWidth(560)
 
     # ---- lists ----------------------------------------------------------------------------------
     def refresh_rasters(self) -> None:
@@ -250,11 +236,7 @@ class FinetuneDialog(QDialog):
         """The project's rasters that the label layer's extent overlaps and the encoder can read
         (same number of bands), to tick by default."""
         card = self.encoder_card() if hasattr(self, "encoder_picker") else None
-        bounds = QgsRectangle()
-        bounds.setMinimal()
-        for feature in labels.getFeatures(QgsFeatureRequest().setNoAttributes()):  # edit buffer included
-            if feature.hasGeometry():
-                bounds.combineExtentWith(feature.geometry().boundingBox())
+        bounds = self.label_bounds(labels)
         if bounds.isEmpty():
             return []
         out = []
@@ -263,11 +245,7 @@ class FinetuneDialog(QDialog):
                 continue
             if card is not None and layer.bandCount() != card.in_chans:
                 continue
-            try:
-                extent = QgsCoordinateTransform(labels.crs(), layer.crs(), self.project).transformBoundingBox(bounds)
-            except QgsCsException:
-                continue
-            if extent.intersects(layer.extent()):
+            if self.covers(labels, layer, bounds):
                 out.append(layer)
         return out
 
@@ -286,6 +264,47 @@ class FinetuneDialog(QDialog):
 
     def encoder_card(self) -> PackageCard | None:
         return self.encoder_picker.current_card()
+
+    # ---- remembered choices ---------------------------------------------------------------------
+    def _restore_choices(self) -> None:
+        """The task and encoder of the last request (the numbers are restored where they are made)."""
+        task = settings.remembered(SECTION, "task", "segment")
+        if task in FINETUNE_TASKS:
+            self.task_combo.setCurrentText(task)
+        encoder = settings.remembered(SECTION, "encoder", "")
+        if encoder:
+            index = self.encoder_combo.findData(encoder)
+            if index >= 0:
+                self.encoder_combo.setCurrentIndex(index)
+            elif Path(encoder).exists():
+                self.add_encoder(encoder)
+
+    def save_choices(self) -> None:
+        """Remember the current choices for the next opening (QgsSettings)."""
+        settings.remember(SECTION, task=self.task_combo.currentText(), encoder=self.encoder_picker.current_path() or "",
+                          max_minutes=float(self.minutes_spin.value()), epochs=self.epochs_spin.value(),
+                          mode=self.mode_combo.currentData(), seed=self.seed_spin.value(),
+                          batch_size=self.batch_spin.value(), device=self.device_combo.currentText())
+
+    def label_bounds(self, layer: QgsVectorLayer) -> QgsRectangle:
+        """The bounding box of the layer's polygons (edit buffer included), in the layer's CRS."""
+        bounds = QgsRectangle()
+        bounds.setMinimal()
+        for feature in layer.getFeatures(QgsFeatureRequest().setNoAttributes()):
+            if feature.hasGeometry():
+                bounds.combineExtentWith(feature.geometry().boundingBox())
+        return bounds
+
+    def covers(self, labels: QgsVectorLayer, raster: QgsRasterLayer, bounds: QgsRectangle | None = None) -> bool:
+        """Whether the labels' bounding box overlaps the raster (after reprojection)."""
+        bounds = bounds if bounds is not None else self.label_bounds(labels)
+        if bounds.isEmpty():
+            return False
+        try:
+            extent = QgsCoordinateTransform(labels.crs(), raster.crs(), self.project).transformBoundingBox(bounds)
+        except QgsCsException:
+            return False
+        return extent.intersects(raster.extent())
 
     # ---- reactions ------------------------------------------------------------------------------
     def _on_task_changed(self, task: str) -> None:
@@ -360,6 +379,15 @@ class FinetuneDialog(QDialog):
         if not used:
             raise RequestError(f"Layer '{layer.name()}' has no polygon with a class in '{field}': draw polygons and "
                                "give each a class first.")
+        bounds = self.label_bounds(layer)
+        outside = [r.name() for r in rasters if not self.covers(layer, r, bounds)]
+        if len(outside) == len(rasters):
+            raise RequestError(f"The polygons of '{layer.name()}' do not overlap the ticked raster(s) "
+                               f"({', '.join(outside)}): tick the raster(s) you drew them on, or check the label "
+                               "layer's CRS.")
+        if outside:
+            raise RequestError(f"No polygon of '{layer.name()}' lies on {', '.join(outside)}: untick it, or label "
+                               "examples on it too.")
         background = self.background_combo.currentText() if task == "segment" else ""
         background = "" if background == NO_BACKGROUND else background
         if len({n for n, _ in used} | ({background} if background else set())) < 2:
@@ -377,13 +405,15 @@ class FinetuneDialog(QDialog):
                 raise RequestError(f"The encoder {encoder} is not a readable model package: choose another one.")
             for r in rasters:
                 try:
-                    check_channels(card, band_names(r), None, r.name())
+                    check_channels(card, band_names(r), None, r.name(), can_choose_bands=False)
                 except SarmaePluginError as e:
                     raise RequestError(f"{e} (fine-tuning feeds every band of each raster, in file order)") from e
-        name = self.name_edit.text().strip() or f"{task}_{layer.name()}"
-        output = self.models_folder / slug(name)
+        typed = self.name_edit.text().strip()
+        name = slug(typed) if typed else unique_model_name(f"{task}_{layer.name()}", self.models_folder)
+        output = self.models_folder / name
         if output.exists():
-            raise RequestError(f"A model named '{slug(name)}' is already installed ({output}): choose another name.")
+            raise RequestError(f"A model named '{name}' is already installed ({output}): choose another name, or "
+                               "leave the name empty for an automatic one.")
         run_dir = self.output_folder / f"finetune_{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
         labels = str(run_dir / "labels.gpkg")
         if snapshot:
@@ -399,72 +429,28 @@ class FinetuneDialog(QDialog):
             name=slug(name), task=task, rasters=paths, labels=labels, class_field=field, output=str(output),
             run_dir=str(run_dir), classes=tuple(n for n, _ in class_list), colours=tuple(c for _, c in class_list),
             background=background or None, encoder=encoder, max_minutes=round(self.minutes_spin.value(), 2),
-            epochs=self.epochs_spin.value(), linear_probe=self.probe_check.isChecked(), seed=self.seed_spin.value(),
+            epochs=self.epochs_spin.value(), mode=self.mode_combo.currentData(), seed=self.seed_spin.value(),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(), layer_name=rasters[0].name())
 
     def show_error(self, message: str) -> None:
-        self.message_bar.clearWidgets()
-        self.message_bar.pushMessage("Cannot fine-tune", message, Qgis.Warning, 0)
+        self.notice.warn("Cannot fine-tune", message)
+
+    def reject(self) -> None:
+        """Cancel / Esc closes the dialog; an embedded form (a dock tab) stays."""
+        if not self.embedded:
+            super().reject()
 
     def accept(self) -> None:
+        """Validate; a valid request closes the dialog (or, embedded, is emitted as ``requested``)."""
         try:
             self.request = self.build_request()
         except RequestError as e:
             self.request = None
             self.show_error(str(e))
             return
+        self.notice.clear()
+        self.save_choices()
+        if self.embedded:
+            self.requested.emit(self.request)
+            return
         super().accept()
-
-
-class FinetuneResultDialog(QDialog):
-    """Metrics and training curves of a finished fine-tuning, with "Run on <layer>"."""
-
-    def __init__(self, task: FinetuneTask, parent: QWidget | None = None, can_run: bool = True) -> None:
-        super().__init__(parent)
-        r = task.request
-        self.task = task
-        self.run_requested = False
-        self.setWindowTitle(f"SARMAE: fine-tuned '{r.name}'")
-        self.setWindowIcon(QIcon(str(ICON_PATH)))
-        result = task.result or {}
-        rows = [f"<b>{r.name}</b> &mdash; {r.task}, {len(r.rasters)} raster(s), labels from field "
-                f"<i>{r.class_field}</i>, {task.seconds / 60:.1f} min"]
-        h = headline(result)
-        if h:
-            rows.append(f"Validation {h[0]}: <b>{h[1]:.3f}</b>")
-        per_class = result.get("val_iou") or result.get("val_per_class_accuracy") or result.get("val_ap_per_class")
-        if isinstance(per_class, dict):
-            rows.append("Per class: " + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()
-                                                  if isinstance(v, (int, float))))
-        if isinstance(result.get("epochs_run"), int):
-            rows.append(f"{result['epochs_run']} epochs, best at epoch {result.get('best_epoch')}"
-                        + (f" ({result['stopped']})" if result.get("stopped") else ""))
-        if isinstance(result.get("train_chips"), int):
-            rows.append(f"{result['train_chips']} training / {result.get('val_chips')} validation chips "
-                        "(validation blocks are spatially separate)")
-        rows.append(f"Installed as <code>{r.output}</code>")
-        text = QLabel("<br>".join(rows), self)
-        text.setTextFormat(Qt.RichText)
-        text.setWordWrap(True)
-        text.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.curves = QLabel(self)
-        png = Path(r.output) / "training_curves.png"
-        pix = QPixmap(str(png)) if png.is_file() else QPixmap()
-        if not pix.isNull():
-            self.curves.setPixmap(pix.scaledToWidth(min(640, pix.width()), Qt.SmoothTransformation))
-        else:
-            self.curves.setText("(no training curves in the package)")
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
-        self.run_button = self.buttons.addButton(f"Run on '{r.layer_name}'…", QDialogButtonBox.AcceptRole)
-        self.run_button.setEnabled(can_run)
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
-        layout = QVBoxLayout(self)
-        layout.addWidget(text)
-        layout.addWidget(self.curves)
-        layout.addWidget(self.buttons)
-
-    def accept(self) -> None:
-        self.run_requested = True
-        super().accept()
-

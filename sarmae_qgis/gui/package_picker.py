@@ -69,6 +69,7 @@ class PackagePicker(QWidget):
         self.empty_text = empty_text
         self.no_package_text = no_package_text
         self.unreadable_text = unreadable_text
+        self.sort_key: Callable[[PackageCard], object] | None = None  # None: by name (list_packages' order)
 
         self.combo = QComboBox(self)
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -93,10 +94,14 @@ class PackagePicker(QWidget):
         form.addRow("", self.card_label)
 
     def refresh(self) -> None:
-        """List the packages of the models folder (of ``tasks``), then the extra items."""
+        """List the packages of the models folder (of ``tasks``, ordered by ``sort_key``), then the
+        extra items; the first is selected."""
         self.combo.blockSignals(True)
         self.combo.clear()
-        for card in list_packages(self.models_folder):
+        cards = list_packages(self.models_folder)
+        if self.sort_key is not None:
+            cards.sort(key=self.sort_key)
+        for card in cards:
             if self.tasks is None or card.task in self.tasks:
                 self.combo.addItem(self.item_text(card), card.path)
         for text, data in self.extra_items:

@@ -20,7 +20,8 @@ from qgis.core import (
     QgsRectangle,
     QgsVectorLayer,
 )
-from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
@@ -32,7 +33,6 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QLabel,
     QLineEdit,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -42,6 +42,7 @@ from ..errors import RequestError, SarmaePluginError
 from ..model_cards import (
     PackageCard,
     check_channels,
+    fit_rank,
     parse_bands,
     read_card,
 )
@@ -49,6 +50,7 @@ from ..tasks.run_task import RunRequest, slug
 from ..toolbelt import settings
 from ..toolbelt.layers import band_names, pixel_window, raster_file
 from .about_dialog import ICON_PATH
+from .notice import Notice
 from .package_picker import PackagePicker
 
 OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
@@ -56,11 +58,22 @@ EXTENTS = ("Whole layer", "Map canvas extent", "Selected polygons of a layer")
 
 
 class RunDialog(QDialog):
-    """Choose a raster layer, a model and options; ``request`` holds the result after Run."""
+    """Choose a raster layer, a model and options; ``request`` holds the result after Run.
+
+    ``layer``: the layer to start on (the plugin passes the selected one). Models are listed by
+    fit to the layer (:func:`~sarmae_qgis.model_cards.fit_rank`) until the user picks one.
+    ``embedded``: the form is the dock panel's Run tab: Run emits ``requested`` and stays open."""
+
+    requested = pyqtSignal(object)  # a RunRequest (embedded form)
 
     def __init__(self, parent: QWidget | None = None, models_folder: str | Path | None = None,
-                 canvas=None) -> None:
+                 canvas=None, layer: QgsRasterLayer | None = None, embedded: bool = False) -> None:
         super().__init__(parent)
+        self.embedded = embedded
+        if embedded:
+            self.setWindowFlags(Qt.Widget)
+        self._model_chosen = False  # True once the user picks a model: no re-ranking after that
+        self._suggested = ""  # the bands text the dialog filled in (replaced when the choice changes)
         self.setWindowTitle("SARMAE: Run model")
         self.canvas = canvas  # the map canvas (for "Map canvas extent"); None: that choice is disabled
         self.setWindowIcon(QIcon(str(ICON_PATH)))
@@ -73,8 +86,7 @@ class RunDialog(QDialog):
             except OSError:
                 pass
 
-        self.message_bar = QgsMessageBar(self)
-        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.notice = Notice(self)
 
         # input
         self.layer_combo = QgsMapLayerComboBox(self)
@@ -126,12 +138,14 @@ class RunDialog(QDialog):
         self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
         self.output_widget.setFilePath(str(settings.output_folder(s)))
         self.name_edit = QLineEdit(self)
-        self.name_edit.setPlaceholderText("automatic: <model> on <layer>")
+        self.name_edit.setPlaceholderText("automatic: <model>")
 
         self._layout()
+        if isinstance(layer, QgsRasterLayer):
+            self.layer_combo.setLayer(layer)
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
         self.model_picker.changed.connect(self._on_model_changed)
-        self.model_picker.refresh()
+        self.model_combo.activated.connect(self._on_model_picked)
         self._on_layer_changed(self.layer_combo.currentLayer())
 
     def _layout(self) -> None:
@@ -155,21 +169,27 @@ class RunDialog(QDialog):
         out.addRow("Run name", self.name_edit)
         self.buttons = QDialogButtonBox(self)
         self.run_button = self.buttons.addButton("Run", QDialogButtonBox.AcceptRole)
-        self.buttons.addButton(QDialogButtonBox.Cancel)
+        if not self.embedded:
+            self.buttons.addButton(QDialogButtonBox.Cancel)
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.message_bar)
+        layout.addWidget(self.notice)
         layout.addLayout(inp)
         layout.addWidget(opts)
         layout.addLayout(out)
         layout.addWidget(self.buttons)
-        self.setMinimumWidth(520)
+        if not self.embedded:  # a dock tab takes the dock's width
+            self.setMinimumWidth(520)
 
     # ---- models ---------------------------------------------------------------------------------
     def add_model(self, path: str | Path) -> int:
         """Add a package outside the models folder (Browse…) and select it; returns its index."""
+        self._model_chosen = True
         return self.model_picker.add_package(path)
+
+    def _on_model_picked(self, _index: int) -> None:
+        self._model_chosen = True
 
     def current_card(self) -> PackageCard | None:
         return self.model_picker.current_card()
@@ -186,18 +206,29 @@ class RunDialog(QDialog):
         if isinstance(layer, QgsRasterLayer):
             names = band_names(layer)
             self.bands_label.setText("Layer bands: " + ", ".join(f"{i + 1}: {n}" for i, n in enumerate(names)))
+            if not self._model_chosen:  # the models that fit this layer first, the best one selected
+                byte = layer.dataProvider() is not None and layer.dataProvider().dataType(1) == Qgis.Byte
+                self.model_picker.sort_key = lambda card: fit_rank(card, names, byte)
         else:
             self.bands_label.setText("")
+        if not self._model_chosen:
+            self.model_picker.refresh()
         self._suggest_bands()
 
     def _suggest_bands(self) -> None:
-        """Pre-fill the bands when the layer has more bands than the model takes but names them."""
+        """Pre-fill the bands with the model's band names when the layer has them (VV,VH), so the
+        analyst sees which bands feed the model; a text the user typed is kept."""
         layer, card = self.layer_combo.currentLayer(), self.current_card()
-        if not isinstance(layer, QgsRasterLayer) or card is None or self.bands_edit.text().strip():
+        current = self.bands_edit.text().strip()
+        if current and current != self._suggested:
             return
-        names = [n.upper() for n in band_names(layer)]
-        if len(names) != card.in_chans and all(b.upper() in names for b in card.bands):
-            self.bands_edit.setText(",".join(card.bands))
+        text = ""
+        if isinstance(layer, QgsRasterLayer) and card is not None:
+            names = [n.upper() for n in band_names(layer)]
+            if card.bands and all(b.upper() in names for b in card.bands):
+                text = ",".join(card.bands)
+        self._suggested = text
+        self.bands_edit.setText(text)
 
     # ---- request --------------------------------------------------------------------------------
     def build_request(self) -> RunRequest:
@@ -231,7 +262,7 @@ class RunDialog(QDialog):
         if Path(folder).exists() and not Path(folder).is_dir():
             raise RequestError(f"The output folder {folder} is a file; choose a folder.")
         extent = self.pixel_extent(layer)
-        name = self.name_edit.text().strip() or f"{card.name} on {layer.name()}"
+        name = self.name_edit.text().strip() or card.name
         run_dir = Path(folder).expanduser() / f"{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
         overlap = self.overlap_spin.value()
         return RunRequest(
@@ -240,7 +271,7 @@ class RunDialog(QDialog):
             overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             backend=self.backend_combo.currentText(),
-            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent)
+            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent, layer_id=layer.id())
 
     def pixel_extent(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
         """The chosen extent as the layer's pixel window (None: the whole layer)."""
@@ -275,15 +306,23 @@ class RunDialog(QDialog):
             raise RequestError(f"{what}: {e}") from e
 
     def show_error(self, message: str) -> None:
-        self.message_bar.clearWidgets()
-        self.message_bar.pushMessage("Cannot run", message, Qgis.Warning, 0)
+        self.notice.warn("Cannot run", message)
+
+    def reject(self) -> None:
+        """Cancel / Esc closes the dialog; an embedded form (a dock tab) stays."""
+        if not self.embedded:
+            super().reject()
 
     def accept(self) -> None:
-        """Run: close only with a valid request; otherwise say what to fix."""
+        """Run: close only with a valid request (embedded: emit it and stay); otherwise say what to fix."""
         try:
             self.request = self.build_request()
         except RequestError as e:
             self.request = None
             self.show_error(str(e))
+            return
+        self.notice.clear()
+        if self.embedded:
+            self.requested.emit(self.request)
             return
         super().accept()

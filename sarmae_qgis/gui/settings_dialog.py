@@ -103,6 +103,13 @@ class SettingsDialog(QDialog):
             self.info_label.setText(format_info(info))
         else:
             self.info_label.setText(f"<span style='color:#b00'>The engine did not answer: {error}</span>")
+        self.grow_to_fit()
+
+    def grow_to_fit(self) -> None:
+        """Grow the dialog so that the engine's answer is shown whole (issue 16, item 7)."""
+        self.layout().activate()
+        hint = self.sizeHint()
+        self.resize(max(self.width(), hint.width()), max(self.height(), hint.height()))
 
     def done(self, result: int) -> None:
         """Closing (OK or Cancel) forgets a test still running: its answer has nowhere to go."""

@@ -65,8 +65,9 @@ from ..tasks.similarity_task import (
     embedding_source,
     start_task,
 )
-from ..toolbelt import log, settings
+from ..toolbelt import log, messages, settings
 from .about_dialog import ICON_PATH
+from .notice import Notice
 from .package_picker import PackagePicker
 
 
@@ -212,11 +213,9 @@ class SimilarityMapTool(QgsMapToolEmitPoint):
     def _say(self, text: str, level) -> None:
         self.last_message = text
         log.log(text, level)
-        if self.message_bar is not None:
-            try:
-                self.message_bar.pushMessage("SARMAE similarity", text, level, 5 if level == Qgis.Info else 8)
-            except RuntimeError:  # the bar was deleted (its dialog closed)
-                self.message_bar = None
+        if self.message_bar is not None and \
+                messages.push(self.message_bar, "SARMAE similarity", text, level, 5 if level == Qgis.Info else 8) is None:
+            self.message_bar = None  # the bar was deleted (its dialog closed)
 
 
 class SimilarityDialog(QDialog):
@@ -228,8 +227,12 @@ class SimilarityDialog(QDialog):
     """
 
     def __init__(self, canvas: QgsMapCanvas, parent: QWidget | None = None, message_bar=None,
-                 models_folder: str | Path | None = None, project: QgsProject | None = None) -> None:
+                 models_folder: str | Path | None = None, project: QgsProject | None = None,
+                 embedded: bool = False) -> None:
         super().__init__(parent)
+        self.embedded = embedded  # a tab of the dock panel: no Close button, Esc does not hide it
+        if embedded:
+            self.setWindowFlags(Qt.Widget)
         self.setWindowTitle("SARMAE: Similarity search")
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         self.canvas = canvas
@@ -241,6 +244,7 @@ class SimilarityDialog(QDialog):
         self.message_bar = QgsMessageBar(self)
         self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
         self.map_message_bar = message_bar if message_bar is not None else self.message_bar
+        self.notice = Notice(self)  # the form's own errors, shown whole
 
         self.layer_combo = QgsMapLayerComboBox(self)
         self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -287,14 +291,18 @@ class SimilarityDialog(QDialog):
         poly_row.addWidget(self.polygon_button)
         qform.addRow("Polygon layer", poly_row)
         qform.addRow(self.status_label)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
-        buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
         layout.addWidget(self.message_bar)
+        layout.addWidget(self.notice)
         layout.addLayout(form)
         layout.addWidget(query)
-        layout.addWidget(buttons)
-        self.setMinimumWidth(480)
+        if not self.embedded:
+            buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+            buttons.rejected.connect(self.reject)
+            layout.addWidget(buttons)
+            self.setMinimumWidth(480)
+        else:
+            layout.addStretch(1)
 
     # ---- models ---------------------------------------------------------------------------------
     def add_model(self, path: str | Path) -> int:
@@ -315,6 +323,7 @@ class SimilarityDialog(QDialog):
         """The map tool for the current choices (reused while they do not change); None + a message
         in the dialog when they are invalid."""
         self.message_bar.clearWidgets()
+        self.notice.clear()
         try:
             source = self.build_source()
         except RequestError as e:
@@ -356,8 +365,7 @@ class SimilarityDialog(QDialog):
         return task
 
     def show_error(self, message: str) -> None:
-        self.message_bar.clearWidgets()
-        self.message_bar.pushMessage("Cannot search", message, Qgis.Warning, 0)
+        self.notice.warn("Cannot search", message)
 
     # ---- map tool lifetime ----------------------------------------------------------------------
     def _on_tool_deactivated(self) -> None:
@@ -379,7 +387,8 @@ class SimilarityDialog(QDialog):
 
     def done(self, result: int) -> None:  # close, Esc, the Close button
         self.release_tool()
-        super().done(result)
+        if not self.embedded:  # a tab stays where it is
+            super().done(result)
 
     def closeEvent(self, event) -> None:  # noqa: N802  # Qt API (the window's close button)
         self.release_tool()

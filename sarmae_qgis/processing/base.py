@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
 )
 from qgis.PyQt.QtCore import QVariant
@@ -27,11 +28,10 @@ from qgis.PyQt.QtGui import QIcon
 
 from ..engine_client import EngineClient, EngineError
 from ..errors import SarmaePluginError
-from ..model_cards import PackageCard, check_task, read_card
-from ..toolbelt import engine
-from ..toolbelt.metadata import PACKAGE_DIR
+from ..model_cards import PackageCard, check_task, list_packages, read_card
+from ..toolbelt import engine, settings
+from ..toolbelt.resources import ICON_PATH
 
-ICON_PATH = PACKAGE_DIR / "icons" / "sarmae.svg"
 GROUPS = {"inference": "Inference", "training": "Training", "packages": "Model packages"}
 
 
@@ -56,6 +56,14 @@ def package_parameter(name: str = "MODEL", description: str = "Model package",
     """A model package: its folder (picked with a folder dialog) or the path of its .zip."""
     return QgsProcessingParameterFile(name, description, behavior=QgsProcessingParameterFile.Folder,
                                       optional=optional)
+
+
+NO_INSTALLED = "(none: use the package path below)"
+
+
+def installed_cards(tasks: tuple[str, ...] | None = None) -> list[PackageCard]:
+    """The packages installed in the plugin's models folder (of ``tasks``), by name."""
+    return [c for c in list_packages(settings.models_folder()) if tasks is None or c.task in tasks]
 
 
 class EngineFeedback:
@@ -125,12 +133,40 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
         return type(self)()
 
     # ---- helpers for subclasses -----------------------------------------------------------------
+    def add_package_parameters(self, name: str, description: str, tasks: tuple[str, ...] | None = None,
+                               optional: bool = False) -> None:
+        """Two parameters for one package: ``<name>_INSTALLED``, an enum of the packages installed in
+        the models folder (the first preselected), and ``<name>``, a package folder or .zip from
+        elsewhere (it wins when given). A required package is checked in :meth:`check_package`."""
+        self._installed = getattr(self, "_installed", {})
+        cards = installed_cards(tasks)
+        self._installed[name] = [c.path for c in cards]
+        options = [NO_INSTALLED] + [f"{c.name} ({c.task})" for c in cards]
+        self.addParameter(QgsProcessingParameterEnum(f"{name}_INSTALLED", f"{description}: installed", options,
+                                                     defaultValue=0 if optional or not cards else 1, optional=True))
+        self.addParameter(package_parameter(name, f"{description}: or a package folder / .zip (overrides the "
+                                                  "list)", optional=True))
+
+    def package_path(self, parameters: dict, context: QgsProcessingContext, name: str) -> str:
+        """The package chosen for ``name``: the path when given, else the installed one ("" if none)."""
+        path = self.parameterAsFile(parameters, name, context) if is_set(parameters, name) else ""
+        if path:
+            return path
+        installed = getattr(self, "_installed", {}).get(name, [])
+        key = f"{name}_INSTALLED"
+        if installed and self.parameterDefinition(key) is not None:
+            index = self.parameterAsEnum(parameters, key, context)
+            if 1 <= index <= len(installed):
+                return installed[index - 1]
+        return ""
+
     def package_card(self, parameters: dict, context: QgsProcessingContext, name: str = "MODEL",
                      tasks: tuple[str, ...] | None = None) -> PackageCard:
-        """Read (and check the task of) the package given in parameter ``name``."""
-        path = self.parameterAsFile(parameters, name, context)
+        """Read (and check the task of) the package chosen in parameter ``name``."""
+        path = self.package_path(parameters, context, name)
         if not path:
-            raise QgsProcessingException(f"no model package given in {name}: choose a package folder or .zip")
+            raise QgsProcessingException(f"no model package given in {name}: choose an installed model, or a package "
+                                         f"folder or .zip (models folder: {settings.models_folder()})")
         try:
             card = read_card(path)
             if tasks:
@@ -140,9 +176,12 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
         return card
 
     def check_package(self, parameters: dict, context: QgsProcessingContext, name: str,
-                      tasks: tuple[str, ...] | None) -> tuple[bool, str]:
+                      tasks: tuple[str, ...] | None, required: bool = False) -> tuple[bool, str]:
         """For ``checkParameterValues``: (ok, message) about the package in ``name``."""
-        if not is_set(parameters, name):
+        if not self.package_path(parameters, context, name):
+            if required:
+                return False, (f"choose a model: an installed one, or a package folder / .zip (nothing is installed "
+                               f"in {settings.models_folder()} for this algorithm)")
             return True, ""
         try:
             self.package_card(parameters, context, name, tasks)

@@ -33,7 +33,7 @@ from ..model_cards import check_channels, parse_bands
 from ..styling import as_pairs, style_output
 from ..toolbelt import log, settings
 from ..toolbelt.layers import band_names, raster_file
-from .base import SarmaeAlgorithm, advanced, is_set, package_parameter, to_json
+from .base import SarmaeAlgorithm, advanced, is_set, to_json
 
 DEVICES = list(settings.DEVICES)
 BACKENDS = list(settings.BACKENDS)
@@ -95,7 +95,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         s = settings.load()
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster layer"))
-        self.addParameter(package_parameter("MODEL", f"Model package ({self.TASK})"))
+        self.add_package_parameters("MODEL", f"Model ({self.TASK})", (self.TASK,))
         self.addParameter(QgsProcessingParameterString("BANDS", "Bands in model order (e.g. VV,VH or 1,2; "
                                                        "empty: all bands)", optional=True))
         self.addParameter(QgsProcessingParameterNumber("WINDOW", "Window size in pixels (empty: the model's "
@@ -137,7 +137,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
         ok, message = super().checkParameterValues(parameters, context)
         if not ok:
             return ok, message
-        return self.check_package(parameters, context, "MODEL", (self.TASK,))
+        return self.check_package(parameters, context, "MODEL", (self.TASK,), required=True)
 
     def options(self, parameters: dict, context: QgsProcessingContext, bands: list[str] | None) -> dict:
         opts = {"batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),

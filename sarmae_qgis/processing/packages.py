@@ -9,7 +9,7 @@ from qgis.core import (
 )
 
 from ..model_cards import read_card
-from .base import SarmaeAlgorithm, advanced, is_set, package_parameter
+from .base import SarmaeAlgorithm, advanced, is_set
 from .training import prepare_output_folder
 
 
@@ -22,7 +22,7 @@ random input and refused when they disagree.</p>
 place.</p>"""
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(package_parameter("MODEL", "Model package"))
+        self.add_package_parameters("MODEL", "Model package")
         self.addParameter(advanced(QgsProcessingParameterNumber("OPSET", "ONNX opset",
                                                                 QgsProcessingParameterNumber.Integer, 17,
                                                                 minValue=13, maxValue=21)))
@@ -32,7 +32,7 @@ place.</p>"""
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         ok, message = super().checkParameterValues(parameters, context)
-        return (ok, message) if not ok else self.check_package(parameters, context, "MODEL", None)
+        return (ok, message) if not ok else self.check_package(parameters, context, "MODEL", None, required=True)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         card = self.package_card(parameters, context, "MODEL")

@@ -23,11 +23,20 @@ from qgis.core import (
 
 from ..errors import SarmaePluginError
 from ..model_cards import CARD, parse_bands
+from ..tasks.finetune_task import MODE_LABELS, MODES
 from ..toolbelt import settings
 from ..toolbelt.layers import raster_file
-from .base import SarmaeAlgorithm, advanced, is_set, package_parameter, to_json
+from .base import SarmaeAlgorithm, advanced, is_set, to_json
 
 FINETUNE_TASKS = ["segment", "detect", "classify"]
+
+
+def minutes_parameter(name: str, description: str, default: float) -> QgsProcessingParameterNumber:
+    """A time budget in minutes, shown with one decimal ("5.0", not "5.000000")."""
+    param = QgsProcessingParameterNumber(name, description, QgsProcessingParameterNumber.Double, default,
+                                         minValue=0.0)
+    param.setMetadata({"widget_wrapper": {"decimals": 1}})
+    return param
 PRESETS = ["cpu_vit_tiny", "sarmae_vitb_reference"]
 DEVICES = list(settings.DEVICES)
 
@@ -87,21 +96,22 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
                                                             "polygons)", optional=True))
         self.addParameter(QgsProcessingParameterFile("CHIPS", "Chip folder, one sub-folder per class (classify)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
-        self.addParameter(package_parameter("ENCODER", "Encoder package to start from", optional=True))
+        self.add_package_parameters("ENCODER", "Encoder to start from", ("embed", "reconstruct"), optional=False)
         self.addParameter(QgsProcessingParameterString("CLASSES", "Classes in order (comma-separated; empty: found "
                                                        "in the labels)", optional=True))
         self.addParameter(QgsProcessingParameterString("BACKGROUND", "Background class for unlabelled pixels "
                                                        "(segment)", optional=True))
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Maximum epochs", QgsProcessingParameterNumber.Integer,
                                                        50, minValue=1))
-        self.addParameter(QgsProcessingParameterNumber("MAX_MINUTES", "Time budget in minutes (0: none)",
-                                                       QgsProcessingParameterNumber.Double, 10.0, minValue=0.0))
-        self.addParameter(QgsProcessingParameterBoolean("LINEAR_PROBE", "Linear probe (freeze the encoder)", False))
+        self.addParameter(minutes_parameter("MAX_MINUTES", "Time budget in minutes (0: none)", 5.0))
+        self.addParameter(QgsProcessingParameterEnum("MODE", "Mode", [MODE_LABELS[m] for m in MODES], defaultValue=0))
+        self.addParameter(advanced(QgsProcessingParameterBoolean("LINEAR_PROBE", "Linear probe (freeze the encoder; "
+                                                                 "the Quick mode does this)", False)))
         self.addParameter(advanced(QgsProcessingParameterNumber("SHOTS", "Shots per class (classify; empty: all)",
                                                                 QgsProcessingParameterNumber.Integer, optional=True,
                                                                 minValue=1)))
         self.addParameter(advanced(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size",
-                                                                QgsProcessingParameterNumber.Integer, 32, minValue=1)))
+                                                                QgsProcessingParameterNumber.Integer, 16, minValue=1)))
         self.addParameter(advanced(QgsProcessingParameterNumber("SEED", "Random seed",
                                                                 QgsProcessingParameterNumber.Integer, 0, minValue=0)))
         self.addParameter(advanced(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, defaultValue=0)))
@@ -128,7 +138,7 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
                 return False, "detection fine-tuning needs labelled polygons (one box per object) and a class field"
             if task == "segment" and has["LABELS"] == has["LABEL_RASTER"]:
                 return False, "segmentation fine-tuning needs labelled polygons or a label raster (one of them)"
-        return self.check_package(parameters, context, "ENCODER", None)
+        return self.check_package(parameters, context, "ENCODER", None)  # none: random initialisation
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         task = FINETUNE_TASKS[self.parameterAsEnum(parameters, "TASK", context)]
@@ -145,10 +155,13 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
         minutes = self.parameterAsDouble(parameters, "MAX_MINUTES", context)
         if minutes > 0:
             config["max_minutes"] = minutes
+        mode = MODES[self.parameterAsEnum(parameters, "MODE", context)]
+        if mode != "auto":  # the training side's default: sent only when chosen otherwise (as the dialog does)
+            config["mode"] = mode
         if is_set(parameters, "SHOTS"):
             config["shots"] = self.parameterAsInt(parameters, "SHOTS", context)
         request = {"task": "finetune", "kind": task, "output": output, "overwrite": overwrite, "config": config}
-        if is_set(parameters, "ENCODER"):
+        if self.package_path(parameters, context, "ENCODER"):  # the installed one chosen, or a path
             request["encoder"] = self.package_card(parameters, context, "ENCODER").path
         classes = parse_bands(self.parameterAsString(parameters, "CLASSES", context))
         if classes:
@@ -207,8 +220,7 @@ pretraining runs from the command line (<code>torchrun ... sarmae pretrain</code
                                                        QgsProcessingParameterNumber.Integer, optional=True, minValue=1))
         self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (empty: the preset's)",
                                                        QgsProcessingParameterNumber.Integer, optional=True, minValue=1))
-        self.addParameter(QgsProcessingParameterNumber("MAX_MINUTES", "Time budget in minutes (0: none)",
-                                                       QgsProcessingParameterNumber.Double, 30.0, minValue=0.0))
+        self.addParameter(minutes_parameter("MAX_MINUTES", "Time budget in minutes (0: none)", 30.0))
         self.addParameter(advanced(QgsProcessingParameterString("OVERRIDES", "Overrides (section.key=value ...)",
                                                                 optional=True)))
         self.addParameter(QgsProcessingParameterBoolean("RESUME", "Resume the run in the output folder", False))

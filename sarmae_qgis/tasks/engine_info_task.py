@@ -28,7 +28,8 @@ def format_info(info: dict) -> str:
         f"<b>SARMAE engine {escape(str(info.get('engine_version', '?')))}</b> (protocol {info.get('protocol')})",
         f"Python {escape(str(info.get('python', '?')))}: {escape(str(info.get('python_executable', '')))}",
         escape(libs),
-        f"Devices: {escape(', '.join(devices) or 'none')}; {gpu}",
+        "Devices:" + "".join(f"<br>&nbsp;&nbsp;{escape(d)}" for d in devices) if devices else "Devices: none",
+        gpu,
     ])
 
 

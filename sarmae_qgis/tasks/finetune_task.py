@@ -12,6 +12,7 @@ model dialog and Processing list it from there.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +22,23 @@ from qgis.core import Qgis, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ..engine_client import EngineClient, EngineError
-from ..toolbelt import log
+from ..toolbelt import log, messages
 from ..toolbelt.engine import exclusive_run, get_client
 
 FINETUNE_TASKS = ("segment", "detect", "classify")
+MODES = ("auto", "head", "full")  # FinetuneConfig.mode: chosen by label count | frozen encoder + head | full
+MODE_LABELS = {"auto": "Automatic (by the number of labels)", "head": "Quick (frozen encoder)",
+               "full": "Full fine-tune"}
+
+
+def budget_fraction(event_fraction: float, elapsed_s: float, max_minutes: float) -> float:
+    """The progress of a time-budgeted run: the engine's own fraction (epochs done) or the share of
+    the time budget spent, whichever is further; training stops at the budget, so the bar moves in
+    time instead of jumping from a few per cent to 100 (issue 16, item 8). Below 0.99 until the end."""
+    f = max(0.0, min(1.0, event_fraction))
+    if max_minutes > 0:
+        f = max(f, min(0.99, elapsed_s / (60.0 * max_minutes)))
+    return f
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,7 @@ class FinetuneRequest:
     encoder: str | None = None  # encoder package (None: random initialisation)
     max_minutes: float = 5.0
     epochs: int = 50
+    mode: str = "auto"  # one of MODES (FinetuneConfig.mode)
     linear_probe: bool = False
     seed: int = 0
     batch_size: int = 16
@@ -54,6 +69,8 @@ class FinetuneRequest:
         """The worker's ``run`` request fields."""
         config: dict = {"epochs": self.epochs, "linear_probe": self.linear_probe, "seed": self.seed,
                         "batch_size": self.batch_size, "device": self.device}
+        if self.mode != "auto":  # "auto" is the training side's default: sent only when chosen otherwise
+            config["mode"] = self.mode
         if self.max_minutes > 0:
             config["max_minutes"] = self.max_minutes
         msg: dict = {"task": "finetune", "kind": self.task, "output": self.output, "rasters": list(self.rasters),
@@ -86,11 +103,22 @@ class FinetuneTask(QgsTask):
         self.history: list[str] = []
         self.is_done = False
         self.seconds = 0.0
+        self._t0 = time.monotonic()
+        self._fraction = 0.0  # the engine's last progress fraction
+
+    def _tick(self) -> bool:
+        """Polled every 0.2 s while the engine works: move the bar with the time budget; returns
+        whether the user cancelled (it is the request's ``is_cancelled``)."""
+        self.setProgress(100.0 * budget_fraction(self._fraction, time.monotonic() - self._t0,
+                                                 self.request.max_minutes))
+        return self.isCanceled()
 
     def _on_event(self, msg: dict) -> None:
         text = str(msg.get("message") or "")
         if msg.get("event") == "progress":
-            self.setProgress(100.0 * min(1.0, max(0.0, float(msg.get("fraction", 0.0)))))
+            self._fraction = float(msg.get("fraction", 0.0))
+            self.setProgress(100.0 * budget_fraction(self._fraction, time.monotonic() - self._t0,
+                                                     self.request.max_minutes))
             if text:
                 self.history.append(text)
                 self.status.emit(text)
@@ -100,12 +128,12 @@ class FinetuneTask(QgsTask):
 
     def run(self) -> bool:
         """Background thread: send the request, wait for the package (no QGIS objects touched)."""
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         try:
             Path(self.request.run_dir).mkdir(parents=True, exist_ok=True)
             Path(self.request.output).parent.mkdir(parents=True, exist_ok=True)
             with exclusive_run(self.isCanceled, on_wait=lambda: self.status.emit("waiting for another SARMAE run")):
-                self.result = self.client_factory().request("run", self._on_event, self.isCanceled,
+                self.result = self.client_factory().request("run", self._on_event, self._tick,
                                                             **self.request.message())
         except Exception as e:  # EngineError or a bug: reported in finished(), never raised into QGIS
             self.error = e
@@ -131,7 +159,7 @@ class FinetuneTask(QgsTask):
                     (self.error is None and self.isCanceled()):
                 self._message(f"fine-tuning {r.name}", "cancelled; no model was written", Qgis.Info)
             else:
-                text = str(self.error) if self.error is not None else "fine-tuning failed"
+                text = gui_text(str(self.error)) if self.error is not None else "fine-tuning failed"
                 log.critical(f"fine-tuning {r.name} failed: {text}")
                 self._message(f"fine-tuning {r.name} failed", text, Qgis.Critical)
             if self.on_done is not None:
@@ -140,8 +168,49 @@ class FinetuneTask(QgsTask):
             log.critical(f"fine-tuning {r.name}: could not show the results ({e}); the package is {r.output}")
 
     def _message(self, title: str, text: str, level) -> None:
-        if self.message_bar is not None:
-            self.message_bar.pushMessage(f"SARMAE: {title}", text, level, 0 if level == Qgis.Critical else 15)
+        messages.push(self.message_bar, f"SARMAE: {title}", text, level, 15)
+
+
+# command-line flags the training side may name in a message -> where the setting is in the dialog
+GUI_SETTINGS = {"batch-size": "the batch size (Advanced)", "max-minutes": "the time budget",
+                "epochs": "the number of epochs", "class-field": "the class field", "labels": "the label layer",
+                "raster": "the raster layer(s)", "rasters": "the raster layer(s)", "encoder": "the encoder",
+                "background": "the background class", "classes": "the classes", "seed": "the seed (Advanced)",
+                "device": "the device (Advanced)", "mode": "the mode", "linear-probe": "the Quick mode"}
+MIN_VAL_CHIPS = 4  # fewer validation chips than this: the score is noted as unreliable
+
+
+def gui_text(message: str) -> str:
+    """An engine message worded for the dialog: "(--batch-size)" -> "(the batch size (Advanced))"."""
+    def setting(m: re.Match) -> str:
+        return GUI_SETTINGS.get(m.group(1), f"the '{m.group(1).replace('-', ' ')}' setting")
+
+    return re.sub(r"--([a-z][a-z0-9-]*)", setting, message)
+
+
+def reliability_warnings(result: dict, classes: tuple[str, ...] = ()) -> list[str]:
+    """What makes a validation score doubtful, as sentences: the training side's ``warnings`` and
+    ``validation.note``, plus what the plugin can see itself (very few validation chips, classes
+    missing from validation)."""
+    out = [str(w) for w in result.get("warnings") or [] if str(w).strip()]
+    validation = result.get("validation") if isinstance(result.get("validation"), dict) else {}
+    if validation.get("note") and str(validation["note"]) not in out:
+        out.append(str(validation["note"]))
+    if validation.get("reliable") is False and not validation.get("note"):
+        out.append("The validation set is too small or too one-sided to trust this score.")
+    chips = validation.get("chips", result.get("val_chips"))
+    if isinstance(chips, int) and chips < MIN_VAL_CHIPS and not validation:
+        out.append(f"Validation used only {chips} chip(s): the score says little about the rest of the image.")
+    present = validation.get("classes_present")
+    if present is None:
+        per_class = result.get("val_iou") or result.get("val_per_class_accuracy")
+        present = list(per_class) if isinstance(per_class, dict) else None
+    if present is not None and classes:
+        missing = [c for c in classes if c not in present]
+        if missing and not validation:
+            out.append(f"The validation chips hold no {', '.join(missing)}: the score ignores "
+                       f"{'that class' if len(missing) == 1 else 'those classes'}.")
+    return out
 
 
 def headline(result: dict) -> tuple[str, float] | None:

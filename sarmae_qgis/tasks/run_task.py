@@ -3,8 +3,8 @@
 The Run model dialog (``gui/run_dialog.py``) turns its widgets into a validated, frozen
 :class:`RunRequest`; :class:`RunTask` sends it to the engine worker in :meth:`RunTask.run` (a
 background thread: no QGIS layer or widget is touched there) and, in :meth:`RunTask.finished`
-(main thread), adds the outputs under a layer-tree group named after the run, styled with the
-model's classes, and reports a summary in the message bar.
+(main thread), adds the outputs under a layer-tree group named after the run and the time, right
+above the input layer, styled with the model's classes, and reports a summary in the message bar.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from qgis.core import Qgis, QgsProject, QgsTask
 
 from ..engine_client import EngineClient, EngineError
-from ..results import add_result_layers, summarise
-from ..toolbelt import log
+from ..results import add_result_layers, summarise, unique_group_name
+from ..toolbelt import log, messages
 from ..toolbelt.engine import exclusive_run, get_client
 
 VECTOR_TASKS = ("detect", "classify")
@@ -50,6 +50,13 @@ class RunRequest:
     backend: str = "auto"
     vectors: bool = False  # segment: also write class polygons
     extent: tuple[int, int, int, int] | None = None  # (row, col, height, width) of the layer; None: all
+    layer_id: str = ""  # the input layer's id: the results go right above it in the layer tree
+
+    def details(self) -> str:
+        """The run's details for the result layers' metadata abstract."""
+        opts = ", ".join(f"{k} {v}" for k, v in self.options().items())
+        return (f"Model: {self.model_name} ({self.task}), {self.model_path}\nInput: layer '{self.layer_name}', "
+                f"{self.raster_path}\nOptions: {opts}\nOutput folder: {self.output_dir}")
 
     @property
     def output_path(self) -> str:
@@ -133,7 +140,8 @@ class RunTask(QgsTask):
         r = self.request
         if result and self.result is not None:
             project = self.project or QgsProject.instance()
-            self.group, self.layers = add_result_layers(self.result, r.run_name, project)
+            self.group, self.layers = add_result_layers(self.result, unique_group_name(r.run_name, project), project,
+                                                        above_layer_id=r.layer_id, details=r.details())
             self.summary = summarise(self.result)
             log.info(f"{r.run_name}: {self.summary} -> {r.output_dir}")
             self._message(f"{r.run_name} done", self.summary, Qgis.Success)
@@ -147,5 +155,4 @@ class RunTask(QgsTask):
             self._message(f"{r.run_name} failed", text, Qgis.Critical)
 
     def _message(self, title: str, text: str, level) -> None:
-        if self.message_bar is not None:
-            self.message_bar.pushMessage(f"SARMAE: {title}", text, level, 0 if level == Qgis.Critical else 10)
+        messages.push(self.message_bar, f"SARMAE: {title}", text, level, 10)

@@ -36,10 +36,12 @@ from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterBandStats, QgsR
 from ..engine_client import EngineClient, EngineError
 from ..errors import ModelCardError, RequestError, SarmaePluginError
 from ..model_cards import check_channels, read_card, resolve_package
+from ..results import insert_group
 from ..styling import style_unit_interval
-from ..toolbelt import log, settings
+from ..toolbelt import log, messages, settings
 from ..toolbelt.engine import exclusive_run, get_client
 from ..toolbelt.layers import band_names, raster_file
+from ..toolbelt.resources import opacity_for
 from .run_task import RunRequest, slug
 
 GROUP_NAME = "SARMAE similarity"
@@ -243,7 +245,8 @@ class SimilarityTask(QgsTask):
     def _finish(self, result: bool) -> None:  # noqa: FBT001
         label = self.request.label
         if result and self.output:
-            self.layer = add_similarity_layer(self.output, label, self.project or QgsProject.instance())
+            self.layer = add_similarity_layer(self.output, label, self.project or QgsProject.instance(),
+                                              self.request.source.layer_name)
             cells = (self.result or {}).get("query_cells")
             how = "embedding computed" if self.embedded else "cached embedding"
             text = f"{label} on {self.request.source.layer_name}: {cells} query cell(s), {how}, {self.seconds:.1f} s"
@@ -259,12 +262,8 @@ class SimilarityTask(QgsTask):
             self._message("similarity failed", text, Qgis.Critical)
 
     def _message(self, title: str, text: str, level) -> None:
-        if self.message_bar is None:
-            return
-        try:
-            self.message_bar.pushMessage(f"SARMAE: {title}", text, level, 0 if level == Qgis.Critical else 10)
-        except RuntimeError:  # the bar was deleted (e.g. with its dialog): the log has the message
-            self.message_bar = None
+        if messages.push(self.message_bar, f"SARMAE: {title}", text, level, 10) is None:
+            self.message_bar = None  # gone (e.g. with its dialog): the log has the message
 
 
 def ramp_minimum(layer: QgsRasterLayer) -> float:
@@ -277,17 +276,20 @@ def ramp_minimum(layer: QgsRasterLayer) -> float:
     return max(-1.0, math.floor(lo * 10.0) / 10.0)
 
 
-def add_similarity_layer(path: str, name: str, project: QgsProject) -> QgsRasterLayer:
-    """Load ``path`` as ``name`` on top of the group "SARMAE similarity" (created at the top of the
-    layer tree when missing), styled with the Viridis ramp from :func:`ramp_minimum` to 1."""
+def add_similarity_layer(path: str, name: str, project: QgsProject, source_name: str = "") -> QgsRasterLayer:
+    """Load ``path`` as ``name`` on top of the group "SARMAE similarity" (created right above the
+    searched raster when missing), translucent, styled with the Viridis ramp from :func:`ramp_minimum`
+    to 1."""
     layer = QgsRasterLayer(path, name, "gdal")
     if not layer.isValid():
         raise EngineError(f"the similarity raster {path} cannot be read by QGIS", "failed")
     style_unit_interval(layer, minimum=ramp_minimum(layer), maximum=1.0)
+    layer.setOpacity(opacity_for("similarity"))  # translucent: the image stays readable
     root = project.layerTreeRoot()
     group = root.findGroup(GROUP_NAME)
-    if group is None:
-        group = root.insertGroup(0, GROUP_NAME)
+    if group is None:  # right above the searched raster (label layers stay on top)
+        sources = project.mapLayersByName(source_name) if source_name else []
+        group = insert_group(project, GROUP_NAME, sources[0].id() if sources else None)
     project.addMapLayer(layer, False)
     group.insertLayer(0, layer)
     return layer

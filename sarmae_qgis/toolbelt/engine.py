@@ -103,11 +103,12 @@ def run_cli(args: list[str], on_line: Callable[[str], None] | None = None,
     lines: list[str] = []
 
     def read() -> None:
-        for line in proc.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            if on_line is not None and line:
-                on_line(line)
+        with proc.stdout:  # closed at the end of the stream: no ResourceWarning
+            for line in proc.stdout:
+                line = line.rstrip()
+                lines.append(line)
+                if on_line is not None and line:
+                    on_line(line)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -97,3 +97,24 @@ def models_folder(settings: PluginSettings | None = None) -> Path:
 def output_folder(settings: PluginSettings | None = None) -> Path:
     settings = settings or load()
     return Path(settings.output_folder).expanduser() if settings.output_folder.strip() else default_output_folder()
+
+
+# ---- what a dialog or panel remembers between openings (sarmae/<section>/<key>) ---------------
+def remembered(section: str, key: str, default):
+    """A value a dialog stored with :func:`remember` (of ``default``'s type), else ``default``."""
+    raw = QgsSettings().value(f"{PREFIX}/{section}/{key}", None)
+    if raw is None:
+        return default
+    try:
+        if isinstance(default, bool):
+            return raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1")
+        return type(default)(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def remember(section: str, **values) -> None:
+    """Store a dialog's choices (plain str / int / float / bool values)."""
+    s = QgsSettings()
+    for key, value in values.items():
+        s.setValue(f"{PREFIX}/{section}/{key}", value)

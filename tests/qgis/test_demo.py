@@ -34,9 +34,12 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    proc = run_demo("--output", str(out))
+    proc = run_demo("--output", str(out), "--models-folder", str(out / "plugin_models"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"QGIS project: {out / 'sarmae_demo.qgz'}" in proc.stdout
+    # the demo installs its models where the plugin looks, and says so (issue 16, item 6)
+    assert f"into {out / 'plugin_models'}, the SARMAE plugin's models folder" in proc.stdout
+    assert (out / "plugin_models" / "demo_water_segmenter" / "model.json").is_file()
     return out
 
 
@@ -80,7 +83,7 @@ def test_demo_on_a_user_raster_reuses_the_encoder(demo, tmp_path):
     (out / "models").mkdir(parents=True)
     for name in ("demo_encoder", "demo_mae", "demo_water_segmenter", "demo_ship_detector"):
         os.symlink(demo / "models" / name, out / "models" / name)
-    proc = run_demo("--output", str(out), "--input", str(scene))
+    proc = run_demo("--output", str(out), "--input", str(scene), "--no-install")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "randomly initialised" not in proc.stdout  # the pretrained demo encoder was used
     spec = json.loads((out / "project_spec.json").read_text())

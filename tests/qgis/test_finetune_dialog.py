@@ -4,33 +4,36 @@ real FinetuneTask through the engine worker that installs the new model in the m
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
+from bars import RecordingBar
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsRasterLayer,
+    QgsSettings,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import QCoreApplication, Qt
 
 from sarmae_qgis.errors import RequestError
 from sarmae_qgis.gui.finetune_dialog import FinetuneDialog, FinetuneResultDialog, snapshot_labels
 from sarmae_qgis.labelling import create_label_layer
 from sarmae_qgis.model_cards import read_card
-from sarmae_qgis.tasks.finetune_task import FinetuneTask, summarise
+from sarmae_qgis.tasks.finetune_task import (
+    FinetuneTask,
+    budget_fraction,
+    gui_text,
+    reliability_warnings,
+    summarise,
+)
 
 pytestmark = pytest.mark.qgis
 CLASSES = [("water", "#0055ff"), ("land", "#22aa22")]
 
 
-class FakeMessageBar:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, str, object]] = []
-
-    def pushMessage(self, title, text, level, duration=0):  # noqa: N802
-        self.messages.append((title, text, level))
 
 
 @pytest.fixture
@@ -57,6 +60,14 @@ def labelled(assets, tmp_path, project):
         feature["class"] = f["class"]
         assert layer.addFeature(feature)
     return raster, layer
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each test starts with nothing remembered by the Fine-tune form."""
+    QgsSettings().remove("sarmae/finetune")
+    yield
+    QgsSettings().remove("sarmae/finetune")
 
 
 @pytest.fixture
@@ -156,7 +167,7 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
     dialog.batch_spin.setValue(8)
     dialog.device_combo.setCurrentText("cpu")
     request = dialog.build_request()
-    bar, done = FakeMessageBar(), []
+    bar, done = RecordingBar(), []
     task = FinetuneTask(request, message_bar=bar, on_done=done.append)
     statuses: list[str] = []
     task.status.connect(statuses.append)
@@ -164,13 +175,15 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
     task.finished(ok)
     assert ok, task.error
     assert done == [task] and bar.messages[-1][2] == Qgis.Success and "validation mean IoU" in bar.messages[-1][1]
-    assert any(s.startswith("epoch 1/2") for s in task.history)
+    assert task.history  # progress lines reached the task (epochs, or the quick head's steps)
     card = read_card(request.output)
     assert card.task == "segment" and card.classes == (("water", "#0055ff"), ("land", "#22aa22"))
     assert (models / request.name / "training_curves.png").is_file()
     assert "validation mean IoU" in summarise(task.result)
     result = FinetuneResultDialog(task, can_run=True)
-    assert result.curves.pixmap() is not None and not result.curves.pixmap().isNull()
+    assert "Training curves" in result.figures and "Confusion matrix" in result.figures
+    if task.result["val_chips"] < 4:  # one polygon per class: the score cannot be trusted, and says so
+        assert result.warnings and "How far to trust this score" in result.text.text()
     assert "train" in result.run_button.text()
     result.accept()
     assert result.run_requested
@@ -179,7 +192,7 @@ def test_finetune_task_installs_a_model_with_the_label_colours(dialog, models):
 def test_finetune_task_reports_engine_errors(dialog, models, tmp_path):
     request = dialog.build_request()
     broken = request.__class__(**{**request.__dict__, "rasters": (str(tmp_path / "gone.tif"),)})
-    bar = FakeMessageBar()
+    bar = RecordingBar()
     task = FinetuneTask(broken, message_bar=bar)
     ok = task.run()
     task.finished(ok)
@@ -197,3 +210,100 @@ def test_rasters_under_the_labels_are_ticked(models, labelled, assets, project, 
     d.label_combo.setLayer(None)
     d.label_combo.setLayer(layer)
     assert d.checked_rasters() == [raster]
+
+
+def test_mode_choice_reaches_the_request(dialog):
+    """Issue 16: Quick (frozen encoder) / Full fine-tune / Automatic -> config.mode. Automatic is
+    the training side's default and is not sent, so engines without the field still train."""
+    labels = [dialog.mode_combo.itemText(i) for i in range(dialog.mode_combo.count())]
+    assert labels[0].startswith("Automatic") and "Quick (frozen encoder)" in labels and "Full fine-tune" in labels
+    assert dialog.mode_combo.currentData() == "auto"
+    assert "mode" not in dialog.build_request(snapshot=False).message()["config"]
+    for text, mode in (("Quick (frozen encoder)", "head"), ("Full fine-tune", "full")):
+        dialog.mode_combo.setCurrentIndex(dialog.mode_combo.findText(text))
+        request = dialog.build_request(snapshot=False)
+        assert request.mode == mode and request.message()["config"]["mode"] == mode
+
+
+def test_choices_are_remembered_between_openings(models, labelled, project, tmp_path):
+    """Issue 16, item 1: reopening the dialog had forgotten the settings (time budget back to 5 min)."""
+    d = FinetuneDialog(project=project, models_folder=models)
+    d.output_folder = tmp_path / "runs"
+    d.label_combo.setLayer(labelled[1])
+    d.minutes_spin.setValue(1.5)
+    d.epochs_spin.setValue(7)
+    d.batch_spin.setValue(4)
+    d.mode_combo.setCurrentIndex(d.mode_combo.findData("head"))
+    d.accept()
+    assert d.request is not None
+    again = FinetuneDialog(project=project, models_folder=models)
+    assert again.minutes_spin.value() == 1.5 and again.epochs_spin.value() == 7 and again.batch_spin.value() == 4
+    assert again.mode_combo.currentData() == "head" and again.encoder_picker.current_path() == str(models / "encoder.pkg")
+
+
+def test_automatic_names_are_unique_and_errors_name_no_flag(dialog, models):
+    (models / "segment_my_labels").mkdir()
+    assert dialog.build_request(snapshot=False).name == "segment_my_labels_2"
+    message = ("only 4 training and 1 validation chip(s) for a batch size of 16: lower the batch size "
+               "(--batch-size), or raise --max-minutes")
+    text = gui_text(message)
+    assert "--" not in text and "the batch size (Advanced)" in text and "the time budget" in text
+
+
+def test_errors_are_shown_whole_in_the_dialog(dialog):
+    """Issue 16, item 7: two-line warnings were cut in the dialog's message bar."""
+    dialog.resize(560, 700)
+    dialog.show()
+    long = "first line of a long explanation " * 6 + "\nsecond line: what to do about it " * 3
+    dialog.show_error(long)
+    QCoreApplication.processEvents()
+    notice = dialog.notice
+    assert notice.isVisible() and notice.wordWrap()
+    assert notice.height() >= notice.heightForWidth(notice.width())  # nothing clipped
+    assert "what to do about it" in notice.plain
+    dialog.close()
+
+
+def test_reliability_is_called_out():
+    """Issue 16, item 2: a one-class, one-chip validation reported IoU 1.000 without a warning."""
+    one_land_chip = {"val_mean_iou": 1.0, "val_iou": {"land": 1.0}, "val_chips": 1, "train_chips": 4}
+    warnings = reliability_warnings(one_land_chip, ("water", "land"))
+    assert any("1 chip" in w for w in warnings) and any("no water" in w for w in warnings)
+    from_training = {"val_mean_iou": 0.5, "warnings": ["Validation holds one class only."],
+                     "validation": {"chips": 2, "classes_present": ["land"], "reliable": False,
+                                    "note": "2 validation chips, land only: cross-validated over the polygons."}}
+    assert reliability_warnings(from_training, ("water", "land")) == [
+        "Validation holds one class only.", "2 validation chips, land only: cross-validated over the polygons."]
+    fine = {"val_mean_iou": 0.8, "val_iou": {"water": 0.7, "land": 0.9}, "val_chips": 12}
+    assert reliability_warnings(fine, ("water", "land")) == []
+
+
+def test_progress_follows_the_time_budget():
+    """Issue 16, item 8: 6 % at 13 s of a 60 s budget, then a jump to 100 %."""
+    assert budget_fraction(0.06, 30.0, 1.0) == pytest.approx(0.5)
+    assert budget_fraction(0.06, 13.0, 1.0) == pytest.approx(13 / 60)
+    assert budget_fraction(0.8, 13.0, 1.0) == pytest.approx(0.8)  # the engine is further: keep its fraction
+    assert budget_fraction(0.06, 600.0, 1.0) == pytest.approx(0.99)  # never 100 % before the end
+    assert budget_fraction(0.3, 600.0, 0.0) == pytest.approx(0.3)  # no budget: the engine's fraction
+
+
+def test_results_dialog_shows_the_map_over_the_labels(dialog, models, tmp_path):
+    """The prediction over the labelled area (``preview_png``), readable figures, integers as integers."""
+    from qgis.PyQt.QtGui import QColor, QImage
+
+    request = dialog.build_request(snapshot=False)
+    package = Path(request.output)
+    package.mkdir(parents=True)
+    image = QImage(640, 320, QImage.Format_RGB32)
+    image.fill(QColor("#1f77b4"))
+    image.save(str(package / "preview.png"))
+    task = FinetuneTask(request)
+    task.result = {"val_mean_iou": 0.75, "val_iou": {"water": 0.6, "land": 0.9}, "epochs_run": 9, "best_epoch": 5.0,
+                   "train_chips": 40, "val_chips": 12, "preview_png": "preview.png",
+                   "warnings": ["Validation covers 3 % of the labelled area."]}
+    result = FinetuneResultDialog(task)
+    assert list(result.figures) == ["Prediction over your labels"]
+    assert result.tabs.tabText(0) == "Prediction over your labels"
+    text = result.text.text()
+    assert "best at epoch 5" in text and "5.000" not in text and "0.750" in text
+    assert "Validation covers 3 % of the labelled area." in text and "not reliable" in text

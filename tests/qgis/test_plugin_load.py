@@ -7,6 +7,7 @@ its last action is removed) and builds real ``QMenu`` objects we can inspect.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +24,7 @@ from sarmae_qgis.toolbelt import log
 from sarmae_qgis.toolbelt.metadata import plugin_metadata, plugin_version
 
 pytestmark = pytest.mark.qgis
-MENU = ["Run model…", "New label layer…", "Fine-tune…", "Similarity search…", "Models…", "Settings…", "About SARMAE…"]
+MENU = ["SARMAE panel", "Run model…", "New label layer…", "Fine-tune…", "Similarity search…", "Models…", "Settings…", "About SARMAE…"]
 
 
 class FakeRasterMenu:
@@ -247,3 +248,57 @@ def test_log_goes_to_sarmae_tab(qgis_app) -> None:
         message_log.messageReceived.disconnect(on_message)
     assert ("low disk space", "SARMAE", Qgis.Warning) in received
     assert ("engine crashed", "SARMAE", Qgis.Critical) in received
+
+
+def _wait(condition, seconds: float = 60.0) -> None:
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        QCoreApplication.processEvents()
+        time.sleep(0.02)
+
+
+def test_unload_is_safe_with_finished_cancelled_and_running_tasks(qgis_iface, raster_menu, tmp_path) -> None:
+    """Issue 16, item 3: unload() called task.cancel() on a finished task whose C++ object the task
+    manager had deleted ("wrapped C/C++ object of type FinetuneTask has been deleted")."""
+    from qgis.core import QgsTask
+
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    plugin = sarmae_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    manager = QgsApplication.taskManager()
+
+    def failing_finetune(name: str) -> FinetuneTask:
+        return FinetuneTask(FinetuneRequest(name=name, task="segment", rasters=(str(tmp_path / "gone.tif"),),
+                                            labels=str(tmp_path / "labels.gpkg"), class_field="class",
+                                            output=str(tmp_path / "models" / name), run_dir=str(tmp_path / name)))
+
+    finished = failing_finetune("finished")
+    manager.addTask(finished)
+    _wait(lambda: sip.isdeleted(finished) or finished.is_done)
+    flush_deletes()
+    cancelled = failing_finetune("cancelled")
+    manager.addTask(cancelled)
+    cancelled.cancel()
+
+    def wait_for_cancel(task):
+        deadline = time.monotonic() + 30  # bounded: a broken unload fails the test instead of hanging it
+        while not task.isCanceled() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return task.isCanceled()
+
+    running = QgsTask.fromFunction("SARMAE test: waits to be cancelled", wait_for_cancel)
+    manager.addTask(running)
+    _wait(lambda: running.status() == QgsTask.Running, 10)
+    plugin.tasks = [finished, cancelled, running]
+
+    plugin.unload()  # must not raise
+    from sarmae_qgis.plugin import cancel_tasks
+
+    queued = failing_finetune("queued")  # not started: its ``status`` attribute is a signal, not QgsTask.status
+    assert cancel_tasks([queued]) == 1 and queued.isCanceled()
+    _wait(lambda: sip.isdeleted(running) or running.status() in (QgsTask.Terminated, QgsTask.Complete), 10)
+    assert sip.isdeleted(running) or running.isCanceled()
+    assert plugin.tasks == []
+    flush_deletes()

@@ -48,12 +48,13 @@ def select_model(d: RunDialog, name: str) -> None:
 
 
 def messages(d: RunDialog) -> str:
-    return " ".join(item.text() for item in d.message_bar.items())
+    return d.notice.plain if d.notice.isVisibleTo(d) else ""
 
 
 def test_lists_installed_packages_with_a_card(dialog, models):
     labels = [dialog.model_combo.itemText(i) for i in range(dialog.model_combo.count())]
-    assert labels == ["tiny-classify (classify)", "tiny-detect (detect)", "tiny-segment (segment)"]
+    # ranked by fit to the layer (all take VV+VH here), then task models in the order analysts use them
+    assert labels == ["tiny-segment (segment)", "tiny-detect (detect)", "tiny-classify (classify)"]
     select_model(dialog, "tiny-segment")
     card = dialog.card_label.text()
     assert "segment" in card and "water" in card and "#1f77b4" in card and "VV+VH" in card and "dB" in card
@@ -80,7 +81,7 @@ def test_widgets_become_a_request(dialog, assets, models, tmp_path):
     assert Path(request.output_dir).name.startswith("Flood_2024_")
     assert request.output_path.endswith("Flood_2024.tif")
     assert request.options() == {"batch_size": 2, "device": "cpu", "backend": "torch", "window": 48, "overlap": 0.5,
-                                 "vector": True}
+                                 "vector": True, "bands": ["VV", "VH"]}  # pre-filled from the model's bands
     dialog.accept()
     assert dialog.request is not None and dialog.request.run_name == "Flood 2024"
     assert dialog.result() == dialog.Accepted
@@ -90,9 +91,9 @@ def test_defaults_and_zipped_packages(dialog, models):
     select_model(dialog, "tiny-classify")
     request = dialog.build_request()
     assert request.model_path == str(models / "classify.zip") and request.task == "classify"
-    assert request.window is None and request.overlap is None and request.bands is None
-    assert request.run_name == "tiny-classify on scene" and request.output_path.endswith(".gpkg")
-    assert request.options() == {"batch_size": 4, "device": "auto", "backend": "auto"}
+    assert request.window is None and request.overlap is None and request.bands == ("VV", "VH")
+    assert request.run_name == "tiny-classify" and request.output_path.endswith(".gpkg")  # short: the group adds the time
+    assert request.options() == {"batch_size": 4, "device": "auto", "backend": "auto", "bands": ["VV", "VH"]}
 
 
 def test_no_layer_is_refused(dialog):
@@ -205,3 +206,36 @@ def test_extent_from_selected_polygons_and_canvas(dialog, project):
     canvas.setExtent(to_wgs.transformBoundingBox(QgsRectangle(500200, 4499400, 500600, 4499800)))
     r, c, h, w = dialog.build_request().extent
     assert 8 <= r <= 10 and 8 <= c <= 10 and 20 <= h <= 24 and 20 <= w <= 24  # reprojected: a pixel or two more
+
+
+def test_starts_on_the_given_layer_with_the_models_that_fit_it_first(qgis_iface, assets, models, project, tmp_path):
+    """Issue 16, item 6: the selected layer, and a model whose input fits it, not the alphabetically
+    first raster and an embed model; advice that can be followed for a single-band raster."""
+    from osgeo import gdal
+
+    shutil.copytree(assets / "embed.pkg", models / "aaa_embed.pkg")  # alphabetically first, an encoder
+    single = str(tmp_path / "single.tif")
+    gdal.Translate(single, str(assets / "scene.tif"), bandList=[1])
+    first = QgsRasterLayer(single, "a single band", "gdal")
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayers([first, scene])
+    d = RunDialog(qgis_iface.mainWindow(), models_folder=models, layer=scene)
+    try:
+        assert d.layer_combo.currentLayer() is scene
+        texts = [d.model_combo.itemText(i) for i in range(d.model_combo.count())]
+        assert texts[0] == "tiny-segment (segment)" and texts.index("tiny-embed (embed)") > 2, texts
+        assert d.bands_edit.text() == "VV,VH"  # pre-filled: which bands feed the model
+        d.layer_combo.setLayer(first)
+        with pytest.raises(RequestError) as e:
+            d.build_request()
+        assert "choose the bands" not in str(e.value) and "choose a model made for 1 band" in str(e.value)
+        d.bands_edit.setText("")
+        scene3 = QgsRasterLayer(str(assets / "scene3.tif"), "three", "gdal")
+        project.addMapLayer(scene3)
+        d.layer_combo.setLayer(scene3)
+        d.bands_edit.setText("")
+        with pytest.raises(RequestError, match="choose 2 of its bands in the Bands field"):
+            d.build_request()
+    finally:
+        d.close()
+        d.deleteLater()

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from bars import RecordingBar
 from qgis.core import (
     Qgis,
     QgsApplication,
     QgsCategorizedSymbolRenderer,
+    QgsCoordinateReferenceSystem,
     QgsPalettedRasterRenderer,
     QgsRasterLayer,
     QgsSingleBandPseudoColorRenderer,
@@ -21,18 +23,13 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QColor
 
+from sarmae_qgis.labelling import create_label_layer
 from sarmae_qgis.results import summarise
 from sarmae_qgis.tasks.run_task import RunRequest, RunTask
 
 pytestmark = pytest.mark.qgis
 
 
-class FakeMessageBar:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, str, object]] = []
-
-    def pushMessage(self, title, text, level, duration=0):  # noqa: N802
-        self.messages.append((title, text, level))
 
 
 def request_for(assets: Path, tmp_path: Path, task: str, **kw) -> RunRequest:
@@ -49,13 +46,13 @@ def run_now(task: RunTask) -> bool:
 
 
 def test_segment_layers_styled_on_the_input_grid(assets, tmp_path, project):
-    bar = FakeMessageBar()
+    bar = RecordingBar()
     task = RunTask(request_for(assets, tmp_path, "segment", vectors=True, batch_size=8), message_bar=bar)
     assert run_now(task), task.error
-    group = project.layerTreeRoot().findGroup("test segment")
-    assert group is not None and project.layerTreeRoot().children()[0] is group
+    group = task.group
+    assert group.name().startswith("test segment ") and project.layerTreeRoot().children()[0] is group
     names = [node.layer().name() for node in group.findLayers()]
-    assert names == ["test segment polygons", "test segment classes", "test segment confidence"]
+    assert names == ["polygons", "classes", "confidence"]  # short: the details are in the metadata
     polygons, classes, confidence = (node.layer() for node in group.findLayers())
     scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
     for layer in (classes, confidence):
@@ -72,7 +69,10 @@ def test_segment_layers_styled_on_the_input_grid(assets, tmp_path, project):
     cats = {c.value(): c.symbol().color().name() for c in polygons.renderer().categories()}
     assert polygons.renderer().classAttribute() == "class_name" and cats == {"water": "#1f77b4", "land": "#d62728"}
     visible = {node.layer().name(): node.isVisible() for node in group.findLayers()}
-    assert visible["test segment classes"] and not visible["test segment confidence"]
+    assert visible["classes"] and not visible["confidence"]
+    assert 0.3 <= classes.opacity() <= 0.7 and 0.3 <= polygons.opacity() <= 0.7  # the image shows through
+    assert "tiny-segment" in classes.metadata().abstract() and "scene.tif" in classes.abstract()
+    assert "water" in classes.metadata().abstract()  # the result's summary
     (title, text, level), = bar.messages
     assert level == Qgis.Success and "water" in text and "land" in text and " s" in text
     assert text == task.summary == summarise(task.result)
@@ -83,7 +83,7 @@ def test_detect_boxes_are_outlined(assets, tmp_path, project):
     task = RunTask(request_for(assets, tmp_path, "detect"))
     assert run_now(task), task.error
     (layer,) = task.layers
-    assert layer.name() == "test detect detections"
+    assert layer.name() == "detections" and "tiny-detect" in layer.abstract()
     renderer = layer.renderer()
     assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class_name"
     (cat,) = renderer.categories()
@@ -96,7 +96,7 @@ def test_embed_shows_the_pca_preview(assets, tmp_path, project):
     task = RunTask(request_for(assets, tmp_path, "embed"))
     assert run_now(task), task.error
     names = [layer.name() for layer in task.layers]
-    assert names == ["test embed PCA", "test embed embedding"]
+    assert names == ["PCA", "embedding"]
 
 
 def test_through_the_task_manager(assets, tmp_path, project):
@@ -109,11 +109,11 @@ def test_through_the_task_manager(assets, tmp_path, project):
         time.sleep(0.02)
     assert task.is_done and task.status() == QgsTask.Complete, task.error
     (grid,) = task.layers
-    assert grid.featureCount() == 4 and project.layerTreeRoot().findGroup("test classify") is not None
+    assert grid.featureCount() == 4 and project.layerTreeRoot().findGroup(task.group.name()) is not None
 
 
 def test_failure_and_cancel_are_reported_without_layers(assets, tmp_path, project):
-    bar = FakeMessageBar()
+    bar = RecordingBar()
     bad = RunTask(request_for(assets, tmp_path, "segment", bands=("VV", "HH")), message_bar=bar)
     assert not run_now(bad)
     (_title, text, level), = bar.messages
@@ -126,11 +126,45 @@ def test_failure_and_cancel_are_reported_without_layers(assets, tmp_path, projec
     assert not Path(cancelled.request.output_path).exists()
 
 
+def test_results_go_right_above_the_input_below_the_labels_in_unique_groups(assets, tmp_path, project):
+    """Issue 16, item 5: label layers stay on top, results sit right above their input, and two runs
+    of one name get two groups."""
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    other = QgsRasterLayer(str(assets / "scene.tif"), "other image", "gdal")
+    project.addMapLayers([other, scene])
+    labels = create_label_layer(tmp_path / "labels.gpkg", QgsCoordinateReferenceSystem("EPSG:32631"),
+                                [("water", "#1f77b4"), ("land", "#d62728")], project=project)
+    root = project.layerTreeRoot()
+    assert root.children()[0].layer() is labels  # a new label layer goes on top
+    tasks = []
+    for k in range(2):
+        task = RunTask(request_for(assets, tmp_path / str(k), "classify", layer_id=scene.id()))
+        assert run_now(task), task.error
+        tasks.append(task)
+    names = [node.name() for node in root.children()]
+    assert names[0] == labels.name()
+    scene_index = names.index("scene")
+    assert names[scene_index - 1] == tasks[1].group.name() and names[scene_index - 2] == tasks[0].group.name()
+    assert tasks[0].group.name() != tasks[1].group.name()
+    assert tasks[1].group.name().startswith("test classify ") and tasks[1].group.name().endswith("(2)")
+
+
+def test_a_success_clears_an_earlier_failure_from_the_bar(assets, tmp_path, project):
+    """Issue 16, item 4: an old critical line must not stay over later successes."""
+    bar = RecordingBar()
+    bad = RunTask(request_for(assets, tmp_path, "segment", bands=("VV", "HH")), message_bar=bar)
+    assert not run_now(bad)
+    assert any("HH" in text for text in bar.shown())
+    good = RunTask(request_for(assets, tmp_path, "classify"), message_bar=bar)
+    assert run_now(good), good.error
+    assert not any("HH" in text for text in bar.shown()) and len(bar.shown()) == 1
+
+
 def test_run_on_an_extent_writes_only_that_window(assets, tmp_path, project):
     """The dialog's extent (a pixel window) reaches the engine: outputs cover just that window,
     on the input's grid."""
     task = RunTask(request_for(assets, tmp_path, "segment", extent=(10, 12, 32, 40), batch_size=8),
-                   message_bar=FakeMessageBar())
+                   message_bar=RecordingBar())
     assert run_now(task), task.error
     classes = next(layer for layer in task.layers if layer.name().endswith("classes"))
     scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
@@ -162,7 +196,7 @@ def test_worker_killed_mid_run_fails_readably_then_the_next_run_works(assets, tm
     request = RunRequest(run_name="killed", layer_name="big", raster_path=str(big),
                          model_path=str(assets / "segment.pkg"), model_name="tiny-segment", task="segment",
                          output_dir=str(tmp_path / "killed"), batch_size=1)
-    bar = FakeMessageBar()
+    bar = RecordingBar()
     task = RunTask(request, message_bar=bar)
     client = get_client()
     client.start()

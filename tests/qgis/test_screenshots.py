@@ -99,7 +99,32 @@ def test_finetune_dialog_and_results(models, scene, labels, project, tmp_path):
     ok = task.run()
     task.finished(ok)
     assert ok, task.error
-    shoot(FinetuneResultDialog(task), "finetune_results.png", 660)
+    shoot(FinetuneResultDialog(task), "finetune_results.png", 880)
+
+
+def test_dock_panel(qgis_iface, models, scene, labels, project, tmp_path):
+    from sarmae_qgis.gui.dock_panel import SarmaePanel
+
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models,
+                        project=project)
+    panel.show_tab("Fine-tune", labels)
+    panel.finetune_form.output_folder = tmp_path / "runs"
+    panel.setFloating(True)
+    panel.resize(600, 900)
+    panel.show()
+    QCoreApplication.processEvents()
+    image = panel.grab().toImage()
+    assert image.width() >= 400
+    folder = os.environ.get("SARMAE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        assert image.save(str(Path(folder) / "dock_panel.png"))
+    panel.show_tab("Run", scene)
+    QCoreApplication.processEvents()
+    if folder:
+        assert panel.grab().toImage().save(str(Path(folder) / "dock_panel_run.png"))
+    panel.release()
+    panel.close()
 
 
 def test_settings_and_about(qgis_iface):

@@ -92,7 +92,7 @@ def test_settings_dialog_saves_and_tests_the_engine(qgis_iface, restore_settings
         wait_until(dialog.test_button.isEnabled)
         text = dialog.info_label.text()
         assert task.info is not None, task.error
-        assert "SARMAE engine" in text and "torch" in text and "Devices: cpu" in text and sys.executable in text
+        assert "SARMAE engine" in text and "torch" in text and "Devices:<br>&nbsp;&nbsp;cpu" in text and sys.executable in text
         dialog.accept()
         s = settings.load()
         assert (s.engine_python, s.device, s.batch_size) == (sys.executable, "cpu", 8)
@@ -131,3 +131,21 @@ def test_closing_the_dialog_during_a_test_is_harmless(qgis_iface):
     dialog.deleteLater()
     QCoreApplication.sendPostedEvents(None, 52)  # QEvent.DeferredDelete: the dialog is gone
     wait_until(lambda: task.status() in (task.Complete, task.Terminated))
+
+
+def test_engine_answer_is_not_clipped(qgis_iface):
+    """Issue 16, item 7: the Devices line was cut at the dialog's default size."""
+    dialog = SettingsDialog(qgis_iface.mainWindow())
+    dialog.show()
+    QCoreApplication.processEvents()
+    info = {"engine_version": "0.1.0", "protocol": 1, "python": "3.11.2", "python_executable": "/a/long/path/" * 4,
+            "versions": {"torch": "2.4.0"}, "gpu_usable": True,
+            "devices": [{"name": "cpu", "available": True, "description": "x86_64, 16 threads"},
+                        {"name": "cuda:0", "available": True, "description": "NVIDIA H100 80GB HBM3", "memory_gb": 79.2}]}
+    dialog.show_info(info, None)
+    QCoreApplication.processEvents()
+    label = dialog.info_label
+    assert "NVIDIA H100 80GB HBM3, 79.2 GB" in label.text()
+    assert label.height() >= label.heightForWidth(label.width())  # every line shown
+    assert label.geometry().bottom() <= dialog.height()
+    dialog.close()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bars import RecordingBar
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -45,15 +46,6 @@ WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 UTM = QgsCoordinateReferenceSystem("EPSG:32631")
 
 
-class FakeMessageBar:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, str, object]] = []
-
-    def pushMessage(self, title, text, level, duration=0):  # noqa: N802
-        self.messages.append((title, text, level))
-
-    def texts(self, level=None) -> str:
-        return " | ".join(t for _title, t, lv in self.messages if level is None or lv == level)
 
 
 def cell_centre(row: int, col: int) -> QgsPointXY:
@@ -115,8 +107,8 @@ def scene(project, assets) -> QgsRasterLayer:
 
 
 @pytest.fixture
-def bar() -> FakeMessageBar:
-    return FakeMessageBar()
+def bar() -> RecordingBar:
+    return RecordingBar()
 
 
 @pytest.fixture
@@ -130,7 +122,7 @@ def dialog(qgis_iface, canvas, models, scene, bar, tmp_path):
 
 
 def dialog_messages(d: SimilarityDialog) -> str:
-    return " ".join(item.text() for item in d.message_bar.items())
+    return " ".join([item.text() for item in d.message_bar.items()] + [d.notice.plain])
 
 
 def test_dialog_lists_embed_models_and_builds_a_source(dialog, scene, assets, models, tmp_path, project):
@@ -164,7 +156,7 @@ def test_dialog_refuses_invalid_choices(dialog, canvas, scene, assets, tmp_path)
     assert dialog.pick_point() is None
     text = dialog_messages(dialog)
     assert "segment model" in text and "embed" in text
-    empty = SimilarityDialog(canvas, message_bar=FakeMessageBar(), models_folder=tmp_path / "no_models")
+    empty = SimilarityDialog(canvas, message_bar=RecordingBar(), models_folder=tmp_path / "no_models")
     try:
         empty.layer_combo.setLayer(scene)
         assert empty.model_combo.count() == 0 and "No embed" in empty.card_label.text()
@@ -190,6 +182,7 @@ def test_click_computes_the_embedding_once_then_reuses_it(dialog, canvas, scene,
     group = project.layerTreeRoot().findGroup(GROUP_NAME)
     assert group is not None and project.layerTreeRoot().children()[0] is group
     assert [n.layer() for n in group.findLayers()] == [layer]
+    assert 0.3 <= layer.opacity() <= 0.7  # translucent: the SAR image shows through (issue 16, item 5)
     assert layer.name() == "similarity @ 500800.0, 4499520.0"  # the clicked point in the raster's CRS
     # on the input's CRS and extent, one cell per 16 x 16 pixel patch
     assert layer.crs() == scene.crs() and layer.extent() == scene.extent()

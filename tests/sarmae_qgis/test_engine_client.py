@@ -92,3 +92,22 @@ def test_engine_errors_are_readable(client, tmp_path):
 def test_bad_interpreter():
     with pytest.raises(EngineError, match="cannot start the engine"):
         EngineClient(python="/nonexistent/python").info()
+
+
+def test_a_throwaway_worker_leaves_no_unclosed_file():
+    """Settings > Test engine starts a worker, asks info, shuts it down: no ResourceWarning
+    (issue 16, item 8: five 'unclosed file' warnings were logged)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        c = EngineClient(python=sys.executable, env={"OMP_NUM_THREADS": "1"})
+        assert c.info()["protocol"] == 1
+        c.shutdown(timeout=20)
+        deadline = time.monotonic() + 5
+        while any(not f.closed for f in (c.proc.stdout, c.proc.stderr)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reader threads close stdout/stderr at the end of the stream
+        del c
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

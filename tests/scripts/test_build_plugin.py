@@ -41,6 +41,7 @@ def test_zip_layout(build_plugin: ModuleType, tmp_path: Path) -> None:
     repo = tmp_path / "repo"  # a copy of the plugin sources, with caches to be left out
     shutil.copytree(REPO_ROOT / "sarmae_qgis", repo / "sarmae_qgis")
     shutil.copy(REPO_ROOT / "metadata.txt", repo / "metadata.txt")
+    shutil.copytree(REPO_ROOT / "resources", repo / "resources")
     for cache in (
         repo / "sarmae_qgis" / "__pycache__",
         repo / "sarmae_qgis" / "gui" / "__pycache__",
@@ -53,7 +54,7 @@ def test_zip_layout(build_plugin: ModuleType, tmp_path: Path) -> None:
         names = zf.namelist()
         metadata = zf.read("sarmae_qgis/metadata.txt").decode()
     assert {n.split("/")[0] for n in names} == {"sarmae_qgis"}
-    for required in ("__init__.py", "plugin.py", "metadata.txt", "icons/sarmae.svg"):
+    for required in ("__init__.py", "plugin.py", "metadata.txt", "resources/icons/sarmae.svg", "resources/styles/layers.json"):
         assert f"sarmae_qgis/{required}" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert names.count("sarmae_qgis/metadata.txt") == 1
@@ -109,7 +110,7 @@ def test_cli_install_into_home(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     profile = tmp_path / ".local/share/QGIS/QGIS3/profiles/default"
     assert (tmp_path / "dist" / "sarmae_qgis-0.1.0.zip").is_file()
-    assert (profile / "python/plugins/sarmae_qgis/icons/sarmae.svg").is_file()
+    assert (profile / "python/plugins/sarmae_qgis/resources/icons/sarmae.svg").is_file()
     assert read_ini(profile / "QGIS/QGIS3.ini")["PythonPlugins"]["sarmae_qgis"] == "true"
     assert "built" in result.stdout and "installed into" in result.stdout
     assert "enabled in" in result.stdout

@@ -31,6 +31,8 @@ def iou_metrics(cm: np.ndarray, classes: list[str]) -> dict:
 
 
 def confusion_png(cm, classes: list[str], png: Path, title: str = "confusion matrix (validation)") -> None:
+    """Row-normalised confusion matrix with counts, sized for a dialog: at least 480 x 400 px at
+    100 dpi, 11 pt text, the title inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,21 +41,22 @@ def confusion_png(cm, classes: list[str], png: Path, title: str = "confusion mat
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    for i in range(n):
-        for j in range(n):
-            if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 11}):
+        fig, ax = plt.subplots(figsize=(max(4.8, 2.0 + 0.8 * n), max(4.0, 1.8 + 0.7 * n)))
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), classes, rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center")
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}\n{100 * norm[i, j]:.0f} %", ha="center", va="center",
+                            fontsize=10, color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=12)
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
 
 
 def preview_png(x, true: np.ndarray, pred: np.ndarray, tags: list[str], colours: list[str], png: Path) -> None:
