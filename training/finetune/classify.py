@@ -255,6 +255,9 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
             acc = evaluate(model)["accuracy"]
         hist = History(epochs=[0], train_loss=[float("nan")], val_score=[acc], val_metrics=[q], best_epoch=0,
                        best_score=acc, stopped="quick mode: one logistic-regression fit")
+        if progress is not None:
+            progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "accuracy": acc, "metric": "accuracy",
+                      "best": acc, "elapsed_s": time.time() - t0, "eta_s": 0.0})
         chosen = "head"
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
         hist, chosen, note = full_after_quick(model, hist, train_step, evaluate, loader, cfg, t0, device, "accuracy",

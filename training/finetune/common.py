@@ -224,6 +224,8 @@ def progress_line(row: dict) -> str:
     12 s, ETA 3 min 10 s' (the rest of the epochs at the mean pace so far, within the time budget;
     early stopping may end sooner)."""
     m = row["metric"]
+    if not math.isfinite(row["train_loss"]):  # the quick mode's one fit (no epochs of gradient steps)
+        return f"quick fit: val {m} {row[m]:.4f}, {_duration(row['elapsed_s'])}"
     return (f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, val {m} {row[m]:.4f} "
             f"(best {row['best']:.4f}), {_duration(row['elapsed_s'])}, ETA {_duration(row['eta_s'])}")
 

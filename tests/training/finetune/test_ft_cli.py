@@ -28,7 +28,8 @@ def test_finetune_classify_from_polygons_then_evaluate(tmp_path, data, capsys):
     out = tmp_path / "wl.pkg"
     rc = main(["finetune", "--task", "classify", "--encoder", enc, "--output", str(out), "--raster", tif,
                "--labels", gpkg, "--class-field", "class", "--bands", "VV,VH", "--input-units", "db",
-               "--max-chips", "60", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--export-onnx"])
+               "--max-chips", "60", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--export-onnx",
+               "--mode", "full"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "epoch 2/2: loss" in cap.err and "ETA" in cap.err  # progress with ETA on stderr
@@ -76,7 +77,8 @@ def test_worker_task_classify_from_polygons(tmp_path, data):
     messages = []
     params = {"kind": "classify", "output": str(tmp_path / "w.pkg"), "encoder": enc, "rasters": [tif],
               "labels": gpkg, "class_field": "class", "classes": ["water", "land"], "colours": ["#0000ff", "#00ff00"],
-              "config": {"epochs": 2, "batch_size": 16, "max_chips": 40, "device": "cpu", "bands": ["VV", "VH"]}}
+              "config": {"epochs": 2, "batch_size": 16, "max_chips": 40, "device": "cpu", "bands": ["VV", "VH"],
+                         "mode": "full"}}
     r = worker_tasks.finetune(params, lambda f, m: messages.append((f, m)), lambda: False)
     assert "history" not in r and r["classes"] == ["water", "land"]
     assert [f for f, _ in messages] == [0.5, 1.0] and all("ETA" in m for _, m in messages)
