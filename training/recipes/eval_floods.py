@@ -76,7 +76,9 @@ def sen1floods11(out: Path, frac: float = 0.6) -> dict:
 def ombria(out: Path, n: int, seed: int = 0) -> dict:
     """Two mosaics of n chips each (before + after bands, flood mask), from disjoint seeded chip sets."""
     s1 = DATA / "ombria" / "OmbriaS1" / "train"
-    idx = sorted(int(re.search(r"(\d+)", p.name).group(1)) for p in (s1 / "MASK").glob("S1_mask_*.png"))
+    idx = sorted(int(re.search(r"_(\d+)\.png$", p.name).group(1)) for p in (s1 / "MASK").glob("S1_mask_*.png"))
+    if len(set(idx)) != len(idx) or len(idx) < 2 * n:
+        raise SystemExit(f"OMBRIA chip indices are not unique or too few ({len(set(idx))} of {len(idx)}); need {2 * n}")
     pick = np.random.default_rng(seed).permutation(idx)
     res = {"bands": [1, 2], "units": "uint8", "chips_each": n}
     for split, ids in (("train", pick[:n]), ("test", pick[n:2 * n])):
