@@ -79,7 +79,9 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
     model.load_state_dict(ok, strict=False)
     inp = dict(card.input)
     if c != card.in_chans:
-        inp = {**inp, "bands": (inp["bands"] * c)[:c], "mean": (inp["mean"] * c)[:c], "std": (inp["std"] * c)[:c]}
+        # the channels are new: the first training raster names them (labels.open_input); mean / std repeat
+        inp = {**inp, "bands": [f"band{i + 1}" for i in range(c)], "mean": (inp["mean"] * c)[:c],
+               "std": (inp["std"] * c)[:c]}
     report = f"encoder {card.name}: {len(ok)}/{len(target)} tensors" + (f" ({', '.join(notes)})" if notes else "")
     return Encoder(model, inp, f"{card.name} (sha256 {card.weights['sha256'][:12]})", report)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,9 @@ def open_input(path: str, contract: dict, bands: list | None, input_units: str |
             raster = SarRaster.open(path, list(contract["bands"]))
             notes.append(f"{Path(path).name}: bands {'+'.join(contract['bands'])} picked by name (give the same "
                          f"--bands {','.join(contract['bands'])} to sarmae infer)")
+        if adapt and all(re.fullmatch(r"band\d+", b) for b in contract["bands"]) and \
+                len(raster.band_names) == len(contract["bands"]):  # channels adapted from the encoder's: the data names them
+            contract = {**contract, "bands": list(raster.band_names)}
         if adapt:
             contract, note = training_contract(contract, input_units or detect_units(raster)[0], Path(path).name)
             if note:

@@ -112,3 +112,17 @@ def test_detect_refuses_head_mode(tmp_path, encoder):
         finetune_detector("x.tif", tmp_path / "d.pkg", FinetuneConfig(encoder=str(encoder), mode="head"),
                           labels="l.gpkg", class_field="class")
     torch.manual_seed(0)
+
+
+def test_one_band_encoder_on_dual_pol_raster_takes_the_raster_band_names(tmp_path):
+    """A single-band encoder adapted to a VV + VH raster: the new channels are named by the data
+    (the package's contract says VV, VH), instead of a repeated VV that refuses the raster."""
+    from engine.package import load_package
+    from training.finetune.segment import finetune_segmenter
+
+    enc1 = build_encoder(tmp_path / "enc1", in_chans=1, img_size=32, bands=["VV"])
+    tif, truth = water_land(tmp_path / "scene.tif", size=128, seed=1)
+    gpkg = write_labels(tmp_path / "labels.gpkg", class_polygons(truth, {0: "water", 1: "land"}))
+    cfg = FinetuneConfig(encoder=str(enc1), in_chans=2, device="cpu", drop_path=0.0, mode="head")
+    finetune_segmenter(tif, tmp_path / "m.pkg", cfg, labels=gpkg, class_field="class")
+    assert load_package(tmp_path / "m.pkg").card.input["bands"] == ["VV", "VH"]
