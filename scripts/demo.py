@@ -41,11 +41,12 @@ def step(msg: str) -> None:
 
 
 class Demo:
-    def __init__(self, out: Path, scale: dict, fresh_encoder: bool):
+    def __init__(self, out: Path, scale: dict, fresh_encoder: bool, plugin_models: Path | None = None):
         self.out = out
         self.scale = scale
         self.fresh_encoder = fresh_encoder
         self.models = out / "models"
+        self.plugin_models = plugin_models  # the plugin's models folder (--models-folder), also run on a user raster
         self.results = out / "results"
         self.layers: list[dict] = []  # for the project, top first
         self.timings: dict[str, float] = {}
@@ -240,7 +241,7 @@ class Demo:
             self.layers.append({"path": str(res / "reconstruction.tif"), "name": "MAE reconstruction",
                                 "role": "reconstruction", "group": "SARMAE results", "visible": False})
         step("installed models")
-        for card, folder in installed_models(self.models):
+        for card, folder in installed_models(self.models, self.plugin_models):
             if card["task"] not in ("segment", "detect", "classify"):
                 continue
             want = card["architecture"]["encoder"]["in_chans"]
@@ -301,9 +302,9 @@ def package_in_chans(pkg: Path) -> int | None:
         return None
 
 
-def installed_models(demo_models: Path) -> list[tuple[dict, Path]]:
-    """Packages in the demo's models folder and in the default QGIS profile's SARMAE models folder."""
-    folders = [demo_models, Path.home() / ".local/share/QGIS/QGIS3/profiles/default/sarmae/models"]
+def installed_models(demo_models: Path, plugin_models: Path | None) -> list[tuple[dict, Path]]:
+    """Packages in the demo's models folder and in the plugin's models folder (``--models-folder``)."""
+    folders = [demo_models] + ([plugin_models] if plugin_models else [])
     out = []
     for folder in folders:
         if not folder.is_dir():
@@ -346,14 +347,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny scene and budgets (a smoke test, about 2 minutes)")
     ap.add_argument("--fresh-encoder", action="store_true", help="pretrain again even if an earlier demo made one")
     ap.add_argument("--models-folder", default=str(plugin_models_folder()),
-                    help="install the demo's models here, where the QGIS plugin finds them (default: %(default)s)")
+                    help="the QGIS plugin's models folder: the demo installs its models there, and --input also runs the "
+                         "models found there (default: %(default)s)")
     ap.add_argument("--no-install", action="store_true", help="leave the models in the output folder only")
     a = ap.parse_args()
     t0 = time.time()
     out = Path(a.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
-    demo = Demo(out, SCALES["quick" if a.quick else "full"], a.fresh_encoder)
+    demo = Demo(out, SCALES["quick" if a.quick else "full"], a.fresh_encoder, Path(a.models_folder).expanduser())
     if a.input:
         image = Path(a.input).expanduser().resolve()
         if not image.is_file():

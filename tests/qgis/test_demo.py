@@ -83,7 +83,9 @@ def test_demo_on_a_user_raster_reuses_the_encoder(demo, tmp_path):
     (out / "models").mkdir(parents=True)
     for name in ("demo_encoder", "demo_mae", "demo_water_segmenter", "demo_ship_detector"):
         os.symlink(demo / "models" / name, out / "models" / name)
-    proc = run_demo("--output", str(out), "--input", str(scene), "--no-install")
+    # and never the user's own plugin folder: an empty one stands in for it
+    proc = run_demo("--output", str(out), "--input", str(scene), "--no-install",
+                    "--models-folder", str(tmp_path / "empty_plugin_models"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "randomly initialised" not in proc.stdout  # the pretrained demo encoder was used
     spec = json.loads((out / "project_spec.json").read_text())
