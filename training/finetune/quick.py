@@ -1,9 +1,11 @@
 """Quick mode (``--mode head``): a light head fitted on FROZEN encoder features, the default when
 labels are few; and the choice between it and a full fine-tune (``--mode auto``).
 
-- Segmentation: ``LightSegmenter`` (engine/models/seg_light.py). The encoder runs ONCE per chip
-  (its block maps are cached as float16); only the per-pixel head trains (Adam, a few hundred
-  steps, early stopping on the validation mean IoU), so a few polygons give a package in seconds.
+- Segmentation (``quick_segmenter``): ``LightSegmenter`` (engine/models/seg_light.py). The encoder
+  runs ONCE per chip (its block maps are cached as float16, shared by every head fitted on them):
+  a linear head by logistic regression on labelled cells (features and strength cross-validated by
+  chip), and from ``QUICK_MLP_MIN_CHIPS`` training chips also a per-pixel MLP head (Adam, early
+  stopping on the validation mean IoU); the better validation score stays.
 - Classification: the ``ViTClassifier``'s pooled, normalised embedding of every training chip in
   its 8 flips / 90-degree rotations (each with a random gain, ``cfg.gain_db``), standardised, into a class-balanced multinomial logistic
   regression (scikit-learn; its strength chosen on the validation chips); the fitted scaler and
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import warnings
 
 import numpy as np
@@ -34,6 +37,7 @@ HEAD_STEPS = 400  # optimiser steps the head mode aims for (early stopping may e
 # auto: with fewer training chips than this, a full fine-tune is not tried (it overfits a handful of
 # chips and costs minutes); above it, both run and the better validation score is kept
 AUTO_FULL_MIN_CHIPS = {"segment": 48, "classify": 200}
+QUICK_MLP_MIN_CHIPS = 24  # segmentation: from this many training chips, an MLP head is fitted beside the linear one
 
 
 def resolve_mode(cfg: FinetuneConfig, task: str, n_train: int) -> tuple[str, str]:
@@ -69,13 +73,24 @@ def encode(model, x: torch.Tensor, device: str, batch: int = 32) -> list[torch.T
     return [torch.cat([p[j].half().cpu() for p in parts]) for j in range(len(parts[0]))]
 
 
+@torch.no_grad()
+def predict_cached(model, cache: list[torch.Tensor], x: torch.Tensor, idx: np.ndarray, device: str,
+                   batch: int = 32) -> np.ndarray:
+    """(len(idx), S, S) int64 classes of chips ``idx`` from their cached encoder maps (no encoder run)."""
+    model.eval()
+    out = [model.decode([c[idx[i:i + batch]].to(device) for c in cache], x[idx[i:i + batch]].float().to(device))
+           .argmax(1).cpu() for i in range(0, len(idx), batch)]
+    return torch.cat(out).numpy()
+
+
 def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig, device: str, loss_fn,
-                     evaluate_pred, progress=None) -> History:
-    """Fit ``model``'s light head on cached encoder maps of the chips (see the module docstring).
+                     evaluate_pred, progress=None, cache: list[torch.Tensor] | None = None) -> History:
+    """Fit ``model``'s light head by Adam on the encoder maps of the chips, ``cache`` (``encode`` of
+    every chip; made here when not given).
 
     loss_fn(logits, target) -> loss; evaluate_pred(pred (N, S, S) int64 numpy) -> metrics of the val chips."""
     model.fit_pixel_standardisation(chips.x[tr[: min(len(tr), 256)]])
-    cache = encode(model, chips.x, device)
+    cache = cache if cache is not None else encode(model, chips.x, device)
     bs = min(cfg.batch_size, len(tr))
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
@@ -88,12 +103,25 @@ def fit_segment_head(model, chips, tr: np.ndarray, va: np.ndarray, cfg: Finetune
         return loss_fn(decode(m, idx), chips.masks[idx].long().to(device))
 
     def evaluate(m) -> dict:
-        pred = torch.cat([decode(m, torch.from_numpy(va[i:i + 32])).argmax(1).cpu() for i in range(0, len(va), 32)])
-        return evaluate_pred(pred.numpy())
+        return evaluate_pred(predict_cached(m, cache, chips.x, va, device))
 
     log.info("quick mode: %d chips encoded once; fitting the light head (%d epochs at most, lr %.0e)",
              len(chips.x), hcfg.epochs, hcfg.peak_lr)
     return fit(model, train_step, evaluate, loader, hcfg, device, "mean_iou", progress)
+
+
+def fold_logistic(lr, scaler, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted scikit-learn ``LogisticRegression`` on ``StandardScaler``-ed features as the weights
+    (k, F) and biases (k,) of one linear layer on the RAW features, with the same softmax: a binary
+    model's one logit difference becomes two logits; classes it never saw get a -1e4 bias (never
+    predicted)."""
+    coef, icpt = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
+    w, b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)
+    w[lr.classes_], b[lr.classes_] = coef, icpt
+    w = w / scaler.scale_
+    return w, b - w @ scaler.mean_
 
 
 MAX_PIXELS = 40_000  # labelled cells sampled for the logistic fit (per chip evenly, seeded)
@@ -112,7 +140,7 @@ def _cell_samples(model, cache: list[torch.Tensor], chips, idx: np.ndarray, devi
     s = model.cfg.stride
     xs, ys, gs = [], [], []
     for i in idx:
-        sel = torch.tensor([int(i)])
+        sel = torch.tensor([int(i)])  # one chip at a time: its cells at full feature width fit in memory
         t, f = model.cell_features([c[sel].to(device) for c in cache], chips.x[sel].float().to(device))
         t = F.interpolate(t, size=f.shape[-2:], mode="bilinear", align_corners=False)
         y = chips.masks[int(i)][s // 2::s, s // 2::s][: f.shape[-2], : f.shape[-1]].numpy()
@@ -127,23 +155,22 @@ def _cell_samples(model, cache: list[torch.Tensor], chips, idx: np.ndarray, devi
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
 
 
-def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device: str, k: int) -> dict:
+def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device: str, k: int,
+                       cache: list[torch.Tensor]) -> dict:
     """Fit a linear light head (``hidden`` 0) by class-balanced logistic regression on labelled cells
     of the training chips. The features (the SAR pixel features alone, or with the frozen encoder's
     maps) and the strength are chosen by cross-validation grouped by chip (each fold scored on chips
     it never saw; ties go to the simpler candidate, so an encoder whose maps do not help on these
     labels is left out, e.g. a random one); the scaler and coefficients are folded into
-    ``token_proj`` / ``pixel_proj``. Returns the choice and its CV score."""
+    ``token_proj`` / ``pixel_proj``. ``cache``: ``encode`` of every chip. Returns the choice and its CV score."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
 
     model.fit_pixel_standardisation(chips.x[tr[: min(len(tr), 256)]])
-    cache = encode(model, chips.x[tr], device)
     rng = np.random.default_rng(cfg.seed)
-    local = type("Sub", (), {"x": chips.x[tr], "masks": chips.masks[tr]})
-    X, y, g = _cell_samples(model, cache, local, np.arange(len(tr)), device, max(200, MAX_PIXELS // len(tr)), rng)
+    X, y, g = _cell_samples(model, cache, chips, tr, device, max(200, MAX_PIXELS // len(tr)), rng)
     classes = np.unique(y)
     if len(classes) < 2:
         raise FinetuneError(f"the training chips hold labelled pixels of one class only ({classes.tolist()}): the "
@@ -180,13 +207,7 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
     use = cols(feats)
     scaler = StandardScaler().fit(X[:, use])
     lr = LogisticRegression(C=best, class_weight="balanced", max_iter=1000).fit(scaler.transform(X[:, use]), y)
-    coef, icpt = lr.coef_, lr.intercept_
-    if coef.shape[0] == 1:  # binary: one logit difference -> two logits with the same softmax
-        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
-    w, b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)  # classes never labelled: never predicted
-    w[lr.classes_], b[lr.classes_] = coef, icpt
-    w = w / scaler.scale_
-    b = b - w @ scaler.mean_
+    w, b = fold_logistic(lr, scaler, k)
     if feats == "pixel":  # the encoder's maps get zero weight
         w = np.concatenate([np.zeros((k, n_tok)), w], 1)
     with torch.no_grad():
@@ -238,15 +259,7 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
         if best is None or acc > best[0]:
             best = (acc, c, lr)
     acc, c, lr = best
-    k = len(classes)
-    coef, icpt = lr.coef_, lr.intercept_
-    if coef.shape[0] == 1:  # binary: one logit difference -> two logits with the same softmax
-        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
-    full_w, full_b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)  # classes never seen in training: never predicted
-    full_w[lr.classes_], full_b[lr.classes_] = coef, icpt
-    scale = scaler.scale_
-    w = full_w / scale
-    b = full_b - full_w @ (scaler.mean_ / scale)
+    w, b = fold_logistic(lr, scaler, len(classes))
     head: nn.Linear = model.head
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w).float())
@@ -274,4 +287,38 @@ def full_after_quick(model, quick: History | None, train_step, evaluate, loader,
         return quick, "head", (f"kept the quick head: validation {metric} {saved[0]:.3f} against {full.best_score:.3f} "
                                "after the full fine-tune")
     return full, "full", ""
+
+
+def quick_segmenter(encoder, k: int, chips, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig, device: str,
+                    loss_fn, scores, t0: float, progress=None):
+    """The quick segmentation mode (module docstring): the encoder runs once over every chip, then the
+    linear head and (from ``QUICK_MLP_MIN_CHIPS`` training chips, with validation chips) the MLP head
+    are fitted on those maps and scored on the cached validation maps.
+    Returns (model, its LightSegHeadConfig, History, cross-validation record or None, log notes)."""
+    from engine.models.registry import build_segmenter
+    from engine.models.seg_light import LightSegHeadConfig
+
+    from .common import budget_spent
+
+    head = LightSegHeadConfig(hidden=0)
+    model = build_segmenter(encoder, k, {"kind": "light", **head.to_dict()}).to(device)
+    cache = encode(model, chips.x, device)
+    cv = fit_segment_linear(model, chips, tr, cfg, device, k, cache)
+    got = scores(predict_cached(model, cache, chips.x, va, device))
+    hist = History(epochs=[0], train_loss=[float("nan")], val_score=[got["mean_iou"]], val_metrics=[got],
+                   best_epoch=0, best_score=got["mean_iou"], stopped="quick mode: one logistic-regression fit")
+    if progress is not None:
+        progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "mean_iou": got["mean_iou"],
+                  "metric": "mean_iou", "best": got["mean_iou"], "elapsed_s": time.time() - t0, "eta_s": 0.0})
+    notes = []
+    if len(tr) >= QUICK_MLP_MIN_CHIPS and len(va) and not budget_spent(cfg, t0):
+        mlp_head = LightSegHeadConfig(hidden=64)
+        mlp = build_segmenter(encoder, k, {"kind": "light", **mlp_head.to_dict()}).to(device)
+        h2 = fit_segment_head(mlp, chips, tr, va, cfg, device, loss_fn, scores, progress, cache)  # same blocks
+        keep = h2.best_score > hist.best_score
+        notes.append(f"quick mode: the per-pixel MLP head scored validation mean IoU {h2.best_score:.3f}, the linear "
+                     f"head {hist.best_score:.3f}: kept the {'MLP' if keep else 'linear'}")
+        if keep:
+            model, head, hist, cv = mlp, mlp_head, h2, None
+    return model, head, hist, cv, notes
 

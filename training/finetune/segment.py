@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from .common import (
     FinetuneError,
-    History,
     budget_spent,
     class_colours,
     fit_batch,
@@ -35,7 +34,7 @@ from .common import (
 from .config import FinetuneConfig
 from .labels import IGNORE, build_chips, chip_provenance
 from .metrics import confusion, iou_metrics
-from .quick import fit_segment_head, fit_segment_linear, full_after_quick, resolve_mode
+from .quick import fit_segment_head, full_after_quick, quick_segmenter, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.models.heads import SegHeadConfig
@@ -43,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("sarmae.finetune")
 
-QUICK_MLP_MIN_CHIPS = 24  # quick mode: from this many training chips, a per-pixel MLP head is fitted beside the linear one
 
 
 def dense_config(cfg: FinetuneConfig, task: str) -> FinetuneConfig:
@@ -169,8 +167,6 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
                 else SegHeadConfig(channels=default_head_channels(enc.model.embed_dim)))
     elif mode != "full" and not isinstance(head, LightSegHeadConfig):
         raise FinetuneError("the quick mode fits the light head; use --mode full for the UPerNet head")
-    head_dict = {"kind": "light" if isinstance(head, LightSegHeadConfig) else "upernet", **head.to_dict()}
-    model = build_segmenter(enc.model, k, head_dict).to(device)
     weight = class_weights_of(chips.masks[tr], chips.classes, cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     bs = cfg.batch_size
@@ -195,34 +191,18 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
 
     log.info("%s; %d classes, %d train / %d val chips of %d px", enc.report, k, len(tr), len(va), size)
     hist, chosen, cv = None, mode, None
-    if mode in ("head", "auto"):
-        if head.hidden == 0:  # the linear quick head: logistic regression, cross-validated by chip
-            cv = fit_segment_linear(model, chips, tr, cfg, device, k)
-            model.eval()
-            with torch.no_grad():
-                got = evaluate(model)
-            hist = History(epochs=[0], train_loss=[float("nan")], val_score=[got["mean_iou"]], val_metrics=[got],
-                           best_epoch=0, best_score=got["mean_iou"], stopped="quick mode: one logistic-regression fit")
-            if progress is not None:
-                progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "mean_iou": got["mean_iou"],
-                          "metric": "mean_iou", "best": got["mean_iou"], "elapsed_s": time.time() - t0, "eta_s": 0.0})
-            if len(tr) >= QUICK_MLP_MIN_CHIPS and len(va) and not budget_spent(cfg, t0):
-                # enough labels for a non-linear head too: a 64-wide per-pixel MLP on the same frozen
-                # features (Adam, early stopping on the held-out blocks); the better validation score stays
-                mlp_head = LightSegHeadConfig(hidden=64)
-                mlp_dict = {"kind": "light", **mlp_head.to_dict()}
-                mlp = build_segmenter(enc.model, k, mlp_dict).to(device)
-                h2 = fit_segment_head(mlp, chips, tr, va, cfg, device,
-                                      lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
-                note = (f"quick mode: the per-pixel MLP head scored validation mean IoU {h2.best_score:.3f}, the linear "
-                        f"head {hist.best_score:.3f}: kept the {'MLP' if h2.best_score > hist.best_score else 'linear'}")
-                chips.log.append(note)
-                log.info(note)
-                if h2.best_score > hist.best_score:
-                    model, head, head_dict, hist, cv = mlp, mlp_head, mlp_dict, h2, None
-        else:
-            hist = fit_segment_head(model, chips, tr, va, cfg, device,
-                                    lambda logits, y: seg_loss(logits, None, y, weight, 0.0), scores, progress)
+    quick_loss = lambda logits, y: seg_loss(logits, None, y, weight, 0.0)  # noqa: E731
+    if mode != "full" and head.hidden == 0:  # the default quick mode: linear (+ MLP) heads on one encoding
+        model, head, hist, cv, notes = quick_segmenter(enc.model, k, chips, tr, va, cfg, device, quick_loss, scores,
+                                                       t0, progress)
+        for note in notes:
+            chips.log.append(note)
+            log.info(note)
+    else:
+        model = build_segmenter(enc.model, k, head_config_dict(head)).to(device)
+        if mode != "full":  # a light head given with hidden > 0: Adam on the frozen maps
+            hist = fit_segment_head(model, chips, tr, va, cfg, device, quick_loss, scores, progress)
+    if hist is not None:
         chosen = "head"
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
         hist, chosen, note = full_after_quick(model, hist, train_step, evaluate, loader, cfg, t0, device, "mean_iou",
@@ -245,13 +225,20 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     with torch.no_grad():
         preview = (chips.x[show], chips.masks[show].numpy(), predict_masks(model, chips.x[show], device).numpy(),
                    ["validation" if chips.split[i] else "training" for i in show])
-    out = save_task_package(model, enc, "segment", head_dict, chips.classes, chips.contract, output, cfg, hist,
+    out = save_task_package(model, enc, "segment", head_config_dict(head), chips.classes, chips.contract, output, cfg, hist,
                             "mean_iou", metrics, sources, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours, preview=preview)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
             "log": chips.log, "warnings": warns, "seconds": round(time.time() - t0, 1),
             "preview_png": str(Path(out) / "preview.png"),
             "history": {"val_mean_iou": hist.val_score, "train_loss": hist.train_loss}}
+
+
+def head_config_dict(head) -> dict:
+    """model.json's ``architecture.head`` for a LightSegHeadConfig or a (UPerNet) SegHeadConfig."""
+    from engine.models.seg_light import LightSegHeadConfig
+
+    return {"kind": "light" if isinstance(head, LightSegHeadConfig) else "upernet", **head.to_dict()}
 
 
 def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: dict | None = None) -> dict:

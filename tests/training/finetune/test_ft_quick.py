@@ -75,16 +75,15 @@ def test_quick_then_full_keeps_the_better(tmp_path, encoder):
     cfg = FinetuneConfig(encoder=str(encoder), batch_size=8, device="cpu", drop_path=0.0, epochs=2, mode="auto",
                          warmup_epochs=0.5)
     import training.finetune.quick as quick
-    import training.finetune.segment as segment
 
-    old = dict(quick.AUTO_FULL_MIN_CHIPS), segment.QUICK_MLP_MIN_CHIPS
+    old = dict(quick.AUTO_FULL_MIN_CHIPS), quick.QUICK_MLP_MIN_CHIPS
     quick.AUTO_FULL_MIN_CHIPS["segment"] = 1  # make "auto" run every stage on this tiny scene
-    segment.QUICK_MLP_MIN_CHIPS = 1
+    quick.QUICK_MLP_MIN_CHIPS = 1
     try:
         r = finetune_segmenter(tif, tmp_path / "auto.pkg", cfg, labels=gpkg, class_field="class")
     finally:
         quick.AUTO_FULL_MIN_CHIPS.update(old[0])
-        segment.QUICK_MLP_MIN_CHIPS = old[1]
+        quick.QUICK_MLP_MIN_CHIPS = old[1]
     assert r["mode"] in ("head", "full") and "quick mode first" in r["mode_reason"]
     assert any("per-pixel MLP head scored" in line for line in r["log"]), r["log"]
     assert r["val_mean_iou"] > 0.75, r
@@ -111,7 +110,27 @@ def test_detect_refuses_head_mode(tmp_path, encoder):
     with pytest.raises(FinetuneError, match="--mode head"):
         finetune_detector("x.tif", tmp_path / "d.pkg", FinetuneConfig(encoder=str(encoder), mode="head"),
                           labels="l.gpkg", class_field="class")
-    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("k_fit, k", [(2, 2), (3, 3), (2, 3)])
+def test_fold_logistic_reproduces_the_fitted_probabilities(k_fit, k):
+    """The folded linear layer on RAW features gives scikit-learn's probabilities (binary and
+    multinomial), and a class absent from the fit gets no probability."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from training.finetune.quick import fold_logistic
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(k_fit), 50)
+    x = rng.normal(0, 1, (len(y), 5)) * [1, 10, 100, 0.1, 3] + [5, -2, 300, 0, 1] + y[:, None] * 0.8
+    sc = StandardScaler().fit(x)
+    lr = LogisticRegression(C=1.0).fit(sc.transform(x), y)
+    w, b = fold_logistic(lr, sc, k)
+    logits = torch.from_numpy(x @ w.T + b)
+    prob = logits.softmax(1).numpy()
+    assert np.allclose(prob[:, :k_fit], lr.predict_proba(sc.transform(x)), atol=1e-6)
+    assert np.all(prob[:, k_fit:] < 1e-6)
 
 
 def test_one_band_encoder_on_dual_pol_raster_takes_the_raster_band_names(tmp_path):
