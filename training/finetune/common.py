@@ -86,18 +86,15 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
     return Encoder(model, inp, f"{card.name} (sha256 {card.weights['sha256'][:12]})", report)
 
 
-def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
-    """A random radiometric gain per chip, uniform in +-``max_db`` dB, on normalised model input
-    (N, C, H, W): acquisitions differ in calibration, incidence angle and processing, and a model
-    that keys on absolute brightness fails on the next sensor. dB contracts shift by the gain;
-    amplitude and 8-bit display values scale by 10^(g/20), linear power by 10^(g/10); the result is
-    clipped to the contract's range as the engine clips real data."""
-    if not max_db:
-        return x
-    n, c = x.shape[:2]
-    g = (torch.rand(n, 1, 1, 1) * 2 - 1) * max_db
+def apply_gain(x: torch.Tensor, contract: dict, gain_db: torch.Tensor | float) -> torch.Tensor:
+    """A radiometric gain of ``gain_db`` decibels (a number, or one per chip: (N, 1, 1, 1)) on
+    normalised model input (N, C, H, W): dB contracts shift by the gain; amplitude and 8-bit display
+    values scale by 10^(g/20), linear power by 10^(g/10); the result is clipped to the contract's
+    range as the engine clips real data."""
+    c = x.shape[1]
     mean = torch.tensor(contract["mean"][:c], dtype=x.dtype).view(1, c, 1, 1)
     std = torch.tensor(contract["std"][:c], dtype=x.dtype).view(1, c, 1, 1)
+    g = torch.as_tensor(gain_db, dtype=x.dtype)
     v = x * std + mean  # [0, 1] scaled
     units = contract.get("units", "db")
     if units == "db":
@@ -106,6 +103,15 @@ def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
     else:
         v = v * 10 ** (g / (10 if units == "linear_power" else 20))
     return (v.clamp(0.0, 1.0) - mean) / std
+
+
+def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
+    """A random gain per chip, uniform in +-``max_db`` dB (``apply_gain``): acquisitions differ in
+    calibration, incidence angle and processing, and a model that keys on absolute brightness fails
+    on the next sensor."""
+    if not max_db:
+        return x
+    return apply_gain(x, contract, (torch.rand(x.shape[0], 1, 1, 1) * 2 - 1) * max_db)
 
 
 def layer_id(name: str, depth: int) -> int:

@@ -60,6 +60,7 @@ def main() -> None:
     from training.evaluate import evaluate_raster
     from training.finetune.config import FinetuneConfig
     from training.finetune.segment import finetune_segmenter
+    from training.recipes.eval_smoke import write_raster
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     out = Path(a.out)
@@ -84,9 +85,7 @@ def main() -> None:
             m = a.img_size
             test[max(0, r - m):r + a.side + m, max(0, c - m):c + a.side + m] = -1
         test_path = out / f"test_labels_s{seed}.tif"
-        with rasterio.open(test_path, "w", driver="GTiff", width=test.shape[1], height=test.shape[0], count=1,
-                           dtype="int16", nodata=-1, **prof) as dst:
-            dst.write(test, 1)
+        write_raster(test_path, test, nodata=-1, **prof)
         for spec in a.encoders:
             name, pkg = spec.split("=", 1)
             if (name, seed) in done:

@@ -35,20 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data"
 
-
-def _write(path: Path, a: np.ndarray, **profile) -> str:
-    import warnings
-
-    import rasterio
-
-    tmp = path.with_suffix(".part" + path.suffix)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mosaics of chips have no georeferencing
-        with rasterio.open(tmp, "w", driver="GTiff", width=a.shape[-1], height=a.shape[-2],
-                           count=1 if a.ndim == 2 else a.shape[0], dtype=a.dtype, **profile) as dst:
-            dst.write(a, 1) if a.ndim == 2 else dst.write(a)
-    tmp.rename(path)
-    return str(path)
+from training.recipes.eval_smoke import floods_data, write_raster  # noqa: E402  (the repo is on sys.path above)
 
 
 def _png(path: Path) -> np.ndarray:
@@ -58,19 +45,11 @@ def _png(path: Path) -> np.ndarray:
     return a[..., 0] if a.ndim == 3 else a
 
 
-def sen1floods11(out: Path, frac: float = 0.6) -> dict:
-    import rasterio
-
-    d = DATA / "sen1floods11"
-    with rasterio.open(d / "Spain_7370579_LabelHand.tif") as src:
-        y, prof = src.read(1), {"crs": src.crs, "transform": src.transform, "nodata": -1}
-    cut = int(round(frac * y.shape[0]))
-    train, test = y.copy(), y.copy()
-    train[cut:], test[:cut] = -1, -1
-    raster = str(d / "Spain_7370579_S1Hand.tif")
-    return {"train_raster": raster, "test_raster": raster, "bands": [1, 2], "units": "db",
-            "train_labels": _write(out / "s1f_train_labels.tif", train.astype(np.int16), **prof),
-            "test_labels": _write(out / "s1f_test_labels.tif", test.astype(np.int16), **prof)}
+def sen1floods11(out: Path) -> dict:
+    """eval_smoke's split of the scene (top 60 % of the rows train), with both bands (VV, VH)."""
+    d = floods_data(out)
+    return {"train_raster": d["raster"], "test_raster": d["raster"], "bands": [1, 2], "units": "db",
+            "train_labels": d["train_labels"], "test_labels": d["test_labels"]}
 
 
 def ombria(out: Path, n: int, seed: int = 0) -> dict:
@@ -92,8 +71,8 @@ def ombria(out: Path, n: int, seed: int = 0) -> dict:
             img[0][sl] = _png(s1 / "BEFORE" / f"S1_before_{i:04d}.png")
             img[1][sl] = _png(s1 / "AFTER" / f"S1_after_{i:04d}.png")
             lab[sl] = (_png(s1 / "MASK" / f"S1_mask_{i:04d}.png") > 127).astype(np.int16)
-        res[f"{split}_raster"] = _write(out / f"ombria_{split}.tif", img)
-        res[f"{split}_labels"] = _write(out / f"ombria_{split}_labels.tif", lab, nodata=-1)
+        res[f"{split}_raster"] = write_raster(out / f"ombria_{split}.tif", img)
+        res[f"{split}_labels"] = write_raster(out / f"ombria_{split}_labels.tif", lab, nodata=-1)
     return res
 
 
@@ -118,8 +97,8 @@ def etci(out: Path, frac: float = 0.6) -> dict:
             img[0][sl], img[1][sl] = _png(base / "vv" / f"{stem}_vv.png"), _png(base / "vh" / f"{stem}_vh.png")
             water = (_png(base / "flood_label" / f"{stem}.png") > 127) | (_png(base / "water_body_label" / f"{stem}.png") > 127)
             lab[sl] = water.astype(np.int16)
-        res[f"{split}_raster"] = _write(out / f"etci_{split}.tif", img)
-        res[f"{split}_labels"] = _write(out / f"etci_{split}_labels.tif", lab, nodata=-1)
+        res[f"{split}_raster"] = write_raster(out / f"etci_{split}.tif", img)
+        res[f"{split}_labels"] = write_raster(out / f"etci_{split}_labels.tif", lab, nodata=-1)
         res[f"{split}_tiles"] = len(mine)
     return res
 

@@ -45,35 +45,23 @@ def make_split(src: Path, out: Path, test_fraction: float = 0.3, seed: int = 123
     return pool, test
 
 
-def gain_shifted(x, contract: dict, db: float):
-    """Test chips as another acquisition might deliver them: every chip's amplitude scaled by ``db``
-    decibels (8-bit display values x 10^(db/20), clipped), on normalised model input."""
-    import torch
-
-    c = x.shape[1]
-    mean = torch.tensor(contract["mean"][:c]).view(1, c, 1, 1)
-    std = torch.tensor(contract["std"][:c]).view(1, c, 1, 1)
-    return (((x * std + mean) * 10 ** (db / 20)).clamp(0, 1) - mean) / std
-
-
-def test_rows(model, test_dir: Path, contract: dict, shifts: list[float]) -> dict:
-    """Accuracy of ``model`` (normalised chips -> logits) on the test chips, as they are and gain-shifted."""
+def test_rows(model, test_dir: Path, contract: dict, shifts: list[float], size: int) -> dict:
+    """Accuracy of ``model`` (normalised chips -> logits) on the test chips, as they are and with every
+    chip's gain shifted by each of ``shifts`` dB (``apply_gain``: another acquisition's brightness)."""
     import torch
 
     from training.finetune.classify import class_folders, load_tensors
+    from training.finetune.common import apply_gain
 
     chips = class_folders(test_dir)
-    x, _ = load_tensors(chips.files, a_size[0], 1, contract["mean"], contract["std"])
+    x, _ = load_tensors(chips.files, size, 1, contract["mean"], contract["std"])
     out = {}
     with torch.no_grad():
         for db in [0.0, *shifts]:
-            xs = gain_shifted(x, contract, db) if db else x
+            xs = apply_gain(x, contract, db) if db else x
             pred = torch.cat([model(xs[i:i + 256]).argmax(1) for i in range(0, len(xs), 256)]).numpy()
             out["test_accuracy" if not db else f"test_accuracy_{db:+g}dB"] = float((pred == chips.labels).mean())
     return out
-
-
-a_size = [128]
 
 
 def cnn_row(pool: Path, test: Path, shots: str, seed: int, a) -> dict:
@@ -88,7 +76,7 @@ def cnn_row(pool: Path, test: Path, shots: str, seed: int, a) -> dict:
     x, _ = load_tensors(chips.files, a.img_size, 1, contract["mean"], contract["std"])
     model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
                                   augment=lambda b: gain_jitter(augment(b), contract, 2.0))
-    return {**test_rows(model, test, contract, a.gain_shifts), "val_accuracy": info["val_accuracy"],
+    return {**test_rows(model, test, contract, a.gain_shifts, a.img_size), "val_accuracy": info["val_accuracy"],
             "epochs_run": info["epochs_run"]}
 
 
@@ -116,7 +104,6 @@ def main() -> None:
     from training.finetune.config import FinetuneConfig
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    a_size[0] = a.img_size
     out = Path(a.out)
     pool, test = make_split(Path(a.data), out / "split")
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
@@ -139,7 +126,7 @@ def main() -> None:
                     dest = out / f"{name}_{mode}_{shots}_s{seed}.pkg"
                     r = finetune_classifier(pool, dest, cfg, overwrite=True)
                     pk = load_package(dest)
-                    rec = {**test_rows(pk.model, test, pk.card.input, a.gain_shifts), "val_accuracy": r["val_accuracy"],
+                    rec = {**test_rows(pk.model, test, pk.card.input, a.gain_shifts, a.img_size), "val_accuracy": r["val_accuracy"],
                            "epochs_run": r["epochs_run"], "kept": r["mode"]}
                 rec = {"encoder": name, "mode": mode, "shots": shots, "seed": seed, **rec,
                        "minutes": round((time.time() - t0) / 60, 2)}

@@ -2,8 +2,10 @@
 (issue: fine-tuning), for random init vs pretrained encoders. Every test area is one the model
 never saw in training.
 
-  threshold the reference without learning, for both segmentation checks: the single pixel-value
-            threshold with the best IoU on the training labels, applied to the test area.
+  baselines the references without deep learning, for both segmentation checks
+            (``training.baselines``, as ``sarmae evaluate --baselines``): the best threshold and Otsu
+            on the band, and a random forest on per-pixel features, fitted on the training labels and
+            scored on the test area with the models.
   cfar      the reference without learning for ship detection: CA-CFAR (engine.cfar) with fixed
             generic windows, its false-alarm probability chosen by F1 on the TRAINING strip, run
             over the test strip and scored like the detectors.
@@ -39,15 +41,19 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data"
 
 
-def _write(path: Path, a: np.ndarray, **profile) -> Path:
+def write_raster(path: Path, a: np.ndarray, **profile) -> str:
+    """``a`` ((H, W) or (C, H, W)) as a GeoTIFF, written to a temporary name and renamed; the recipes'
+    mosaics of chips carry no georeferencing (rasterio's warning about it is silenced)."""
     import rasterio
 
     tmp = path.with_suffix(".part" + path.suffix)
-    with rasterio.open(tmp, "w", driver="GTiff", width=a.shape[-1], height=a.shape[-2],
-                       count=1 if a.ndim == 2 else a.shape[0], dtype=a.dtype, **profile) as dst:
-        dst.write(a, 1) if a.ndim == 2 else dst.write(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", driver="GTiff", width=a.shape[-1], height=a.shape[-2],
+                           count=1 if a.ndim == 2 else a.shape[0], dtype=a.dtype, **profile) as dst:
+            dst.write(a, 1) if a.ndim == 2 else dst.write(a)
     tmp.rename(path)
-    return path
+    return str(path)
 
 
 def floods_data(out: Path, frac: float = 0.6) -> dict:
@@ -62,8 +68,8 @@ def floods_data(out: Path, frac: float = 0.6) -> dict:
     cut = int(round(frac * y.shape[0]))
     train, test = y.copy(), y.copy()
     train[cut:], test[:cut] = -1, -1
-    return {"raster": str(s1), "train_labels": str(_write(out / "floods_train_labels.tif", train, **prof)),
-            "test_labels": str(_write(out / "floods_test_labels.tif", test, **prof)), "bands": [1], "units": "db",
+    return {"raster": str(s1), "train_labels": str(write_raster(out / "floods_train_labels.tif", train, **prof)),
+            "test_labels": str(write_raster(out / "floods_test_labels.tif", test, **prof)), "bands": [1], "units": "db",
             "classes": ["dry", "water"], "test_rows": f"{cut}-{y.shape[0]}"}
 
 
@@ -107,43 +113,11 @@ def ships_data(out: Path, frac: float = 0.6) -> dict:
             {"type": "Feature", "properties": {"class": "ship"}, "geometry": mapping(unary_union(g))}
             for g in feats.values()]}
         (out / f"ships_{split}.geojson").write_text(json.dumps(gj))
-        res[f"{split}_raster"] = str(_write(out / f"ships_{split}.tif", img))
-        res[f"{split}_labels"] = str(_write(out / f"ships_{split}_mask.tif", (inst > 0).astype(np.uint8)))
+        res[f"{split}_raster"] = str(write_raster(out / f"ships_{split}.tif", img))
+        res[f"{split}_labels"] = str(write_raster(out / f"ships_{split}_mask.tif", (inst > 0).astype(np.uint8)))
         res[f"{split}_vector"] = str(out / f"ships_{split}.geojson")
         res[f"{split}_ships"] = len(feats)
     return res
-
-
-def threshold_baseline(task: str, data: dict) -> dict:
-    """A reference with no learning: the single threshold on the pixel values (water: VV below it;
-    ship: brighter than it) with the best IoU on the training labels, applied to the test area."""
-    import rasterio
-
-    d = data["floods" if task == "floods" else "ships"]
-    k = "water" if task == "floods" else "ship"
-
-    def read(path: str) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the HRSID mosaics have no georeferencing
-            with rasterio.open(path) as src:
-                return src.read(1).astype(np.float64)
-
-    img = {s: read(d["raster"] if task == "floods" else d[f"{s}_raster"]) for s in ("train", "test")}
-    lab = {s: read(d[f"{s}_labels"]) for s in ("train", "test")}
-
-    def iou(split: str, t: float) -> tuple[float, float]:
-        ok = lab[split] >= 0
-        pred, true = (img[split] < t if task == "floods" else img[split] > t)[ok], lab[split][ok] == 1
-        fg = (pred & true).sum() / max((pred | true).sum(), 1)
-        bg = (~pred & ~true).sum() / max((~pred | ~true).sum(), 1)
-        return float(fg), float(bg)
-
-    ok = lab["train"] >= 0
-    grid = np.unique(np.percentile(img["train"][ok & np.isfinite(img["train"])], np.linspace(0.5, 99.5, 199)))
-    t = max(grid, key=lambda v: iou("train", v)[0])
-    fg, bg = iou("test", t)
-    other = "dry" if task == "floods" else "sea"
-    return {"threshold": float(t), "val_iou": None, "test_iou": {other: bg, k: fg}, "test_mean_iou": (fg + bg) / 2}
 
 
 CFAR_BASE = {"method": "ca", "guard": 15, "background": 61, "enl": 1.0, "min_area": 4, "class_name": "ship"}
@@ -165,7 +139,7 @@ def cfar_baseline(data: dict) -> dict:
             "unit": ev["search_area"]["unit"], "train_tried": tried}
 
 
-def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
+def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict, with_baselines: bool = False) -> dict:
     from training.evaluate import evaluate_detections, evaluate_raster
     from training.finetune.config import FinetuneConfig
     from training.finetune.detect import finetune_detector
@@ -183,8 +157,9 @@ def run_one(task: str, name: str, pkg: str, a, out: Path, data: dict) -> dict:
         train, test = (d["raster"], d["raster"]) if task == "floods" else (d["train_raster"], d["test_raster"])
         r = finetune_segmenter(train, dest, cfg, label_raster=d["train_labels"], classes=d["classes"], overwrite=True)
         ev = evaluate_raster(str(dest), test, out / f"{task}_{name}_confusion.png", label_raster=d["test_labels"],
-                             options=infer)
-        return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"]}
+                             options=infer, baselines=with_baselines)
+        return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"], "mode": r["mode"],
+                "baselines": ev.get("baselines")}
     r = finetune_detector(d["train_raster"], dest, cfg, labels=d["train_vector"], class_field="class", overwrite=True)
     ev = evaluate_detections(str(dest), [d["test_raster"]], out / f"{task}_{name}_pr.png", labels=d["test_vector"],
                              class_field="class", options=infer)
@@ -218,11 +193,10 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
     done = {(r["task"], r["encoder"]) for r in results}
     for task in a.tasks:
-        ref = "cfar" if task == "ships_det" else "threshold"
-        if (task, ref) not in done:  # the no-learning reference
+        if task == "ships_det" and (task, "cfar") not in done:  # the reference without learning
             t0 = time.time()
-            row = cfar_baseline(data) if task == "ships_det" else threshold_baseline(task, data)
-            results.append({"task": task, "encoder": ref, **row, "minutes": round((time.time() - t0) / 60, 2)})
+            results.append({"task": task, "encoder": "cfar", **cfar_baseline(data),
+                            "minutes": round((time.time() - t0) / 60, 2)})
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps(results[-1]), flush=True)
         for spec in a.encoders:
@@ -230,12 +204,13 @@ def main() -> None:
             if (task, name) in done:
                 continue
             t0 = time.time()
-            rec = {"task": task, "encoder": name, **run_one(task, name, pkg, a, out, data),
+            first = task != "ships_det" and not any(r["task"] == task and r.get("baselines") for r in results)
+            rec = {"task": task, "encoder": name, **run_one(task, name, pkg, a, out, data, first),
                    "minutes": round((time.time() - t0) / 60, 2)}
             results.append(rec)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps(rec), flush=True)
-    print(f"\n{'task':<11}{'encoder':<10}result on the held-out area")
+    print(f"\n{'task':<11}{'row':<22}result on the held-out area")
     for r in results:
         if r["task"] == "ships_det":
             at = f"pfa {r['pfa']:g} (chosen on training)" if r["encoder"] == "cfar" else "score 0.3"
@@ -245,8 +220,10 @@ def main() -> None:
                 s += f"; {r['false_alarms']} false alarms ({r['false_alarms_per_unit']:.2f} per {r['unit']})"
         else:
             k = "water" if r["task"] == "floods" else "ship"
+            for b in r.get("baselines") or []:  # fitted on the same training labels, scored on the same pixels
+                print(f"{r['task']:<11}{b['name']:<22}{k} IoU {b['iou'][k]:.3f}  mean IoU {b['mean_iou']:.3f}")
             s = f"{k} IoU {r['test_iou'][k]:.3f}  mean IoU {r['test_mean_iou']:.3f}"
-        print(f"{r['task']:<11}{r['encoder']:<10}{s}")
+        print(f"{r['task']:<11}{r['encoder']:<22}{s}")
 
 
 if __name__ == "__main__":
