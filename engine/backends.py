@@ -158,6 +158,19 @@ def _int8_backend(kind: str, package, task: str, threads: int | None, why: str, 
     return _onnx_backend(package, task, "cpu", threads, "int8")
 
 
+def make_backend(task, package, opts, size: int, log=print, kind: str | None = None):
+    """The backend of one run, the same wherever a run starts (``run_inference``, the worker's cache,
+    torchrun ranks, ``run_batch``): the task's own (``Task.backend``), else ``choose_backend`` with
+    every option that changes the result (backend, device, batch, threads, window ``size``, mask
+    ratio, precision). ``kind`` overrides ``opts.backend`` (torchrun: the backend rank 0 chose)."""
+    own = task.backend(package, opts)
+    if own is not None:
+        return own
+    shape = (opts.batch_size, package.card.in_chans, size, size)
+    return choose_backend(kind or opts.backend, package, opts.device, shape, opts.threads, log=log,
+                          mask_ratio=opts.mask_ratio, precision=opts.precision)
+
+
 def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...], threads: int | None = None,
                    log=print, mask_ratio: float = 0.75, precision: str = "fp32"):
     """Build the backend named by ``kind`` (torch | onnxruntime | auto) at ``precision`` (fp32 |

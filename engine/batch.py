@@ -71,12 +71,10 @@ def run_batch(inputs: list, output_dir: str | os.PathLike, model, options: Infer
         rec = {"index": i, "inputs": items[i], "output": str(outs[i]), "rank": rank, "result": None, "error": None}
         try:
             if backend is None and task_for(pkg.card).windowed:  # CFAR reads rasters itself: no backend
-                from .backends import choose_backend
+                from .backends import make_backend
 
-                card = pkg.card
-                size = opts.window or card.input_size[0]
-                backend = choose_backend(opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size),
-                                         opts.threads, log=log.info, precision=opts.precision)
+                backend = make_backend(task_for(pkg.card), pkg, opts, opts.window or pkg.card.input_size[0],
+                                       log=log.info)
             rec["result"] = run_inference(items[i], outs[i], pkg, opts, progress=batch_progress,
                                           backend=backend).to_dict()
         except Exception as e:

@@ -100,21 +100,20 @@ def _init_method(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     import json
 
-    from .package import describe, load_state_dict, read_card, verify_onnx_files
-    from .tasks import task_for
+    from .package import describe, read_card, verify_package
 
     card = read_card(a.package)
     if a.json:
         print(json.dumps(card.to_dict(), indent=2))
     else:
         print(describe(card))
-    if a.verify and not task_for(card).needs_weights:
-        print("weights:       none (no network): nothing to verify")
-    elif a.verify:
-        load_state_dict(a.package, card)
-        print("weights:       sha256 verified")
-        for name, covered in verify_onnx_files(a.package, card).items():
-            print(f"{name + ':':<17}" + ("sha256 verified" if covered else
+    if a.verify:
+        checked = verify_package(a.package, card)
+        if not checked:
+            print("weights:       none (no network): nothing to verify")
+        for name, covered in checked.items():
+            label = "weights:" if name.endswith(".safetensors") else name + ":"
+            print(f"{label:<17}" + ("sha256 verified" if covered else
                   f"not covered by model.json (an older export): re-export with 'sarmae export {a.package}'"))
     return 0
 
@@ -264,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "those units; objects are at least 1 px)")
     c.add_argument("--max-area", type=float, help="largest object: px, or m^2 with --units m (default: none)")
     c.add_argument("--max-length", type=float, help="longest object (major axis), in --units (default: none)")
-    c.add_argument("--score-threshold", type=float, help="the package's box score threshold, score = 1 - 1/(peak over "
-                   "threshold) (default: 0, every box at the pfa)")
+    c.add_argument("--score-threshold", type=float, help="the package's box score threshold; score = S / (1 + S), S the sum "
+                   "over the object's pixels of ln(pixel / CFAR threshold) (default: 0, every box at the pfa)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     s.add_argument("--output", "-o", required=True, help="package folder to write (or a .zip path)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")

@@ -25,25 +25,24 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .aligned_backend import BatchAlignedBackend
 from .batch import run_batch
 from .errors import NoValidDataError, SarmaeError
-from .inference import _clip_extent, _open_package, run_inference
+from .inference import _clip_extent, _open_package, _record, run_inference
 from .process_group import agreed, dist_info, dist_shutdown
 from .reader import SarRaster
 from .tasks import task_for
-from .tasks.merging import MergeJob, part_path, remove_parts, stitch_strips
+from .tasks.merging import MergeJob, part_path, remove_parts
 from .tiling import Window
 from .types import InferenceOptions, InferenceResult, ProgressFn, RunContext
 
 __all__ = ["BatchAlignedBackend", "RankRows", "dist_info", "dist_shutdown", "run_batch", "run_distributed_inference",
-           "split_rows", "stitch_strips"]
+           "split_rows"]
 
 log = logging.getLogger("sarmae.distributed")
 
@@ -156,10 +155,9 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
             if opts.extent is not None:
                 region = _clip_extent(opts.extent, raster)
         # rank 0 picks the backend (auto: timed once and cached) so that every rank runs the same one
-        from .backends import choose_backend
+        from .backends import make_backend
 
-        inner = state["backend"] = choose_backend(opts.backend, pkg, opts.device,
-                                                  (opts.batch_size, card.in_chans, size, size), opts.threads, log=say)
+        inner = state["backend"] = make_backend(task_for(card), pkg, opts, size, log=say)
         return {"out": str(out), "region": [region.row_off, region.col_off, region.height, region.width],
                 "token": uuid.uuid4().hex[:8], "backend": inner.name}
 
@@ -177,7 +175,7 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
     own_paths: list[str] = []
 
     def work() -> dict | None:
-        from .backends import choose_backend
+        from .backends import make_backend
 
         if mine is None:
             return None
@@ -191,9 +189,7 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
         part = part_path(out, token, rank)
         part_opts = task.part_options(replace(opts, extent=(region.row_off + px0, region.col_off, px1 - px0,
                                                              region.width), vector=False, cog=False, overwrite=False))
-        inner = state.get("backend") or choose_backend(info["backend"], pkg, opts.device,
-                                                       (opts.batch_size, card.in_chans, size, size), opts.threads,
-                                                       log=say)
+        inner = state.get("backend") or make_backend(task, pkg, opts, size, log=say, kind=info["backend"])
         ncols = len(plan.col_starts)
         backend = BatchAlignedBackend(inner, a * ncols, len(plan.windows), opts.batch_size)
 
@@ -237,17 +233,13 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
         return None
     result = InferenceResult(**merged)
     done = [p for p in parts if p is not None and p["outputs"]]
-    result.timings = {"total_s": time.perf_counter() - t0, "model_s": float(sum(p["model_s"] for p in done)),
-                      "merge_s": time.perf_counter() - t_merge}
-    result.provenance = {"model": card.name, "model_sha256": card.weights.get("sha256"), "inputs": inputs,
-                         "input_units": done[0]["input_units"], "backend": done[0]["backend"],
-                         "software": f"sarmae {__version__}", "options": asdict(opts),
-                         "distributed": {"world_size": world, "ranks": [  # rows_px: raster rows it wrote
-                             {"rank": k, "bands": list(s.own_bands), "ran_bands": list(s.run_bands),
-                              "rows_px": [region.row_off + s.rows[0] * unit,
-                                          region.row_off + min(s.rows[1] * unit, region.height)]}
-                             for k, s in enumerate(shares)]}}
-    result.log = messages
+    result.provenance = {"input_units": done[0]["input_units"], "backend": done[0]["backend"]}
+    result = _record(result, t0, float(sum(p["model_s"] for p in done)), card, inputs, opts, messages)
+    result.timings["merge_s"] = time.perf_counter() - t_merge
+    result.provenance["distributed"] = {"world_size": world, "ranks": [  # rows_px: raster rows it wrote
+        {"rank": k, "bands": list(s.own_bands), "ran_bands": list(s.run_bands),
+         "rows_px": [region.row_off + s.rows[0] * unit, region.row_off + min(s.rows[1] * unit, region.height)]}
+        for k, s in enumerate(shares)]}
     return result
 
 

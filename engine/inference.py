@@ -156,7 +156,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     Returns:
         The result record. Raises ``SarmaeError`` subclasses with actionable messages.
     """
-    from .backends import choose_backend
+    from .backends import make_backend
     from .radiometry import Radiometry
     from .reader import SarRaster
     from .tasks import task_for
@@ -201,9 +201,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
                 "SARMAE_SOFTWARE": f"sarmae {__version__}", "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
         ctx = RunContext(raster, card, radiometry, out, opts, size, tags, region, say)
         if backend is None:  # before the sink opens its (temporary) output files
-            backend = task.backend(pkg, opts) or choose_backend(
-                opts.backend, pkg, opts.device, (opts.batch_size, card.in_chans, size, size), opts.threads, log=say,
-                mask_ratio=opts.mask_ratio, precision=opts.precision)
+            backend = make_backend(task, pkg, opts, size, log=say)
         sink = task.make_sink(ctx)
         windows = list(sink.windows)
         say(f"{len(windows)} window(s) of {size} px, batch {opts.batch_size}, backend {backend.describe()}")

@@ -196,6 +196,18 @@ def verify_onnx(path: str | os.PathLike, card: ModelCard, precision: str = "fp32
     return True
 
 
+def verify_package(path: str | os.PathLike, card: ModelCard) -> dict[str, bool | None]:
+    """Every file a package uses against model.json, streamed (no torch): file name -> True (sha256
+    verified), False (a model.onnx the card does not cover, from an older export); a package without
+    a network (CFAR) has no weights to check and gives {}. Raises PackageError on a mismatch."""
+    from .tasks import task_for
+
+    if not task_for(card).needs_weights:
+        return {}
+    verify_weights(path, card)
+    return {card.weights.get("file", WEIGHTS): True, **verify_onnx_files(path, card)}
+
+
 def verify_onnx_files(path: str | os.PathLike, card: ModelCard) -> dict[str, bool]:
     """Check every ONNX file the package holds (``verify_onnx``): file name -> covered by model.json."""
     present = set(_Source(Path(path)).names())

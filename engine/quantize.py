@@ -4,8 +4,8 @@
 
 - ``dynamic`` (default): the weights of every MatMul / Gemm become int8, activations are quantised
   per batch at run time (``quantize_dynamic``). The transformer's matrix products run in int8; the
-  convolutions (patch embedding, segmentation heads) stay fp32, because onnxruntime's dynamic
-  ConvInteger was slower than fp32 here (bench_inference.py precision).
+  convolutions (patch embedding, segmentation heads) stay fp32 (a dynamically quantised ConvInteger
+  path is not measured here: ``benchmarks/bench_precision.py`` compares fp32, dynamic and static).
 - ``static``: QDQ with activation ranges calibrated on windows of the calibration raster
   (``quantize_static``); also quantises convolutions.
 

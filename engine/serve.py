@@ -94,15 +94,14 @@ class ModelCache:
 
     def backend(self, entry: CachedModel, opts: Any, size: int, say) -> tuple[Any, bool]:
         """The backend for these options, built once per (kind, device, batch, threads, window, precision)."""
-        from .backends import choose_backend
+        from .backends import make_backend
+        from .tasks import task_for
 
         bkey = (opts.backend, opts.device, opts.batch_size, opts.threads, size, opts.mask_ratio, opts.precision)
         with self._lock:
             if bkey in entry.backends:
                 return entry.backends[bkey], True
-        shape = (opts.batch_size, entry.package.card.in_chans, size, size)
-        backend = choose_backend(opts.backend, entry.package, opts.device, shape, opts.threads, log=say,
-                                 mask_ratio=opts.mask_ratio, precision=opts.precision)
+        backend = make_backend(task_for(entry.package.card), entry.package, opts, size, log=say)
         with self._lock:
             # a torch backend moves the package's (shared) model to its device: drop the others
             device = getattr(backend, "device", None)
@@ -308,20 +307,15 @@ def engine_info(cache: ModelCache, active_run: str | None = None) -> dict[str, A
 
 
 def model_info(package: str, verify: bool = False) -> dict[str, Any]:
-    """The validated model card of a package (``verify`` also checks the weights' sha256)."""
-    import zipfile
-    from contextlib import nullcontext
-
-    from .package import ONNX, describe, load_state_dict, read_card
+    """The validated model card of a package (``verify``: also every file it uses against its sha256,
+    as ``sarmae info --verify``: ``package.verify_package``)."""
+    from .package import ONNX, _Source, describe, read_card, verify_package
 
     path = Path(package).expanduser().resolve()
     card = read_card(path)
-    if verify:
-        load_state_dict(path, card)
-    with zipfile.ZipFile(path) if path.is_file() else nullcontext() as z:
-        has_onnx = any(n.endswith(ONNX) for n in z.namelist()) if z else (path / ONNX).is_file()
-    return {"path": str(path), "card": card.to_dict(), "summary": describe(card), "has_onnx": has_onnx,
-            "verified": verify}
+    checked = verify_package(path, card) if verify else {}
+    return {"path": str(path), "card": card.to_dict(), "summary": describe(card),
+            "has_onnx": ONNX in set(_Source(path).names()), "verified": verify, "files": checked}
 
 
 def serve_forever(stdin: TextIO, stdout: TextIO, cache_size: int = 2) -> int:

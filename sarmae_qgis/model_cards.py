@@ -194,15 +194,34 @@ def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | 
                                  "or these names")
 
 
-def validation_doubts(provenance: dict) -> list[str]:
-    """The reasons to doubt a package's validation score that training wrote into its provenance
-    (``warnings``, ``validation.note`` when ``validation.reliable`` is false)."""
-    out = [str(w) for w in provenance.get("warnings") or [] if str(w).strip()]
-    validation = provenance.get("validation")
-    if isinstance(validation, dict) and validation.get("reliable") is False:
-        note = str(validation.get("note") or "the validation set is too small")
-        if note not in out:
-            out.append(note)
+MIN_VAL_CHIPS = 4  # fewer validation chips than this: the score is noted as unreliable
+
+
+def validation_doubts(record: dict, classes: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The reasons to doubt a validation score, as sentences, from a fine-tuning result or a package's
+    provenance: training's ``warnings`` and, where ``validation`` (top level, or under ``metrics``
+    as the package card stores it) says it is not reliable, its note. Results from before training
+    wrote a ``validation`` record get what the plugin can see itself: very few validation chips,
+    classes missing from validation."""
+    out = [str(w) for w in record.get("warnings") or [] if str(w).strip()]
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    validation = record.get("validation") or metrics.get("validation")
+    if isinstance(validation, dict) and validation:
+        if validation.get("reliable") is False:
+            note = str(validation.get("note") or "The validation set is too small or too one-sided to trust this "
+                       "score.")
+            if note not in out:
+                out.append(note)
+        return out
+    chips = record.get("val_chips")
+    if isinstance(chips, int) and chips < MIN_VAL_CHIPS:
+        out.append(f"Validation used only {chips} chip(s): the score says little about the rest of the image.")
+    per_class = record.get("val_iou") or record.get("val_per_class_accuracy")
+    if isinstance(per_class, dict) and classes:
+        missing = [c for c in classes if c not in per_class]
+        if missing:
+            out.append(f"The validation chips hold no {', '.join(missing)}: the score ignores "
+                       f"{'that class' if len(missing) == 1 else 'those classes'}.")
     return out
 
 

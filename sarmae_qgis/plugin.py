@@ -156,13 +156,14 @@ class SarmaePlugin:
             self.panel = None
         self.label_action = self.finetune_action = self.similarity_action = self.models_action = None
         if self.similarity_dialog is not None:
-            from .tasks.similarity_task import cancel_all
-
             self.similarity_dialog.release_tool()
             self.similarity_dialog.close()
             self.similarity_dialog.deleteLater()
             self.similarity_dialog = None
-            cancel_all()
+        from .tasks.similarity_task import STATS
+
+        cancel_tasks(STATS.running)  # searches from the dialog AND from the panel's Similarity tab
+        STATS.running = []
         if self.toolbar is not None:
             self.iface.mainWindow().removeToolBar(self.toolbar)
             self.toolbar.deleteLater()

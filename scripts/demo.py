@@ -323,21 +323,15 @@ def plugin_models_folder() -> Path:
 
 
 def install_models(src: Path, dest: Path) -> list[str]:
-    """Copy every package folder of ``src`` into ``dest`` (a temporary sibling renamed into place; an
-    older copy of the same name is replaced); returns the names installed."""
-    dest.mkdir(parents=True, exist_ok=True)
-    names = []
-    for pkg in sorted(p for p in src.iterdir() if (p / "model.json").is_file()):
-        tmp = dest / f".{pkg.name}.installing"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(pkg, tmp)
-        old = dest / f".{pkg.name}.old"
-        if (dest / pkg.name).exists():
-            os.replace(dest / pkg.name, old)
-        os.replace(tmp, dest / pkg.name)
-        shutil.rmtree(old, ignore_errors=True)
-        names.append(pkg.name)
-    return names
+    """Install every package folder of ``src`` into ``dest`` with the plugin's own
+    ``model_store.import_package`` (weights checked, written aside and renamed, an older copy of the
+    same name replaced); returns the names installed."""
+    from sarmae_qgis.model_store import (
+        import_package,  # standard library only: fine in the engine's Python
+    )
+
+    return [import_package(pkg, dest, overwrite=True, name=pkg.name).name
+            for pkg in sorted(p for p in src.iterdir() if (p / "model.json").is_file())]
 
 
 def main() -> int:

@@ -19,13 +19,15 @@ from engine.cfar.scene import pixel_spacing_m, run_cfar
 def search_area(rasters: list[str], opts) -> tuple[float, str]:
     """Area of the evaluated region over all rasters: (km^2, "km2") when every raster is
     georeferenced in metres, else (megapixels, "Mpx")."""
+    from engine.inference import _clip_extent
     from engine.reader import SarRaster
 
     km2, mpx, metres = 0.0, 0.0, True
     for r in rasters:
         with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
-            h, w = (src.height, src.width) if opts.extent is None else (
-                min(opts.extent[2], src.height), min(opts.extent[3], src.width))
+            # the region the engine processes (an extent clipped to the raster, offsets included)
+            region = None if opts.extent is None else _clip_extent(opts.extent, src)
+            h, w = (src.height, src.width) if region is None else (region.height, region.width)
             sp = pixel_spacing_m(src)
         mpx += h * w / 1e6
         if sp is None:

@@ -4,10 +4,8 @@
 strips of rows, to a GeoPackage).
 """
 
-from .config import CfarConfig, CfarConfigError, CfarPixels
-from .objects import CfarObjects, detect_array, nms, score_of
-from .order import os_factor
-from .statistics import ca_factor, cfar_map
+from .config import CfarConfig, CfarConfigError
 
-__all__ = ["CfarConfig", "CfarConfigError", "CfarPixels", "CfarObjects", "detect_array", "nms", "score_of",
-           "ca_factor", "cfar_map", "os_factor"]
+# only the settings here: reading a CFAR card (``sarmae info``, the worker's model_info) must not pull
+# in scipy; the detector lives in ``statistics`` / ``order`` / ``objects`` / ``scene``
+__all__ = ["CfarConfig", "CfarConfigError"]

@@ -4,7 +4,6 @@ registry ``TASKS`` / ``get_task`` (``engine.tasks.registry``)."""
 
 from __future__ import annotations
 
-from ..types import RunContext
 from .base import Sink, Task
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -17,10 +16,6 @@ from .registry import (
     task_names,
 )
 
-__all__ = ["ENTRY_POINT_GROUP", "TASKS", "Sink", "Task", "TaskRegistryError", "get_task", "make_sink",
+__all__ = ["ENTRY_POINT_GROUP", "TASKS", "Sink", "Task", "TaskRegistryError", "get_task",
            "method_names", "reset_registry", "task_for", "task_names"]
 
-
-def make_sink(ctx: RunContext) -> Sink:
-    """The sink of the package's task for this run."""
-    return task_for(ctx.card).make_sink(ctx)

@@ -1,7 +1,7 @@
 """The results dialog shown when fine-tuning ends: how good, how far to trust it, and the map.
 
 Top: the headline validation metric, per-class scores, epochs and chips (integers as integers),
-and, in a yellow box, every reason to doubt the score (:func:`reliability_warnings`: the training
+and, in a yellow box, every reason to doubt the score (:func:`model_cards.validation_doubts`: the training
 side's ``warnings`` and ``validation.note``, a one-class or tiny validation set). Below, in tabs:
 the new model's prediction over the labelled area next to the labels (``preview_png``, written
 by training into the package), the training curves and the confusion matrix, at a readable size.
@@ -26,8 +26,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..model_cards import number
-from ..tasks.finetune_task import FinetuneTask, headline, reliability_warnings
+from ..model_cards import number, validation_doubts
+from ..tasks.finetune_task import FinetuneTask, headline
 from ..toolbelt.resources import ICON_PATH
 
 FIGURE_MAX_WIDTH = 820  # px: the figures are written at 800 (curves) and ~480 (confusion)
@@ -60,7 +60,7 @@ def summary_html(task: FinetuneTask) -> str:
     rows = [f"<b>{escape(r.name)}</b> &mdash; {escape(r.task)}, {len(r.rasters)} raster(s), labels from field "
             f"<i>{escape(r.class_field)}</i>, {task.seconds / 60:.1f} min"]
     h = headline(result)
-    warnings = reliability_warnings(result, r.classes)
+    warnings = validation_doubts(result, r.classes)
     if h:
         trust = " <span style='color:#a15c00'>(not reliable: see below)</span>" if warnings else ""
         rows.append(f"Validation {h[0]}: <b>{number(h[1])}</b>{trust}")
@@ -98,7 +98,7 @@ class FinetuneResultDialog(QDialog):
         self.setWindowTitle(f"SARMAE: fine-tuned '{r.name}'")
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         result = task.result or {}
-        self.warnings = reliability_warnings(result, r.classes)
+        self.warnings = validation_doubts(result, r.classes)
         self.text = QLabel(summary_html(task), self)
         self.text.setTextFormat(Qt.RichText)
         self.text.setWordWrap(True)

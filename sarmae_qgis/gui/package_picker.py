@@ -64,6 +64,7 @@ class PackagePicker(QWidget):
         self.item_text = item_text
         self.added_text = added_text or (lambda card, _path: item_text(card))
         self.extra_items = tuple(extra_items)
+        self.added: list[str] = []  # packages added with Browse… (kept across refreshes)
         self.add_first = add_first
         self.browse_title = browse_title
         self.empty_text = empty_text
@@ -95,7 +96,9 @@ class PackagePicker(QWidget):
 
     def refresh(self) -> None:
         """List the packages of the models folder (of ``tasks``, ordered by ``sort_key``), then the
-        extra items; the first is selected."""
+        extra items and the packages added with Browse… (kept across refreshes); the first is
+        selected, unless a package added with Browse… was: it stays selected."""
+        keep = self.current_path() if self.current_path() in self.added else None
         self.combo.blockSignals(True)
         self.combo.clear()
         cards = list_packages(self.models_folder)
@@ -106,6 +109,10 @@ class PackagePicker(QWidget):
                 self.combo.addItem(self.item_text(card), card.path)
         for text, data in self.extra_items:
             self.combo.addItem(text, data)
+        for path in self.added:
+            self._insert(path)
+        if keep is not None:
+            self.combo.setCurrentIndex(self.combo.findData(keep))
         self.combo.blockSignals(False)
         if self.combo.count() == 0:
             self.card_label.setText(self.empty_text.format(folder=self.models_folder))
@@ -113,8 +120,17 @@ class PackagePicker(QWidget):
             self._on_index_changed(self.combo.currentIndex())
 
     def add_package(self, path: str | Path) -> int:
-        """Add a package from outside the models folder (Browse…) and select it; returns its index."""
+        """Add a package from outside the models folder (Browse…) and select it; returns its index.
+        It stays in the list when the list is refreshed (another layer, a new model)."""
         path = str(path)
+        if path not in self.added:
+            self.added.append(path)
+        index = self._insert(path)
+        self.combo.setCurrentIndex(index)
+        return index
+
+    def _insert(self, path: str) -> int:
+        """The index of ``path`` in the list, inserted (first or last, ``add_first``) when missing."""
         index = self.combo.findData(path)
         if index < 0:
             try:
@@ -123,7 +139,6 @@ class PackagePicker(QWidget):
                 text = Path(path).name
             index = 0 if self.add_first else self.combo.count()
             self.combo.insertItem(index, text, path)
-        self.combo.setCurrentIndex(index)
         return index
 
     def browse(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qgis.core import (
@@ -64,6 +65,12 @@ NO_INSTALLED = "(none: use the package path below)"
 def installed_cards(tasks: tuple[str, ...] | None = None) -> list[PackageCard]:
     """The packages installed in the plugin's models folder (of ``tasks``), by name."""
     return [c for c in list_packages(settings.models_folder()) if tasks is None or c.task in tasks]
+
+
+def installed_text(card: PackageCard) -> str:
+    """An installed package as a Processing option: its name and task, and its folder in the models
+    folder (which is unique there)."""
+    return f"{card.name} ({card.task}) [{Path(card.path).name}]"
 
 
 class EngineFeedback:
@@ -140,10 +147,13 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
         elsewhere (it wins when given). A required package is checked in :meth:`check_package`."""
         self._installed = getattr(self, "_installed", {})
         cards = installed_cards(tasks)
-        self._installed[name] = [c.path for c in cards]
-        options = [NO_INSTALLED] + [f"{c.name} ({c.task})" for c in cards]
+        # the option's text is its value (static strings): a saved model, batch or qgis_process call
+        # keeps naming the same package when others are installed or deleted (an index would shift)
+        self._installed[name] = {installed_text(c): c.path for c in cards}
+        options = [NO_INSTALLED, *self._installed[name]]
         self.addParameter(QgsProcessingParameterEnum(f"{name}_INSTALLED", f"{description}: installed", options,
-                                                     defaultValue=0 if optional or not cards else 1, optional=True))
+                                                     defaultValue=options[0 if optional or not cards else 1],
+                                                     optional=True, usesStaticStrings=True))
         self.addParameter(package_parameter(name, f"{description}: or a package folder / .zip (overrides the "
                                                   "list)", optional=True))
 
@@ -152,12 +162,10 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
         path = self.parameterAsFile(parameters, name, context) if is_set(parameters, name) else ""
         if path:
             return path
-        installed = getattr(self, "_installed", {}).get(name, [])
+        installed = getattr(self, "_installed", {}).get(name, {})
         key = f"{name}_INSTALLED"
         if installed and self.parameterDefinition(key) is not None:
-            index = self.parameterAsEnum(parameters, key, context)
-            if 1 <= index <= len(installed):
-                return installed[index - 1]
+            return installed.get(self.parameterAsEnumString(parameters, key, context), "")
         return ""
 
     def package_card(self, parameters: dict, context: QgsProcessingContext, name: str = "MODEL",

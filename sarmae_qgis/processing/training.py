@@ -105,8 +105,10 @@ improving); the best model found is kept. <b>Shots</b>: classification only, N t
                                                        50, minValue=1))
         self.addParameter(minutes_parameter("MAX_MINUTES", "Time budget in minutes (0: none)", 5.0))
         self.addParameter(QgsProcessingParameterEnum("MODE", "Mode", [MODE_LABELS[m] for m in MODES], defaultValue=0))
-        self.addParameter(advanced(QgsProcessingParameterBoolean("LINEAR_PROBE", "Linear probe (freeze the encoder; "
-                                                                 "the Quick mode does this)", False)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean("LINEAR_PROBE", "Linear probe (freeze the encoder and "
+                                                                 "train the task head by gradient steps, as a full "
+                                                                 "fine-tune; the Quick mode fits a light head instead)",
+                                                                 False)))
         self.addParameter(advanced(QgsProcessingParameterNumber("SHOTS", "Shots per class (classify; empty: all)",
                                                                 QgsProcessingParameterNumber.Integer, optional=True,
                                                                 minValue=1)))

@@ -176,8 +176,7 @@ GUI_SETTINGS = {"batch-size": "the batch size (Advanced)", "max-minutes": "the t
                 "epochs": "the number of epochs", "class-field": "the class field", "labels": "the label layer",
                 "raster": "the raster layer(s)", "rasters": "the raster layer(s)", "encoder": "the encoder",
                 "background": "the background class", "classes": "the classes", "seed": "the seed (Advanced)",
-                "device": "the device (Advanced)", "mode": "the mode", "linear-probe": "the Quick mode"}
-MIN_VAL_CHIPS = 4  # fewer validation chips than this: the score is noted as unreliable
+                "device": "the device (Advanced)", "mode": "the mode", "linear-probe": "the linear probe (Processing, Advanced)"}
 
 
 def gui_text(message: str) -> str:
@@ -186,31 +185,6 @@ def gui_text(message: str) -> str:
         return GUI_SETTINGS.get(m.group(1), f"the '{m.group(1).replace('-', ' ')}' setting")
 
     return re.sub(r"--([a-z][a-z0-9-]*)", setting, message)
-
-
-def reliability_warnings(result: dict, classes: tuple[str, ...] = ()) -> list[str]:
-    """What makes a validation score doubtful, as sentences: the training side's ``warnings`` and
-    ``validation.note``, plus what the plugin can see itself (very few validation chips, classes
-    missing from validation)."""
-    out = [str(w) for w in result.get("warnings") or [] if str(w).strip()]
-    validation = result.get("validation") if isinstance(result.get("validation"), dict) else {}
-    if validation.get("note") and str(validation["note"]) not in out:
-        out.append(str(validation["note"]))
-    if validation.get("reliable") is False and not validation.get("note"):
-        out.append("The validation set is too small or too one-sided to trust this score.")
-    chips = validation.get("chips", result.get("val_chips"))
-    if isinstance(chips, int) and chips < MIN_VAL_CHIPS and not validation:
-        out.append(f"Validation used only {chips} chip(s): the score says little about the rest of the image.")
-    present = validation.get("classes_present")
-    if present is None:
-        per_class = result.get("val_iou") or result.get("val_per_class_accuracy")
-        present = list(per_class) if isinstance(per_class, dict) else None
-    if present is not None and classes:
-        missing = [c for c in classes if c not in present]
-        if missing and not validation:
-            out.append(f"The validation chips hold no {', '.join(missing)}: the score ignores "
-                       f"{'that class' if len(missing) == 1 else 'those classes'}.")
-    return out
 
 
 def headline(result: dict) -> tuple[str, float] | None:

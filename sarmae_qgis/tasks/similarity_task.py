@@ -165,14 +165,6 @@ def start_task(task: SimilarityTask) -> SimilarityTask:
     return task
 
 
-def cancel_all() -> None:
-    """Cancel every similarity task still running (plugin unload)."""
-    for task in STATS.running:
-        if not task.is_done:
-            task.cancel()
-    STATS.running = []
-
-
 class SimilarityTask(QgsTask):
     """Embedding (cached) + similarity for one query; adds the styled similarity layer when done."""
 

@@ -8,16 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.cfar import (
-    CfarConfig,
-    CfarConfigError,
-    ca_factor,
-    cfar_map,
-    detect_array,
-    nms,
-    os_factor,
-)
+from engine.cfar import CfarConfig, CfarConfigError
+from engine.cfar.objects import detect_array, nms
+from engine.cfar.order import os_factor
 from engine.cfar.scene import run_cfar
+from engine.cfar.statistics import ca_factor, cfar_map
 from engine.errors import RasterInputError
 
 TARGETS = [(40, 50), (100, 200), (180, 90), (250, 260), (300, 40), (60, 300)]  # (row, col) of 3 x 5 px ships

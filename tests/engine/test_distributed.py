@@ -30,10 +30,10 @@ from engine.distributed import (
     dist_info,
     run_batch,
     split_rows,
-    stitch_strips,
 )
 from engine.stitching import RollingStitcher
 from engine.tasks import get_task
+from engine.tasks.merging import stitch_strips
 from engine.tiling import plan_tiles
 
 REPO = Path(__file__).resolve().parents[2]

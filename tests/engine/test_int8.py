@@ -251,3 +251,23 @@ def test_card_onnx_record_validated(tiny_package, tmp_path):
     (pkg / "model.json").write_text(json.dumps(card))
     with pytest.raises(PackageError, match=r"'onnx\.int8' must hold 'file' and a 64-character.*'onnx\.fp16': unknown"):
         read_card(pkg)
+
+
+def test_every_entry_point_builds_the_backend_of_the_asked_precision(int8_pkg, tmp_path):
+    """The worker's cache and a torchrun rank build their backend with engine.backends.make_backend,
+    as run_inference does: an int8 request gets the int8 model there too (torchrun once ran fp32)."""
+    from engine.backends import make_backend
+    from engine.package import load_package
+    from engine.serve import ModelCache
+    from engine.tasks import task_for
+
+    pkg_path, _ = int8_pkg("segment")
+    cache = ModelCache(2)
+    entry, _ = cache.package(str(pkg_path))
+    size = entry.package.card.input_size[0]
+    fp32, _ = cache.backend(entry, InferenceOptions(precision="fp32", backend="onnxruntime", device="cpu"), size, print)
+    int8, hit = cache.backend(entry, InferenceOptions(precision="int8", device="cpu"), size, print)
+    assert not hit and int8 is not fp32 and "int8" in int8.describe() and "int8" not in fp32.describe()
+    pkg = load_package(pkg_path, lazy=True)
+    direct = make_backend(task_for(pkg.card), pkg, InferenceOptions(precision="int8", device="cpu"), size, print)
+    assert "int8" in direct.describe()

@@ -184,6 +184,8 @@ def test_model_info(worker, package, tmp_path):
     card = event["result"]["card"]
     assert card["task"] == "segment" and [c["name"] for c in card["classes"]] == ["water", "land"]
     assert card["architecture"]["encoder"]["in_chans"] == 2 and event["result"]["has_onnx"] is False
+    event = worker.request(id="m3", type="model_info", package=str(package), verify=True)
+    assert event["result"]["files"] == {"weights.safetensors": True}  # every file checked, as `sarmae info --verify`
     event = worker.request(id="m2", type="model_info", package=str(tmp_path / "nope"))
     assert event["event"] == "error" and event["error"]["type"] == "PackageError"
     assert "nope" in event["error"]["message"] and "traceback" not in event["error"]

@@ -21,12 +21,11 @@ from qgis.PyQt.QtCore import QCoreApplication, Qt
 from sarmae_qgis.errors import RequestError
 from sarmae_qgis.gui.finetune_dialog import FinetuneDialog, FinetuneResultDialog, snapshot_labels
 from sarmae_qgis.labelling import create_label_layer
-from sarmae_qgis.model_cards import read_card
+from sarmae_qgis.model_cards import PackageCard, describe_html, read_card, validation_doubts
 from sarmae_qgis.tasks.finetune_task import (
     FinetuneTask,
     budget_fraction,
     gui_text,
-    reliability_warnings,
     summarise,
 )
 
@@ -267,15 +266,21 @@ def test_errors_are_shown_whole_in_the_dialog(dialog):
 def test_reliability_is_called_out():
     """Issue 16, item 2: a one-class, one-chip validation reported IoU 1.000 without a warning."""
     one_land_chip = {"val_mean_iou": 1.0, "val_iou": {"land": 1.0}, "val_chips": 1, "train_chips": 4}
-    warnings = reliability_warnings(one_land_chip, ("water", "land"))
+    warnings = validation_doubts(one_land_chip, ("water", "land"))
     assert any("1 chip" in w for w in warnings) and any("no water" in w for w in warnings)
     from_training = {"val_mean_iou": 0.5, "warnings": ["Validation holds one class only."],
                      "validation": {"chips": 2, "classes_present": ["land"], "reliable": False,
                                     "note": "2 validation chips, land only: cross-validated over the polygons."}}
-    assert reliability_warnings(from_training, ("water", "land")) == [
+    assert validation_doubts(from_training, ("water", "land")) == [
         "Validation holds one class only.", "2 validation chips, land only: cross-validated over the polygons."]
     fine = {"val_mean_iou": 0.8, "val_iou": {"water": 0.7, "land": 0.9}, "val_chips": 12}
-    assert reliability_warnings(fine, ("water", "land")) == []
+    assert validation_doubts(fine, ("water", "land")) == []
+    # a package card keeps the record under provenance.metrics: the Models dialog's card shows it too
+    card_prov = {"metrics": {"val_mean_iou": 1.0, "validation": {"chips": 1, "classes_present": ["dry"],
+                                                                 "reliable": False, "note": "validation is weak"}}}
+    assert validation_doubts(card_prov) == ["validation is weak"]
+    assert "validation is weak" in describe_html(PackageCard(path="p", name="m", task="segment",
+                                                             raw={"provenance": card_prov}))
 
 
 def test_progress_follows_the_time_budget():

@@ -4,10 +4,11 @@ shown as integers (issue 16, item 6)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from qgis import processing
-from qgis.core import QgsApplication, QgsProcessingException, QgsSettings
+from qgis.core import QgsApplication, QgsProcessingContext, QgsProcessingException, QgsSettings
 
 from sarmae_qgis.processing.base import NO_INSTALLED
 from sarmae_qgis.toolbelt import settings
@@ -29,14 +30,21 @@ def installed(assets, tmp_path):
 def test_installed_models_are_listed_and_used(installed, assets, tmp_path):
     alg = QgsApplication.processingRegistry().createAlgorithmById("sarmae:segment")
     choice = alg.parameterDefinition("MODEL_INSTALLED")
-    assert choice.options() == [NO_INSTALLED, "tiny-segment (segment)"]  # only the models of this task
-    assert choice.defaultValue() == 1 and alg.parameterDefinition("MODEL").flags() & 8  # the path is optional
-    out = processing.run("sarmae:segment", {"INPUT": str(assets / "scene.tif"), "MODEL_INSTALLED": 1,
+    seg = "tiny-segment (segment) [segment.pkg]"
+    assert choice.options() == [NO_INSTALLED, seg]  # only the models of this task
+    assert choice.defaultValue() == seg and alg.parameterDefinition("MODEL").flags() & 8  # the path is optional
+    # a saved choice names its package, not a position: installing another one that sorts first changes nothing
+    shutil.copytree(assets / "segment.pkg", installed / "aaa_other.pkg")
+    again = QgsApplication.processingRegistry().createAlgorithmById("sarmae:segment")
+    assert again.parameterDefinition("MODEL_INSTALLED").options()[1] == "tiny-segment (segment) [aaa_other.pkg]"
+    chosen = again.package_path({"MODEL_INSTALLED": seg}, QgsProcessingContext(), "MODEL")
+    assert Path(chosen).name == "segment.pkg"
+    out = processing.run("sarmae:segment", {"INPUT": str(assets / "scene.tif"), "MODEL_INSTALLED": seg,
                                             "OUTPUT": str(tmp_path / "seg.tif"), "BATCH_SIZE": 8,
                                             "CONFIDENCE": str(tmp_path / "conf.tif")})
     assert (tmp_path / "seg.tif").is_file() and out["OUTPUT"]
     with pytest.raises(QgsProcessingException, match="choose a model"):
-        processing.run("sarmae:segment", {"INPUT": str(assets / "scene.tif"), "MODEL_INSTALLED": 0,
+        processing.run("sarmae:segment", {"INPUT": str(assets / "scene.tif"), "MODEL_INSTALLED": NO_INSTALLED,
                                           "OUTPUT": str(tmp_path / "none.tif"),
                                           "CONFIDENCE": str(tmp_path / "c2.tif")})
 
@@ -48,4 +56,5 @@ def test_finetune_defaults_match_the_dialog(installed):
     assert alg.parameterDefinition("BATCH_SIZE").defaultValue() == 16
     assert alg.parameterDefinition("MODE").options()[1] == "Quick (frozen encoder)"
     encoders = alg.parameterDefinition("ENCODER_INSTALLED")
-    assert encoders.options() == [NO_INSTALLED, "tiny-encoder (embed)"] and encoders.defaultValue() == 1
+    assert encoders.options() == [NO_INSTALLED, "tiny-encoder (embed) [encoder.pkg]"]
+    assert encoders.defaultValue() == "tiny-encoder (embed) [encoder.pkg]"

@@ -239,3 +239,17 @@ def test_starts_on_the_given_layer_with_the_models_that_fit_it_first(qgis_iface,
     finally:
         d.close()
         d.deleteLater()
+
+
+def test_a_browsed_model_survives_a_layer_change(dialog, assets, project, tmp_path):
+    """A package picked with Browse… (outside the models folder) stays chosen when the layer changes
+    and the list is ranked again for the new layer."""
+    outside = tmp_path / "elsewhere" / "my_segmenter.pkg"
+    shutil.copytree(assets / "segment.pkg", outside)
+    dialog.model_picker.add_package(outside)
+    assert dialog.model_picker.current_path() == str(outside)
+    other = QgsRasterLayer(str(assets / "scene3.tif"), "three", "gdal")
+    project.addMapLayer(other)
+    dialog.layer_combo.setLayer(other)
+    dialog.model_picker.refresh()  # what a layer change does before any model was picked in the combo
+    assert dialog.model_picker.current_path() == str(outside)

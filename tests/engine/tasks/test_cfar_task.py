@@ -218,6 +218,7 @@ def test_water_mask_from_a_segmentation_package_run_first(cfar_pkg, scene, tmp_p
     found, _ = read_boxes(res.outputs["detections"])
     cy, cx = ((found[:, 1] + found[:, 3]) / 2).astype(int), ((found[:, 0] + found[:, 2]) / 2).astype(int)
     assert sea[cy, cx].all()  # every box lies on what the package calls sea
+    assert res.statistics["valid_pixels"] == int(sea.sum())  # the mask IS the package's sea (no box proves nothing)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # its class raster was removed
     other = tiny_package("segment", classes=("dark", "bright"))
     with pytest.raises(SarmaeError, match=r"none of its classes \(dark, bright\).*--water-class NAME"):
@@ -302,6 +303,8 @@ def test_worker_runs_cfar_like_any_detector_and_reports_bad_input(cfar_pkg, scen
     try:
         info = w.request(id="i", type="model_info", package=str(cfar_pkg))[-1]
         assert info["event"] == "result" and "pfa 1e-06" in info["result"]["summary"]
+        verified = w.request(id="v", type="model_info", package=str(cfar_pkg), verify=True)[-1]
+        assert verified["event"] == "result" and verified["result"]["files"] == {}  # nothing to verify, as the CLI
         run = {"type": "run", "task": "infer", "model": str(cfar_pkg)}
         events = w.request(id="r", inputs=[str(raster)], output=str(tmp_path / "w.gpkg"), options={}, **run)
         last = events[-1]

@@ -63,3 +63,14 @@ def test_best_f1_threshold():
     boxes = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30], [70, 70, 80, 80]], float)
     preds = [(boxes, np.array([0.9, 0.8, 0.7, 0.1]), np.zeros(4, np.int64))]
     assert best_f1_threshold(preds, truth) == 0.7
+
+
+def test_search_area_is_the_region_the_engine_processes(tmp_path):
+    """An extent near the bottom of the raster counts only the rows inside it (false alarms per area)."""
+    from helpers.rasters import write_raster
+
+    from training.cfar_baseline import search_area
+
+    tif = write_raster(tmp_path / "r.tif", np.zeros((1000, 500), np.float32), georef="none")
+    assert search_area([str(tif)], InferenceOptions())[0] == pytest.approx(0.5)  # Mpx, not georeferenced
+    assert search_area([str(tif)], InferenceOptions(extent=(900, 0, 200, 500)))[0] == pytest.approx(0.05)
