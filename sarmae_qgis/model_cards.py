@@ -34,11 +34,12 @@ class PackageCard:
     units: str = "db"
     img_size: int = 224
     has_onnx: bool = False
+    method: str = ""  # a method without a network (e.g. "cfar" for detect): no weights, one band, any size
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def in_chans(self) -> int:
-        return len(self.bands)
+        return 1 if self.method else len(self.bands)
 
     @property
     def class_names(self) -> list[str]:
@@ -87,6 +88,15 @@ def read_card(path: str | Path) -> PackageCard:
     task = d.get("task")
     if task not in TASKS:
         raise ModelCardError(f"{p}: unknown task {task!r} in model.json (known: {', '.join(TASKS)})")
+    arch = d.get("architecture") if isinstance(d.get("architecture"), dict) else {}
+    method = str(arch.get("name") or "")
+    if arch.get("encoder") is None and isinstance(arch.get(method), dict):  # e.g. CFAR: settings, no network
+        inp = d.get("input") or {}
+        classes = tuple((str(c.get("name")), str(c.get("colour") or "#808080")) for c in d.get("classes") or []
+                        if isinstance(c, dict))
+        return PackageCard(path=str(p), name=str(d.get("name") or p.stem), task=task, classes=classes,
+                           bands=tuple(str(b) for b in inp.get("bands") or []), units=str(inp.get("units") or ""),
+                           img_size=0, has_onnx=False, method=method, raw=d)
     try:
         enc = d["architecture"]["encoder"]
         size = enc["img_size"]
@@ -147,8 +157,8 @@ def fit_rank(card: PackageCard, band_names: list[str], byte_data: bool = False) 
     name. ``band_names`` are the layer's (e.g. ["VV", "VH"] or ["band 1"])."""
     upper = [n.upper() for n in band_names]
     named = bool(card.bands) and all(b.upper() in upper for b in card.bands)
-    channels = named or len(band_names) == card.in_chans
-    units = (card.units == "uint8") == byte_data
+    channels = bool(card.method) or named or len(band_names) == card.in_chans  # a method (CFAR) fits any layer
+    units = bool(card.method) or (card.units == "uint8") == byte_data
     return (0 if channels and units else 1, 0 if named else 1,
             TASK_ORDER.index(card.task) if card.task in TASK_ORDER else len(TASK_ORDER), card.name.lower())
 
@@ -169,6 +179,8 @@ def check_channels(card: PackageCard, band_names: list[str], bands: list[str] | 
     want = card.in_chans
     have = len(band_names)
     listing = ", ".join(f"{i + 1}: {n}" for i, n in enumerate(band_names))
+    if card.method and bands is None:  # a method without a network reads band 1 unless one is chosen
+        return
     if bands is None:
         if have != want:
             head = (f"model '{card.name}' takes {want} channel(s) ({'+'.join(card.bands)}), layer '{layer}' has "
@@ -245,9 +257,13 @@ def describe_html(card: PackageCard) -> str:
     if card.classes:
         swatches = " ".join(f'<span style="color:{escape(c)}">&#9632;</span>&nbsp;{escape(n)}' for n, c in card.classes)
         rows.append(f"Classes: {swatches}")
-    rows.append(f"Input: {card.in_chans} channel(s) {escape('+'.join(card.bands))}, "
-                f"{escape(UNIT_LABELS.get(card.units, card.units))}, {card.img_size} px windows")
-    rows.append("ONNX export: " + ("yes" if card.has_onnx else "no"))
+    if card.method:
+        rows.append(f"Method: {escape(card.method.upper())}, no network and no training: one band (band 1 unless "
+                    "chosen), any units (converted to linear power), the whole raster")
+    else:
+        rows.append(f"Input: {card.in_chans} channel(s) {escape('+'.join(card.bands))}, "
+                    f"{escape(UNIT_LABELS.get(card.units, card.units))}, {card.img_size} px windows")
+        rows.append("ONNX export: " + ("yes" if card.has_onnx else "no"))
     prov = card.raw.get("provenance") or {}
     metrics = prov.get("metrics") if isinstance(prov, dict) else None
     if isinstance(metrics, dict):

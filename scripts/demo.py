@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="Unable to import Axes3D")  # pip matplotlib beside Debian's toolkits
 QGIS_PROCESS = shutil.which("qgis_process.bin") or "/usr/bin/qgis_process.bin"
+CFAR = {"pfa": 1e-6, "guard": 9, "background": 41}  # the demo's CFAR settings (px), also run through Processing
 SCALES = {"full": dict(size=1024, ships=48, pretrain_min=3.0, seg_min=1.5, det_min=2.0, epochs=40),
           "quick": dict(size=512, ships=16, pretrain_min=0.25, seg_min=0.2, det_min=0.2, epochs=2)}
 
@@ -165,7 +166,30 @@ class Demo:
         r = finetune_detector([str(image)], det, cfg, labels=str(ships), class_field="class", colours=["#ff3030"],
                               progress=show, overwrite=True)
         print(f"-> {det}: validation mAP@0.5 {r['val_map_50']:.3f}, mAP@[.5:.95] {r['val_map']:.3f}")
+        self.cfar_beside(image, det, ships)
         return seg, det
+
+    def cfar_beside(self, image: Path, det: Path, ships: Path) -> None:
+        """The CFAR detector (no training) as a package beside the fine-tuned one, and both scored
+        on the whole scene against the ship boxes (the detector trained on most of it: its row is
+        optimistic; CFAR's is not)."""
+        from engine.cli import main as sarmae
+        from training.evaluate import evaluate_detections
+
+        cfar = self.models / "demo_ship_cfar"
+        if sarmae(["init", "--task", "detect", "--method", "cfar", "--pfa", str(CFAR["pfa"]), "--guard",
+                   str(CFAR["guard"]), "--background", str(CFAR["background"]), "--classes", "ship", "--name",
+                   "demo_ship_cfar", "--output", str(cfar), "--overwrite"]) != 0:
+            raise SystemExit("could not write the CFAR detector package")
+        ev = evaluate_detections(str(det), [str(image)], self.out / "results" / "ships_pr.png", labels=str(ships),
+                                 class_field="class", options={"score_threshold": 0.5}, cfar=CFAR)
+        def f(v) -> str:
+            return "  -  " if v is None else f"{v:.3f}"
+
+        print("   whole scene, IoU 0.5     mAP@0.5  precision  recall  F1     false alarms/km2")
+        for name, row in (("fine-tuned detector", ev), ("CFAR (no training)", ev["cfar"])):
+            print(f"   {name:<22}  {f(row['map_50'])}    {f(row['precision'])}      {f(row['recall'])}   "
+                  f"{f(row['f1'])}  {f(row.get('false_alarms_per_km2'))}")
 
     # ---- the two demos ------------------------------------------------------------------------
     def sample(self) -> str:
@@ -192,11 +216,15 @@ class Demo:
                                   "MIN_AREA": 50, "DEVICE": 1, "BATCH_SIZE": 8})
         self.qgis_run("detect", {"INPUT": scene.image, "MODEL": det, "OUTPUT": res / "ships.gpkg",
                                  "SCORE_THRESHOLD": 0.5, "DEVICE": 1, "BATCH_SIZE": 8})
+        self.qgis_run("cfar", {"INPUT": scene.image, "PFA": CFAR["pfa"], "GUARD": CFAR["guard"],
+                               "BACKGROUND": CFAR["background"], "OUTPUT": res / "ships_cfar.gpkg"})
         self.timings["qgis_process"] = time.time() - t0
         seg_classes = [["water", "#1f78b4"], ["land", "#b2df8a"]]
         self.layers = [
             {"path": str(res / "ships.gpkg"), "name": "ships (detected)", "role": "detections",
              "classes": [["ship", "#ff3030"]], "group": "SARMAE results"},
+            {"path": str(res / "ships_cfar.gpkg"), "name": "ships (CFAR, no training)", "role": "detections",
+             "classes": [["ship", "#ffa500"]], "group": "SARMAE results", "visible": False},
             {"path": str(res / "water_polygons.gpkg"), "name": "water polygons", "role": "vectors",
              "classes": seg_classes, "group": "SARMAE results", "visible": False},
             {"path": str(res / "water_classes.tif"), "name": "water / land", "role": "class", "classes": seg_classes,
@@ -244,7 +272,8 @@ class Demo:
         for card, folder in installed_models(self.models, self.plugin_models):
             if card["task"] not in ("segment", "detect", "classify"):
                 continue
-            want = card["architecture"]["encoder"]["in_chans"]
+            encoder = card["architecture"].get("encoder")
+            want = encoder["in_chans"] if encoder else 1  # a method without a network (CFAR) reads one band
             model_bands = (card.get("input") or {}).get("bands") or []
             if want > n_bands:
                 print(f"skipping {card['name']}: it takes {want} channel(s), the raster has {n_bands}")

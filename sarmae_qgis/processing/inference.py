@@ -167,11 +167,18 @@ class ModelAlgorithm(SarmaeAlgorithm):
             check_channels(card, band_names(layer), bands, layer.name())
         except SarmaePluginError as e:
             raise QgsProcessingException(str(e)) from e
+        opts = self.options(parameters, context, bands)
+        feedback.pushInfo(f"model '{card.name}' ({card.task}) on {path}")
+        return self.run_model(parameters, context, feedback, path, card.path, opts)
+
+    def run_model(self, parameters: dict, context: QgsProcessingContext, feedback, path: str, model: str,
+                  opts: dict) -> dict:
+        """Run ``model`` over ``path`` in the engine, staged beside the main output, move each output
+        onto its destination, style what Processing loads; the algorithm's outputs."""
         dests = {role: self.parameterAsOutputLayer(parameters, name, context)
                  for role, (name, _k, _d, _o) in self.OUTPUTS.items()}
         dests = {role: d for role, d in dests.items() if d}
         main = dests[self.MAIN_ROLE]
-        opts = self.options(parameters, context, bands)
         if self.TASK == "segment":
             opts["vector"] = "vectors" in dests
         Path(main).parent.mkdir(parents=True, exist_ok=True)
@@ -180,9 +187,8 @@ class ModelAlgorithm(SarmaeAlgorithm):
             stem = Path(dests.get("vectors", main)).stem
             suffix = ".gpkg" if self.TASK in ("detect", "classify") else ".tif"
             staged = str(Path(staging) / (stem + suffix))
-            feedback.pushInfo(f"model '{card.name}' ({card.task}) on {path}")
             result = self.engine_request(feedback, lambda client, bridge: client.run_inference(
-                [path], staged, card.path, opts, on_progress=bridge.progress, is_cancelled=bridge.is_cancelled))
+                [path], staged, model, opts, on_progress=bridge.progress, is_cancelled=bridge.is_cancelled))
             outputs = result.get("outputs") or {}
             for role, dest in dests.items():
                 if role not in outputs:

@@ -8,6 +8,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from ..toolbelt.metadata import plugin_version
 from .base import ICON_PATH
+from .cfar import CfarAlgorithm
 from .inference import (
     ClassifyAlgorithm,
     DetectAlgorithm,
@@ -20,7 +21,7 @@ from .similarity import SimilarityAlgorithm
 from .training import FinetuneAlgorithm, PretrainAlgorithm
 
 PROVIDER_ID = "sarmae"
-ALGORITHMS = (SegmentAlgorithm, DetectAlgorithm, ClassifyAlgorithm, EmbedAlgorithm, ReconstructAlgorithm,
+ALGORITHMS = (SegmentAlgorithm, DetectAlgorithm, CfarAlgorithm, ClassifyAlgorithm, EmbedAlgorithm, ReconstructAlgorithm,
               SimilarityAlgorithm, FinetuneAlgorithm, PretrainAlgorithm, ExportOnnxAlgorithm)
 
 

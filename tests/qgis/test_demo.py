@@ -48,8 +48,9 @@ def test_demo_project_opens_with_styled_layers(demo):
     try:
         assert project.read(str(demo / "sarmae_demo.qgz"))
         layers = {layer.name(): layer for layer in project.mapLayers().values()}
-        assert set(layers) == {"ships (detected)", "water polygons", "water / land", "confidence", "ground truth",
-                               "synthetic S1 (VV, dB)"}
+        assert set(layers) == {"ships (detected)", "ships (CFAR, no training)", "water polygons", "water / land",
+                               "confidence", "ground truth", "synthetic S1 (VV, dB)"}
+        assert layers["ships (CFAR, no training)"].featureCount() > 0  # CFAR finds ships with no training
         assert all(layer.isValid() for layer in layers.values())
         classes = layers["water / land"]
         assert isinstance(classes.renderer(), QgsPalettedRasterRenderer)
@@ -72,6 +73,8 @@ def test_demo_models_are_packages_with_the_label_classes(demo):
     det = json.loads((demo / "models" / "demo_ship_detector" / "model.json").read_text())
     assert seg["task"] == "segment" and [c["name"] for c in seg["classes"]] == ["water", "land"]
     assert det["task"] == "detect" and [c["name"] for c in det["classes"]] == ["ship"]
+    cfar = json.loads((demo / "models" / "demo_ship_cfar" / "model.json").read_text())
+    assert cfar["task"] == "detect" and cfar["architecture"]["name"] == "cfar" and cfar["weights"] == {}
     assert (demo / "models" / "demo_water_segmenter" / "training_curves.png").is_file()
 
 
@@ -81,7 +84,7 @@ def test_demo_on_a_user_raster_reuses_the_encoder(demo, tmp_path):
     out = tmp_path / "mine"
     # the demo's models folder is where installed models are looked for: share the first run's
     (out / "models").mkdir(parents=True)
-    for name in ("demo_encoder", "demo_mae", "demo_water_segmenter", "demo_ship_detector"):
+    for name in ("demo_encoder", "demo_mae", "demo_water_segmenter", "demo_ship_detector", "demo_ship_cfar"):
         os.symlink(demo / "models" / name, out / "models" / name)
     # and never the user's own plugin folder: an empty one stands in for it
     proc = run_demo("--output", str(out), "--input", str(scene), "--no-install",
@@ -90,7 +93,7 @@ def test_demo_on_a_user_raster_reuses_the_encoder(demo, tmp_path):
     assert "randomly initialised" not in proc.stdout  # the pretrained demo encoder was used
     spec = json.loads((out / "project_spec.json").read_text())
     roles = sorted(item["role"] for item in spec["layers"])
-    assert roles == ["class", "detections", "input", "pca", "reconstruction"]
+    assert roles == ["class", "detections", "detections", "input", "pca", "reconstruction"]  # CFAR runs too
     assert (out / "sarmae_demo.qgz").is_file() and (out / "preview.png").is_file()
 
 
