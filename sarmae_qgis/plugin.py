@@ -23,6 +23,7 @@ from qgis.PyQt.QtWidgets import QAction, QToolBar
 from .gui.about_dialog import ICON_PATH, AboutDialog
 from .toolbelt import log, settings
 from .toolbelt.engine import shutdown_client
+from .toolbelt.layers import input_raster
 from .toolbelt.metadata import plugin_version
 
 if TYPE_CHECKING:
@@ -185,10 +186,10 @@ class SarmaePlugin:
                                      message_bar=self.iface.messageBar(), on_run=self.start_run,
                                      on_finetune=self.start_finetune)
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.panel)
-            active = self.iface.activeLayer()
-            if active is not None and active.type() == active.RasterLayer:
-                self.panel.run_form.layer_combo.setLayer(active)
-                self.panel.similarity_form.layer_combo.setLayer(active)
+            first = input_raster(self.iface.activeLayer())
+            if first is not None:
+                self.panel.run_form.layer_combo.setLayer(first)
+                self.panel.similarity_form.layer_combo.setLayer(first)
         if tab:
             self.panel.show_tab(tab, layer)
         else:
@@ -202,8 +203,7 @@ class SarmaePlugin:
         from .gui.run_dialog import RunDialog
 
         if layer is None:
-            active = self.iface.activeLayer()
-            layer = active if active is not None and active.type() == active.RasterLayer else None
+            layer = input_raster(self.iface.activeLayer())
         dialog = RunDialog(self.iface.mainWindow(), canvas=self.iface.mapCanvas(), layer=layer)
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         if model:
@@ -226,9 +226,9 @@ class SarmaePlugin:
 
         dialog = LabelLayerDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
-        active = self.iface.activeLayer()
-        if active is not None and active.type() == active.RasterLayer:
-            dialog.raster_combo.setLayer(active)
+        first = input_raster(self.iface.activeLayer())
+        if first is not None:
+            dialog.raster_combo.setLayer(first)
         if dialog.exec_() and dialog.layer is not None:
             self.iface.setActiveLayer(dialog.layer)
             self.iface.actionAddFeature().trigger()  # the "add polygon" tool, ready to draw
@@ -294,9 +294,9 @@ class SarmaePlugin:
         if self.similarity_dialog is None:
             self.similarity_dialog = SimilarityDialog(self.iface.mapCanvas(), self.iface.mainWindow(),
                                                       message_bar=self.iface.messageBar())
-        active = self.iface.activeLayer()
-        if active is not None and active.type() == active.RasterLayer:
-            self.similarity_dialog.layer_combo.setLayer(active)
+        first = input_raster(self.iface.activeLayer())
+        if first is not None:
+            self.similarity_dialog.layer_combo.setLayer(first)
         self.similarity_dialog.show()
         self.similarity_dialog.raise_()
 

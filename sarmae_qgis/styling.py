@@ -106,8 +106,13 @@ def style_categories(layer: QgsVectorLayer, classes: Classes, kind: str = "fill"
     return renderer
 
 
+ROLE_PROPERTY = "sarmae/role"  # a layer's role in a SARMAE result (class, confidence, detections, ...)
+
+
 def style_output(layer, role: str, classes: Classes) -> None:
-    """Style a loaded output by its role in the result record (``outputs`` keys)."""
+    """Style a loaded output by its role in the result record (``outputs`` keys), and mark the
+    layer as a SARMAE output (``ROLE_PROPERTY``) so the forms do not offer it as a model input first."""
+    layer.setCustomProperty(ROLE_PROPERTY, role)
     if role == "class" and isinstance(layer, QgsRasterLayer):
         style_class_raster(layer, classes)
     elif role == "confidence" and isinstance(layer, QgsRasterLayer):

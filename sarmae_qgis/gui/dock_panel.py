@@ -18,7 +18,15 @@ from pathlib import Path
 from qgis.gui import QgsDockWidget
 from qgis.PyQt.QtCore import Qt, QUrl
 from qgis.PyQt.QtGui import QDesktopServices
-from qgis.PyQt.QtWidgets import QComboBox, QFrame, QScrollArea, QTabWidget, QToolButton, QWidget
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QFrame,
+    QScrollArea,
+    QTabWidget,
+    QToolButton,
+    QWidget,
+)
 
 from ..toolbelt import settings
 from ..toolbelt.resources import resource
@@ -31,7 +39,10 @@ TABS = ("Run", "Fine-tune", "Similarity")
 
 
 def _narrow(form: QWidget) -> None:
-    """Let a form shrink to a dock's width: combo boxes size to a short text, not their longest item."""
+    """Let a form shrink to a dock's width: combo boxes size to a short text, not their longest item,
+    and a form's labels go above their fields when a row does not fit beside."""
+    for layout in form.findChildren(QFormLayout):
+        layout.setRowWrapPolicy(QFormLayout.WrapLongRows)
     for combo in form.findChildren(QComboBox):
         combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(8)

@@ -38,7 +38,6 @@ from qgis.PyQt.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -184,12 +183,8 @@ class FinetuneDialog(QDialog):
         mform.addRow("New model name", self.name_edit)
         budget = QGroupBox("Budget", self)
         bform = QFormLayout(budget)
-        row = QHBoxLayout()
-        row.addWidget(self.minutes_spin)
-        row.addWidget(QLabel("at most", self))
-        row.addWidget(self.epochs_spin)
-        row.addWidget(QLabel("epochs", self))
-        bform.addRow("Time budget", row)
+        bform.addRow("Time budget", self.minutes_spin)
+        bform.addRow("Epochs (at most)", self.epochs_spin)
         bform.addRow("Mode", self.mode_combo)
         self.advanced = QgsCollapsibleGroupBox("Advanced", self)
         self.advanced.setCollapsed(True)

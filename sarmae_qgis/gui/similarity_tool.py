@@ -48,7 +48,6 @@ from qgis.PyQt.QtWidgets import (
     QDialogButtonBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QSizePolicy,
@@ -286,10 +285,8 @@ class SimilarityDialog(QDialog):
         query = QGroupBox("Query", self)
         qform = QFormLayout(query)
         qform.addRow(self.pick_button)
-        poly_row = QHBoxLayout()
-        poly_row.addWidget(self.polygon_combo, 1)
-        poly_row.addWidget(self.polygon_button)
-        qform.addRow("Polygon layer", poly_row)
+        qform.addRow("Polygon layer", self.polygon_combo)
+        qform.addRow(self.polygon_button)
         qform.addRow(self.status_label)
         layout = QVBoxLayout(self)
         layout.addWidget(self.message_bar)

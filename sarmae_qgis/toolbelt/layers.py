@@ -10,9 +10,23 @@ from __future__ import annotations
 import math
 import os
 
-from qgis.core import QgsProviderRegistry, QgsRasterLayer, QgsRectangle
+from qgis.core import QgsProject, QgsProviderRegistry, QgsRasterLayer, QgsRectangle
 
 from ..errors import LayerError
+
+
+def input_raster(active=None, project: QgsProject | None = None) -> QgsRasterLayer | None:
+    """The raster a form should offer first: ``active`` when it is a raster layer, else the first
+    raster of the layer tree (top down) that is not a SARMAE output (``styling.ROLE_PROPERTY``):
+    the SAR image, not the confidence raster of an earlier run."""
+    if isinstance(active, QgsRasterLayer):
+        return active
+    from ..styling import ROLE_PROPERTY
+
+    root = (project or QgsProject.instance()).layerTreeRoot()
+    rasters = [n.layer() for n in root.findLayers() if isinstance(n.layer(), QgsRasterLayer)]
+    inputs = [lyr for lyr in rasters if lyr.customProperty(ROLE_PROPERTY) in (None, "", "input")]
+    return (inputs or rasters or [None])[0]
 
 
 def raster_file(layer: QgsRasterLayer | None) -> str:

@@ -110,3 +110,27 @@ def test_the_resources_folder_holds_the_assets():
 
     assert ICON_PATH.is_file() and resource("help", "panel.html").is_file()
     assert layer_opacities()["class"] < 1 and opacity_for("similarity") < 1 and opacity_for("detections") == 1
+
+
+def test_forms_fit_a_narrow_dock_and_offer_the_sar_image_first(qgis_iface, assets, models, project):
+    """A dock ~360 px wide shows every form without a horizontal scroll bar (labels go above their
+    fields, short special texts); with a vector layer selected, the Run tab offers the SAR image, not
+    the confidence raster of an earlier run above it."""
+    from sarmae_qgis.styling import style_output
+    from sarmae_qgis.toolbelt.layers import input_raster
+
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    earlier = QgsRasterLayer(str(assets / "scene.tif"), "confidence", "gdal")
+    style_output(earlier, "confidence", [])
+    project.addMapLayer(earlier)  # on top of the layer tree: the first raster a naive default would take
+    project.addMapLayer(scene)
+    project.layerTreeRoot().findLayer(scene.id())  # both in the tree
+    assert input_raster(None, project) is scene and input_raster(earlier, project) is earlier
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models, project=project)
+    try:
+        for form in (panel.run_form, panel.finetune_form, panel.similarity_form):
+            assert form.minimumSizeHint().width() <= panel.minimumWidth() - 20, type(form).__name__
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
