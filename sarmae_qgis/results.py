@@ -27,7 +27,6 @@ from qgis.core import (
 )
 
 from .styling import as_pairs, style_output
-from .toolbelt.resources import opacity_for
 
 VECTOR_ROLES = ("vectors", "detections", "grid")
 # role -> (layer name suffix, visible); order = order in the group, top first
@@ -107,7 +106,6 @@ def add_result_layers(result: dict, group_name: str, project: QgsProject | None 
         if layer is None:
             continue
         style_output(layer, role, classes)
-        layer.setOpacity(opacity_for(role))
         set_details(layer, f"{group_name}: {suffix}", f"{abstract}\nFile: {outputs[role]}".strip())
         project.addMapLayer(layer, False)
         node = group.addLayer(layer)

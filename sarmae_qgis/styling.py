@@ -109,10 +109,19 @@ def style_categories(layer: QgsVectorLayer, classes: Classes, kind: str = "fill"
 ROLE_PROPERTY = "sarmae/role"  # a layer's role in a SARMAE result (class, confidence, detections, ...)
 
 
-def style_output(layer, role: str, classes: Classes) -> None:
-    """Style a loaded output by its role in the result record (``outputs`` keys), and mark the
-    layer as a SARMAE output (``ROLE_PROPERTY``) so the forms do not offer it as a model input first."""
+def mark_output(layer, role: str) -> None:
+    """A SARMAE output layer: its role (``ROLE_PROPERTY``) and the role's opacity (translucent class
+    rasters, similarity, ...: ``resources/styles/layers.json``)."""
+    from .toolbelt.resources import opacity_for
+
     layer.setCustomProperty(ROLE_PROPERTY, role)
+    layer.setOpacity(opacity_for(role))  # a raster's is its renderer's: call after setting the renderer
+
+
+def style_output(layer, role: str, classes: Classes) -> None:
+    """Style a loaded output by its role in the result record (``outputs`` keys), with the role's
+    opacity (the run task, the similarity search, Processing's loaded outputs and the demo), and mark the
+    layer as a SARMAE output (``ROLE_PROPERTY``) so the forms do not offer it as a model input first."""
     if role == "class" and isinstance(layer, QgsRasterLayer):
         style_class_raster(layer, classes)
     elif role == "confidence" and isinstance(layer, QgsRasterLayer):
@@ -123,3 +132,4 @@ def style_output(layer, role: str, classes: Classes) -> None:
         kind = {"vectors": "fill", "detections": "outline", "grid": "translucent"}.get(role)
         if kind is not None:
             style_categories(layer, classes, kind)
+    mark_output(layer, role)  # after the renderer: a raster layer's opacity is its renderer's

@@ -37,11 +37,10 @@ from ..engine_client import EngineClient, EngineError
 from ..errors import ModelCardError, RequestError, SarmaePluginError
 from ..model_cards import check_channels, read_card, resolve_package
 from ..results import insert_group
-from ..styling import style_unit_interval
+from ..styling import mark_output, style_unit_interval
 from ..toolbelt import log, messages, settings
 from ..toolbelt.engine import exclusive_run, get_client
 from ..toolbelt.layers import band_names, raster_file
-from ..toolbelt.resources import opacity_for
 from .run_task import RunRequest, slug
 
 GROUP_NAME = "SARMAE similarity"
@@ -276,7 +275,7 @@ def add_similarity_layer(path: str, name: str, project: QgsProject, source_name:
     if not layer.isValid():
         raise EngineError(f"the similarity raster {path} cannot be read by QGIS", "failed")
     style_unit_interval(layer, minimum=ramp_minimum(layer), maximum=1.0)
-    layer.setOpacity(opacity_for("similarity"))  # translucent: the image stays readable
+    mark_output(layer, "similarity")  # translucent: the image stays readable
     root = project.layerTreeRoot()
     group = root.findGroup(GROUP_NAME)
     if group is None:  # right above the searched raster (label layers stay on top)

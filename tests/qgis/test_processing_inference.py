@@ -224,3 +224,6 @@ def test_outputs_loaded_by_processing_get_the_class_colours(assets, tmp_path, pr
     assert isinstance(renderer, QgsPalettedRasterRenderer)
     assert [(c.color.name(), c.label) for c in renderer.classes()] == [("#1f77b4", "water"), ("#d62728", "land")]
     assert isinstance(layers["confidence.tif"].renderer(), QgsSingleBandPseudoColorRenderer)
+    # translucent like the Run dialog's results, and marked as outputs (not offered first as a model input)
+    assert layers["classes.tif"].opacity() < 1 and layers["confidence.tif"].opacity() < 1
+    assert layers["classes.tif"].customProperty("sarmae/role") == "class"
