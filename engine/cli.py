@@ -34,6 +34,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     """A randomly initialised package (for tests, demos and trying the pipeline)."""
     if a.method:
         return _init_method(a)
+    if a.clip:
+        return _init_clip(a)
     import torch
 
     from .models import create_model
@@ -60,6 +62,33 @@ def cmd_init(a: argparse.Namespace) -> int:
     save_package(model.state_dict(), card, a.output, overwrite=a.overwrite)
     print(f"wrote {a.output}: {a.task} model {arch['name']}, {a.in_chans} channel(s), input {a.img_size}px"
           + (f", classes {', '.join(a.classes)}" if classes else "") + " (random weights)")
+    return 0
+
+
+def _init_clip(a: argparse.Namespace) -> int:
+    """A CLIP (zeroshot) package with random weights: an open_clip model name, or --clip-config."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .clip import build_clip, clip_card, save_clip_package
+
+    cfg = None
+    if a.clip_config:
+        text = Path(a.clip_config).read_text() if Path(a.clip_config).is_file() else a.clip_config
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SarmaeError(f"--clip-config: neither a JSON file nor JSON text ({e}): give an open_clip config "
+                              "such as {\"embed_dim\": 32, \"vision_cfg\": {...}, \"text_cfg\": {...}}") from e
+    name = None if a.clip == "custom" else a.clip
+    torch.manual_seed(a.seed)
+    card = clip_card(a.name or f"{a.clip}-clip-random", name, cfg, source=a.source, bands=a.bands,
+                     provenance={"training": f"none: random initialisation (seed {a.seed})"})
+    save_clip_package(build_clip(card), card, a.output, overwrite=a.overwrite)
+    print(f"wrote {a.output}: zeroshot CLIP {a.clip}, bands {'+'.join(card.input.bands)}, input "
+          f"{card.input_size[0]}px, {a.source} scaling (random weights)")
     return 0
 
 
@@ -248,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width for --task reconstruct (default: %(default)s)")
     s.add_argument("--decoder-depth", type=int, default=8, help="MAE decoder blocks for --task reconstruct (default: %(default)s)")
     s.add_argument("--name", help="model name shown in QGIS (default: derived from arch and task)")
+    g = s.add_argument_group("a CLIP package (task zeroshot): open_clip's model, tokenizer and prompts")
+    g.add_argument("--clip", metavar="ARCH", help="open_clip architecture, e.g. ViT-B-32, RN50-quickgelu; custom: "
+                   "--clip-config alone")
+    g.add_argument("--clip-config", metavar="JSON", help="the open_clip config (JSON text or file), e.g. a tiny model")
+    g.add_argument("--source", default="sarclip", choices=["sarclip", "sarvlm", "db"],
+                   help="input scaling: sarclip (SARCLIP's dB ranges), sarvlm (min-max 8-bit, CLIP mean/std), "
+                   "db (the project's dB clip) (default: %(default)s)")
     c = s.add_argument_group("a method without a network: --task detect --method cfar (constant false-alarm rate "
                              "on linear power; no weights, no training)")
     c.add_argument("--method", help="a method of the task instead of a network: cfar (with --task detect)")
