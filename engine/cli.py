@@ -67,21 +67,11 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 def _init_clip(a: argparse.Namespace) -> int:
     """A CLIP (zeroshot) package with random weights: an open_clip model name, or --clip-config."""
-    import json
-    from pathlib import Path
-
     import torch
 
     from .clip import build_clip, clip_card, save_clip_package
 
-    cfg = None
-    if a.clip_config:
-        text = Path(a.clip_config).read_text() if Path(a.clip_config).is_file() else a.clip_config
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SarmaeError(f"--clip-config: neither a JSON file nor JSON text ({e}): give an open_clip config "
-                              "such as {\"embed_dim\": 32, \"vision_cfg\": {...}, \"text_cfg\": {...}}") from e
+    cfg = _clip_config(a.clip_config)
     name = None if a.clip == "custom" else a.clip
     torch.manual_seed(a.seed)
     card = clip_card(a.name or f"{a.clip}-clip-random", name, cfg, source=a.source, bands=a.bands,
@@ -147,7 +137,29 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_config(text: str | None) -> dict | None:
+    """--clip-config: JSON text or a JSON file (an open_clip config)."""
+    import json
+    from pathlib import Path
+
+    if not text:
+        return None
+    try:
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except json.JSONDecodeError as e:
+        raise SarmaeError(f"--clip-config: neither a JSON file nor JSON text ({e}): give an open_clip config "
+                          "such as {\"embed_dim\": 32, \"vision_cfg\": {...}, \"text_cfg\": {...}}") from e
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
+    if a.clip:
+        from .clip.convert import convert_clip_checkpoint
+
+        report = convert_clip_checkpoint(a.checkpoint, a.output, a.clip, _clip_config(a.clip_config), a.source,
+                                         a.bands, a.name, quick_gelu=a.quick_gelu, overwrite=a.overwrite)
+        print(report.summary())
+        print(f"wrote {a.output}: zeroshot package of open_clip {a.clip}")
+        return 0
     from .convert import convert_checkpoint
 
     report = convert_checkpoint(a.checkpoint, a.output, arch=a.arch, task=a.task, in_chans=a.in_chans,
@@ -326,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bands", type=_csv, help="channel names in order, e.g. VV,VH")
     s.add_argument("--name", help="model name (default: the checkpoint's file name)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    g = s.add_argument_group("a CLIP checkpoint (SARCLIP .safetensors, SARVLM epoch_N.pt) -> a zeroshot package")
+    g.add_argument("--clip", metavar="ARCH", help="its open_clip architecture, e.g. ViT-B-32, RN50-quickgelu, ViT-L-14; "
+                   "custom: --clip-config")
+    g.add_argument("--clip-config", metavar="JSON", help="the open_clip config (JSON text or file) of a custom model")
+    g.add_argument("--source", choices=["sarclip", "sarvlm", "db"], help="input scaling (default: the checkpoint's "
+                   "format: sarclip for safetensors, sarvlm for epoch_N.pt)")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the config's QuickGELU (models fine-tuned from OpenAI weights use it)")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("infer", help="run a model over SAR raster(s) of any size",
