@@ -73,3 +73,30 @@ def test_wrong_package_or_empty_text_is_refused(assets, clip_pkg, tmp_path):
         processing.run("sarmae:zeroshot", {"INPUT": str(assets / "scene.tif"), "MODEL": str(clip_pkg),
                                            "CLASSES": "water,land,water", "OUTPUT": str(tmp_path / "x.tif"),
                                            "CONFIDENCE": str(tmp_path / "xc.tif")})
+
+
+def test_run_task_adds_styled_clip_layers(assets, clip_pkg, tmp_path, project):
+    """The Run tab's path: a RunRequest with classes, then with phrases, through RunTask."""
+    from qgis.core import QgsPalettedRasterRenderer, QgsSingleBandPseudoColorRenderer
+
+    from sarmae_qgis.tasks.run_task import RunRequest, RunTask
+
+    def run(name: str, **kw) -> RunTask:
+        task = RunTask(RunRequest(run_name=name, layer_name="scene", raster_path=str(assets / "scene.tif"),
+                                  model_path=str(clip_pkg), model_name="tiny-clip", task="zeroshot",
+                                  output_dir=str(tmp_path / name), **kw))
+        ok = task.run()
+        task.finished(ok)
+        assert ok, task.error
+        return task
+
+    t = run("classes", classes=("water", "land"))
+    layers = [node.layer() for node in t.group.findLayers()]
+    assert sorted(lyr.name() for lyr in layers) == ["classes", "classes", "confidence"]  # cells, raster, confidence
+    assert sum(isinstance(lyr, QgsVectorLayer) for lyr in layers) == 1
+    assert any(isinstance(lyr.renderer(), QgsPalettedRasterRenderer) for lyr in layers if isinstance(lyr, QgsRasterLayer))
+    assert "water" in t.summary and " s" in t.summary
+    q = run("ships", query=("ships at sea",))
+    (sim,) = [node.layer() for node in q.group.findLayers()]
+    assert isinstance(sim.renderer(), QgsSingleBandPseudoColorRenderer) and sim.renderer().classificationMin() == -1.0
+    assert "'ships at sea' best cosine" in q.summary
