@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import SarmaeError
 from ..types import InferenceOptions, InferenceResult
-from .base import Task, sibling
+from .base import Task, sibling, softmax
 
 if TYPE_CHECKING:
     from ..card import ModelCard
@@ -80,6 +80,8 @@ class ZeroshotTask(Task):
             raise SarmaeError("a zeroshot package needs --classes (e.g. --classes \"water,urban,forest\") for a "
                               "class map, or --query \"ships at sea\" for a similarity raster")
         check_classes(options.classes)
+        if len(options.classes) > 254:  # uint8 class raster, 255 = no data
+            raise SarmaeError(f"--classes: {len(options.classes)} names; a class map holds at most 254 classes")
         if options.templates is not None:
             check_templates(options.templates)
         if options.extent is not None:
@@ -129,8 +131,7 @@ class ZeroshotTask(Task):
         k = text_embeddings(clip, names, options.templates).cpu().numpy()  # (K, D)
         ok = scene.has_data
         logits = LOGIT_SCALE * np.nan_to_num(scene.emb) @ k.T  # (R, C, K)
-        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs = (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+        probs = softmax(logits, axis=-1).astype(np.float32)
         cls = np.where(ok, probs.argmax(axis=-1), 255).astype(np.uint8)
         conf = np.where(ok, probs.max(axis=-1), np.nan).astype(np.float32)
         rows, cols = cls.shape
