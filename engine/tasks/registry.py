@@ -36,6 +36,8 @@ BUILTIN = {
     "segment": "engine.tasks.segment:SegmentTask",
     "detect": "engine.tasks.detect:DetectTask",
     "detect.cfar": "engine.tasks.cfar:CfarTask",
+    "zeroshot": "engine.tasks.zeroshot:ZeroshotTask",
+    "textquery": "engine.tasks.textquery:TextqueryTask",
 }
 
 

@@ -15,6 +15,8 @@ from .inference import (
     EmbedAlgorithm,
     ReconstructAlgorithm,
     SegmentAlgorithm,
+    TextqueryAlgorithm,
+    ZeroshotAlgorithm,
 )
 from .packages import ExportOnnxAlgorithm
 from .similarity import SimilarityAlgorithm
@@ -22,7 +24,8 @@ from .training import FinetuneAlgorithm, PretrainAlgorithm
 
 PROVIDER_ID = "sarmae"
 ALGORITHMS = (SegmentAlgorithm, DetectAlgorithm, CfarAlgorithm, ClassifyAlgorithm, EmbedAlgorithm, ReconstructAlgorithm,
-              SimilarityAlgorithm, FinetuneAlgorithm, PretrainAlgorithm, ExportOnnxAlgorithm)
+              ZeroshotAlgorithm, TextqueryAlgorithm, SimilarityAlgorithm, FinetuneAlgorithm, PretrainAlgorithm,
+              ExportOnnxAlgorithm)
 
 
 class SarmaeProvider(QgsProcessingProvider):
