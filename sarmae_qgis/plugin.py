@@ -66,8 +66,13 @@ class SarmaePlugin:
         from .processing.provider import SarmaeProvider
 
         if self.provider is None:
-            self.provider = SarmaeProvider()
-            QgsApplication.processingRegistry().addProvider(self.provider)
+            provider = SarmaeProvider()
+            # False when a provider with the id is registered already (another copy of the plugin, a
+            # reload that lost track of it); the registry then deletes ours: never keep a dead one
+            if QgsApplication.processingRegistry().addProvider(provider):
+                self.provider = provider
+            else:
+                log.warning("a Processing provider 'sarmae' is registered already: keeping that one")
 
     # ---- GUI ----------------------------------------------------------------------------------
     def initGui(self) -> None:  # noqa: N802  # name required by QGIS
@@ -169,9 +174,9 @@ class SarmaePlugin:
             self.iface.mainWindow().removeToolBar(self.toolbar)
             self.toolbar.deleteLater()
             self.toolbar = None
-        if self.provider is not None:
+        if self.provider is not None and not sip.isdeleted(self.provider):
             QgsApplication.processingRegistry().removeProvider(self.provider)
-            self.provider = None
+        self.provider = None
         cancel_tasks(self.tasks)
         self.tasks.clear()
         shutdown_client()
