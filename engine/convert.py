@@ -12,7 +12,6 @@ work. Encoder packages drop the decoder and mask token; reconstruct packages kee
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,14 +206,6 @@ def _is_interesting(key: str) -> bool:
     return not key.startswith(("optical_encoder.", "sar_alignment_ffn.", "module.optical_encoder."))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plain(v):
     """JSON-safe copy of checkpoint metadata (argparse.Namespace -> dict, tensors -> lists)."""
     if isinstance(v, argparse.Namespace):
@@ -252,7 +243,11 @@ def convert_checkpoint(path: str | Path, output: str | Path, arch: str | None = 
     own_input = ckpt.get("sarmae_input")
     if isinstance(own_input, dict) and not in_chans and own_input.get("units"):
         contract = {**own_input, "bands": bands or own_input["bands"]}  # the training data's scaling
-    prov = {"converted_from": path.name, "source_sha256": file_sha256(path), "conversion": report.summary()}
+    from .package import sha256_stream
+
+    with open(path, "rb") as f:
+        source_sha256 = sha256_stream(f)
+    prov = {"converted_from": path.name, "source_sha256": source_sha256, "conversion": report.summary()}
     if isinstance(ckpt.get("config"), dict):
         prov["pretraining_config"] = plain(ckpt["config"])
     if "step" in ckpt:
