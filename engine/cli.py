@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import SarmaeError
+from .errors import SarmaeError, describe_system_error
 
 EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
@@ -403,14 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     except SarmaeError as e:
         print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `sarmae info PKG | head`: the reader left, nothing is wrong
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, MemoryError) as e:  # a missing or locked file, a full disk, no memory: a sentence
+        sentence = describe_system_error(e)
+        if sentence is None:
+            raise
+        print(f"sarmae {args.command}: error: {sentence}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

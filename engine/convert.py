@@ -55,6 +55,8 @@ def safe_load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint; copy it again from its source")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,7 +68,9 @@ def safe_load_checkpoint(path: str | Path) -> dict:
             "in a trusted environment"
         ) from e
     except Exception as e:  # torch.load raises many types on non-checkpoints (KeyError, RuntimeError, ...)
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be truncated: copy it "
+                              "again from its source") from e
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj

@@ -79,6 +79,14 @@ class _Source:
         except (KeyError, FileNotFoundError) as e:
             raise PackageError(f"{self.path}: {name} is missing from the model package") from e
 
+    def read_prefix(self, name: str, n: int) -> bytes:
+        """The first ``n`` bytes of one file (a header), without reading the rest."""
+        try:
+            with (self.zip.open(self.prefix + name) if self.zip is not None else open(self.path / name, "rb")) as f:
+                return f.read(n)
+        except (KeyError, FileNotFoundError) as e:
+            raise PackageError(f"{self.path}: {name} is missing from the model package") from e
+
     def has(self, name: str) -> bool:
         if self.zip is not None:
             return (self.prefix + name) in self.zip.namelist()
@@ -183,14 +191,27 @@ def require_network(path: Path, card: ModelCard) -> None:
                            "run it with 'sarmae infer', or choose a package with a model")
 
 
+def check_weights_shapes(path: str | os.PathLike, card: ModelCard) -> None:
+    """The card's encoder sizes against the weights' shapes, from the safetensors header alone
+    (``engine.weights_header``): before any model is built or any memory allocated for it."""
+    from .weights_header import check_card_shapes, read_safetensors_header
+
+    path, name = Path(path), card.weights.get("file", WEIGHTS)
+    src = _Source(path)
+    check_card_shapes(card, read_safetensors_header(lambda n: src.read_prefix(name, n), f"{path} ({name})"),
+                      str(path / CARD))
+
+
 def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> ModelCard:
-    """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
+    """Check the weights' sha256 and the card's sizes against their shapes without loading them
+    (streamed; no torch)."""
     path = Path(path)
     card = card or read_card(path)
     require_network(path, card)
     digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
+    check_weights_shapes(path, card)
     return card
 
 
@@ -295,6 +316,7 @@ def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> t
     path = Path(path)
     card = card or read_card(path)
     data = read_weights(path, card)
+    check_weights_shapes(path, card)
     try:
         return card, st_load(data)
     except Exception as e:  # safetensors raises its own error types
