@@ -178,10 +178,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     pkg = _open_package(model)
     card = pkg.card
     task = task_for(card)
-    out = Path(output)
-    if not out.suffix:
-        out = out.with_suffix(task.output_suffix)
-    out = check_output(out, inputs, opts.overwrite)
+    out = check_output(task.output_path(output), inputs, opts.overwrite)
     if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
         result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
         elapsed = time.perf_counter() - t0
