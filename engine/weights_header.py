@@ -73,3 +73,23 @@ def check_card_shapes(card, shapes: dict, where: str) -> None:
     if problems:
         raise PackageError(f"{where}: model.json does not describe the weights: " + "; ".join(problems)
                            + ". Fix model.json's 'architecture.encoder' or re-export the package")
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a Rust ``HashMap``, whose order changes from one call to the
+    next: the same tensors gave files with different sha256 (two identical fine-tuning runs looked
+    different). The header is rewritten in place with the same length (the same compact JSON, keys
+    sorted), so the tensors' offsets do not move; a header that would not fit is left as it was.
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n].decode("utf-8"))
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return blob
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+    if len(text) > n:
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n:]
