@@ -400,7 +400,9 @@ def save_package(state_dict: dict | bytes | None, card: ModelCard, dest: str | o
         from safetensors.torch import save as st_save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        from .weights_header import canonical_safetensors  # the same tensors, the same bytes (sha256)
+        from .weights_header import (
+            canonical_safetensors,  # the same tensors, the same bytes (sha256)
+        )
 
         files[WEIGHTS] = blob = canonical_safetensors(
             st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task}))
