@@ -139,3 +139,38 @@ def test_convert_an_empty_checkpoint_says_so(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "cut.pth"), "-o", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "not a readable PyTorch checkpoint (" in err and "()" not in err
+
+
+def test_system_errors_on_bad_input_are_sentences_not_internal():
+    import errno
+
+    from engine import protocol as P
+    from engine.errors import describe_system_error
+
+    cases = [(FileNotFoundError(errno.ENOENT, "No such file", "/d/a.tif"), "/d/a.tif: no such file"),
+             (PermissionError(errno.EACCES, "Permission denied", "/d/o.tif"), "/d/o.tif: permission denied"),
+             (OSError(errno.ENOSPC, "No space left on device", "/d/o.tif"), "disk full while writing /d/o.tif"),
+             (MemoryError(), "out of memory"), (IsADirectoryError(errno.EISDIR, "Is a directory", "/d"), "/d is a folder")]
+    for exc, words in cases:
+        event = P.error_from_exception("r1", exc)
+        assert event["error"]["code"] == "failed" and "traceback" not in event["error"], event
+        assert words in event["error"]["message"] and words in describe_system_error(exc)
+    bug = P.error_from_exception("r2", ZeroDivisionError("boom"))
+    assert bug["error"]["code"] == "internal" and "traceback" in bug["error"]  # a real bug keeps its traceback
+    assert describe_system_error(KeyError("x")) is None
+
+
+def test_cli_turns_a_system_error_into_a_sentence(monkeypatch, capsys, tiny_package):
+    import errno
+
+    import engine.cli as cli
+
+    def full_disk(a):
+        raise OSError(errno.ENOSPC, "No space left on device", "/mnt/full/out.tif")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(func=full_disk)
+    assert cli.main(["info", str(tiny_package("segment"))]) == 2
+    err = capsys.readouterr().err
+    assert "sarmae info: error: disk full while writing /mnt/full/out.tif" in err and "Traceback" not in err
