@@ -106,6 +106,8 @@ def check_options(opts) -> None:
         o.bands = list(o.bands)
     if o.extent is not None:
         e = o.extent
+        if isinstance(e, (list, tuple)):  # JSON's 10.0 is 10
+            e = [int(v) if isinstance(v, float) and v.is_integer() else v for v in e]
         if (not isinstance(e, (list, tuple)) or len(e) != 4
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in e)
                 or e[2] < 1 or e[3] < 1):
