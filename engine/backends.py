@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SarmaeError
+from .errors import PackageError, SarmaeError
 from .precision import resolve_precision
 from .tasks import TASKS, get_task
 
@@ -66,7 +66,12 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
         model = str(onnx_model) if isinstance(onnx_model, (str, os.PathLike)) else onnx_model
-        self.session = ort.InferenceSession(model, opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, opts, providers=providers)
+        except Exception as e:  # onnxruntime's own error types (INVALID_PROTOBUF, NOT_IMPLEMENTED, ...)
+            what = model if isinstance(model, str) else "the ONNX model"
+            raise PackageError(f"{what}: onnxruntime cannot open it ({str(e).splitlines()[0][:300]}); re-export it "
+                               "with 'sarmae export', or run with --backend torch") from e
         self.input_name = self.session.get_inputs()[0].name
         self.task, self.precision = task, precision
 
@@ -144,7 +149,12 @@ def _onnx_backend(package, task: str, device: str, threads: int | None, precisio
         raise SarmaeError(f"{package.path}: the package has no model.onnx; run 'sarmae export {package.path}' first")
     if not get_task(task).onnx:
         raise SarmaeError(f"'{task}' models run with --backend torch only (onnxruntime: {', '.join(onnx_tasks())})")
-    return OnnxBackend(package.onnx_model(precision), task, device, threads, precision)
+    from .onnx_check import check_onnx_signature, onnx_where
+    from .package import ONNX_FILES
+
+    backend = OnnxBackend(package.onnx_model(precision), task, device, threads, precision)
+    check_onnx_signature(backend.session, package.card, onnx_where(package.path, ONNX_FILES[precision]))
+    return backend
 
 
 def _int8_backend(kind: str, package, task: str, threads: int | None, why: str, log):
@@ -186,7 +196,12 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
     if precision != "fp32":
         chosen_precision, why = resolve_precision(precision, package, device)
         if chosen_precision == "int8":
-            return _int8_backend(kind, package, task, threads, why, log)
+            try:
+                return _int8_backend(kind, package, task, threads, why, log)
+            except PackageError as e:
+                if kind != "auto" or precision == "int8":
+                    raise
+                log(f"warning: {e}; precision auto falls back to fp32")
         if getattr(package, "has_int8", False):  # a decision worth a line only when int8 was there to take
             log(f"precision fp32 ({why})")
     onnx_ok = package.has_onnx and get_task(task).onnx
@@ -205,23 +220,29 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
         choices = json.loads(cache.read_text())
     except (OSError, ValueError):
         choices = {}
-    if key in choices:
-        chosen = choices[key]["backend"]
-    else:
-        batch = np.random.default_rng(0).standard_normal(batch_shape).astype(np.float32)
-        tb = _torch_backend(package, task, device, threads)
+    chosen = choices.get(key, {}).get("backend")
+    if chosen == "torch":
+        log(f"backend auto: torch (cached choice for this model and machine, {cache})")
+        return _torch_backend(package, task, device, threads, mask_ratio)
+    try:  # a model.onnx that fails its checks (hash, header, signature, garbage) is not worth a failed run
         ob = _onnx_backend(package, task, device, threads)
-        t_torch, t_onnx = measure(tb, batch), measure(ob, batch)
-        chosen = "onnxruntime" if t_onnx < t_torch else "torch"
-        choices[key] = {"backend": chosen, "torch_s": t_torch, "onnx_s": t_onnx}
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(choices, indent=1))
-            os.replace(tmp, cache)
-        except OSError:
-            pass
-        log(f"backend auto: torch {t_torch * 1000:.0f} ms/batch, onnxruntime {t_onnx * 1000:.0f} ms/batch -> {chosen}")
-        return ob if chosen == "onnxruntime" else tb
-    log(f"backend auto: {chosen} (cached choice for this model and machine, {cache})")
-    return choose_backend(chosen, package, device, batch_shape, threads, log, mask_ratio)
+    except PackageError as e:
+        log(f"warning: {e}; backend auto falls back to torch (the package's weights)")
+        return _torch_backend(package, task, device, threads, mask_ratio)
+    if chosen == "onnxruntime":
+        log(f"backend auto: onnxruntime (cached choice for this model and machine, {cache})")
+        return ob
+    batch = np.random.default_rng(0).standard_normal(batch_shape).astype(np.float32)
+    tb = _torch_backend(package, task, device, threads)
+    t_torch, t_onnx = measure(tb, batch), measure(ob, batch)
+    chosen = "onnxruntime" if t_onnx < t_torch else "torch"
+    choices[key] = {"backend": chosen, "torch_s": t_torch, "onnx_s": t_onnx}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    log(f"backend auto: torch {t_torch * 1000:.0f} ms/batch, onnxruntime {t_onnx * 1000:.0f} ms/batch -> {chosen}")
+    return ob if chosen == "onnxruntime" else tb

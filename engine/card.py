@@ -15,7 +15,9 @@ model.json, format_version 2 (version 1 cards, without ``output``, still load)::
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
      "weights": {"file": "weights.safetensors", "sha256": hex, "format": "safetensors"},
      "onnx": {"fp32": {"file": "model.onnx", "sha256": hex},            # optional: the ONNX files,
-              "int8": {"file": "model.int8.onnx", "sha256": hex, "method": str, "gate": {...}}}}
+              "int8": {"file": "model.int8.onnx", "sha256": hex, "method": str, "gate": {...}}},
+     "files": {name: sha256 hex}}                                      # optional: every other file of the
+                                                                         # package (vocabularies, curves, ...)
 
 A task (or a task's method, e.g. ``detect`` + ``cfar``) without a network (``Task.needs_weights``
 False) has no ``architecture.encoder``, may have no ``input``, and has ``"weights": {}``; its settings
@@ -234,6 +236,7 @@ class ModelCard:
     weights: dict = field(default_factory=dict)
     output: str | None = None
     onnx: dict = field(default_factory=dict)  # precision (fp32, int8) -> {"file", "sha256", ...}: the ONNX files
+    files: dict = field(default_factory=dict)  # every other file of the package (vocabularies, ...) -> sha256
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -284,7 +287,8 @@ class ModelCard:
         d = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
              "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
              "input": None if self.input is None else self.input.to_dict(), "output": self.output,
-             "provenance": self.provenance, "weights": self.weights, **({"onnx": self.onnx} if self.onnx else {})}
+             "provenance": self.provenance, "weights": self.weights, **({"onnx": self.onnx} if self.onnx else {}),
+             **({"files": self.files} if self.files else {})}
         return {k: v for k, v in d.items() if not (k == "input" and v is None)}
 
 
@@ -338,11 +342,15 @@ def validate_card(d: Any, where: str) -> ModelCard:
         problems.append("'weights.sha256' must be a 64-character hex digest")
     onnx = d.get("onnx", {})
     problems += _onnx_problems(onnx)
+    files = d.get("files", {})
+    if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                            for k, v in files.items())):
+        problems.append("'files' must be an object {file name: 64-character hex sha256}")
     if problems:
         raise PackageError(f"{where}: invalid model.json: " + "; ".join(problems))
     try:
         return ModelCard(name=d["name"], task=task.name, architecture=arch, input=inp, classes=classes,
-                         provenance=d.get("provenance", {}), weights=w, output=output, onnx=onnx, format=d["format"],
+                         provenance=d.get("provenance", {}), weights=w, output=output, onnx=onnx, files=files, format=d["format"],
                          format_version=fv)
     except PackageError as e:  # the task's own checks of the card (e.g. CFAR's settings)
         raise PackageError(f"{where}: invalid model.json: {e}") from e

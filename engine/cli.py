@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import SarmaeError
+from .errors import SarmaeError, describe_system_error
 
 EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="print a model package's card", description="Print the model card of a package.")
     s.add_argument("package", help="package folder or .zip")
     s.add_argument("--json", action="store_true", help="print model.json as JSON")
-    s.add_argument("--verify", action="store_true", help="also check the weights' sha256")
+    s.add_argument("--verify", action="store_true", help="also check every file of the package against model.json "
+                   "(sha256 of the weights, ONNX models and other files; each ONNX model's header against the card)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("convert", help="convert an official SARMAE/MAE checkpoint into a package",
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input raster; repeat for separate polarisation files on the same grid (e.g. VV then VH)")
     s.add_argument("--output", "-o", required=True,
                    help="main output: .tif (segment/embed/reconstruct) or .gpkg (detect/classify); extras go beside it")
-    s.add_argument("--window", type=int, help="window size in px (default: the model's input size)")
+    s.add_argument("--window", type=int, help="window size in px, at least 32 and a multiple of the model's patch size; "
+                   "refused when a batch of them needs more memory than is free (default: the model's input size)")
     s.add_argument("--overlap", type=float, help="overlap between windows, 0..0.9 (default 0.25; classify 0)")
     s.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
@@ -365,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["fp32", "int8", "auto"],
                    help="fp32, int8 (the package's model.int8.onnx, through onnxruntime on the CPU), or auto: int8 when "
                         "the package has it and the CPU has int8 dot products (VNNI / AMX), else fp32 (default: %(default)s)")
-    s.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    s.add_argument("--threads", type=int, help="CPU threads for the model, at least 1 (default: all cores)")
     s.add_argument("--bands", type=_csv, help="bands in the model's order: 1-based indexes or names, e.g. VV,VH or 2,1")
     s.add_argument("--input-units", help="what the file holds, overriding detection: db | linear_power | amplitude | uint8")
     s.add_argument("--complex-mode", default="intensity", choices=["intensity", "amplitude"],
@@ -464,14 +466,20 @@ def main(argv: list[str] | None = None) -> int:
     except SarmaeError as e:
         print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `sarmae info PKG | head`: the reader left, nothing is wrong
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, MemoryError) as e:  # a missing or locked file, a full disk, no memory: a sentence
+        sentence = describe_system_error(e)
+        if sentence is None:
+            raise
+        print(f"sarmae {args.command}: error: {sentence}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

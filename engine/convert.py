@@ -12,7 +12,6 @@ work. Encoder packages drop the decoder and mask token; reconstruct packages kee
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ def safe_load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint; copy it again from its source")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -67,7 +68,9 @@ def safe_load_checkpoint(path: str | Path) -> dict:
             "in a trusted environment"
         ) from e
     except Exception as e:  # torch.load raises many types on non-checkpoints (KeyError, RuntimeError, ...)
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be truncated: copy it "
+                              "again from its source") from e
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
@@ -207,14 +210,6 @@ def _is_interesting(key: str) -> bool:
     return not key.startswith(("optical_encoder.", "sar_alignment_ffn.", "module.optical_encoder."))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plain(v):
     """JSON-safe copy of checkpoint metadata (argparse.Namespace -> dict, tensors -> lists)."""
     if isinstance(v, argparse.Namespace):
@@ -252,7 +247,11 @@ def convert_checkpoint(path: str | Path, output: str | Path, arch: str | None = 
     own_input = ckpt.get("sarmae_input")
     if isinstance(own_input, dict) and not in_chans and own_input.get("units"):
         contract = {**own_input, "bands": bands or own_input["bands"]}  # the training data's scaling
-    prov = {"converted_from": path.name, "source_sha256": file_sha256(path), "conversion": report.summary()}
+    from .package import sha256_stream
+
+    with open(path, "rb") as f:
+        source_sha256 = sha256_stream(f)
+    prov = {"converted_from": path.name, "source_sha256": source_sha256, "conversion": report.summary()}
     if isinstance(ckpt.get("config"), dict):
         prov["pretraining_config"] = plain(ckpt["config"])
     if "step" in ckpt:

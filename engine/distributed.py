@@ -140,14 +140,14 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
         if not task_for(card).windowed:
             raise SarmaeError(f"{model}: {card.architecture.name} reads whole rasters by strips and is not split over "
                               "torchrun ranks: run it without torchrun (or give each rank its rasters: run_batch)")
-        size = opts.window or card.input_size[0]
-        if size % card.patch_size:
-            raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
+        from .options import check_options, check_window
+
+        check_options(opts)
+        size = check_window(opts, card, 0)  # the raster's width is not known yet: the window's own memory
         if rank != 0:
             return None
         task = task_for(card)
-        out = Path(output)
-        out = check_output(out if out.suffix else out.with_suffix(task.output_suffix), inputs, opts.overwrite)
+        out = check_output(task.output_path(output), inputs, opts.overwrite)
         for extra in task.extra_outputs(out, opts):
             check_output(extra, inputs, opts.overwrite)
         with SarRaster.open(inputs, opts.bands, opts.complex_mode) as raster:

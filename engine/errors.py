@@ -19,6 +19,10 @@ class ModelConfigError(SarmaeError, ValueError):
     """An architecture name or model option is unknown or inconsistent."""
 
 
+class OptionError(SarmaeError, ValueError):
+    """A run option has the wrong type or is out of range (or its window needs more memory than there is)."""
+
+
 class RasterInputError(SarmaeError, OSError):
     """An input raster is missing, unreadable, or does not meet the model's input contract."""
 
@@ -41,3 +45,33 @@ def missing_dependency(module: str, extra: str = "") -> SarmaeError:
     return SarmaeError(
         f"The Python module '{module}' is not installed in this environment. Install it with: {hint}"
     )
+
+
+def describe_system_error(e: BaseException) -> str | None:
+    """A sentence for an error the system raised on bad input or a full / locked machine (a file
+    missing or unreadable, no permission, disk full, out of memory), naming the file and what to
+    do; None for anything else (a bug: the caller shows its traceback)."""
+    import errno
+
+    if isinstance(e, MemoryError):
+        return ("out of memory: the run needs more memory than this machine has free; use a smaller --window "
+                "or --batch-size, or close other programs")
+    if not isinstance(e, OSError) or isinstance(e, SarmaeError):
+        return None
+    name = e.filename if e.filename is not None else "a file"
+    if isinstance(e, FileNotFoundError):
+        return f"{name}: no such file or folder; check the path"
+    if isinstance(e, PermissionError):
+        return f"{name}: permission denied; choose a file or folder you may read (inputs) or write (outputs)"
+    if isinstance(e, IsADirectoryError):
+        return f"{name} is a folder; give a file"
+    if isinstance(e, NotADirectoryError):
+        return f"{name}: a part of the path is a file, not a folder; check the path"
+    if e.errno == errno.ENOSPC:
+        return f"disk full while writing {name}; free some space or write to another disk"
+    if e.errno in (errno.EROFS, errno.EACCES):
+        return f"{name}: the file system is read-only or locked; write to another folder"
+    if e.errno is not None and e.strerror:
+        return f"{name}: {e.strerror} (errno {e.errno}); check the file and the disk"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{msg[:300]}; check the file named there (it may be damaged or not what it seems)"

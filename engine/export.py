@@ -62,8 +62,8 @@ def export_package(package: str | Path, output: str | Path | None = None, opset:
     model.onnx that matches model.json is reused, else exported first) into the package."""
     from .package import (
         load_package,
-        load_state_dict,
         read_extra_files,
+        read_weights,
         require_network,
         save_package,
     )
@@ -89,8 +89,8 @@ def export_package(package: str | Path, output: str | Path | None = None, opset:
     elif pkg.has_int8 and "int8" in card.onnx:  # same weights: the int8 model stays valid
         pkg.onnx_model("int8")
         int8 = pkg.read_onnx("int8")
-    _, sd = load_state_dict(pkg.path, card)
+    weights = read_weights(pkg.path, card)  # the same file: the sha256 model.onnx's metadata records stays true
     extra = read_extra_files(pkg.path, card)  # training curves, confusion matrix, ...: kept as they are
     dest = Path(output or package)
-    save_package(sd, card, dest, onnx_bytes=blob, int8_bytes=int8, extra_files=extra, overwrite=True)
+    save_package(weights, card, dest, onnx_bytes=blob, int8_bytes=int8, extra_files=extra, overwrite=True)
     return ExportReport(dest, len(blob), diff, card.onnx.get("int8") if precision == "int8" else None, list(extra))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import CancelledError, RasterInputError, SarmaeError
+from .errors import CancelledError, RasterInputError
 from .tiling import Window
 from .types import CancelFn, InferenceOptions, InferenceResult, ProgressFn, RunContext
 
@@ -157,6 +157,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
         The result record. Raises ``SarmaeError`` subclasses with actionable messages.
     """
     from .backends import make_backend
+    from .options import check_options, check_window
     from .radiometry import Radiometry
     from .reader import SarRaster
     from .tasks import task_for
@@ -164,6 +165,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
 
     t0 = time.perf_counter()
     opts = options or InferenceOptions()
+    check_options(opts)  # before anything is opened: a sentence for a bad option, never a traceback
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     messages: list[str] = []
 
@@ -176,18 +178,13 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     pkg = _open_package(model)
     card = pkg.card
     task = task_for(card)
-    out = Path(output)
-    if not out.suffix:
-        out = out.with_suffix(task.output_suffix)
-    out = check_output(out, inputs, opts.overwrite)
+    out = check_output(task.output_path(output), inputs, opts.overwrite)
     if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
         result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
         elapsed = time.perf_counter() - t0
         return _record(result, t0, elapsed, card, inputs, opts, messages)
-    size = opts.window or card.input_size[0]
-    if size % card.patch_size:
-        raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")
     with SarRaster.open(inputs, opts.bands, opts.complex_mode) as raster:
+        size = check_window(opts, card, raster.width)  # the patch size, and memory, before any allocation
         say(f"input: {raster.describe()}")
         if raster.georeferencing == "none":
             say("the input has no CRS and no GCPs: outputs are in pixel coordinates")

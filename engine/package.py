@@ -45,6 +45,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_stream(f) -> str:
+    """sha256 of a binary file object, read in 1 MB chunks (never held whole in memory): the one
+    hashing helper of packages, checkpoints and exports (``sha256_bytes`` for bytes already read)."""
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 class _Source:
     """Read files of a package folder or zip uniformly."""
 
@@ -70,6 +79,14 @@ class _Source:
         except (KeyError, FileNotFoundError) as e:
             raise PackageError(f"{self.path}: {name} is missing from the model package") from e
 
+    def read_prefix(self, name: str, n: int) -> bytes:
+        """The first ``n`` bytes of one file (a header), without reading the rest."""
+        try:
+            with (self.zip.open(self.prefix + name) if self.zip is not None else open(self.path / name, "rb")) as f:
+                return f.read(n)
+        except (KeyError, FileNotFoundError) as e:
+            raise PackageError(f"{self.path}: {name} is missing from the model package") from e
+
     def has(self, name: str) -> bool:
         if self.zip is not None:
             return (self.prefix + name) in self.zip.namelist()
@@ -85,14 +102,11 @@ class _Source:
 
     def sha256(self, name: str) -> str:
         """sha256 of one file, streamed in chunks (the file is never held whole in memory)."""
-        digest = hashlib.sha256()
         try:
             with (self.zip.open(self.prefix + name) if self.zip is not None else open(self.path / name, "rb")) as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
+                return sha256_stream(f)
         except (KeyError, FileNotFoundError) as e:
             raise PackageError(f"{self.path}: {name} is missing from the model package") from e
-        return digest.hexdigest()
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -138,6 +152,17 @@ class LoadedPackage:
     def read_onnx(self, precision: str = "fp32") -> bytes:
         return _Source(self.path).read(ONNX_FILES[precision])
 
+    def read_file(self, name: str) -> bytes:
+        """Another file of the package (a vocabulary, a tokenizer), checked against its sha256 in
+        model.json's ``files`` (a file the card does not list is refused: it is not part of the package)."""
+        want = self.card.files.get(name)
+        if want is None:
+            raise PackageError(f"{self.path}: {name} is not listed in model.json's 'files' (no sha256): re-export "
+                               "the package with the file included")
+        data = _Source(self.path).read(name)
+        _check_digest(self.path, name, sha256_bytes(data), want)
+        return data
+
     def onnx_model(self, precision: str = "fp32") -> Path | bytes:
         """What onnxruntime opens, checked against its sha256 in model.json: the file of a folder
         package (not copied through Python), the bytes of a zipped one."""
@@ -166,52 +191,93 @@ def require_network(path: Path, card: ModelCard) -> None:
                            "run it with 'sarmae infer', or choose a package with a model")
 
 
+def check_weights_shapes(path: str | os.PathLike, card: ModelCard) -> None:
+    """The card's encoder sizes against the weights' shapes, from the safetensors header alone
+    (``engine.weights_header``): before any model is built or any memory allocated for it."""
+    from .weights_header import check_card_shapes, read_safetensors_header
+
+    path, name = Path(path), card.weights.get("file", WEIGHTS)
+    src = _Source(path)
+    check_card_shapes(card, read_safetensors_header(lambda n: src.read_prefix(name, n), f"{path} ({name})"),
+                      str(path / CARD))
+
+
 def verify_weights(path: str | os.PathLike, card: ModelCard | None = None) -> ModelCard:
-    """Check the weights' sha256 against the card without loading them (streamed; no torch)."""
+    """Check the weights' sha256 and the card's sizes against their shapes without loading them
+    (streamed; no torch)."""
     path = Path(path)
     card = card or read_card(path)
     require_network(path, card)
     digest = _Source(path).sha256(card.weights.get("file", WEIGHTS))
     if digest != card.weights["sha256"]:
         raise _hash_mismatch(path, digest, card)
+    check_weights_shapes(path, card)
     return card
 
 
 def verify_onnx(path: str | os.PathLike, card: ModelCard, precision: str = "fp32") -> bool:
-    """Check an ONNX file of the package against its sha256 in model.json (streamed). Returns False
-    for a model.onnx that the card does not cover (exported by an older sarmae); an int8 file must be
-    covered (its record holds the quality gate it passed)."""
+    """Check an ONNX file of the package against model.json: its sha256 (streamed), then its header
+    (``engine.onnx_check``: an ONNX model, exported from these weights, with the recorded opset).
+    Returns False for a model.onnx that the card does not cover (exported by an older sarmae; its
+    header is still checked); an int8 file must be covered (its record holds the quality gate it passed)."""
+    from .onnx_check import check_onnx_header, onnx_where, read_onnx_header
+
     path, name = Path(path), ONNX_FILES[precision]
     rec = card.onnx.get(precision)
-    if rec is None:
-        if precision == "fp32":
-            return False
+    if rec is None and precision != "fp32":
         raise PackageError(f"{path}: {name} is not recorded in model.json (no sha256, no quality gate); "
                            f"remake it with 'sarmae export {path} --precision int8'")
-    digest = _Source(path).sha256(rec.get("file", name))
-    if digest != rec["sha256"]:
-        raise PackageError(f"{path}: {name} does not match model.json (sha256 {digest[:12]}... expected "
-                           f"{rec['sha256'][:12]}...). The package is corrupt or was modified: re-copy it, or "
-                           f"re-export with 'sarmae export {path}" + (" --precision int8'" if precision == "int8" else "'"))
-    return True
+    src = _Source(path)
+    if rec is not None:
+        name = rec.get("file", name)
+        digest = src.sha256(name)
+        if digest != rec["sha256"]:
+            raise PackageError(f"{path}: {name} does not match model.json (sha256 {digest[:12]}... expected "
+                               f"{rec['sha256'][:12]}...). The package is corrupt or was modified: re-copy it, or "
+                               f"re-export with 'sarmae export {path}" + (" --precision int8'" if precision == "int8" else "'"))
+    where = onnx_where(path, name)
+    model = path / name if src.zip is None else src.read(name)
+    check_onnx_header(read_onnx_header(model, where), card, where, rec)
+    return rec is not None
 
 
 def verify_package(path: str | os.PathLike, card: ModelCard) -> dict[str, bool | None]:
     """Every file a package uses against model.json, streamed (no torch): file name -> True (sha256
-    verified), False (a model.onnx the card does not cover, from an older export); a package without
-    a network (CFAR) has no weights to check and gives {}. Raises PackageError on a mismatch."""
+    verified), False (not covered by the card: a model.onnx or another file from an older export,
+    whose header is still checked); a package without a network (CFAR) has no weights to check and
+    gives {}. Raises PackageError on a mismatch or a file the card lists that is missing."""
     from .tasks import task_for
 
     if not task_for(card).needs_weights:
         return {}
     verify_weights(path, card)
-    return {card.weights.get("file", WEIGHTS): True, **verify_onnx_files(path, card)}
+    return {card.weights.get("file", WEIGHTS): True, **verify_onnx_files(path, card), **verify_other_files(path, card)}
 
 
 def verify_onnx_files(path: str | os.PathLike, card: ModelCard) -> dict[str, bool]:
     """Check every ONNX file the package holds (``verify_onnx``): file name -> covered by model.json."""
     present = set(_Source(Path(path)).names())
     return {name: verify_onnx(path, card, prec) for prec, name in ONNX_FILES.items() if name in present}
+
+
+def verify_other_files(path: str | os.PathLike, card: ModelCard) -> dict[str, bool]:
+    """The package's other files (vocabularies, tokenizers, curves) against ``card.files``: name ->
+    True (sha256 verified) or False (present but not covered: a package written before ``files``)."""
+    path = Path(path)
+    src = _Source(path)
+    own = {CARD, WEIGHTS, ONNX, ONNX_INT8, card.weights.get("file", WEIGHTS),
+           *(rec.get("file") for rec in card.onnx.values())}
+    checked = {}
+    for name, want in card.files.items():
+        _check_digest(path, name, src.sha256(name), want)
+        checked[name] = True
+    return {**checked, **{n: False for n in src.names() if n not in own and n not in checked}}
+
+
+def _check_digest(path: Path, name: str, digest: str, want: str) -> None:
+    if digest != want:
+        raise PackageError(f"{path}: {name} does not match model.json (sha256 {digest[:12]}... expected {want[:12]}...). "
+                           "The package is corrupt or was modified: re-copy or re-export it")
 
 
 def read_extra_files(path: str | os.PathLike, card: ModelCard | None = None) -> dict[str, bytes]:
@@ -230,18 +296,27 @@ def read_extra_files(path: str | os.PathLike, card: ModelCard | None = None) -> 
     return {name: src.read(name) for name in names}
 
 
+def read_weights(path: str | os.PathLike, card: ModelCard | None = None) -> bytes:
+    """The weights file's bytes, checked against the card's sha256 (what ``save_package`` takes to
+    rewrite a package with the very same weights file, e.g. ``sarmae export``)."""
+    path = Path(path)
+    card = card or read_card(path)
+    require_network(path, card)
+    data = _Source(path).read(card.weights.get("file", WEIGHTS))
+    digest = sha256_bytes(data)
+    if digest != card.weights["sha256"]:
+        raise _hash_mismatch(path, digest, card)
+    return data
+
+
 def load_state_dict(path: str | os.PathLike, card: ModelCard | None = None) -> tuple[ModelCard, dict]:
     """Validate the card and the weights' hash; return (card, state_dict of CPU tensors)."""
     from safetensors.torch import load as st_load
 
     path = Path(path)
     card = card or read_card(path)
-    require_network(path, card)
-    src = _Source(path)
-    data = src.read(card.weights.get("file", WEIGHTS))
-    digest = sha256_bytes(data)
-    if digest != card.weights["sha256"]:
-        raise _hash_mismatch(path, digest, card)
+    data = read_weights(path, card)
+    check_weights_shapes(path, card)
     try:
         return card, st_load(data)
     except Exception as e:  # safetensors raises its own error types
@@ -294,11 +369,13 @@ def new_card(name: str, task: str, architecture: dict, input_contract: dict, cla
                      classes=classes or [], provenance=prov, weights={})
 
 
-def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
+def save_package(state_dict: dict | bytes | None, card: ModelCard, dest: str | os.PathLike, onnx_bytes: bytes | None = None,
                  extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
                  int8_bytes: bytes | None = None) -> Path:
     """Write a package folder (or ``.zip`` when ``dest`` ends with .zip) atomically; ``state_dict``
-    None: a package without weights (a task without a network, e.g. CFAR: model.json alone).
+    None: a package without weights (a task without a network, e.g. CFAR: model.json alone); bytes:
+    a weights file as ``read_weights`` returns it, written unchanged (its sha256 stays the one an
+    ONNX export of it records).
 
     ``card.onnx`` is rewritten to cover exactly the ONNX files written (their sha256); the int8
     record keeps what the caller put in ``card.onnx["int8"]`` (method, quality gate).
@@ -316,22 +393,34 @@ def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLi
                            + ("needs weights" if state_dict is None else "has no network: it takes no weights"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     files = {}
-    if state_dict is not None:
+    if isinstance(state_dict, bytes):
+        files[WEIGHTS] = blob = state_dict
+        card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
+    elif state_dict is not None:
         from safetensors.torch import save as st_save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        files[WEIGHTS] = blob = st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task})
+        from .weights_header import (
+            canonical_safetensors,  # the same tensors, the same bytes (sha256)
+        )
+
+        files[WEIGHTS] = blob = canonical_safetensors(
+            st_save(tensors, metadata={"format": FORMAT, "name": card.name, "task": card.task}))
         card.weights = {"file": WEIGHTS, "sha256": sha256_bytes(blob), "format": "safetensors"}
     else:
         card.weights = {}
     if int8_bytes is not None and onnx_bytes is None:
         raise PackageError(f"{dest}: an int8 model needs its fp32 model.onnx in the same package")
+    from .onnx_check import read_onnx_header
+
     onnx_records = {}
-    if onnx_bytes is not None:
-        onnx_records["fp32"] = {"file": ONNX, "sha256": sha256_bytes(onnx_bytes)}
-    if int8_bytes is not None:
-        onnx_records["int8"] = {**card.onnx.get("int8", {}), "file": ONNX_INT8, "sha256": sha256_bytes(int8_bytes)}
+    for prec, name, blob in (("fp32", ONNX, onnx_bytes), ("int8", ONNX_INT8, int8_bytes)):
+        if blob is not None:
+            opset = read_onnx_header(blob, f"{dest} ({name})")["opsets"][""]
+            onnx_records[prec] = {**(card.onnx.get("int8", {}) if prec == "int8" else {}), "file": name,
+                                  "sha256": sha256_bytes(blob), "opset": opset}
     card.onnx = onnx_records
+    card.files = {name: sha256_bytes(data) for name, data in sorted((extra_files or {}).items())}
     validate_card(json.loads(json.dumps(card.to_dict())), str(dest / CARD))
     files = {CARD: (json.dumps(card.to_dict(), indent=2) + "\n").encode(), **files}
     if onnx_bytes is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from .errors import CancelledError, SarmaeError
+from .errors import CancelledError, SarmaeError, describe_system_error
 
 PROTOCOL_VERSION = 1
 MAX_LINE_CHARS = 1_000_000  # a request longer than this is refused (it is a bug, not a request)
@@ -168,14 +168,19 @@ def error(rid: str | None, type_name: str, message: str, *, code: str = FAILED, 
 
 
 def error_from_exception(rid: str | None, e: BaseException) -> dict[str, Any]:
-    """The error event for an exception: the engine's own errors carry their (actionable) message;
-    anything else is unexpected and also carries the last frames of its traceback."""
+    """The error event for an exception: the engine's own errors carry their (actionable) message,
+    so do the system's errors on bad input (``errors.describe_system_error``: a missing or locked
+    file, a full disk, no memory); anything else is unexpected and also carries the last frames of
+    its traceback (code ``internal``)."""
     kind = type(e).__name__
     if isinstance(e, CancelledError):
         return error(rid, kind, str(e), code=CANCELLED, cancelled=True)
     if isinstance(e, SarmaeError):
         code = BUSY if isinstance(e, BusyError) else PROTOCOL if isinstance(e, ProtocolError) else FAILED
         return error(rid, kind, str(e), code=code)
+    sentence = describe_system_error(e)  # a missing file, no permission, disk full, out of memory: bad input
+    if sentence is not None:
+        return error(rid, kind, sentence, code=FAILED)
     tb = "".join(_traceback.format_exception(type(e), e, e.__traceback__)[-8:])
     return error(rid, kind, (str(e) or repr(e))[:2000], code=INTERNAL, traceback=tb[-4000:])
 

@@ -290,6 +290,7 @@ class SarRaster:
         """
         import rasterio
         from rasterio.enums import MaskFlags
+        from rasterio.errors import RasterioIOError
         from rasterio.windows import Window as RioWindow
 
         r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
@@ -308,11 +309,17 @@ class SarRaster:
                 if not picks:
                     continue
                 indexes = sorted({b for _, b in picks})
-                raw = ds.read(indexes, window=rio_win)
-                masks = None
-                if any(MaskFlags.per_dataset in ds.mask_flag_enums[b - 1] or MaskFlags.alpha
-                       in ds.mask_flag_enums[b - 1] for b in indexes):
-                    masks = ds.read_masks(indexes, window=rio_win)
+                try:
+                    raw = ds.read(indexes, window=rio_win)
+                    masks = None
+                    if any(MaskFlags.per_dataset in ds.mask_flag_enums[b - 1] or MaskFlags.alpha
+                           in ds.mask_flag_enums[b - 1] for b in indexes):
+                        masks = ds.read_masks(indexes, window=rio_win)
+                except RasterioIOError as e:  # a truncated or damaged file: GDAL fails on its blocks
+                    raise RasterInputError(
+                        f"{self.paths[f]}: reading rows {r0}..{r0 + h - 1}, columns {c0}..{c0 + w - 1} failed "
+                        f"({_gdal_reason(e)}); the file is truncated or damaged: copy it again (or re-export it) "
+                        "and check it with 'gdalinfo -checksum'") from e
                 for k, band in picks:
                     j = indexes.index(band)
                     arr = raw[j]
@@ -338,6 +345,14 @@ class SarRaster:
             return np.asarray(out, dtype=np.float32)
 
 
+def _gdal_reason(e: BaseException) -> str:
+    """GDAL's own reason for a failed read: rasterio's message, or its cause's when the message is
+    only 'Read failed. See previous exception' (first line, shortened)."""
+    texts = [str(x) for x in (e, e.__cause__, e.__context__) if x is not None and str(x)]
+    useful = [t for t in texts if "See previous exception" not in t] or texts or [type(e).__name__]
+    return useful[0].splitlines()[0][:300]
+
+
 def _valid_of(arr: np.ndarray, nodata: float | None) -> np.ndarray:
     """True where ``arr`` (source dtype) is neither the declared nodata nor NaN/inf."""
     ok = np.isfinite(arr) if arr.dtype.kind in "fc" else np.ones(arr.shape, dtype=bool)
@@ -354,7 +369,8 @@ def _open_one(path: str) -> DatasetReader:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-    gdal_path = path.startswith("/vsi") or "://" in path
+    gdal_path = path.startswith("/vsi") or "://" in path or re.match(r"[A-Za-z][A-Za-z0-9_]+:", path) is not None
+    # the last: a GDAL subdataset name, DRIVER:file:name (e.g. netcdf:scene.nc:VV; not a Windows drive)
     if not gdal_path and not Path(path).exists():
         raise RasterInputError(f"Input raster not found: {path} (working directory {os.getcwd()}). "
                                "Check the path and that the file exists.")
@@ -368,6 +384,12 @@ def _open_one(path: str) -> DatasetReader:
     except RasterioIOError as e:
         raise RasterInputError(f"{path} is not a raster GDAL can read ({e}). Give a GeoTIFF, VRT, "
                                "JPEG/PNG or another GDAL-readable image.") from e
+    if ds.count == 0 and ds.subdatasets:  # a container (NetCDF, HDF5, GeoPackage tiles...): name its rasters
+        subs = list(ds.subdatasets)
+        ds.close()
+        shown = "\n  ".join(subs[:20]) + (f"\n  ... and {len(subs) - 20} more" if len(subs) > 20 else "")
+        raise RasterInputError(f"{path} is a container of {len(subs)} raster(s) (subdatasets), not a raster itself; "
+                               f"give one of them as the input, e.g. '{subs[0]}':\n  {shown}")
     if ds.width < MIN_SIDE or ds.height < MIN_SIDE or ds.count == 0:
         size = f"{ds.width}x{ds.height} px, {ds.count} band(s)"
         ds.close()

@@ -224,7 +224,9 @@ class Worker:
                                                   f"loaded in {time.perf_counter() - t0:.2f} s"))
         backend, be_hit = None, None  # a task that reads the raster itself (CFAR) has no backend
         if task_for(card).windowed:
-            size = opts.window or card.input_size[0]
+            from .options import check_window
+
+            size = check_window(opts, card, 0)  # before the backend allocates a batch (the raster: later)
             backend, be_hit = self.cache.backend(entry, opts, size, lambda m: progress(-1.0, m))
         if cancel.is_set():  # cancelled while the model was loading
             raise CancelledError("cancelled by the user; no output was written")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import SarmaeError
+from .errors import OptionError
 from .tiling import Window
 
 if TYPE_CHECKING:  # types only: no import at run time
@@ -59,10 +59,17 @@ class InferenceOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InferenceOptions:
+        """Options from a JSON object (the worker's ``run`` request), checked (``engine.options``)."""
+        from .options import check_options
+
+        if not isinstance(d, dict):
+            raise OptionError(f"'options' must be an object of option names and values, found {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise SarmaeError(f"unknown inference options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+            raise OptionError(f"unknown inference options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        opts = cls(**d)
+        check_options(opts)
+        return opts
 
 
 @dataclass

@@ -82,9 +82,15 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
             georef = "gcps (affine approximation by rasterio.transform.from_gcps)"
         elif crs is None:
             georef = "none (pixel coordinates)" if transform.is_identity else "transform without CRS"
+        elif transform.is_identity:  # a CRS on an identity transform: radar geometry, pixel coordinates
+            georef = "identity transform (radar geometry: pixel coordinates)"
+        pixel_space = transform.is_identity and crs is not None  # areas in px (below: its CRS would lie)
+        area_key = "area_px" if pixel_space else "area_m2"
         names = dict(enumerate(class_names))
-        per_class = {n: {"count": 0, "area_m2": 0.0} for i, n in names.items() if i not in skip_classes}
-        writer = _BatchWriter(names, per_class, transform, crs, min_area_px)
+        per_class = {n: {"count": 0, area_key: 0.0} for i, n in names.items() if i not in skip_classes}
+        writer = _BatchWriter(names, per_class, transform, None if pixel_space else crs, min_area_px)
+        if pixel_space:
+            writer.area_units, writer.area_key = "px (not georeferenced)", area_key
         drop = sorted({NODATA, *skip_classes} | ({int(src.nodata)} if src.nodata is not None else set()))
 
         def strips() -> Iterator[tuple[int, int, np.ndarray]]:
@@ -240,6 +246,7 @@ class _BatchWriter:
         self.m2_per_px = abs(transform.a * transform.e - transform.b * transform.d)
         self.geographic = crs is not None and crs.is_geographic
         self.area_units = "m2" if crs is not None else "squared transform units (no CRS)"
+        self.area_key = "area_m2"  # per-class statistics: "area_px" for a raster in pixel space
         if self.geographic:
             m = re.search(r'(?:SPHEROID|ELLIPSOID)\["[^"]*",\s*([-+.\deE]+),\s*([-+.\deE]+)', crs.to_wkt())
             a, inv_f = (float(m.group(1)), float(m.group(2))) if m else (6378137.0, 298.257223563)
@@ -258,14 +265,15 @@ class _BatchWriter:
         world = shapely.transform(polys, lambda xy: np.column_stack(
             [t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f]))
         area = ellipsoidal_area(world, *self.ellipsoid) if self.geographic else area_px * self.m2_per_px
+        px_only = self.area_key == "area_px"  # no georeferencing: no area in metres (null), not a wrong one
         records = []
         for c, rings, a, px in zip(classes.tolist(), _coordinates(world), area.tolist(), area_px.tolist()):
             name = self.names.get(c, f"class_{c}")
             records.append({"geometry": {"type": "Polygon", "coordinates": rings}, "properties": {
-                "class_id": c, "class_name": name, "area_m2": a, "area_px": px}})
-            stats = self.per_class.setdefault(name, {"count": 0, "area_m2": 0.0})
+                "class_id": c, "class_name": name, "area_m2": None if px_only else a, "area_px": px}})
+            stats = self.per_class.setdefault(name, {"count": 0, self.area_key: 0.0})
             stats["count"] += 1
-            stats["area_m2"] += a
+            stats[self.area_key] += px if px_only else a
         dst.writerecords(records)
         self.written += len(records)
         self.dropped += int(len(keep) - keep.sum())

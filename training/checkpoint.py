@@ -47,4 +47,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by ``save_checkpoint``; an empty, truncated or foreign file is refused
+    with a sentence naming it and the earlier checkpoints of its folder to resume from instead."""
+    from engine.errors import SarmaeError
+
+    path = Path(path)
+    earlier = sorted(path.parent.glob("checkpoint-*.pt"), key=lambda p: p.stat().st_mtime)
+    fix = (f"copy the latest good one over it (e.g. cp {earlier[-1]} {path}) and resume again"
+           if earlier else "start the run again without --resume (or in a new --output)")
+    size = path.stat().st_size
+    if size == 0:
+        raise SarmaeError(f"{path} is empty (0 bytes): it was not written to the end (the disk was full or the "
+                          f"run was killed while saving); {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on a damaged file
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise SarmaeError(f"{path} ({size} bytes) is truncated or damaged ({reason}); {fix}") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise SarmaeError(f"{path} is not a sarmae pretraining checkpoint (no model state); {fix}")
+    return state

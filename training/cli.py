@@ -29,7 +29,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         overrides.append("data.pairs=" + json.dumps(a.pairs))
     if a.output:
         overrides.append("run.output=" + json.dumps(a.output))
-    cfg = load_config(a.config, overrides)
+    config = a.config
+    if config is None:  # --resume without --config continues with the run's own config.yaml
+        from pathlib import Path
+
+        own = Path(a.output) / "config.yaml" if a.output else None
+        config = str(own) if a.resume and own is not None and own.is_file() else "cpu_vit_tiny"
+    cfg = load_config(config, overrides)
     bar = None
 
     def progress(row: dict) -> None:
@@ -189,7 +195,8 @@ def register(sub) -> None:
                        epilog="presets: cpu_vit_tiny (a laptop CPU), sarmae_vitb_reference (the paper's recipe). "
                               "Overrides: section.key=value, e.g. optim.epochs=5 model.decoder_depth=1 run.max_minutes=30",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--config", "-c", default="cpu_vit_tiny", help="preset name or YAML file (default: %(default)s)")
+    s.add_argument("--config", "-c", help="preset name or YAML file (default: cpu_vit_tiny; with --resume: the "
+                   "run's own config.yaml in --output)")
     s.add_argument("--data", nargs="+", help="chip folders and/or large rasters")
     s.add_argument("--pairs", help="paired SAR/optical index (JSON) for SARC")
     s.add_argument("--output", "-o", help="run folder (checkpoints, config.yaml, metrics.csv, PNGs)")

@@ -214,8 +214,9 @@ def _check_output(cfg: PretrainConfig, out: Path, resume: bool) -> dict | None:
         old = yaml.safe_load(saved.read_text()) if saved.exists() else {}
         diffs = same_config(old, cfg.to_dict())
         if diffs:
-            raise ConfigError(f"{out}: --resume with a different config ({'; '.join(diffs[:5])}); "
-                              "resume with the run's own config or start a new output folder")
+            raise ConfigError(f"{out}: --resume with a different config ({'; '.join(diffs[:5])}); resume with the "
+                              f"run's own config: 'sarmae pretrain --output {out} --resume' (no --config, --data or "
+                              "overrides: it reads config.yaml there), or start a new output folder")
         return load_checkpoint(last)
     if last.exists() or saved.exists():
         old = yaml.safe_load(saved.read_text()) if saved.exists() else {}

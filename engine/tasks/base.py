@@ -86,6 +86,24 @@ class Task:
     def output_suffix(self) -> str:
         return ".gpkg" if self.vector_output else ".tif"
 
+    def output_path(self, output) -> Path:
+        """The main output: ``output`` with the task's suffix when it has none; another format's
+        suffix (a segment output named .gpkg, a detect output named .tif) is refused with the name to
+        give, rather than writing a file whose name says another format."""
+        from ..errors import OutputError
+
+        out = Path(output)
+        if not out.suffix:
+            return out.with_suffix(self.output_suffix)
+        other = (".tif", ".tiff") if self.vector_output else (".gpkg",)  # a plug-in's own suffixes pass
+        if out.suffix.lower() in other and out.suffix.lower() != self.output_suffix:
+            what = "a GeoPackage of vectors" if self.vector_output else "a GeoTIFF"
+            extra = ("; with --vector its polygons go beside it as " + out.with_suffix(".gpkg").name
+                     if not self.vector_output and self.name == "segment" else "")
+            raise OutputError(f"{out}: a {self.name} run writes {what}: name the output "
+                              f"{out.with_suffix(self.output_suffix).name}{extra}")
+        return out
+
     # ------------------------------------------------------------------ planning
     def plan(self, card: ModelCard, height: int, width: int, window: int,
              overlap: float | None) -> tuple[TilePlan, int]:

@@ -58,9 +58,12 @@ class DetectSink(PixelSink):
         self.boxes: list[np.ndarray] = []  # (n, 4) x0, y0, x1, y1 in region pixels
         self.scores: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.windows_seen, self.windows_with_data = 0, 0  # an all-nodata raster gets a warning, not silence
 
     def consume(self, windows, outputs: list[dict], valid: np.ndarray) -> None:
         thr = self.task.score_threshold(self.ctx.card, self.ctx.options)
+        self.windows_seen += len(windows)
+        self.windows_with_data += int(valid.reshape(len(valid), -1).any(axis=1).sum())
         for win, det, v in zip(windows, outputs, valid):
             keep = det["scores"] >= thr
             b = det["boxes"][keep].astype(np.float64)
@@ -110,7 +113,13 @@ class DetectSink(PixelSink):
                                                           "px_height": "float"}}
         write_features(self.ctx.output, features, schema, self.geo.crs, layer="detections")
         stats = {"detections": len(features), "per_class": per_class,
-                 "georeferencing": "affine fitted to GCPs" if self.geo.approximate else "transform"}
+                 "georeferencing": "affine fitted to GCPs" if self.geo.approximate else
+                 "none (pixel coordinates)" if self.geo.pixel_space else "transform", "warnings": []}
+        if self.windows_seen and not self.windows_with_data:
+            warning = (f"warning: every pixel of {self.ctx.raster.paths[0]} is nodata (declared nodata, NaN or inf): "
+                       "nothing could be detected; the layer is empty. Check the input, its nodata value or --bands")
+            stats["warnings"].append(warning)
+            self.ctx.say(warning)
         return InferenceResult(task="detect", outputs={"detections": str(self.ctx.output)}, classes=self.classes,
                                statistics=stats)
 

@@ -35,7 +35,8 @@ class Georef:
             base = raster.transform if raster.transform is not None else Affine.identity()
             self.transform = base * Affine.translation(c0, r0) * Affine.scale(scale)
             self.approximate = False
-        self.pixel_space = raster.georeferencing == "none"
+        # no CRS, or a CRS on an identity transform (radar geometry, e.g. an SLC): pixels, never map units
+        self.pixel_space = raster.georeferencing in ("none", "identity")
 
     def writer_kwargs(self) -> dict[str, Any]:
         if self.gcps:

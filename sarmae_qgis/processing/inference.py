@@ -101,7 +101,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
                                                        "empty: all bands)", optional=True))
         self.addParameter(QgsProcessingParameterNumber("WINDOW", "Window size in pixels (empty: the model's "
                                                        "input size)", QgsProcessingParameterNumber.Integer,
-                                                       optional=True, minValue=16))
+                                                       optional=True, minValue=32))  # engine.options.MIN_WINDOW
         self.addParameter(QgsProcessingParameterNumber("OVERLAP", "Overlap between windows (0..0.9; empty: "
                                                        "0.25, classify 0)", QgsProcessingParameterNumber.Double,
                                                        optional=True, minValue=0.0, maxValue=0.9))

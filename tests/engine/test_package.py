@@ -121,8 +121,17 @@ def test_read_extra_files_lists_all_but_what_save_package_regenerates(tmp_path, 
     card = new_card("test", "embed", arch, default_input(2), [], {"note": "unit test"})
     extra = {"training_curves.png": b"\x89PNG curves", "confusion_matrix.png": b"\x89PNG cm", "notes/readme.txt": b"hi"}
     path = save_package(build_from_architecture(arch, "embed", 0).state_dict(), card, tmp_path / f"p{suffix}",
-                        onnx_bytes=b"not really onnx", extra_files=extra)
+                        onnx_bytes=identity_onnx(), extra_files=extra)
     assert read_extra_files(path) == extra
+
+
+def identity_onnx() -> bytes:
+    """A tiny valid ONNX model (save_package reads the opset of what it stores)."""
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def test_read_extra_files_refuses_a_name_outside_the_package(tmp_path):

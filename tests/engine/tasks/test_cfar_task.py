@@ -316,7 +316,7 @@ def test_worker_runs_cfar_like_any_detector_and_reports_bad_input(cfar_pkg, scen
         for rid, inp, opts, words in (
                 ("small", small, {}, "larger than the raster"),
                 ("db", raster, {"input_units": "linear_power"}, "look like dB values"),
-                ("pfa", raster, {"nms_iou": 0.0}, "nms_iou in (0, 1]")):
+                ("pfa", raster, {"nms_iou": 0.0}, "--nms-iou 0.0: must be above 0")):
             err = w.request(id=rid, inputs=[str(inp)], output=str(tmp_path / f"{rid}.gpkg"), options=opts, **run)[-1]
             assert err["event"] == "error" and err["error"]["code"] == "failed", err
             assert words in err["error"]["message"] and "traceback" not in err["error"]
