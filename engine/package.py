@@ -387,7 +387,8 @@ def describe(card: ModelCard) -> str:
         lines.append(f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
                      f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})")
     else:
-        lines.append(f"method:        {card.architecture.name} (no network, no weights)")
+        lines.append(f"method:        {card.architecture.name} ("
+                     + ("a network of its own, no encoder)" if card.weights.get("sha256") else "no network, no weights)"))
     if inp is not None:
         lines.append(f"input:         {card.in_chans} channel(s) {'+'.join(inp.bands)}, units {inp.units}, "
                      f"clip {inp.clip[0]}..{inp.clip[1]}, mean {inp.mean}, std {inp.std}")
