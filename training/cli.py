@@ -64,6 +64,9 @@ def _finetune_config(a: argparse.Namespace):
     return FinetuneConfig.from_dict(d)
 
 
+METHODS = {"cfar_scored": "detect"}  # finetune --method: what it trains, for which task
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     import json
     import logging
@@ -79,6 +82,10 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         if not a.quiet:
             print(progress_line(row), file=sys.stderr, flush=True)
 
+    if a.method is not None and (a.task != "detect" or a.method not in METHODS):
+        raise SarmaeError(f"--method {a.method}: fine-tuning knows the methods "
+                          + ", ".join(f"{m} (--task {t})" for m, t in METHODS.items())
+                          + "; leave --method out to fine-tune an encoder")
     if a.chips and a.raster:
         raise SarmaeError("give one kind of training data: --chips DIR, or --raster R with labels (not both)")
     if a.chips:
@@ -100,9 +107,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         elif a.task == "detect":
             if a.label_raster:
                 raise SarmaeError("detection learns boxes from polygons: give --labels VECTOR --class-field NAME")
-            from .finetune.detect import finetune_detector
+            if a.method == "cfar_scored":
+                from .finetune.cfar_scored import finetune_cfar_scored
 
-            r = finetune_detector(a.raster, a.output, cfg, **kw)
+                r = finetune_cfar_scored(a.raster, a.output, cfg, **kw)
+            else:
+                from .finetune.detect import finetune_detector
+
+                r = finetune_detector(a.raster, a.output, cfg, **kw)
         else:
             from .finetune.classify import finetune_classifier
 
@@ -203,6 +215,10 @@ def register(sub) -> None:
                                    "that 'sarmae infer' and the QGIS plugin run unchanged.")
     s.add_argument("--task", required=True, choices=["classify", "segment", "detect"])
     s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init")
+    s.add_argument("--method", choices=sorted(METHODS),
+                   help="detect: cfar_scored = CFAR proposals scored by a small CNN trained on the labels (no "
+                        "encoder; learns in about a minute on a CPU and runs through onnxruntime); default: the "
+                        "encoder's Faster R-CNN head")
     s.add_argument("--output", "-o", required=True, help="model package to write")
     s.add_argument("--chips", help="classification: folder with one sub-folder of chips per class")
     s.add_argument("--raster", action="append", help="raster to train on (repeat for several); with --labels or "

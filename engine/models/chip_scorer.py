@@ -3,9 +3,10 @@
 Input: ``chips`` (N, 1, S, S), the square around each proposal resampled to S x S pixels in
 normalised log intensity (``engine.cfar.chips``: dB minus the chip's median, / 10), and ``geometry``
 (N, 3): log2 of the proposal's width, height (px) and of the chip's side (px), so that the network
-knows the scale the resampling removed. Output (N, 5): the target logit, then the box correction
-(dx0, dy0, dx1, dy1) in units of the chip's side (the proposal's box edges plus these give the
-refined box). Decoding and NMS are done outside the network (numpy), so it exports to ONNX as is.
+knows the scale the resampling removed. Output (N, 1): the target logit; the box is the proposal's
+(a learned box correction was tried and dropped: with a few dozen training ships it moved thin
+boxes by a pixel or two and lost IoU >= 0.5 on HRSID and the demo scene). Sigmoid, thresholds and
+NMS are applied outside the network (numpy), so it exports to ONNX as is.
 """
 
 from __future__ import annotations
@@ -40,19 +41,19 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 
 class ChipScorer(nn.Module):
     """Three stride-2 conv stages (S -> S/8), global average and max pooling, geometry appended,
-    a two-layer MLP to (logit, 4 box corrections)."""
+    a two-layer MLP to the logit."""
 
     def __init__(self, cfg: ChipScorerConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ChipScorerConfig()
         w = cfg.width
         self.features = nn.Sequential(_stage(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
-        self.mlp = nn.Sequential(nn.Linear(8 * w + cfg.geometry, 64), nn.ReLU(inplace=True), nn.Linear(64, 5))
+        self.mlp = nn.Sequential(nn.Linear(8 * w + cfg.geometry, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
 
     def forward(self, chips: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
         f = self.features(chips)  # (N, 4w, S/8, S/8)
         pooled = torch.cat([f.mean((2, 3)), f.amax((2, 3)), geometry], 1)  # (N, 8w + G)
-        return self.mlp(pooled)  # (N, 5): logit, dx0, dy0, dx1, dy1
+        return self.mlp(pooled)  # (N, 1): the logit
 
 
 def export_chip_scorer(model: ChipScorer, opset: int = 17) -> bytes:

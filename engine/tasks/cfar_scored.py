@@ -4,8 +4,7 @@ learns on a CPU in seconds.
 CFAR (``engine.cfar``, settings chosen on the training area for recall, every object kept)
 proposes objects; a small CNN (``engine.models.chip_scorer``) looks at the chip around each
 (``engine.cfar.chips``: normalised log intensity, plus the box's size) and returns the probability
-that it is a target and a correction of its box; boxes are moved, NMS'd and thresholded outside
-the network (numpy), so the scorer runs from the package's model.onnx through onnxruntime (no
+that it is a target; boxes are thresholded and NMS'd outside the network (numpy), so the scorer runs from the package's model.onnx through onnxruntime (no
 torch) or from its weights through torch. ``training.finetune.cfar_scored`` trains it
 (``sarmae finetune --task detect --method cfar_scored``). Its package::
 
@@ -13,8 +12,8 @@ torch) or from its weights through torch. ``training.finetune.cfar_scored`` trai
      "head": {ChipScorerConfig}, "score_threshold": float}, "input": {...}, "classes": [one class],
      "output": "boxes", "weights": {...}, "onnx": {"fp32": {...}}}
 
-It writes the same GeoPackage layer as ``detect.cfar`` (score = the scorer's probability; the
-CFAR ratio, pixels, area and length are the proposal's). Run options as ``detect.cfar``, plus
+It writes the same GeoPackage layer as ``detect.cfar`` (the proposal's box, CFAR ratio, pixels,
+area and length; score = the scorer's probability). Run options as ``detect.cfar``, plus
 ``backend`` (auto: onnxruntime when the package has a model.onnx, else torch) and ``threads``.
 """
 
@@ -30,23 +29,15 @@ from .cfar import CfarTask
 BATCH = 256  # chips per forward pass
 
 
-def decode(out: np.ndarray, boxes: np.ndarray, sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scorer outputs (n, 5) -> (probabilities (n,), refined boxes (n, 4)): the proposal's edges
-    moved by the corrections x the chip side, at least 1 px wide and high."""
-    p = 1.0 / (1.0 + np.exp(-np.asarray(out[:, 0], np.float64)))
-    b = np.asarray(boxes, np.float64) + np.asarray(out[:, 1:5], np.float64) * np.asarray(sides, np.float64)[:, None]
-    x0, y0 = np.minimum(b[:, 0], b[:, 2] - 1), np.minimum(b[:, 1], b[:, 3] - 1)
-    return p, np.stack([x0, y0, np.maximum(b[:, 2], x0 + 1), np.maximum(b[:, 3], y0 + 1)], 1)
+def probabilities(out: np.ndarray) -> np.ndarray:
+    """Scorer outputs (n, 1) logits -> (n,) probabilities."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(out, np.float64).reshape(-1)))
 
 
-def rescore(objects: CfarObjects, probs: np.ndarray, boxes: np.ndarray, threshold: float, nms_iou: float,
-            height: int, width: int) -> CfarObjects:
-    """The objects with the scorer's boxes (clipped to the raster) and probabilities as scores, those
-    at ``threshold`` or above, NMS at ``nms_iou`` among them."""
-    b = boxes.copy()
-    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, width)
-    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, height)
-    o = CfarObjects(b, probs, objects.ratios, objects.pixels, objects.lengths, (b[:, 1] + b[:, 3]) / 2)
+def rescore(objects: CfarObjects, probs: np.ndarray, threshold: float, nms_iou: float) -> CfarObjects:
+    """The objects scored by the scorer's probabilities, those at ``threshold`` or above, NMS at
+    ``nms_iou`` among them (in their order)."""
+    o = CfarObjects(objects.boxes, probs, objects.ratios, objects.pixels, objects.lengths, objects.centre_rows)
     o = o.take(probs >= threshold)
     return o.take(np.sort(nms(o.boxes, o.scores, nms_iou))) if len(o) else o
 
@@ -86,8 +77,8 @@ class ProposalScorer:
             self.version = torch.__version__
 
     def run(self, chips: np.ndarray, geometry: np.ndarray) -> np.ndarray:
-        """(n, 1, S, S), (n, 3) -> (n, 5) float32, in batches."""
-        outs = [np.zeros((0, 5), np.float32)]
+        """(n, 1, S, S), (n, 3) -> (n, 1) float32 logits, in batches."""
+        outs = [np.zeros((0, 1), np.float32)]
         for i in range(0, len(chips), BATCH):
             c, g = chips[i:i + BATCH], geometry[i:i + BATCH]
             if self.kind == "onnxruntime":
@@ -107,8 +98,8 @@ class ProposalScorer:
             return objects
         sides = chip_sides(objects.boxes)
         chips = read_chips(raster, units, objects.boxes, self.head.chip, source, self.given)
-        probs, boxes = decode(self.run(chips, chip_geometry(objects.boxes, sides)), objects.boxes, sides)
-        kept = rescore(objects, probs, boxes, self.threshold, self.nms_iou, raster.height, raster.width)
+        probs = probabilities(self.run(chips, chip_geometry(objects.boxes, sides)))
+        kept = rescore(objects, probs, self.threshold, self.nms_iou)
         self.kept += len(kept)
         return kept
 
@@ -146,7 +137,7 @@ class CfarScoredTask(CfarTask):
         h = card.architecture.head
         return super().summary(card)[:2] + [
             f"scorer:        small CNN on {h['chip']}x{h['chip']} chips around each CFAR proposal (width "
-            f"{h.get('width')}), box corrections; score threshold {self.score_threshold(card, InferenceOptions()):g}"]
+            f"{h.get('width')}); score threshold {self.score_threshold(card, InferenceOptions()):g}"]
 
     def score_threshold(self, card, options: InferenceOptions) -> float:
         """The probability a box needs: the run's ``score_threshold``, else the package's (chosen in training)."""

@@ -1,17 +1,19 @@
 """Training the CFAR proposal scorer (``detect.cfar_scored``) from rasters + labelled polygons:
 ``finetune_cfar_scored`` (``sarmae finetune --task detect --method cfar_scored``).
 
-1. Proposals: CA-CFAR with generic windows; its false-alarm probability is the smallest of
-   ``PFAS`` whose proposals cover at least ``COVER`` of the best coverage on the TRAINING labels
-   (a target is covered by a proposal with IoU >= 0.5 or whose centre lies in its box), with at most
+1. Proposals: CA-CFAR; of its generic ``WINDOWS`` x false-alarm probabilities ``PFAS``, the
+   settings with the fewest proposals among those covering at least ``COVER`` of the best coverage
+   of the TRAINING labels (a target is covered by a proposal with IoU >= 0.5), with at most
    ``MAX_PER_TARGET`` proposals per target. Every object is kept (score threshold 0).
-2. Samples: each proposal, positive when it covers a target (its box target: that target), else
-   negative; plus ``JITTER`` jittered copies of every labelled box as extra positives (so targets CFAR
-   misses in training still teach the scorer). Chips from ``engine.cfar.chips``, as inference reads them.
-3. The scorer (``engine.models.chip_scorer``): BCE on the logit + smooth L1 on the box corrections of
-   positives; flips / quarter turns move the corrections and swap width / height with the chip;
-   contrast jitter. AdamW, cosine schedule, ``cfg.epochs`` epochs or ``cfg.max_minutes``.
-4. The package: CFAR settings + weights + model.onnx; score threshold ``cfg`` 0.5 (even odds).
+2. Samples: each proposal, positive when its IoU with a target is >= 0.5, left out when only its
+   centre lies in a target (a piece of a ship), else negative; plus ``JITTER`` jittered copies of
+   every labelled box as extra positives (so targets CFAR misses in training still teach the
+   scorer). Chips from ``engine.cfar.chips``, exactly as inference reads them.
+3. The scorer (``engine.models.chip_scorer``): BCE on the logit; flips / quarter turns (width and
+   height swap with the chip), contrast jitter. AdamW, one-cycle schedule, ``cfg.epochs`` epochs or
+   ``cfg.max_minutes``, whichever ends first.
+4. The package: CFAR settings + weights + model.onnx; the score threshold with the best F1 of the
+   whole detector on the training rasters (within [0.05, 0.95]).
    Training-area mAP@0.5 of the whole detector is reported (not a held-out score).
 """
 
@@ -28,44 +30,49 @@ import torch.nn.functional as F
 from .common import FinetuneError
 from .config import FinetuneConfig
 
-CFAR_BASE = {"method": "ca", "guard": 15, "background": 61, "enl": 1.0, "min_area": 4}
+CFAR_BASE = {"method": "ca", "enl": 1.0, "min_area": 4}
+WINDOWS = ((9, 41), (15, 61))  # CFAR (guard, background) full sides in px tried for the proposals
 PFAS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 COVER, MAX_PER_TARGET = 0.97, 60
-JITTER, THRESHOLD = 4, 0.5
+JITTER = 4
 
 
 def covers(props: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per proposal: the target it covers (index, -1: none; IoU >= 0.5 or its centre in the target's
-    box, the largest IoU first) and per target whether a proposal covers it."""
+    """Per proposal: 1 when its IoU with a target is >= 0.5 (positive), -1 when it only has its centre
+    in a target's box (a piece of it, or a box around more: left out of the loss), else 0; and per
+    target whether a proposal has IoU >= 0.5 with it."""
     from torchvision.ops import box_iou
 
     if not len(props) or not len(truth):
-        return np.full(len(props), -1), np.zeros(len(truth), bool)
+        return np.zeros(len(props), np.int64), np.zeros(len(truth), bool)
     iou = box_iou(torch.as_tensor(props, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)).numpy()
     cx, cy = (props[:, 0] + props[:, 2]) / 2, (props[:, 1] + props[:, 3]) / 2
     inside = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] < truth[None, :, 2])
               & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] < truth[None, :, 3]))
-    ok = (iou >= 0.5) | inside
-    best = np.where(ok, iou + 1e-6, -1.0).argmax(1)
-    match = np.where(ok.any(1), best, -1)
-    return match, ok.any(0)
+    hit = iou >= 0.5
+    return np.where(hit.any(1), 1, np.where(inside.any(1), -1, 0)), hit.any(0)
 
 
 def choose_proposals(rasters: list[str], truth: list, names: list[str], opts, base: dict,
                      pfas: tuple[float, ...] = PFAS) -> tuple[dict, list[dict]]:
-    """The CFAR settings whose proposals cover the training targets (see the module docstring)."""
+    """The CFAR settings whose proposals cover the training targets (see the module docstring):
+    each of ``WINDOWS`` x ``pfas``; among those within ``COVER`` of the best coverage, the fewest proposals."""
     from ..cfar_baseline import cfar_boxes
 
     n_true = sum(len(t[0]) for t in truth)
     tried = []
-    for pfa in pfas:
-        _, preds, _ = cfar_boxes(rasters, {**base, "pfa": pfa, "k_sigma": None}, opts, names)
-        covered = sum(int(covers(p[0], t[0])[1].sum()) for p, t in zip(preds, truth))
-        tried.append({"pfa": pfa, "coverage": covered / max(n_true, 1), "proposals": sum(len(p[0]) for p in preds)})
+    for guard, background in WINDOWS:
+        for pfa in pfas:
+            s = {**base, "guard": guard, "background": background, "pfa": pfa, "k_sigma": None}
+            _, preds, _ = cfar_boxes(rasters, s, opts, names)
+            covered = sum(int(covers(p[0], t[0])[1].sum()) for p, t in zip(preds, truth))
+            tried.append({"guard": guard, "background": background, "pfa": pfa,
+                          "coverage": covered / max(n_true, 1), "proposals": sum(len(p[0]) for p in preds)})
     fine = [t for t in tried if t["proposals"] <= MAX_PER_TARGET * max(n_true, 1)] or tried[-1:]
     best = max(t["coverage"] for t in fine)
-    chosen = min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: t["pfa"])
-    return {**base, "pfa": chosen["pfa"], "k_sigma": None, "score_threshold": 0.0}, tried
+    chosen = min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: (t["proposals"], t["pfa"]))
+    return {**base, **{k: chosen[k] for k in ("guard", "background", "pfa")}, "k_sigma": None,
+            "score_threshold": 0.0}, tried
 
 
 def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,45 +86,38 @@ def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_samples(rasters: list[str], truth: list, props: list, size: int, opts, seed: int) -> dict:
-    """Chips, geometry, labels and box corrections (in chip sides) of proposals and jittered boxes."""
+    """Chips, geometry and labels (1 target, 0 not) of the proposals and the jittered labelled boxes."""
     from engine.cfar import CfarConfig
     from engine.cfar.chips import chip_geometry, chip_sides, read_chips
     from engine.cfar.scene import source_units
     from engine.reader import SarRaster
 
     rng = np.random.default_rng(seed)
-    parts: dict[str, list] = {"chips": [], "geometry": [], "y": [], "delta": []}
+    parts: dict[str, list] = {"chips": [], "geometry": [], "y": []}
     cfg = CfarConfig(input_units=opts.input_units)
     for r, (tb, _), (pb, _, _) in zip(rasters, truth, props):
-        match, _ = covers(pb, tb)
-        boxes = np.concatenate([pb, jittered(tb, JITTER, rng)])
-        target = np.concatenate([match, np.repeat(np.arange(len(tb)), JITTER)])
+        label, _ = covers(pb, tb)
+        keep = label >= 0  # pieces of targets are neither
+        boxes = np.concatenate([pb[keep], jittered(tb, JITTER, rng)])
+        y = np.concatenate([label[keep], np.ones(len(tb) * JITTER, np.int64)])
         with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
             units = source_units(src, cfg, [])
             chips = read_chips(src, units, boxes, size, Path(r).name, bool(opts.input_units))
-        sides = chip_sides(boxes)
-        delta = np.zeros((len(boxes), 4), np.float32)
-        pos = target >= 0
-        delta[pos] = (tb[target[pos]] - boxes[pos]) / sides[pos, None]
         parts["chips"].append(chips)
-        parts["geometry"].append(chip_geometry(boxes, sides))
-        parts["y"].append(pos.astype(np.float32))
-        parts["delta"].append(np.clip(delta, -1, 1))
+        parts["geometry"].append(chip_geometry(boxes, chip_sides(boxes)))
+        parts["y"].append(y.astype(np.float32))
     return {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
 
 
-def augment(chips: torch.Tensor, geometry: torch.Tensor, delta: torch.Tensor):
-    """One random flip / quarter turn for the batch (corrections and width/height follow), contrast jitter."""
-    if torch.rand(()) < 0.5:  # left-right: x0' = -x1 about the chip's centre
-        chips, delta = chips.flip(-1), delta[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1])
+def augment(chips: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random flip / quarter turn for the batch (a quarter turn swaps width and height), contrast jitter."""
     if torch.rand(()) < 0.5:
-        chips, delta = chips.flip(-2), delta[:, [0, 3, 2, 1]] * torch.tensor([1.0, -1, 1, -1])
-    if torch.rand(()) < 0.5:  # rot90 (x, y) -> (y, -x): (x0, y0, x1, y1) -> (y0, -x1, y1, -x0)
-        chips = torch.rot90(chips, 1, (-2, -1))
-        delta = delta[:, [1, 2, 3, 0]] * torch.tensor([1.0, -1, 1, -1])
-        geometry = geometry[:, [1, 0, 2]]
-    chips = chips * torch.empty(len(chips), 1, 1, 1).uniform_(0.8, 1.25)
-    return chips, geometry, delta
+        chips = chips.flip(-1)
+    if torch.rand(()) < 0.5:
+        chips = chips.flip(-2)
+    if torch.rand(()) < 0.5:
+        chips, geometry = torch.rot90(chips, 1, (-2, -1)), geometry[:, [1, 0, 2]]
+    return chips * torch.empty(len(chips), 1, 1, 1).uniform_(0.8, 1.25), geometry
 
 
 def train_scorer(data: dict, cfg: FinetuneConfig, head, progress: Callable[[dict], None] | None, t0: float):
@@ -136,14 +136,10 @@ def train_scorer(data: dict, cfg: FinetuneConfig, head, progress: Callable[[dict
         order, total = torch.randperm(n), 0.0
         for i in range(0, n - bs + 1, bs):
             idx = order[i:i + bs]
-            c, g, d = data["chips"][idx], data["geometry"][idx], data["delta"][idx]
+            c, g = data["chips"][idx], data["geometry"][idx]
             if cfg.augment:
-                c, g, d = augment(c, g, d)
-            y = data["y"][idx]
-            out = model(c, g)
-            loss = F.binary_cross_entropy_with_logits(out[:, 0], y)
-            if y.any():
-                loss = loss + F.smooth_l1_loss(out[y > 0, 1:], d[y > 0], beta=0.05)
+                c, g = augment(c, g)
+            loss = F.binary_cross_entropy_with_logits(model(c, g)[:, 0], data["y"][idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -155,6 +151,32 @@ def train_scorer(data: dict, cfg: FinetuneConfig, head, progress: Callable[[dict
         if cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes:
             break
     return model.eval(), history
+
+
+def training_threshold(model, rasters: list[str], truth: list, props: list, size: int, opts) -> float:
+    """The probability with the best F1 (IoU >= 0.5) of the whole detector on the training rasters
+    (every proposal scored, NMS as inference): the operating point, not 0.5, because the jittered
+    positives shift the scorer's prior."""
+    from engine.cfar import CfarConfig
+    from engine.cfar.chips import chip_geometry, chip_sides, read_chips
+    from engine.cfar.objects import nms
+    from engine.cfar.scene import source_units
+    from engine.reader import SarRaster
+    from engine.tasks.cfar_scored import probabilities
+
+    from ..cfar_baseline import best_f1_threshold
+
+    preds = []
+    for r, (pb, _, pc) in zip(rasters, props):
+        with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
+            units = source_units(src, CfarConfig(input_units=opts.input_units), [])
+            chips = read_chips(src, units, pb, size, Path(r).name, bool(opts.input_units))
+        with torch.no_grad():
+            p = probabilities(model(torch.from_numpy(chips), torch.from_numpy(chip_geometry(pb, chip_sides(pb))))
+                              .numpy()) if len(pb) else np.zeros(0)
+        k = np.sort(nms(pb, p, 0.5))
+        preds.append((pb[k], p[k], pc[k]))
+    return float(min(max(best_f1_threshold(preds, truth), 0.05), 0.95))
 
 
 def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: FinetuneConfig, *, labels: str,
@@ -191,7 +213,8 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
     head = ChipScorerConfig()
     data = build_samples(rasters, truth, props, head.chip, opts, cfg.seed)
     model, history = train_scorer(data, cfg, head, progress, t0)
-    card = cfar_scored_card(settings, head.to_dict(), names[0], THRESHOLD, Path(output).stem, provenance={
+    threshold = training_threshold(model, rasters, truth, props, head.chip, opts)
+    card = cfar_scored_card(settings, head.to_dict(), names[0], threshold, Path(output).stem, provenance={
         "training": "CFAR proposals + chip scorer (training.finetune.cfar_scored)",
         "training_rasters": [Path(r).name for r in rasters], "labels": Path(labels).name,
         "cfar_pfa": settings["pfa"], "samples": int(len(data["y"])), "positives": int(data["y"].sum()),
@@ -201,6 +224,6 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
     return {"package": str(dest), "cfar": {k: settings[k] for k in ("pfa", "guard", "background", "min_area")},
             "cfar_tried": tried, "targets": int(sum(len(t[0]) for t in truth)),
             "proposals": int(sum(len(p[0]) for p in props)), "samples": int(len(data["y"])),
-            "positives": int(data["y"].sum()), "epochs": len(history),
+            "positives": int(data["y"].sum()), "epochs": len(history), "score_threshold": threshold,
             "final_loss": history[-1]["loss"] if history else None,
             "minutes": round((time.time() - t0) / 60, 3), "history": history}
