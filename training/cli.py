@@ -154,7 +154,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     elif a.raster and task == "detect":
         options = {"bands": a.bands, "input_units": a.input_units, "score_threshold": a.score_threshold}
         r = evaluate_detections(a.package, a.raster, png, a.labels, a.class_field,
-                                {k: v for k, v in options.items() if v is not None})
+                                {k: v for k, v in options.items() if v is not None}, cfar=_cfar_row(a))
     elif a.raster:
         r = evaluate_chips_from_rasters(a.package, a.raster, png, a.labels, a.class_field, a.label_raster, a.bands,
                                         a.input_units, a.background, a.max_chips or 2000)
@@ -163,6 +163,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     r.pop("confusion", None)
     print(json.dumps(r, default=str))
     return 0
+
+
+def _cfar_row(a: argparse.Namespace) -> dict | None:
+    """The CFAR settings of ``evaluate --cfar`` for a detection package: none; a CFAR package's;
+    auto: a cfar_scored package's own proposals ranked by CFAR's score (what its scorer adds), else
+    the CFAR defaults (engine.cfar.CfarConfig)."""
+    from engine.package import read_card
+
+    if a.cfar == "none":
+        return None
+    if a.cfar != "auto":
+        card = read_card(a.cfar)
+        if card.architecture.name != "cfar":
+            from engine.errors import SarmaeError
+
+            raise SarmaeError(f"--cfar {a.cfar}: a '{card.architecture.name}' package; give a CFAR package "
+                              "('sarmae init --task detect --method cfar'), auto or none")
+        return dict(card.architecture.extra["cfar"])
+    card = read_card(a.package)
+    if card.architecture.name in ("cfar", "cfar_scored"):
+        return {**card.architecture.extra["cfar"], "score_threshold": 0.0}
+    return {"class_name": card.class_names[0]}
 
 
 def _csv(text: str) -> list[str]:
@@ -278,6 +300,9 @@ def register(sub) -> None:
     _data_options(s)
     s.add_argument("--score-threshold", type=float, help="detect: the score of the reported operating point "
                                                           "(precision / recall / F1; default 0.3 as sarmae infer)")
+    s.add_argument("--cfar", default="auto", help="detect: the CFAR row beside the model, on the same rasters: auto "
+                   "(a cfar_scored package: its own CFAR proposals ranked by CFAR's score; other detectors: the CFAR "
+                   "defaults), a CFAR package (its settings), or none")
     s.add_argument("--report", help="PNG path: confusion matrix, or detect: precision-recall curves "
                                     "(default: evaluation_confusion.png)")
     s.set_defaults(func=cmd_evaluate)

@@ -119,3 +119,16 @@ def test_result_record_says_what_scored(trained, tmp_path):
     with pytest.raises(SarmaeError, match="no model.onnx|backend"):
         run_inference([str(trained["test"])], tmp_path / "e.gpkg", str(trained["pkg"]),
                       InferenceOptions(input_units="db", backend="cuda-magic"))
+
+
+def test_sarmae_evaluate_prints_the_cfar_row_beside(trained, capsys):
+    rc = main(["evaluate", str(trained["pkg"]), "--raster", str(trained["test"]), "--labels",
+               str(trained["test_labels"]), "--class-field", "class", "--input-units", "db",
+               "--report", str(trained["dir"] / "ev.png")])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and r["cfar"]["config"]["pfa"] == read_card(trained["pkg"]).architecture.extra["cfar"]["pfa"]
+    assert r["map_50"] > r["cfar"]["map_50"]  # the same proposals, ranked by the scorer vs by CFAR
+    assert main(["evaluate", str(trained["pkg"]), "--raster", str(trained["test"]), "--labels",
+                 str(trained["test_labels"]), "--class-field", "class", "--input-units", "db", "--cfar", "none",
+                 "--report", str(trained["dir"] / "ev.png")]) == 0
+    assert "cfar" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
