@@ -145,10 +145,16 @@ def train_scorer(data: dict, cfg: FinetuneConfig, head, progress: Callable[[dict
             opt.step()
             sched.step() if step < steps - 1 else None
             step, total = step + 1, total + loss.item() * len(idx)
-        history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 1)})
-        if progress is not None:
-            progress({**history[-1], "epochs": cfg.epochs, "task": "detect", "method": "cfar_scored"})
-        if cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes:
+        elapsed = time.time() - t0
+        history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(elapsed, 1)})
+        spent = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
+        if progress is not None:  # as fine-tuning's rows (common.progress_line), without a validation metric
+            eta = 0.0 if spent else elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)
+            if cfg.max_minutes is not None:
+                eta = min(eta, max(0.0, 60 * cfg.max_minutes - elapsed))
+            progress({"epoch": epoch, "epochs": cfg.epochs, "train_loss": history[-1]["loss"], "metric": None,
+                      "elapsed_s": elapsed, "eta_s": eta})
+        if spent:
             break
     return model.eval(), history
 

@@ -101,6 +101,19 @@ def test_training_refuses_several_classes(tmp_path, capsys):
     assert rc != 0 and "one class" in err and "two.gpkg" in err and "--classes" in err, err
 
 
+def test_training_reports_progress_and_keeps_its_budget(tmp_path, capsys):
+    raster, ships = clutter_scene(tmp_path / "s.tif", seed=4, size=160)
+    labels = write_ships(tmp_path / "s.gpkg", ships)
+    rc = main(["finetune", "--task", "detect", "--method", "cfar_scored", "--raster", str(raster), "--labels",
+               str(labels), "--class-field", "class", "--input-units", "db", "--epochs", "50", "--max-minutes",
+               "0.0001", "--output", str(tmp_path / "p.pkg")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "epoch 1/50: loss" in cap.err and "ETA" in cap.err and "epoch 2/50" not in cap.err
+    r = json.loads(cap.out)
+    assert r["epochs"] == 1 and r["targets"] == 12 and 0.05 <= r["score_threshold"] <= 0.95
+
+
 def test_method_is_refused_for_other_tasks(tmp_path, capsys):
     rc = main(["finetune", "--task", "segment", "--method", "cfar_scored", "--raster", "x.tif", "--labels", "y.gpkg",
                "--class-field", "class", "--output", str(tmp_path / "p.pkg")])
