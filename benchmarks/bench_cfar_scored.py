@@ -5,7 +5,8 @@
           one run, alternated; steps/s ratio. One scorer epoch over HRSID's training strip is ~15
           steps, one Faster R-CNN epoch over 400 chips ~50.
   infer:  megapixels per second of a whole cfar_scored run (CFAR proposals + chips + scorer through
-          onnxruntime, written to a GeoPackage) on a synthetic dB scene with 200 bright objects.
+          onnxruntime, written to a GeoPackage) on a synthetic dB scene with 200 bright objects, and of
+          CFAR alone with the same settings (what the scorer costs).
 
 Usage: python benchmarks/bench_cfar_scored.py [--threads 2] [--size 2048] [--steps 5]
 """
@@ -43,16 +44,19 @@ def scorer_step_seconds(steps: int, batch: int = 128) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def scene_mpx_per_s(size: int, threads: int) -> tuple[float, int]:
-    """A cfar_scored package (seeded scorer; speed does not depend on training) over a size^2 scene."""
+def scene_mpx_per_s(size: int, threads: int) -> tuple[float, float, int]:
+    """A cfar_scored package (seeded scorer; speed does not depend on training) and CFAR alone with the
+    same settings over a size^2 scene, alternated, best of 2: (cfar_scored Mpx/s, CFAR Mpx/s, proposals)."""
     import rasterio
     from rasterio.transform import from_origin
 
+    from engine.cfar import CfarConfig
     from engine.inference import InferenceOptions, run_inference
     from engine.package import save_package
+    from engine.tasks.cfar import cfar_card
     from engine.tasks.cfar_scored import cfar_scored_card
 
-    rng = np.random.default_rng(0)
+    rng, n = np.random.default_rng(0), 0
     power = rng.exponential(0.01, (size, size)).astype(np.float32)
     for _ in range(200):
         y, x = rng.integers(0, size - 20, 2)
@@ -67,11 +71,16 @@ def scene_mpx_per_s(size: int, threads: int) -> tuple[float, int]:
         card = cfar_scored_card({"guard": 9, "background": 41, "pfa": 1e-4, "min_area": 4, "threads": threads},
                                 model.cfg.to_dict(), "ship", 0.5, "bench")
         pkg = save_package(model.state_dict(), card, Path(tmp) / "p.pkg", onnx_bytes=export_chip_scorer(model))
-        t0 = time.perf_counter()
-        res = run_inference([str(tif)], Path(tmp) / "d.gpkg", str(pkg),
-                            InferenceOptions(input_units="db", threads=threads, score_threshold=0.0))
-        dt = time.perf_counter() - t0
-    return size * size / 1e6 / dt, res.statistics["scorer"]["proposals"]
+        cfar = save_package(None, cfar_card(CfarConfig(**{k: v for k, v in card.architecture.extra["cfar"].items()
+                                                          if k != "class_name"})), Path(tmp) / "c.pkg")
+        rates = {}
+        for name, p in (("cfar", cfar), ("cfar_scored", pkg), ("cfar again", cfar), ("cfar_scored again", pkg)):
+            t0 = time.perf_counter()
+            res = run_inference([str(tif)], Path(tmp) / f"{name}.gpkg", str(p),
+                                InferenceOptions(input_units="db", threads=threads, score_threshold=0.0))
+            rates.setdefault(name.split()[0], []).append(size * size / 1e6 / (time.perf_counter() - t0))
+            n = res.statistics.get("scorer", {}).get("proposals", n if name != "cfar" else 0)
+    return max(rates["cfar_scored"]), max(rates["cfar"]), n
 
 
 def main() -> None:
@@ -94,8 +103,9 @@ def main() -> None:
     print(f"  chip scorer step (128 chips x 32 px):            {sc:.3f} s/step ({1 / sc:.1f} steps/s)")
     print(f"  ViT-Tiny Faster R-CNN step (8 x 128 px, CPU head): {fr:.2f} s/step ({1 / fr:.2f} steps/s)")
     print(f"  steps/s ratio: {fr / sc:.1f}x")
-    mpx, n = scene_mpx_per_s(a.size, a.threads)
-    print(f"  cfar_scored over a {a.size}^2 scene (onnxruntime): {mpx:.2f} Mpx/s, {n} proposals scored")
+    mpx, cfar, n = scene_mpx_per_s(a.size, a.threads)
+    print(f"  over a {a.size}^2 scene: cfar_scored (onnxruntime) {mpx:.2f} Mpx/s ({n} proposals scored), "
+          f"CFAR alone {cfar:.2f} Mpx/s")
 
 
 if __name__ == "__main__":

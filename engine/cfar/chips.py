@@ -7,8 +7,9 @@ side s centred at (cy, cx) reads the raster at row cy - s/2 + (a + 0.5) s/size (
 index = that - 0.5). Values are in normalised log intensity: 10 log10 of linear power minus the
 chip's median over its valid samples, divided by ``DB_SCALE`` and clipped, so a chip does not depend
 on the scene's calibration or gain (nodata samples take the median, 0). ``read_chips`` reads a
-raster by strips of rows (memory flat in its height) through ``engine.reader.SarRaster`` and the
-same conversion to linear power as CFAR (dB and amplitude converted; negative 'linear' refused).
+raster by strips of rows (memory flat in its height) through ``engine.reader.SarRaster`` and
+converts each chip's square only, with the same conversion to linear power as CFAR (dB and
+amplitude converted; negative 'linear' refused).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ def chip_geometry(boxes: np.ndarray, sides: np.ndarray) -> np.ndarray:
 
 
 def sample_chips(db: np.ndarray, valid: np.ndarray, row0: int, boxes: np.ndarray, sides: np.ndarray,
-                 size: int) -> np.ndarray:
-    """Chips (n, 1, size, size) float32 from ``db`` (h, w: 10 log10 power of rows row0..row0 + h of
-    the raster) and its ``valid`` mask; boxes in raster pixels (the rows they need must be in db)."""
+                 size: int, col0: int = 0) -> np.ndarray:
+    """Chips (n, 1, size, size) float32 from ``db`` (h, w: 10 log10 power of rows row0..row0 + h and
+    columns col0..col0 + w of the raster) and its ``valid`` mask; boxes in raster pixels (outside
+    ``db``, its edge values are repeated and the samples count as nodata)."""
     n = len(boxes)
     if n == 0:
         return np.zeros((0, 1, size, size), np.float32)
     b = np.asarray(boxes, np.float64)
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2 - row0
+    cx, cy = (b[:, 0] + b[:, 2]) / 2 - col0, (b[:, 1] + b[:, 3]) / 2 - row0
     t = (np.arange(size) + 0.5) / size - 0.5  # cell centres in units of the side, centred
     ys = (cy[:, None] + sides[:, None] * t[None]) - 0.5  # (n, size) array coordinates
     xs = (cx[:, None] + sides[:, None] * t[None]) - 0.5
@@ -83,6 +85,17 @@ def read_chips(raster, units: str, boxes: np.ndarray, size: int, source: str, gi
         lo = int(max(0, np.floor((cy[sel] - sides[sel] / 2).min()) - 2))
         hi = int(min(raster.height, np.ceil((cy[sel] + sides[sel] / 2).max()) + 2))
         x, valid = raster.read(Window(lo, 0, hi - lo, raster.width))
-        power = to_power(x[0], valid, units, given_units, source)
-        out[sel] = sample_chips(to_db(power, valid), valid, lo, b[sel], sides[sel], size)
+        for i in sel:  # each chip's square only: no conversion of the whole strip
+            r0, r1 = _span(cy[i], sides[i], lo, hi)
+            cx = (b[i, 0] + b[i, 2]) / 2
+            c0, c1 = _span(cx, sides[i], 0, raster.width)
+            v = valid[r0 - lo:r1 - lo, c0:c1]
+            power = to_power(x[0, r0 - lo:r1 - lo, c0:c1], v, units, given_units, source)
+            out[i] = sample_chips(to_db(power, v), v, r0, b[i:i + 1], sides[i:i + 1], size, c0)[0]
     return out
+
+
+def _span(centre: float, side: float, lo: int, hi: int) -> tuple[int, int]:
+    """The pixels [start, end) within [lo, hi) that a chip of ``side`` centred at ``centre`` samples."""
+    return (int(min(max(lo, np.floor(centre - side / 2) - 2), hi - 1)),
+            int(max(min(hi, np.ceil(centre + side / 2) + 2), lo + 1)))

@@ -65,6 +65,8 @@ def test_a_chip_is_centred_on_its_box_and_median_normalised():
     # the same box, its rows read from a strip starting at row 30
     strip = sample_chips(db[30:], valid[30:], 30, box, chip_sides(box), 32)[0, 0]
     np.testing.assert_allclose(strip, chip, atol=1e-6)
+    crop = sample_chips(db[30:80, 20:100], valid[30:80, 20:100], 30, box, chip_sides(box), 32, col0=20)[0, 0]
+    np.testing.assert_allclose(crop, chip, atol=1e-6)  # the chip's square alone, as read_chips reads it
 
 
 def test_chips_read_by_strips_match_the_whole_raster(tmp_path):
