@@ -1,11 +1,11 @@
 """CFAR proposals scored by a learned chip classifier (``detect.cfar_scored``): a detector that
-learns on a CPU in seconds.
+learns on a CPU in a minute or two.
 
-CFAR (``engine.cfar``, settings chosen on the training area for recall, every object kept)
+CFAR (``engine.cfar``, settings chosen on the training area for coverage, every object kept)
 proposes objects; a small CNN (``engine.models.chip_scorer``) looks at the chip around each
 (``engine.cfar.chips``: normalised log intensity, plus the box's size) and returns the probability
-that it is a target; boxes are thresholded and NMS'd outside the network (numpy), so the scorer runs from the package's model.onnx through onnxruntime (no
-torch) or from its weights through torch. ``training.finetune.cfar_scored`` trains it
+that it is a target; boxes are thresholded and NMS'd outside the network (numpy), so the scorer
+runs from the package's model.onnx through onnxruntime (no torch) or from its weights through torch. ``training.finetune.cfar_scored`` trains it
 (``sarmae finetune --task detect --method cfar_scored``). Its package::
 
     {"task": "detect", "architecture": {"name": "cfar_scored", "cfar": {CfarConfig settings},
