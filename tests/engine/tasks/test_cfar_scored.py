@@ -132,6 +132,13 @@ def test_db_given_as_linear_is_refused(tmp_path):
         run_inference([str(path)], tmp_path / "d.gpkg", str(pkg), InferenceOptions(input_units="linear_power"))
 
 
+def test_export_says_the_onnx_is_already_there(tmp_path, capsys):
+    pkg = package(tmp_path / "p.pkg")
+    assert main(["export", str(pkg)]) != 0
+    err = capsys.readouterr().err
+    assert "p.pkg" in err and "already there" in err and "Traceback" not in err, err
+
+
 def test_init_points_to_finetune(tmp_path, capsys):
     rc = main(["init", "--task", "detect", "--method", "cfar_scored", "--output", str(tmp_path / "x.pkg")])
     assert rc != 0 and "sarmae finetune --task detect --method cfar_scored" in capsys.readouterr().err
