@@ -9,7 +9,7 @@ runs from the package's model.onnx through onnxruntime (no torch) or from its we
 (``sarmae finetune --task detect --method cfar_scored``). Its package::
 
     {"task": "detect", "architecture": {"name": "cfar_scored", "cfar": {CfarConfig settings},
-     "head": {ChipScorerConfig}, "score_threshold": float}, "input": {...}, "classes": [one class],
+     "head": {ChipScorerConfig}, "cfar_scored": {"score_threshold": p}}, "input": {...}, "classes": [one class],
      "output": "boxes", "weights": {...}, "onnx": {"fp32": {...}}}
 
 It writes the same GeoPackage layer as ``detect.cfar`` (the proposal's box, CFAR ratio, pixels,
@@ -127,10 +127,11 @@ class CfarScoredTask(CfarTask):
         if not isinstance(card.architecture.head, dict) or not isinstance(card.architecture.head.get("chip"), int):
             problems.append("'architecture.head' (the chip scorer's size: chip, width, geometry) is missing; "
                             "train the package again with 'sarmae finetune --task detect --method cfar_scored'")
-        t = card.architecture.extra.get("score_threshold")
+        own = card.architecture.extra.get("cfar_scored")
+        t = own.get("score_threshold") if isinstance(own, dict) else None
         if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
-            problems.append(f"'architecture.score_threshold' must be a probability in [0, 1) (found {t!r}); "
-                            "train the package again, or set it (0.5 is the scorer's even odds)")
+            problems.append(f"'architecture.cfar_scored.score_threshold' must be a probability in [0, 1) (found "
+                            f"{t!r}); train the package again, or set it (0.5 is the scorer's even odds)")
         return problems
 
     def summary(self, card) -> list[str]:
@@ -143,7 +144,7 @@ class CfarScoredTask(CfarTask):
         """The probability a box needs: the run's ``score_threshold``, else the package's (chosen in training)."""
         if options.score_threshold is not None:
             return float(options.score_threshold)
-        return float(card.architecture.extra.get("score_threshold", 0.5))
+        return float(card.architecture.extra["cfar_scored"]["score_threshold"])
 
     def cfar_threshold(self, card, options: InferenceOptions) -> float:
         return 0.0  # every CFAR object is a proposal; the scorer's probability decides
@@ -163,7 +164,9 @@ def cfar_scored_card(cfar: dict, head: dict, class_name: str, threshold: float, 
     cfg = CfarConfig.from_dict({**cfar, "class_name": class_name, "score_threshold": 0.0})
     if not 0.0 <= threshold < 1.0:
         raise PackageError(f"score threshold {threshold} must lie in [0, 1)")
-    arch = {"name": "cfar_scored", "cfar": cfg.to_dict(), "head": dict(head), "score_threshold": float(threshold)}
+    # the method's own settings under its name (as every method's card, which the plugin reads)
+    arch = {"name": "cfar_scored", "cfar": cfg.to_dict(), "head": dict(head),
+            "cfar_scored": {"score_threshold": float(threshold)}}
     # what the scorer sees: 10 log10(power) minus each chip's median, / 10 (engine.cfar.chips)
     inp = {"bands": ["band 1"], "units": "db", "clip": [-30.0, 60.0], "mean": [0.0], "std": [10.0], "nodata": "mask",
            "pixel_spacing_m": None, "chip": "dB minus the chip's median (engine.cfar.chips)"}

@@ -114,9 +114,9 @@ def test_info_describes_the_method(tmp_path, capsys):
 def test_a_package_without_a_score_threshold_is_refused(tmp_path):
     pkg = package(tmp_path / "p.pkg")
     card = json.loads((pkg / "model.json").read_text())
-    del card["architecture"]["score_threshold"]
+    del card["architecture"]["cfar_scored"]["score_threshold"]
     (pkg / "model.json").write_text(json.dumps(card))
-    with pytest.raises(PackageError, match=r"p\.pkg.*score_threshold.*train the package again"):
+    with pytest.raises(PackageError, match=r"p\.pkg.*cfar_scored\.score_threshold.*train the package again"):
         load_package(pkg)
 
 
@@ -147,3 +147,10 @@ def test_init_points_to_finetune(tmp_path, capsys):
 def test_to_db_floors_zero_power():
     v = to_db(np.array([[0.0, 1.0]], np.float32), np.array([[True, False]]))
     assert v.tolist() == [[-100.0, 0.0]]
+
+
+def test_the_plugin_reads_it_as_a_method_card(tmp_path):
+    from sarmae_qgis.model_cards import read_card as plugin_card
+
+    card = plugin_card(package(tmp_path / "p.pkg"))
+    assert card.task == "detect" and card.method == "cfar_scored" and card.classes[0][0] == "ship"
