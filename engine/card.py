@@ -248,7 +248,7 @@ class ModelCard:
         method = arch.name if isinstance(arch, Architecture) else arch.get("name") if isinstance(arch, Mapping) else None
         task = get_task(self.task, method if isinstance(method, str) else None)
         if not isinstance(self.architecture, Architecture):
-            self.architecture = Architecture.parse(self.architecture, problems, task.needs_weights)
+            self.architecture = Architecture.parse(self.architecture, problems, task.needs_weights and task.needs_encoder)
         if not isinstance(self.input, InputContract) and (self.input is not None or task.needs_weights):
             enc = self.architecture.encoder if self.architecture is not None else None
             self.input = InputContract.parse(self.input, enc.in_chans if enc is not None else None, problems)
@@ -322,7 +322,8 @@ def validate_card(d: Any, where: str) -> ModelCard:
         except TaskRegistryError as e:
             problems.append(str(e))
     network = task is None or task.needs_weights  # no network (CFAR): no encoder, input optional
-    arch = Architecture.parse(d["architecture"], problems, needs_encoder=network)
+    encoder = network and (task is None or task.needs_encoder)  # a network of its own (cfar_scored): no encoder
+    arch = Architecture.parse(d["architecture"], problems, needs_encoder=encoder)
     inp = None
     if network or d.get("input") is not None:
         inp = InputContract.parse(d.get("input"), arch.encoder.in_chans if arch and arch.encoder else None, problems)

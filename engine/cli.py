@@ -91,6 +91,9 @@ def _init_method(a: argparse.Namespace) -> int:
     if task.method != a.method:
         raise SarmaeError(f"--method {a.method}: task '{a.task}' has no such method (its methods: "
                           f"{', '.join(method_names(a.task)) or 'none'})")
+    if a.method == "cfar_scored":
+        raise SarmaeError("--method cfar_scored learns from labelled boxes: train its package with 'sarmae finetune "
+                          "--task detect --method cfar_scored --raster R --labels V --class-field F -o PKG'")
     if a.method != "cfar":
         raise SarmaeError(f"--method {a.method} comes from a plug-in: write its package with that plug-in")
     from .cfar import CfarConfig

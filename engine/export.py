@@ -76,6 +76,12 @@ def export_package(package: str | Path, output: str | Path | None = None, opset:
     pkg = load_package(package, lazy=True)
     card = pkg.card
     require_network(pkg.path, card)  # a package without a network (CFAR) has nothing to export
+    from .tasks import task_for
+
+    if not task_for(card).needs_encoder:  # a network of its own (cfar_scored): fine-tuning wrote model.onnx
+        raise SarmaeError(f"{pkg.path}: a '{card.architecture.name}' package's model.onnx is written when it is "
+                          "trained" + (" and is already there" if pkg.has_onnx else "; train it again to get one")
+                          + "; 'sarmae export' (and int8) covers packages built on an encoder")
     diff = None
     if precision == "int8" and pkg.has_onnx and "fp32" in card.onnx:
         blob = pkg.read_onnx()

@@ -476,7 +476,8 @@ def describe(card: ModelCard) -> str:
         lines.append(f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
                      f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})")
     else:
-        lines.append(f"method:        {card.architecture.name} (no network, no weights)")
+        lines.append(f"method:        {card.architecture.name} ("
+                     + ("a network of its own, no encoder)" if card.weights.get("sha256") else "no network, no weights)"))
     if inp is not None:
         clip = (", ".join(f"{b} {r[0]}..{r[1]}" for b, r in zip(inp.bands, inp.band_clip, strict=True))
                 if inp.band_clip else f"{inp.clip[0]}..{inp.clip[1]}")

@@ -70,6 +70,9 @@ def _finetune_config(a: argparse.Namespace):
     return FinetuneConfig.from_dict(d)
 
 
+METHODS = {"cfar_scored": "detect"}  # finetune --method: what it trains, for which task
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     import json
     import logging
@@ -85,6 +88,10 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         if not a.quiet:
             print(progress_line(row), file=sys.stderr, flush=True)
 
+    if a.method is not None and (a.task != "detect" or a.method not in METHODS):
+        raise SarmaeError(f"--method {a.method}: fine-tuning knows the methods "
+                          + ", ".join(f"{m} (--task {t})" for m, t in METHODS.items())
+                          + "; leave --method out to fine-tune an encoder")
     if a.chips and a.raster:
         raise SarmaeError("give one kind of training data: --chips DIR, or --raster R with labels (not both)")
     if a.chips:
@@ -106,9 +113,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         elif a.task == "detect":
             if a.label_raster:
                 raise SarmaeError("detection learns boxes from polygons: give --labels VECTOR --class-field NAME")
-            from .finetune.detect import finetune_detector
+            if a.method == "cfar_scored":
+                from .finetune.cfar_scored import finetune_cfar_scored
 
-            r = finetune_detector(a.raster, a.output, cfg, **kw)
+                r = finetune_cfar_scored(a.raster, a.output, cfg, **kw)
+            else:
+                from .finetune.detect import finetune_detector
+
+                r = finetune_detector(a.raster, a.output, cfg, **kw)
         else:
             from .finetune.classify import finetune_classifier
 
@@ -148,7 +160,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     elif a.raster and task == "detect":
         options = {"bands": a.bands, "input_units": a.input_units, "score_threshold": a.score_threshold}
         r = evaluate_detections(a.package, a.raster, png, a.labels, a.class_field,
-                                {k: v for k, v in options.items() if v is not None})
+                                {k: v for k, v in options.items() if v is not None}, cfar=_cfar_row(a))
     elif a.raster:
         r = evaluate_chips_from_rasters(a.package, a.raster, png, a.labels, a.class_field, a.label_raster, a.bands,
                                         a.input_units, a.background, a.max_chips or 2000)
@@ -157,6 +169,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     r.pop("confusion", None)
     print(json.dumps(r, default=str))
     return 0
+
+
+def _cfar_row(a: argparse.Namespace) -> dict | None:
+    """The CFAR settings of ``evaluate --cfar`` for a detection package: none; a CFAR package's;
+    auto: a cfar_scored package's own proposals ranked by CFAR's score (what its scorer adds), else
+    the CFAR defaults (engine.cfar.CfarConfig)."""
+    from engine.package import read_card
+
+    if a.cfar == "none":
+        return None
+    if a.cfar != "auto":
+        card = read_card(a.cfar)
+        if card.architecture.name != "cfar":
+            from engine.errors import SarmaeError
+
+            raise SarmaeError(f"--cfar {a.cfar}: a '{card.architecture.name}' package; give a CFAR package "
+                              "('sarmae init --task detect --method cfar'), auto or none")
+        return dict(card.architecture.extra["cfar"])
+    card = read_card(a.package)
+    if card.architecture.name in ("cfar", "cfar_scored"):
+        return {**card.architecture.extra["cfar"], "score_threshold": 0.0}
+    return {"class_name": card.class_names[0]}
 
 
 def _csv(text: str) -> list[str]:
@@ -210,6 +244,10 @@ def register(sub) -> None:
                                    "that 'sarmae infer' and the QGIS plugin run unchanged.")
     s.add_argument("--task", required=True, choices=["classify", "segment", "detect"])
     s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init")
+    s.add_argument("--method", choices=sorted(METHODS),
+                   help="detect: cfar_scored = CFAR proposals scored by a small CNN trained on the labels (no "
+                        "encoder; learns in about a minute on a CPU and runs through onnxruntime); default: the "
+                        "encoder's Faster R-CNN head")
     s.add_argument("--output", "-o", required=True, help="model package to write")
     s.add_argument("--chips", help="classification: folder with one sub-folder of chips per class")
     s.add_argument("--raster", action="append", help="raster to train on (repeat for several); with --labels or "
@@ -269,6 +307,9 @@ def register(sub) -> None:
     _data_options(s)
     s.add_argument("--score-threshold", type=float, help="detect: the score of the reported operating point "
                                                           "(precision / recall / F1; default 0.3 as sarmae infer)")
+    s.add_argument("--cfar", default="auto", help="detect: the CFAR row beside the model, on the same rasters: auto "
+                   "(a cfar_scored package: its own CFAR proposals ranked by CFAR's score; other detectors: the CFAR "
+                   "defaults), a CFAR package (its settings), or none")
     s.add_argument("--report", help="PNG path: confusion matrix, or detect: precision-recall curves "
                                     "(default: evaluation_confusion.png)")
     s.set_defaults(func=cmd_evaluate)

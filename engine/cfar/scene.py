@@ -111,9 +111,14 @@ def _open_mask(path: str, raster, source: str):
 def run_cfar(paths: list[str] | str, output: str | Path | None, cfg: CfarConfig, *, bands: list | None = None,
              complex_mode: str = "intensity", overwrite: bool = False,
              progress: Callable[[float], None] | None = None,
-             should_cancel: Callable[[], bool] | None = None) -> CfarResult:
+             should_cancel: Callable[[], bool] | None = None,
+             refine: Callable[..., CfarObjects] | None = None) -> CfarResult:
     """Run CFAR over a raster strip by strip and write its boxes to ``output`` (a GeoPackage, layer
     'detections'; None: write nothing, return the objects). See the module docstring.
+
+    ``refine(raster, units, objects, source) -> objects``: called on every object found, the raster
+    still open (``units``: what its reader returns), before anything is written: the learned scorer
+    of ``detect.cfar_scored`` rescores and moves the boxes there.
 
     Raises:
         CfarConfigError: windows that do not fit the raster or its valid area.
@@ -159,6 +164,10 @@ def run_cfar(paths: list[str] | str, output: str | Path | None, cfg: CfarConfig,
                 f"valid: the background window ({2 * bx + 1} x {2 * by + 1} px) is larger than the valid area. "
                 "Choose a smaller background window")
         objects = _merge_at_seams(objects, seams, cfg.nms_iou)
+        if refine is not None:
+            found = len(objects)
+            objects = refine(raster, units, objects, source)
+            log.append(f"CFAR proposals: {found}, {len(objects)} kept by the scorer")
         area = valid * spacing[0] * spacing[1] / 1e6 if spacing is not None else None
         log.append(f"CFAR {cfg.method.upper()} ({_rule(cfg)}): {len(objects)} object(s) in {valid / 1e6:.2f} Mpx"
                    + (f" ({area:.2f} km2)" if area is not None else ""))

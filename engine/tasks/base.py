@@ -65,6 +65,8 @@ class Task:
     outputs: ClassVar[tuple[str, ...]] = ()  # what the model may return (model.json "output"); [0]: default
     needs_classes: ClassVar[bool] = False  # model.json must list classes
     needs_weights: ClassVar[bool] = True  # a network: weights, architecture.encoder, input (CFAR: False)
+    needs_encoder: ClassVar[bool] = True  # the network is built on architecture.encoder (False: a network of
+    # its own, described by the task's architecture fields, e.g. detect.cfar_scored's chip scorer)
     windowed: ClassVar[bool] = True  # runs window by window through a sink (False: ``run_raster``)
     vector_output: ClassVar[bool] = False  # the main output is a GeoPackage (else a GeoTIFF)
     blended: ClassVar[bool] = True  # overlapping windows are blended into rasters (distributed: see split_rows)

@@ -90,6 +90,14 @@ class CfarTask(Task):
         """The score a box needs: the run's ``score_threshold``, else the card's (0: every box at the pfa)."""
         return self.config(card).score_threshold if options.score_threshold is None else float(options.score_threshold)
 
+    def cfar_threshold(self, card, options: InferenceOptions) -> float:
+        """The CFAR score an object needs to be kept (plain CFAR: the run's threshold)."""
+        return self.score_threshold(card, options)
+
+    def scorer(self, package, options: InferenceOptions, say):
+        """What rescores the CFAR objects before they are written (``run_cfar``'s ``refine``): none here."""
+        return None
+
     # ------------------------------------------------------------------ the run
     def run_raster(self, inputs, output, package, options, say, progress, should_cancel) -> InferenceResult:
         from ..cfar.scene import run_cfar
@@ -102,7 +110,7 @@ class CfarTask(Task):
             say("CFAR reads the raster by strips of rows: --window and --overlap do not apply")
         base = self.config(card)
         cfg = replace(base, class_name=card.classes[0]["name"], nms_iou=options.nms_iou,
-                      score_threshold=self.score_threshold(card, options),
+                      score_threshold=self.cfar_threshold(card, options),
                       input_units=options.input_units or base.input_units, threads=options.threads or base.threads)
 
         def part(lo: float, hi: float, what: str):  # progress of one step mapped to [lo, hi]; its log
@@ -123,9 +131,10 @@ class CfarTask(Task):
                 cfg = replace(cfg, water_mask=str(mask),
                               water_values=_water_values(options.water_class, cfg.water_values, mask))
             rows = part(0.5 if tmp is not None else 0.0, 1.0, "CFAR")
+            scorer = self.scorer(package, options, say)
             res = run_cfar(inputs, output, cfg, bands=options.bands, complex_mode=options.complex_mode,
                            overwrite=options.overwrite, progress=lambda f: rows(f, f"{100 * f:.0f} % of the rows"),
-                           should_cancel=should_cancel)
+                           should_cancel=should_cancel, refine=scorer)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -138,12 +147,16 @@ class CfarTask(Task):
                  "cfar": {"method": cfg.method, "pfa": cfg.pfa, "k_sigma": cfg.k_sigma, "enl": cfg.enl,
                           "guard": cfg.guard, "background": cfg.background, "window_units": cfg.window_units,
                           "score_threshold": cfg.score_threshold}}
+        backend = f"CFAR {cfg.method.upper()} (numpy/scipy, {cfg.threads} thread(s))"
+        if scorer is not None:
+            stats["scorer"] = scorer.statistics()
+            backend += f" + chip scorer ({scorer.describe()})"
         from ..radiometry import UNIT_LABEL
 
         return InferenceResult(task="detect", outputs={"detections": str(res.output)}, classes=card.classes,
                                statistics=stats, provenance={
                                    "input_units": f"{UNIT_LABEL.get(res.units, res.units)} -> linear power",
-                                   "backend": f"CFAR {cfg.method.upper()} (numpy/scipy, {cfg.threads} thread(s))"})
+                                   "backend": backend})
 
     def merge(self, job):
         raise SarmaeError("CFAR reads whole rasters and is not split over torchrun ranks")

@@ -38,6 +38,7 @@ BUILTIN = {
     "detect.cfar": "engine.tasks.cfar:CfarTask",
     "zeroshot": "engine.tasks.zeroshot:ZeroshotTask",
     "textquery": "engine.tasks.textquery:TextqueryTask",
+    "detect.cfar_scored": "engine.tasks.cfar_scored:CfarScoredTask",
 }
 
 

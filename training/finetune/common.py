@@ -231,7 +231,10 @@ def progress_line(row: dict) -> str:
     """One epoch of ``fit``'s progress as text: 'epoch 3/50: loss 0.41, val accuracy 0.82 (best 0.85),
     12 s, ETA 3 min 10 s' (the rest of the epochs at the mean pace so far, within the time budget;
     early stopping may end sooner)."""
-    m = row["metric"]
+    m = row.get("metric")
+    if m is None:  # no validation metric (the CFAR proposal scorer): the training loss alone
+        return (f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, "
+                f"{_duration(row['elapsed_s'])}, ETA {_duration(row['eta_s'])}")
     if not math.isfinite(row["train_loss"]):  # the quick mode's one fit (no epochs of gradient steps)
         return f"quick fit: val {m} {row[m]:.4f}, {_duration(row['elapsed_s'])}"
     return (f"epoch {row['epoch'] + 1}/{row['epochs']}: loss {row['train_loss']:.4f}, val {m} {row[m]:.4f} "

@@ -100,7 +100,7 @@ def test_cfar_is_a_method_of_detect_not_a_task():
     assert (cfar.name, cfar.method, cfar.key()) == ("detect", "cfar", "detect.cfar")
     assert not cfar.needs_weights and not cfar.windowed and cfar.vector_output
     assert get_task("detect", "vit_tiny_patch16") is get_task("detect")  # an architecture, not a method
-    assert "detect.cfar" not in task_names() and method_names("detect") == ["cfar"]
+    assert "detect.cfar" not in task_names() and method_names("detect") == ["cfar", "cfar_scored"]
 
 
 def test_init_writes_model_json_alone_and_info_prints_the_settings(cfar_pkg, capsys):
