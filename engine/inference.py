@@ -156,9 +156,7 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     Returns:
         The result record. Raises ``SarmaeError`` subclasses with actionable messages.
     """
-    from .backends import make_backend
-    from .radiometry import Radiometry
-    from .reader import SarRaster
+    from .publish import Publication
     from .tasks import task_for
     from .writers import check_output
 
@@ -180,10 +178,24 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     if not out.suffix:
         out = out.with_suffix(task.output_suffix)
     out = check_output(out, inputs, opts.overwrite)
-    if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
-        result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
-        elapsed = time.perf_counter() - t0
-        return _record(result, t0, elapsed, card, inputs, opts, messages)
+    # the run's outputs are locked, stale temporaries of interrupted runs in their folder removed,
+    # and every file published through this Publication (engine.publish)
+    with Publication([out, *task.extra_outputs(out, opts)], overwrite=opts.overwrite, say=say):
+        if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
+            result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
+            elapsed = time.perf_counter() - t0
+            return _record(result, t0, elapsed, card, inputs, opts, messages)
+        return _run_windowed(task, pkg, inputs, out, opts, say, progress, should_cancel, backend, t0, messages)
+
+
+def _run_windowed(task, pkg, inputs: list[str], out: Path, opts: InferenceOptions, say, progress: ProgressFn | None,
+                  should_cancel: CancelFn | None, backend, t0: float, messages: list[str]) -> InferenceResult:
+    """``run_inference`` of a windowed task: reader thread -> backend -> the task's sink."""
+    from .backends import make_backend
+    from .radiometry import Radiometry
+    from .reader import SarRaster
+
+    card = pkg.card
     size = opts.window or card.input_size[0]
     if size % card.patch_size:
         raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")

@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import shapely
 
 from .errors import OutputError, RasterInputError, SarmaeError
+from .publish import disk_error, publish, remove_temporary, reserve, temp_sibling, verify_gpkg
 
 NODATA = 255
 WRITE_BATCH = 1000  # features per GeoPackage transaction
@@ -98,22 +98,23 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
                 if progress is not None:
                     progress(r1 / src.height)
 
-        tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.tmp.gpkg")
+        tmp = temp_sibling(out, ".gpkg")
         try:
             import fiona
 
+            reserve(out, os.path.getsize(class_tif) + 96 * 1024)  # polygons of a compressed class raster
             with fiona.open(tmp, "w", driver="GPKG", schema=SCHEMA, layer=out.stem,
                             crs_wkt=crs.to_wkt() if crs else None) as dst:
                 regions = _merged_regions(strips(), src.height, drop)
                 while batch := list(itertools.islice(regions, WRITE_BATCH)):
                     writer.write(dst, batch)
-            os.replace(tmp, out)
+            verify_gpkg(tmp, out, out.stem, writer.written)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
+            remove_temporary(tmp)
             if isinstance(e, SarmaeError) or not isinstance(e, Exception):
                 raise
-            raise OutputError(f"{out_gpkg}: writing the polygons failed ({e}); nothing was written. "
-                              "Check that the folder is writable and the disk has space") from e
+            raise disk_error(out, e) from e
+        publish(tmp, out)
     return {"path": str(out), "layer": out.stem, "features": writer.written, "per_class": per_class,
             "dropped_small": writer.dropped, "georeferencing": georef, "area_units": writer.area_units}
 
