@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import SarmaeError
+from .errors import SarmaeError, TerminatedError
 
 EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
@@ -388,6 +388,22 @@ def _load_extensions(sub) -> None:
             print(f"sarmae: command '{ep.name}' unavailable ({e})", file=sys.stderr)
 
 
+def _terminate_like_interrupt():
+    """SIGTERM raises ``TerminatedError`` (a KeyboardInterrupt): the clean-up of Ctrl-C runs, once.
+    Returns a function that puts the previous handler back (``main`` called in-process)."""
+    import signal
+    import threading
+
+    def terminated(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is not interrupted by a second one
+        raise TerminatedError("terminated")
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -398,11 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    restore = _terminate_like_interrupt()
     try:
         return int(args.func(args) or 0)
     except SarmaeError as e:
         print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TerminatedError:
+        print(f"sarmae {args.command}: terminated; partial outputs were removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"sarmae {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -411,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ class CancelledError(SarmaeError):
     """The run was cancelled by the user; nothing partial is left on disk."""
 
 
+class TerminatedError(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a scheduler, systemd) turned into an exception by the CLI: handled like
+    Ctrl-C, so that partial outputs are removed on the way out (exit status 143)."""
+
+
 def missing_dependency(module: str, extra: str = "") -> SarmaeError:
     """An error for a heavy dependency that is not importable, with the install hint."""
     hint = f"pip install 'sarmae[{extra}]'" if extra else "make setup (or pip install -e .)"

@@ -17,6 +17,7 @@ from .errors import OutputError
 
 TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]{8}\.tmp(?:\.cog)?(?P<suffix>\.[A-Za-z0-9]+)"
                      r"(?:\.aux\.xml|-journal|-wal|-shm)?$")
+LOCK_RE = re.compile(r"^\.(?P<name>.+)\.lock$")
 
 
 def temp_sibling(path: Path, suffix: str | None = None) -> Path:
@@ -133,21 +134,26 @@ def _held_by_live_run(output: Path) -> bool:
 def clean_stale_temporaries(folder: Path, before: float, own: list[Path] = ()) -> list[Path]:
     """Remove the temporary files of our naming (``temp_sibling``) in ``folder`` that are older than
     ``before`` (a time) and whose output no live run holds (``own``: this run's outputs, whose older
-    temporaries are stale); returns what was removed."""
+    temporaries are stale), and the lock files no process holds; returns what was removed."""
     own_names = {p.name for p in own}
     removed = []
     try:
-        entries = list(os.scandir(folder))
+        entries = sorted(os.scandir(folder), key=lambda e: not e.name.endswith(".lock"))  # locks first
     except OSError:
         return removed
     for entry in entries:
         m = TEMP_RE.match(entry.name)
-        if not m or not entry.is_file(follow_symlinks=False):
+        lock = LOCK_RE.match(entry.name)
+        if not (m or lock) or not entry.is_file(follow_symlinks=False):
             continue
         try:
             if entry.stat().st_mtime >= before:
                 continue
         except FileNotFoundError:
+            continue
+        if lock:  # taking and releasing a lock no one holds removes its file
+            if lock["name"] not in own_names and not _held_by_live_run(Path(folder) / lock["name"]):
+                removed.append(Path(entry.path))
             continue
         output = Path(folder) / (m["stem"] + m["suffix"])
         if output.name not in own_names and _held_by_live_run(output):
