@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist_shutdown()
     if res is not None and a.result:
-        Path(a.result).write_text(json.dumps(res, indent=1, default=str))
+        from .publish import write_bytes_atomic
+
+        write_bytes_atomic(Path(a.result), json.dumps(res, indent=1, default=str).encode())
     return 0
 
 

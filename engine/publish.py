@@ -236,7 +236,8 @@ def reserve(path: Path, nbytes: int) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """A small file (a JSON sidecar): temporary file, fsync, read back, published."""
+    """A small file (a JSON sidecar, a cache): temporary file, fsync, read back, then it replaces
+    ``path`` (whatever the current run's overwrite rule: its caller decided)."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
@@ -246,7 +247,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         if tmp.read_bytes() != data:
             raise OSError("the written file reads back different")
-        return publish(tmp, path)
+        return Publication([], overwrite=True).publish(tmp, path)
     except BaseException as e:
         remove_temporary(tmp)
         if isinstance(e, Exception):

@@ -268,3 +268,37 @@ def test_clean_keeps_files_newer_than_the_run(tmp_path):
     assert lock.acquire() is None
     lock.release()
     assert not (tmp_path / ".a.tif.lock").exists()
+
+
+# ---------------------------------------------------------------------------- packages, sidecars
+def test_a_package_is_read_back_and_disk_full_keeps_the_old_one(tmp_path, tiny_package, monkeypatch):
+    import errno
+    import shutil
+
+    from engine.package import load_package, save_package
+
+    pkg = load_package(tiny_package("segment"))
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_package("segment"), dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    real = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name == "weights.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(OutputError, match=r"disk full while writing \S*model \(needed about"):
+        save_package(pkg.model.state_dict(), pkg.card, dest, overwrite=True)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_json_sidecar_is_written_atomically(tmp_path):
+    from engine.publish import write_bytes_atomic
+
+    p = tmp_path / "result.json"
+    p.write_text("old")
+    write_bytes_atomic(p, b'{"ok": true}')
+    assert p.read_text() == '{"ok": true}' and sorted(os.listdir(tmp_path)) == ["result.json"]
