@@ -206,7 +206,9 @@ class Bench:
         row.update(intact=intact, changed=",".join(changed), corrupt=len(corrupt), left=len(left))
         ok = intact and not corrupt and None not in now.values()
         if kind == "sigterm" and not row["finished"]:
-            ok &= row["rc"] == 143 and not left
+            # -15: the signal came before Python had started the CLI (no handler yet, no file opened)
+            row["before_handler"] = row["rc"] == -signal.SIGTERM
+            ok &= row["rc"] in (143, -signal.SIGTERM) and not left
         elif kind == "sigkill":
             ok &= all(n.startswith(".good") for n in left)  # only this run's; removed by the next run
         else:
@@ -258,6 +260,7 @@ def summary(rows: list[dict]) -> dict:
          "corrupt_published": sum(r["corrupt"] for r in rows),
          "earlier_intact": sum(r["intact"] for r in rows),
          "finished_before_fault": sum(bool(r.get("finished")) for r in rows),
+         "sigterm_before_handler": sum(bool(r.get("before_handler")) for r in rows),
          "stale_removed_by_next_run": sum(r["stale_before"] for r in rows if r["trial"] > 0),
          "per_kind": {k: {"trials": sum(r["kind"] == k for r in rows),
                           "failed": sum(r["kind"] == k and not r["ok"] for r in rows)} for k in KINDS}}

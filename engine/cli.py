@@ -407,14 +407,19 @@ def _terminate_like_interrupt():
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    restore = _terminate_like_interrupt()  # first: a SIGTERM from now on gets the clean-up
     # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
     warnings.filterwarnings("ignore", message="Unable to import Axes3D")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except BaseException:
+        restore()
+        raise
     if not getattr(args, "func", None):
+        restore()
         parser.print_help()
         return 0
-    restore = _terminate_like_interrupt()
     try:
         return int(args.func(args) or 0)
     except SarmaeError as e:

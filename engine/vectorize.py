@@ -34,7 +34,7 @@ SCHEMA = {"geometry": "Polygon", "properties": {"class_id": "int", "class_name":
 
 def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names: list[str], *,
                        min_area_px: int = 0, strip_rows: int = 1024, skip_classes: tuple[int, ...] = (),
-                       progress: Callable[[float], None] | None = None) -> dict:
+                       progress: Callable[[float], None] | None = None, publish_now: bool = True) -> dict:
     """Vectorise a class raster (0..K-1, 255 = nodata) into one polygon per 4-connected region.
 
     Args:
@@ -45,6 +45,8 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
         strip_rows: rows read at a time; memory ~ ``strip_rows * width`` bytes + open regions.
         skip_classes: class ids not to vectorise (e.g. background); treated like nodata.
         progress: called with the fraction done, in (0, 1], after each strip.
+        publish_now: False: the verified GeoPackage stays a temporary file (``"tmp"`` in the result),
+            which the caller publishes with the run's other outputs (``engine.publish.publish``).
 
     Returns:
         ``{"path", "layer", "features", "per_class": {name: {"count", "area_m2"}}, "dropped_small",
@@ -114,8 +116,9 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
             if isinstance(e, SarmaeError) or not isinstance(e, Exception):
                 raise
             raise disk_error(out, e) from e
-        publish(tmp, out)
-    return {"path": str(out), "layer": out.stem, "features": writer.written, "per_class": per_class,
+        if publish_now:
+            publish(tmp, out)
+    return {"path": str(out), **({} if publish_now else {"tmp": tmp}), "layer": out.stem, "features": writer.written, "per_class": per_class,
             "dropped_small": writer.dropped, "georeferencing": georef, "area_units": writer.area_units}
 
 
