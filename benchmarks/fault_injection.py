@@ -228,7 +228,7 @@ def first_error(stderr: str) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def make_input(dest: Path, size: int = 192) -> None:
+def make_input(dest: Path, size: int = 128) -> None:
     """A 2-band dB scene: a crop of the real sen1floods11 chip when present, else synthetic."""
     import numpy as np
     import rasterio
@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             kind = KINDS[i % len(KINDS)] if i < len(KINDS) else bench.rng.choice(KINDS)
             rows.append(bench.trial(i, kind))
             r = rows[-1]
-            print(f"{i:3d} {kind:8s} {r['fault']:28s} rc {r['rc']!s:6s} ok {r['ok']}", flush=True)
+            print(f"{i:3d} {kind:8s} {r['fault']:28s} rc {r['rc']!s:6s} ok {r['ok']}"
+                  + ("" if r["ok"] else f" (changed {r['changed'] or '-'}, corrupt {r['corrupt']}, left {r['left']}: "
+                                        f"{r['message']})"), flush=True)
         print_table(rows)
         s = summary(rows)
         print(json.dumps(s, indent=1))

@@ -156,6 +156,8 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     Returns:
         The result record. Raises ``SarmaeError`` subclasses with actionable messages.
     """
+    import rasterio
+
     from .publish import Publication
     from .tasks import task_for
     from .writers import check_output
@@ -180,7 +182,8 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     out = check_output(out, inputs, opts.overwrite)
     # the run's outputs are locked, stale temporaries of interrupted runs in their folder removed,
     # and every file published through this Publication (engine.publish)
-    with Publication([out, *task.extra_outputs(out, opts)], overwrite=opts.overwrite, say=say):
+    # (in one GDAL environment: its errors reach engine.publish.gdal_errors)
+    with rasterio.Env(), Publication([out, *task.extra_outputs(out, opts)], overwrite=opts.overwrite, say=say):
         if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
             result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
             elapsed = time.perf_counter() - t0

@@ -41,7 +41,8 @@ class OutputLock:
     """An exclusive lock on one output path for this process (``.<name>.lock``, ``flock``-ed)."""
 
     def __init__(self, output: Path):
-        self.path = lock_path(Path(output))
+        self.output = Path(output)
+        self.path = lock_path(self.output)
         self.fd: int | None = None
         self.took_over: int | None = None  # the dead process whose lock file this one reused
 

@@ -189,10 +189,14 @@ def test_a_second_run_on_a_locked_output_is_refused(tmp_path, tiny_package):
         with pytest.raises(OutputError, match=rf"out\.tif is being written by another run \(process {holder.pid}\)"):
             run(src, out, seg)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tif.lock", "in.tif"]
+        theirs = tmp_path / ".out.0123abcd.tmp.tif"  # the other run's temporary file
+        theirs.write_text("being written")
+        os.utime(theirs, (time.time() - 60, time.time() - 60))
         logs = []
         run_inference(str(src), out, seg, InferenceOptions(threads=1, overwrite=True),
                       progress=lambda f, m: logs.append(m) if f < 0 else None)  # --overwrite: runs, says so
         assert any("another run" in m and "--overwrite" in m for m in logs)
+        assert theirs.exists()  # not taken for a stale one: its run is alive
     finally:
         holder.kill()
         holder.wait()
