@@ -232,7 +232,7 @@ def returned(rc: int, stdout: str) -> bool:
 
 
 def first_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("sarmae ")]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("sarmae ")] or stderr.splitlines()[-1:]
     return lines[-1][:160] if lines else ""
 
 

@@ -408,28 +408,25 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     restore = _terminate_like_interrupt()  # first: a SIGTERM from now on gets the clean-up
-    # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
-    warnings.filterwarnings("ignore", message="Unable to import Axes3D")
+    command = "" if argv is None and len(sys.argv) < 2 else (argv if argv is not None else sys.argv[1:])[0]
     try:
+        # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
+        warnings.filterwarnings("ignore", message="Unable to import Axes3D")
         parser = build_parser()
         args = parser.parse_args(argv)
-    except BaseException:
-        restore()
-        raise
-    if not getattr(args, "func", None):
-        restore()
-        parser.print_help()
-        return 0
-    try:
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        command = args.command
         return int(args.func(args) or 0)
     except SarmaeError as e:
-        print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
+        print(f"sarmae {command}: error: {e}", file=sys.stderr)
         return 2
     except TerminatedError:
-        print(f"sarmae {args.command}: terminated; partial outputs were removed", file=sys.stderr)
+        print(f"sarmae {command}: terminated; partial outputs were removed", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
+        print(f"sarmae {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `sarmae info PKG | head`: the reader left, nothing is wrong
         import os
