@@ -30,6 +30,7 @@ import contextvars
 import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -116,9 +117,22 @@ class _Capture(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.thread == self.thread:
             text = record.getMessage()
-            if text.startswith(_FAILURE) or "No space left" in text:
+            if (text.startswith(_FAILURE) and _is_io_failure(record)) or "No space left" in text:
                 self.failures.append(text)
         return record.levelno >= _saved_levels.get(record.name, (0, logging.WARNING))[1]
+
+
+_IO_WORDS = re.compile(r"no space|quota|write error|writ\w* failed|cannot write|short write|i/o error|seek|flush|"
+                       r"directory|read failed|readblock failed|writeblock failed|sqlite|disk", re.IGNORECASE)
+
+
+def _is_io_failure(record: logging.LogRecord) -> bool:
+    """A CE_Failure that means the file is not what was written: out of memory, file I/O, or an
+    AppDefined error of libtiff / SQLite about writing, seeking or the directory (GDAL also signals
+    CE_Failure for values it clamps, e.g. to float16, and the write succeeds)."""
+    args = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else (None, record.getMessage())
+    err_no, msg = args
+    return err_no in (2, 3) or bool(_IO_WORDS.search(str(msg)))
 
 
 @contextmanager

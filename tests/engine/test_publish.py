@@ -306,3 +306,18 @@ def test_json_sidecar_is_written_atomically(tmp_path):
     p.write_text("old")
     write_bytes_atomic(p, b'{"ok": true}')
     assert p.read_text() == '{"ok": true}' and sorted(os.listdir(tmp_path)) == ["result.json"]
+
+
+def test_gdal_io_failures_raise_and_clamping_does_not(tmp_path):
+    """rasterio logs GDAL's CE_Failure errors (libtiff's write errors among them) instead of raising:
+    gdal_errors raises for I/O ones, not for a value GDAL clamped (float16) while writing fine."""
+    import logging
+
+    from engine.publish import gdal_errors
+
+    log = logging.getLogger("rasterio._env")
+    with pytest.raises(OutputError, match=r"x\.tif: writing failed .*Write error at scanline 0"):
+        with gdal_errors(tmp_path / "x.tif"):
+            log.info("GDAL signalled an error: err_no=%r, msg=%r", 1, "TIFFAppendToStrip:Write error at scanline 0")
+    with gdal_errors(tmp_path / "x.tif"):
+        log.info("GDAL signalled an error: err_no=%r, msg=%r", 1, "Value 9.5e+21 is beyond range of float16.")
