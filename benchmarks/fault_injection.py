@@ -140,8 +140,8 @@ class Bench:
 
     # ------------------------------------------------------------------ the trials
     def trial(self, i: int, kind: str) -> dict:
-        before = leftovers(self.disk)
-        row = {"trial": i, "kind": kind, "stale_before": len(before)}
+        self.before = set(leftovers(self.disk))  # a killed run's files, for the next run to remove
+        row = {"trial": i, "kind": kind, "stale_before": len(self.before)}
         vector = self.rng.random() < 0.5
         if kind == "enospc":
             self.enospc(row, vector)
@@ -153,13 +153,26 @@ class Bench:
         return row
 
     def enospc(self, row: dict, vector: bool) -> None:
-        if self.tmpfs:
+        if self.tmpfs and self.rng.random() < 0.3:  # too little room from the start: refused up front
             need = self.needed if vector else self.needed_rasters  # less than this run's outputs take
             free = self.rng.randint(4 << 10, int(need * 0.95))
             self.remount(self.used() + free)
             row["fault"] = f"{free >> 10} KiB free"
             proc = self.infer("good.tif", overwrite=True, vector=vector)
             self.remount(BIG)
+        elif self.tmpfs:  # another program fills the disk at a random time, leaving a few KiB
+            self.remount(self.used() + (8 << 20))
+            delay, rest = self.rng.uniform(0.2, self.duration), self.rng.randint(0, 32 << 10)
+            row["fault"] = f"full at {delay:.1f} s, {rest >> 10} KiB left"
+            p = self.infer("good.tif", overwrite=True, vector=vector, popen=True)
+            try:
+                p.wait(delay)
+            except subprocess.TimeoutExpired:
+                fill(self.disk / "filler", rest)
+            out, err = p.communicate(timeout=300)
+            (self.disk / "filler").unlink(missing_ok=True)
+            self.remount(BIG)
+            proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
         else:
             at = self.rng.randint(1, 12)
             row["fault"] = f"ENOSPC at write {at}"
@@ -207,16 +220,18 @@ class Bench:
         else:
             intact = not changed
         left = leftovers(self.disk)
-        row.update(intact=intact, changed=",".join(changed), corrupt=len(corrupt), left=len(left))
+        new_left = [n for n in left if n not in self.before]  # the earlier ones: a run stopped before its start
+        row.update(intact=intact, changed=",".join(changed), corrupt=len(corrupt), left=len(new_left),
+                   stale_removed=len(self.before - set(left)))
         ok = intact and not corrupt and None not in now.values()
         if kind == "sigterm" and not row["finished"]:
             # -15: the signal came before Python had started the CLI (no handler yet, no file opened)
             row["before_handler"] = row["rc"] == -signal.SIGTERM
-            ok &= row["rc"] in (143, -signal.SIGTERM) and not left
+            ok &= row["rc"] in (143, -signal.SIGTERM) and not new_left
         elif kind == "sigkill":
-            ok &= all(n.startswith(".good") for n in left)  # only this run's; removed by the next run
+            ok &= all(n.startswith(".good") for n in new_left)  # only this run's; removed by the next run
         else:
-            ok &= not left
+            ok &= not new_left
         if kind == "enospc":
             ok &= row["finished"] or (row["rc"] != 0 and ("disk full" in row["message"]
                                                           or "not enough free space" in row["message"]))
@@ -225,6 +240,20 @@ class Bench:
             for p in self.disk.glob(f"new{row['trial']}*"):
                 p.unlink()
         row["ok"] = bool(ok)
+
+
+def fill(path: Path, rest: int) -> None:
+    """Write ``path`` until ``rest`` bytes are left free on its filesystem (or it is full)."""
+    st = os.statvfs(path.parent)
+    todo = max(0, st.f_bavail * st.f_frsize - rest)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while todo > 0:
+            todo -= os.write(fd, b"\0" * min(todo, 1 << 20))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def returned(rc: int, stdout: str) -> bool:
@@ -258,7 +287,8 @@ def make_input(dest: Path, size: int = 128) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["trial", "kind", "fault", "rc", "intact", "corrupt", "stale_before", "left", "ok", "message"]
+    cols = ["trial", "kind", "fault", "rc", "intact", "corrupt", "stale_before", "stale_removed", "left", "ok",
+            "message"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
@@ -270,7 +300,8 @@ def summary(rows: list[dict]) -> dict:
          "earlier_intact": sum(r["intact"] for r in rows),
          "finished_before_fault": sum(bool(r.get("finished")) for r in rows),
          "sigterm_before_handler": sum(bool(r.get("before_handler")) for r in rows),
-         "stale_removed_by_next_run": sum(r["stale_before"] for r in rows if r["trial"] > 0),
+         "stale_left_by_sigkill": sum(r["left"] for r in rows if r["kind"] == "sigkill"),
+         "stale_removed_by_a_later_run": sum(r["stale_removed"] for r in rows),
          "per_kind": {k: {"trials": sum(r["kind"] == k for r in rows),
                           "failed": sum(r["kind"] == k and not r["ok"] for r in rows)} for k in KINDS}}
     return s
@@ -310,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d} {kind:8s} {r['fault']:28s} rc {r['rc']!s:6s} ok {r['ok']}"
                   + ("" if r["ok"] else f" (changed {r['changed'] or '-'}, corrupt {r['corrupt']}, left {r['left']}: "
                                         f"{r['message']})"), flush=True)
+        bench.infer("good.tif", overwrite=True, vector=True, check=True)  # a last run cleans up after the faults
         print_table(rows)
         s = summary(rows)
+        s["left_after_a_final_run"] = leftovers(bench.disk)
+        s["failed"] += bool(s["left_after_a_final_run"])
         print(json.dumps(s, indent=1))
         if a.json:
             a.json.write_text(json.dumps({"rows": rows, "summary": s}, indent=1))
