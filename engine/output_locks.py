@@ -47,29 +47,51 @@ class OutputLock:
         self.took_over: int | None = None  # the dead process whose lock file this one reused
 
     def acquire(self) -> int | None:
-        """Take the lock; returns None when held, else the pid of the live process holding it."""
+        """Take the lock; returns None when held, else the pid of the live process holding it (-1:
+        unknown). A lock file that cannot be written (a full disk) raises ``OutputError``."""
         try:
             import fcntl
         except ImportError:  # no flock (Windows): an exclusive create, a dead holder's file taken over
             return self._acquire_excl()
+        try:
+            return self._acquire_flock(fcntl)
+        except OutputError:
+            raise
+        except OSError as e:
+            from .publish import disk_error
+
+            raise disk_error(self.output, OSError(e.errno, f"cannot take the output lock {self.path}: "
+                                                  f"{e.strerror}")) from e
+
+    def _acquire_flock(self, fcntl) -> int | None:
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
                 return holder or -1
-            try:  # the file may have been removed by its last holder between open and flock
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
+            except BaseException:
                 os.close(fd)
-                continue
-            self.took_over = _read_pid(fd)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                raise
+            same = False
+            try:
+                try:  # the file may have been removed by its last holder between open and flock
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                self.took_over = _read_pid(fd)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except BaseException:
+                if same:  # held by this process: its file can go
+                    self.path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             self.fd = fd
             return None
         raise OutputError(f"{self.path}: cannot take the output lock (the file keeps changing)")

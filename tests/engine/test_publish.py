@@ -321,3 +321,17 @@ def test_gdal_io_failures_raise_and_clamping_does_not(tmp_path):
             log.info("GDAL signalled an error: err_no=%r, msg=%r", 1, "TIFFAppendToStrip:Write error at scanline 0")
     with gdal_errors(tmp_path / "x.tif"):
         log.info("GDAL signalled an error: err_no=%r, msg=%r", 1, "Value 9.5e+21 is beyond range of float16.")
+
+
+def test_a_lock_file_on_a_full_disk_is_a_sentence(tmp_path, tiny_package, monkeypatch):
+    import errno
+
+    src = db_raster(tmp_path / "in.tif", 40, 40)
+
+    def pwrite(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match=r"disk full while writing \S*out\.tif \(needed about"):
+        run(src, tmp_path / "out.tif", tiny_package("segment"))
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]
