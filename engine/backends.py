@@ -215,10 +215,10 @@ def choose_backend(kind: str, package, device: str, batch_shape: tuple[int, ...]
         chosen = "onnxruntime" if t_onnx < t_torch else "torch"
         choices[key] = {"backend": chosen, "torch_s": t_torch, "onnx_s": t_onnx}
         try:
-            from .publish import write_bytes_atomic
-
             cache.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(cache, json.dumps(choices, indent=1).encode())
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(choices, indent=1))
+            os.replace(tmp, cache)
         except OSError:
             pass
         log(f"backend auto: torch {t_torch * 1000:.0f} ms/batch, onnxruntime {t_onnx * 1000:.0f} ms/batch -> {chosen}")

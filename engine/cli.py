@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import SarmaeError, TerminatedError
+from .errors import SarmaeError
 
 EPILOG = """examples:
   sarmae init --arch vit_tiny_patch16 --task segment --classes water,land --in-chans 2 --output water.pkg
@@ -388,53 +388,56 @@ def _load_extensions(sub) -> None:
             print(f"sarmae: command '{ep.name}' unavailable ({e})", file=sys.stderr)
 
 
-def _terminate_like_interrupt():
-    """SIGTERM raises ``TerminatedError`` (a KeyboardInterrupt): the clean-up of Ctrl-C runs, once.
-    Returns a function that puts the previous handler back (``main`` called in-process)."""
+def _terminate_like_interrupt(func, args: argparse.Namespace):
+    """Run ``func(args)`` with SIGTERM raising ``TerminatedError`` (a KeyboardInterrupt), so that
+    ``timeout``, schedulers and systemd get the clean-up of Ctrl-C (once: a second SIGTERM during
+    the clean-up is ignored); the previous handler is put back afterwards (``main`` in-process)."""
     import signal
     import threading
 
+    from .errors import TerminatedError
+
     def terminated(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is not interrupted by a second one
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise TerminatedError("terminated")
 
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        return lambda: None
+        return func(args)
     previous = signal.signal(signal.SIGTERM, terminated)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    try:
+        return func(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    restore = _terminate_like_interrupt()  # first: a SIGTERM from now on gets the clean-up
-    command = "" if argv is None and len(sys.argv) < 2 else (argv if argv is not None else sys.argv[1:])[0]
+    from .errors import TerminatedError
+
+    # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
+    warnings.filterwarnings("ignore", message="Unable to import Axes3D")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
     try:
-        # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
-        warnings.filterwarnings("ignore", message="Unable to import Axes3D")
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 0
-        command = args.command
-        return int(args.func(args) or 0)
-    except SarmaeError as e:
-        print(f"sarmae {command}: error: {e}", file=sys.stderr)
-        return 2
-    except TerminatedError:
-        print(f"sarmae {command}: terminated; partial outputs were removed", file=sys.stderr)
+        return int(_terminate_like_interrupt(args.func, args) or 0)
+    except TerminatedError:  # SIGTERM: partial outputs were removed on the way out
+        print(f"sarmae {args.command}: terminated; partial outputs were removed", file=sys.stderr)
         return 143
+    except SarmaeError as e:
+        print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"sarmae {command}: interrupted", file=sys.stderr)
+        print(f"sarmae {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `sarmae info PKG | head`: the reader left, nothing is wrong
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    finally:
-        restore()
 
 
 if __name__ == "__main__":

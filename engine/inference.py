@@ -140,6 +140,31 @@ def _open_package(model):
 def run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                   backend=None) -> InferenceResult:
+    """Run a model package over raster(s) and write the task's outputs next to ``output``
+    (``_run_inference``), publishing them through one ``engine.publish.Publication``: every output
+    path the run checks is locked for it, stale temporaries of interrupted runs in its folder are
+    removed (and said), and each file is verified before a lock-checked rename; one GDAL
+    environment for the run, so that GDAL's write errors reach ``engine.publish.gdal_errors``."""
+    import rasterio
+
+    from .publish import Publication
+
+    overwrite = bool(options is not None and options.overwrite)
+
+    def say(msg: str) -> None:
+        log.info(msg)
+        if progress is not None:
+            progress(-1.0, msg)
+
+    with rasterio.Env(), Publication(overwrite=overwrite, say=say) as pub:
+        result = _run_inference(inputs, output, model, options, progress, should_cancel, backend)
+    result.log = pub.messages + result.log
+    return result
+
+
+def _run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
+                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                   backend=None) -> InferenceResult:
     """Run a model package over raster(s) and write the task's outputs next to ``output``.
 
     Args:
@@ -156,9 +181,9 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     Returns:
         The result record. Raises ``SarmaeError`` subclasses with actionable messages.
     """
-    import rasterio
-
-    from .publish import Publication
+    from .backends import make_backend
+    from .radiometry import Radiometry
+    from .reader import SarRaster
     from .tasks import task_for
     from .writers import check_output
 
@@ -180,25 +205,10 @@ def run_inference(inputs: list[str] | str, output: str | Path, model, options: I
     if not out.suffix:
         out = out.with_suffix(task.output_suffix)
     out = check_output(out, inputs, opts.overwrite)
-    # the run's outputs are locked, stale temporaries of interrupted runs in their folder removed,
-    # and every file published through this Publication (engine.publish)
-    # (in one GDAL environment: its errors reach engine.publish.gdal_errors)
-    with rasterio.Env(), Publication([out, *task.extra_outputs(out, opts)], overwrite=opts.overwrite, say=say):
-        if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
-            result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
-            elapsed = time.perf_counter() - t0
-            return _record(result, t0, elapsed, card, inputs, opts, messages)
-        return _run_windowed(task, pkg, inputs, out, opts, say, progress, should_cancel, backend, t0, messages)
-
-
-def _run_windowed(task, pkg, inputs: list[str], out: Path, opts: InferenceOptions, say, progress: ProgressFn | None,
-                  should_cancel: CancelFn | None, backend, t0: float, messages: list[str]) -> InferenceResult:
-    """``run_inference`` of a windowed task: reader thread -> backend -> the task's sink."""
-    from .backends import make_backend
-    from .radiometry import Radiometry
-    from .reader import SarRaster
-
-    card = pkg.card
+    if not task.windowed:  # the task reads the raster itself (CFAR): no windows, no backend
+        result = task.run_raster(inputs, out, pkg, opts, say, progress, should_cancel)
+        elapsed = time.perf_counter() - t0
+        return _record(result, t0, elapsed, card, inputs, opts, messages)
     size = opts.window or card.input_size[0]
     if size % card.patch_size:
         raise SarmaeError(f"--window {size} must be a multiple of the model's patch size {card.patch_size}")

@@ -245,6 +245,13 @@ def publish(tmp: Path, final: Path) -> Path:
     return (pub or Publication([], overwrite=True)).publish(tmp, final)
 
 
+def claim(path: Path) -> None:
+    """Claim ``path`` for the current run's Publication, if one is open (``writers.check_output``)."""
+    pub = _current.get()
+    if pub is not None:
+        pub.claim(path)
+
+
 def reserve(path: Path, nbytes: int) -> None:
     """Count ``nbytes`` against the free space of ``path``'s filesystem for the current run."""
     pub = _current.get()
@@ -276,39 +283,35 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 
 
 class Publication:
-    """The outputs of one run: their locks, free-space budget and publishing (see the module)."""
+    """The outputs of one run: their locks, free-space budget and publishing (see the module).
 
-    def __init__(self, outputs: list[Path], *, overwrite: bool, say: Callable[[str], None] | None = None):
-        self.outputs = [Path(p).absolute() for p in outputs]
+    Outputs are claimed as they are checked (``claim``: ``writers.check_output`` claims every path
+    it accepts while a Publication is open), or listed up front; each is locked, and the first one
+    in a folder has the folder's stale temporaries removed. ``messages``: what it said.
+    """
+
+    def __init__(self, outputs: list[Path] = (), *, overwrite: bool, say: Callable[[str], None] | None = None):
         self.overwrite = overwrite
-        self.say = say or (lambda _m: None)
+        self.messages: list[str] = []
+        self._say = say
         self.started = time.time()
+        self.outputs: list[Path] = []
         self.locks: list[OutputLock] = []
+        self.cleaned: set[Path] = set()
         self.reserved: dict[int, int] = {}  # st_dev -> bytes
         self.free_at_start: dict[int, int] = {}  # st_dev -> free bytes at the first reservation
         self._token: contextvars.Token | None = None
+        self._initial = [Path(p) for p in outputs]
+
+    def say(self, message: str) -> None:
+        self.messages.append(message)
+        if self._say is not None:
+            self._say(message)
 
     def __enter__(self) -> Publication:
         try:
-            for out in self.outputs:
-                lock = OutputLock(out)
-                holder = lock.acquire()
-                if holder is not None:
-                    if not self.overwrite:
-                        raise OutputError(f"{out} is being written by another run (process {holder}); wait for it "
-                                          "to finish, choose another output, or pass --overwrite to replace "
-                                          "its result with this run's")
-                    self.say(f"{out.name}: another run (process {holder}) is writing it; --overwrite: the run "
-                             "that finishes last is kept")
-                    continue
-                if lock.took_over:
-                    self.say(f"{out.name}: took over the lock left by process {lock.took_over} (no longer running)")
-                self.locks.append(lock)
-            for folder in sorted({p.parent for p in self.outputs}):
-                removed = clean_stale_temporaries(folder, self.started, own=[lk.output for lk in self.locks])
-                if removed:
-                    self.say(f"removed {len(removed)} stale temporary file(s) of interrupted runs in {folder}: "
-                             + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+            for out in self._initial:
+                self.claim(out)
         except BaseException:
             self._release()
             raise
@@ -320,6 +323,33 @@ class Publication:
             _current.reset(self._token)
             self._token = None
         self._release()
+
+    def claim(self, output: Path) -> None:
+        """Lock ``output`` for this run (refused while a live run holds it, unless ``overwrite``)
+        and, the first time in its folder, remove the folder's stale temporaries."""
+        out = Path(output).absolute()
+        if out in self.outputs:
+            return
+        self.outputs.append(out)
+        lock = OutputLock(out)
+        holder = lock.acquire()
+        if holder is not None:
+            if not self.overwrite:
+                raise OutputError(f"{out} is being written by another run (process {holder}); wait for it "
+                                  "to finish, choose another output, or pass --overwrite to replace "
+                                  "its result with this run's")
+            self.say(f"{out.name}: another run (process {holder}) is writing it; --overwrite: the run "
+                     "that finishes last is kept")
+        else:
+            if lock.took_over:
+                self.say(f"{out.name}: took over the lock left by process {lock.took_over} (no longer running)")
+            self.locks.append(lock)
+        if out.parent not in self.cleaned:
+            self.cleaned.add(out.parent)
+            removed = clean_stale_temporaries(out.parent, self.started, own=[lk.output for lk in self.locks])
+            if removed:
+                self.say(f"removed {len(removed)} stale temporary file(s) of interrupted runs in {out.parent}: "
+                         + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
     def _release(self) -> None:
         for lock in self.locks:

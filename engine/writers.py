@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import OutputError
 from .publish import (
+    claim,
     disk_error,
     gdal_errors,
     publish,
@@ -52,6 +53,7 @@ def check_output(path: str | os.PathLike, inputs: list[str], overwrite: bool) ->
             raise OutputError(f"{path}: cannot create the output folder {parent} ({e.strerror})") from e
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: the output folder {parent} is not writable; choose a folder you can write to")
+    claim(out)  # locked for the current run (engine.publish.Publication), if one is open
     return out
 
 
