@@ -332,7 +332,12 @@ class Publication:
             return
         self.outputs.append(out)
         lock = OutputLock(out)
-        holder = lock.acquire()
+        try:
+            holder = lock.acquire()
+        except OutputError:
+            raise
+        except OSError as e:  # e.g. no room left for the lock file
+            raise disk_error(out, OSError(e.errno, f"cannot take the output lock {lock.path}: {e.strerror}")) from e
         if holder is not None:
             if not self.overwrite:
                 raise OutputError(f"{out} is being written by another run (process {holder}); wait for it "
