@@ -388,32 +388,10 @@ def _load_extensions(sub) -> None:
             print(f"sarmae: command '{ep.name}' unavailable ({e})", file=sys.stderr)
 
 
-def _terminate_like_interrupt(func, args: argparse.Namespace):
-    """Run ``func(args)`` with SIGTERM raising ``TerminatedError`` (a KeyboardInterrupt), so that
-    ``timeout``, schedulers and systemd get the clean-up of Ctrl-C (once: a second SIGTERM during
-    the clean-up is ignored); the previous handler is put back afterwards (``main`` in-process)."""
-    import signal
-    import threading
-
-    from .errors import TerminatedError
-
-    def terminated(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise TerminatedError("terminated")
-
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        return func(args)
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        return func(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    from .errors import TerminatedError
+    from .errors import TerminatedError, terminate_like_interrupt
 
     # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
     warnings.filterwarnings("ignore", message="Unable to import Axes3D")
@@ -423,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(_terminate_like_interrupt(args.func, args) or 0)
+        return int(terminate_like_interrupt(args.func, args) or 0)
     except TerminatedError:  # SIGTERM: partial outputs were removed on the way out
         print(f"sarmae {args.command}: terminated; partial outputs were removed", file=sys.stderr)
         return 143

@@ -33,7 +33,7 @@ from .card import (  # noqa: F401  (re-exported: the package API)
     validate_card,
 )
 from .errors import PackageError
-from .publish import disk_error
+from .publish import disk_error, verify_files
 
 CARD = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -353,31 +353,13 @@ def save_package(state_dict: dict | None, card: ModelCard, dest: str | os.PathLi
             for name, data in files.items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
-        _verify_written(out, dest, files)
+        verify_files(out, files, f"{dest.stem}/" if out.suffix.lower() == ".zip" else None)
         _replace(out, dest)
     except OSError as e:
         raise disk_error(dest, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def _verify_written(out: Path, dest: Path, files: dict[str, bytes]) -> None:
-    """Read every file of the written package back (fsynced) and compare it with what was meant."""
-    from .publish import fsync_path
-
-    if out.suffix.lower() == ".zip":
-        fsync_path(out)
-        with zipfile.ZipFile(out) as z:
-            back = {name: z.read(f"{dest.stem}/{name}") for name in files}
-    else:
-        back = {}
-        for name in files:
-            fsync_path(out / name)
-            back[name] = (out / name).read_bytes()
-    for name, data in files.items():
-        if back[name] != data:
-            raise OSError(f"{name} reads back different from what was written")
 
 
 def _replace(src: Path, dest: Path) -> None:

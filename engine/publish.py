@@ -220,6 +220,25 @@ def verify_gpkg(tmp: Path, final: Path, layer: str, features: int) -> None:
         raise disk_error(final, OSError(f"the written GeoPackage does not read back: {e}")) from e
 
 
+def verify_files(out: Path, files: dict[str, bytes], zip_prefix: str | None = None) -> None:
+    """Fsync and read back the files written into the folder ``out`` (or the zip ``out``, members
+    under ``zip_prefix``) and compare them with ``files`` (name -> bytes meant)."""
+    import zipfile
+
+    if zip_prefix is not None:
+        fsync_path(out)
+        with zipfile.ZipFile(out) as z:
+            back = {name: z.read(zip_prefix + name) for name in files}
+    else:
+        back = {}
+        for name in files:
+            fsync_path(out / name)
+            back[name] = (out / name).read_bytes()
+    for name, data in files.items():
+        if back[name] != data:
+            raise OSError(f"{name} reads back different from what was written")
+
+
 def fsync_path(path: Path, directory: bool = False) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
