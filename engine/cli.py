@@ -457,6 +457,8 @@ def _load_extensions(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    from .errors import TerminatedError, terminate_like_interrupt
+
     # a pip matplotlib beside Debian's mpl_toolkits warns on import; nothing here plots in 3-D
     warnings.filterwarnings("ignore", message="Unable to import Axes3D")
     parser = build_parser()
@@ -465,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        return int(terminate_like_interrupt(args.func, args) or 0)
+    except TerminatedError:  # SIGTERM: partial outputs were removed on the way out
+        print(f"sarmae {args.command}: terminated; partial outputs were removed", file=sys.stderr)
+        return 143
     except SarmaeError as e:
         print(f"sarmae {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -221,7 +221,10 @@ def run_distributed_inference(inputs: list[str] | str, output: str | os.PathLike
             if not live:  # every part was nodata: the single run's error
                 raise NoValidDataError(next(p["empty"] for p in parts if p is not None))
             say(f"merging {len(live)} part(s) into {out}")
-            with SarRaster.open(inputs, opts.bands, opts.complex_mode) as raster:
+            from .publish import Publication
+
+            with (SarRaster.open(inputs, opts.bands, opts.complex_mode) as raster,
+                  Publication([out, *task.extra_outputs(out, opts)], overwrite=opts.overwrite, say=say)):
                 ctx = RunContext(raster, card, None, out, opts, size, {}, region, say)
                 starts, extents = [s.rows[0] for s in shares], [s.extent[0] for s in shares]
                 return task.merge(MergeJob(ctx, plan, unit, starts, extents, parts)).to_dict()
@@ -281,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist_shutdown()
     if res is not None and a.result:
-        Path(a.result).write_text(json.dumps(res, indent=1, default=str))
+        from .publish import write_bytes_atomic
+
+        write_bytes_atomic(Path(a.result), json.dumps(res, indent=1, default=str).encode())
     return 0
 
 

@@ -39,6 +39,30 @@ class CancelledError(SarmaeError):
     """The run was cancelled by the user; nothing partial is left on disk."""
 
 
+class TerminatedError(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a scheduler, systemd) turned into an exception by the CLI: handled like
+    Ctrl-C, so that partial outputs are removed on the way out (exit status 143)."""
+
+
+def terminate_like_interrupt(func, *args):
+    """``func(*args)`` with SIGTERM raising ``TerminatedError`` (once: a second SIGTERM during the
+    clean-up is ignored); the previous handler is put back afterwards (the CLI called in-process)."""
+    import signal
+    import threading
+
+    def terminated(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise TerminatedError("terminated")
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return func(*args)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return func(*args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def missing_dependency(module: str, extra: str = "") -> SarmaeError:
     """An error for a heavy dependency that is not importable, with the install hint."""
     hint = f"pip install 'sarmae[{extra}]'" if extra else "make setup (or pip install -e .)"

@@ -140,6 +140,31 @@ def _open_package(model):
 def run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                   backend=None) -> InferenceResult:
+    """Run a model package over raster(s) and write the task's outputs next to ``output``
+    (``_run_inference``), publishing them through one ``engine.publish.Publication``: every output
+    path the run checks is locked for it, stale temporaries of interrupted runs in its folder are
+    removed (and said), and each file is verified before a lock-checked rename; one GDAL
+    environment for the run, so that GDAL's write errors reach ``engine.publish.gdal_errors``."""
+    import rasterio
+
+    from .publish import Publication
+
+    overwrite = bool(options is not None and options.overwrite)
+
+    def say(msg: str) -> None:
+        log.info(msg)
+        if progress is not None:
+            progress(-1.0, msg)
+
+    with rasterio.Env(), Publication(overwrite=overwrite, say=say) as pub:
+        result = _run_inference(inputs, output, model, options, progress, should_cancel, backend)
+    result.log = pub.messages + result.log
+    return result
+
+
+def _run_inference(inputs: list[str] | str, output: str | Path, model, options: InferenceOptions | None = None,
+                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                   backend=None) -> InferenceResult:
     """Run a model package over raster(s) and write the task's outputs next to ``output``.
 
     Args:

@@ -33,6 +33,7 @@ from .card import (  # noqa: F401  (re-exported: the package API)
     validate_card,
 )
 from .errors import PackageError
+from .publish import disk_error, verify_files
 
 CARD = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -435,14 +436,16 @@ def save_package(state_dict: dict | bytes | None, card: ModelCard, dest: str | o
             with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
                 for name, data in files.items():
                     z.writestr(f"{dest.stem}/{name}", data)
-            _replace(out, dest)
         else:
             out = tmp / "pkg"
             out.mkdir()
             for name, data in files.items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
-            _replace(out, dest)
+        verify_files(out, files, f"{dest.stem}/" if out.suffix.lower() == ".zip" else None)
+        _replace(out, dest)
+    except OSError as e:
+        raise disk_error(dest, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RasterInputError
+from .publish import Publication
 from .writers import GeoTiffWriter, check_output
 
 STRIP = 256  # embedding rows per read
@@ -76,8 +77,9 @@ def run_similarity(embedding: str | os.PathLike, output: str | os.PathLike, quer
         q, n = _query_vector(src, query)
         tags = {**src.tags(), "SARMAE_TASK": "similarity", "SARMAE_QUERY": query.wkt[:500]}
         kwargs = {"crs": src.crs, "transform": src.transform} if not src.gcps[0] else {"gcps": src.gcps[0], "gcp_crs": src.gcps[1]}
-        with GeoTiffWriter(out, width=src.width, height=src.height, count=1, dtype="float32", nodata=float("nan"),
-                           descriptions=["cosine similarity"], tags=tags, cog=cog, **kwargs) as dst:
+        with (Publication([out], overwrite=overwrite),  # locked, published like run_inference's outputs
+              GeoTiffWriter(out, width=src.width, height=src.height, count=1, dtype="float32", nodata=float("nan"),
+                            descriptions=["cosine similarity"], tags=tags, cog=cog, **kwargs) as dst):
             from rasterio.windows import Window
 
             for r in range(0, src.height, STRIP):

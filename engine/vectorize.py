@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import shapely
 
 from .errors import OutputError, RasterInputError, SarmaeError
+from .publish import disk_error, publish, remove_temporary, reserve, temp_sibling, verify_gpkg
 
 NODATA = 255
 WRITE_BATCH = 1000  # features per GeoPackage transaction
@@ -34,7 +34,7 @@ SCHEMA = {"geometry": "Polygon", "properties": {"class_id": "int", "class_name":
 
 def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names: list[str], *,
                        min_area_px: int = 0, strip_rows: int = 1024, skip_classes: tuple[int, ...] = (),
-                       progress: Callable[[float], None] | None = None) -> dict:
+                       progress: Callable[[float], None] | None = None, publish_now: bool = True) -> dict:
     """Vectorise a class raster (0..K-1, 255 = nodata) into one polygon per 4-connected region.
 
     Args:
@@ -45,6 +45,8 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
         strip_rows: rows read at a time; memory ~ ``strip_rows * width`` bytes + open regions.
         skip_classes: class ids not to vectorise (e.g. background); treated like nodata.
         progress: called with the fraction done, in (0, 1], after each strip.
+        publish_now: False: the verified GeoPackage stays a temporary file (``"tmp"`` in the result),
+            which the caller publishes with the run's other outputs (``engine.publish.publish``).
 
     Returns:
         ``{"path", "layer", "features", "per_class": {name: {"count", "area_m2"}}, "dropped_small",
@@ -104,23 +106,25 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
                 if progress is not None:
                     progress(r1 / src.height)
 
-        tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.tmp.gpkg")
+        tmp = temp_sibling(out, ".gpkg")
         try:
             import fiona
 
+            reserve(out, os.path.getsize(class_tif) + 96 * 1024)  # polygons of a compressed class raster
             with fiona.open(tmp, "w", driver="GPKG", schema=SCHEMA, layer=out.stem,
                             crs_wkt=crs.to_wkt() if crs else None) as dst:
                 regions = _merged_regions(strips(), src.height, drop)
                 while batch := list(itertools.islice(regions, WRITE_BATCH)):
                     writer.write(dst, batch)
-            os.replace(tmp, out)
+            verify_gpkg(tmp, out, out.stem, writer.written)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
+            remove_temporary(tmp)
             if isinstance(e, SarmaeError) or not isinstance(e, Exception):
                 raise
-            raise OutputError(f"{out_gpkg}: writing the polygons failed ({e}); nothing was written. "
-                              "Check that the folder is writable and the disk has space") from e
-    return {"path": str(out), "layer": out.stem, "features": writer.written, "per_class": per_class,
+            raise disk_error(out, e) from e
+        if publish_now:
+            publish(tmp, out)
+    return {"path": str(out), **({} if publish_now else {"tmp": tmp}), "layer": out.stem, "features": writer.written, "per_class": per_class,
             "dropped_small": writer.dropped, "georeferencing": georef, "area_units": writer.area_units}
 
 

@@ -1,16 +1,15 @@
-"""Writers: GeoTIFFs streamed strip by strip and GeoPackages, atomically (temp file + rename).
+"""Writers: GeoTIFFs streamed strip by strip and GeoPackages, published by ``engine.publish``.
 
 Every raster output keeps the input's CRS and transform (or its GCPs), is tiled and compressed
 (a Cloud-Optimised GeoTIFF with ``cog=True``), carries provenance tags, and appears under its
-final name only when complete: a failed, cancelled or disk-full run leaves nothing behind and
+final name only when complete and read back (``engine.publish``: GDAL errors checked, temporary
+file verified, lock-checked rename): a failed, cancelled or disk-full run leaves nothing behind and
 never touches an existing file.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,20 @@ from typing import Any
 import numpy as np
 
 from .errors import OutputError
+from .publish import (
+    claim,
+    disk_error,
+    gdal_errors,
+    publish,
+    raster_estimate,
+    remove_temporary,
+    reserve,
+    temp_sibling,
+    verify_gpkg,
+    verify_raster,
+)
+
+__all__ = ["GeoTiffWriter", "check_output", "class_colormap", "disk_error", "temp_sibling", "write_features"]
 
 
 def check_output(path: str | os.PathLike, inputs: list[str], overwrite: bool) -> Path:
@@ -40,20 +53,8 @@ def check_output(path: str | os.PathLike, inputs: list[str], overwrite: bool) ->
             raise OutputError(f"{path}: cannot create the output folder {parent} ({e.strerror})") from e
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: the output folder {parent} is not writable; choose a folder you can write to")
+    claim(out)  # locked for the current run (engine.publish.Publication), if one is open
     return out
-
-
-def temp_sibling(path: Path, suffix: str | None = None) -> Path:
-    """A hidden temporary file beside ``path`` (same filesystem, so the final rename is atomic)."""
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix or path.suffix}")
-
-
-def disk_error(path: Path, e: Exception) -> OutputError:
-    if isinstance(e, OutputError):
-        return e
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
-        return OutputError(f"{path}: the disk is full; nothing was written. Free space or choose another output folder")
-    return OutputError(f"{path}: writing failed ({e}); nothing was written")
 
 
 class GeoTiffWriter:
@@ -94,23 +95,30 @@ class GeoTiffWriter:
             profile["crs"] = crs
             if transform is not None:
                 profile["transform"] = transform
-        try:
-            with warnings.catch_warnings():  # GCPs are set just below; pixel-space output is said in the log
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.ds = rasterio.open(self.tmp, "w", **profile)
-            if gcps:
-                self.ds.gcps = (gcps, gcp_crs)
-            if colormap:
-                self.ds.write_colormap(1, colormap)
-            for i, d in enumerate(descriptions or []):
-                self.ds.set_band_description(i + 1, d)
-            if tags:
-                self.ds.update_tags(**{k: str(v) for k, v in tags.items()})
-        except Exception as e:
-            self._cleanup()
-            raise disk_error(self.path, e) from e
-        self.rows_written = 0
+        self.shape = (width, height, count, dtype)
+        self.ds = None
         self._closed = False
+        try:
+            dt = np.dtype(dtype)
+            reserve(self.path, raster_estimate(width, height, count, 2 if half_float else dt.itemsize, dt.kind in "fc"))
+            with gdal_errors(self.path, "creating it"):
+                with warnings.catch_warnings():  # GCPs are set just below; pixel-space output is said in the log
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self.ds = rasterio.open(self.tmp, "w", **profile)
+                if gcps:
+                    self.ds.gcps = (gcps, gcp_crs)
+                if colormap:
+                    self.ds.write_colormap(1, colormap)
+                for i, d in enumerate(descriptions or []):
+                    self.ds.set_band_description(i + 1, d)
+                if tags:
+                    self.ds.update_tags(**{k: str(v) for k, v in tags.items()})
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, Exception):
+                raise disk_error(self.path, e) from e
+            raise
+        self.rows_written = 0
 
     def write_rows(self, row_off: int, data: np.ndarray) -> None:
         """Write (count, rows, width) at ``row_off``."""
@@ -119,65 +127,62 @@ class GeoTiffWriter:
         if data.ndim == 2:
             data = data[None]
         try:
-            self.ds.write(data, window=RioWindow(0, row_off, data.shape[2], data.shape[1]))
-        except Exception as e:
+            with gdal_errors(self.path):
+                self.ds.write(data, window=RioWindow(0, row_off, data.shape[2], data.shape[1]))
+        except BaseException as e:
             self.abort()
-            raise disk_error(self.path, e) from e
+            if isinstance(e, Exception):
+                raise disk_error(self.path, e) from e
+            raise
         self.rows_written += data.shape[1]
 
     def close(self) -> Path:
         """First phase of ``commit``: flush and close the temporary file (and convert it to a COG),
-        without publishing it; returns the temporary path (complete, readable). Writers of one run
-        are all closed before any is committed, so a disk filling up while the last one is flushed
-        leaves no output of the run behind."""
+        read it back (``engine.publish.verify_raster``), without publishing it; returns the
+        temporary path (complete, readable). Writers of one run are all closed before any is
+        committed, so a disk filling up while the last one is flushed leaves no output of the run
+        behind."""
         import rasterio
         from rasterio.shutil import copy as rio_copy
 
         if self._closed:
             return self.tmp
         try:
-            self.ds.close()
+            with gdal_errors(self.path, "closing it"):
+                self.ds.close()
             if self.cog:
                 cog_tmp = temp_sibling(self.path, ".cog.tif")
                 try:
-                    with rasterio.open(self.tmp) as src:
+                    with gdal_errors(self.path, "converting it to a COG"), rasterio.open(self.tmp) as src:
                         rio_copy(src, cog_tmp, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER")
                 except BaseException:
-                    for p in (cog_tmp, Path(str(cog_tmp) + ".aux.xml")):
-                        p.unlink(missing_ok=True)
+                    remove_temporary(cog_tmp)
                     raise
-                os.unlink(self.tmp)
+                remove_temporary(self.tmp)
                 self.tmp = cog_tmp
-        except Exception as e:
-            self._cleanup()
-            raise disk_error(self.path, e) from e
+            width, height, count, dtype = self.shape
+            verify_raster(self.tmp, self.path, width=width, height=height, count=count, dtype=dtype)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, Exception):
+                raise disk_error(self.path, e) from e
+            raise
         self._closed = True
         return self.tmp
 
     def commit(self) -> Path:
-        """Close (see ``close``) and rename the temporary file to the final name."""
+        """Close (see ``close``) and publish the temporary file under the final name
+        (``engine.publish.publish``: lock-checked rename)."""
         self.close()
-        try:
-            os.replace(self.tmp, self.path)
-        except Exception as e:
-            self._cleanup()
-            raise disk_error(self.path, e) from e
-        return self.path
+        return publish(self.tmp, self.path)
 
     def abort(self) -> None:
         try:
-            if not self.ds.closed:
+            if self.ds is not None and not self.ds.closed:
                 self.ds.close()
         except Exception:  # the file is being discarded anyway
             pass
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        for p in (self.tmp, Path(str(self.tmp) + ".aux.xml")):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        remove_temporary(self.tmp)
 
     def __enter__(self) -> GeoTiffWriter:
         return self
@@ -217,17 +222,20 @@ def write_features(path: str | os.PathLike, features: list[dict], schema: dict, 
 
     path = Path(path)
     tmp = temp_sibling(path, ".gpkg")
+    layer = layer or path.stem
     crs_wkt = crs.to_wkt() if crs is not None and hasattr(crs, "to_wkt") else (crs or "")
     try:
-        with fiona.open(tmp, "w", driver="GPKG", schema=schema, crs_wkt=crs_wkt, layer=layer or path.stem) as dst:
+        reserve(path, 96 * 1024 + 512 * len(features))
+        with fiona.open(tmp, "w", driver="GPKG", schema=schema, crs_wkt=crs_wkt, layer=layer) as dst:
             dst.writerecords(
                 {"geometry": mapping(f["geometry"]) if hasattr(f["geometry"], "geom_type") else f["geometry"],
                  "properties": f["properties"]}
                 for f in features
             )
-        os.replace(tmp, path)
-    except Exception as e:
-        for p in (tmp, Path(str(tmp) + "-journal"), Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
-            p.unlink(missing_ok=True)
-        raise disk_error(path, e) from e
-    return path
+        verify_gpkg(tmp, path, layer, len(features))
+    except BaseException as e:
+        remove_temporary(tmp)
+        if isinstance(e, Exception):
+            raise disk_error(path, e) from e
+        raise
+    return publish(tmp, path)

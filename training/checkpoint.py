@@ -8,7 +8,6 @@ Files are written to a temporary sibling and renamed.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` through the engine's publishing (``engine.publish``): a temporary sibling,
+    read back (every member's CRC: torch checkpoints are zip files) before it replaces ``path``;
+    a full disk raises ``OutputError`` ("disk full while writing ...") and keeps the last checkpoint."""
+    import zipfile
+
+    from engine.publish import disk_error, publish, remove_temporary, temp_sibling
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    tmp = temp_sibling(path)
+    try:
+        torch.save(state, tmp)
+        with zipfile.ZipFile(tmp) as z:
+            bad = z.testzip()
+        if bad is not None:
+            raise OSError(f"the written checkpoint does not read back (member {bad})")
+    except BaseException as e:
+        remove_temporary(tmp)
+        if isinstance(e, Exception):
+            raise disk_error(path, e) from e
+        raise
+    return publish(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

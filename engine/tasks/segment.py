@@ -60,14 +60,31 @@ def chunk_rows(width: int) -> int:
     return max(1, CHUNK_PX // width)
 
 
-def _vectors(ctx: RunContext, class_tif: Path, stats: dict, outputs: dict) -> None:
-    """Polygons of the (closed, not yet published) class raster: a failure publishes nothing."""
+def _vectors(ctx: RunContext, class_tif: Path, stats: dict, outputs: dict) -> Path:
+    """Polygons of the (closed, not yet published) class raster into a verified temporary
+    GeoPackage, returned: the caller publishes it after the rasters (a failure publishes nothing)."""
     from ..vectorize import polygonize_classes
 
     gpkg = ctx.output.with_suffix(".gpkg")
-    vec = polygonize_classes(class_tif, gpkg, ctx.card.class_names, min_area_px=ctx.options.min_area_px)
+    vec = polygonize_classes(class_tif, gpkg, ctx.card.class_names, min_area_px=ctx.options.min_area_px,
+                             publish_now=False)
     outputs["vectors"] = str(gpkg)
-    stats["vectors"] = {k: v for k, v in vec.items() if k != "path"}
+    stats["vectors"] = {k: v for k, v in vec.items() if k not in ("path", "tmp")}
+    return vec["tmp"]
+
+
+def _publish_vectors_abort(tmp: Path | None) -> None:
+    from ..publish import remove_temporary
+
+    if tmp is not None:
+        remove_temporary(tmp)
+
+
+def _publish_vectors(tmp: Path | None, ctx: RunContext) -> None:
+    from ..publish import publish
+
+    if tmp is not None:  # publish removes the temporary file whatever happens
+        publish(tmp, ctx.output.with_suffix(".gpkg"))
 
 
 class SegmentTask(Task):
@@ -97,9 +114,13 @@ class SegmentTask(Task):
         try:
             m.copy(lambda row_off, block: stats.add_strip(row_off, block["class"][0], block["confidence"][0]))
             outputs, result = m.outputs(), stats.result()
-            if ctx.options.vector:
-                _vectors(ctx, m.writers["class"].tmp, result, outputs)
-            m.commit()
+            vec_tmp = _vectors(ctx, m.writers["class"].tmp, result, outputs) if ctx.options.vector else None
+            try:
+                m.commit()
+            except BaseException:
+                _publish_vectors_abort(vec_tmp)
+                raise
+            _publish_vectors(vec_tmp, ctx)
         except BaseException:
             m.abort()
             raise
@@ -186,10 +207,14 @@ class SegmentSink(PixelSink):
             w.close()
         stats = self.stats.result()
         outputs = {k: str(v) for k, v in self.paths.items()}
-        if self.ctx.options.vector:
-            _vectors(self.ctx, self.writers["class"].tmp, stats, outputs)
-        for w in self.writers.values():
-            w.commit()
+        vec_tmp = _vectors(self.ctx, self.writers["class"].tmp, stats, outputs) if self.ctx.options.vector else None
+        try:
+            for w in self.writers.values():
+                w.commit()
+        except BaseException:
+            _publish_vectors_abort(vec_tmp)
+            raise
+        _publish_vectors(vec_tmp, self.ctx)
         return InferenceResult(task="segment", outputs=outputs, classes=self.classes, statistics=stats)
 
     def abort(self) -> None:
