@@ -372,3 +372,42 @@ def _onnx_problems(onnx: Any) -> list[str]:
                   and len(rec["sha256"]) == 64):
             problems.append(f"'onnx.{prec}' must hold 'file' and a 64-character hex 'sha256'")
     return problems
+
+
+def describe(card: ModelCard) -> str:
+    """A human-readable model card for ``sarmae info``."""
+    import json
+
+    from .tasks import task_for
+
+    enc = card.architecture.encoder
+    inp = card.input
+    lines = [f"name:          {card.name}", f"task:          {card.task}"]
+    if enc is not None:
+        lines.append(f"architecture:  {card.architecture.name} (width {enc.embed_dim}, depth {enc.depth}, "
+                     f"heads {enc.num_heads}, patch {enc.patch_size}, input {card.input_size[0]}x{card.input_size[1]})")
+    else:
+        lines.append(f"method:        {card.architecture.name} ("
+                     + ("a network of its own, no encoder)" if card.weights.get("sha256") else "no network, no weights)"))
+    if inp is not None:
+        clip = (", ".join(f"{b} {r[0]}..{r[1]}" for b, r in zip(inp.bands, inp.band_clip, strict=True))
+                if inp.band_clip else f"{inp.clip[0]}..{inp.clip[1]}")
+        derived = (f" from bands {'+'.join(inp.bands)} (channels {'+'.join(inp.channels)})" if inp.channels
+                   else f" {'+'.join(inp.bands)}")
+        lines.append(f"input:         {card.in_chans} channel(s){derived}, units {inp.units}, clip {clip}"
+                     + (f", {inp.stretch} stretch per window" if inp.stretch else "")
+                     + f", mean {inp.mean}, std {inp.std}")
+    lines += task_for(card).summary(card)
+    lines.append(f"output:        {card.output}")
+    if card.classes:
+        lines.append("classes:       " + ", ".join(f"{c['name']} ({c.get('colour', '-')})" for c in card.classes))
+    for k, v in card.provenance.items():
+        lines.append(f"{k + ':':<15}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if card.weights.get("sha256"):
+        lines.append(f"weights:       {card.weights.get('file')} sha256 {card.weights['sha256'][:16]}...")
+    for prec, rec in card.onnx.items():
+        gate = rec.get("gate")
+        lines.append(f"{'onnx ' + prec + ':':<15}{rec['file']} sha256 {rec['sha256'][:16]}..."
+                     + (f"; {gate['metric']} with fp32 {gate['value']:.4f} on {gate['windows']} window(s)"
+                        + (" (forced below the gate)" if gate.get("forced") else "") if gate else ""))
+    return "\n".join(lines)

@@ -122,7 +122,8 @@ def _init_method(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     import json
 
-    from .package import describe, read_card, verify_package
+    from .card import describe
+    from .package import read_card, verify_package
 
     card = read_card(a.package)
     if a.json:

@@ -311,7 +311,8 @@ def engine_info(cache: ModelCache, active_run: str | None = None) -> dict[str, A
 def model_info(package: str, verify: bool = False) -> dict[str, Any]:
     """The validated model card of a package (``verify``: also every file it uses against its sha256,
     as ``sarmae info --verify``: ``package.verify_package``)."""
-    from .package import ONNX, _Source, describe, read_card, verify_package
+    from .card import describe
+    from .package import ONNX, _Source, read_card, verify_package
 
     path = Path(package).expanduser().resolve()
     card = read_card(path)
