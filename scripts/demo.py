@@ -139,16 +139,17 @@ class Demo:
         return pkg
 
     def finetune(self, image: Path, encoder: Path, labels: Path) -> tuple[Path, Path]:
+        from training.finetune.cfar_scored import finetune_cfar_scored
         from training.finetune.config import FinetuneConfig
-        from training.finetune.detect import finetune_detector
         from training.finetune.segment import finetune_segmenter
 
         water, ships = split_labels(labels, self.out / "labels")
 
         def show(row: dict) -> None:
-            metric = next(k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s"))
-            print(f"   epoch {row['epoch'] + 1}: loss {row['train_loss']:.3f}, val {metric} {row[metric]:.3f}",
-                  flush=True)
+            metric = next((k for k in row if k not in ("epoch", "epochs", "train_loss", "best", "elapsed_s")
+                           and k not in ("eta_s", "metric") and isinstance(row[k], (int, float))), None)
+            val = f", val {metric} {row[metric]:.3f}" if metric else ""
+            print(f"   epoch {row['epoch'] + 1}: loss {row['train_loss']:.3f}{val}", flush=True)
 
         s = self.scale
         seg = self.models / "demo_water_segmenter"
@@ -160,12 +161,14 @@ class Demo:
                                progress=show, overwrite=True)
         print(f"-> {seg}: validation mean IoU {r['val_mean_iou']:.3f} ({r['val_iou']})")
         det = self.models / "demo_ship_detector"
-        print(f"detector: ship boxes, {s['det_min']} min budget")
-        cfg = FinetuneConfig(task="detect", encoder=str(encoder), epochs=s["epochs"], batch_size=8,
-                             max_minutes=s["det_min"], device="cpu", max_chips=400, patience=8)
-        r = finetune_detector([str(image)], det, cfg, labels=str(ships), class_field="class", colours=["#ff3030"],
-                              progress=show, overwrite=True)
-        print(f"-> {det}: validation mAP@0.5 {r['val_map_50']:.3f}, mAP@[.5:.95] {r['val_map']:.3f}")
+        print(f"detector: ship boxes -> CFAR proposals scored by a small chip CNN (detect.cfar_scored), "
+              f"{s['det_min']} min budget")
+        cfg = FinetuneConfig(task="detect", epochs=25 if s["epochs"] > 2 else 2, batch_size=128,
+                             max_minutes=s["det_min"], device="cpu", bands=[1], input_units="db", seed=0)
+        r = finetune_cfar_scored([str(image)], det, cfg, labels=str(ships), class_field="class", classes=["ship"],
+                                 progress=show, overwrite=True)
+        print(f"-> {det}: {r['proposals']} CFAR proposals (pfa {r['cfar']['pfa']:g}) for {r['targets']} ships, "
+              f"{r['epochs']} epochs, score threshold {r['score_threshold']:.2f}")
         self.cfar_beside(image, det, ships)
         return seg, det
 
@@ -182,12 +185,12 @@ class Demo:
                    "demo_ship_cfar", "--output", str(cfar), "--overwrite"]) != 0:
             raise SystemExit("could not write the CFAR detector package")
         ev = evaluate_detections(str(det), [str(image)], self.out / "results" / "ships_pr.png", labels=str(ships),
-                                 class_field="class", options={"score_threshold": 0.5}, cfar=CFAR)
+                                 class_field="class", cfar=CFAR)
         def f(v) -> str:
             return "  -  " if v is None else f"{v:.3f}"
 
         print("   whole scene, IoU 0.5     mAP@0.5  precision  recall  F1     false alarms/km2")
-        for name, row in (("fine-tuned detector", ev), ("CFAR (no training)", ev["cfar"])):
+        for name, row in (("learned (CFAR + scorer)", ev), ("CFAR (no training)", ev["cfar"])):
             print(f"   {name:<22}  {f(row['map_50'])}    {f(row['precision'])}      {f(row['recall'])}   "
                   f"{f(row['f1'])}  {f(row.get('false_alarms_per_km2'))}")
 
@@ -214,8 +217,7 @@ class Demo:
         self.qgis_run("segment", {"INPUT": scene.image, "MODEL": seg, "OUTPUT": res / "water_classes.tif",
                                   "CONFIDENCE": res / "water_confidence.tif", "VECTORS": res / "water_polygons.gpkg",
                                   "MIN_AREA": 50, "DEVICE": 1, "BATCH_SIZE": 8})
-        self.qgis_run("detect", {"INPUT": scene.image, "MODEL": det, "OUTPUT": res / "ships.gpkg",
-                                 "SCORE_THRESHOLD": 0.5, "DEVICE": 1, "BATCH_SIZE": 8})
+        self.qgis_run("detect", {"INPUT": scene.image, "MODEL": det, "OUTPUT": res / "ships.gpkg", "DEVICE": 1})
         self.qgis_run("cfar", {"INPUT": scene.image, "PFA": CFAR["pfa"], "GUARD": CFAR["guard"],
                                "BACKGROUND": CFAR["background"], "OUTPUT": res / "ships_cfar.gpkg"})
         self.timings["qgis_process"] = time.time() - t0

@@ -233,20 +233,23 @@ class DetectAlgorithm(ModelAlgorithm):
     OUTPUTS = {"detections": ("OUTPUT", "vector", "Detections", False)}
     HELP = ("<p>Object detection (e.g. ships): boxes with class_name and score, merged across windows by "
             "non-maximum suppression, written to a GeoPackage.</p>" + COMMON_HELP +
-            "<p><b>Score threshold</b>: keep boxes scoring at least this. <b>NMS IoU</b>: overlapping boxes of "
+            "<p><b>Score threshold</b>: keep boxes scoring at least this (empty: the threshold stored in the package, "
+            "e.g. the one a learned detector chose on its training labels; else 0.3). <b>NMS IoU</b>: overlapping boxes of "
             "one class above this intersection-over-union are merged.</p>")
 
     def add_task_parameters(self) -> None:
-        self.addParameter(QgsProcessingParameterNumber("SCORE_THRESHOLD", "Score threshold",
-                                                       QgsProcessingParameterNumber.Double, 0.3, minValue=0.0,
-                                                       maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber("SCORE_THRESHOLD", "Score threshold (empty: the package's, "
+                                                       "else 0.3)", QgsProcessingParameterNumber.Double,
+                                                       optional=True, minValue=0.0, maxValue=1.0))
         self.addParameter(advanced(QgsProcessingParameterNumber("NMS_IOU", "NMS IoU",
                                                                 QgsProcessingParameterNumber.Double, 0.5,
                                                                 minValue=0.0, maxValue=1.0)))
 
     def task_options(self, parameters, context) -> dict:
-        return {"score_threshold": self.parameterAsDouble(parameters, "SCORE_THRESHOLD", context),
-                "nms_iou": self.parameterAsDouble(parameters, "NMS_IOU", context)}
+        opts = {"nms_iou": self.parameterAsDouble(parameters, "NMS_IOU", context)}
+        if is_set(parameters, "SCORE_THRESHOLD"):  # else the package's own (a learned detector's F1-best)
+            opts["score_threshold"] = self.parameterAsDouble(parameters, "SCORE_THRESHOLD", context)
+        return opts
 
 
 class ClassifyAlgorithm(ModelAlgorithm):
