@@ -29,6 +29,7 @@ from .common import (
     class_colours,
     fit_batch,
     gain_jitter,
+    model_input,
     save_task_package,
     start,
 )
@@ -144,6 +145,20 @@ def contract_for(kind: str, enc_input: dict, in_chans: int, clip_db) -> dict:
     return {**enc_input, "units": units, "clip": clip}
 
 
+STANDARDISE = {"iqr": {"per": "window", "centre": "median", "spread": "iqr"}, "none": None}
+
+
+def with_standardise(contract: dict, cfg: FinetuneConfig) -> dict:
+    """The package's input contract with ``cfg.standardise``: each chip in dB minus its median, over
+    its interquartile range (``engine.radiometry.standardise_windows``; the engine applies it to
+    every window it classifies), or none."""
+    if cfg.standardise not in STANDARDISE:
+        raise FinetuneError(f"--standardise '{cfg.standardise}': use iqr (each chip in dB minus its median, over its "
+                            "interquartile range: brightness-independent) or none")
+    spec = STANDARDISE[cfg.standardise]
+    return {**{k: v for k, v in contract.items() if k != "standardise"}, **({"standardise": spec} if spec else {})}
+
+
 @dataclass
 class _Data:
     """Classification data in memory, from either source."""
@@ -226,6 +241,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     if len(tr) < k:
         raise FinetuneError(f"only {len(tr)} training chips for {k} classes ({', '.join(data.classes)})")
     warns = list(data.result.get("warnings", []))
+    data.contract = with_standardise(data.contract, cfg)
     cfg = fit_batch(cfg, len(tr), warns)
     bs = cfg.batch_size
     mode, why = resolve_mode(cfg, "classify", len(tr))
@@ -238,10 +254,12 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     def train_step(m, idx):
         xb = data.x[idx].float()
         xb = gain_jitter(augment(xb), data.contract, cfg.gain_db) if cfg.augment else xb
+        xb = model_input(xb, data.contract)
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     def evaluate(m):
-        pred = torch.cat([m(data.x[va[i:i + 256]].float().to(device)).argmax(1).cpu() for i in range(0, len(va), 256)])
+        pred = torch.cat([m(model_input(data.x[va[i:i + 256]].float(), data.contract).to(device)).argmax(1).cpu()
+                          for i in range(0, len(va), 256)])
         return classification_metrics(data.y[va], pred.numpy(), data.classes)
 
     log.info("%s; %d classes, %d train / %d val chips%s, %d px, %s", enc.report, k, len(tr), len(va),
