@@ -57,7 +57,8 @@ def _finetune_config(a: argparse.Namespace):
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
          "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
-              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db"):
+              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
+              "standardise"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -230,6 +231,11 @@ def register(sub) -> None:
                         "(simple pyramid + UPerNet, for GPUs)")
     s.add_argument("--gain-db", type=float, help="classify/segment: random radiometric gain per training chip within "
                    "+-this many dB, so the model does not key on one acquisition's brightness (default 2; 0: off)")
+    s.add_argument("--standardise", choices=["auto", "median", "iqr", "none"],
+                   help="classify: each chip in dB minus its own median, over 10 dB (median) or over its interquartile "
+                        "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "
+                        "recorded in the package, the engine applies it to every window; none: off; auto (default): "
+                        "median for 8-bit display chips, none for calibrated dB / power / amplitude")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)

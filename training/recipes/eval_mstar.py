@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--gain-shifts", nargs="*", type=float, default=[-3.0, 3.0],
                     help="also test on chips with this gain (dB): another acquisition's brightness")
     ap.add_argument("--img-size", type=int, default=128)
-    ap.add_argument("--standardise", default="iqr", choices=["iqr", "none"],
+    ap.add_argument("--standardise", default="median", choices=["median", "iqr", "none"],  # MSTAR chips: auto = median
                     help="per-chip input standardisation in dB (every row, the small CNN's too; see finetune --standardise)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_mstar"))
     a = ap.parse_args()
