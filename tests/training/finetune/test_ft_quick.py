@@ -110,7 +110,12 @@ def test_the_default_classifier_does_not_depend_on_the_gain(tmp_path, encoder):
     the same chips 3 dB brighter get the same answers."""
     from engine.package import load_package
     from training.evaluate import evaluate_chips
-    from training.finetune.classify import STANDARDISE, class_folders, finetune_classifier, load_tensors
+    from training.finetune.classify import (
+        STANDARDISE,
+        class_folders,
+        finetune_classifier,
+        load_tensors,
+    )
     from training.finetune.common import apply_gain, model_input
 
     levels = {"smooth": 40, "rough": 30, "speckled": 20}  # classes differ by texture: 1, 4, 16 looks
