@@ -55,7 +55,8 @@ def _finetune_config(a: argparse.Namespace):
     from .finetune.config import FinetuneConfig
 
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
-         "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
+         "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx,
+         "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
               "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
               "standardise"):
@@ -236,6 +237,9 @@ def register(sub) -> None:
                         "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "
                         "recorded in the package, the engine applies it to every window; none: off; auto (default): "
                         "median for 8-bit display chips, none for calibrated dB / power / amplitude")
+    s.add_argument("--baselines", action="store_true",
+                   help="classify: also train a small CNN from scratch on the same chips, split and budget, and "
+                        "report its validation accuracy beside the model's (a warning when it wins)")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)

@@ -175,6 +175,18 @@ def with_standardise(contract: dict, cfg: FinetuneConfig) -> tuple[dict, str]:
     return out, why
 
 
+def small_cnn_row(data, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig) -> dict:
+    """The small-CNN baseline (``training.baselines.train_small_cnn``) on the same chips, split,
+    augmentations, input standardisation and budget (``cfg.epochs``, ``cfg.max_minutes``): its row."""
+    from ..baselines import train_small_cnn
+
+    _, info = train_small_cnn(data.x, data.y, tr, va, epochs=cfg.epochs, max_minutes=cfg.max_minutes,
+                              batch_size=cfg.batch_size, seed=cfg.seed,
+                              augment=(lambda b: gain_jitter(augment(b), data.contract, cfg.gain_db)) if cfg.augment
+                              else None, prepare=lambda b: model_input(b, data.contract))
+    return {"name": "small CNN", **info}
+
+
 @dataclass
 class _Data:
     """Classification data in memory, from either source."""
@@ -263,6 +275,10 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     bs = cfg.batch_size
     mode, why = resolve_mode(cfg, "classify", len(tr))
     log.info(why)
+    if not cfg.encoder and mode in ("head", "auto") and not cfg.baselines:
+        warns.append("no pretrained encoder (--encoder): the quick mode fits a head on a random network's features, "
+                     "which a small CNN trained from scratch beats clearly (MSTAR 40-shot: 53 % against 81 %, README "
+                     "'Measured'); add --baselines to train that CNN on the same chips and see both scores")
     y = torch.from_numpy(data.y)
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
@@ -305,6 +321,16 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
                "mode": chosen, "mode_reason": why, "standardise": std_why}
+    if cfg.baselines:
+        row = small_cnn_row(data, tr, va, cfg)
+        metrics["baselines"] = [row]
+        log.info("baseline: small CNN from scratch, validation accuracy %.3f (%d epochs, %.1f min) against %.3f",
+                 row["val_accuracy"], row["epochs_run"], row["minutes"], final["accuracy"])
+        if row["val_accuracy"] > final["accuracy"]:
+            warns.append(f"a small CNN trained from scratch on the same chips scored validation accuracy "
+                         f"{row['val_accuracy']:.3f} against {final['accuracy']:.3f} for this model: with this encoder "
+                         "and these labels the deep model is not worth installing; try a stronger pretrained encoder "
+                         "or more labels")
     out = save_task_package(model, enc, "classify", {}, data.classes, data.contract, output, cfg, hist, "accuracy",
                             metrics, {**data.prov, "batch_size": bs}, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours)

@@ -77,10 +77,9 @@ def cnn_row(pool: Path, test: Path, shots: str, seed: int, a) -> dict:
     if STANDARDISE[a.standardise]:
         contract["standardise"] = STANDARDISE[a.standardise]
     x, _ = load_tensors(chips.files, a.img_size, 1, contract["mean"], contract["std"])
-    x_va = x.clone()
-    x_va[va] = model_input(x[va], contract)  # the CNN scores validation chips as they are given: standardised once
-    model, info = train_small_cnn(x_va, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
-                                  augment=lambda b: model_input(gain_jitter(augment(b), contract, a.gain_db), contract))
+    model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
+                                  augment=lambda b: gain_jitter(augment(b), contract, a.gain_db),
+                                  prepare=lambda b: model_input(b, contract))
     return {**test_rows(model, test, contract, a.gain_shifts, a.img_size), "val_accuracy": info["val_accuracy"],
             "epochs_run": info["epochs_run"]}
 
