@@ -59,7 +59,7 @@ def _finetune_config(a: argparse.Namespace):
          "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
               "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
-              "standardise"):
+              "standardise", "pool"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -237,6 +237,9 @@ def register(sub) -> None:
                         "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "
                         "recorded in the package, the engine applies it to every window; none: off; auto (default): "
                         "median for 8-bit display chips, none for calibrated dB / power / amplitude")
+    s.add_argument("--pool", choices=["mean", "blocks"],
+                   help="classify: the embedding the head sees: mean (of the last block's tokens) or blocks (the mean "
+                        "and the max of the tokens of the last 4 blocks)")
     s.add_argument("--baselines", action="store_true",
                    help="classify: also train a small CNN from scratch on the same chips, split and budget, and "
                         "report its validation accuracy beside the model's (a warning when it wins)")

@@ -78,7 +78,10 @@ def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.M
 def _classifier(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
     from .heads import ViTClassifier
 
-    return ViTClassifier(encoder, num_classes)
+    bad = set(head) - {"pool", "blocks"}
+    if bad:
+        raise ModelConfigError(f"unknown classify head settings {sorted(bad)}; known: pool, blocks")
+    return ViTClassifier(encoder, num_classes, **head)
 
 
 def _detector(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:

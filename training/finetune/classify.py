@@ -249,7 +249,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     no polygon (else there are none). ``cfg.shots`` keeps N training chips per class (seeded);
     a batch larger than the training set is lowered to it.
     """
-    from engine.models.heads import ViTClassifier
+    from engine.models.heads import CLS_POOLS, ViTClassifier
 
     if (chips_dir is None) == (not rasters):
         raise FinetuneError("give the classification data: a chip folder, or raster(s) with labelled polygons "
@@ -282,7 +282,12 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     y = torch.from_numpy(data.y)
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
-    model = ViTClassifier(enc.model, k).to(device)
+    if cfg.pool not in CLS_POOLS:
+        raise FinetuneError(f"--pool '{cfg.pool}': use mean (the last block's tokens) or blocks (mean and max of the "
+                            "last 4 blocks' tokens)")
+    head = {} if cfg.pool == "mean" else {"pool": cfg.pool, "blocks": 4}
+    model = ViTClassifier(enc.model, k, **head).to(device)
+    head = {**head, "blocks": model.blocks} if head else head  # the blocks it has (a shallow encoder: fewer)
 
     def train_step(m, idx):
         xb = data.x[idx].float()
@@ -331,7 +336,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
                          f"{row['val_accuracy']:.3f} against {final['accuracy']:.3f} for this model: with this encoder "
                          "and these labels the deep model is not worth installing; try a stronger pretrained encoder "
                          "or more labels")
-    out = save_task_package(model, enc, "classify", {}, data.classes, data.contract, output, cfg, hist, "accuracy",
+    out = save_task_package(model, enc, "classify", head, data.classes, data.contract, output, cfg, hist, "accuracy",
                             metrics, {**data.prov, "batch_size": bs}, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours)
     return {"package": str(out), **metrics, "classes": data.classes, "train_chips": int(len(tr)),

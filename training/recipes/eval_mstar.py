@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--gain-shifts", nargs="*", type=float, default=[-3.0, 3.0],
                     help="also test on chips with this gain (dB): another acquisition's brightness")
     ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--pool", default=None, choices=["mean", "blocks"], help="classify embedding (default: finetune's)")
     ap.add_argument("--standardise", default="median", choices=["median", "iqr", "none"],  # MSTAR chips: auto = median
                     help="per-chip input standardisation in dB (every row, the small CNN's too; see finetune --standardise)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_mstar"))
@@ -129,12 +130,13 @@ def main() -> None:
                     cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, in_chans=1,
                                          shots=None if shots == "all" else int(shots), seed=seed, epochs=a.epochs,
                                          max_minutes=a.max_minutes, warmup_epochs=min(5.0, a.epochs / 8),
-                                         batch_size=32, patience=12, mode=mode, gain_db=a.gain_db, standardise=std)
+                                         batch_size=32, patience=12, mode=mode, gain_db=a.gain_db, standardise=std,
+                                         **({"pool": a.pool} if a.pool else {}))
                     dest = out / f"{name}_{mode}_{shots}_s{seed}_{std}.pkg"
                     r = finetune_classifier(pool, dest, cfg, overwrite=True)
                     pk = load_package(dest)
                     rec = {**test_rows(pk.model, test, pk.card.input, a.gain_shifts, a.img_size), "val_accuracy": r["val_accuracy"],
-                           "epochs_run": r["epochs_run"], "kept": r["mode"]}
+                           "epochs_run": r["epochs_run"], "kept": r["mode"], "pool": cfg.pool}
                 rec = {"encoder": name, "mode": mode, "shots": shots, "seed": seed, "standardise": std, **rec,
                        "minutes": round((time.time() - t0) / 60, 2)}
                 results.append(rec)
