@@ -238,8 +238,8 @@ def register(sub) -> None:
                         "recorded in the package, the engine applies it to every window; none: off; auto (default): "
                         "median for 8-bit display chips, none for calibrated dB / power / amplitude")
     s.add_argument("--pool", choices=["mean", "blocks"],
-                   help="classify: the embedding the head sees: mean (of the last block's tokens) or blocks (the mean "
-                        "and the max of the tokens of the last 4 blocks)")
+                   help="classify: the embedding the head sees: blocks (the mean and the max of the tokens of the last 4 "
+                        "blocks; the default) or mean (of the last block's tokens)")
     s.add_argument("--baselines", action="store_true",
                    help="classify: also train a small CNN from scratch on the same chips, split and budget, and "
                         "report its validation accuracy beside the model's (a warning when it wins)")

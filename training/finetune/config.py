@@ -41,7 +41,7 @@ class FinetuneConfig:
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
     gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
     standardise: str = "auto"  # classify: median (chip in dB minus its median, / 10 dB), iqr, none; auto: median for 8-bit
-    pool: str = "mean"  # classify: mean (of the last block's tokens) | blocks (mean + max of the last 4 blocks' tokens)
+    pool: str = "blocks"  # classify: blocks (mean + max of the last 4 blocks' tokens, the default) | mean (last block's)
     baselines: bool = False  # classify: also train the small-CNN baseline on the same chips and budget (its row)
     bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)
     input_units: str | None = None  # what the data holds, overriding detection: db | linear_power | amplitude | uint8

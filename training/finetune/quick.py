@@ -6,7 +6,7 @@ labels are few; and the choice between it and a full fine-tune (``--mode auto``)
   a linear head by logistic regression on labelled cells (features and strength cross-validated by
   chip), and from ``QUICK_MLP_MIN_CHIPS`` training chips also a per-pixel MLP head (Adam, early
   stopping on the validation mean IoU); the better validation score stays.
-- Classification: the ``ViTClassifier``'s pooled, normalised embedding of every training chip in
+- Classification: the ``ViTClassifier``'s pooled embedding (``--pool``) of every training chip in
   its 8 flips / 90-degree rotations (each with a random gain, ``cfg.gain_db``), standardised, into a class-balanced multinomial logistic
   regression (scikit-learn; its strength chosen on the validation chips); the fitted scaler and
   coefficients are folded into the classifier's linear head.
