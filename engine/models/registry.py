@@ -78,10 +78,8 @@ def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.M
 def _classifier(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
     from .heads import ViTClassifier
 
-    bad = set(head) - {"pool", "blocks"}
-    if bad:
-        raise ModelConfigError(f"unknown classify head settings {sorted(bad)}; known: pool, blocks")
-    return ViTClassifier(encoder, num_classes, **head)
+    # pool / blocks (absent: the mean of the last block); other keys are ignored, as before they existed
+    return ViTClassifier(encoder, num_classes, **{k: head[k] for k in ("pool", "blocks") if k in head})
 
 
 def _detector(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
