@@ -1,7 +1,9 @@
 """The model card (``model.json``) as typed records: the contract between training, the engine and
 the plugin (DESIGN.md, "Model packages").
 
-model.json, format_version 2 (version 1 cards, without ``output``, still load)::
+model.json, format_version 2 or 3 (version 1 cards, without ``output``, still load; a card is written
+as version 3 only when its input has ``standardise``, so that an older sarmae refuses it instead of
+feeding the model input it was not trained on)::
 
     {"format": "sarmae-model", "format_version": 2,
      "name": str, "task": a registered task (engine.tasks: embed, reconstruct, classify, segment, detect, ...),
@@ -9,7 +11,9 @@ model.json, format_version 2 (version 1 cards, without ``output``, still load)::
                       ...other ViTConfig fields}, "decoder": {...} (reconstruct), "head": {...} (class tasks)},
      "classes": [{"name": str, "colour": "#rrggbb"}, ...],
      "input": {"bands": [str], "units": "linear_power"|"amplitude"|"db"|"uint8",
-               "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask", "pixel_spacing_m": float|null},
+               "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask", "pixel_spacing_m": float|null,
+               "standardise": {"per": "window", "centre": "median", "spread": "iqr" | dB} (optional, classify
+               only, format_version 3: engine.radiometry.standardise_windows)},
      "output": what the model (and its model.onnx) returns: "logits" | "probabilities" (classify, segment),
                "features" (embed), "image" (reconstruct), "boxes" (detect); v1 cards: the task's default,
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
@@ -39,7 +43,10 @@ from typing import Any
 from .errors import PackageError
 
 FORMAT = "sarmae-model"
-FORMAT_VERSION = 2  # 2: "output" says what the model returns (logits or probabilities, ...)
+FORMAT_VERSION = 3  # 2: "output" says what the model returns (logits or probabilities, ...); 3: input.standardise
+# input-contract fields an older engine would ignore and so feed the model wrongly scaled input: cards
+# with any of them are written as version 3, which such an engine refuses
+NEEDS_V3 = ("standardise", "channels", "band_clip", "stretch")
 UNITS = ("linear_power", "amplitude", "db", "uint8")
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
@@ -161,8 +168,9 @@ class InputContract(_Record):
     channels: list[str] | None = None
     band_clip: list[list[float]] | None = None
     stretch: str | None = None
+    standardise: dict | None = None  # per-window standardisation in dB (engine.radiometry.standardise_windows)
     extra: dict[str, Any] = field(default_factory=dict)
-    _optional = ("channels", "band_clip", "stretch")
+    _optional = ("channels", "band_clip", "stretch", "standardise")
 
     @classmethod
     def parse(cls, d: Any, in_chans: int | None, problems: list[str]) -> InputContract | None:
@@ -184,6 +192,10 @@ class InputContract(_Record):
             problems.append(f"'input.clip' must be [low, high] with low < high (found {clip!r})")
         if isinstance(d.get("std"), list) and any(not isinstance(s, (int, float)) or s <= 0 for s in d["std"]):
             problems.append("'input.std' values must be positive numbers")
+        if d.get("standardise") is not None:
+            bad = check_standardise(d["standardise"])
+            if bad:
+                problems.append(f"'input.standardise' {bad}")
         if len(problems) > n0:
             return None
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -206,6 +218,21 @@ def _derived_problems(d: Mapping) -> list[str]:
     if d.get("stretch") not in (None, "minmax"):
         problems.append(f"'input.stretch' must be \"minmax\" or absent (found {d.get('stretch')!r})")
     return problems
+
+
+def check_standardise(spec: Any) -> str | None:
+    """None when ``spec`` (the contract's ``standardise``) is valid, else what is wrong with it."""
+    if not isinstance(spec, dict):
+        return f"must be an object such as {{'per': 'window', 'centre': 'median', 'spread': 'iqr'}} (found {spec!r})"
+    if spec.get("per") != "window":
+        return (f"'per' must be 'window' (found {spec.get('per')!r}); per-scene statistics are not implemented, "
+                "so only packages that label whole windows (classify) standardise their input")
+    if spec.get("centre", "median") != "median":
+        return f"'centre' must be 'median' (found {spec.get('centre')!r})"
+    spread = spec.get("spread", "iqr")
+    if spread != "iqr" and not (isinstance(spread, (int, float)) and not isinstance(spread, bool) and spread > 0):
+        return f"'spread' must be 'iqr' or a positive number of dB (found {spread!r})"
+    return None
 
 
 def default_input(in_chans: int, units: str = "db", bands: list[str] | None = None) -> dict:
@@ -254,6 +281,10 @@ class ModelCard:
             self.input = InputContract.parse(self.input, enc.in_chans if enc is not None else None, problems)
         if self.output is None:
             self.output = task.outputs[0]
+        if self.input is not None and self.input.standardise is not None and task.name != "classify":
+            problems.append(f"'input.standardise' (per window) is for classify models, which label whole windows; a "
+                            f"'{task.name}' model would see each window with its own statistics (seams between "
+                            "windows). Retrain it without standardisation")
         if not problems:
             problems += task.check_card(self)
         if problems:
@@ -283,8 +314,11 @@ class ModelCard:
         return self._encoder().patch_size
 
     def to_dict(self) -> dict:
-        """The model.json object, written as the current ``FORMAT_VERSION``."""
-        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
+        """The model.json object, written as the oldest format version that holds it (3 with any of
+        ``NEEDS_V3`` in the input contract, else 2)."""
+        inp = self.input
+        version = 3 if inp is not None and any(getattr(inp, k) is not None for k in NEEDS_V3) else 2
+        d = {"format": FORMAT, "format_version": version, "name": self.name, "task": self.task,
              "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
              "input": None if self.input is None else self.input.to_dict(), "output": self.output,
              "provenance": self.provenance, "weights": self.weights, **({"onnx": self.onnx} if self.onnx else {}),
@@ -293,7 +327,7 @@ class ModelCard:
 
 
 def validate_card(d: Any, where: str) -> ModelCard:
-    """Check a parsed model.json (format_version 1 or 2); every problem is listed with its file."""
+    """Check a parsed model.json (format_version 1 to 3); every problem is listed with its file."""
     from .tasks import TASKS, TaskRegistryError, get_task, task_names
 
     if not isinstance(d, dict):

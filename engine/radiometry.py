@@ -9,17 +9,25 @@ The file's units are detected (``detect_units``) or given by the user (``--input
 to the contract's units (``convert_units``), clipped, scaled to [0, 1] and standardised:
 ``x = (clip(x, lo, hi) - lo) / (hi - lo)``, then ``x = (x - mean) / std``; invalid pixels become 0.
 Conversions that have no meaning (8-bit display values <-> calibrated units) are refused.
+
+A contract may add ``"standardise": {"per": "window", "centre": "median", "spread": "iqr" | dB}``
+(``standardise_windows``): each window's bands in decibels, minus that window's median, divided by
+its interquartile range (or a fixed number of dB). A gain (another sensor's calibration, another
+incidence angle, an 8-bit stretch) is an offset in dB, so the model's input no longer depends on it.
+Training applies the same function to the same input (``training.finetune.common.model_input``).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.card import check_standardise
 from engine.errors import PackageError, RasterInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,6 +85,56 @@ def convert_units(x: np.ndarray, src_units: str, dst_units: str) -> np.ndarray:
         else:
             out = 10.0 * np.log10(np.maximum(power, POWER_FLOOR))
     return out.astype(np.float32)
+
+
+STANDARDISE_FLOOR = 1e-3  # [0, 1]-scaled amplitude / power floor before the log: zeros never become -inf
+STANDARDISE_CLIP = 6.0  # standardised values are clipped to +-6 spreads (zero pixels, saturated targets)
+MIN_SPREAD_DB = 1.0  # a flat window's spread is floored at 1 dB (no division by ~0)
+
+
+def standardise_windows(x: np.ndarray, contract: Any, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-window, per-band standardisation in decibels (the contract's ``standardise``).
+
+    ``x``: model input as the contract's clip/mean/std make it, (C, H, W) or (N, C, H, W); ``valid``:
+    (H, W) or (N, H, W), the pixels the statistics come from (None: all). Per window and band:
+    ``L`` = the value in dB (dB contracts: the clipped value itself; amplitude and 8-bit display values:
+    ``20 log10``, linear power ``10 log10`` of the [0, 1]-scaled value, floored at
+    ``STANDARDISE_FLOOR``), then ``(L - median(L)) / spread``, spread = the interquartile range in dB
+    (at least ``MIN_SPREAD_DB``) or the fixed dB of ``spread``, clipped to +-``STANDARDISE_CLIP``.
+    A gain g dB adds g to every ``L`` of the window, which the median removes (up to clipping at
+    the contract's range). Invalid pixels come out 0. Returns float32 of ``x``'s shape.
+    """
+    spec = contract["standardise"]
+    problem = check_standardise(spec)
+    if problem:
+        raise PackageError(f"model input contract: 'standardise' {problem}")
+    one = x.ndim == 3
+    xs = np.asarray(x, np.float32)[None] if one else np.asarray(x, np.float32)
+    n, c = xs.shape[:2]
+    mean = np.asarray(contract["mean"], np.float32)[:c].reshape(1, c, 1, 1)
+    std = np.asarray(contract["std"], np.float32)[:c].reshape(1, c, 1, 1)
+    v = np.clip(xs * std + mean, 0.0, 1.0)  # [0, 1] scaled, as clipped
+    units = normalise_units(contract["units"])
+    if units == "db":
+        lo, hi = (float(b) for b in contract["clip"])
+        db = lo + v * (hi - lo)
+    else:
+        db = (10.0 if units == "linear_power" else 20.0) * np.log10(np.maximum(v, STANDARDISE_FLOOR))
+    flat = db.reshape(n, c, -1)
+    if valid is not None:
+        ok = np.broadcast_to(np.asarray(valid, bool).reshape(n, 1, -1), flat.shape)
+        flat = np.where(ok, flat, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-invalid windows: NaN statistics, zeros out
+        q25, med, q75 = (np.nanpercentile if valid is not None else np.percentile)(flat, [25, 50, 75], axis=-1)
+    spread = spec.get("spread", "iqr")
+    scale = np.maximum(q75 - q25, MIN_SPREAD_DB) if spread == "iqr" else np.full_like(med, float(spread))
+    out = np.clip((db - med[..., None, None]) / scale[..., None, None], -STANDARDISE_CLIP, STANDARDISE_CLIP)
+    out = np.nan_to_num(out, nan=0.0)
+    if valid is not None:
+        out = np.where(np.asarray(valid, bool).reshape(n, 1, *xs.shape[2:]), out, 0.0)
+    out = out.astype(np.float32, copy=False)
+    return out[0] if one else out
 
 
 def sample_windows(height: int, width: int, size: int = 256, n: int = 5) -> list[Any]:
@@ -242,6 +300,10 @@ class Radiometry:
         self.mean, self.std = mean.reshape(m, 1, 1).copy(), std.reshape(m, 1, 1).copy()
         self.src_units, self.reason = normalise_units(src_units), reason
         self.band_names = list(band_names)
+        self.contract = dict(contract)
+        self.standardise = contract.get("standardise")
+        if self.standardise is not None and check_standardise(self.standardise):
+            raise PackageError(f"model input contract: 'standardise' {check_standardise(self.standardise)}")
         self._check_bands(source)
         convert_units(np.zeros(1, np.float32), self.src_units, self.units)  # refuses uint8 mismatches
 
@@ -285,6 +347,8 @@ class Radiometry:
         if self.channels != self.bands:  # (C_bands, h, w) -> (C_model, h, w)
             y = np.stack([y.mean(axis=0) if i < 0 else y[i] for i in self._sources])
         y = (y - self.mean) / self.std
+        if self.standardise is not None:  # per window, from its valid pixels (the module docstring)
+            y = standardise_windows(y, self.contract, valid)
         y[:, ~valid] = 0.0
         return y.astype(np.float32, copy=False)
 
@@ -302,8 +366,12 @@ class Radiometry:
             clip += f", {self.stretch} stretch per window"
         if self.channels != self.bands:
             clip += f"; channels {'+'.join(self.channels)}"
-        return (f"{src}; clip {clip}; "
-                f"mean/std {_fmt(self.mean)}/{_fmt(self.std)}")
+        out = f"{src}; clip {clip}; mean/std {_fmt(self.mean)}/{_fmt(self.std)}"
+        if self.standardise is not None:
+            spread = self.standardise.get("spread", "iqr")
+            out += (f"; then per window: dB minus its median, divided by "
+                    f"{'its interquartile range' if spread == 'iqr' else f'{spread:g} dB'}")
+        return out
 
 
 def _fmt(a: np.ndarray) -> str:

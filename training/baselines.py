@@ -160,10 +160,12 @@ class SmallCNN(nn.Module):
 
 def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, *, epochs: int = 60,
                     max_minutes: float | None = None, batch_size: int = 32, seed: int = 0,
-                    augment=None) -> tuple[SmallCNN, dict]:
+                    augment=None, prepare=None) -> tuple[SmallCNN, dict]:
     """Train ``SmallCNN`` on chips ``x[tr]`` (AdamW 2e-3, cosine, label smoothing 0.1), keep the epoch
     with the best accuracy on ``x[va]``; stops at ``epochs`` or ``max_minutes``. ``augment``: a
-    function on a batch (the model's own flips / rotations)."""
+    function on a training batch (the model's own flips / rotations, gains); ``prepare``: on every
+    batch the model sees, after ``augment`` (the contract's standardisation, ``model_input``)."""
+    prep = prepare if prepare is not None else (lambda b: b)
     import copy
 
     torch.manual_seed(seed)
@@ -179,7 +181,7 @@ def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarr
     def accuracy(idx: np.ndarray) -> float:
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model(x[idx[i:i + 256]].float()).argmax(1) for i in range(0, len(idx), 256)])
+            pred = torch.cat([model(prep(x[idx[i:i + 256]].float())).argmax(1) for i in range(0, len(idx), 256)])
         return float((pred.numpy() == y[idx]).mean())
 
     for _ in range(epochs):
@@ -190,7 +192,7 @@ def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarr
             if len(idx) < 2:
                 continue
             xb = x[idx].float()
-            xb = augment(xb) if augment is not None else xb
+            xb = prep(augment(xb) if augment is not None else xb)
             loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()

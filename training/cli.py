@@ -61,9 +61,11 @@ def _finetune_config(a: argparse.Namespace):
     from .finetune.config import FinetuneConfig
 
     d = {"task": a.task, "encoder": a.encoder or "", "seed": a.seed, "linear_probe": a.linear_probe,
-         "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx}
+         "shots": a.shots, "max_minutes": a.max_minutes, "export_onnx": a.export_onnx,
+         "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
-              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db"):
+              "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
+              "standardise", "pool"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -275,6 +277,17 @@ def register(sub) -> None:
                         "(simple pyramid + UPerNet, for GPUs)")
     s.add_argument("--gain-db", type=float, help="classify/segment: random radiometric gain per training chip within "
                    "+-this many dB, so the model does not key on one acquisition's brightness (default 2; 0: off)")
+    s.add_argument("--standardise", choices=["auto", "median", "iqr", "none"],
+                   help="classify: each chip in dB minus its own median, over 10 dB (median) or over its interquartile "
+                        "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "
+                        "recorded in the package, the engine applies it to every window; none: off; auto (default): "
+                        "median for 8-bit display chips, none for calibrated dB / power / amplitude")
+    s.add_argument("--pool", choices=["mean", "blocks"],
+                   help="classify: the embedding the head sees: blocks (the mean and the max of the tokens of the last 4 "
+                        "blocks; the default) or mean (of the last block's tokens)")
+    s.add_argument("--baselines", action="store_true",
+                   help="classify: also train a small CNN from scratch on the same chips, split and budget, and "
+                        "report its validation accuracy beside the model's (a warning when it wins)")
     s.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the head only")
     s.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
     s.add_argument("--batch-size", type=int)

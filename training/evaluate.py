@@ -39,6 +39,7 @@ def evaluate_chips(package: str, chips_dir: str, png: Path) -> dict:
     import torch
 
     from .finetune.classify import class_folders, load_tensors
+    from .finetune.common import model_input
 
     pkg = load_package(package)
     card = pkg.card
@@ -56,6 +57,7 @@ def evaluate_chips(package: str, chips_dir: str, png: Path) -> dict:
     inp = card.input
     clip_db = inp["clip"] if inp["units"] == "db" else (-35.0, 10.0)
     x, _ = load_tensors(files, card.input_size[0], card.in_chans, inp["mean"], inp["std"], clip_db=clip_db)
+    x = model_input(x, inp)  # the contract's per-chip standardisation, when it has one (as the engine)
     with torch.no_grad():
         pred = torch.cat([pkg.model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)]).numpy()
     m = classification_metrics(truth, pred, names)

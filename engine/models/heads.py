@@ -23,20 +23,40 @@ def _trunc_normal_linear(layer: nn.Linear, std: float) -> nn.Linear:
     return layer
 
 
-class ViTClassifier(nn.Module):
-    """Mean-pooled patch tokens -> LayerNorm -> Linear (SARMAE_SPEC 5; MAE's global_pool)."""
+CLS_POOLS = ("mean", "blocks")  # architecture.head.pool of a classify package (absent: mean)
 
-    def __init__(self, encoder: VisionTransformer, num_classes: int):
+
+class ViTClassifier(nn.Module):
+    """Pooled patch tokens -> norm -> Linear. ``pool`` "mean" (the default, SARMAE_SPEC 5, MAE's
+    global_pool): the mean of the last block's tokens, LayerNorm; "blocks": the mean and the max of
+    the tokens of each of the last ``blocks`` blocks (the last one after the final norm),
+    concatenated, (N, 2 x blocks x D), no norm (the quick mode's scaler is folded into the head):
+    mid-level and peak responses (a bright scatterer) that a mean of the last block averages away."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: str = "mean", blocks: int = 4):
         super().__init__()
-        self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
-        self.head = _trunc_normal_linear(nn.Linear(encoder.embed_dim, num_classes), std=2e-5)
+        if pool not in CLS_POOLS:
+            raise ValueError(f"unknown classifier pooling '{pool}'; known: {', '.join(CLS_POOLS)}")
+        self.encoder, self.pool = encoder, pool
+        self.blocks = max(1, min(int(blocks), len(encoder.blocks)))
+        dim = encoder.embed_dim if pool == "mean" else 2 * self.blocks * encoder.embed_dim
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        self.head = _trunc_normal_linear(nn.Linear(dim, num_classes), std=2e-5)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, D) pooled, normalised feature."""
+        """(N, C, H, W) -> (N, F) pooled, normalised feature."""
         tokens, _ = self.encoder.embed(x)
-        t, _ = self.encoder.run_blocks(self.encoder.prepend_cls(tokens))
-        return self.fc_norm(t[:, 1:].mean(dim=1))
+        if self.pool == "mean":
+            t, _ = self.encoder.run_blocks(self.encoder.prepend_cls(tokens))
+            return self.fc_norm(t[:, 1:].mean(dim=1))
+        depth = len(self.encoder.blocks)
+        idx = tuple(range(depth - self.blocks, depth))
+        _, outs = self.encoder.run_blocks(self.encoder.prepend_cls(tokens), collect=idx)
+        parts = []
+        for i, o in zip(idx, outs):
+            o = self.encoder.norm(o[:, 1:]) if i == depth - 1 else o[:, 1:]  # (N, L, D)
+            parts += [o.mean(dim=1), o.amax(dim=1)]
+        return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, num_classes) logits."""

@@ -78,7 +78,8 @@ def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.M
 def _classifier(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
     from .heads import ViTClassifier
 
-    return ViTClassifier(encoder, num_classes)
+    # pool / blocks (absent: the mean of the last block); other keys are ignored, as before they existed
+    return ViTClassifier(encoder, num_classes, **{k: head[k] for k in ("pool", "blocks") if k in head})
 
 
 def _detector(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:

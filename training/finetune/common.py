@@ -105,6 +105,18 @@ def apply_gain(x: torch.Tensor, contract: dict, gain_db: torch.Tensor | float) -
     return (v.clamp(0.0, 1.0) - mean) / std
 
 
+def model_input(x: torch.Tensor, contract) -> torch.Tensor:
+    """What the model sees of ``x`` (N, C, H, W), normalised by the contract's clip / mean / std: the
+    same, standardised per chip in dB when the contract has ``standardise``
+    (``engine.radiometry.standardise_windows``, the function the engine applies to each window), so
+    training, validation and inference feed the model alike. Gains and augmentations go BEFORE it."""
+    if contract.get("standardise") is None:
+        return x
+    from engine.radiometry import standardise_windows
+
+    return torch.from_numpy(standardise_windows(x.detach().float().cpu().numpy(), contract)).to(x.device)
+
+
 def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
     """A random gain per chip, uniform in +-``max_db`` dB (``apply_gain``): acquisitions differ in
     calibration, incidence angle and processing, and a model that keys on absolute brightness fails

@@ -40,6 +40,9 @@ class FinetuneConfig:
     device: str = "auto"  # auto | cpu | cuda
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
     gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
+    standardise: str = "auto"  # classify: median (chip in dB minus its median, / 10 dB), iqr, none; auto: median for 8-bit
+    pool: str = "blocks"  # classify: blocks (mean + max of the last 4 blocks' tokens, the default) | mean (last block's)
+    baselines: bool = False  # classify: also train the small-CNN baseline on the same chips and budget (its row)
     bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)
     input_units: str | None = None  # what the data holds, overriding detection: db | linear_power | amplitude | uint8
     class_weights: str | list[float] | None = None  # segment: None, "auto" (inverse pixel frequency) or one per class

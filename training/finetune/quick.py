@@ -6,7 +6,7 @@ labels are few; and the choice between it and a full fine-tune (``--mode auto``)
   a linear head by logistic regression on labelled cells (features and strength cross-validated by
   chip), and from ``QUICK_MLP_MIN_CHIPS`` training chips also a per-pixel MLP head (Adam, early
   stopping on the validation mean IoU); the better validation score stays.
-- Classification: the ``ViTClassifier``'s pooled, normalised embedding of every training chip in
+- Classification: the ``ViTClassifier``'s pooled embedding (``--pool``) of every training chip in
   its 8 flips / 90-degree rotations (each with a random gain, ``cfg.gain_db``), standardised, into a class-balanced multinomial logistic
   regression (scikit-learn; its strength chosen on the validation chips); the fitted scaler and
   coefficients are folded into the classifier's linear head.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import FinetuneError, History, fit, gain_jitter
+from .common import FinetuneError, History, fit, gain_jitter, model_input
 from .config import FinetuneConfig
 
 log = logging.getLogger("sarmae.finetune")
@@ -223,11 +223,11 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
 
 
 @torch.no_grad()
-def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict | None = None,
-                    gain_db: float = 0.0, batch: int = 64) -> np.ndarray:
+def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict, gain_db: float = 0.0,
+                    batch: int = 64) -> np.ndarray:
     """(N, C, S, S) chips -> (N * V, D) pooled embeddings: V = 8 dihedral views (flips and 90-degree
     rotations, view-major), each with a random gain within +-``gain_db`` dB (``gain_jitter``), when
-    ``views``, else 1 view as it is."""
+    ``views``, else 1 view as it is; then the contract's standardisation (``model_input``)."""
     model.eval()
     out = []
     for k in range(8 if views else 1):
@@ -235,7 +235,7 @@ def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: 
             xb = x[i:i + batch].float()
             if views:
                 xb = gain_jitter(torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)), contract, gain_db)
-            out.append(model.forward_features(xb.to(device)).cpu())
+            out.append(model.forward_features(model_input(xb, contract).to(device)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -249,7 +249,7 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
     views = cfg.augment
     f_tr = pooled_features(model, x[tr], device, views, contract, cfg.gain_db)
     y_tr = np.tile(y[tr], 8 if views else 1)
-    f_va = pooled_features(model, x[va], device, False)
+    f_va = pooled_features(model, x[va], device, False, contract)
     scaler = StandardScaler().fit(f_tr)
     z_tr, z_va = scaler.transform(f_tr), scaler.transform(f_va)
     best = None

@@ -51,31 +51,35 @@ def test_rows(model, test_dir: Path, contract: dict, shifts: list[float], size: 
     import torch
 
     from training.finetune.classify import class_folders, load_tensors
-    from training.finetune.common import apply_gain
+    from training.finetune.common import apply_gain, model_input
 
     chips = class_folders(test_dir)
     x, _ = load_tensors(chips.files, size, 1, contract["mean"], contract["std"])
     out = {}
     with torch.no_grad():
         for db in [0.0, *shifts]:
-            xs = apply_gain(x, contract, db) if db else x
+            xs = model_input(apply_gain(x, contract, db) if db else x, contract)  # the gain, then the contract
             pred = torch.cat([model(xs[i:i + 256]).argmax(1) for i in range(0, len(xs), 256)]).numpy()
             out["test_accuracy" if not db else f"test_accuracy_{db:+g}dB"] = float((pred == chips.labels).mean())
     return out
 
 
 def cnn_row(pool: Path, test: Path, shots: str, seed: int, a) -> dict:
-    """The small-CNN baseline on the same fine-tuning chips (split, shots, seed), augmentations and budget."""
+    """The small-CNN baseline on the same fine-tuning chips (split, shots, seed), augmentations, input
+    standardisation (``--standardise``) and budget."""
     from training.baselines import train_small_cnn
-    from training.finetune.classify import augment, class_folders, load_tensors, split
-    from training.finetune.common import gain_jitter
+    from training.finetune.classify import STANDARDISE, augment, class_folders, load_tensors, split
+    from training.finetune.common import gain_jitter, model_input
 
     chips = class_folders(pool)
     tr, va = split(chips, 0.2, None if shots == "all" else int(shots), seed)
     contract = {"mean": [0.5], "std": [0.5], "units": "uint8", "clip": [0, 255]}
+    if STANDARDISE[a.standardise]:
+        contract["standardise"] = STANDARDISE[a.standardise]
     x, _ = load_tensors(chips.files, a.img_size, 1, contract["mean"], contract["std"])
     model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
-                                  augment=lambda b: gain_jitter(augment(b), contract, 2.0))
+                                  augment=lambda b: gain_jitter(augment(b), contract, a.gain_db),
+                                  prepare=lambda b: model_input(b, contract))
     return {**test_rows(model, test, contract, a.gain_shifts, a.img_size), "val_accuracy": info["val_accuracy"],
             "epochs_run": info["epochs_run"]}
 
@@ -95,6 +99,9 @@ def main() -> None:
     ap.add_argument("--gain-shifts", nargs="*", type=float, default=[-3.0, 3.0],
                     help="also test on chips with this gain (dB): another acquisition's brightness")
     ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--pool", default=None, choices=["mean", "blocks"], help="classify embedding (default: finetune's)")
+    ap.add_argument("--standardise", default="median", choices=["median", "iqr", "none"],  # MSTAR chips: auto = median
+                    help="per-chip input standardisation in dB (every row, the small CNN's too; see finetune --standardise)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_mstar"))
     a = ap.parse_args()
     import torch
@@ -107,13 +114,14 @@ def main() -> None:
     out = Path(a.out)
     pool, test = make_split(Path(a.data), out / "split")
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
-    done = {(r["encoder"], r.get("mode", "full"), r["shots"], r["seed"]) for r in results}
+    std = a.standardise
+    done = {(r["encoder"], r.get("mode", "full"), r["shots"], r["seed"], r.get("standardise", "none")) for r in results}
     runs = [("cnn", None, "cnn")] if a.cnn else []
     runs += [(spec.split("=", 1)[0], spec.split("=", 1)[1], m) for spec in a.encoders for m in a.modes]
     for name, pkg, mode in runs:
         for shots in a.shots:
             for seed in a.seeds:
-                if (name, mode, shots, seed) in done:
+                if (name, mode, shots, seed, std) in done:
                     continue
                 t0 = time.time()
                 if mode == "cnn":
@@ -122,23 +130,25 @@ def main() -> None:
                     cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, in_chans=1,
                                          shots=None if shots == "all" else int(shots), seed=seed, epochs=a.epochs,
                                          max_minutes=a.max_minutes, warmup_epochs=min(5.0, a.epochs / 8),
-                                         batch_size=32, patience=12, mode=mode, gain_db=a.gain_db)
-                    dest = out / f"{name}_{mode}_{shots}_s{seed}.pkg"
+                                         batch_size=32, patience=12, mode=mode, gain_db=a.gain_db, standardise=std,
+                                         **({"pool": a.pool} if a.pool else {}))
+                    dest = out / f"{name}_{mode}_{shots}_s{seed}_{std}.pkg"
                     r = finetune_classifier(pool, dest, cfg, overwrite=True)
                     pk = load_package(dest)
                     rec = {**test_rows(pk.model, test, pk.card.input, a.gain_shifts, a.img_size), "val_accuracy": r["val_accuracy"],
-                           "epochs_run": r["epochs_run"], "kept": r["mode"]}
-                rec = {"encoder": name, "mode": mode, "shots": shots, "seed": seed, **rec,
+                           "epochs_run": r["epochs_run"], "kept": r["mode"], "pool": cfg.pool}
+                rec = {"encoder": name, "mode": mode, "shots": shots, "seed": seed, "standardise": std, **rec,
                        "minutes": round((time.time() - t0) / 60, 2)}
                 results.append(rec)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
                 print(json.dumps(rec), flush=True)
     keys = ["test_accuracy"] + [f"test_accuracy_{d:+g}dB" for d in a.gain_shifts]
-    print(f"\n{'row':<22}{'shots':<7}" + "".join(f"{k.replace('test_accuracy', 'test'):>18}" for k in keys)
+    print(f"\n{'row (standardise ' + std + ')':<22}{'shots':<7}" + "".join(f"{k.replace('test_accuracy', 'test'):>18}" for k in keys)
           + "   (mean +- std over seeds, %)")
     for name, _, mode in runs:
         for shots in a.shots:
-            rs = [r for r in results if r["encoder"] == name and r.get("mode", "full") == mode and r["shots"] == shots]
+            rs = [r for r in results if r["encoder"] == name and r.get("mode", "full") == mode and r["shots"] == shots
+                  and r.get("standardise", "none") == std]
             if rs:
                 cells = "".join(f"{100 * np.mean([r[k] for r in rs if k in r] or [np.nan]):>11.1f} +- "
                                 f"{100 * np.std([r[k] for r in rs if k in r] or [np.nan]):4.1f}" for k in keys)

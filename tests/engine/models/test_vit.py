@@ -132,3 +132,23 @@ def test_detector_head_sizes_default_and_legacy():
     # a legacy state dict loads into a legacy-built detector with every key matched
     again = ViTDetector(legacy.encoder, 2, DetHeadConfig.from_dict(legacy.cfg.to_dict()))
     assert not again.load_state_dict(legacy.state_dict()).missing_keys
+
+
+def test_classifier_block_pooling():
+    """pool 'blocks': mean and max of the patch tokens of the last blocks (the last after the final
+    norm), concatenated; the card's head settings rebuild it; an unknown pooling is refused."""
+    from engine.errors import ModelConfigError
+
+    enc = small_cfg(img_size=64).to_dict()
+    m = build_from_architecture({"encoder": enc, "head": {"pool": "blocks", "blocks": 2}}, "classify", 3).eval()
+    x = torch.randn(2, 2, 64, 64)
+    d = m.encoder.embed_dim
+    with torch.no_grad():
+        f = m.forward_features(x)
+        maps = m.encoder.get_intermediate_layers(x, (len(m.encoder.blocks) - 2, len(m.encoder.blocks) - 1))
+    assert f.shape == (2, 4 * d) and m(x).shape == (2, 3)
+    want = torch.cat([torch.cat([t.flatten(2).mean(2), t.flatten(2).amax(2)], 1) for t in maps], 1)
+    assert torch.allclose(f, want, atol=1e-5)
+    assert build_from_architecture({"encoder": enc, "head": {}}, "classify", 3).forward_features(x).shape == (2, d)
+    with pytest.raises(ModelConfigError, match="unknown classifier pooling 'max'"):
+        build_from_architecture({"encoder": enc, "head": {"pool": "max"}}, "classify", 3)

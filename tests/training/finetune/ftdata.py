@@ -146,15 +146,18 @@ def boxes_to_polygons(boxes: list[tuple], name: str = "ship", tf=None) -> list[t
 
 
 def chip_folders(root: Path, levels: dict[str, int], n: int = 12, size: int = 32, seed: int = 0) -> Path:
-    """``n`` speckled 8-bit PNG chips per class under root/<class>/, class k around grey level levels[k]."""
+    """``n`` speckled 8-bit PNG chips per class under root/<class>/, class k around grey level levels[k]
+    with 4^k looks: classes differ in texture as well as in brightness, so that a classifier that
+    standardises each chip (``--standardise``, brightness removed) still tells them apart."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
     rng = np.random.default_rng(seed)
-    for name, level in levels.items():
+    for k, (name, level) in enumerate(levels.items()):
         (root / name).mkdir(parents=True, exist_ok=True)
+        looks = 4.0 ** k
         for i in range(n):
-            img = np.clip(level * rng.gamma(4.0, 0.25, (size, size)), 0, 255).astype(np.uint8)
+            img = np.clip(level * rng.gamma(looks, 1 / looks, (size, size)), 0, 255).astype(np.uint8)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 with rasterio.open(root / name / f"{name}_{i:02d}.png", "w", driver="PNG", width=size, height=size,

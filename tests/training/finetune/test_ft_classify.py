@@ -122,3 +122,31 @@ def test_classifier_from_polygons_bad_input(tmp_path, encoder):
     with pytest.raises(FinetuneError, match=r"1 colour\(s\) given for 2 class\(es\)"):
         finetune_classifier(None, tmp_path / "m.pkg", tiny_cfg(encoder, epochs=1), rasters=tif, labels=water,
                             class_field="class", background="land", colours=["#ffffff"])
+
+
+def test_baselines_train_the_small_cnn_on_the_same_chips(tmp_path, encoder):
+    from engine.package import load_package
+
+    root = chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=8)
+    r = finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder, mode="head", baselines=True, epochs=2))
+    (row,) = r["baselines"]
+    assert row["name"] == "small CNN" and row["epochs_run"] == 2 and 0.0 <= row["val_accuracy"] <= 1.0
+    assert row["parameters"] > 100_000
+    cnn_wins = row["val_accuracy"] > r["val_accuracy"]
+    assert any("small CNN trained from scratch" in w for w in r["warnings"]) == cnn_wins, r["warnings"]
+    assert load_package(tmp_path / "c.pkg").card.provenance["metrics"]["baselines"] == [row]
+
+
+def test_block_pooling_package_runs_in_the_engine_and_onnx(tmp_path, encoder):
+    from engine.package import load_package
+    from training.evaluate import evaluate_chips
+
+    root = chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=8)
+    r = finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder, mode="head", pool="blocks", export_onnx=True))
+    pkg = load_package(tmp_path / "c.pkg")
+    assert pkg.card.architecture.head == {"pool": "blocks", "blocks": 2}  # the 2-block test encoder: both
+    assert pkg.model.head.in_features == 2 * 2 * pkg.model.encoder.embed_dim and "fp32" in pkg.card.onnx
+    ev = evaluate_chips(str(tmp_path / "c.pkg"), str(root), tmp_path / "cm.png")
+    assert ev["accuracy"] >= r["val_accuracy"] - 0.25
+    with pytest.raises(FinetuneError, match="--pool 'max'"):
+        finetune_classifier(root, tmp_path / "d.pkg", tiny_cfg(encoder, pool="max"))

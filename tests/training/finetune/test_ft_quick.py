@@ -95,13 +95,43 @@ def test_quick_classifier_on_chip_folders(tmp_path, encoder):
     from training.finetune.classify import finetune_classifier
 
     chips = chip_folders(tmp_path / "chips", {"dark": 40, "mid": 110, "bright": 200}, n=12, size=32)
-    cfg = FinetuneConfig(encoder=str(encoder), in_chans=1, device="cpu", mode="head", batch_size=64)
+    cfg = FinetuneConfig(encoder=str(encoder), in_chans=1, device="cpu", mode="head", batch_size=64,
+                         standardise="none")  # classes told apart by their brightness: keep it
     r = finetune_classifier(chips, tmp_path / "cls.pkg", cfg)
     assert r["mode"] == "head" and r["val_accuracy"] > 0.9, r
     test = chip_folders(tmp_path / "test", {"dark": 40, "mid": 110, "bright": 200}, n=6, size=32, seed=5)
     ev = evaluate_chips(str(tmp_path / "cls.pkg"), str(test), tmp_path / "cm.png")
     assert ev["accuracy"] > 0.9, ev  # chance 1/3: the fitted head is folded into an ordinary classify package
     assert load_package(tmp_path / "cls.pkg").card.task == "classify"
+
+
+def test_the_default_classifier_does_not_depend_on_the_gain(tmp_path, encoder):
+    """Each chip is standardised in dB by default (the card records it, so the engine applies it):
+    the same chips 3 dB brighter get the same answers."""
+    from engine.package import load_package
+    from training.evaluate import evaluate_chips
+    from training.finetune.classify import (
+        STANDARDISE,
+        class_folders,
+        finetune_classifier,
+        load_tensors,
+    )
+    from training.finetune.common import apply_gain, model_input
+
+    levels = {"smooth": 40, "rough": 30, "speckled": 20}  # classes differ by texture: 1, 4, 16 looks
+    chips = chip_folders(tmp_path / "chips", levels, n=12, size=32)
+    r = finetune_classifier(chips, tmp_path / "cls.pkg", FinetuneConfig(encoder=str(encoder), in_chans=1, device="cpu",
+                                                                       mode="head", batch_size=64))
+    card = load_package(tmp_path / "cls.pkg").card
+    assert card.input["standardise"] == STANDARDISE["median"] and r["val_accuracy"] > 0.8, r
+    test = chip_folders(tmp_path / "test", levels, n=6, size=32, seed=5)
+    assert evaluate_chips(str(tmp_path / "cls.pkg"), str(test), tmp_path / "cm.png")["accuracy"] > 0.8
+    x, _ = load_tensors(class_folders(test).files, 32, 1, card.input["mean"], card.input["std"])
+    model = load_package(tmp_path / "cls.pkg").model
+    with torch.no_grad():
+        p = [model(model_input(apply_gain(x, card.input, db), card.input)).softmax(1) for db in (0.0, -3.0, 3.0)]
+    assert float((p[1] - p[0]).abs().max()) < 0.05 and float((p[2] - p[0]).abs().max()) < 0.05
+    assert torch.equal(p[1].argmax(1), p[0].argmax(1)) and torch.equal(p[2].argmax(1), p[0].argmax(1))
 
 
 def test_detect_refuses_head_mode(tmp_path, encoder):
