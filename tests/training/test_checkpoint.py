@@ -12,7 +12,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_disk_full_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    path = save_checkpoint(tmp_path / "last.pt", {"step": torch.tensor(1)})
+    path = save_checkpoint(tmp_path / "last.pt", {"model": {}, "step": torch.tensor(1)})
     before = path.read_bytes()
     real_save = torch.save
 
@@ -22,11 +22,11 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(OutputError, match=r"disk full while writing \S*last\.pt"):
-        save_checkpoint(path, {"step": torch.tensor(2)})
+        save_checkpoint(path, {"model": {}, "step": torch.tensor(2)})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     monkeypatch.setattr(torch, "save", real_save)
-    save_checkpoint(path, {"step": torch.tensor(3)})
+    save_checkpoint(path, {"model": {}, "step": torch.tensor(3)})
     assert int(load_checkpoint(path)["step"]) == 3
 
 
