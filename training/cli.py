@@ -153,6 +153,26 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_captions(a: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from engine.errors import SarmaeError
+
+    from .clip.caption_sources import load_spec, make_captions
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if bool(a.spec) == bool(a.class_folders):
+        raise SarmaeError("give the labelled data: --spec SPEC.yaml (several sources), or --class-folders DIR")
+    sources = load_spec(a.spec) if a.spec else [
+        {"kind": "chips", "name": a.name, "path": a.class_folders, "class_from": "folder", "sensor": a.sensor,
+         "pol": a.pol, "phrase": a.phrase}]
+    r = make_captions(sources, a.output, a.chips_dir, seed=a.seed, val_fraction=a.val_fraction,
+                      overwrite=a.overwrite)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -244,6 +264,28 @@ def register(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")
     s.add_argument("--quiet", "-q", action="store_true")
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("captions", help="caption table (CSV) for SARCLIP training from labelled SAR data",
+                       description="Make a caption table (image, caption, class, source, split) from labelled data, "
+                                   "the way SARCLIP-1M / SARVLM-1M were built: class folders, polygons over a raster, "
+                                   "flood / water masks, ship instance masks; templates name the class, the sensor "
+                                   "and the polarisation. Window chips are written as GeoTIFF.",
+                       epilog="spec: a YAML list of sources, see training/recipes/sarclip_captions.yaml and "
+                              "training/clip/caption_sources.py")
+    s.add_argument("--output", "-o", required=True, help="caption table to write (CSV)")
+    s.add_argument("--spec", help="YAML list of sources (kind: chips | masks | instances | polygons)")
+    s.add_argument("--class-folders", help="one source: a folder with one sub-folder of chips per class")
+    s.add_argument("--name", default="chips", help="with --class-folders: the source column (default %(default)s)")
+    s.add_argument("--sensor", default="Sentinel-1", help="with --class-folders: sensor named in the captions")
+    s.add_argument("--pol", default="VV", help="with --class-folders: polarisation named in the captions "
+                                               "(auto: VV+VH for 2-band chips)")
+    s.add_argument("--phrase", default="{cls}", help="with --class-folders: how a class reads, e.g. 'a {cls} vehicle'")
+    s.add_argument("--chips-dir", help="where window chips go (default: <output stem>_chips beside the table)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="held-out share per class (whole groups; "
+                                                                    "default %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    s.set_defaults(func=cmd_captions)
 
     s = sub.add_parser("evaluate", help="metrics of a model package on held-out data (JSON)",
                        description="Evaluate a package on data it never saw; prints one JSON object.")
