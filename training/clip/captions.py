@@ -171,7 +171,7 @@ def read_table(path: str | Path, strict: bool = False, max_skipped_fraction: flo
     out = CaptionTable(path, [], [], [], [], [])
     missing, empty, examples = 0, 0, []
     for n, r in enumerate(body, start=2):
-        get = lambda i: r[i].strip() if i is not None and i < len(r) else ""  # noqa: E731
+        get = lambda i, r=r: r[i].strip() if i is not None and i < len(r) else ""  # noqa: E731
         image, caption = get(ci), get(ct)
         full = Path(image) if Path(image).is_absolute() else path.parent / image
         if not caption:
