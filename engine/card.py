@@ -142,7 +142,12 @@ class Architecture(_Record):
 
 @dataclass(eq=False)
 class InputContract(_Record):
-    """What the model expects: bands in order, units, and the clip/mean/std that scale them."""
+    """What the model expects: bands in order, units, and the clip/mean/std that scale them.
+
+    Optional (a CLIP package, ``engine.clip``): ``band_clip`` one [lo, hi] per band instead of
+    ``clip``; ``stretch`` "minmax": each window's bands min-max stretched to 8-bit levels after the
+    clip; ``channels`` the model's input channels, each a band name or "mean" (the mean of the
+    scaled bands), e.g. ["VV", "VH", "mean"]; ``mean``/``std`` then have one entry per channel."""
 
     bands: list[str]
     units: str
@@ -151,7 +156,11 @@ class InputContract(_Record):
     std: list[float]
     nodata: str = "mask"
     pixel_spacing_m: float | None = None
+    channels: list[str] | None = None
+    band_clip: list[list[float]] | None = None
+    stretch: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _optional = ("channels", "band_clip", "stretch")
 
     @classmethod
     def parse(cls, d: Any, in_chans: int | None, problems: list[str]) -> InputContract | None:
@@ -161,10 +170,12 @@ class InputContract(_Record):
         n0 = len(problems)
         if d.get("units") not in UNITS:
             problems.append(f"'input.units' must be one of {', '.join(UNITS)} (found {d.get('units')!r})")
-        for k in ("bands", "mean", "std"):
+        channels = d.get("channels")
+        for k in ("bands", "mean", "std") if channels is None else ("channels", "mean", "std"):
             v = d.get(k)
             if not isinstance(v, list) or (in_chans is not None and len(v) != in_chans):
                 problems.append(f"'input.{k}' must be a list with one entry per input channel ({in_chans})")
+        problems += _derived_problems(d)
         clip = d.get("clip")
         if not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)
                 and clip[0] < clip[1]):
@@ -175,6 +186,24 @@ class InputContract(_Record):
             return None
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: d[k] for k in known if k in d}, extra={k: v for k, v in d.items() if k not in known})
+
+
+def _derived_problems(d: Mapping) -> list[str]:
+    """What is wrong with the optional ``channels``, ``band_clip`` and ``stretch`` of an input contract."""
+    bands, problems = d.get("bands"), []
+    if not (isinstance(bands, list) and bands):
+        return ["'input.bands' must be a non-empty list of band names"]
+    ch = d.get("channels")
+    if ch is not None and not (isinstance(ch, list) and all(c in bands or c == "mean" for c in ch)):
+        problems.append(f"'input.channels' must list band names of 'input.bands' or \"mean\" (found {ch!r})")
+    bc = d.get("band_clip")
+    if bc is not None and not (isinstance(bc, list) and len(bc) == len(bands) and all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(c, (int, float)) for c in r) and r[0] < r[1]
+            for r in bc)):
+        problems.append(f"'input.band_clip' must hold one [low, high] (low < high) per band (found {bc!r})")
+    if d.get("stretch") not in (None, "minmax"):
+        problems.append(f"'input.stretch' must be \"minmax\" or absent (found {d.get('stretch')!r})")
+    return problems
 
 
 def default_input(in_chans: int, units: str = "db", bands: list[str] | None = None) -> dict:

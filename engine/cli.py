@@ -34,6 +34,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     """A randomly initialised package (for tests, demos and trying the pipeline)."""
     if a.method:
         return _init_method(a)
+    if a.clip:
+        return _init_clip(a)
     import torch
 
     from .models import create_model
@@ -60,6 +62,23 @@ def cmd_init(a: argparse.Namespace) -> int:
     save_package(model.state_dict(), card, a.output, overwrite=a.overwrite)
     print(f"wrote {a.output}: {a.task} model {arch['name']}, {a.in_chans} channel(s), input {a.img_size}px"
           + (f", classes {', '.join(a.classes)}" if classes else "") + " (random weights)")
+    return 0
+
+
+def _init_clip(a: argparse.Namespace) -> int:
+    """A CLIP (zeroshot) package with random weights: an open_clip model name, or --clip-config."""
+    import torch
+
+    from .clip import build_clip, clip_card, save_clip_package
+
+    cfg = _clip_config(a.clip_config)
+    name = None if a.clip == "custom" else a.clip
+    torch.manual_seed(a.seed)
+    card = clip_card(a.name or f"{a.clip}-clip-random", name, cfg, source=a.source, bands=a.bands,
+                     provenance={"training": f"none: random initialisation (seed {a.seed})"})
+    save_clip_package(build_clip(card), card, a.output, overwrite=a.overwrite)
+    print(f"wrote {a.output}: zeroshot CLIP {a.clip}, bands {'+'.join(card.input.bands)}, input "
+          f"{card.input_size[0]}px, {a.source} scaling (random weights)")
     return 0
 
 
@@ -118,7 +137,29 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_config(text: str | None) -> dict | None:
+    """--clip-config: JSON text or a JSON file (an open_clip config)."""
+    import json
+    from pathlib import Path
+
+    if not text:
+        return None
+    try:
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except json.JSONDecodeError as e:
+        raise SarmaeError(f"--clip-config: neither a JSON file nor JSON text ({e}): give an open_clip config "
+                          "such as {\"embed_dim\": 32, \"vision_cfg\": {...}, \"text_cfg\": {...}}") from e
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
+    if a.clip:
+        from .clip.convert import convert_clip_checkpoint
+
+        report = convert_clip_checkpoint(a.checkpoint, a.output, a.clip, _clip_config(a.clip_config), a.source,
+                                         a.bands, a.name, quick_gelu=a.quick_gelu, overwrite=a.overwrite)
+        print(report.summary())
+        print(f"wrote {a.output}: zeroshot package of open_clip {a.clip}")
+        return 0
     from .convert import convert_checkpoint
 
     report = convert_checkpoint(a.checkpoint, a.output, arch=a.arch, task=a.task, in_chans=a.in_chans,
@@ -248,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width for --task reconstruct (default: %(default)s)")
     s.add_argument("--decoder-depth", type=int, default=8, help="MAE decoder blocks for --task reconstruct (default: %(default)s)")
     s.add_argument("--name", help="model name shown in QGIS (default: derived from arch and task)")
+    g = s.add_argument_group("a CLIP package (task zeroshot): open_clip's model, tokenizer and prompts")
+    g.add_argument("--clip", metavar="ARCH", help="open_clip architecture, e.g. ViT-B-32, RN50-quickgelu; custom: "
+                   "--clip-config alone")
+    g.add_argument("--clip-config", metavar="JSON", help="the open_clip config (JSON text or file), e.g. a tiny model")
+    g.add_argument("--source", default="sarclip", choices=["sarclip", "sarvlm", "db"],
+                   help="input scaling: sarclip (SARCLIP's dB ranges), sarvlm (min-max 8-bit, CLIP mean/std), "
+                   "db (the project's dB clip) (default: %(default)s)")
     c = s.add_argument_group("a method without a network: --task detect --method cfar (constant false-alarm rate "
                              "on linear power; no weights, no training)")
     c.add_argument("--method", help="a method of the task instead of a network: cfar (with --task detect)")
@@ -290,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bands", type=_csv, help="channel names in order, e.g. VV,VH")
     s.add_argument("--name", help="model name (default: the checkpoint's file name)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    g = s.add_argument_group("a CLIP checkpoint (SARCLIP .safetensors, SARVLM epoch_N.pt) -> a zeroshot package")
+    g.add_argument("--clip", metavar="ARCH", help="its open_clip architecture, e.g. ViT-B-32, RN50-quickgelu, ViT-L-14; "
+                   "custom: --clip-config")
+    g.add_argument("--clip-config", metavar="JSON", help="the open_clip config (JSON text or file) of a custom model")
+    g.add_argument("--source", choices=["sarclip", "sarvlm", "db"], help="input scaling (default: the checkpoint's "
+                   "format: sarclip for safetensors, sarvlm for epoch_N.pt)")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the config's QuickGELU (models fine-tuned from OpenAI weights use it)")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("infer", help="run a model over SAR raster(s) of any size",

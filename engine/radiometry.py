@@ -220,20 +220,26 @@ class Radiometry:
     def __init__(self, contract: dict[str, Any], src_units: str, band_names: Sequence[str],
                  reason: str = "", source: str = "the input"):
         self.bands = [str(b) for b in contract.get("bands", [])]
-        n = len(self.bands)
+        # the model's channels: the bands, or (a CLIP package) band names and "mean" of the scaled bands
+        self.channels = [str(c) for c in contract.get("channels") or self.bands]
+        n, m = len(self.bands), len(self.channels)
         try:
             self.units = normalise_units(contract["units"])
             lo, hi = (float(v) for v in contract["clip"])
-            mean = np.broadcast_to(np.asarray(contract.get("mean", [0.0]), np.float32), (n,))
-            std = np.broadcast_to(np.asarray(contract.get("std", [1.0]), np.float32), (n,))
+            ranges = np.asarray(contract.get("band_clip") or [[lo, hi]] * n, np.float32).reshape(n, 2)
+            mean = np.broadcast_to(np.asarray(contract.get("mean", [0.0]), np.float32), (m,))
+            std = np.broadcast_to(np.asarray(contract.get("std", [1.0]), np.float32), (m,))
+            self._sources = [-1 if c == "mean" else self.bands.index(c) for c in self.channels]
         except (KeyError, TypeError, ValueError, RasterInputError) as e:
             raise PackageError(f"model input contract {contract!r} is malformed ({e}); it needs "
                                "bands, units, clip [lo, hi], mean and std per band") from e
-        if n == 0 or not lo < hi or np.any(std <= 0) or contract.get("nodata", "mask") != "mask":
+        if (n == 0 or not lo < hi or np.any(ranges[:, 0] >= ranges[:, 1]) or np.any(std <= 0)
+                or contract.get("nodata", "mask") != "mask" or contract.get("stretch") not in (None, "minmax")):
             raise PackageError(f"model input contract {contract!r} is malformed: needs at least one "
-                               "band, clip low < high, std > 0 and nodata 'mask'")
-        self.clip = (lo, hi)
-        self.mean, self.std = mean.reshape(n, 1, 1).copy(), std.reshape(n, 1, 1).copy()
+                               "band, clip low < high, std > 0, nodata 'mask' and stretch minmax or none")
+        self.clip, self.stretch = (lo, hi), contract.get("stretch")
+        self._lo, self._hi = ranges[:, :1, None].copy(), ranges[:, 1:, None].copy()
+        self.mean, self.std = mean.reshape(m, 1, 1).copy(), std.reshape(m, 1, 1).copy()
         self.src_units, self.reason = normalise_units(src_units), reason
         self.band_names = list(band_names)
         self._check_bands(source)
@@ -270,9 +276,14 @@ class Radiometry:
         if x.ndim != 3 or x.shape[0] != len(self.bands) or valid.shape != x.shape[1:]:
             raise ValueError(f"expected x (C={len(self.bands)}, h, w) and valid (h, w), "
                              f"got {x.shape} and {valid.shape}")
-        lo, hi = self.clip
         y = convert_units(x, self.src_units, self.units)
-        y = (np.clip(y, lo, hi) - lo) / (hi - lo)  # [0, 1]
+        y = (np.clip(y, self._lo, self._hi) - self._lo) / (self._hi - self._lo)  # [0, 1] per band
+        if self.stretch == "minmax" and valid.any():  # each band of the window over [0, 1], 8-bit levels
+            v = y[:, valid]
+            lo, hi = v.min(axis=1)[:, None, None], v.max(axis=1)[:, None, None]
+            y = np.round((y - lo) / np.maximum(hi - lo, 1e-12) * 255.0) / 255.0
+        if self.channels != self.bands:  # (C_bands, h, w) -> (C_model, h, w)
+            y = np.stack([y.mean(axis=0) if i < 0 else y[i] for i in self._sources])
         y = (y - self.mean) / self.std
         y[:, ~valid] = 0.0
         return y.astype(np.float32, copy=False)

@@ -36,6 +36,7 @@ BUILTIN = {
     "segment": "engine.tasks.segment:SegmentTask",
     "detect": "engine.tasks.detect:DetectTask",
     "detect.cfar": "engine.tasks.cfar:CfarTask",
+    "zeroshot": "engine.tasks.zeroshot:ZeroshotTask",
 }
 
 
