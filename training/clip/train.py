@@ -164,15 +164,13 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-        if not resume or not (run / "metrics.csv").exists():
-            with open(run / "metrics.csv", "w", newline="") as f:
-                csv.writer(f).writerow(METRIC_FIELDS)
+        _start_metrics(run / "metrics.csv", step if state is not None else None)
         log.info("CLIP training on %d pairs (%d unique captions), %d validation rows; %d steps/epoch x %d epochs, "
                  "batch %d over %d process(es), device %s%s", len(train), len(train.tokens), len(val or []),
                  steps_per_epoch, cfg.epochs, cfg.batch_size, info.world_size, device,
                  f"; resumed at epoch {epoch} step {step}" if state is not None else "")
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else None
-    last_loss, stop, history = None, False, []
+    last_loss, stop = None, False
 
     def checkpoint() -> None:
         if info.is_main:
@@ -183,7 +181,7 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
     while epoch < cfg.epochs and not stop:
         order = _order(len(train), cfg.seed, epoch)
         net.train()
-        t_win, n_win, loss_win = time.time(), 0, 0.0
+        t_win, n_win = time.time(), 0
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][info.rank::info.world_size][:local]
             x = train.x[idx].float()
@@ -197,26 +195,24 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
             with torch.no_grad():  # CLIP's clamp of the temperature (logit scale <= 100)
                 model.logit_scale.clamp_(0, float(np.log(100)))
             step += 1
-            loss_win += float(loss.detach())
             n_win += 1
-            last_loss = all_mean(loss_win / n_win, info)
+            last_loss = all_mean(float(loss.detach()), info)  # this step's loss (mean over the ranks)
             row = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": last_loss,
                    "logit_scale": float(scale.detach()), "total_steps": total,
                    "pairs_per_s": n_win * cfg.batch_size / max(1e-9, time.time() - t_win),
                    "elapsed_s": time.time() - t0}
-            history.append(row)
-            if progress is not None and info.is_main:
-                progress(row)
+            stop = bool((cfg.max_steps and step >= cfg.max_steps) or (deadline and time.time() > deadline))
+            if info.is_main:  # the validation scores on each epoch's last row
+                _log_row(run, row, clip, val, device, stop or b == steps_per_epoch - 1)
+                if progress is not None:
+                    progress(row)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
-            if (cfg.max_steps and step >= cfg.max_steps) or (deadline and time.time() > deadline):
-                stop = True
+            if stop:
                 break
         if not stop:
             epoch += 1
         checkpoint()
-        if info.is_main:
-            _log_row(run, history[-1] if history else {"step": step, "epoch": epoch}, clip, val, device)
         barrier(info)
     result = {}
     if info.is_main:
@@ -243,11 +239,24 @@ def _val_scores(clip, val: PairData | None, device: str) -> dict:
             "val_r5": m["retrieval"]["mean_r5"], "metrics": m}
 
 
-def _log_row(run: Path, row: dict, clip, val, device) -> None:
-    scores = _val_scores(clip, val, device)
+def _start_metrics(path: Path, resumed_step: int | None) -> None:
+    """A new metrics.csv, or on resume the old one without the rows after the checkpoint's step."""
+    rows = []
+    if resumed_step is not None and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= resumed_step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([METRIC_FIELDS, *rows])
+
+
+def _log_row(run: Path, row: dict, clip, val, device, validate: bool) -> None:
+    """One step's row in metrics.csv; with ``validate`` also the validation scores (and a log line)."""
+    scores = _val_scores(clip, val, device) if validate else {}
     row = {**row, **{k: v for k, v in scores.items() if k != "metrics"}}
     with open(run / "metrics.csv", "a", newline="") as f:
         csv.writer(f).writerow([row.get(k, "") for k in METRIC_FIELDS])
+    if not validate:
+        return
     log.info("epoch %s step %s: loss %.4f%s", row.get("epoch"), row.get("step"), row.get("loss") or float("nan"),
              f", validation zero-shot top-1 {row['val_top1']:.3f}, recall@5 {row['val_r5']:.3f}"
              if row.get("val_top1") is not None else "")
