@@ -39,13 +39,15 @@ def embed_images(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def topk_metrics(logits: torch.Tensor, truth: np.ndarray, classes: list[str]) -> dict:
-    """Top-1 / top-5 / mean per-class accuracy (and the confusion matrix) of (N, K) scores."""
+    """Top-1 / top-5 / mean per-class accuracy (over the classes that have rows; the confusion
+    matrix too) of (N, K) scores."""
     k = min(5, len(classes))
     top = logits.topk(k, dim=1).indices.numpy()
     m = classification_metrics(truth, top[:, 0], classes)
     per_class = m["per_class_accuracy"]
     return {"top1": float((top[:, 0] == truth).mean()), "top5": float((top == truth[:, None]).any(1).mean()),
-            "mean_per_class": float(np.mean(list(per_class.values()))), "per_class": per_class,
+            "mean_per_class": float(np.mean([v for v in per_class.values() if v is not None])),
+            "per_class": per_class,
             "n": int(len(truth)), "classes": list(classes), "confusion": m["confusion"]}
 
 
