@@ -118,3 +118,39 @@ def test_cli_captions_finetune_evaluate(tmp_path):
     assert {"image_to_text_r5", "text_to_image_r5", "mean_r10"} <= set(out["pairs"]["retrieval"])
     assert "logistic_regression_on_image_embedding" in out["pairs"]["baselines"]["chips"]
     assert (tmp_path / "z.png").is_file()
+
+
+def encoder_package(dest: Path, in_chans: int) -> Path:
+    from engine.models import create_model
+    from engine.package import default_input, new_card, save_package
+
+    torch.manual_seed(1)
+    enc = create_model("vit_tiny_patch16", in_chans=in_chans, img_size=32, depth=2)
+    with torch.no_grad():  # a trained encoder has a patch bias, cls token and norms far from their init
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    arch = {"name": "vit_tiny_patch16", "encoder": enc.cfg.to_dict()}
+    card = new_card("tiny-encoder", "embed", arch, default_input(in_chans, "db"), [], {})
+    save_package(enc.state_dict(), card, dest)
+    return dest, enc
+
+
+@pytest.mark.parametrize("bands", [["VV"], ["VV", "VH"]])
+def test_sarmae_encoder_is_the_image_tower_exactly(tmp_path, table, bands):
+    from training.clip.sarmae_tower import tower_features
+
+    pkg, enc = encoder_package(tmp_path / "enc.pkg", len(bands))
+    model, card = start_model(cfg_for(table, encoder=str(pkg), bands=bands, model={}))
+    assert card.input["bands"] == bands and card.provenance["image_tower"]["tensors"] == 5 + 2 * 12
+    x = torch.randn(3, len(bands), 32, 32)
+    x3 = x.repeat(1, 3, 1, 1) if len(bands) == 1 else torch.cat([x, x.mean(1, keepdim=True)], dim=1)
+    enc.eval()
+    model.eval()
+    with torch.no_grad():
+        want = enc.forward_features(x)[:, 0]
+        got = tower_features(model, x3)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    r = train_clip(cfg_for(table, encoder=str(pkg), bands=bands, model={}, max_steps=1), tmp_path / "c.pkg")
+    from engine.clip import load_clip
+
+    assert load_clip(r["package"]).card.architecture.extra["clip"]["config"]["vision_cfg"]["no_ln_pre"] is True
