@@ -190,6 +190,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
         complex_mode=a.complex_mode, vector=a.vector, min_area_px=a.min_area, probabilities=a.probabilities,
         score_threshold=a.score_threshold, nms_iou=a.nms_iou, mask_ratio=a.mask_ratio, cog=a.cog, overwrite=a.overwrite,
         extent=tuple(a.extent) if a.extent else None, water_mask=a.water_mask, water_class=a.water_class,
+        classes=a.classes, templates=a.templates, query=a.query,
     )
     bar = None
 
@@ -380,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "segmentation package run first")
     s.add_argument("--water-class", help="the mask's water: the package's class (default: water/sea/ocean), or the "
                    "raster's value(s), e.g. 1 or 1,2 (default: 1)")
+    s.add_argument("--classes", type=_csv, help="zeroshot (CLIP package): class names, e.g. \"water,urban,forest\"")
+    s.add_argument("--templates", action="append", help="zeroshot: a prompt template with {}, repeatable "
+                   "(default: the package's)")
+    s.add_argument("--query", action="append", help="CLIP package: a phrase (repeatable) -> a similarity raster")
     s.add_argument("--extent", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
                    help="process only this pixel region of the input")
     s.add_argument("--cog", action="store_true", help="write Cloud-Optimised GeoTIFFs")

@@ -68,7 +68,7 @@ def iter_batches(ctx: RunContext, windows: list[Window], batch_size: int, should
                 if stop.is_set():
                     return
                 chunk = windows[i:i + batch_size]
-                xs = np.empty((len(chunk), ctx.raster.count, size, size), np.float32)
+                xs = np.empty((len(chunk), len(ctx.radiometry.channels), size, size), np.float32)
                 vs = np.empty((len(chunk), size, size), bool)
                 for b, win in enumerate(chunk):
                     x, v = _read_padded(ctx.raster, win, size, ctx.region)

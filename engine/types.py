@@ -50,6 +50,9 @@ class InferenceOptions:
     # segmentation package run first
     water_class: str | None = None  # the mask's water: the package's class (default water/sea/ocean), or raster
     # value(s) "1" / "1,2" (default 1)
+    classes: list[str] | None = None  # zeroshot: the class names to tell apart (typed at run time)
+    templates: list[str] | None = None  # zeroshot: prompt templates with one {} (default: the package's)
+    query: list[str] | None = None  # textquery (zeroshot packages): phrases, one similarity band each
     cog: bool = False  # write Cloud-Optimised GeoTIFFs
     overwrite: bool = False  # replace existing outputs
     extent: tuple[int, int, int, int] | None = None  # (row_off, col_off, height, width) subset in px

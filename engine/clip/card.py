@@ -25,11 +25,12 @@ Input contracts (``input``; ``engine.radiometry`` applies them), from dB:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from ..card import DEFAULT_CLIP, ModelCard
-from ..errors import ModelConfigError
+from ..errors import ModelConfigError, missing_dependency
 
 SOURCES = ("sarclip", "sarvlm", "db")
 TOKENIZER = "open_clip_bpe"  # open_clip's SimpleTokenizer and the BPE vocabulary in its wheel
@@ -50,14 +51,23 @@ CLIP_KWARGS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_
                "nonscalar_logit_scale")  # what open_clip.model.CLIP takes from a config
 
 
+def import_open_clip() -> Any:
+    """open_clip, with the hub offline (its model definitions and BPE vocabulary are in the wheel)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import open_clip
+    except ImportError as e:
+        raise missing_dependency("open_clip (open-clip-torch)") from e
+    return open_clip
+
+
 def model_config(model_name: str | None, config: Mapping | None = None) -> dict:
     """The open_clip config dict: ``config`` as given, else open_clip's for ``model_name``; refuses
     what ``open_clip.model.CLIP`` cannot build here (towers from timm / Hugging Face, CoCa)."""
     if config is None:
         if not model_name:
             raise ModelConfigError("a CLIP package needs an open_clip model name (e.g. ViT-B-32) or a config dict")
-        import open_clip
-
+        open_clip = import_open_clip()
         config = open_clip.get_model_config(model_name)
         if config is None:
             known = [n for n in open_clip.list_models() if "coca" not in n.lower()]

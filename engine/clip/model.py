@@ -15,23 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import RasterInputError
-from .card import clip_settings
+from .card import clip_settings, import_open_clip
 
 if TYPE_CHECKING:
     from ..card import ModelCard
     from ..package import LoadedPackage
-
-
-def import_open_clip() -> Any:
-    """open_clip, with the hub offline (its model definitions and BPE vocabulary are in the wheel)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import open_clip
-    except ImportError as e:
-        from ..errors import missing_dependency
-
-        raise missing_dependency("open_clip (open-clip-torch)") from e
-    return open_clip
 
 
 def build_clip(card: ModelCard) -> Any:

@@ -8,6 +8,7 @@ an empty or repeated class name, or a template without exactly one ``{}`` is ref
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,16 @@ class PromptError(SarmaeError, ValueError):
 
 
 def make_tokenizer(card: ModelCard) -> Any:
-    """open_clip's SimpleTokenizer (the BPE vocabulary shipped in its wheel; nothing is fetched)."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """open_clip's SimpleTokenizer (the BPE vocabulary shipped in its wheel; nothing is fetched),
+    one per context length in this process (reading the vocabulary takes a few hundred ms)."""
+    return _tokenizer(int(card.architecture.extra["clip"]["tokenizer"]["context_length"]))
 
-    return SimpleTokenizer(context_length=card.architecture.extra["clip"]["tokenizer"]["context_length"])
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(context_length: int) -> Any:
+    from .card import import_open_clip
+
+    return import_open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], where: str = "the phrase") -> Any:

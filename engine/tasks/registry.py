@@ -37,6 +37,7 @@ BUILTIN = {
     "detect": "engine.tasks.detect:DetectTask",
     "detect.cfar": "engine.tasks.cfar:CfarTask",
     "zeroshot": "engine.tasks.zeroshot:ZeroshotTask",
+    "textquery": "engine.tasks.textquery:TextqueryTask",
 }
 
 

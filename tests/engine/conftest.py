@@ -57,3 +57,16 @@ def tiny_package(tmp_path_factory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_package(tmp_path_factory) -> Path:
+    """A CLIP (zeroshot) package of ``engine.clip.TINY_CONFIG`` (random weights, seed 0; 32 px input,
+    bands VV+VH, SARCLIP scaling). Read-only: copy it before changing it."""
+    import torch
+
+    from engine.clip import TINY_CONFIG, build_clip, clip_card, save_clip_package
+
+    torch.manual_seed(0)
+    card = clip_card("tiny-clip", config=TINY_CONFIG, provenance={"training": "none: unit tests"})
+    return save_clip_package(build_clip(card), card, tmp_path_factory.mktemp("clip") / "tiny_clip")

@@ -100,7 +100,7 @@ def test_builtin_tasks_are_registered():
     assert set(task_names()) >= {"embed", "reconstruct", "classify", "segment", "detect"}
     assert isinstance(get_task("segment"), Task) and TASKS["segment"] is get_task("segment")
     assert get_task("classify").vector_output and not get_task("embed").vector_output
-    assert [n for n in TASKS if TASKS[n].onnx] == ["classify", "embed", "segment"]
+    assert [n for n in TASKS if TASKS[n].onnx] == ["classify", "embed", "segment", "textquery", "zeroshot"]
 
 
 def test_unknown_task_lists_the_registered_ones():
