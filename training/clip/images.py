@@ -51,17 +51,23 @@ def read_for_clip(paths: list[str], card, chunk: int = 256) -> ChipImages:
             out.extend(done[j] for j in range(len(batch)))
             batch.clear()
 
-    for i, p in enumerate(paths):
-        try:
-            y = map_channels(read_chip(scan_chip(p), cfg), bands)
-        except Exception as e:  # noqa: BLE001 - any unreadable chip is counted, named and skipped
-            bad.append(f"{p}: {e}")
-            continue
-        batch.append(lo + y.astype(np.float32) * (hi - lo))
-        keep.append(i)
-        if len(batch) >= chunk:
-            flush()
-    flush()
+    gdal_log = logging.getLogger("rasterio._env")  # OpenSARShip's TIFF headers warn on every read
+    level = gdal_log.level
+    gdal_log.setLevel(logging.ERROR)
+    try:
+        for i, p in enumerate(paths):
+            try:
+                y = map_channels(read_chip(scan_chip(p), cfg), bands)
+            except Exception as e:  # noqa: BLE001 - any unreadable chip is counted, named and skipped
+                bad.append(f"{p}: {e}")
+                continue
+            batch.append(lo + y.astype(np.float32) * (hi - lo))
+            keep.append(i)
+            if len(batch) >= chunk:
+                flush()
+        flush()
+    finally:
+        gdal_log.setLevel(level)
     if bad:
         log.warning("%d chip(s) could not be read and were left out, e.g. %s", len(bad), bad[0])
     s = card.input_size

@@ -257,9 +257,10 @@ def _log_row(run: Path, row: dict, clip, val, device, validate: bool) -> None:
         csv.writer(f).writerow([row.get(k, "") for k in METRIC_FIELDS])
     if not validate:
         return
+    per_source = scores.get("metrics", {}).get("zeroshot", {})
+    top1 = ", ".join(f"{k} {v['top1']:.3f}" for k, v in per_source.items())
     log.info("epoch %s step %s: loss %.4f%s", row.get("epoch"), row.get("step"), row.get("loss") or float("nan"),
-             f", validation zero-shot top-1 {row['val_top1']:.3f}, recall@5 {row['val_r5']:.3f}"
-             if row.get("val_top1") is not None else "")
+             f"; validation zero-shot top-1 {top1}, retrieval recall@5 {row['val_r5']:.3f}" if per_source else "")
 
 
 def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss, t0, info) -> dict:
