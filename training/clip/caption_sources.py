@@ -9,7 +9,9 @@ A spec is a YAML/JSON list of sources, each a dict with ``kind`` and ``path`` pl
   fewer images are left out, counted), ``group_regex`` + ``group_block`` (integer captures of the
   file name, divided by the block, make the split group: ETCI's ``x-(\\d+)_y-(\\d+)`` tile grid).
 - ``chips``: labelled chips: ``class_from`` ``folder`` (MSTAR: ``<k>-<NAME>/``, a leading index
-  dropped) or ``name`` (``class_regex`` on the file name; OpenSARShip ``Cargo_x1446_y3299.tif``).
+  dropped) or ``name`` (``class_regex`` on the file name; OpenSARShip ``Cargo_x1446_y3299.tif``);
+  ``crop`` S: the centre S x S of each chip written as a GeoTIFF chip (MSTAR's targets fill the
+  centre 64 px of 128: the model then sees them at full resolution).
 - ``masks``: images with class masks found by string ``replace`` pairs on the image path, one
   mask per class (``masks: {flood: [["/AFTER/", "/MASK/"], ["after", "mask"]]}``); pixels > 0 are
   the class, < 0 nodata; the rest is ``rest`` ("land"). The caption names the class covering the
@@ -145,6 +147,21 @@ def _chips(src: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def _centre(path: str, s: int, folder: Path) -> str:
+    """The centre s x s of a chip as a GeoTIFF chip in ``folder`` (the whole chip when smaller)."""
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as ds:
+            h, w = ds.height, ds.width
+    if h <= s and w <= s:
+        return path
+    r, c = max(0, (h - s) // 2), max(0, (w - s) // 2)
+    out = folder / Path(path).parent.name / f"{Path(path).stem}_centre{s}.tif"
+    return str(write_window(path, (r, c, min(s, h), min(s, w)), out))
+
+
 def _shares(masks: dict[str, np.ndarray], rest: str) -> dict[str, float] | None:
     first = next(iter(masks.values()))
     valid = np.ones(first.shape, bool)
@@ -268,7 +285,8 @@ def source_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> tuple[l
     if "path" not in src:
         raise CaptionError(f"caption source {src['name']}: no 'path'")
     if kind == "chips":
-        items = [(f, c, g, None) for f, c, g in _chips(src)]
+        items = [(_centre(f, int(src["crop"]), chips_dir / src["name"]) if src.get("crop") else f, c, g, None)
+                 for f, c, g in _chips(src)]
     elif kind == "masks":
         items = _mask_rows(src, chips_dir)
     elif kind == "instances":

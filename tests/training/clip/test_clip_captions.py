@@ -129,3 +129,20 @@ def test_missing_images_and_empty_captions_are_counted_skipped_or_refused(tmp_pa
         read_table(tmp_path / "nocol.csv")
     with pytest.raises(CaptionError, match="exists"):
         make_captions([{"kind": "chips", "path": str(chips)}], tmp_path / "t.csv")
+
+
+def test_chips_crop_writes_the_centre_at_full_resolution(tmp_path):
+    import rasterio
+
+    chips = class_chips(tmp_path / "chips", classes=("bright", "dark"), n=2, size=32)
+    make_captions([{"kind": "chips", "path": str(chips), "crop": 16}], tmp_path / "t.csv", val_fraction=0.0)
+    rows = rows_of(tmp_path / "t.csv")
+    assert len(rows) == 4 and all(x["image"].endswith("_centre16.tif") for x in rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in rows:
+            src = chips / f"{'0-bright' if x['class'] == 'bright' else '1-dark'}" / x["image"].split("/")[-1].replace(
+                "_centre16.tif", ".png")
+            with rasterio.open(tmp_path / x["image"]) as ds, rasterio.open(src) as full:
+                assert (ds.width, ds.height) == (16, 16)
+                assert np.array_equal(ds.read(1), full.read(1)[8:24, 8:24])
