@@ -75,13 +75,12 @@ def read_for_clip(paths: list[str], card, chunk: int = 256) -> ChipImages:
     return ChipImages(x, np.asarray(keep, dtype=np.int64), bad)
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random flips and 90-degree rotations per image (SAR chips have no preferred orientation)."""
-    n = x.shape[0]
-    k = torch.randint(0, 4, (n,), generator=g)
-    flip = torch.rand(n, generator=g) < 0.5
+def augment(x: torch.Tensor, rngs: list[np.random.Generator]) -> torch.Tensor:
+    """Random flips and 90-degree rotations, one generator per image (SAR chips have no preferred
+    orientation). Generators drawn per sample (``data.scaling.item_rng``) make the augmentation of
+    an image independent of how batches are split over processes or resumed."""
     out = x.clone()
-    for i in range(n):
-        xi = torch.flip(x[i], dims=(-1,)) if flip[i] else x[i]
-        out[i] = torch.rot90(xi, int(k[i]), dims=(-2, -1))
+    for i, rng in enumerate(rngs):
+        xi = torch.flip(x[i], dims=(-1,)) if rng.random() < 0.5 else x[i]
+        out[i] = torch.rot90(xi, int(rng.integers(4)), dims=(-2, -1))
     return out

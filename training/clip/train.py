@@ -9,7 +9,7 @@ captions of its batch (template captions repeat) and spreads them back: the same
 
 Run folder ``<output>.run/``: ``config.yaml`` (``--resume`` refuses another), ``last.pt`` (plain
 data: model, optimizer, epoch, step, RNG; ``training/checkpoint.py``), ``metrics.csv``. The data
-order of an epoch and each batch's augmentation are functions of (seed, epoch, batch), so a
+order of an epoch is a function of (seed, epoch), each image's augmentation of (seed, epoch, row), so a
 resumed run repeats the uninterrupted run's losses. With torchrun each rank takes its share of
 every global batch and ClipLoss gathers the features of all ranks (the global contrastive batch).
 At the end rank 0 scores the validation rows and writes the ``zeroshot`` package (the LAST
@@ -31,6 +31,7 @@ import torch.nn as nn
 from engine.errors import SarmaeError
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..data.scaling import item_rng
 from ..distributed import DistInfo, all_mean, barrier, cleanup, init_distributed
 from ..optim import lr_at, param_groups, set_lr
 from .captions import read_table
@@ -185,8 +186,8 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][info.rank::info.world_size][:local]
             x = train.x[idx].float()
-            if cfg.augment:
-                x = augment(x, torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + b))
+            if cfg.augment:  # per sample: the same views whatever the ranks or a resume
+                x = augment(x, [item_rng(cfg.seed, epoch, int(i), stream=7) for i in idx])
             set_lr(opt, lr_at(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr))
             loss, scale = contrastive_step(net, loss_fn, x.to(device), train.caption_id[idx], train.tokens.to(device))
             opt.zero_grad(set_to_none=True)

@@ -52,9 +52,9 @@ def cnn_row(table_path: Path, package: Path, minutes: float, seed: int) -> dict:
     rng.shuffle(train_idx)
     n_sel = max(1, len(train_idx) // 10)
     sel, tr, test = train_idx[:n_sel], train_idx[n_sel:], np.nonzero(split == "val")[0]
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
     model, info = train_small_cnn(im.x, y, tr, sel, epochs=60, max_minutes=minutes, seed=seed,
-                                  augment=lambda b: augment(b, gen))
+                                  augment=lambda b: augment(b, [rng] * len(b)))
     with torch.no_grad():
         pred = torch.cat([model(im.x[test[i:i + 256]].float()).argmax(1) for i in range(0, len(test), 256)])
     acc = float((pred.numpy() == y[test]).mean())

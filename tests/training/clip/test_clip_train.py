@@ -154,3 +154,25 @@ def test_sarmae_encoder_is_the_image_tower_exactly(tmp_path, table, bands):
     from engine.clip import load_clip
 
     assert load_clip(r["package"]).card.architecture.extra["clip"]["config"]["vision_cfg"]["no_ln_pre"] is True
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, table):
+    """torchrun: ClipLoss gathers every rank's features, so two ranks of 4 pairs train as one of 8
+    (a ViT tower: a ResNet's BatchNorm would see 4-pair statistics)."""
+    from engine.clip import TINY_CONFIG
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    common = ["finetune", "--task", "clip", "--pairs", str(table), "--clip-config", json.dumps(TINY_CONFIG),
+              "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--lr", "0.005", "-q"]
+    one = subprocess.run([sys.executable, "-m", "engine.cli", *common, "-o", str(tmp_path / "one.pkg")], env=env,
+                         cwd=REPO, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "engine.cli"]
+    two = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two.pkg")], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = step_losses(tmp_path / "one.pkg.run"), step_losses(tmp_path / "two.pkg.run")
+    assert len(a) == len(b) == 6
+    assert np.allclose([v for _, v in a], [v for _, v in b], rtol=1e-4, atol=1e-5), (a, b)
