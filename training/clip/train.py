@@ -139,7 +139,7 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
     barrier(info)
     if state is None and resume:
         state = load_checkpoint(run / "last.pt")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     model, card = start_model(cfg)
     clip = clip_model(model, card)
     table = read_table(cfg.pairs)
@@ -217,7 +217,8 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
         barrier(info)
     result = {}
     if info.is_main:
-        result = _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss, t0, info)
+        result = _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss,
+                         (t0, cpu0), info)
     barrier(info)
     return result
 
@@ -265,6 +266,7 @@ def _log_row(run: Path, row: dict, clip, val, device, validate: bool) -> None:
 
 
 def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss, t0, info) -> dict:
+    t0, cpu0 = t0
     from engine.clip import save_clip_package
 
     scores = _val_scores(clip, val, str(next(clip.model.parameters()).device))
@@ -275,6 +277,7 @@ def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch,
                   "val_rows": len(val or []), "skipped_rows": table.skipped, "unreadable_chips": len(train.bad),
                   "epochs": epoch, "steps": step, "batch_size": cfg.batch_size, "processes": info.world_size,
                   "minutes": round((time.time() - t0) / 60, 2), "last_loss": last_loss,
+                  "cpu_minutes": round((time.process_time() - cpu0) / 60, 2),  # this process (rank 0), all threads
                   "start": cfg.init or cfg.encoder or "random", "config": cfg.to_dict(),
                   "metrics": {"validation": metrics}}
     card = clip.card
@@ -285,4 +288,4 @@ def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch,
         extra["metrics.csv"] = (run / "metrics.csv").read_bytes()
     path = save_clip_package(clip.model.cpu(), card, output, overwrite=overwrite or resume, extra_files=extra)
     return {"package": str(path), "run": str(run), "epochs": epoch, "steps": step, "last_loss": last_loss,
-            "minutes": provenance["minutes"], "validation": metrics}
+            "minutes": provenance["minutes"], "cpu_minutes": provenance["cpu_minutes"], "validation": metrics}
