@@ -265,8 +265,9 @@ def _log_row(run: Path, row: dict, clip, val, device, validate: bool) -> None:
              f"; validation zero-shot top-1 {top1}, retrieval recall@5 {row['val_r5']:.3f}" if per_source else "")
 
 
-def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss, t0, info) -> dict:
-    t0, cpu0 = t0
+def _finish(cfg, output, overwrite, resume, run, clip, val, train, table, epoch, step, last_loss, clock,
+            info) -> dict:
+    t0, cpu0 = clock  # wall-clock and CPU time at the start
     from engine.clip import save_clip_package
 
     scores = _val_scores(clip, val, str(next(clip.model.parameters()).device))
