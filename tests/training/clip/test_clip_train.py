@@ -71,6 +71,17 @@ def test_training_lowers_the_loss_and_writes_a_zeroshot_package(tmp_path, table)
     assert (Path(r["package"]) / "metrics.csv").is_file()
     with pytest.raises(SarmaeError, match="exists"):
         train_clip(cfg, tmp_path / "clip.pkg")
+    # --init: training goes on from the package's weights, card and tokenizer
+    again, card2 = start_model(cfg_for(table, init=r["package"], max_steps=1))
+    assert card2.name == clip.card.name
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), clip.model.state_dict().values()))
+    r2 = train_clip(cfg_for(table, init=r["package"], max_steps=1), tmp_path / "more.pkg")
+    assert load_clip(r2["package"]).card.provenance["start"] == r["package"]
+    from engine.errors import PackageError
+
+    other, _ = encoder_package(tmp_path / "embed.pkg", 1)
+    with pytest.raises(PackageError, match="not a CLIP"):
+        start_model(cfg_for(table, init=str(other)))
 
 
 @pytest.mark.slow
