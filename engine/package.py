@@ -389,8 +389,13 @@ def describe(card: ModelCard) -> str:
     else:
         lines.append(f"method:        {card.architecture.name} (no network, no weights)")
     if inp is not None:
-        lines.append(f"input:         {card.in_chans} channel(s) {'+'.join(inp.bands)}, units {inp.units}, "
-                     f"clip {inp.clip[0]}..{inp.clip[1]}, mean {inp.mean}, std {inp.std}")
+        clip = (", ".join(f"{b} {r[0]}..{r[1]}" for b, r in zip(inp.bands, inp.band_clip, strict=True))
+                if inp.band_clip else f"{inp.clip[0]}..{inp.clip[1]}")
+        derived = (f" from bands {'+'.join(inp.bands)} (channels {'+'.join(inp.channels)})" if inp.channels
+                   else f" {'+'.join(inp.bands)}")
+        lines.append(f"input:         {card.in_chans} channel(s){derived}, units {inp.units}, clip {clip}"
+                     + (f", {inp.stretch} stretch per window" if inp.stretch else "")
+                     + f", mean {inp.mean}, std {inp.std}")
     lines += task_for(card).summary(card)
     lines.append(f"output:        {card.output}")
     if card.classes:

@@ -294,7 +294,15 @@ class Radiometry:
         if self.src_units != self.units:
             src += f", converted to {UNIT_LABEL[self.units]}"
         unit = " dB" if self.units == "db" else ""
-        return (f"{src}; clip {self.clip[0]:g}..{self.clip[1]:g}{unit}; "
+        clip = f"{self.clip[0]:g}..{self.clip[1]:g}{unit}"
+        if np.any(self._lo.ravel() != self.clip[0]) or np.any(self._hi.ravel() != self.clip[1]):  # per band
+            clip = ", ".join(f"{b} {lo:g}..{hi:g}" for b, lo, hi in zip(self.bands, self._lo.ravel(), self._hi.ravel(),
+                                                                      strict=True)) + unit
+        if self.stretch:
+            clip += f", {self.stretch} stretch per window"
+        if self.channels != self.bands:
+            clip += f"; channels {'+'.join(self.channels)}"
+        return (f"{src}; clip {clip}; "
                 f"mean/std {_fmt(self.mean)}/{_fmt(self.std)}")
 
 

@@ -18,7 +18,7 @@ from .errors import ModelCardError
 
 CARD = "model.json"
 ONNX = "model.onnx"
-TASKS = ("embed", "reconstruct", "classify", "segment", "detect")
+TASKS = ("embed", "reconstruct", "classify", "segment", "detect", "zeroshot")  # zeroshot: CLIP (also runs textquery)
 UNIT_LABELS = {"db": "dB", "linear_power": "linear power", "amplitude": "amplitude", "uint8": "8-bit"}
 
 
@@ -138,7 +138,7 @@ def check_task(card: PackageCard, tasks: str | tuple[str, ...]) -> None:
                              f"the SARMAE '{card.task}' algorithm for this one")
 
 
-TASK_ORDER = ("segment", "detect", "classify", "embed", "reconstruct")  # what an analyst runs first
+TASK_ORDER = ("segment", "detect", "classify", "zeroshot", "embed", "reconstruct")  # what an analyst runs first
 
 
 def fit_rank(card: PackageCard, band_names: list[str], byte_data: bool = False) -> tuple:

@@ -130,7 +130,7 @@ def summarise(result: dict) -> str:
     stats = result.get("statistics") or {}
     per_class = stats.get("per_class") or {}
     parts = []
-    if task == "segment":
+    if task in ("segment", "zeroshot"):
         unit = stats.get("area_unit", "px")
         parts = [f"{name} {_area(float(s.get('area', 0.0)), unit)} ({100 * float(s.get('fraction', 0.0)):.1f} %)"
                  for name, s in per_class.items()]
@@ -140,6 +140,8 @@ def summarise(result: dict) -> str:
         parts = [f"{stats.get('windows', 0)} window(s)"] + [f"{k} {n}" for k, n in per_class.items() if n]
     elif task == "embed" and stats.get("grid"):
         parts = [f"{stats.get('dim')}-d features on a {stats['grid'][0]} x {stats['grid'][1]} grid"]
+    elif task == "textquery":
+        parts = [f"'{q}' best cosine {float(v.get('max', 0.0)):.2f}" for q, v in (stats.get("per_query") or {}).items()]
     elif "query_cells" in result:
         parts = [f"similarity to {result['query_cells']} embedding cell(s)"]
     seconds = (result.get("timings") or {}).get("total_s")

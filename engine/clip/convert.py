@@ -91,7 +91,11 @@ def convert_clip_checkpoint(checkpoint: str | Path, output: str | Path, arch: st
     cfg = model_config(model_name, config)
     if quick_gelu is not None:
         cfg["quick_gelu"] = quick_gelu
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:  # streamed: a ViT-L checkpoint is GBs
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    digest = digest.hexdigest()
     card = clip_card(name or checkpoint.stem, model_name, cfg, source=source or fmt, bands=bands, templates=templates,
                      provenance={"converted_from": checkpoint.name, "checkpoint_sha256": digest,
                                  "checkpoint_format": FORMATS[fmt]})

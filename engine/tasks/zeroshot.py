@@ -11,7 +11,9 @@ per raster, model, bands and grid), so another class list costs only the text to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +108,8 @@ class ZeroshotTask(Task):
             tags = {"SARMAE_MODEL": package.card.name, "SARMAE_MODEL_SHA256": package.card.weights.get("sha256", ""),
                     "SARMAE_TASK": self.name, "SARMAE_INPUT_UNITS": radiometry.describe(),
                     "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
-            result = self.write(scene, package, options, Path(output), extra, geo, tags, raster)
+            with _said(say):  # the text side's warnings (a phrase truncated) reach the run's log
+                result = self.write(scene, package, options, Path(output), extra, geo, tags, raster)
         result.provenance = {"input_units": radiometry.describe(), "backend": "image embeddings cached" if scene.cached
                              else "image tower, then the text tower"}
         result.statistics["embeddings"] = {"file": str(scene.path or ""), "cached": scene.cached}
@@ -170,3 +173,20 @@ class ZeroshotTask(Task):
     def merge(self, job: Any) -> Any:  # not windowed: no torchrun parts to merge
         raise SarmaeError("CLIP runs (zeroshot, textquery) do not run under torchrun; run them in one process")
 
+
+
+@contextlib.contextmanager
+def _said(say):
+    """Hand the ``sarmae.clip`` logger's warnings to the run's ``say`` while the block runs."""
+    class _Say(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say(record.getMessage())
+
+    handler, logger = _Say(logging.WARNING), logging.getLogger("sarmae.clip")
+    propagate, logger.propagate = logger.propagate, False  # said once, not also by the root logger
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

@@ -122,6 +122,11 @@ class RunDialog(QDialog):
         self.backend_combo.addItems(settings.BACKENDS)
         self.backend_combo.setCurrentText(s.backend)
         self.vectors_check = QCheckBox("Also write class polygons (segment)", self)
+        # a CLIP (zeroshot) package: class names for a class map, or phrases for a similarity layer
+        self.classes_edit = QLineEdit(self)
+        self.classes_edit.setPlaceholderText("CLIP models: class names, e.g. water,urban,forest")
+        self.query_edit = QLineEdit(self)
+        self.query_edit.setPlaceholderText("CLIP models: or find by text, e.g. ships at sea; a harbour")
 
         # extent
         self.extent_combo = QComboBox(self)
@@ -164,6 +169,8 @@ class RunDialog(QDialog):
         form.addRow("Device", self.device_combo)
         form.addRow("Backend", self.backend_combo)
         form.addRow("", self.vectors_check)
+        form.addRow("Classes", self.classes_edit)
+        form.addRow("Find by text", self.query_edit)
         out = QFormLayout()
         out.addRow("Output folder", self.output_widget)
         out.addRow("Run name", self.name_edit)
@@ -199,6 +206,8 @@ class RunDialog(QDialog):
         if card is None:
             return
         self.vectors_check.setEnabled(card.task == "segment")
+        for edit in (self.classes_edit, self.query_edit):
+            edit.setEnabled(card.task == "zeroshot")
         self._suggest_bands()
 
     # ---- layer ----------------------------------------------------------------------------------
@@ -261,6 +270,7 @@ class RunDialog(QDialog):
             raise RequestError("Choose an output folder.")
         if Path(folder).exists() and not Path(folder).is_dir():
             raise RequestError(f"The output folder {folder} is a file; choose a folder.")
+        classes, query = self.clip_text(card.task)
         extent = self.pixel_extent(layer)
         name = self.name_edit.text().strip() or card.name
         run_dir = Path(folder).expanduser() / f"{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -271,7 +281,24 @@ class RunDialog(QDialog):
             overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             backend=self.backend_combo.currentText(),
-            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent, layer_id=layer.id())
+            vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent, layer_id=layer.id(),
+            classes=classes, query=query)
+
+    def clip_text(self, task: str) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+        """(classes, phrases) of a CLIP (zeroshot) run: exactly one of the two fields filled in."""
+        if task != "zeroshot":
+            return None, None
+        classes = tuple(c.strip() for c in self.classes_edit.text().split(",") if c.strip())
+        query = tuple(q.strip() for q in self.query_edit.text().split(";") if q.strip())
+        if bool(classes) == bool(query):
+            raise RequestError("A CLIP model needs either class names (Classes, e.g. water,urban,forest) for a class "
+                               "map, or phrases (Find by text, e.g. ships at sea) for a similarity layer: fill in one.")
+        if len({c.lower() for c in classes}) != len(classes):
+            raise RequestError(f"Class names must differ: {', '.join(classes)}.")
+        if self.extent_combo.currentIndex() != 0:
+            raise RequestError("A CLIP model runs over the whole layer (its embeddings are cached per layer): "
+                               "choose Extent: whole layer.")
+        return classes or None, query or None
 
     def pixel_extent(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
         """The chosen extent as the layer's pixel window (None: the whole layer)."""

@@ -87,6 +87,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
     """Base of the inference algorithms; subclasses set TASK and OUTPUTS and add outputs."""
 
     TASK = ""
+    PACKAGE_TASK = ""  # the packages it runs, when not the task's own (textquery: zeroshot packages)
     GROUP = "inference"
     # engine output role -> (parameter name, kind "raster"|"vector", description, optional)
     OUTPUTS: dict[str, tuple[str, str, str, bool]] = {}
@@ -95,7 +96,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         s = settings.load()
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster layer"))
-        self.add_package_parameters("MODEL", f"Model ({self.TASK})", (self.TASK,))
+        self.add_package_parameters("MODEL", f"Model ({self.package_task})", (self.package_task,))
         self.addParameter(QgsProcessingParameterString("BANDS", "Bands in model order (e.g. VV,VH or 1,2; "
                                                        "empty: all bands)", optional=True))
         self.addParameter(QgsProcessingParameterNumber("WINDOW", "Window size in pixels (empty: the model's "
@@ -126,6 +127,10 @@ class ModelAlgorithm(SarmaeAlgorithm):
             self.addParameter(param)
         self.addOutput(QgsProcessingOutputString("STATISTICS", "Statistics (JSON)"))
 
+    @property
+    def package_task(self) -> str:
+        return self.PACKAGE_TASK or self.TASK
+
     def add_task_parameters(self) -> None:
         """Task-specific options (subclasses)."""
 
@@ -137,7 +142,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
         ok, message = super().checkParameterValues(parameters, context)
         if not ok:
             return ok, message
-        return self.check_package(parameters, context, "MODEL", (self.TASK,), required=True)
+        return self.check_package(parameters, context, "MODEL", (self.package_task,), required=True)
 
     def options(self, parameters: dict, context: QgsProcessingContext, bands: list[str] | None) -> dict:
         opts = {"batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),
@@ -159,7 +164,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
         return opts
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        card = self.package_card(parameters, context, "MODEL", (self.TASK,))
+        card = self.package_card(parameters, context, "MODEL", (self.package_task,))
         layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
         bands = parse_bands(self.parameterAsString(parameters, "BANDS", context))
         try:
@@ -269,3 +274,63 @@ class ReconstructAlgorithm(ModelAlgorithm):
     def task_options(self, parameters, context) -> dict:
         return {"mask_ratio": self.parameterAsDouble(parameters, "MASK_RATIO", context)}
 
+
+
+def _phrases(text: str) -> list[str]:
+    """'ships at sea; a harbour' -> ['ships at sea', 'a harbour'] (empty parts dropped)."""
+    return [p.strip() for p in (text or "").replace("\n", ";").split(";") if p.strip()]
+
+
+CLIP_HELP = ("<p>The model is a CLIP package (task <i>zeroshot</i>: SARCLIP, SARVLM, or one trained with "
+             "<i>sarmae finetune --task clip</i>). The scene is embedded once on a grid of cells (one window of "
+             "the model's input size per cell; <b>Overlap</b> 0.5 for cells half as wide) and the embeddings "
+             "are cached per raster, model and bands, so another class list or phrase runs only the text "
+             "model.</p>")
+
+
+class ZeroshotAlgorithm(ModelAlgorithm):
+    NAME, DISPLAY, TASK, MAIN_ROLE = "zeroshot", "Zero-shot classify SAR raster (CLIP)", "zeroshot", "class"
+    OUTPUTS = {"class": ("OUTPUT", "raster", "Class raster (one cell per window)", False),
+               "confidence": ("CONFIDENCE", "raster", "Confidence raster", False),
+               "grid": ("GRID", "vector", "Classified cells", True)}
+    HELP = ("<p>Zero-shot classification with class names typed here, no training: each cell's image "
+            "embedding against the text embeddings of the classes (prompt ensemble over the templates; "
+            "probabilities = softmax of 100 x cosine). Writes the <b>class raster</b> (255 = no data), the "
+            "<b>confidence</b> (the winning class's probability) and, if asked, the cells as polygons.</p>"
+            + CLIP_HELP + "<p><b>Classes</b>: comma-separated names, e.g. <code>water,urban,forest</code>. "
+            "<b>Prompt templates</b>: separated by <code>;</code>, each with one <code>{}</code> for the class "
+            "name (empty: the package's own).</p>" + COMMON_HELP)
+
+    def add_task_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterString("CLASSES", "Classes (comma-separated, e.g. water,urban,forest)"))
+        self.addParameter(advanced(QgsProcessingParameterString(
+            "TEMPLATES", "Prompt templates (separated by ;, each with {}; empty: the package's)", optional=True)))
+
+    def task_options(self, parameters, context) -> dict:
+        classes = [c.strip() for c in self.parameterAsString(parameters, "CLASSES", context).split(",") if c.strip()]
+        if not classes:
+            raise QgsProcessingException("type at least one class name in Classes, e.g. water,urban,forest")
+        opts = {"classes": classes}
+        templates = _phrases(self.parameterAsString(parameters, "TEMPLATES", context))
+        if templates:
+            opts["templates"] = templates
+        return opts
+
+
+class TextqueryAlgorithm(ModelAlgorithm):
+    NAME, DISPLAY, TASK, MAIN_ROLE = "textquery", "Find by text in SAR raster (CLIP)", "textquery", "similarity"
+    PACKAGE_TASK = "zeroshot"
+    OUTPUTS = {"similarity": ("OUTPUT", "raster", "Similarity raster (one band per phrase)", False)}
+    HELP = ("<p>Text search over a scene: the cosine similarity of each cell's image embedding with each "
+            "phrase (e.g. <code>ships at sea</code>), one band per phrase, -1..1, higher = closer.</p>"
+            + CLIP_HELP + "<p><b>Phrases</b>: one or more, separated by <code>;</code>. A phrase longer than "
+            "the model's 77 tokens is truncated (the log says so).</p>" + COMMON_HELP)
+
+    def add_task_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterString("QUERY", "Phrases (separated by ;), e.g. ships at sea"))
+
+    def task_options(self, parameters, context) -> dict:
+        phrases = _phrases(self.parameterAsString(parameters, "QUERY", context))
+        if not phrases:
+            raise QgsProcessingException("type a phrase in Phrases, e.g. ships at sea")
+        return {"query": phrases}

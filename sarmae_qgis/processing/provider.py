@@ -14,6 +14,8 @@ from .inference import (
     EmbedAlgorithm,
     ReconstructAlgorithm,
     SegmentAlgorithm,
+    TextqueryAlgorithm,
+    ZeroshotAlgorithm,
 )
 from .packages import ExportOnnxAlgorithm
 from .similarity import SimilarityAlgorithm
@@ -21,7 +23,7 @@ from .training import FinetuneAlgorithm, PretrainAlgorithm
 
 PROVIDER_ID = "sarmae"
 ALGORITHMS = (SegmentAlgorithm, DetectAlgorithm, ClassifyAlgorithm, EmbedAlgorithm, ReconstructAlgorithm,
-              SimilarityAlgorithm, FinetuneAlgorithm, PretrainAlgorithm, ExportOnnxAlgorithm)
+              ZeroshotAlgorithm, TextqueryAlgorithm, SimilarityAlgorithm, FinetuneAlgorithm, PretrainAlgorithm, ExportOnnxAlgorithm)
 
 
 class SarmaeProvider(QgsProcessingProvider):

@@ -51,6 +51,8 @@ class RunRequest:
     vectors: bool = False  # segment: also write class polygons
     extent: tuple[int, int, int, int] | None = None  # (row, col, height, width) of the layer; None: all
     layer_id: str = ""  # the input layer's id: the results go right above it in the layer tree
+    classes: tuple[str, ...] | None = None  # zeroshot (CLIP): class names typed in -> a class map
+    query: tuple[str, ...] | None = None  # zeroshot (CLIP): phrases -> a similarity layer (task textquery)
 
     def details(self) -> str:
         """The run's details for the result layers' metadata abstract."""
@@ -77,6 +79,10 @@ class RunRequest:
             opts["vector"] = True
         if self.extent is not None:
             opts["extent"] = list(self.extent)
+        if self.classes:
+            opts["classes"] = list(self.classes)
+        if self.query:
+            opts["query"] = list(self.query)
         return opts
 
 

@@ -253,3 +253,37 @@ def test_a_browsed_model_survives_a_layer_change(dialog, assets, project, tmp_pa
     dialog.layer_combo.setLayer(other)
     dialog.model_picker.refresh()  # what a layer change does before any model was picked in the combo
     assert dialog.model_picker.current_path() == str(outside)
+
+
+def test_a_clip_model_takes_classes_or_phrases(dialog, assets, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+                                            "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    pkg = tmp_path / "clip.pkg"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "engine.cli", "init", "--clip", "custom", "--clip-config", json.dumps(tiny),
+                    "--name", "tiny-clip", "--output", str(pkg)], check=True, cwd=Path(__file__).resolve().parents[2],
+                   env=env, timeout=300, capture_output=True)
+    dialog.add_model(pkg)
+    assert dialog.classes_edit.isEnabled() and dialog.query_edit.isEnabled()
+    with pytest.raises(RequestError, match="either class names .* or phrases"):
+        dialog.build_request()
+    dialog.classes_edit.setText("water, land")
+    req = dialog.build_request()
+    assert req.task == "zeroshot" and req.options()["classes"] == ["water", "land"] and "query" not in req.options()
+    dialog.query_edit.setText("ships at sea")
+    with pytest.raises(RequestError, match="fill in one"):
+        dialog.build_request()
+    dialog.classes_edit.setText("")
+    dialog.query_edit.setText("ships at sea; a harbour ;")
+    assert dialog.build_request().options()["query"] == ["ships at sea", "a harbour"]
+    dialog.extent_combo.setCurrentIndex(2)
+    with pytest.raises(RequestError, match="whole layer"):
+        dialog.build_request()
+    select_model(dialog, "tiny-segment")
+    assert not dialog.classes_edit.isEnabled()

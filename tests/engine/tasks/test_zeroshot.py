@@ -97,6 +97,8 @@ def test_second_class_list_and_phrases_reuse_the_cached_embeddings(tiny_clip_pac
     ok = ~np.isnan(sim)
     assert ok.sum() == 22
     np.testing.assert_allclose(sim[ok], want[ok], atol=1e-5)
+    long = run_inference([str(scene)], tmp_path / "long.tif", tiny_clip_package, InferenceOptions(query=["ship " * 90]))
+    assert any("truncated to its first 75 tokens" in m for m in long.log)  # the warning reaches the run's log
 
 
 def test_overlap_gives_a_finer_grid(tiny_clip_package, scene, tmp_path):
