@@ -84,6 +84,10 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from .finetune.common import progress_line
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if a.task == "clip":
+        return _finetune_clip(a)
+    if a.pairs or a.init:
+        raise SarmaeError("--pairs and --init are for --task clip")
     cfg = _finetune_config(a)
 
     def progress(row: dict) -> None:
@@ -135,6 +139,40 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_clip(a: argparse.Namespace) -> int:
+    import json
+
+    from engine.errors import SarmaeError
+
+    from .clip.config import ClipTrainConfig
+    from .clip.train import train_clip
+
+    if a.chips or a.raster:
+        raise SarmaeError("--task clip trains on a caption table: give --pairs CSV (make one with 'sarmae captions')")
+    d = {"pairs": a.pairs or "", "init": a.init or "", "encoder": a.encoder or "", "seed": a.seed,
+         "max_minutes": a.max_minutes, "max_steps": a.max_steps}
+    for k in ("epochs", "batch_size", "lr", "img_size", "device"):
+        if getattr(a, k) is not None:
+            d[k] = getattr(a, k)
+    if a.bands:
+        d["bands"] = [str(b) for b in a.bands]
+    if a.templates:
+        d["templates"] = a.templates
+    if a.clip_config:
+        d["model"] = json.loads(a.clip_config)
+    cfg = ClipTrainConfig.from_dict(d)
+
+    def progress(row: dict) -> None:
+        if not a.quiet and (row["step"] % 10 == 0 or row["step"] == row["total_steps"]):
+            print(f"step {row['step']}/{row['total_steps']} epoch {row['epoch']} loss {row['loss']:.4f} "
+                  f"lr {row['lr']:.2e} {row['pairs_per_s']:.0f} pairs/s", file=sys.stderr, flush=True)
+
+    r = train_clip(cfg, a.output, resume=a.resume, overwrite=a.overwrite, progress=progress)
+    if r:
+        print(json.dumps(r, indent=2, default=str))
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -151,6 +189,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     png = Path(a.report) if a.report else Path("evaluation_confusion.png")
     task = read_card(a.package).task
+    if task == "zeroshot":
+        from .clip.evaluate import evaluate_zeroshot
+
+        r = evaluate_zeroshot(a.package, png, chips=a.chips, pairs=a.pairs, split=a.split, classes=a.classes,
+                              templates=a.templates, baselines=a.baselines)
+        print(json.dumps(r, default=str))
+        return 0
+    if a.pairs or a.classes or a.templates:
+        raise SarmaeError("--pairs, --classes and --templates evaluate zeroshot (CLIP) packages")
     if a.chips:
         r = evaluate_chips(a.package, a.chips, png)
     elif a.raster and task == "segment":
@@ -195,8 +242,37 @@ def _cfar_row(a: argparse.Namespace) -> dict | None:
     return {"class_name": card.class_names[0]}
 
 
+def cmd_captions(a: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from engine.errors import SarmaeError
+
+    from .clip.caption_sources import load_spec, make_captions
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if bool(a.spec) == bool(a.class_folders):
+        raise SarmaeError("give the labelled data: --spec SPEC.yaml (several sources), or --class-folders DIR")
+    sources = load_spec(a.spec) if a.spec else [
+        {"kind": "chips", "name": a.name, "path": a.class_folders, "class_from": "folder", "sensor": a.sensor,
+         "pol": a.pol, "phrase": a.phrase}]
+    r = make_captions(sources, a.output, a.chips_dir, seed=a.seed, val_fraction=a.val_fraction,
+                      overwrite=a.overwrite)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _templates(text: str) -> list[str]:
+    """'a SAR image of {}.|a radar image of {}.': prompt templates, each with one {}."""
+    out = [t.strip() for t in text.split("|") if t.strip()]
+    bad = [t for t in out if t.count("{}") != 1]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"each template needs exactly one {{}} for the class name: {bad or text!r}")
+    return out
 
 
 def _bands(text: str) -> list[int | str]:
@@ -244,8 +320,20 @@ def register(sub) -> None:
     s = sub.add_parser("finetune", help="fine-tune an encoder: classify / segment / detect",
                        description="Fine-tune a SARMAE encoder package on your labels and write a model package "
                                    "that 'sarmae infer' and the QGIS plugin run unchanged.")
-    s.add_argument("--task", required=True, choices=["classify", "segment", "detect"])
-    s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init")
+    s.add_argument("--task", required=True, choices=["classify", "segment", "detect", "clip"],
+                   help="clip: a CLIP (zeroshot) package trained contrastively on --pairs")
+    s.add_argument("--encoder", help="encoder package (from 'sarmae pretrain'/'convert'); omit for random init. "
+                                     "clip: the SARMAE image tower, with open_clip's small text tower")
+    s.add_argument("--pairs", help="clip: caption table (CSV: image, caption[, class, source, split]) from "
+                                   "'sarmae captions'")
+    s.add_argument("--init", help="clip: a CLIP (zeroshot) package to start from (default: the small CPU "
+                                  "model with random weights)")
+    s.add_argument("--templates", type=_templates, help="clip: prompt templates stored in the package, separated "
+                                                        "by '|', each with one {} (default: the engine's)")
+    s.add_argument("--clip-config", help="clip, random start: JSON overriding the small open_clip config, e.g. "
+                                         "'{\"embed_dim\": 256}'")
+    s.add_argument("--resume", action="store_true", help="clip: continue the run in <output>.run from its last.pt")
+    s.add_argument("--max-steps", type=int, help="clip: stop after this many steps")
     s.add_argument("--method", choices=sorted(METHODS),
                    help="detect: cfar_scored = CFAR proposals scored by a small CNN trained on the labels (no "
                         "encoder; learns in about a minute on a CPU and runs through onnxruntime); default: the "
@@ -303,10 +391,40 @@ def register(sub) -> None:
     s.add_argument("--quiet", "-q", action="store_true")
     s.set_defaults(func=cmd_finetune)
 
+    s = sub.add_parser("captions", help="caption table (CSV) for SARCLIP training from labelled SAR data",
+                       description="Make a caption table (image, caption, class, source, split) from labelled data, "
+                                   "the way SARCLIP-1M / SARVLM-1M were built: class folders, polygons over a raster, "
+                                   "flood / water masks, ship instance masks; templates name the class, the sensor "
+                                   "and the polarisation. Window chips are written as GeoTIFF.",
+                       epilog="spec: a YAML list of sources, see training/recipes/sarclip_captions.yaml and "
+                              "training/clip/caption_sources.py")
+    s.add_argument("--output", "-o", required=True, help="caption table to write (CSV)")
+    s.add_argument("--spec", help="YAML list of sources (kind: chips | masks | instances | polygons)")
+    s.add_argument("--class-folders", help="one source: a folder with one sub-folder of chips per class")
+    s.add_argument("--name", default="chips", help="with --class-folders: the source column (default %(default)s)")
+    s.add_argument("--sensor", default="Sentinel-1", help="with --class-folders: sensor named in the captions")
+    s.add_argument("--pol", default="VV", help="with --class-folders: polarisation named in the captions "
+                                               "(auto: VV+VH for 2-band chips)")
+    s.add_argument("--phrase", default="{cls}", help="with --class-folders: how a class reads, e.g. 'a {cls} vehicle'")
+    s.add_argument("--chips-dir", help="where window chips go (default: <output stem>_chips beside the table)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="held-out share per class (whole groups; "
+                                                                    "default %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    s.set_defaults(func=cmd_captions)
+
     s = sub.add_parser("evaluate", help="metrics of a model package on held-out data (JSON)",
                        description="Evaluate a package on data it never saw; prints one JSON object.")
     s.add_argument("package")
-    s.add_argument("--chips", help="classification: class folders (matched to the model's classes by name)")
+    s.add_argument("--chips", help="classification: class folders (matched to the model's classes by name); "
+                                   "zeroshot: class folders whose names are the classes (a leading '<k>-' dropped)")
+    s.add_argument("--pairs", help="zeroshot: caption table: zero-shot per source and retrieval recall@1/5/10")
+    s.add_argument("--split", default="val", help="zeroshot with --pairs: the rows scored (default %(default)s; "
+                                                  "'' = all)")
+    s.add_argument("--classes", type=_csv, help="zeroshot with --chips: the class names to choose among "
+                                                "(default: the folder names)")
+    s.add_argument("--templates", type=_templates, help="zeroshot: prompt templates separated by '|' "
+                                                        "(default: the package's)")
     s.add_argument("--raster", action="append", help="raster to evaluate on (segment: one; classify/detect: repeat "
                                                      "for several)")
     s.add_argument("--labels", help="vector labels (classes matched to the model's by name)")
@@ -314,7 +432,8 @@ def register(sub) -> None:
     s.add_argument("--label-raster", help="class raster on the raster's grid (segment, classify)")
     s.add_argument("--background", help="classify with --labels: the model's class for chips touching no polygon")
     s.add_argument("--baselines", action="store_true",
-                   help="segment: also the classical rows (best threshold per band, Otsu per band, random forest on "
+                   help="zeroshot with --pairs: also chance and a logistic regression on the frozen image "
+                        "embedding (fitted on the table's train rows); segment: also the classical rows (best threshold per band, Otsu per band, random forest on "
                         "per-pixel features), fitted on the package's own training labels and scored on the same "
                         "pixels")
     _data_options(s)
