@@ -30,6 +30,7 @@ MAX_LINE_CHARS = 1_000_000  # a request longer than this is refused (it is a bug
 
 # request types (client -> worker)
 INFO, MODEL_INFO, RUN, CANCEL, SHUTDOWN = "info", "model_info", "run", "cancel", "shutdown"
+CLEAN = "clean"  # remove the stale temporaries a dead worker's run left in a folder
 # event names (worker -> client)
 HELLO, PROGRESS, LOG, RESULT, ERROR = "hello", "progress", "log", "result", "error"
 # run tasks
@@ -43,6 +44,7 @@ REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
     MODEL_INFO: {"package": (str,)},
     RUN: {"task": (str,)},
     CANCEL: {"target": (str,)},
+    CLEAN: {"folder": (str,)},
     SHUTDOWN: {},
 }
 REQUEST_TYPES = tuple(REQUIRED)

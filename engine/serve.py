@@ -164,6 +164,8 @@ class Worker:
             self.start_run(req)
         elif req.type == P.CANCEL:
             self.send(P.result(req.id, {"target": req.get("target"), "cancelled": self.cancel(req.get("target"))}))
+        elif req.type == P.CLEAN:
+            self.send(P.result(req.id, clean_folder(req.get("folder"), self._run_id is not None)))
         elif req.type == P.SHUTDOWN:
             self.stop()
             self.send(P.result(req.id, {"shutdown": True}))
@@ -264,6 +266,17 @@ class Worker:
             self._cancel.set()
         if thread is not None:
             thread.join(JOIN_TIMEOUT_S)
+
+
+def clean_folder(folder: str, busy: bool) -> dict[str, Any]:
+    """``clean``: remove the stale temporaries (our naming, older than now, no live run holding their
+    output) in ``folder``, e.g. those of a run whose worker was killed; nothing while a run is active."""
+    from .output_locks import clean_stale_temporaries
+
+    if busy:
+        return {"folder": folder, "removed": [], "skipped": "a run is active"}
+    removed = clean_stale_temporaries(Path(folder), time.time()) if Path(folder).is_dir() else []
+    return {"folder": folder, "removed": [str(p) for p in removed]}
 
 
 def error_event(rid: str | None, e: BaseException) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class EngineClient:
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
         self.restarts = 0
         self.last_death: str = ""
+        self._dirty: set[str] = set()  # output folders of runs whose worker died: cleaned by the next worker
 
     # ---- process ---------------------------------------------------------------------------
     @property
@@ -186,6 +187,8 @@ class EngineClient:
                 is_cancelled: Callable[[], bool] | None = None, timeout: float | None = None, **fields) -> Any:
         """Send one request and wait for its result; progress/log events go to ``on_event``."""
         self.start()
+        if self._dirty and rtype != "clean":
+            self._clean_dirty(on_event)
         rid = f"r{next(self._ids)}"
         q: queue.Queue = queue.Queue()
         self._queues[rid] = q
@@ -211,12 +214,26 @@ class EngineClient:
                     raise EngineError(err.get("message", "the engine reported an error"), err.get("code", "failed"),
                                       bool(err.get("cancelled")), err.get("traceback", ""))
                 if ev == "died":
+                    if fields.get("output"):
+                        self._dirty.add(os.path.dirname(os.path.abspath(str(fields["output"]))))
                     raise EngineError(f"the engine stopped unexpectedly ({self.last_death}) while running '{rtype}'. "
                                       f"It will be restarted for the next request. {self.stderr_tail()}", "died")
                 if on_event is not None:
                     on_event(msg)
         finally:
             self._queues.pop(rid, None)
+
+    def _clean_dirty(self, on_event: Callable[[dict], None] | None) -> None:
+        """Ask the new worker to remove the hidden temporaries the dead one left in its runs' folders."""
+        while self._dirty:
+            folder = self._dirty.pop()
+            try:
+                removed = self.request("clean", folder=folder, timeout=60).get("removed", [])
+            except EngineError:
+                continue  # an older engine without 'clean': its next run into the folder removes them
+            if removed and on_event is not None:
+                on_event({"event": "log", "message": f"removed {len(removed)} temporary file(s) left in {folder} "
+                                                     "by the engine that stopped"})
 
     def info(self) -> dict:
         return self.request("info", timeout=120)

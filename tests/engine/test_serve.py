@@ -332,3 +332,20 @@ def test_killed_mid_run_leaves_no_final_outputs(worker, package, big_raster, tmp
     # only hidden temporary files (".out.<random>.tmp.tif") may remain after a SIGKILL
     left = [p for p in os.listdir(tmp_path) if "out" in p]
     assert all(p.startswith(".out") for p in left), left
+
+
+def test_clean_removes_a_dead_runs_temporaries(worker, tmp_path):
+    """``clean``: what a killed worker left (hidden temporaries, a lock of a dead process) goes; other
+    files, and temporaries newer than the request, stay (issue 15, item 4)."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    old = time.time() - 60
+    for name in (".out.0123abcd.tmp.tif", ".out.tif.lock", "keep.tif", "notes.tmp.tif"):
+        (folder / name).write_text("x")
+        os.utime(folder / name, (old, old))
+    event = worker.request(id="c1", type="clean", folder=str(folder))
+    assert event["event"] == "result", event
+    assert sorted(Path(p).name for p in event["result"]["removed"]) == [".out.0123abcd.tmp.tif", ".out.tif.lock"]
+    assert sorted(os.listdir(folder)) == ["keep.tif", "notes.tmp.tif"]
+    event = worker.request(id="c2", type="clean")
+    assert event["event"] == "error" and "folder" in event["error"]["message"]

@@ -72,16 +72,34 @@ def test_cancel_leaves_nothing(client, assets, tmp_path):
 
 
 def test_worker_killed_mid_run_then_restarted(client, assets, tmp_path):
+    """A worker killed while writing: a readable error, a new worker for the next request, and the
+    hidden temporaries the dead one left removed by the new one (issue 15, item 4)."""
     client.start()
     pid = client.proc.pid
-    timer = threading.Timer(2.0, lambda: os.kill(pid, signal.SIGKILL))
-    timer.start()
+    out_dir, other = tmp_path / "out", tmp_path / "other"
+    out_dir.mkdir()
+    other.mkdir()
+
+    def kill_when_writing():
+        deadline = time.monotonic() + 120
+        while not any(".tmp" in n for n in os.listdir(out_dir)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_writing, daemon=True)
+    killer.start()
     with pytest.raises(EngineError, match="stopped unexpectedly") as e:
-        client.run_inference([str(assets["big"])], str(tmp_path / "big.tif"), str(assets["pkg"]), {"batch_size": 1})
+        client.run_inference([str(assets["big"])], str(out_dir / "big.tif"), str(assets["pkg"]), {"batch_size": 1})
+    killer.join()
     assert e.value.kind == "died"
-    assert not (tmp_path / "big.tif").exists()
-    res = client.run_inference([str(assets["small"])], str(tmp_path / "again.tif"), str(assets["pkg"]))
+    assert not (out_dir / "big.tif").exists()
+    assert any(".tmp" in n for n in os.listdir(out_dir))  # the dead worker's partial files
+    said = []
+    res = client.run_inference([str(assets["small"])], str(other / "again.tif"), str(assets["pkg"]),
+                               on_progress=lambda f, m: said.append(m))
     assert Path(res["outputs"]["class"]).exists() and client.restarts == 1 and client.proc.pid != pid
+    assert os.listdir(out_dir) == []
+    assert any("left in" in m and "by the engine that stopped" in m for m in said), said
 
 
 def test_engine_errors_are_readable(client, tmp_path):
