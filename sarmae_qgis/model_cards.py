@@ -260,7 +260,8 @@ def metric_name(key: str) -> str:
 def describe_html(card: PackageCard, brief: bool = False) -> str:
     """A short card for dialogs: name, task, classes with their colours, input contract.
     ``brief`` (the pickers of the Run and Fine-tune forms, where the card sits between fields):
-    doubts about the validation score in a few words, the reasons in the Models dialog's card."""
+    doubts about the validation score in a few words, the reasons in the Models dialog's card; no
+    path (the picker's tooltip)."""
     rows = [f"<b>{escape(card.name)}</b> &mdash; {escape(card.task)}"]
     if card.classes:
         swatches = " ".join(f'<span style="color:{escape(c)}">&#9632;</span>&nbsp;{escape(n)}' for n, c in card.classes)
@@ -284,5 +285,6 @@ def describe_html(card: PackageCard, brief: bool = False) -> str:
         rows.append("<span style='color:#a15c00'>Validation not reliable (Models… says why)</span>")
     elif doubts:
         rows.append("<span style='color:#a15c00'>Validation not reliable: " + escape(" ".join(doubts)) + "</span>")
-    rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /: narrow docks
+    if not brief:  # the pickers show the path as the card's tooltip: one wrapped line less between fields
+        rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /
     return "<br>".join(rows)

@@ -36,6 +36,7 @@ from qgis.PyQt.QtWidgets import (
 from ..toolbelt import settings
 from ..toolbelt.resources import resource
 from .finetune_dialog import FinetuneDialog
+from .package_picker import PackagePicker
 from .run_dialog import RunDialog
 from .similarity_tool import SimilarityDialog
 
@@ -64,6 +65,10 @@ def _narrow(form: QWidget, guard: WheelGuard) -> None:
     for combo in form.findChildren(QComboBox):
         combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(8)
+    for picker in form.findChildren(PackagePicker):  # the combo gets the width: "Browse…" as "…"
+        picker.browse_button.setText("…")
+        picker.browse_button.setToolTip(picker.browse_button.toolTip() or "Browse… for a package folder")
+        picker.browse_button.setMaximumWidth(32)
     for field in form.findChildren(QComboBox) + form.findChildren(QAbstractSpinBox):
         field.setFocusPolicy(Qt.StrongFocus)
         field.installEventFilter(guard)

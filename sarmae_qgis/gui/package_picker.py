@@ -164,6 +164,7 @@ class PackagePicker(QWidget):
             return
         try:
             self.card_label.setText(describe_html(read_card(path), brief=True))
+            self.card_label.setToolTip(str(path))
         except SarmaePluginError as e:
             text = self.unreadable_text.format(path=path, error=e)
             self.card_label.setText(f"<span style='color:#b00'>{text}</span>")

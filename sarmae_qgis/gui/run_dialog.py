@@ -135,10 +135,12 @@ class RunDialog(QDialog):
         self.vectors_check.setToolTip("Segmentation: also write the classes as polygons (GeoPackage)")
         # a CLIP (zeroshot) package: class names for a class map, or phrases for a similarity layer
         self.classes_edit = QLineEdit(self)
-        self.classes_edit.setPlaceholderText("CLIP models: class names, e.g. water,urban,forest")
+        self.classes_edit.setPlaceholderText("CLIP: e.g. water,urban,forest")
+        self.classes_edit.setToolTip("CLIP (zeroshot) models: class names separated by commas -> a class map")
         self.query_edit = QLineEdit(self)
-        self.query_edit.setPlaceholderText("e.g. ships at sea; a harbour (phrases separated by ;)" if text_search
-                                           else "CLIP models: or find by text, e.g. ships at sea; a harbour")
+        self.query_edit.setPlaceholderText("e.g. ships at sea; a harbour" if text_search else "CLIP: e.g. ships at sea")
+        self.query_edit.setToolTip("CLIP (zeroshot) models: what to find; several phrases separated by ; -> one "
+                                   "similarity band each")
 
         # extent
         self.extent_combo = QComboBox(self)
@@ -202,7 +204,12 @@ class RunDialog(QDialog):
         layout.addWidget(opts)
         opts.setVisible(not self.text_search)  # text search: the settings' defaults
         layout.addLayout(out)
+        if self.embedded:  # a dock tab: the spare height below the form, not between its rows
+            layout.addStretch(1)
         layout.addWidget(self.buttons)
+        if self.text_search:  # the Run form's other fields are not in this layout: hidden, not drawn at 0, 0
+            for widget in (self.extent_combo, self.polygon_combo, self.vectors_check, self.classes_edit):
+                widget.hide()
         if not self.embedded:  # a dock tab takes the dock's width
             self.setMinimumWidth(520)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from qgis.core import Qgis
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtGui import QFontMetrics
+from qgis.PyQt.QtGui import QFont, QFontMetrics
 
-CHROME_PX = 140  # the bar's icon, close and scroll buttons, margins: not for text
+CHROME_PX = 180  # the bar's icon, close and scroll buttons, margins: not for text (measured in QGIS 3.22)
 
 _criticals: list = []  # (bar, item) pushed by SARMAE and not yet cleared
 
@@ -44,7 +44,7 @@ def push(bar, title: str, text: str, level=Qgis.Info, duration: int | None = Non
     if not critical:
         clear_failures(bar)
     try:
-        short_title, short_text = fit(title, text, QFontMetrics(bar.font()), bar_width(bar) - CHROME_PX)
+        short_title, short_text = fit(title, text, bar.font(), bar_width(bar) - CHROME_PX)
         item = bar.createMessage(short_title, short_text)
         if (short_title, short_text) != (title, text):
             item.setToolTip(f"{title}: {text}")
@@ -67,14 +67,17 @@ def bar_width(bar) -> int:
     return parent.width() - (margins.left() + margins.right() if margins is not None else 0)
 
 
-def fit(title: str, text: str, metrics: QFontMetrics, width: int) -> tuple[str, str]:
-    """(title, text) on one line of ``width`` px where the title can give the room: the title
-    elided in the middle (down to its first word, "SARMAE:"); the text is never shortened (a text
-    longer than the bar scrolls in it, whole, as QGIS shows it)."""
-    if width <= 0 or metrics.horizontalAdvance(f"{title} {text}") <= width:
+def fit(title: str, text: str, font: QFont, width: int) -> tuple[str, str]:
+    """(title, text) on one line of ``width`` px where the title can give the room: the title (bold
+    in the bar) elided in the middle, down to its first word ("SARMAE:"); the text is never shortened
+    (a text longer than the bar scrolls in it, whole, as QGIS shows it)."""
+    bold = QFont(font)
+    bold.setBold(True)
+    title_metrics, text_metrics = QFontMetrics(bold), QFontMetrics(font)
+    room = width - text_metrics.horizontalAdvance(f"  {text}")
+    if width <= 0 or title_metrics.horizontalAdvance(title) <= room:
         return title, text
-    room = width - metrics.horizontalAdvance(f" {text}")
     first = title.split(" ", 1)[0]
-    if room >= metrics.horizontalAdvance(first + " …"):
-        return metrics.elidedText(title, Qt.ElideMiddle, room), text
+    if room >= title_metrics.horizontalAdvance(first + " …"):
+        return title_metrics.elidedText(title, Qt.ElideMiddle, room), text
     return first, text

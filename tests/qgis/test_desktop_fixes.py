@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from qgis.core import Qgis
 from qgis.gui import QgsMessageBar
-from qgis.PyQt.QtGui import QFontMetrics
+from qgis.PyQt.QtGui import QFont, QFontMetrics
 from qgis.PyQt.QtWidgets import QVBoxLayout, QWidget
 
 from sarmae_qgis.model_cards import PackageCard, describe_html
@@ -27,13 +27,15 @@ def test_a_long_line_is_shortened_to_the_bar_not_cut(qgis_app):
     text = "water 2.48 km² (12.1 %), land 18.1 km² (87.9 %), 15.6 s"
     item = messages.push(bar, title, text, Qgis.Success)
     room = bar.width() - messages.CHROME_PX
-    metrics = QFontMetrics(bar.font())
-    assert metrics.horizontalAdvance(f"{item.title()} {item.text()}") <= room
+    bold = QFont(bar.font())
+    bold.setBold(True)
+    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
+        f"  {item.text()}") <= room
     assert item.text() == text and "…" in item.title() and item.title().startswith("SARMAE")  # the numbers stay
     assert item.toolTip() == f"{title}: {text}"
     short = messages.push(bar, "SARMAE: x done", "water 12 %", Qgis.Success)
     assert (short.title(), short.text()) == ("SARMAE: x done", "water 12 %") and not short.toolTip()
-    assert messages.fit(title, text * 5, metrics, 300) == ("SARMAE:", text * 5)  # the text is never cut
+    assert messages.fit(title, text * 5, bar.font(), 300) == ("SARMAE:", text * 5)  # the text is never cut
     window.close()
     window.deleteLater()
 
@@ -46,6 +48,7 @@ def test_the_pickers_card_is_brief_and_worded():
     brief = describe_html(card, brief=True)
     assert "mean IoU 1.000" in brief and "val_" not in brief and "pixel accuracy" not in brief
     assert "not reliable (Models… says why)" in brief and "validation is weak" not in brief
+    assert "segment_x</small>" not in brief and "segment_x</small>" in describe_html(card)  # path: a tooltip
     full = describe_html(card)  # the Models dialog: every reason
     assert "validation is weak" in full and "label more of it" in full and "best epoch 0" in full
 

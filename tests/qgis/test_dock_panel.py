@@ -278,3 +278,20 @@ def test_the_wheel_scrolls_the_panel_not_the_encoder(qgis_iface, models, project
         panel.release()
         panel.deleteLater()
         flush_deletes()
+
+
+def test_text_search_tab_draws_only_its_own_fields(qgis_iface, models, project):
+    """In the desktop the Text search tab drew the Run form's unused fields at its top-left corner."""
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models, project=project)
+    try:
+        panel.show()
+        panel.show_tab("Text search")
+        form = panel.text_form
+        for widget in (form.extent_combo, form.polygon_combo, form.vectors_check, form.classes_edit, form.window_spin):
+            assert not widget.isVisibleTo(form)
+        assert form.query_edit.isVisibleTo(form) and form.layer_combo.isVisibleTo(form)
+        assert panel.run_form.model_picker.browse_button.text() == "…"  # the combo gets the dock's width
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
