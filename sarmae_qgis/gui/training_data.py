@@ -33,6 +33,7 @@ from qgis.PyQt.QtWidgets import QAbstractItemView, QListWidget, QListWidgetItem,
 from ..errors import RequestError, SarmaePluginError
 from ..labelling import count_labels, label_classes
 from ..model_cards import PackageCard, check_channels
+from ..styling import ROLE_PROPERTY
 from ..tasks.run_task import slug
 from ..toolbelt.layers import band_names
 
@@ -152,8 +153,9 @@ def unique_model_name(base: str, models_folder: Path) -> str:
     return name
 
 class RasterList(QListWidget):
-    """Checkable raster layers of ``project``, listed again when layers are added or removed;
-    :meth:`refresh` keeps the ticks of layers still there (a single raster is ticked)."""
+    """Checkable raster layers of ``project`` (not SARMAE's outputs: the class map or confidence of a
+    run), listed again when layers are added or removed; :meth:`refresh` keeps the ticks of layers
+    still there (a single raster is ticked)."""
 
     def __init__(self, project: QgsProject, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -172,7 +174,8 @@ class RasterList(QListWidget):
         ticked = {layer.id() for layer in self.checked()}
         self.clear()
         for layer in self.project.mapLayers().values():
-            if isinstance(layer, QgsRasterLayer):
+            output = layer.customProperty(ROLE_PROPERTY) not in (None, "", "input")  # a class map, a confidence...
+            if isinstance(layer, QgsRasterLayer) and (not output or layer.id() in ticked):
                 item = QListWidgetItem(layer.name(), self)
                 item.setData(Qt.UserRole, layer.id())
                 item.setToolTip(layer.source())

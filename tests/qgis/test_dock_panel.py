@@ -234,6 +234,12 @@ def test_lists_follow_the_project_and_the_models_folder(qgis_iface, assets, mode
         fid = next(labels.getFeatures()).id()
         labels.changeAttributeValue(fid, labels.fields().indexOf("class"), "land")
         assert "water (0)" in form.classes_label.text() and "land (1)" in form.classes_label.text()
+        from sarmae_qgis.styling import mark_output
+
+        result = QgsRasterLayer(str(assets / "scene.tif"), "classes", "gdal")
+        mark_output(result, "class")  # a run's output is not offered for training
+        project.addMapLayer(result)
+        assert [form.raster_list.item(i).text() for i in range(form.raster_list.count())] == ["scene"]
         project.removeMapLayer(scene.id())
         assert form.raster_list.count() == 0
         run_models = [panel.run_form.model_combo.itemText(i) for i in range(panel.run_form.model_combo.count())]

@@ -254,12 +254,16 @@ def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: di
         why = [f"only {n_chips} validation chip(s)"] if n_chips < 4 else []
         why += [f"no {', '.join(missing)} pixel in the held-out area"] if missing else []
         note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
-        if cv and cv.get("cv_balanced_accuracy") is not None:
+        if cv and cv.get("cv_balanced_accuracy") is not None and cv.get("refit_chips"):
+            note += (f"; cross-validation over all {cv['refit_chips']} labelled chips ({cv['cv_folds']} folds by chip, "
+                     f"each scored by a head fitted without it) gives a balanced accuracy of "
+                     f"{cv['cv_balanced_accuracy']:.2f}, and the model was then fitted on all of them")
+        elif cv and cv.get("cv_balanced_accuracy") is not None:
             note += (f"; cross-validation over the {cv['cv_folds']} training chips (each scored by a head fitted "
                      f"without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
         note += ". Label more areas, spread out, with every class in several places"
     out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
     if cv:
         out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
-                                   "by": "training chip"}
+                                   "by": "labelled chip" if cv.get("refit_chips") else "training chip"}
     return out
