@@ -79,6 +79,9 @@ def test_results_dialog_words_epochs_and_mode(tmp_path):
                    "stopped": "quick mode: one logistic-regression fit", "train_chips": 30, "val_chips": 10}
     html = summary_html(task)
     assert "1 epoch," in html and "1 epochs" not in html and "Mode: Quick (frozen encoder)" in html
+    from sarmae_qgis.tasks.finetune_task import summarise
+
+    assert "1 epoch (best 0)" in summarise(task.result)  # the message-bar line
 
 
 def test_no_curves_tab_for_a_single_fit(tmp_path):
