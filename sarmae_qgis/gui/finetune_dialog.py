@@ -1,14 +1,10 @@
 """The Fine-tune form (rasters + label layer + encoder + mode + budget -> FinetuneRequest), as a
-dialog or as the dock panel's Fine-tune tab (``embedded=True``: it stays open and emits
-``requested``). The training data's widgets and checks are in ``training_data.py``, the results
-dialog in ``finetune_results.py``.
-
-:meth:`FinetuneDialog.build_request` refuses before any minute of training what training would:
-no raster or one that is not a file, no label layer or class field, labels that training would
-refuse (``training_data.check_labels``), an encoder the rasters cannot feed, a model name taken
-(an automatic name is made unique). Messages name the form's settings, never a command-line flag.
-Choices are remembered (QgsSettings ``sarmae/finetune/...``); the label layer is snapshotted into
-the run folder (:func:`~sarmae_qgis.labelling.snapshot_labels`).
+dialog or as the dock panel's Fine-tune tab (``embedded=True``: it stays open and emits ``requested``).
+Its training-data widgets and checks are in ``training_data.py``, the results in ``finetune_results.py``.
+:meth:`FinetuneDialog.build_request` refuses before training what training would (no raster, one not a
+file, no label layer or class field, labels refused by ``training_data.check_labels``, an encoder the
+rasters cannot feed, a name taken), naming the form's settings, never a command-line flag. Choices are
+remembered (QgsSettings ``sarmae/finetune/...``); the labels are snapshotted into the run folder.
 """
 
 from __future__ import annotations
