@@ -251,8 +251,17 @@ def number(value, key: str = "") -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def describe_html(card: PackageCard) -> str:
-    """A short card for dialogs: name, task, classes with their colours, input contract."""
+def metric_name(key: str) -> str:
+    """A metric key as words: "val_mean_iou" -> "mean IoU", "best_epoch" -> "best epoch"."""
+    words = key.removeprefix("val_").split("_")
+    return " ".join({"iou": "IoU", "map": "mAP", "ap": "AP"}.get(w, w) for w in words)
+
+
+def describe_html(card: PackageCard, brief: bool = False) -> str:
+    """A short card for dialogs: name, task, classes with their colours, input contract.
+    ``brief`` (the pickers of the Run and Fine-tune forms, where the card sits between fields):
+    doubts about the validation score in a few words, the reasons in the Models dialog's card; no
+    path (the picker's tooltip)."""
     rows = [f"<b>{escape(card.name)}</b> &mdash; {escape(card.task)}"]
     if card.classes:
         swatches = " ".join(f'<span style="color:{escape(c)}">&#9632;</span>&nbsp;{escape(n)}' for n, c in card.classes)
@@ -267,11 +276,15 @@ def describe_html(card: PackageCard) -> str:
     prov = card.raw.get("provenance") or {}
     metrics = prov.get("metrics") if isinstance(prov, dict) else None
     if isinstance(metrics, dict):
-        shown = [f"{k} {number(v, k)}" for k, v in metrics.items() if isinstance(v, (int, float))][:3]
+        shown = [f"{metric_name(k)} {number(v, k)}" for k, v in metrics.items() if isinstance(v, (int, float))]
+        shown = shown[:1] if brief else shown[:3]
         if shown:
             rows.append("Validation: " + escape(", ".join(shown)))
     doubts = validation_doubts(prov if isinstance(prov, dict) else {})
-    if doubts:
+    if doubts and brief:
+        rows.append("<span style='color:#a15c00'>Validation not reliable (Models… says why)</span>")
+    elif doubts:
         rows.append("<span style='color:#a15c00'>Validation not reliable: " + escape(" ".join(doubts)) + "</span>")
-    rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /: narrow docks
+    if not brief:  # the pickers show the path as the card's tooltip: one wrapped line less between fields
+        rows.append(f"<small>{escape(card.path).replace('/', '/&#8203;')}</small>")  # breaks after each /
     return "<br>".join(rows)

@@ -21,7 +21,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QToolBar
 
 from .gui.about_dialog import ICON_PATH, AboutDialog
-from .toolbelt import log, settings
+from .toolbelt import log, messages, settings
 from .toolbelt.engine import shutdown_client
 from .toolbelt.layers import input_raster
 from .toolbelt.metadata import plugin_version
@@ -237,9 +237,10 @@ class SarmaePlugin:
         if dialog.exec_() and dialog.layer is not None:
             self.iface.setActiveLayer(dialog.layer)
             self.iface.actionAddFeature().trigger()  # the "add polygon" tool, ready to draw
-            self.iface.messageBar().pushMessage(
-                "SARMAE", f"Label layer '{dialog.layer.name()}' is ready: draw polygons and pick a class for each, "
-                "save the edits, then Raster > SARMAE > Fine-tune…", Qgis.Info, 15)
+            if self.panel is not None:  # the Fine-tune tab trains on the new layer
+                self.panel.finetune_form.label_combo.setLayer(dialog.layer)
+            messages.push(self.iface.messageBar(), "SARMAE", "draw polygons, a class for each (right-click ends one), "
+                          "then Fine-tune in the SARMAE panel", Qgis.Info, 15)
 
     def show_finetune_dialog(self) -> None:
         """Fine-tune dialog -> a background FinetuneTask with a live progress line."""
@@ -261,6 +262,7 @@ class SarmaePlugin:
         item = bar.createMessage("SARMAE", f"fine-tuning '{request.name}' (Task Manager: progress and cancel)…")
         bar.pushWidget(item, Qgis.Info)
         task = FinetuneTask(request, message_bar=bar, on_done=self._finetune_done)
+        task.progress_line = (bar, item)  # closed when it ends, before the results dialog opens
 
         def show_status(text: str) -> None:
             try:
@@ -276,6 +278,9 @@ class SarmaePlugin:
         return task
 
     def _finetune_done(self, task) -> None:
+        line = getattr(task, "progress_line", None)
+        if line is not None:  # the "fine-tuning…" line must not outlive the training (issue 16, item 4)
+            _close(*line)
         if task.result is None:
             from .engine_client import EngineError
             from .tasks.finetune_task import gui_text
@@ -285,6 +290,9 @@ class SarmaePlugin:
                 self.show_panel().show_failure(f"Fine-tuning '{task.request.name}' failed", gui_text(str(task.error)))
             return
         from .gui.finetune_results import FinetuneResultDialog
+
+        if self.panel is not None:  # the new model in the Run tab's list (and the encoders')
+            self.panel.refresh_models()
 
         layers = QgsProject.instance().mapLayersByName(task.request.layer_name)
         dialog = FinetuneResultDialog(task, self.iface.mainWindow(), can_run=bool(layers))
@@ -312,6 +320,8 @@ class SarmaePlugin:
         dialog = ModelsDialog(self.iface.mainWindow())
         dialog.setAttribute(Qt.WA_DeleteOnClose)
         dialog.exec_()
+        if self.panel is not None:  # imported or deleted packages
+            self.panel.refresh_models()
 
     def show_settings(self) -> None:
         """Open the settings dialog (modal)."""

@@ -1,13 +1,17 @@
-"""The SARMAE dock panel: Run, Fine-tune and Similarity as tabs of one non-modal panel.
+"""The SARMAE dock panel: Run, Fine-tune, Similarity and Text search as tabs of one non-modal panel.
 
 The convention of Deepness and the GeoAI plugin: the analyst keeps the panel beside the map,
 switches between running a model, fine-tuning on the polygons just drawn and searching for
 similar places, and the forms keep their choices (a failed fine-tuning leaves its settings and
 the reason right there, instead of in a closed dialog). Each tab is the same form as the modal
 dialog (``embedded=True``: its button emits the request instead of closing), inside a scroll area
-so that a narrow dock stays usable. The panel remembers its tab (QgsSettings ``sarmae/panel/tab``)
-and QGIS restores its place and visibility with the window state (its object name is fixed).
-There is no Text search tab: SARCLIP text search comes with the SARCLIP models.
+so that a narrow dock stays usable (labels above their fields: the fields take the dock's width).
+The panel remembers its tab (QgsSettings ``sarmae/panel/tab``) and QGIS restores its place and
+visibility with the window state (its object name is fixed). Text search is the Run form cut to a
+CLIP (zeroshot) model and phrases (``RunDialog(text_search=True)``): the same request and task.
+The lists follow the project and the models folder: layers added or removed (the combo boxes are
+QGIS's own, the Fine-tune tab's raster list is refreshed), and :meth:`SarmaePanel.refresh_models`
+after a model is fine-tuned or installed.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qgis.gui import QgsDockWidget
-from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtCore import QEvent, QObject, Qt, QUrl
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
+    QAbstractSpinBox,
     QComboBox,
     QFormLayout,
     QFrame,
@@ -31,21 +36,42 @@ from qgis.PyQt.QtWidgets import (
 from ..toolbelt import settings
 from ..toolbelt.resources import resource
 from .finetune_dialog import FinetuneDialog
+from .package_picker import PackagePicker
 from .run_dialog import RunDialog
 from .similarity_tool import SimilarityDialog
 
 OBJECT_NAME = "SarmaeDockPanel"
-TABS = ("Run", "Fine-tune", "Similarity")
+TABS = ("Run", "Fine-tune", "Similarity", "Text search")
 
 
-def _narrow(form: QWidget) -> None:
+class WheelGuard(QObject):
+    """The mouse wheel scrolls the panel, not the combo box or spin box it passes over: in the
+    desktop, scrolling down the Fine-tune tab silently switched the encoder to "random
+    initialisation". A field takes the wheel once it has the focus (clicked or tabbed into)."""
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802  # Qt API
+        if event.type() == QEvent.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
+            event.ignore()  # passed on to the scroll area
+            return True
+        return False
+
+
+def _narrow(form: QWidget, guard: WheelGuard) -> None:
     """Let a form shrink to a dock's width: combo boxes size to a short text, not their longest item,
-    and a form's labels go above their fields when a row does not fit beside."""
+    and a form's labels go above their fields, which take the dock's whole width; fields ignore
+    the wheel until focused (:class:`WheelGuard`)."""
     for layout in form.findChildren(QFormLayout):
-        layout.setRowWrapPolicy(QFormLayout.WrapLongRows)
+        layout.setRowWrapPolicy(QFormLayout.WrapAllRows)
     for combo in form.findChildren(QComboBox):
         combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(8)
+    for picker in form.findChildren(PackagePicker):  # the combo gets the width: "Browse…" as "…"
+        picker.browse_button.setText("…")
+        picker.browse_button.setToolTip(picker.browse_button.toolTip() or "Browse… for a package folder")
+        picker.browse_button.setMaximumWidth(32)
+    for field in form.findChildren(QComboBox) + form.findChildren(QAbstractSpinBox):
+        field.setFocusPolicy(Qt.StrongFocus)
+        field.installEventFilter(guard)
 
 
 def _scrolled(widget: QWidget, parent: QWidget) -> QScrollArea:
@@ -58,8 +84,8 @@ def _scrolled(widget: QWidget, parent: QWidget) -> QScrollArea:
 
 
 class SarmaePanel(QgsDockWidget):
-    """Tabs Run / Fine-tune / Similarity; ``on_run(request)`` and ``on_finetune(request)`` start
-    the tasks (the plugin's ``start_run`` / ``start_finetune``)."""
+    """Tabs Run / Fine-tune / Similarity / Text search; ``on_run(request)`` (Run and Text search) and
+    ``on_finetune(request)`` start the tasks (the plugin's ``start_run`` / ``start_finetune``)."""
 
     def __init__(self, parent: QWidget | None = None, canvas=None, message_bar=None,
                  on_run: Callable | None = None, on_finetune: Callable | None = None,
@@ -68,19 +94,23 @@ class SarmaePanel(QgsDockWidget):
         self.setObjectName(OBJECT_NAME)
         self.setAllowedAreas(Qt.LeftDockWidgetArea | Qt.RightDockWidgetArea)
         self.tabs = QTabWidget(self)
+        self.wheel_guard = WheelGuard(self)
         self.run_form = RunDialog(self, models_folder=models_folder, canvas=canvas, embedded=True)
         self.finetune_form = FinetuneDialog(self, project=project, models_folder=models_folder, embedded=True)
         self.similarity_form = SimilarityDialog(canvas, self, message_bar=message_bar, models_folder=models_folder,
                                                 project=project, embedded=True)
+        self.text_form = RunDialog(self, models_folder=models_folder, canvas=canvas, embedded=True, text_search=True)
         for form, title, tip in (
                 (self.run_form, "Run", "Run a model on a raster layer"),
                 (self.finetune_form, "Fine-tune", "Fine-tune a model on your labelled polygons"),
-                (self.similarity_form, "Similarity", "Click a point or use polygons: map similar places")):
-            _narrow(form)
+                (self.similarity_form, "Similarity", "Click a point or use polygons: map similar places"),
+                (self.text_form, "Text search", "Type a phrase: map where a CLIP model sees it")):
+            _narrow(form, self.wheel_guard)
             index = self.tabs.addTab(_scrolled(form, self.tabs), title)
             self.tabs.setTabToolTip(index, tip)
         if on_run is not None:
             self.run_form.requested.connect(on_run)
+            self.text_form.requested.connect(on_run)
         if on_finetune is not None:
             self.finetune_form.requested.connect(on_finetune)
         self.help_button = QToolButton(self.tabs)
@@ -100,18 +130,28 @@ class SarmaePanel(QgsDockWidget):
             self.similarity_form.release_tool()  # the map tool belongs to the Similarity tab
 
     def show_tab(self, name: str, layer=None) -> None:
-        """Show the panel on tab ``name`` ("Run", "Fine-tune", "Similarity"), with ``layer`` (a raster
-        for Run / Similarity, a polygon layer for Fine-tune) chosen when given."""
+        """Show the panel on tab ``name`` (one of :data:`TABS`), with ``layer`` (a raster for Run,
+        Similarity and Text search, a polygon layer for Fine-tune) chosen when given."""
         self.tabs.setCurrentIndex(TABS.index(name))
         if layer is not None:
             if name == "Run":
                 self.run_form.layer_combo.setLayer(layer)
+            elif name == "Text search":
+                self.text_form.layer_combo.setLayer(layer)
             elif name == "Fine-tune":
                 self.finetune_form.label_combo.setLayer(layer)
             else:
                 self.similarity_form.layer_combo.setLayer(layer)
         self.setUserVisible(True)
         self.raise_()
+
+    def refresh_models(self) -> None:
+        """List the models folder again in every tab (after a fine-tuning or an install), keeping
+        each tab's choice when it is still there."""
+        self.run_form.model_picker.refresh(keep_choice=True)
+        self.text_form.model_picker.refresh(keep_choice=True)
+        self.finetune_form.encoder_picker.refresh(keep_choice=True)
+        self.similarity_form.model_picker.refresh(keep_choice=True)
 
     def show_failure(self, title: str, text: str) -> None:
         """A fine-tuning that failed: the reason in the Fine-tune tab, its settings still there."""

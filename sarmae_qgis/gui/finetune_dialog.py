@@ -1,15 +1,10 @@
 """The Fine-tune form (rasters + label layer + encoder + mode + budget -> FinetuneRequest), as a
-dialog or as the dock panel's Fine-tune tab (``embedded=True``: it stays open and emits
-``requested``). The results dialog is in ``finetune_results.py``.
-
-:meth:`FinetuneDialog.build_request` validates everything a user can get wrong before any
-minute of training is spent: no raster or a raster that is not a file, no label layer, no class
-field, no labelled polygons, labels that cover none of the ticked rasters, a single class
-(segmentation needs two, or one plus a background), classes with very few polygons (warned), an
-encoder whose channels the rasters cannot feed, a model name already taken (an automatic name is
-made unique instead). Messages name the dialog's own settings, never a command-line flag. The
-choices are remembered between openings (QgsSettings, ``sarmae/finetune/...``). The label layer
-is snapshotted into the run folder with :func:`~sarmae_qgis.labelling.snapshot_labels`.
+dialog or as the dock panel's Fine-tune tab (``embedded=True``: it stays open and emits ``requested``).
+Its training-data widgets and checks are in ``training_data.py``, the results in ``finetune_results.py``.
+:meth:`FinetuneDialog.build_request` refuses before training what training would (no raster, one not a
+file, no label layer or class field, labels refused by ``training_data.check_labels``, an encoder the
+rasters cannot feed, a name taken), naming the form's settings, never a command-line flag. Choices are
+remembered (QgsSettings ``sarmae/finetune/...``); the labels are snapshotted into the run folder.
 """
 
 from __future__ import annotations
@@ -17,21 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qgis.core import (
-    QgsCoordinateTransform,
-    QgsCsException,
-    QgsFeatureRequest,
-    QgsMapLayerProxyModel,
-    QgsProject,
-    QgsRasterLayer,
-    QgsRectangle,
-    QgsVectorLayer,
-)
+from qgis.core import QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
 from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
-    QAbstractItemView,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -40,43 +26,42 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QLabel,
     QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from ..errors import RequestError, SarmaePluginError
-from ..labelling import count_labels, label_classes, snapshot_labels
-from ..model_cards import PackageCard, check_channels
+from ..labelling import snapshot_labels
+from ..model_cards import PackageCard
 from ..tasks.finetune_task import FINETUNE_TASKS, MODE_LABELS, MODES, FinetuneRequest
 from ..tasks.run_task import slug
 from ..toolbelt import settings
-from ..toolbelt.layers import band_names, raster_file
+from ..toolbelt.layers import raster_file
 from .about_dialog import ICON_PATH
 from .finetune_results import FinetuneResultDialog
 from .notice import Notice
 from .package_picker import PackagePicker
+from .training_data import (
+    LabelWatch,
+    RasterList,
+    check_encoder,
+    check_labels,
+    class_counts,
+    classes_html,
+    rasters_under,
+    unique_model_name,
+)
 
 __all__ = ["FinetuneDialog", "FinetuneResultDialog", "snapshot_labels", "unique_model_name"]
 SECTION = "finetune"  # QgsSettings: sarmae/finetune/<key>
 
-FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
-NO_BACKGROUND = "(none: unlabelled pixels are ignored)"
+NO_BACKGROUND = "(none)"  # unlabelled pixels are ignored (the combo's tooltip says so)
 TASK_HELP = {
     "segment": "one class per pixel (output: class raster + confidence)",
     "detect": "one box per labelled polygon, e.g. ships (output: scored boxes)",
     "classify": "one label per window, from windows inside the polygons (output: a grid)",
 }
-
-
-def unique_model_name(base: str, models_folder: Path) -> str:
-    """``slug(base)``, or ``slug(base)_2``, ``_3``... : the first that is not installed yet."""
-    name, k = slug(base), 2
-    while (models_folder / name).exists():
-        name, k = f"{slug(base)}_{k}", k + 1
-    return name
 
 
 class FinetuneDialog(QDialog):
@@ -106,10 +91,7 @@ class FinetuneDialog(QDialog):
         self.task_combo.addItems(FINETUNE_TASKS)
         self.task_help = QLabel(self)
         self.task_help.setWordWrap(True)
-        self.raster_list = QListWidget(self)
-        self.raster_list.setSelectionMode(QAbstractItemView.NoSelection)
-        self.raster_list.setMinimumHeight(48)
-        self.raster_list.setMaximumHeight(80)
+        self.raster_list = RasterList(self.project, self)
         self.label_combo = QgsMapLayerComboBox(self)
         self.label_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
         self.label_combo.setAllowEmptyLayer(True)
@@ -118,9 +100,12 @@ class FinetuneDialog(QDialog):
         self.classes_label.setWordWrap(True)
         self.classes_label.setTextFormat(Qt.RichText)
         self.background_combo = QComboBox(self)
+        self.background_combo.setToolTip("Segmentation: the class of the pixels you did not label; (none): "
+                                          "unlabelled pixels are ignored in training")
+        self.label_watch = LabelWatch(self._update_classes, self)
         self.encoder_picker = PackagePicker(
             self.models_folder, self, tasks=("embed", "reconstruct"),
-            item_text=lambda card: f"{card.name} ({card.in_chans} ch, {card.img_size} px)",
+            item_text=lambda card: f"{card.name} ({card.in_chans} ch)",  # the card below says the rest
             added_text=lambda card, path: f"{card.name} ({Path(path).name})", add_first=True,
             extra_items=[("random initialisation (no pretraining: for tests only)", "")],
             browse_title="Encoder package folder", unreadable_text="{path}: not a readable model package",
@@ -155,7 +140,8 @@ class FinetuneDialog(QDialog):
         self.device_combo.addItems(settings.DEVICES)
         self.device_combo.setCurrentText(settings.remembered(SECTION, "device", s.device))
         self.name_edit = QLineEdit(self)
-        self.name_edit.setPlaceholderText("automatic: <task>_<label layer> (made unique)")
+        self.name_edit.setPlaceholderText("automatic: <task>_<label layer>")
+        self.name_edit.setToolTip("Empty: <task>_<label layer>, with _2, _3… when taken")
 
         self._layout()
         self.refresh_rasters()
@@ -166,6 +152,7 @@ class FinetuneDialog(QDialog):
         self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
         self._on_task_changed(self.task_combo.currentText())
         self._on_label_layer_changed(self.label_combo.currentLayer())
+        self.project.layersAdded.connect(self._on_layers_added)
 
     def _layout(self) -> None:
         data = QGroupBox("Training data", self)
@@ -210,48 +197,24 @@ class FinetuneDialog(QDialog):
 
     # ---- lists ----------------------------------------------------------------------------------
     def refresh_rasters(self) -> None:
-        """One checkable item per raster layer of the project (the active one checked)."""
-        self.raster_list.clear()
-        for layer in self.project.mapLayers().values():
-            if isinstance(layer, QgsRasterLayer):
-                item = QListWidgetItem(layer.name(), self.raster_list)
-                item.setData(Qt.UserRole, layer.id())
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Unchecked)
-        if self.raster_list.count() == 1:
-            self.raster_list.item(0).setCheckState(Qt.Checked)
+        """One checkable item per raster layer of the project (ticks kept; a single raster ticked)."""
+        self.raster_list.refresh()
 
     def set_rasters_checked(self, layers) -> None:
-        ids = {layer.id() for layer in layers}
-        for i in range(self.raster_list.count()):
-            item = self.raster_list.item(i)
-            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in ids else Qt.Unchecked)
-
-    def rasters_under(self, labels: QgsVectorLayer) -> list[QgsRasterLayer]:
-        """The project's rasters that the label layer's extent overlaps and the encoder can read
-        (same number of bands), to tick by default."""
-        card = self.encoder_card() if hasattr(self, "encoder_picker") else None
-        bounds = self.label_bounds(labels)
-        if bounds.isEmpty():
-            return []
-        out = []
-        for layer in self.project.mapLayers().values():
-            if not isinstance(layer, QgsRasterLayer):
-                continue
-            if card is not None and layer.bandCount() != card.in_chans:
-                continue
-            if self.covers(labels, layer, bounds):
-                out.append(layer)
-        return out
+        self.raster_list.set_checked(layers)
 
     def checked_rasters(self) -> list[QgsRasterLayer]:
-        out = []
-        for i in range(self.raster_list.count()):
-            item = self.raster_list.item(i)
-            layer = self.project.mapLayer(item.data(Qt.UserRole))
-            if item.checkState() == Qt.Checked and isinstance(layer, QgsRasterLayer):
-                out.append(layer)
-        return out
+        return self.raster_list.checked()
+
+    def _on_layers_added(self, layers) -> None:
+        """A polygon layer added while none is chosen (a new label layer): chosen (the raster list
+        follows the project by itself)."""
+        if sip.isdeleted(self):
+            return
+        polygons = [lyr for lyr in layers if isinstance(lyr, QgsVectorLayer)
+                    and lyr.geometryType() == QgsWkbTypes.PolygonGeometry]
+        if polygons and self.label_combo.currentLayer() is None:
+            self.label_combo.setLayer(polygons[-1])
 
     def add_encoder(self, path: str | Path) -> int:
         """Add an encoder package from elsewhere (Browse…) first in the list and select it."""
@@ -281,35 +244,17 @@ class FinetuneDialog(QDialog):
                           mode=self.mode_combo.currentData(), seed=self.seed_spin.value(),
                           batch_size=self.batch_spin.value(), device=self.device_combo.currentText())
 
-    def label_bounds(self, layer: QgsVectorLayer) -> QgsRectangle:
-        """The bounding box of the layer's polygons (edit buffer included), in the layer's CRS."""
-        bounds = QgsRectangle()
-        bounds.setMinimal()
-        for feature in layer.getFeatures(QgsFeatureRequest().setNoAttributes()):
-            if feature.hasGeometry():
-                bounds.combineExtentWith(feature.geometry().boundingBox())
-        return bounds
-
-    def covers(self, labels: QgsVectorLayer, raster: QgsRasterLayer, bounds: QgsRectangle | None = None) -> bool:
-        """Whether the labels' bounding box overlaps the raster (after reprojection)."""
-        bounds = bounds if bounds is not None else self.label_bounds(labels)
-        if bounds.isEmpty():
-            return False
-        try:
-            extent = QgsCoordinateTransform(labels.crs(), raster.crs(), self.project).transformBoundingBox(bounds)
-        except QgsCsException:
-            return False
-        return extent.intersects(raster.extent())
-
     # ---- reactions ------------------------------------------------------------------------------
     def _on_task_changed(self, task: str) -> None:
         self.task_help.setText(f"<i>{TASK_HELP.get(task, '')}</i>")
         self.background_combo.setEnabled(task == "segment")
 
     def _on_label_layer_changed(self, layer) -> None:
+        self.label_watch.watch(layer)  # the counts follow the polygons drawn and their classes
         self.field_combo.setLayer(layer if isinstance(layer, QgsVectorLayer) else None)
         if isinstance(layer, QgsVectorLayer) and not self.checked_rasters():
-            self.set_rasters_checked(self.rasters_under(layer))
+            card = self.encoder_card() if hasattr(self, "encoder_picker") else None
+            self.set_rasters_checked(rasters_under(self.project, layer, card.in_chans if card else None))
         if isinstance(layer, QgsVectorLayer):
             names = [f.name() for f in layer.fields()]
             for preferred in ("class", "class_name", "label", "classe", "type"):
@@ -319,31 +264,13 @@ class FinetuneDialog(QDialog):
         self._update_classes()
 
     def class_counts(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
-        layer, field = self.label_combo.currentLayer(), self.field_combo.currentField()
-        if not isinstance(layer, QgsVectorLayer) or not field:
-            return [], {}
-        counts = count_labels(layer, field)
-        classes = label_classes(layer, field)
-        known = {n for n, _ in classes}
-        extra = sorted(k for k in counts if k and k not in known)
-        classes += [(n, "#808080") for n in extra]
-        return classes, counts
+        return class_counts(self.label_combo.currentLayer(), self.field_combo.currentField())
 
     def _update_classes(self) -> None:
+        if sip.isdeleted(self):
+            return
         classes, counts = self.class_counts()
-        if not classes:
-            self.classes_label.setText("")
-        else:
-            parts = []
-            for name, colour in classes:
-                n = counts.get(name, 0)
-                style = " style='color:#b00'" if n < FEW_LABELS else ""
-                parts.append(f"<span style='color:{colour}'>&#9632;</span>&nbsp;<span{style}>{name} ({n})</span>")
-            unlabelled = counts.get("", 0)
-            text = "Polygons per class: " + ", ".join(parts)
-            if unlabelled:
-                text += f"; {unlabelled} without a class (skipped)"
-            self.classes_label.setText(text)
+        self.classes_label.setText(classes_html(classes, counts))
         current = self.background_combo.currentText()
         self.background_combo.clear()
         self.background_combo.addItem(NO_BACKGROUND)
@@ -369,40 +296,12 @@ class FinetuneDialog(QDialog):
         field = self.field_combo.currentField()
         if not field:
             raise RequestError(f"Choose the field of '{layer.name()}' that holds the class names.")
-        classes, counts = self.class_counts()
-        used = [(n, c) for n, c in classes if counts.get(n, 0) > 0]
-        if not used:
-            raise RequestError(f"Layer '{layer.name()}' has no polygon with a class in '{field}': draw polygons and "
-                               "give each a class first.")
-        bounds = self.label_bounds(layer)
-        outside = [r.name() for r in rasters if not self.covers(layer, r, bounds)]
-        if len(outside) == len(rasters):
-            raise RequestError(f"The polygons of '{layer.name()}' do not overlap the ticked raster(s) "
-                               f"({', '.join(outside)}): tick the raster(s) you drew them on, or check the label "
-                               "layer's CRS.")
-        if outside:
-            raise RequestError(f"No polygon of '{layer.name()}' lies on {', '.join(outside)}: untick it, or label "
-                               "examples on it too.")
         background = self.background_combo.currentText() if task == "segment" else ""
         background = "" if background == NO_BACKGROUND else background
-        if len({n for n, _ in used} | ({background} if background else set())) < 2:
-            raise RequestError(f"Only one class ('{used[0][0]}') is labelled in '{layer.name()}': label at least "
-                               "two classes" + (", or choose a background class for unlabelled pixels"
-                                                if task == "segment" else "") + ".")
-        if task == "segment" and background:
-            class_list = [(n, c) for n, c in classes if counts.get(n, 0) > 0 or n == background]
-        else:
-            class_list = used
+        class_list = check_labels(layer, field, rasters, task, background, self.project)
         encoder = self.encoder_picker.current_path()
         if encoder:
-            card = self.encoder_card()
-            if card is None:
-                raise RequestError(f"The encoder {encoder} is not a readable model package: choose another one.")
-            for r in rasters:
-                try:
-                    check_channels(card, band_names(r), None, r.name(), can_choose_bands=False)
-                except SarmaePluginError as e:
-                    raise RequestError(f"{e} (fine-tuning feeds every band of each raster, in file order)") from e
+            check_encoder(encoder, self.encoder_card(), rasters)
         typed = self.name_edit.text().strip()
         name = slug(typed) if typed else unique_model_name(f"{task}_{layer.name()}", self.models_folder)
         output = self.models_folder / name

@@ -27,7 +27,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..model_cards import number, validation_doubts
-from ..tasks.finetune_task import FinetuneTask, headline
+from ..tasks.finetune_task import MODE_LABELS, FinetuneTask, headline
 from ..toolbelt.resources import ICON_PATH
 
 FIGURE_MAX_WIDTH = 820  # px: the figures are written at 800 (curves) and ~480 (confusion)
@@ -70,10 +70,12 @@ def summary_html(task: FinetuneTask) -> str:
                                               if isinstance(v, (int, float))))
     if isinstance(result.get("epochs_run"), int):
         best = result.get("best_epoch")
-        rows.append(f"{result['epochs_run']} epochs, best at epoch {number(best, 'best_epoch') if best is not None else '?'}"
+        n = result["epochs_run"]
+        rows.append(f"{n} epoch{'' if n == 1 else 's'}, best at epoch {number(best, 'best_epoch') if best is not None else '?'}"
                     + (f" ({escape(short_floats(str(result['stopped'])))})" if result.get("stopped") else ""))
     if result.get("mode"):
-        rows.append(f"Mode: {escape(str(result['mode']))}")
+        mode = str(result["mode"])
+        rows.append(f"Mode: {escape(MODE_LABELS.get(mode, mode))}")
     if isinstance(result.get("train_chips"), int):
         rows.append(f"{result['train_chips']} training / {number(result.get('val_chips', '?'), 'chips')} validation chips "
                     "(validation blocks are spatially separate)")
@@ -105,7 +107,10 @@ class FinetuneResultDialog(QDialog):
         self.text.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.tabs = QTabWidget(self)
         self.figures: dict[str, Path] = {}
+        one_fit = isinstance(result.get("epochs_run"), int) and result["epochs_run"] <= 1
         for key, name, title in FIGURES:
+            if one_fit and title == "Training curves":  # quick mode: one fit, no curve to draw
+                continue
             path = figure_path(result, r.output, key, name)
             if path is None:
                 continue

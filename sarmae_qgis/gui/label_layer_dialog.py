@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (
-    Qgis,
     QgsCoordinateReferenceSystem,
     QgsMapLayerProxyModel,
     QgsProject,
@@ -23,7 +22,6 @@ from qgis.gui import (
     QgsColorButton,
     QgsFileWidget,
     QgsMapLayerComboBox,
-    QgsMessageBar,
     QgsProjectionSelectionWidget,
 )
 from qgis.PyQt.QtGui import QColor, QIcon
@@ -38,7 +36,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QPushButton,
-    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -50,6 +47,7 @@ from ..labelling import DEFAULT_FIELD, check_classes, create_label_layer, defaul
 from ..model_cards import list_packages
 from ..toolbelt import settings
 from .about_dialog import ICON_PATH
+from .notice import Notice
 
 DEFAULT_CLASSES = (("water", "#1f77b4"), ("land", "#2ca02c"))
 
@@ -77,8 +75,7 @@ class LabelLayerDialog(QDialog):
         self.request: LabelLayerRequest | None = None
         self.models_folder = Path(models_folder) if models_folder else settings.models_folder()
 
-        self.message_bar = QgsMessageBar(self)
-        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.notice = Notice(self)
         self.raster_combo = QgsMapLayerComboBox(self)
         self.raster_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.raster_combo.setAllowEmptyLayer(True)
@@ -117,7 +114,7 @@ class LabelLayerDialog(QDialog):
         self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
         self.buttons.button(QDialogButtonBox.Ok).setText("Create layer")
         layout = QVBoxLayout(self)
-        layout.addWidget(self.message_bar)
+        layout.addWidget(self.notice)
         layout.addLayout(form)
         layout.addWidget(QLabel("Classes", self))
         layout.addWidget(self.table)
@@ -214,6 +211,11 @@ class LabelLayerDialog(QDialog):
         path = Path(text).expanduser()
         if path.suffix.lower() != ".gpkg":
             path = path.with_suffix(".gpkg")
+        if not path.parent.is_dir() and str(path) == str(Path(getattr(self, "_auto_path", "") or "_").expanduser()):
+            try:  # the dialog's own choice (the output folder, not made yet): make it
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RequestError(f"Cannot make the folder {path.parent} ({e.strerror}): choose another file.") from e
         if not path.parent.is_dir():
             raise RequestError(f"The folder {path.parent} does not exist: choose an existing folder.")
         if path.exists() and not overwrite:
@@ -222,8 +224,7 @@ class LabelLayerDialog(QDialog):
         return LabelLayerRequest(str(path), crs.toWkt(), tuple(classes), field, overwrite)
 
     def show_error(self, message: str) -> None:
-        self.message_bar.clearWidgets()
-        self.message_bar.pushMessage("Cannot create the layer", message, Qgis.Warning, 0)
+        self.notice.warn("Cannot create the layer", message)
 
     def accept(self) -> None:
         overwrite = False

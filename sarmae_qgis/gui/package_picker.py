@@ -94,11 +94,12 @@ class PackagePicker(QWidget):
         form.addRow(label, self)
         form.addRow("", self.card_label)
 
-    def refresh(self) -> None:
+    def refresh(self, keep_choice: bool = False) -> None:
         """List the packages of the models folder (of ``tasks``, ordered by ``sort_key``), then the
         extra items and the packages added with Browse… (kept across refreshes); the first is
-        selected, unless a package added with Browse… was: it stays selected."""
-        keep = self.current_path() if self.current_path() in self.added else None
+        selected, unless a package added with Browse… was (or, with ``keep_choice``, the package
+        chosen is still there): it stays selected."""
+        keep = self.current_path() if (keep_choice or self.current_path() in self.added) else None
         self.combo.blockSignals(True)
         self.combo.clear()
         cards = list_packages(self.models_folder)
@@ -111,7 +112,7 @@ class PackagePicker(QWidget):
             self.combo.addItem(text, data)
         for path in self.added:
             self._insert(path)
-        if keep is not None:
+        if keep is not None and self.combo.findData(keep) >= 0:
             self.combo.setCurrentIndex(self.combo.findData(keep))
         self.combo.blockSignals(False)
         if self.combo.count() == 0:
@@ -162,7 +163,8 @@ class PackagePicker(QWidget):
             self.changed.emit("")
             return
         try:
-            self.card_label.setText(describe_html(read_card(path)))
+            self.card_label.setText(describe_html(read_card(path), brief=True))
+            self.card_label.setToolTip(str(path))
         except SarmaePluginError as e:
             text = self.unreadable_text.format(path=path, error=e)
             self.card_label.setText(f"<span style='color:#b00'>{text}</span>")

@@ -55,6 +55,8 @@ from .package_picker import PackagePicker
 
 OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
 EXTENTS = ("Whole layer", "Map canvas extent", "Selected polygons of a layer")
+NO_CLIP_TEXT = ("No CLIP (zeroshot) model in {folder}: import a SARCLIP package (Models… > Import), or Browse… "
+                "for one.")
 
 
 class RunDialog(QDialog):
@@ -62,19 +64,24 @@ class RunDialog(QDialog):
 
     ``layer``: the layer to start on (the plugin passes the selected one). Models are listed by
     fit to the layer (:func:`~sarmae_qgis.model_cards.fit_rank`) until the user picks one.
-    ``embedded``: the form is the dock panel's Run tab: Run emits ``requested`` and stays open."""
+    ``embedded``: the form is the dock panel's Run tab: Run emits ``requested`` and stays open.
+    ``text_search``: the panel's Text search tab: the same form and request, cut to a CLIP
+    (zeroshot) model, a layer and the phrases to find (a similarity layer per phrase; the engine
+    caches the layer's image embeddings, so the next phrase takes seconds)."""
 
     requested = pyqtSignal(object)  # a RunRequest (embedded form)
 
     def __init__(self, parent: QWidget | None = None, models_folder: str | Path | None = None,
-                 canvas=None, layer: QgsRasterLayer | None = None, embedded: bool = False) -> None:
+                 canvas=None, layer: QgsRasterLayer | None = None, embedded: bool = False,
+                 text_search: bool = False) -> None:
         super().__init__(parent)
         self.embedded = embedded
+        self.text_search = text_search
         if embedded:
             self.setWindowFlags(Qt.Widget)
         self._model_chosen = False  # True once the user picks a model: no re-ranking after that
         self._suggested = ""  # the bands text the dialog filled in (replaced when the choice changes)
-        self.setWindowTitle("SARMAE: Run model")
+        self.setWindowTitle("SARMAE: Text search" if text_search else "SARMAE: Run model")
         self.canvas = canvas  # the map canvas (for "Map canvas extent"); None: that choice is disabled
         self.setWindowIcon(QIcon(str(ICON_PATH)))
         self.request: RunRequest | None = None
@@ -98,8 +105,9 @@ class RunDialog(QDialog):
         self.bands_edit.setPlaceholderText("all bands in file order; or e.g. VV,VH or 1,2")
 
         # model
-        self.model_picker = PackagePicker(self.models_folder, self, browse_tip="Choose a model package folder",
-                                          card_min_height=60)
+        self.model_picker = PackagePicker(
+            self.models_folder, self, browse_tip="Choose a model package folder", card_min_height=60,
+            **({"tasks": ("zeroshot",), "empty_text": NO_CLIP_TEXT} if text_search else {}))
         self.model_combo, self.card_label = self.model_picker.combo, self.model_picker.card_label
 
         # options
@@ -127,9 +135,12 @@ class RunDialog(QDialog):
         self.vectors_check.setToolTip("Segmentation: also write the classes as polygons (GeoPackage)")
         # a CLIP (zeroshot) package: class names for a class map, or phrases for a similarity layer
         self.classes_edit = QLineEdit(self)
-        self.classes_edit.setPlaceholderText("CLIP models: class names, e.g. water,urban,forest")
+        self.classes_edit.setPlaceholderText("CLIP: e.g. water,urban,forest")
+        self.classes_edit.setToolTip("CLIP (zeroshot) models: class names separated by commas -> a class map")
         self.query_edit = QLineEdit(self)
-        self.query_edit.setPlaceholderText("CLIP models: or find by text, e.g. ships at sea; a harbour")
+        self.query_edit.setPlaceholderText("e.g. ships at sea; a harbour" if text_search else "CLIP: e.g. ships at sea")
+        self.query_edit.setToolTip("CLIP (zeroshot) models: what to find; several phrases separated by ; -> one "
+                                   "similarity band each")
 
         # extent
         self.extent_combo = QComboBox(self)
@@ -146,7 +157,7 @@ class RunDialog(QDialog):
         self.output_widget.setStorageMode(QgsFileWidget.GetDirectory)
         self.output_widget.setFilePath(str(settings.output_folder(s)))
         self.name_edit = QLineEdit(self)
-        self.name_edit.setPlaceholderText("automatic: <model>")
+        self.name_edit.setPlaceholderText("automatic: the phrase" if text_search else "automatic: <model>")
 
         self._layout()
         if isinstance(layer, QgsRasterLayer):
@@ -161,9 +172,12 @@ class RunDialog(QDialog):
         inp.addRow("Raster layer", self.layer_combo)
         inp.addRow("", self.bands_label)
         inp.addRow("Bands", self.bands_edit)
-        self.model_picker.add_to_form(inp, "Model")
-        inp.addRow("Extent", self.extent_combo)
-        inp.addRow("Polygons", self.polygon_combo)
+        self.model_picker.add_to_form(inp, "CLIP model" if self.text_search else "Model")
+        if self.text_search:  # the whole layer (its embeddings are cached per layer), no class map
+            inp.addRow("Find", self.query_edit)
+        else:
+            inp.addRow("Extent", self.extent_combo)
+            inp.addRow("Polygons", self.polygon_combo)
         opts = QGroupBox("Options", self)
         form = QFormLayout(opts)
         form.addRow("Window (px)", self.window_spin)
@@ -171,14 +185,15 @@ class RunDialog(QDialog):
         form.addRow("Batch size", self.batch_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Backend", self.backend_combo)
-        form.addRow("", self.vectors_check)
-        form.addRow("Classes", self.classes_edit)
-        form.addRow("Find by text", self.query_edit)
+        if not self.text_search:
+            form.addRow("", self.vectors_check)
+            form.addRow("Classes", self.classes_edit)
+            form.addRow("Find by text", self.query_edit)
         out = QFormLayout()
         out.addRow("Output folder", self.output_widget)
         out.addRow("Run name", self.name_edit)
         self.buttons = QDialogButtonBox(self)
-        self.run_button = self.buttons.addButton("Run", QDialogButtonBox.AcceptRole)
+        self.run_button = self.buttons.addButton("Search" if self.text_search else "Run", QDialogButtonBox.AcceptRole)
         if not self.embedded:
             self.buttons.addButton(QDialogButtonBox.Cancel)
         self.buttons.accepted.connect(self.accept)
@@ -187,8 +202,14 @@ class RunDialog(QDialog):
         layout.addWidget(self.notice)
         layout.addLayout(inp)
         layout.addWidget(opts)
+        opts.setVisible(not self.text_search)  # text search: the settings' defaults
         layout.addLayout(out)
+        if self.embedded:  # a dock tab: the spare height below the form, not between its rows
+            layout.addStretch(1)
         layout.addWidget(self.buttons)
+        if self.text_search:  # the Run form's other fields are not in this layout: hidden, not drawn at 0, 0
+            for widget in (self.extent_combo, self.polygon_combo, self.vectors_check, self.classes_edit):
+                widget.hide()
         if not self.embedded:  # a dock tab takes the dock's width
             self.setMinimumWidth(520)
 
@@ -275,7 +296,7 @@ class RunDialog(QDialog):
             raise RequestError(f"The output folder {folder} is a file; choose a folder.")
         classes, query = self.clip_text(card.task)
         extent = self.pixel_extent(layer)
-        name = self.name_edit.text().strip() or card.name
+        name = self.name_edit.text().strip() or (query[0][:40] if self.text_search and query else card.name)
         run_dir = Path(folder).expanduser() / f"{slug(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
         overlap = self.overlap_spin.value()
         return RunRequest(
@@ -290,9 +311,15 @@ class RunDialog(QDialog):
     def clip_text(self, task: str) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
         """(classes, phrases) of a CLIP (zeroshot) run: exactly one of the two fields filled in."""
         if task != "zeroshot":
+            if self.text_search:
+                raise RequestError(f"Text search needs a CLIP (zeroshot) model; this is a {task} model.")
             return None, None
         classes = tuple(c.strip() for c in self.classes_edit.text().split(",") if c.strip())
         query = tuple(q.strip() for q in self.query_edit.text().split(";") if q.strip())
+        if self.text_search:
+            if not query:
+                raise RequestError("Type what to find, e.g. ships at sea (several phrases: separate them with ;).")
+            return None, query
         if bool(classes) == bool(query):
             raise RequestError("A CLIP model needs either class names (Classes, e.g. water,urban,forest) for a class "
                                "map, or phrases (Find by text, e.g. ships at sea) for a similarity layer: fill in one.")

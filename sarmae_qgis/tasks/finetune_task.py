@@ -204,7 +204,8 @@ def summarise(result: dict) -> str:
     if h:
         parts.append(f"validation {h[0]} {h[1]:.3f}")
     if isinstance(result.get("epochs_run"), int):
-        parts.append(f"{result['epochs_run']} epochs (best {result.get('best_epoch', '?')})")
+        n = result["epochs_run"]
+        parts.append(f"{n} epoch{'' if n == 1 else 's'} (best {result.get('best_epoch', '?')})")
     if isinstance(result.get("train_chips"), int):
         parts.append(f"{result['train_chips']} training / {result.get('val_chips', '?')} validation chips")
     return ", ".join(parts) or "done"

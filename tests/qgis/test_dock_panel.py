@@ -48,7 +48,7 @@ def test_tabs_run_and_stay_open(qgis_iface, assets, models, project, tmp_path):
     try:
         assert isinstance(panel, QgsDockWidget)
         assert [panel.tabs.tabText(i) for i in range(panel.tabs.count())] == list(TABS)
-        assert "Text" not in " ".join(TABS)  # no placeholder tab: text search comes with SARCLIP models
+        assert TABS == ("Run", "Fine-tune", "Similarity", "Text search")
         panel.show()
         panel.show_tab("Run", scene)
         form = panel.run_form
@@ -130,6 +130,173 @@ def test_forms_fit_a_narrow_dock_and_offer_the_sar_image_first(qgis_iface, asset
     try:
         for form in (panel.run_form, panel.finetune_form, panel.similarity_form):
             assert form.minimumSizeHint().width() <= panel.minimumWidth() - 20, type(form).__name__
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
+
+
+@pytest.fixture(scope="module")
+def clip_pkg(tmp_path_factory):
+    """A tiny random CLIP (zeroshot) package, made by the engine (``sarmae init --clip custom``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+                                            "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    out = tmp_path_factory.mktemp("clip") / "tiny_clip.pkg"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(Path(__file__).parents[2])}
+    subprocess.run([sys.executable, "-m", "engine.cli", "init", "--clip", "custom", "--clip-config", json.dumps(tiny),
+                    "--name", "tiny-clip", "--output", str(out)], check=True, cwd=Path(__file__).parents[2], env=env,
+                   timeout=300, capture_output=True)
+    return out
+
+
+def test_text_search_tab_maps_a_phrase_through_the_run_path(qgis_iface, assets, models, project, tmp_path, clip_pkg,
+                                                            monkeypatch):
+    """Text search: a CLIP package, the layer, a phrase -> the Run form's RunRequest (task zeroshot,
+    query) -> RunTask: a translucent similarity layer in the run's group above the input; the second
+    phrase reads the layer's embeddings from the engine's cache."""
+    from sarmae_qgis.tasks.run_task import RunTask
+
+    monkeypatch.setenv("SARMAE_CACHE_DIR", str(tmp_path / "cache"))
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene)
+    runs: list = []
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), on_run=runs.append,
+                        models_folder=models, project=project)
+    try:
+        form = panel.text_form
+        panel.show_tab("Text search", scene)
+        assert panel.tabs.currentIndex() == TABS.index("Text search") and form.layer_combo.currentLayer() is scene
+        assert form.model_combo.count() == 0 and "No CLIP (zeroshot) model" in form.card_label.text()  # segment/encoder only
+        shutil.copytree(clip_pkg, models / "tiny-clip")
+        panel.refresh_models()  # a model installed: listed at once
+        assert form.model_combo.count() == 1 and form.current_card().task == "zeroshot"
+        assert not form.window_spin.isVisibleTo(form) and form.run_button.text() == "Search"
+        form.output_widget.setFilePath(str(tmp_path / "out"))
+        form.run_button.click()
+        assert runs == [] and "Type what to find" in form.notice.plain
+        texts = []
+        for phrase in ("ships at sea", "a harbour"):
+            form.query_edit.setText(phrase)
+            form.run_button.click()
+            request = runs[-1]
+            assert request.task == "zeroshot" and request.query == (phrase,) and request.classes is None
+            assert request.run_name == phrase and request.layer_id == scene.id()
+            task = RunTask(request, project=project)
+            ok = task.run()
+            task.finished(ok)
+            assert ok, task.error
+            (layer,) = [node.layer() for node in task.group.findLayers()]
+            assert layer.renderer().opacity() < 1.0  # translucent over the SAR image
+            root = project.layerTreeRoot()
+            assert root.children().index(task.group) < root.children().index(root.findLayer(scene.id()))
+            texts.append(task.result)
+        assert texts[1]["statistics"]["embeddings"]["cached"] is True  # the second phrase: no image tower
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
+
+
+def test_lists_follow_the_project_and_the_models_folder(qgis_iface, assets, models, project, tmp_path):
+    """Issue 16 (desktop): the Fine-tune tab kept 'Label layer' empty after New label layer, its
+    polygon counts stayed at the first class chosen, and a new model was not listed."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsFeature, QgsGeometry
+
+    from sarmae_qgis.labelling import create_label_layer
+
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models,
+                        project=project)
+    try:
+        form = panel.finetune_form
+        assert form.raster_list.count() == 0
+        scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+        project.addMapLayer(scene)
+        assert [form.raster_list.item(i).text() for i in range(form.raster_list.count())] == ["scene"]
+        assert [lyr.name() for lyr in form.checked_rasters()] == ["scene"]
+        labels = create_label_layer(tmp_path / "labels.gpkg", QgsCoordinateReferenceSystem("EPSG:32631"),
+                                    [("water", "#1f77b4"), ("land", "#2ca02c")], project=project)
+        assert form.label_combo.currentLayer() is labels  # the new label layer is chosen
+        assert "water (0)" in form.classes_label.text()
+        x0, y0 = scene.extent().xMinimum(), scene.extent().yMinimum()
+        feature = QgsFeature(labels.fields())
+        feature.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({x0} {y0}, {x0 + 50} {y0}, {x0 + 50} {y0 + 50}, "
+                                                f"{x0} {y0}))"))
+        feature["class"] = "water"
+        assert labels.addFeature(feature)
+        assert "water (1)" in form.classes_label.text()  # drawn: counted at once
+        fid = next(labels.getFeatures()).id()
+        labels.changeAttributeValue(fid, labels.fields().indexOf("class"), "land")
+        assert "water (0)" in form.classes_label.text() and "land (1)" in form.classes_label.text()
+        from sarmae_qgis.styling import mark_output
+
+        result = QgsRasterLayer(str(assets / "scene.tif"), "classes", "gdal")
+        mark_output(result, "class")  # a run's output is not offered for training
+        project.addMapLayer(result)
+        assert [form.raster_list.item(i).text() for i in range(form.raster_list.count())] == ["scene"]
+        project.removeMapLayer(scene.id())
+        assert form.raster_list.count() == 0
+        run_models = [panel.run_form.model_combo.itemText(i) for i in range(panel.run_form.model_combo.count())]
+        shutil.copytree(assets / "segment.pkg", models / "segment_new")
+        panel.refresh_models()
+        again = [panel.run_form.model_combo.itemText(i) for i in range(panel.run_form.model_combo.count())]
+        assert len(again) == len(run_models) + 1
+        labels.rollBack()
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
+
+
+def test_the_wheel_scrolls_the_panel_not_the_encoder(qgis_iface, models, project):
+    """In the desktop, scrolling down the Fine-tune tab over the encoder combo switched it to
+    'random initialisation' without a click."""
+    from qgis.PyQt.QtCore import QPoint, QPointF, Qt
+    from qgis.PyQt.QtGui import QWheelEvent
+    from qgis.PyQt.QtWidgets import QApplication
+
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models, project=project)
+    try:
+        panel.show()
+        combo = panel.finetune_form.encoder_combo
+        assert combo.count() >= 2
+        before = combo.currentIndex()
+
+        def wheel() -> None:
+            event = QWheelEvent(QPointF(5, 5), QPointF(combo.mapToGlobal(QPoint(5, 5))), QPoint(0, -120),
+                                QPoint(0, -120), Qt.NoButton, Qt.NoModifier, Qt.NoScrollPhase, False)
+            QApplication.sendEvent(combo, event)
+
+        wheel()
+        assert combo.currentIndex() == before  # not focused: the wheel goes to the scroll area
+        combo.setFocus()
+        QCoreApplication.processEvents()
+        if combo.hasFocus():  # offscreen platforms may refuse focus to an inactive window
+            wheel()
+            assert combo.currentIndex() != before
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
+
+
+def test_text_search_tab_draws_only_its_own_fields(qgis_iface, models, project):
+    """In the desktop the Text search tab drew the Run form's unused fields at its top-left corner."""
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models, project=project)
+    try:
+        panel.show()
+        panel.show_tab("Text search")
+        form = panel.text_form
+        for widget in (form.extent_combo, form.polygon_combo, form.vectors_check, form.classes_edit, form.window_spin):
+            assert not widget.isVisibleTo(form)
+        assert form.query_edit.isVisibleTo(form) and form.layer_combo.isVisibleTo(form)
+        assert panel.run_form.model_picker.browse_button.text() == "…"  # the combo gets the dock's width
     finally:
         panel.release()
         panel.deleteLater()

@@ -119,7 +119,7 @@ def test_dialog_blocks_invalid_choices(tmp_path, project, assets):
     dialog.set_classes([("water", "#1f77b4"), ("water", "#2ca02c")])
     dialog.accept()  # shows the message instead of closing
     assert dialog.layer is None and dialog.result() != LabelLayerDialog.Accepted
-    assert "listed twice" in dialog.message_bar.currentItem().text()
+    assert "listed twice" in dialog.notice.plain
     dialog.set_classes([("water", "#1f77b4")])
     dialog.file_widget.setFilePath(str(tmp_path / "nowhere" / "l.gpkg"))
     with pytest.raises(RequestError, match="does not exist"):
@@ -132,3 +132,25 @@ def test_dialog_blocks_invalid_choices(tmp_path, project, assets):
     dialog.file_widget.setFilePath(str(tmp_path / "l.gpkg"))
     with pytest.raises(RequestError, match="at least one class"):
         dialog.build_request()
+
+
+def test_default_file_in_a_missing_output_folder_is_made(assets, tmp_path, project, monkeypatch):
+    """Issue 16 (real desktop): a new user's first label layer went to ~/sarmae_outputs, which did not
+    exist yet, and Create layer refused its own default ("the folder does not exist")."""
+    from sarmae_qgis.toolbelt import settings
+
+    folder = tmp_path / "not_yet" / "sarmae_outputs"
+    monkeypatch.setattr(settings, "output_folder", lambda *a: folder)
+    project.setFileName("")  # no saved project: the output folder is the default
+    raster = QgsRasterLayer(str(assets / "scene.tif"), "S1 scene")
+    project.addMapLayer(raster)
+    dialog = LabelLayerDialog(project=project, models_folder=assets, ask=False)
+    dialog.raster_combo.setLayer(raster)
+    assert dialog.file_widget.filePath() == str(folder / "S1_scene_labels.gpkg")
+    dialog.accept()
+    assert dialog.notice.plain == "" and dialog.layer is not None and dialog.layer.isValid()
+    assert (folder / "S1_scene_labels.gpkg").is_file()
+    typed = LabelLayerDialog(project=project, models_folder=assets, ask=False)  # a folder typed in is not made
+    typed.file_widget.setFilePath(str(tmp_path / "typo" / "l.gpkg"))
+    with pytest.raises(RequestError, match="does not exist"):
+        typed.build_request()

@@ -38,6 +38,10 @@ HEAD_STEPS = 400  # optimiser steps the head mode aims for (early stopping may e
 # chips and costs minutes); above it, both run and the better validation score is kept
 AUTO_FULL_MIN_CHIPS = {"segment": 48, "classify": 200}
 QUICK_MLP_MIN_CHIPS = 24  # segmentation: from this many training chips, an MLP head is fitted beside the linear one
+# segmentation: with fewer training chips than this, the validation chips hold labels training cannot
+# spare (4 polygons: 2 of 5 labelled blocks held out, a class left in one chip); once scored, the
+# linear head is fitted again on every labelled chip (the chips of the Sen1Floods11 few-polygon case)
+QUICK_REFIT_MAX_CHIPS = 12
 
 
 def resolve_mode(cfg: FinetuneConfig, task: str, n_train: int) -> tuple[str, str]:
@@ -311,6 +315,13 @@ def quick_segmenter(encoder, k: int, chips, tr: np.ndarray, va: np.ndarray, cfg:
         progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "mean_iou": got["mean_iou"],
                   "metric": "mean_iou", "best": got["mean_iou"], "elapsed_s": time.time() - t0, "eta_s": 0.0})
     notes = []
+    if len(va) and len(tr) < QUICK_REFIT_MAX_CHIPS:  # a handful of polygons: none to spare
+        every = np.concatenate([tr, va])
+        cv = {**fit_segment_linear(model, chips, every, cfg, device, k, cache), "refit_chips": len(every)}
+        notes.append(f"quick mode: {len(tr)} training chips: after validation, the linear head was fitted again on "
+                     f"all {len(every)} labelled chips (the validation score is the head's fitted without the "
+                     "validation chips; the cross-validation covers all of them)")
+        return model, head, hist, cv, notes
     if len(tr) >= QUICK_MLP_MIN_CHIPS and len(va) and not budget_spent(cfg, t0):
         mlp_head = LightSegHeadConfig(hidden=64)
         mlp = build_segmenter(encoder, k, {"kind": "light", **mlp_head.to_dict()}).to(device)

@@ -210,8 +210,9 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
         if note:
             chips.log.append(note)
     model.eval()
-    with torch.no_grad():
-        final = evaluate(model)
+    refit = bool(cv and cv.get("refit_chips"))  # quick mode, few chips: the head was fitted again on every chip
+    with torch.no_grad():  # after a refit, the validation score is the one of the head fitted without them
+        final = hist.val_metrics[hist.best_epoch] if refit else evaluate(model)
     validation = validation_report(chips.classes, true_va, len(va), cv)
     warns = chips.warnings + ([validation["note"]] if not validation["reliable"] else [])
     metrics = {"val_mean_iou": final["mean_iou"], "val_iou": final["iou"], "val_pixel_accuracy": final["pixel_accuracy"],
@@ -224,7 +225,7 @@ def finetune_segmenter(rasters: list[str] | str, output: str | Path, cfg: Finetu
     show = np.concatenate([va[:4], tr[:max(0, 6 - min(4, len(va)))]])
     with torch.no_grad():
         preview = (chips.x[show], chips.masks[show].numpy(), predict_masks(model, chips.x[show], device).numpy(),
-                   ["validation" if chips.split[i] else "training" for i in show])
+                   ["validation" if chips.split[i] and not refit else "training" for i in show])
     out = save_task_package(model, enc, "segment", head_config_dict(head), chips.classes, chips.contract, output, cfg, hist,
                             "mean_iou", metrics, sources, t0, cm=final["confusion"], overwrite=overwrite,
                             colours=colours, preview=preview)
@@ -253,12 +254,16 @@ def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: di
         why = [f"only {n_chips} validation chip(s)"] if n_chips < 4 else []
         why += [f"no {', '.join(missing)} pixel in the held-out area"] if missing else []
         note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
-        if cv and cv.get("cv_balanced_accuracy") is not None:
+        if cv and cv.get("cv_balanced_accuracy") is not None and cv.get("refit_chips"):
+            note += (f"; cross-validation over all {cv['refit_chips']} labelled chips ({cv['cv_folds']} folds by chip, "
+                     f"each scored by a head fitted without it) gives a balanced accuracy of "
+                     f"{cv['cv_balanced_accuracy']:.2f}, and the model was then fitted on all of them")
+        elif cv and cv.get("cv_balanced_accuracy") is not None:
             note += (f"; cross-validation over the {cv['cv_folds']} training chips (each scored by a head fitted "
                      f"without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
         note += ". Label more areas, spread out, with every class in several places"
     out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
     if cv:
         out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
-                                   "by": "training chip"}
+                                   "by": "labelled chip" if cv.get("refit_chips") else "training chip"}
     return out

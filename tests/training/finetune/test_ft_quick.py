@@ -58,6 +58,11 @@ def test_quick_segmenter_from_four_polygons(tmp_path, encoder):
     pkg = load_package(tmp_path / "quick.pkg")
     assert pkg.card.architecture["head"]["kind"] == "light"
     assert pkg.card.provenance["mode"].startswith("quick")
+    # none of 4 polygons is spared: once validated, the head is fitted again on every labelled chip
+    refit = [n for n in pkg.card.provenance["log"] if "fitted again on all" in n]
+    assert refit and f"all {r['train_chips'] + r['val_chips']} labelled chips" in refit[0]
+    if not r["validation"]["reliable"]:  # the results dialog's note says what the package was fitted on
+        assert "fitted on all of them" in r["validation"]["note"]
     res = run_inference(str(tif), tmp_path / "map.tif", pkg, InferenceOptions(device="cpu", batch_size=8))
     import rasterio
 

@@ -1,0 +1,106 @@
+"""Defects met in the real QGIS desktop (issue 16's scenario, clicked under a virtual screen) that
+the offscreen tests had not caught: a message cut in half by the bar's height, raw keys and a long
+warning squeezing the model card of the Run form, the "fine-tuning…" line staying over the results,
+"1 epochs" and "Mode: head" in the results dialog."""
+
+from __future__ import annotations
+
+import pytest
+from qgis.core import Qgis
+from qgis.gui import QgsMessageBar
+from qgis.PyQt.QtGui import QFont, QFontMetrics
+from qgis.PyQt.QtWidgets import QVBoxLayout, QWidget
+
+from sarmae_qgis.model_cards import PackageCard, describe_html
+from sarmae_qgis.toolbelt import messages
+
+pytestmark = pytest.mark.qgis
+
+
+def test_a_long_line_is_shortened_to_the_bar_not_cut(qgis_app):
+    window = QWidget()
+    window.resize(900, 200)
+    bar = QgsMessageBar(window)
+    QVBoxLayout(window).addWidget(bar)
+    window.show()
+    title = "SARMAE: segment_Spain_7370579_S1Hand_labels done"
+    text = "water 2.48 km² (12.1 %), land 18.1 km² (87.9 %), 15.6 s"
+    item = messages.push(bar, title, text, Qgis.Success)
+    room = bar.width() - messages.CHROME_PX
+    bold = QFont(bar.font())
+    bold.setBold(True)
+    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
+        f"  {item.text()}") <= room
+    assert item.text() == text and "…" in item.title() and item.title().startswith("SARMAE")  # the numbers stay
+    assert item.toolTip() == f"{title}: {text}"
+    short = messages.push(bar, "SARMAE: x done", "water 12 %", Qgis.Success)
+    assert (short.title(), short.text()) == ("SARMAE: x done", "water 12 %") and not short.toolTip()
+    assert messages.fit(title, text * 5, bar.font(), 300) == ("SARMAE:", text * 5)  # the text is never cut
+    window.close()
+    window.deleteLater()
+
+
+def test_the_pickers_card_is_brief_and_worded():
+    prov = {"metrics": {"val_mean_iou": 1.0, "val_pixel_accuracy": 1.0, "best_epoch": 0,
+                        "validation": {"chips": 2, "reliable": False, "note": "validation is weak (only 2 chips) " * 5}},
+            "warnings": ["class 'water' appears in only 1 training chip(s): label more of it"]}
+    card = PackageCard(path="/m/segment_x", name="segment_x", task="segment", raw={"provenance": prov})
+    brief = describe_html(card, brief=True)
+    assert "mean IoU 1.000" in brief and "val_" not in brief and "pixel accuracy" not in brief
+    assert "not reliable (Models… says why)" in brief and "validation is weak" not in brief
+    assert "segment_x</small>" not in brief and "segment_x</small>" in describe_html(card)  # path: a tooltip
+    full = describe_html(card)  # the Models dialog: every reason
+    assert "validation is weak" in full and "label more of it" in full and "best epoch 0" in full
+
+
+def test_the_progress_line_is_closed_before_the_results(qgis_iface, tmp_path):
+    from sarmae_qgis.plugin import SarmaePlugin
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    bar = QgsMessageBar()
+    item = bar.createMessage("SARMAE", "fine-tuning 'x' (Task Manager: progress and cancel)…")
+    bar.pushWidget(item, Qgis.Info)
+    task = FinetuneTask(FinetuneRequest(name="x", task="segment", rasters=(str(tmp_path / "a.tif"),),
+                                        labels=str(tmp_path / "l.gpkg"), class_field="class",
+                                        output=str(tmp_path / "x"), run_dir=str(tmp_path / "run")))
+    task.progress_line = (bar, item)
+    SarmaePlugin(qgis_iface)._finetune_done(task)  # cancelled: nothing else to show
+    assert bar.items() == []
+
+
+def test_results_dialog_words_epochs_and_mode(tmp_path):
+    from sarmae_qgis.gui.finetune_results import summary_html
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    task = FinetuneTask(FinetuneRequest(name="x", task="segment", rasters=(str(tmp_path / "a.tif"),),
+                                        labels=str(tmp_path / "l.gpkg"), class_field="class",
+                                        output=str(tmp_path / "x"), run_dir=str(tmp_path / "run")))
+    task.result = {"val_mean_iou": 0.8, "epochs_run": 1, "best_epoch": 0, "mode": "head",
+                   "stopped": "quick mode: one logistic-regression fit", "train_chips": 30, "val_chips": 10}
+    html = summary_html(task)
+    assert "1 epoch," in html and "1 epochs" not in html and "Mode: Quick (frozen encoder)" in html
+    from sarmae_qgis.tasks.finetune_task import summarise
+
+    assert "1 epoch (best 0)" in summarise(task.result)  # the message-bar line
+
+
+def test_no_curves_tab_for_a_single_fit(tmp_path):
+    """Quick mode fits once: its 'curve' was one dot on garbled axes (-0.045 … 0.045 epochs)."""
+    from qgis.PyQt.QtGui import QColor, QImage
+
+    from sarmae_qgis.gui.finetune_results import FinetuneResultDialog
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    package = tmp_path / "x"
+    package.mkdir()
+    image = QImage(200, 100, QImage.Format_RGB32)
+    image.fill(QColor("white"))
+    for name in ("preview.png", "training_curves.png", "confusion_matrix.png"):
+        image.save(str(package / name))
+    task = FinetuneTask(FinetuneRequest(name="x", task="segment", rasters=(str(tmp_path / "a.tif"),),
+                                        labels=str(tmp_path / "l.gpkg"), class_field="class",
+                                        output=str(package), run_dir=str(tmp_path / "run")))
+    task.result = {"val_mean_iou": 0.8, "epochs_run": 1, "mode": "head", "train_chips": 30, "val_chips": 10}
+    assert list(FinetuneResultDialog(task).figures) == ["Prediction over your labels", "Confusion matrix"]
+    task.result["epochs_run"] = 12
+    assert "Training curves" in FinetuneResultDialog(task).figures
