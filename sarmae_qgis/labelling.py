@@ -54,8 +54,15 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 """Colours for classes without one (the engine's palette, so labels and results agree)."""
 
 
-def default_colour(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
+def default_colour(index: int, name: str = "") -> str:
+    """The colour of a class without one: the conventional colour of a well-known name (water blue,
+    land brown, ...; ``resources/styles/classes.json``), else the palette's colour for its row."""
+    from .toolbelt.resources import named_class_colours
+
+    key = " ".join(str(name).lower().replace("_", " ").split())
+    named = named_class_colours()
+    colour = named.get(key) or (named.get(key.split()[0]) if key else None)
+    return colour or PALETTE[index % len(PALETTE)]
 
 
 def check_classes(classes: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -70,7 +77,7 @@ def check_classes(classes: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
             raise LayerError(f"class '{name}' is listed twice: class names must be unique")
         seen.add(name.lower())
         c = QColor(str(colour or ""))
-        out.append((name, c.name() if c.isValid() else default_colour(i)))
+        out.append((name, c.name() if c.isValid() else default_colour(i, name)))
     if not out:
         raise LayerError("give at least one class (fine-tuning needs two or more, e.g. water and land)")
     return out
@@ -187,7 +194,7 @@ def label_classes(layer: QgsVectorLayer, field: str) -> list[tuple[str, str]]:
             names += [str(v) for v in item.values()]
     if not names:
         names = sorted({str(v) for v in layer.uniqueValues(index) if v not in (None, "") and str(v) != "NULL"})
-    return [(n, default_colour(i)) for i, n in enumerate(names)]
+    return [(n, default_colour(i, n)) for i, n in enumerate(names)]
 
 
 def count_labels(layer: QgsVectorLayer, field: str) -> dict[str, int]:

@@ -49,7 +49,7 @@ from ..toolbelt import settings
 from .about_dialog import ICON_PATH
 from .notice import Notice
 
-DEFAULT_CLASSES = (("water", "#1f77b4"), ("land", "#2ca02c"))
+DEFAULT_CLASSES = (("water", ""), ("land", ""))  # colours: default_colour (water blue, land brown)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class LabelLayerDialog(QDialog):
         self.field_edit = QLineEdit(DEFAULT_FIELD, self)
         self.table = QTableWidget(0, 2, self)
         self.table.setHorizontalHeaderLabels(["Class", "Colour"])
+        self.table.itemChanged.connect(self._on_name_changed)
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
         self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeToContents)
         self.table.verticalHeader().setVisible(False)
@@ -138,13 +139,24 @@ class LabelLayerDialog(QDialog):
         self.table.insertRow(row)
         self.table.setItem(row, 0, QTableWidgetItem(name))
         button = QgsColorButton(self.table)
-        button.setColor(QColor(colour or default_colour(row)))
+        button.setColor(QColor(colour or default_colour(row, name)))
+        button.setProperty("auto_colour", "" if colour else button.color().name())  # not chosen by the user
         button.setAllowOpacity(False)
         self.table.setCellWidget(row, 1, button)
         if not name:
             self.table.setCurrentCell(row, 0)
             self.table.editItem(self.table.item(row, 0))
         return row
+
+    def _on_name_changed(self, item) -> None:
+        """A class named without a chosen colour takes its name's conventional colour (water blue, ...)."""
+        if item is None or item.column() != 0:
+            return
+        button = self.table.cellWidget(item.row(), 1)
+        if button is None or button.color().name() != button.property("auto_colour"):
+            return  # the user picked this colour: keep it
+        button.setColor(QColor(default_colour(item.row(), item.text())))
+        button.setProperty("auto_colour", button.color().name())
 
     def remove_selected(self) -> None:
         rows = sorted({i.row() for i in self.table.selectedIndexes()} or {self.table.currentRow()}, reverse=True)

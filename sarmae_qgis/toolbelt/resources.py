@@ -41,3 +41,13 @@ def layer_opacities() -> dict[str, float]:
 def opacity_for(role: str) -> float:
     """The opacity of an output role ("class", "similarity", ...), 0.6 when not listed."""
     return layer_opacities().get(role, DEFAULT_OPACITY)
+
+
+@lru_cache(maxsize=1)
+def named_class_colours() -> dict[str, str]:
+    """Lower-case class name -> '#rrggbb' for well-known names, from ``styles/classes.json``."""
+    try:
+        data = json.loads(resource("styles", "classes.json").read_text(encoding="utf-8"))
+        return {str(k).lower(): str(v) for k, v in (data.get("colours") or {}).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}

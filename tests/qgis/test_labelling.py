@@ -15,6 +15,7 @@ from qgis.core import (
     QgsVectorLayer,
     QgsWkbTypes,
 )
+from qgis.PyQt.QtGui import QColor
 
 from sarmae_qgis.errors import LayerError, RequestError
 from sarmae_qgis.gui.label_layer_dialog import LabelLayerDialog
@@ -154,3 +155,24 @@ def test_default_file_in_a_missing_output_folder_is_made(assets, tmp_path, proje
     typed.file_widget.setFilePath(str(tmp_path / "typo" / "l.gpkg"))
     with pytest.raises(RequestError, match="does not exist"):
         typed.build_request()
+
+
+def test_well_known_class_names_get_their_conventional_colours(project, assets):
+    """Classes typed as 'land, water' must not come out as land blue, water red (the palette by row),
+    as in the desktop scenario; a colour the user picked is kept."""
+    from sarmae_qgis.labelling import PALETTE, default_colour
+
+    assert default_colour(0, "land") == "#a6761d" and default_colour(1, "Water") == "#1f77b4"
+    assert default_colour(0, "open_water") == "#1f77b4" and default_colour(1, "water body") == "#1f77b4"
+    assert default_colour(2, "quarry") == PALETTE[2]  # not a known name: the palette by row
+    dialog = LabelLayerDialog(project=project, models_folder=assets, ask=False)
+    assert dict(dialog.classes()) == {"water": "#1f77b4", "land": "#a6761d"}
+    dialog.set_classes([])
+    for _ in range(3):
+        dialog.add_class()
+    for row, name in enumerate(["land", "water", "quarry"]):
+        dialog.table.item(row, 0).setText(name)  # as typed into the table
+    assert dialog.classes() == [("land", "#a6761d"), ("water", "#1f77b4"), ("quarry", PALETTE[2])]
+    dialog.table.cellWidget(0, 1).setColor(QColor("#ff00ff"))  # the user's choice
+    dialog.table.item(0, 0).setText("dry land")
+    assert dialog.classes()[0] == ("dry land", "#ff00ff")
