@@ -11,7 +11,8 @@ visibility with the window state (its object name is fixed). Text search is the 
 CLIP (zeroshot) model and phrases (``RunDialog(text_search=True)``): the same request and task.
 The lists follow the project and the models folder: layers added or removed (the combo boxes are
 QGIS's own, the Fine-tune tab's raster list is refreshed), and :meth:`SarmaePanel.refresh_models`
-after a model is fine-tuned or installed.
+after a model is fine-tuned or installed, here or elsewhere (Processing, another QGIS, a copy in a
+file manager: a QFileSystemWatcher on the models folder, debounced).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qgis.gui import QgsDockWidget
-from qgis.PyQt.QtCore import QEvent, QObject, Qt, QUrl
+from qgis.PyQt.QtCore import QEvent, QFileSystemWatcher, QObject, Qt, QTimer, QUrl
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
     QAbstractSpinBox,
@@ -42,6 +43,7 @@ from .similarity_tool import SimilarityDialog
 
 OBJECT_NAME = "SarmaeDockPanel"
 TABS = ("Run", "Fine-tune", "Similarity", "Text search")
+REFRESH_DELAY_MS = 500
 
 
 class WheelGuard(QObject):
@@ -123,6 +125,15 @@ class SarmaePanel(QgsDockWidget):
         self.setMinimumWidth(360)
         self.tabs.setCurrentIndex(max(0, min(len(TABS) - 1, settings.remembered("panel", "tab", 0))))
         self.tabs.currentChanged.connect(self._on_tab_changed)
+        self._refresh_timer = QTimer(self)  # a package lands as several files: one refresh after them
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(REFRESH_DELAY_MS)
+        self._refresh_timer.timeout.connect(self.refresh_models)
+        self.models_watcher = QFileSystemWatcher(self)
+        folder = Path(models_folder).expanduser() if models_folder else settings.models_folder()
+        if folder.is_dir():
+            self.models_watcher.addPath(str(folder))
+        self.models_watcher.directoryChanged.connect(lambda _path: self._refresh_timer.start())
 
     def _on_tab_changed(self, index: int) -> None:
         settings.remember("panel", tab=index)
@@ -159,5 +170,8 @@ class SarmaePanel(QgsDockWidget):
         self.show_tab("Fine-tune")
 
     def release(self) -> None:
-        """Before deletion: unset the similarity map tool."""
+        """Before deletion: unset the similarity map tool, stop watching the models folder."""
+        self._refresh_timer.stop()
+        if self.models_watcher.directories():
+            self.models_watcher.removePaths(self.models_watcher.directories())
         self.similarity_form.release_tool()

@@ -254,6 +254,30 @@ def test_lists_follow_the_project_and_the_models_folder(qgis_iface, assets, mode
         flush_deletes()
 
 
+def test_a_model_installed_elsewhere_is_listed_without_a_click(qgis_iface, assets, models, project):
+    """A model that lands in the models folder from outside the panel (Processing's fine-tune, a file
+    manager) appears in the lists: the panel watches the folder (issue 16, stale lists)."""
+    import time
+
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models,
+                        project=project)
+    try:
+        combo = panel.run_form.model_combo
+        before = combo.count()
+        shutil.copytree(assets / "segment.pkg", models / "from_processing")
+        deadline = time.monotonic() + 30
+        while combo.count() == before and time.monotonic() < deadline:
+            QCoreApplication.processEvents()
+            time.sleep(0.05)
+        assert combo.count() == before + 1
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()
+
+
 def test_the_wheel_scrolls_the_panel_not_the_encoder(qgis_iface, models, project):
     """In the desktop, scrolling down the Fine-tune tab over the encoder combo switched it to
     'random initialisation' without a click."""
