@@ -12,8 +12,13 @@ mAP@[.5:.95], precision / recall at each one's threshold), plus false alarms per
 equal recall: each detector's boxes are taken in score order down to CFAR's recall at its operating
 point (or the learned one's best recall when it never gets there), FP / TP there.
 
+``--validate``: the same on the TRAINING part only (its top 60 % of the rows to train, the rest to
+score), for choosing the detector's design without the test area; ``--no-regress`` / ``--levels``
+(none to turn the extra proposal levels off) train the variants compared there.
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
+       [--validate] [--no-regress] [--levels [DB ...]]
 """
 
 from __future__ import annotations
@@ -60,6 +65,42 @@ def demo_data(out: Path, seed: int, frac: float = 0.6) -> dict:
     return res
 
 
+def inner_split(d: dict, out: Path, frac: float = 0.6) -> dict:
+    """The training raster's top ``frac`` of the rows as 'train', the rest as 'test' (validation),
+    with the labels of each (pixel-coordinate GeoJSON of a raster without georeferencing is moved
+    with its rows)."""
+    import fiona
+    import rasterio
+    from rasterio.windows import Window, transform
+    from shapely.affinity import translate
+    from shapely.geometry import mapping, shape
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = {k: d[k] for k in ("bands", "units")}
+    with rasterio.open(d["train_raster"]) as src:
+        cut = int(round(frac * src.height))
+        geo = src.crs is not None
+        for split, (r0, r1) in (("train", (0, cut)), ("test", (cut, src.height))):
+            win = Window(0, r0, src.width, r1 - r0)
+            prof = {**src.profile, "height": r1 - r0}
+            if geo:
+                prof["transform"] = transform(win, src.transform)
+            path = out / f"val_{split}.tif"
+            with rasterio.open(path, "w", **prof) as dst:
+                dst.write(src.read(window=win))
+            res[f"{split}_raster"] = str(path)
+            if geo:
+                res[f"{split}_vector"] = d["train_vector"]
+                continue
+            with fiona.open(d["train_vector"]) as vec:
+                feats = [{"type": "Feature", "properties": dict(f["properties"]),
+                          "geometry": mapping(translate(shape(f["geometry"]), 0, -r0))} for f in vec]
+            vpath = out / f"val_{split}.geojson"
+            vpath.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+            res[f"{split}_vector"] = str(vpath)
+    return res
+
+
 def fa_per_found(preds: tuple, truth: np.ndarray, recall: float) -> dict:
     """Boxes in score order down to ``recall`` (or the best reached): false alarms per ship found there."""
     from training.evaluate import match_boxes
@@ -93,8 +134,9 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     cfg = FinetuneConfig(task="detect", epochs=a.epochs, batch_size=128, seed=seed, bands=d["bands"],
                          input_units=d["units"], device="cpu", max_minutes=a.max_minutes)
     pkg = out / f"{name}_s{seed}.pkg"
+    base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True)
+                              classes=["ship"], overwrite=True, regress=not a.no_regress, cfar_base=base)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -121,6 +163,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--max-minutes", type=float, default=2.0, help="training budget per run (the demo's: 2)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_ships_learned"))
+    ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
+    ap.add_argument("--no-regress", action="store_true", help="no box branch (the format-1 scorer)")
+    ap.add_argument("--levels", type=float, nargs="*", default=None,
+                    help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()
     from training.recipes.eval_smoke import ships_data
 
@@ -129,11 +175,15 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
     done = {(r["dataset"], r["seed"]) for r in results}
     hrsid = ships_data(out / "hrsid") if "hrsid" in a.datasets else None
+    if hrsid is not None and a.validate:
+        hrsid = inner_split(hrsid, out / "hrsid_val")
     for name in a.datasets:
         for seed in a.seeds:
             if (name, seed) in done:
                 continue
             d = hrsid if name == "hrsid" else demo_data(out / "demo", seed)
+            if name == "demo" and a.validate:
+                d = inner_split(d, out / f"demo_val{seed}")
             results.append(run(name, d, seed, a, out))
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps(results[-1]), flush=True)
