@@ -210,9 +210,7 @@ def cfar_scored_card(cfar: dict, head: dict, class_name: str, threshold: float, 
     if not 0.0 <= threshold < 1.0:
         raise PackageError(f"score threshold {threshold} must lie in [0, 1)")
     # the method's own settings under its name (as every method's card, which the plugin reads)
-    own = {"score_threshold": float(threshold)}
-    if head.get("regress"):
-        own["format"] = FORMAT
+    own = {"score_threshold": float(threshold), "format": FORMAT}
     arch = {"name": "cfar_scored", "cfar": cfg.to_dict(), "head": dict(head), "cfar_scored": own}
     # what the scorer sees: 10 log10(power) minus each chip's median, / 10 (engine.cfar.chips)
     inp = {"bands": ["band 1"], "units": "db", "clip": [-30.0, 60.0], "mean": [0.0], "std": [10.0], "nodata": "mask",

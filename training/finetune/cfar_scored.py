@@ -269,7 +269,7 @@ def scored(model, boxes: np.ndarray, chips: np.ndarray, width: int, height: int)
 def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: FinetuneConfig, *, labels: str,
                          class_field: str, classes: list[str] | None = None,
                          progress: Callable[[dict], None] | None = None, overwrite: bool = False,
-                         cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = True,
+                         cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = False,
                          **_ignored) -> dict:
     """Train a CFAR + chip scorer detector on raster(s) + labelled polygons of ONE class and write
     its package (see the module docstring). Returns the chosen CFAR settings, sample counts, the

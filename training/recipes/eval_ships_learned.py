@@ -13,12 +13,12 @@ equal recall: each detector's boxes are taken in score order down to CFAR's reca
 point (or the learned one's best recall when it never gets there), FP / TP there.
 
 ``--validate``: the same on the TRAINING part only (its top 60 % of the rows to train, the rest to
-score), for choosing the detector's design without the test area; ``--no-regress`` / ``--levels``
+score), for choosing the detector's design without the test area; ``--regress`` / ``--levels``
 (none to turn the extra proposal levels off) train the variants compared there.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
-       [--validate] [--no-regress] [--levels [DB ...]]
+       [--validate] [--regress] [--levels [DB ...]]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     pkg = out / f"{name}_s{seed}.pkg"
     base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True, regress=not a.no_regress, cfar_base=base)
+                              classes=["ship"], overwrite=True, regress=a.regress, cfar_base=base)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=2.0, help="training budget per run (the demo's: 2)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_ships_learned"))
     ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
-    ap.add_argument("--no-regress", action="store_true", help="no box branch (the format-1 scorer)")
+    ap.add_argument("--regress", action="store_true", help="train the box branch too (off by default: it lost on validation)")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()

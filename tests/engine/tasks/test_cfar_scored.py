@@ -215,10 +215,12 @@ def test_the_box_branch_moves_boxes_the_same_through_onnxruntime_and_torch(tmp_p
 
 
 def test_format_1_packages_still_run_and_unknown_formats_are_refused(tmp_path):
-    old = package(tmp_path / "old.pkg")  # no 'format' key, no box branch: as packages of the last round
+    old = package(tmp_path / "old.pkg")
     card = json.loads((old / "model.json").read_text())
-    assert "format" not in card["architecture"]["cfar_scored"] and "regress" in card["architecture"]["head"]
-    del card["architecture"]["head"]["regress"]  # a head written before the field existed
+    assert card["architecture"]["cfar_scored"]["format"] == 2 and card["architecture"]["head"]["regress"] is False
+    # as the packages of the last round: no format, no box-branch field, no proposal levels
+    del card["architecture"]["cfar_scored"]["format"], card["architecture"]["head"]["regress"]
+    del card["architecture"]["cfar"]["levels_db"]
     (old / "model.json").write_text(json.dumps(card))
     res = run_inference([str(scene(tmp_path / "s.tif"))], tmp_path / "d.gpkg", str(old),
                         InferenceOptions(input_units="db", score_threshold=0.0))
