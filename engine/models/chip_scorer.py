@@ -1,7 +1,10 @@
 """A small CNN that scores CFAR proposals: is the chip around a proposal a target, and where is its box.
 
 Input: ``chips`` (N, 1, S, S), the square around each proposal resampled to S x S pixels in
-normalised log intensity (``engine.cfar.chips``: dB minus the chip's median, / 10), and ``geometry``
+normalised log intensity (``engine.cfar.chips``: dB minus the chip's median, / 10), with
+``box_channel`` (format 2) a second channel: the share of each sample's cell inside the proposal's
+box (``chips.box_masks``), so that the network sees how the box fits the target (a piece of a ship
+and the whole ship have nearly the same chip), and ``geometry``
 (N, 3): log2 of the proposal's width, height (px) and of the chip's side (px), so that the network
 knows the scale the resampling removed. Output ``scores`` (N, 1): the target logit; with
 ``regress`` (package format 2) also ``deltas`` (N, 4): the box correction (``box_deltas``: centre
@@ -31,6 +34,11 @@ class ChipScorerConfig:
     width: int = 16  # channels of the first convolution (doubled at each of the 3 stride-2 stages)
     geometry: int = 3  # geometry features: log2 width, log2 height, log2 chip side
     regress: bool = False  # a box branch (output 'deltas'); False in format-1 packages
+    box_channel: bool = False  # a second input channel: the proposal's box drawn in the chip (format 2)
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.box_channel else 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +63,7 @@ class ChipScorer(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or ChipScorerConfig()
         w = cfg.width
-        self.features = nn.Sequential(_stage(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
+        self.features = nn.Sequential(_stage(cfg.channels, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
         self.mlp = nn.Sequential(nn.Linear(8 * w + cfg.geometry, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
         if cfg.regress:
             cells = (-(-cfg.chip // 8)) ** 2
@@ -106,7 +114,8 @@ def export_chip_scorer(model: ChipScorer, opset: int = 17) -> bytes:
     outs = ["scores", "deltas"] if model.cfg.regress else ["scores"]
     buf = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(model, (torch.zeros(2, 1, s, s), torch.zeros(2, g)), buf, input_names=["chips", "geometry"],
+        torch.onnx.export(model, (torch.zeros(2, model.cfg.channels, s, s), torch.zeros(2, g)), buf,
+                          input_names=["chips", "geometry"],
                           output_names=outs, opset_version=opset, dynamo=False,
                           dynamic_axes={"chips": {0: "n"}, "geometry": {0: "n"}, **{o: {0: "n"} for o in outs}})
     return buf.getvalue()

@@ -126,13 +126,13 @@ class ProposalScorer:
         return np.concatenate(outs[0]), (np.concatenate(outs[1]) if self.head.regress else None)
 
     def __call__(self, raster, units: str, objects: CfarObjects, source: str) -> CfarObjects:
-        from ..cfar.chips import chip_geometry, chip_sides, read_chips
+        from ..cfar.chips import chip_geometry, chip_sides, scorer_chips
 
         self.proposals += len(objects)
         if not len(objects):
             return objects
         sides = chip_sides(objects.boxes)
-        chips = read_chips(raster, units, objects.boxes, self.head.chip, source, self.given)
+        chips = scorer_chips(raster, units, objects.boxes, self.head, source, self.given)
         logits, deltas = self.run(chips, chip_geometry(objects.boxes, sides))
         if deltas is not None:  # the box branch moves each proposal's box (clipped to the raster)
             objects = refined(objects, deltas, sides, raster.width, raster.height)

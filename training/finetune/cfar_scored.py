@@ -91,13 +91,13 @@ def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
 
-def build_samples(rasters: list[str], truth: list, props: list, size: int, opts, seed: int) -> dict:
+def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed: int) -> dict:
     """Chips, geometry, score targets (``quality`` of a box's IoU with its target: 0 below 0.5, so
     pieces of a target and boxes around more are negatives, and of two boxes of one target the
     better-fitting scores higher, which NMS keeps) and box deltas to the best-overlapping target (``reg`` 1 where
     the IoU is >= ``REG_IOU``), of the proposals and the jittered labelled boxes."""
     from engine.cfar import CfarConfig
-    from engine.cfar.chips import chip_geometry, chip_sides, read_chips
+    from engine.cfar.chips import chip_geometry, chip_sides, scorer_chips
     from engine.cfar.scene import source_units
     from engine.models.chip_scorer import box_deltas
     from engine.reader import SarRaster
@@ -116,7 +116,7 @@ def build_samples(rasters: list[str], truth: list, props: list, size: int, opts,
         sides = chip_sides(boxes)
         with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
             units = source_units(src, cfg, [])
-            chips = read_chips(src, units, boxes, size, Path(r).name, bool(opts.input_units))
+            chips = scorer_chips(src, units, boxes, head, Path(r).name, bool(opts.input_units))
         parts["chips"].append(chips)
         parts["geometry"].append(chip_geometry(boxes, sides))
         parts["y"].append(np.concatenate([quality(np.where(label > 0, q, 0.0)), quality(qj)]).astype(np.float32))
@@ -166,7 +166,9 @@ def augment(chips: torch.Tensor, geometry: torch.Tensor, deltas: torch.Tensor):
     if torch.rand(()) < 0.5:  # counter-clockwise: a point at column offset dx moves to row offset -dx
         chips, geometry = torch.rot90(chips, 1, (-2, -1)), geometry[:, [1, 0, 2]]
         deltas = torch.stack([deltas[:, 1], -deltas[:, 0], deltas[:, 3], deltas[:, 2]], 1)
-    return chips * torch.empty(len(chips), 1, 1, 1).uniform_(0.8, 1.25), geometry, deltas
+    gain = torch.ones(len(chips), chips.shape[1], 1, 1)
+    gain[:, :1].uniform_(0.8, 1.25)  # the intensity channel only (not a box channel)
+    return chips * gain, geometry, deltas
 
 
 DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the deltas' scale in the box loss (torchvision's Faster R-CNN's)
@@ -224,12 +226,12 @@ def train_scorer(data: dict, cfg: FinetuneConfig, head, progress: Callable[[dict
     return model.eval(), history
 
 
-def training_threshold(model, rasters: list[str], truth: list, props: list, size: int, opts) -> float:
+def training_threshold(model, rasters: list[str], truth: list, props: list, head, opts) -> float:
     """The probability with the best F1 (IoU >= 0.5) of the whole detector on the training rasters
     (every proposal scored, NMS as inference): the operating point, not 0.5, because the jittered
     positives shift the scorer's prior."""
     from engine.cfar import CfarConfig
-    from engine.cfar.chips import read_chips
+    from engine.cfar.chips import scorer_chips
     from engine.cfar.objects import nms
     from engine.cfar.scene import source_units
     from engine.reader import SarRaster
@@ -240,7 +242,7 @@ def training_threshold(model, rasters: list[str], truth: list, props: list, size
     for r, (pb, _, pc) in zip(rasters, props):
         with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
             units = source_units(src, CfarConfig(input_units=opts.input_units), [])
-            chips = read_chips(src, units, pb, size, Path(r).name, bool(opts.input_units))
+            chips = scorer_chips(src, units, pb, head, Path(r).name, bool(opts.input_units))
             width, height = src.width, src.height
         pb, p = scored(model, pb, chips, width, height)
         k = np.sort(nms(pb, p, 0.5))
@@ -270,6 +272,7 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
                          class_field: str, classes: list[str] | None = None,
                          progress: Callable[[dict], None] | None = None, overwrite: bool = False,
                          cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = False,
+                         box_channel: bool = True,
                          **_ignored) -> dict:
     """Train a CFAR + chip scorer detector on raster(s) + labelled polygons of ONE class and write
     its package (see the module docstring). Returns the chosen CFAR settings, sample counts, the
@@ -298,10 +301,10 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
     base = {**CFAR_BASE, "levels_db": list(LEVELS_DB), **(cfar_base or {}), "class_name": names[0]}
     settings, tried = choose_proposals(rasters, truth, names, opts, base, pfas)
     _, props, _ = cfar_boxes(rasters, settings, opts, names)
-    head = ChipScorerConfig(regress=regress)
-    data = build_samples(rasters, truth, props, head.chip, opts, cfg.seed)
+    head = ChipScorerConfig(regress=regress, box_channel=box_channel)
+    data = build_samples(rasters, truth, props, head, opts, cfg.seed)
     model, history = train_scorer(data, cfg, head, progress, t0)
-    threshold = training_threshold(model, rasters, truth, props, head.chip, opts)
+    threshold = training_threshold(model, rasters, truth, props, head, opts)
     card = cfar_scored_card(settings, head.to_dict(), names[0], threshold, Path(output).stem, provenance={
         "training": "CFAR proposals + chip scorer (training.finetune.cfar_scored)",
         "training_rasters": [Path(r).name for r in rasters], "labels": Path(labels).name,

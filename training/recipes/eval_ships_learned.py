@@ -13,12 +13,12 @@ equal recall: each detector's boxes are taken in score order down to CFAR's reca
 point (or the learned one's best recall when it never gets there), FP / TP there.
 
 ``--validate``: the same on the TRAINING part only (its top 60 % of the rows to train, the rest to
-score), for choosing the detector's design without the test area; ``--regress`` / ``--levels``
+score), for choosing the detector's design without the test area; ``--regress`` / ``--no-box-channel`` / ``--levels``
 (none to turn the extra proposal levels off) train the variants compared there.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
-       [--validate] [--regress] [--levels [DB ...]]
+       [--validate] [--regress] [--no-box-channel] [--levels [DB ...]]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     pkg = out / f"{name}_s{seed}.pkg"
     base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True, regress=a.regress, cfar_base=base)
+                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel, cfar_base=base)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -148,8 +148,8 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
         learned = _read_detections(res.outputs["detections"])
     _, (cpreds,), _ = cfar_boxes([d["test_raster"]], cfar, opts, ["ship"])
     at = ev["cfar"]["recall"] or 0.0
-    row = lambda e: {k: e[k] for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
-                                       "score_threshold")}
+    row = lambda e: {k: e.get(k) for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
+                                           "score_threshold", "false_alarms_per_km2", "false_alarms_per_mpx")}
     return {"dataset": name, "seed": seed, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
             "proposals_pfa": tr["cfar"]["pfa"], "learned": row(ev), "cfar": {**row(ev["cfar"]), "pfa": cfar["pfa"]},
             "test_ships": int(len(truth)), "equal_recall": {"recall": at, "learned": fa_per_found(learned, truth, at),
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_ships_learned"))
     ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
     ap.add_argument("--regress", action="store_true", help="train the box branch too (off by default: it lost on validation)")
+    ap.add_argument("--no-box-channel", action="store_true", help="chips without the proposal's box drawn in")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()
@@ -187,15 +188,18 @@ def main() -> None:
             results.append(run(name, d, seed, a, out))
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'data':<7}{'seed':<5}{'row':<13}{'mAP@0.5':>8}{'mAP':>7}{'P':>6}{'R':>6}  FA per ship found at "
-          "CFAR's recall")
+    print(f"\n{'data':<7}{'seed':<5}{'row':<13}{'mAP@0.5':>8}{'mAP':>7}{'P':>6}{'R':>6}{'F1':>6}{'FA/area':>9}  FA per "
+          "ship found at CFAR's recall")
     for r in results:
         eq = r["equal_recall"]
         for k in ("learned", "cfar"):
             m, f = r[k], eq[k]
             fa = "-" if f["fa_per_found"] is None else f"{f['fa_per_found']:.2f} (recall {f['recall']:.2f})"
+            area = m.get("false_alarms_per_km2") if m.get("false_alarms_per_km2") is not None else m.get(
+                "false_alarms_per_mpx")
+            area = "-" if area is None else f"{area:.2f}" + ("/km2" if m.get("false_alarms_per_km2") is not None else "/Mpx")
             print(f"{r['dataset']:<7}{r['seed']:<5}{k:<13}{m['map_50']:>8.3f}{m['map']:>7.3f}"
-                  f"{m['precision'] or 0:>6.2f}{m['recall'] or 0:>6.2f}  {fa}")
+                  f"{m['precision'] or 0:>6.2f}{m['recall'] or 0:>6.2f}{m.get('f1') or 0:>6.2f}{area:>13}  {fa}")
     for name in a.datasets:
         rs = [r for r in results if r["dataset"] == name]
         if rs:

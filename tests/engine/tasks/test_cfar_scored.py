@@ -162,7 +162,7 @@ def regress_package(dest: Path, bias: tuple[float, float, float, float], onnx: b
     """A format-2 package whose box branch moves every box by ``bias`` (deltas: centre in chip sides,
     log width / height), its score seeded and untrained."""
     torch.manual_seed(0)
-    model = ChipScorer(ChipScorerConfig(regress=True)).eval()
+    model = ChipScorer(ChipScorerConfig(regress=True, box_channel=True)).eval()
     with torch.no_grad():
         model.box[-1].bias.copy_(torch.tensor(bias))
     card = cfar_scored_card(CFAR, model.cfg.to_dict(), "ship", 0.0, "scored-v2")
@@ -262,3 +262,17 @@ def test_proposal_levels_split_touching_ships_and_cut_sidelobes():
     assert not have(plain, [60, 80, 72, 84]) and have(levels, [60, 80, 72, 84])
     with pytest.raises(Exception, match="levels_db"):
         CfarConfig(levels_db=[-3.0])
+
+
+def test_the_box_channel_draws_the_proposal_in_its_chip():
+    from engine.cfar.chips import box_masks
+
+    boxes = np.array([[10, 10, 22, 14], [100, 50, 103, 80]], float)
+    sides = chip_sides(boxes)
+    m = box_masks(boxes, sides, 32)
+    assert m.shape == (2, 1, 32, 32) and m.max() <= 1.0
+    areas = m.sum((1, 2, 3)) * (sides / 32) ** 2  # cells -> px^2
+    np.testing.assert_allclose(areas, [48.0, 90.0], rtol=1e-4)
+    rows, cols = np.nonzero(m[0, 0])
+    assert rows.min() + rows.max() == 31 and cols.min() + cols.max() == 31  # centred
+    assert np.ptp(cols) > np.ptp(rows)  # wider than tall, as the box
