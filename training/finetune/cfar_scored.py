@@ -1,17 +1,21 @@
 """Training the CFAR proposal scorer (``detect.cfar_scored``) from rasters + labelled polygons:
 ``finetune_cfar_scored`` (``sarmae finetune --task detect --method cfar_scored``).
 
-1. Proposals: CA-CFAR; of its generic ``WINDOWS`` x false-alarm probabilities ``PFAS``, the
-   settings with the fewest proposals among those covering at least ``COVER`` of the best coverage
-   of the TRAINING labels (a target is covered by a proposal with IoU >= 0.5), with at most
-   ``MAX_PER_TARGET`` proposals per target. Every object is kept (score threshold 0).
-2. Samples: each proposal, positive when its IoU with a target is >= 0.5, left out when only its
-   centre lies in a target (a piece of a ship), else negative; plus ``JITTER`` jittered copies of
-   every labelled box as extra positives (so targets CFAR misses in training still teach the
-   scorer). Chips from ``engine.cfar.chips``, exactly as inference reads them.
-3. The scorer (``engine.models.chip_scorer``): BCE on the logit; flips / quarter turns (width and
-   height swap with the chip), contrast jitter. AdamW, one-cycle schedule, ``cfg.epochs`` epochs or
-   ``cfg.max_minutes``, whichever ends first.
+1. Proposals: CA-CFAR with the extra levels ``LEVELS_DB`` (``engine.cfar.objects.objects_at_levels``:
+   tighter boxes of the same objects, touching pixels only); of its generic ``WINDOWS`` x
+   false-alarm probabilities ``PFAS``, the settings with the fewest proposals among those covering
+   at least ``COVER`` of the best coverage of the TRAINING labels (a target is covered by a
+   proposal with IoU >= 0.5), with at most ``MAX_PER_TARGET`` proposals per target. Every object
+   is kept (score threshold 0).
+2. Samples: each proposal, its score target ``quality`` of its IoU with the best-overlapping
+   target (0 below 0.5: pieces of a ship and boxes around more are negatives; of two boxes of one
+   ship the better-fitting scores higher); plus ``JITTER`` jittered copies of every labelled box
+   (so targets CFAR misses in training still teach the scorer). Chips from ``engine.cfar.chips``
+   with the box channel, exactly as inference reads them.
+3. The scorer (``engine.models.chip_scorer``): BCE on the logit (+ smooth-L1 on the box deltas
+   when ``regress``); flips / quarter turns (width and height swap with the chip, the deltas
+   follow), contrast jitter; an epoch is at least ``EPOCH_SAMPLES`` samples. AdamW, one-cycle
+   schedule, ``cfg.epochs`` epochs or ``cfg.max_minutes``, whichever ends first.
 4. The package: CFAR settings + weights + model.onnx; the score threshold with the best F1 of the
    whole detector on the training rasters (within [0.05, 0.95]).
    Training-area mAP@0.5 of the whole detector is reported (not a held-out score).
