@@ -276,3 +276,20 @@ def test_the_box_channel_draws_the_proposal_in_its_chip():
     rows, cols = np.nonzero(m[0, 0])
     assert rows.min() + rows.max() == 31 and cols.min() + cols.max() == 31  # centred
     assert np.ptp(cols) > np.ptp(rows)  # wider than tall, as the box
+
+
+def test_bad_input_for_the_learned_detector_says_what_and_where(tmp_path):
+    """The issue's bad-input list, through the scorer's method: a background window larger than the
+    raster, and a land mask with no water (no boxes, and why), each naming the file."""
+    from engine.cfar import CfarConfigError
+
+    pkg = package(tmp_path / "p.pkg")
+    small = write_raster(tmp_path / "small.tif", np.full((30, 30), -20.0, np.float32), descriptions=["VV"])
+    with pytest.raises(CfarConfigError, match=r"small\.tif.*background window \(41 x 41 px\) is larger than the raster"):
+        run_inference([str(small)], tmp_path / "s.gpkg", str(pkg), InferenceOptions(input_units="db"))
+    path = scene(tmp_path / "s.tif")
+    land = write_raster(tmp_path / "land.tif", np.zeros((200, 200), np.uint8))
+    res = run_inference([str(path)], tmp_path / "l.gpkg", str(pkg), InferenceOptions(input_units="db",
+                                                                                    water_mask=str(land)))
+    assert res.statistics["detections"] == 0
+    assert any("land.tif" in w and "has no water" in w for w in res.statistics["warnings"]), res.statistics
