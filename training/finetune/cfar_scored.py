@@ -95,7 +95,8 @@ def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
 
-def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed: int) -> dict:
+def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed: int,
+                  floor: float | None = None) -> dict:
     """Chips, geometry, score targets (``quality`` of a box's IoU with its target: 0 below 0.5, so
     pieces of a target and boxes around more are negatives, and of two boxes of one target the
     better-fitting scores higher, which NMS keeps) and box deltas to the best-overlapping target (``reg`` 1 where
@@ -123,15 +124,19 @@ def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed
             chips = scorer_chips(src, units, boxes, head, Path(r).name, bool(opts.input_units))
         parts["chips"].append(chips)
         parts["geometry"].append(chip_geometry(boxes, sides))
-        parts["y"].append(np.concatenate([quality(np.where(label > 0, q, 0.0)), quality(qj)]).astype(np.float32))
+        parts["y"].append(np.concatenate([quality(np.where(label > 0, q, 0.0), floor),
+                                          quality(qj, floor)]).astype(np.float32))
         parts["deltas"].append(box_deltas(boxes, target, sides))
         parts["reg"].append(reg.astype(np.float32))
     return {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
 
 
-def quality(iou: np.ndarray) -> np.ndarray:
-    """The score target of a box of IoU ``iou`` with its target: 0 below 0.5, IoU / ``FULL_IOU`` up to 1."""
-    return np.where(iou >= 0.5, np.minimum(iou / FULL_IOU, 1.0), 0.0)
+def quality(iou: np.ndarray, floor: float | None = None) -> np.ndarray:
+    """The score target of a box of IoU ``iou`` with its target: 0 below 0.5; from 0.5 up, IoU /
+    ``FULL_IOU`` capped at 1, or with ``floor`` a line from ``floor`` at IoU 0.5 to 1 at ``FULL_IOU``."""
+    if floor is None:
+        return np.where(iou >= 0.5, np.minimum(iou / FULL_IOU, 1.0), 0.0)
+    return np.where(iou >= 0.5, floor + (1 - floor) * np.clip((iou - 0.5) / (FULL_IOU - 0.5), 0, 1), 0.0)
 
 
 def matches(props: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -276,7 +281,7 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
                          class_field: str, classes: list[str] | None = None,
                          progress: Callable[[dict], None] | None = None, overwrite: bool = False,
                          cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = False,
-                         box_channel: bool = True,
+                         box_channel: bool = True, quality_floor: float | None = None,
                          **_ignored) -> dict:
     """Train a CFAR + chip scorer detector on raster(s) + labelled polygons of ONE class and write
     its package (see the module docstring). Returns the chosen CFAR settings, sample counts, the
@@ -306,7 +311,7 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
     settings, tried = choose_proposals(rasters, truth, names, opts, base, pfas)
     _, props, _ = cfar_boxes(rasters, settings, opts, names)
     head = ChipScorerConfig(regress=regress, box_channel=box_channel)
-    data = build_samples(rasters, truth, props, head, opts, cfg.seed)
+    data = build_samples(rasters, truth, props, head, opts, cfg.seed, quality_floor)
     model, history = train_scorer(data, cfg, head, progress, t0)
     threshold = training_threshold(model, rasters, truth, props, head, opts)
     card = cfar_scored_card(settings, head.to_dict(), names[0], threshold, Path(output).stem, provenance={

@@ -111,8 +111,16 @@ def fa_per_found(preds: tuple, truth: np.ndarray, recall: float) -> dict:
     reach = np.flatnonzero(ctp >= recall * n - 1e-9)
     k = int(reach[0]) if len(reach) else int(np.argmax(ctp)) if len(ctp) else 0
     found = int(ctp[k]) if len(ctp) else 0
+    on_ships = 0  # false alarms there that overlap a ship (pieces, duplicates), the rest being clutter
+    if len(ctp) and len(truth):
+        import torch
+        from torchvision.ops import box_iou
+
+        top = np.argsort(-s, kind="stable")[:k + 1]
+        fp = top[~tp[:k + 1]]
+        on_ships = int((box_iou(torch.as_tensor(b[fp]), torch.as_tensor(truth)).numpy().max(1) > 0).sum())
     return {"recall": found / n, "false_alarms": int(k + 1 - found) if len(ctp) else 0,
-            "fa_per_found": (k + 1 - found) / found if found else None}
+            "fa_per_found": (k + 1 - found) / found if found else None, "false_alarms_on_ships": on_ships}
 
 
 def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
@@ -136,7 +144,8 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     pkg = out / f"{name}_s{seed}.pkg"
     base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel, cfar_base=base)
+                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel,
+                              quality_floor=a.quality_floor, cfar_base=base)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -166,6 +175,8 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
     ap.add_argument("--regress", action="store_true", help="train the box branch too (off by default: it lost on validation)")
     ap.add_argument("--no-box-channel", action="store_true", help="chips without the proposal's box drawn in")
+    ap.add_argument("--quality-floor", type=float, default=None,
+                    help="score target at IoU 0.5 (rising to 1 at IoU 0.8); default: IoU / 0.8")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()
