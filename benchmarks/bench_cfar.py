@@ -3,8 +3,12 @@
   speed:  Mpx/s of ``run_cfar`` (read + radiometry + CA-CFAR + components + NMS + GeoPackage) over
           a generated ``--size``^2 single-look linear-power scene with ships (target >= 20 Mpx/s
           on 2 cores); ``--methods ca os`` also times order-statistic CFAR
-  memory: peak resident memory of a process running CFAR over a 4096^2 scene and over 16384 rows
-          x 2048 columns (and 16384 x 4096): the strips keep it flat in the raster's height
+  memory: peak resident memory of a process running CFAR over 4096 and 16384 rows of the same width
+          (8192 columns; ``--memory-width``): the strips keep it flat in the raster's height
+
+The machine may be shared: every speed line also gives the process's CPU-seconds per Mpx (which
+load does not change much), and the load average is printed before and after; ``--threads`` is
+compared with one thread in the same run (the ratio of the two).
 
   --against REV: the same speed runs with the engine of git revision REV (extracted with
           ``git archive`` to ``benchmarks/_work/engine_REV``), and the ratio of the speeds
@@ -14,13 +18,14 @@ imported before the clock starts (their one-off import is not detection time). S
 once to ``benchmarks/_work/`` (block by block; an 8192^2 float32 scene takes 256 MB of disk).
 
 Usage: python benchmarks/bench_cfar.py [--size 8192] [--threads 2] [--methods ca os] [--no-memory]
-       [--against 64016b6]
+       [--memory-width 8192] [--against 64016b6]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +103,10 @@ def old_engine(rev: str) -> Path:
     return dest
 
 
+def load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192)
@@ -105,14 +114,21 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ca"], choices=["ca", "os"])
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--against", metavar="REV", help="also time the engine of this git revision")
+    ap.add_argument("--memory-width", type=int, default=8192, help="columns of the memory scenes")
     a = ap.parse_args()
+    print(f"load average (1, 5, 15 min): {load()} on {os.cpu_count()} CPUs", flush=True)
     big = make_scene(WORK / f"cfar_{a.size}x{a.size}.tif", a.size, a.size)
     for method in a.methods:
         m = measure(big, method, a.threads)
         print(f"speed  {method.upper()}-CFAR {a.size}^2: {m['seconds']:.2f} s, {m['mpx'] / m['seconds']:.1f} Mpx/s "
               f"({m['objects']} objects; {a.threads} threads; target >= 20 Mpx/s); {m['mpx'] / m['cpu_seconds']:.1f} Mpx "
-              f"per CPU-second (what a loaded machine hides); peak {m['peak_mb']:.0f} MB",
-              flush=True)
+              f"per CPU-second, {1000 * m['cpu_seconds'] / m['mpx']:.1f} CPU-ms per Mpx (what a loaded machine "
+              f"hides); peak {m['peak_mb']:.0f} MB", flush=True)
+        if a.threads > 1:
+            one = measure(big, method, 1)
+            print(f"       1 thread: {one['seconds']:.2f} s, {one['mpx'] / one['seconds']:.1f} Mpx/s, "
+                  f"{one['mpx'] / one['cpu_seconds']:.1f} Mpx per CPU-second; {a.threads} threads are "
+                  f"{one['seconds'] / m['seconds']:.2f}x as fast (wall)", flush=True)
         if a.against:
             o = measure(big, method, a.threads, old_engine(a.against))
             print(f"       {a.against}: {o['seconds']:.2f} s, {o['mpx'] / o['seconds']:.1f} Mpx/s, "
@@ -121,13 +137,14 @@ def main() -> None:
                   "(CPU)", flush=True)
     if a.no_memory:
         return
-    peaks = {}
-    for h, w in ((4096, 4096), (16384, 2048), (16384, 4096)):
+    peaks, w = {}, a.memory_width
+    for h in (4096, 16384):
         m = measure(make_scene(WORK / f"cfar_{h}x{w}.tif", h, w), "ca", a.threads)
-        peaks[(h, w)] = m["peak_mb"]
-        print(f"memory {h} rows x {w} cols: peak {m['peak_mb']:.0f} MB ({m['mpx'] / m['seconds']:.1f} Mpx/s)", flush=True)
-    print(f"memory ratio 16384x2048 / 4096^2: {peaks[(16384, 2048)] / peaks[(4096, 4096)]:.2f}; "
-          f"16384x4096 / 4096^2 (same width, 4x the rows): {peaks[(16384, 4096)] / peaks[(4096, 4096)]:.2f}")
+        peaks[h] = m["peak_mb"]
+        print(f"memory {h} rows x {w} cols: peak {m['peak_mb']:.0f} MB ({m['mpx'] / m['seconds']:.1f} Mpx/s, "
+              f"{m['mpx'] / m['cpu_seconds']:.1f} Mpx per CPU-second)", flush=True)
+    print(f"memory ratio 16384 / 4096 rows x {w} cols (4x the rows): {peaks[16384] / peaks[4096]:.2f}")
+    print(f"load average after (1, 5, 15 min): {load()}")
 
 
 if __name__ == "__main__":

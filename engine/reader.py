@@ -303,6 +303,7 @@ class SarRaster:
         valid = np.zeros((out_h, out_w), dtype=bool)
         ok = np.ones((h, w), dtype=bool)
         rio_win = RioWindow(c0, r0, w, h)  # rasterio's order: col_off, row_off, width, height
+        got = []  # (channel, values, mask, nodata, scale, offset): only GDAL's calls hold the lock
         with self._lock, rasterio.Env(**gdal_env_options()):
             for f, ds in enumerate(self._ds):
                 picks = [(k, c.band) for k, c in enumerate(self._channels) if c.file == f]
@@ -320,15 +321,19 @@ class SarRaster:
                         f"{self.paths[f]}: reading rows {r0}..{r0 + h - 1}, columns {c0}..{c0 + w - 1} failed "
                         f"({_gdal_reason(e)}); the file is truncated or damaged: copy it again (or re-export it) "
                         "and check it with 'gdalinfo -checksum'") from e
-                for k, band in picks:
-                    j = indexes.index(band)
-                    arr = raw[j]
-                    ok &= _valid_of(arr, ds.nodatavals[band - 1])
-                    if masks is not None:
-                        ok &= masks[j] > 0
-                    x[k, :h, :w] = self._to_float(arr, ds.scales[band - 1], ds.offsets[band - 1])
-        ok &= np.isfinite(x[:, :h, :w]).all(axis=0)  # scale/offset or |z|^2 may overflow float32
-        x[:, :h, :w][:, ~ok] = 0.0
+                got += [(k, raw[indexes.index(b)], None if masks is None else masks[indexes.index(b)],
+                         ds.nodatavals[b - 1], ds.scales[b - 1], ds.offsets[b - 1]) for k, b in picks]
+        converted = False  # values changed on the way to float32 (they may overflow: checked below)
+        for k, arr, mask, nodata, scale, offset in got:  # outside the lock: other threads read meanwhile
+            ok &= _valid_of(arr, nodata)
+            if mask is not None:
+                ok &= mask > 0
+            converted |= np.iscomplexobj(arr) or scale not in (None, 1.0) or offset not in (None, 0.0)
+            x[k, :h, :w] = self._to_float(arr, scale, offset)
+        if converted:  # scale/offset or |z|^2 may overflow float32
+            ok &= np.isfinite(x[:, :h, :w]).all(axis=0)
+        if not ok.all():
+            x[:, :h, :w][:, ~ok] = 0.0
         valid[:h, :w] = ok
         return x, valid
 

@@ -222,7 +222,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cfar_row(a: argparse.Namespace) -> dict | None:
     """The CFAR settings of ``evaluate --cfar`` for a detection package: none; a CFAR package's;
-    auto: a cfar_scored package's own proposals ranked by CFAR's score (what its scorer adds), else
+    auto: a cfar_scored package's CFAR settings (its proposals at their threshold, without the extra
+    proposal levels) ranked by CFAR's score (what its scorer adds), else
     the CFAR defaults (engine.cfar.CfarConfig)."""
     from engine.package import read_card
 
@@ -238,7 +239,8 @@ def _cfar_row(a: argparse.Namespace) -> dict | None:
         return dict(card.architecture.extra["cfar"])
     card = read_card(a.package)
     if card.architecture.name in ("cfar", "cfar_scored"):
-        return {**card.architecture.extra["cfar"], "score_threshold": 0.0}
+        # CFAR alone at the package's settings (a scorer's extra proposal levels are not CFAR's)
+        return {**card.architecture.extra["cfar"], "score_threshold": 0.0, "levels_db": []}
     return {"class_name": card.class_names[0]}
 
 

@@ -59,6 +59,31 @@ def sample_chips(db: np.ndarray, valid: np.ndarray, row0: int, boxes: np.ndarray
     return np.clip(out, *CLIP).astype(np.float32).reshape(n, 1, size, size)
 
 
+def box_masks(boxes: np.ndarray, sides: np.ndarray, size: int) -> np.ndarray:
+    """(n, 1, size, size) float32: the share of each chip cell (the chips of ``sample_chips``: side
+    ``sides`` centred on each box) that lies inside the box (its outline to a fraction of a cell)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    s = np.asarray(sides, np.float64)[:, None]
+    edges = (np.arange(size) / size - 0.5)[None, :] * s  # cells' low edges, relative to the centre
+    step = s / size
+
+    def cover(lo, hi):  # (n, size): overlap of [lo, hi] with each cell, in cells
+        return np.clip(np.minimum(hi[:, None], edges + step) - np.maximum(lo[:, None], edges), 0, None) / step
+
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    cols, rows = cover(b[:, 0] - cx, b[:, 2] - cx), cover(b[:, 1] - cy, b[:, 3] - cy)
+    return (rows[:, :, None] * cols[:, None, :]).astype(np.float32)[:, None]
+
+
+def scorer_chips(raster, units: str, boxes: np.ndarray, head, source: str, given_units: bool = False) -> np.ndarray:
+    """What a chip scorer of config ``head`` reads for ``boxes``: their chips, plus the box channel
+    when the scorer has one."""
+    chips = read_chips(raster, units, boxes, head.chip, source, given_units)
+    if not getattr(head, "box_channel", False):
+        return chips
+    return np.concatenate([chips, box_masks(boxes, chip_sides(boxes), head.chip)], 1)
+
+
 def to_db(power: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """10 log10 of linear power (floored at 1e-10) where valid, else 0."""
     return np.where(valid, 10.0 * np.log10(np.maximum(power, 1e-10)), 0.0).astype(np.float32)

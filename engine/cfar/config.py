@@ -45,6 +45,7 @@ class CfarConfig:
     class_name: str = "target"  # class written with every box
     score_threshold: float = 0.0  # keep boxes with at least this score (0: every box at the pfa)
     nms_iou: float = 0.5  # boxes overlapping more than this across strips are merged (best score kept)
+    levels_db: list[float] = field(default_factory=list)  # proposals: + objects above threshold x 10^(L/10), L > 0, and merge 0
     block_rows: int = 512  # rows of the raster processed at once (memory ~ width x (rows + 2 margins))
     threads: int = 2  # strips processed at once
 
@@ -83,6 +84,8 @@ class CfarConfig:
             raise bad("score_threshold must lie in [0, 1) and nms_iou in (0, 1]")
         if self.merge_gap is not None and not self.merge_gap >= 0:
             raise bad(f"merge_gap={self.merge_gap} must be >= 0 (0: only touching pixels form one object)")
+        if any(not (isinstance(v, (int, float)) and 0 < v <= 60) for v in self.levels_db):
+            raise bad(f"levels_db={self.levels_db}: each level is dB above the detection threshold, in (0, 60]")
         if self.pixel_spacing_m is not None and not self.pixel_spacing_m > 0:
             raise bad(f"pixel_spacing_m={self.pixel_spacing_m} must be > 0")
 

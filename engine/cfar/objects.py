@@ -16,6 +16,7 @@ measured on the (row, column) spacing of the grid.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,6 +172,26 @@ def objects_of(detected: np.ndarray, ratio: np.ndarray, px: CfarPixels) -> CfarO
     return obj.take(keep)
 
 
+def objects_at_levels(cm, px: CfarPixels, levels_db=()) -> CfarObjects:
+    """The objects of a CFAR map (``statistics.CfarMap``) at its detection threshold; with
+    ``levels_db`` (proposals for a learned scorer) also, for each level L, those of the pixels above
+    the threshold x 10^(L/10), and at every level the objects of touching pixels only (merge 0) beside
+    those grouped across ``px.merge``: a ship split from a neighbour it touches at the threshold, or
+    cut from its sidelobes. A box found more than once is kept once (its lowest level)."""
+    obj = objects_of(cm.detected, cm.ratio, px)
+    if not len(levels_db):
+        return obj
+    tight = dataclasses.replace(px, merge=0)
+    parts = [obj]
+    for lv in [0.0, *sorted(levels_db)]:
+        mask = cm.detected if lv == 0 else cm.ratio > np.float32(10 ** (lv / 10))
+        parts += ([objects_of(mask, cm.ratio, px)] if lv else []) + ([objects_of(mask, cm.ratio, tight)]
+                                                                      if px.merge else [])
+    obj = CfarObjects.concat(parts)
+    _, first = np.unique(obj.boxes, axis=0, return_index=True)
+    return obj.take(np.sort(first))
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indexes kept by greedy non-maximum suppression (best score first), numpy only: a box is
     dropped when its IoU with a kept, better-scored box exceeds ``iou``."""
@@ -199,5 +220,5 @@ def detect_array(power: np.ndarray, valid: np.ndarray | None, cfg, px: CfarPixel
     power = np.asarray(power, np.float32)
     valid = np.isfinite(power) if valid is None else valid & np.isfinite(power)
     m = cfar_map(np.where(valid, power, np.float32(0)), valid, cfg, px)
-    obj = objects_of(m.detected, m.ratio, px)
+    obj = objects_at_levels(m, px, cfg.levels_db)
     return obj.take(obj.scores >= cfg.score_threshold)

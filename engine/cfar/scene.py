@@ -22,7 +22,7 @@ from engine.errors import CancelledError, RasterInputError
 from engine.tiling import Window
 
 from .config import CfarConfig, CfarConfigError, CfarPixels
-from .objects import CfarObjects, nms, objects_of
+from .objects import CfarObjects, nms, objects_at_levels
 from .order import os_grid
 from .statistics import cfar_map
 
@@ -209,7 +209,9 @@ def _strips(raster, mask, cfg: CfarConfig, px: CfarPixels, units: str, source: s
         # objects from the rows whose statistics are complete (the overlap), kept when centred in r0..r1
         lo, hi = (r0 - over - e0 if r0 - over > 0 else 0), (r1 + over - e0 if r1 + over < h else e1 - e0)
         cm.detected[:lo], cm.detected[hi:] = False, False
-        obj = objects_of(cm.detected, cm.ratio, px).shifted(e0)
+        if cfg.levels_db:
+            cm.ratio[:lo], cm.ratio[hi:] = 0, 0
+        obj = objects_at_levels(cm, px, cfg.levels_db).shifted(e0)
         obj = obj.take((obj.centre_rows >= r0) & (obj.centre_rows < r1) & (obj.scores >= cfg.score_threshold))
         core = slice(r0 - e0, r1 - e0)
         tested = int(cm.tested_rows[core].sum())

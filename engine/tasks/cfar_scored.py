@@ -9,11 +9,14 @@ runs from the package's model.onnx through onnxruntime (no torch) or from its we
 (``sarmae finetune --task detect --method cfar_scored``). Its package::
 
     {"task": "detect", "architecture": {"name": "cfar_scored", "cfar": {CfarConfig settings},
-     "head": {ChipScorerConfig}, "cfar_scored": {"score_threshold": p}}, "input": {...}, "classes": [one class],
+     "head": {ChipScorerConfig}, "cfar_scored": {"score_threshold": p, "format": 2}}, "input": {...},
+     "classes": [one class],
      "output": "boxes", "weights": {...}, "onnx": {"fp32": {...}}}
 
-It writes the same GeoPackage layer as ``detect.cfar`` (the proposal's box, CFAR ratio, pixels,
-area and length; score = the scorer's probability). Run options as ``detect.cfar``, plus
+("format" 2: the scorer also has a box branch, ``head.regress``; format 1, no key: scores only,
+the proposal's box kept). It writes the same GeoPackage layer as ``detect.cfar`` (the box, refined
+by the box branch when there is one; CFAR ratio, pixels, area and length of the proposal's detected
+pixels; score = the scorer's probability). Run options as ``detect.cfar``, plus
 ``backend`` (auto: onnxruntime when the package has a model.onnx, else torch) and ``threads``.
 """
 
@@ -27,6 +30,8 @@ from ..types import InferenceOptions
 from .cfar import CfarTask
 
 BATCH = 256  # chips per forward pass
+KEEP_IOU = 0.7  # a refined box this close to its proposal keeps the proposal's box (``refined``)
+FORMAT = 2  # architecture.cfar_scored.format: 1 (no key) scores only; 2 adds the box branch (head.regress)
 
 
 def probabilities(out: np.ndarray) -> np.ndarray:
@@ -40,6 +45,31 @@ def rescore(objects: CfarObjects, probs: np.ndarray, threshold: float, nms_iou: 
     o = CfarObjects(objects.boxes, probs, objects.ratios, objects.pixels, objects.lengths, objects.centre_rows)
     o = o.take(probs >= threshold)
     return o.take(np.sort(nms(o.boxes, o.scores, nms_iou))) if len(o) else o
+
+
+def refined(objects: CfarObjects, deltas: np.ndarray, sides: np.ndarray, width: int, height: int,
+            keep_iou: float = KEEP_IOU) -> CfarObjects:
+    """The objects with their boxes moved by the scorer's ``deltas`` and clipped to the raster, where
+    the move is large: a refined box overlapping its proposal by ``keep_iou`` or more is dropped
+    for the proposal (CFAR's box is exact to the pixel around what it detected; the branch sees
+    the chip resampled, at 1.5 px per sample or coarser, so its small moves are mostly noise; its
+    large ones cut sidelobes, complete pieces and split merged boxes)."""
+    from ..models.chip_scorer import apply_deltas
+
+    b = apply_deltas(objects.boxes, deltas, sides)
+    b = np.clip(b, 0.0, np.array([width, height, width, height], np.float64))
+    small = pairwise_iou(b, objects.boxes) >= keep_iou
+    b[small] = objects.boxes[small]
+    return CfarObjects(b, objects.scores, objects.ratios, objects.pixels, objects.lengths, (b[:, 1] + b[:, 3]) / 2)
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of each box of ``a`` with the box of ``b`` in the same row (n, 4 each)."""
+    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = w * h
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 class ProposalScorer:
@@ -76,30 +106,37 @@ class ProposalScorer:
             self.model = package.model
             self.version = torch.__version__
 
-    def run(self, chips: np.ndarray, geometry: np.ndarray) -> np.ndarray:
-        """(n, 1, S, S), (n, 3) -> (n, 1) float32 logits, in batches."""
-        outs = [np.zeros((0, 1), np.float32)]
+    def run(self, chips: np.ndarray, geometry: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, 1, S, S), (n, 3) -> (n, 1) float32 logits and, with a box branch, (n, 4) deltas
+        (else None), in batches."""
+        names = ["scores", "deltas"] if self.head.regress else ["scores"]
+        outs: list[list[np.ndarray]] = [[np.zeros((0, 1), np.float32)], [np.zeros((0, 4), np.float32)]]
         for i in range(0, len(chips), BATCH):
             c, g = chips[i:i + BATCH], geometry[i:i + BATCH]
             if self.kind == "onnxruntime":
-                outs.append(self.session.run(["scores"], {"chips": c, "geometry": g})[0])
+                got = self.session.run(names, {"chips": c, "geometry": g})
             else:
                 import torch
 
                 with torch.no_grad():
-                    outs.append(self.model(torch.from_numpy(c), torch.from_numpy(g)).numpy())
-        return np.concatenate(outs)
+                    got = self.model(torch.from_numpy(c), torch.from_numpy(g))
+                got = [t.numpy() for t in (got if isinstance(got, tuple) else (got,))]
+            for k, o in enumerate(got):
+                outs[k].append(o)
+        return np.concatenate(outs[0]), (np.concatenate(outs[1]) if self.head.regress else None)
 
     def __call__(self, raster, units: str, objects: CfarObjects, source: str) -> CfarObjects:
-        from ..cfar.chips import chip_geometry, chip_sides, read_chips
+        from ..cfar.chips import chip_geometry, chip_sides, scorer_chips
 
         self.proposals += len(objects)
         if not len(objects):
             return objects
         sides = chip_sides(objects.boxes)
-        chips = read_chips(raster, units, objects.boxes, self.head.chip, source, self.given)
-        probs = probabilities(self.run(chips, chip_geometry(objects.boxes, sides)))
-        kept = rescore(objects, probs, self.threshold, self.nms_iou)
+        chips = scorer_chips(raster, units, objects.boxes, self.head, source, self.given)
+        logits, deltas = self.run(chips, chip_geometry(objects.boxes, sides))
+        if deltas is not None:  # the box branch moves each proposal's box (clipped to the raster)
+            objects = refined(objects, deltas, sides, raster.width, raster.height)
+        kept = rescore(objects, probabilities(logits), self.threshold, self.nms_iou)
         self.kept += len(kept)
         return kept
 
@@ -129,6 +166,13 @@ class CfarScoredTask(CfarTask):
                             "train the package again with 'sarmae finetune --task detect --method cfar_scored'")
         own = card.architecture.extra.get("cfar_scored")
         t = own.get("score_threshold") if isinstance(own, dict) else None
+        fmt = own.get("format", 1) if isinstance(own, dict) else 1
+        if fmt not in range(1, FORMAT + 1):
+            problems.append(f"'architecture.cfar_scored.format' is {fmt!r}, but this sarmae reads formats 1 to {FORMAT}: "
+                            "update sarmae, or train the package again with this version")
+        elif isinstance(card.architecture.head, dict) and card.architecture.head.get("regress") and fmt < 2:
+            problems.append("'architecture.head.regress' (a box branch) needs 'architecture.cfar_scored.format' 2; "
+                            "train the package again with 'sarmae finetune --task detect --method cfar_scored'")
         if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
             problems.append(f"'architecture.cfar_scored.score_threshold' must be a probability in [0, 1) (found "
                             f"{t!r}); train the package again, or set it (0.5 is the scorer's even odds)")
@@ -138,7 +182,8 @@ class CfarScoredTask(CfarTask):
         h = card.architecture.head
         return super().summary(card)[:2] + [
             f"scorer:        small CNN on {h['chip']}x{h['chip']} chips around each CFAR proposal (width "
-            f"{h.get('width')}); score threshold {self.score_threshold(card, InferenceOptions()):g}"]
+            f"{h.get('width')}{'; boxes refined by its box branch' if h.get('regress') else ''}); "
+            f"score threshold {self.score_threshold(card, InferenceOptions()):g}"]
 
     def score_threshold(self, card, options: InferenceOptions) -> float:
         """The probability a box needs: the run's ``score_threshold``, else the package's (chosen in training)."""
@@ -165,8 +210,8 @@ def cfar_scored_card(cfar: dict, head: dict, class_name: str, threshold: float, 
     if not 0.0 <= threshold < 1.0:
         raise PackageError(f"score threshold {threshold} must lie in [0, 1)")
     # the method's own settings under its name (as every method's card, which the plugin reads)
-    arch = {"name": "cfar_scored", "cfar": cfg.to_dict(), "head": dict(head),
-            "cfar_scored": {"score_threshold": float(threshold)}}
+    own = {"score_threshold": float(threshold), "format": FORMAT}
+    arch = {"name": "cfar_scored", "cfar": cfg.to_dict(), "head": dict(head), "cfar_scored": own}
     # what the scorer sees: 10 log10(power) minus each chip's median, / 10 (engine.cfar.chips)
     inp = {"bands": ["band 1"], "units": "db", "clip": [-30.0, 60.0], "mean": [0.0], "std": [10.0], "nodata": "mask",
            "pixel_spacing_m": None, "chip": "dB minus the chip's median (engine.cfar.chips)"}

@@ -12,8 +12,13 @@ mAP@[.5:.95], precision / recall at each one's threshold), plus false alarms per
 equal recall: each detector's boxes are taken in score order down to CFAR's recall at its operating
 point (or the learned one's best recall when it never gets there), FP / TP there.
 
+``--validate``: the same on the TRAINING part only (its top 60 % of the rows to train, the rest to
+score), for choosing the detector's design without the test area; ``--regress`` / ``--no-box-channel`` / ``--levels``
+(none to turn the extra proposal levels off) train the variants compared there.
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
+       [--validate] [--regress] [--no-box-channel] [--levels [DB ...]]
 """
 
 from __future__ import annotations
@@ -60,6 +65,42 @@ def demo_data(out: Path, seed: int, frac: float = 0.6) -> dict:
     return res
 
 
+def inner_split(d: dict, out: Path, frac: float = 0.6) -> dict:
+    """The training raster's top ``frac`` of the rows as 'train', the rest as 'test' (validation),
+    with the labels of each (pixel-coordinate GeoJSON of a raster without georeferencing is moved
+    with its rows)."""
+    import fiona
+    import rasterio
+    from rasterio.windows import Window, transform
+    from shapely.affinity import translate
+    from shapely.geometry import mapping, shape
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = {k: d[k] for k in ("bands", "units")}
+    with rasterio.open(d["train_raster"]) as src:
+        cut = int(round(frac * src.height))
+        geo = src.crs is not None
+        for split, (r0, r1) in (("train", (0, cut)), ("test", (cut, src.height))):
+            win = Window(0, r0, src.width, r1 - r0)
+            prof = {**src.profile, "height": r1 - r0}
+            if geo:
+                prof["transform"] = transform(win, src.transform)
+            path = out / f"val_{split}.tif"
+            with rasterio.open(path, "w", **prof) as dst:
+                dst.write(src.read(window=win))
+            res[f"{split}_raster"] = str(path)
+            if geo:
+                res[f"{split}_vector"] = d["train_vector"]
+                continue
+            with fiona.open(d["train_vector"]) as vec:
+                feats = [{"type": "Feature", "properties": dict(f["properties"]),
+                          "geometry": mapping(translate(shape(f["geometry"]), 0, -r0))} for f in vec]
+            vpath = out / f"val_{split}.geojson"
+            vpath.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+            res[f"{split}_vector"] = str(vpath)
+    return res
+
+
 def fa_per_found(preds: tuple, truth: np.ndarray, recall: float) -> dict:
     """Boxes in score order down to ``recall`` (or the best reached): false alarms per ship found there."""
     from training.evaluate import match_boxes
@@ -70,8 +111,16 @@ def fa_per_found(preds: tuple, truth: np.ndarray, recall: float) -> dict:
     reach = np.flatnonzero(ctp >= recall * n - 1e-9)
     k = int(reach[0]) if len(reach) else int(np.argmax(ctp)) if len(ctp) else 0
     found = int(ctp[k]) if len(ctp) else 0
+    on_ships = 0  # false alarms there that overlap a ship (pieces, duplicates), the rest being clutter
+    if len(ctp) and len(truth):
+        import torch
+        from torchvision.ops import box_iou
+
+        top = np.argsort(-s, kind="stable")[:k + 1]
+        fp = top[~tp[:k + 1]]
+        on_ships = int((box_iou(torch.as_tensor(b[fp]), torch.as_tensor(truth)).numpy().max(1) > 0).sum())
     return {"recall": found / n, "false_alarms": int(k + 1 - found) if len(ctp) else 0,
-            "fa_per_found": (k + 1 - found) / found if found else None}
+            "fa_per_found": (k + 1 - found) / found if found else None, "false_alarms_on_ships": on_ships}
 
 
 def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
@@ -93,8 +142,10 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     cfg = FinetuneConfig(task="detect", epochs=a.epochs, batch_size=128, seed=seed, bands=d["bands"],
                          input_units=d["units"], device="cpu", max_minutes=a.max_minutes)
     pkg = out / f"{name}_s{seed}.pkg"
+    base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True)
+                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel,
+                              quality_floor=a.quality_floor, cfar_base=base)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -106,8 +157,8 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
         learned = _read_detections(res.outputs["detections"])
     _, (cpreds,), _ = cfar_boxes([d["test_raster"]], cfar, opts, ["ship"])
     at = ev["cfar"]["recall"] or 0.0
-    row = lambda e: {k: e[k] for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
-                                       "score_threshold")}
+    row = lambda e: {k: e.get(k) for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
+                                           "score_threshold", "false_alarms_per_km2", "false_alarms_per_mpx")}
     return {"dataset": name, "seed": seed, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
             "proposals_pfa": tr["cfar"]["pfa"], "learned": row(ev), "cfar": {**row(ev["cfar"]), "pfa": cfar["pfa"]},
             "test_ships": int(len(truth)), "equal_recall": {"recall": at, "learned": fa_per_found(learned, truth, at),
@@ -121,6 +172,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--max-minutes", type=float, default=2.0, help="training budget per run (the demo's: 2)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_ships_learned"))
+    ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
+    ap.add_argument("--regress", action="store_true", help="train the box branch too (off by default: it lost on validation)")
+    ap.add_argument("--no-box-channel", action="store_true", help="chips without the proposal's box drawn in")
+    ap.add_argument("--quality-floor", type=float, default=None,
+                    help="score target at IoU 0.5 (rising to 1 at IoU 0.8); default: IoU / 0.8")
+    ap.add_argument("--levels", type=float, nargs="*", default=None,
+                    help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()
     from training.recipes.eval_smoke import ships_data
 
@@ -129,23 +187,30 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
     done = {(r["dataset"], r["seed"]) for r in results}
     hrsid = ships_data(out / "hrsid") if "hrsid" in a.datasets else None
+    if hrsid is not None and a.validate:
+        hrsid = inner_split(hrsid, out / "hrsid_val")
     for name in a.datasets:
         for seed in a.seeds:
             if (name, seed) in done:
                 continue
             d = hrsid if name == "hrsid" else demo_data(out / "demo", seed)
+            if name == "demo" and a.validate:
+                d = inner_split(d, out / f"demo_val{seed}")
             results.append(run(name, d, seed, a, out))
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'data':<7}{'seed':<5}{'row':<13}{'mAP@0.5':>8}{'mAP':>7}{'P':>6}{'R':>6}  FA per ship found at "
-          "CFAR's recall")
+    print(f"\n{'data':<7}{'seed':<5}{'row':<13}{'mAP@0.5':>8}{'mAP':>7}{'P':>6}{'R':>6}{'F1':>6}{'FA/area':>9}  FA per "
+          "ship found at CFAR's recall")
     for r in results:
         eq = r["equal_recall"]
         for k in ("learned", "cfar"):
             m, f = r[k], eq[k]
             fa = "-" if f["fa_per_found"] is None else f"{f['fa_per_found']:.2f} (recall {f['recall']:.2f})"
+            area = m.get("false_alarms_per_km2") if m.get("false_alarms_per_km2") is not None else m.get(
+                "false_alarms_per_mpx")
+            area = "-" if area is None else f"{area:.2f}" + ("/km2" if m.get("false_alarms_per_km2") is not None else "/Mpx")
             print(f"{r['dataset']:<7}{r['seed']:<5}{k:<13}{m['map_50']:>8.3f}{m['map']:>7.3f}"
-                  f"{m['precision'] or 0:>6.2f}{m['recall'] or 0:>6.2f}  {fa}")
+                  f"{m['precision'] or 0:>6.2f}{m['recall'] or 0:>6.2f}{m.get('f1') or 0:>6.2f}{area:>13}  {fa}")
     for name in a.datasets:
         rs = [r for r in results if r["dataset"] == name]
         if rs:

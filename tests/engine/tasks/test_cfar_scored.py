@@ -154,3 +154,142 @@ def test_the_plugin_reads_it_as_a_method_card(tmp_path):
 
     card = plugin_card(package(tmp_path / "p.pkg"))
     assert card.task == "detect" and card.method == "cfar_scored" and card.classes[0][0] == "ship"
+
+
+# --- format 2: the box branch, and the proposal levels ------------------------------------------
+
+def regress_package(dest: Path, bias: tuple[float, float, float, float], onnx: bool = True) -> Path:
+    """A format-2 package whose box branch moves every box by ``bias`` (deltas: centre in chip sides,
+    log width / height), its score seeded and untrained."""
+    torch.manual_seed(0)
+    model = ChipScorer(ChipScorerConfig(regress=True, box_channel=True)).eval()
+    with torch.no_grad():
+        model.box[-1].bias.copy_(torch.tensor(bias))
+    card = cfar_scored_card(CFAR, model.cfg.to_dict(), "ship", 0.0, "scored-v2")
+    assert card.architecture.extra["cfar_scored"]["format"] == 2
+    return save_package(model.state_dict(), card, dest, onnx_bytes=export_chip_scorer(model) if onnx else None)
+
+
+def test_deltas_round_trip_and_follow_a_quarter_turn():
+    from engine.models.chip_scorer import apply_deltas, box_deltas
+    from training.finetune.cfar_scored import augment
+
+    boxes = np.array([[10, 10, 22, 13], [50, 40, 53, 60]], float)
+    target = np.array([[11, 9, 25, 14], [49, 42, 54, 57]], float)
+    sides = chip_sides(boxes)
+    np.testing.assert_allclose(apply_deltas(boxes, box_deltas(boxes, target, sides), sides), target, atol=1e-4)
+    # a chip with a bright target off its centre: after any augmentation, the deltas still point at it
+    s = 32
+    chip = torch.zeros(1, 1, s, s)
+    chip[0, 0, 4:8, 20:30] = 1.0  # rows 4..7, columns 20..29 of a chip sampled 1:1
+    centre = np.array([[12.0, 12.0, 20.0, 20.0]])
+    d = torch.from_numpy(box_deltas(centre, np.array([[20.0, 4.0, 30.0, 8.0]]), np.array([s])))
+    torch.manual_seed(3)
+    for _ in range(12):
+        c, g, dd = augment(chip.clone(), torch.zeros(1, 3), d.clone())
+        rows, cols = torch.nonzero(c[0, 0] > 0.5, as_tuple=True)
+        seen = np.array([[cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1]], float)
+        np.testing.assert_allclose(dd.numpy(), box_deltas(centre, seen, np.array([s])), atol=1e-5)
+
+
+def test_the_box_branch_moves_boxes_the_same_through_onnxruntime_and_torch(tmp_path):
+    path = scene(tmp_path / "s.tif")
+    plain = run_inference([str(path)], tmp_path / "p.gpkg", str(package(tmp_path / "p.pkg")),
+                          InferenceOptions(input_units="db", score_threshold=0.0))
+    b0, _ = boxes_scores(plain.outputs["detections"])
+    pkg = regress_package(tmp_path / "r.pkg", (0.0, 0.0, float(np.log(1.5)), 0.0))
+    out = {}
+    for backend in ("onnxruntime", "torch"):
+        res = run_inference([str(path)], tmp_path / f"{backend}.gpkg", str(pkg),
+                            InferenceOptions(backend=backend, input_units="db", score_threshold=0.0))
+        out[backend] = boxes_scores(res.outputs["detections"])
+    np.testing.assert_allclose(out["onnxruntime"][0], out["torch"][0], atol=1e-3)
+    b1 = out["torch"][0]
+    assert len(b1) == len(b0) >= 9
+    key = lambda b: np.lexsort((b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2))  # noqa: E731  by centre
+    b0, b1 = b0[key(b0)], b1[key(b1)]
+    inside = (b1[:, 0] > 0) & (b1[:, 0] + b1[:, 2] < 200)  # not clipped at the raster's edge
+    np.testing.assert_allclose(b1[inside, 2], 1.5 * b0[inside, 2], rtol=1e-3)  # width x 1.5, centre kept
+    np.testing.assert_allclose(b1[:, 3], b0[:, 3], rtol=1e-3)
+    np.testing.assert_allclose(b1[inside, 0] + b1[inside, 2] / 2, b0[inside, 0] + b0[inside, 2] / 2, atol=1e-3)
+
+
+def test_format_1_packages_still_run_and_unknown_formats_are_refused(tmp_path):
+    old = package(tmp_path / "old.pkg")
+    card = json.loads((old / "model.json").read_text())
+    assert card["architecture"]["cfar_scored"]["format"] == 2 and card["architecture"]["head"]["regress"] is False
+    # as the packages of the last round: no format, no box-branch field, no proposal levels
+    del card["architecture"]["cfar_scored"]["format"], card["architecture"]["head"]["regress"]
+    del card["architecture"]["cfar"]["levels_db"]
+    (old / "model.json").write_text(json.dumps(card))
+    res = run_inference([str(scene(tmp_path / "s.tif"))], tmp_path / "d.gpkg", str(old),
+                        InferenceOptions(input_units="db", score_threshold=0.0))
+    assert res.statistics["scorer"]["proposals"] >= 9
+    new = regress_package(tmp_path / "new.pkg", (0.0, 0.0, 0.0, 0.0))
+    card = json.loads((new / "model.json").read_text())
+    card["architecture"]["cfar_scored"]["format"] = 3
+    (new / "model.json").write_text(json.dumps(card))
+    with pytest.raises(PackageError, match=r"new\.pkg.*format.*3.*update sarmae"):
+        load_package(new)
+    del card["architecture"]["cfar_scored"]["format"]
+    (new / "model.json").write_text(json.dumps(card))
+    with pytest.raises(PackageError, match=r"new\.pkg.*regress.*format' 2"):
+        load_package(new)
+
+
+def test_proposal_levels_split_touching_ships_and_cut_sidelobes():
+    from engine.cfar import CfarConfig
+    from engine.cfar.objects import detect_array
+
+    def run(power, **cfg):
+        c = CfarConfig(method="ca", pfa=1e-4, min_area=4, **cfg)
+        return detect_array(power, None, c, c.resolve(None))
+
+    have = lambda o, b: any(np.allclose(x, b) for x in o.boxes)  # noqa: E731
+    rng = np.random.default_rng(0)
+    power = rng.exponential(1.0, (120, 120)).astype(np.float32)
+    power[30:34, 20:32] = 3000.0  # two ships 2 px apart: one object at the threshold (merge gap 2 px)
+    power[30:34, 34:46] = 3000.0
+    plain, levels = run(power, guard=11, background=41), run(power, guard=11, background=41, levels_db=[3, 6, 10])
+    assert have(plain, [20, 30, 46, 34]) and not have(plain, [20, 30, 32, 34])
+    for box in ([20, 30, 46, 34], [20, 30, 32, 34], [34, 30, 46, 34]):
+        assert have(levels, box), box  # the CFAR object and each ship
+    assert len(np.unique(levels.boxes, axis=0)) == len(levels)  # each box once
+    power = rng.exponential(1.0, (120, 120)).astype(np.float32)
+    power[80:84, 60:72] = 3000.0  # a ship with sidelobes along its rows, 7 px beyond each end, 15 dB down
+    power[81:83, 53:60] = power[81:83, 72:79] = 100.0
+    plain, levels = run(power, guard=31, background=61), run(power, guard=31, background=61, levels_db=[3, 6, 10])
+    assert not have(plain, [60, 80, 72, 84]) and have(levels, [60, 80, 72, 84])
+    with pytest.raises(Exception, match="levels_db"):
+        CfarConfig(levels_db=[-3.0])
+
+
+def test_the_box_channel_draws_the_proposal_in_its_chip():
+    from engine.cfar.chips import box_masks
+
+    boxes = np.array([[10, 10, 22, 14], [100, 50, 103, 80]], float)
+    sides = chip_sides(boxes)
+    m = box_masks(boxes, sides, 32)
+    assert m.shape == (2, 1, 32, 32) and m.max() <= 1.0
+    areas = m.sum((1, 2, 3)) * (sides / 32) ** 2  # cells -> px^2
+    np.testing.assert_allclose(areas, [48.0, 90.0], rtol=1e-4)
+    rows, cols = np.nonzero(m[0, 0])
+    assert rows.min() + rows.max() == 31 and cols.min() + cols.max() == 31  # centred
+    assert np.ptp(cols) > np.ptp(rows)  # wider than tall, as the box
+
+
+def test_bad_input_for_the_learned_detector_says_what_and_where(tmp_path):
+    """The issue's bad-input list, through the scorer's method: a background window larger than the
+    raster, and a land mask with no water (no boxes, and why), each naming the file."""
+    from engine.cfar import CfarConfigError
+
+    pkg = package(tmp_path / "p.pkg")
+    small = write_raster(tmp_path / "small.tif", np.full((30, 30), -20.0, np.float32), descriptions=["VV"])
+    with pytest.raises(CfarConfigError, match=r"small\.tif.*background window \(41 x 41 px\) is larger than the raster"):
+        run_inference([str(small)], tmp_path / "s.gpkg", str(pkg), InferenceOptions(input_units="db"))
+    path = scene(tmp_path / "s.tif")
+    land = write_raster(tmp_path / "land.tif", np.zeros((200, 200), np.uint8))
+    res = run_inference([str(path)], tmp_path / "l.gpkg", str(pkg), InferenceOptions(input_units="db",
+                                                                                    water_mask=str(land)))
+    assert res.statistics["detections"] == 0
+    assert any("land.tif" in w and "has no water" in w for w in res.statistics["warnings"]), res.statistics
