@@ -16,7 +16,10 @@ A spec is a YAML/JSON list of sources, each a dict with ``kind`` and ``path`` pl
   mask per class (``masks: {flood: [["/AFTER/", "/MASK/"], ["after", "mask"]]}``); pixels > 0 are
   the class, < 0 nodata; the rest is ``rest`` ("land"). The caption names the class covering the
   most pixels, and a second one covering >= ``mention`` (0.15) of them ("flooded land with some
-  dry land"). ``window`` cuts S x S windows (written as GeoTIFF chips) instead of whole images.
+  dry land"). ``window`` cuts S x S windows (written as GeoTIFF chips) instead of whole images
+  (cut windows at the test scenes' pixel size, so that a window covers the ground a scene cell
+  does); ``windows_per_image`` N keeps N of each image's windows (a fixed pseudo-random choice per
+  file and window: a source with many windows per image does not swamp the others).
 - ``instances``: images with an instance mask (HRSID: one RGB colour per ship): ``mask`` replace
   pairs; ``window`` S: each window is "open sea" (class ``sea``) or "N ship(s) at sea" (``ship``),
   counting instances with >= ``min_pixels`` pixels in it.
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import CaptionError, CaptionRow, assign_split, caption_for, write_table
+from .captions import CaptionError, CaptionRow, hash_unit, assign_split, caption_for, write_table
 
 log = logging.getLogger("sarmae.captions")
 
@@ -193,6 +196,9 @@ def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
             masks[k] = _read(mp)[0].astype(np.int32)
         h, w = next(iter(masks.values())).shape
         wins = [(r, c, s, s) for r, c in _grid(h, w, int(s))] if s else [None]
+        if s and src.get("windows_per_image"):
+            wins = sorted(wins, key=lambda v, f=f: hash_unit(0, f"{Path(f).name}:{v[0]}/{v[1]}"))
+            wins = sorted(wins[:int(src["windows_per_image"])])
         for win in wins:
             sub = {k: (m[win[0]:win[0] + win[2], win[1]:win[1] + win[3]] if win else m) for k, m in masks.items()}
             share = _shares(sub, rest)
