@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import CaptionError, CaptionRow, hash_unit, assign_split, caption_for, write_table
+from .captions import CaptionError, CaptionRow, assign_split, caption_for, hash_unit, write_table
 
 log = logging.getLogger("sarmae.captions")
 

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.errors import SarmaeError
 
-
 LOSSES = ("pairs", "captions")
 
 
