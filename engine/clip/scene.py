@@ -9,7 +9,8 @@ the raster (a raster smaller than a window is padded as nodata). ``stride = wind
 
 Cache: ``<cache dir>/<raster stem>_<key>.npz`` (``emb`` (R, C, D) float32 unit vectors, NaN on cells
 without data; ``valid`` (R, C) the valid fraction of each cell's own pixels), ``key`` = sha256 of the inputs' absolute
-paths, sizes and mtimes, the weights' sha256, the bands, units, complex mode, window and stride.
+paths, sizes and mtimes, the weights' sha256, the bands, units, complex mode, window, stride and
+the precision (the int8 image tower, ``sarmae export --precision int8``, has its own cache files).
 The cache dir is ``$SARMAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sarmae/clip`` (``~/.cache``); files
 are written to a temporary sibling and renamed.
 """
@@ -69,13 +70,16 @@ def cache_dir() -> Path:
     return Path(base) / "sarmae" / "clip"
 
 
-def cache_key(inputs: list[str], weights_sha256: str, opts: InferenceOptions, window: int, stride: int) -> str:
+def cache_key(inputs: list[str], weights_sha256: str, opts: InferenceOptions, window: int, stride: int,
+              precision: str = "fp32") -> str:
     files = []
     for p in inputs:
         st = os.stat(p)
         files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
     what = {"v": CACHE_VERSION, "files": files, "weights": weights_sha256, "bands": [str(b) for b in opts.bands or []],
             "units": opts.input_units, "complex": opts.complex_mode, "window": window, "stride": stride}
+    if precision != "fp32":  # the int8 image tower's embeddings are not the fp32 tower's
+        what["precision"] = precision
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -106,6 +110,7 @@ def scene_embeddings(raster: Any, radiometry: Any, package: Any, task: Any, opts
     or through the image tower (the engine's reader thread, radiometry and backend)."""
     from ..backends import make_backend
     from ..inference import iter_batches
+    from ..precision import resolve_precision
     from ..types import RunContext
 
     card = package.card
@@ -118,7 +123,8 @@ def scene_embeddings(raster: Any, radiometry: Any, package: Any, task: Any, opts
         raise SarmaeError(f"--overlap {overlap}: give a fraction in [0, 1) (cells of window x (1 - overlap) px)")
     stride = max(1, int(round(window * (1.0 - overlap))))
     rows, cols, windows = plan_cells(raster.height, raster.width, window, stride)
-    key = cache_key(list(raster.paths), card.weights.get("sha256", ""), opts, window, stride)
+    precision = resolve_precision(opts.precision, package, opts.device)[0] if opts.precision != "fp32" else "fp32"
+    key = cache_key(list(raster.paths), card.weights.get("sha256", ""), opts, window, stride, precision)
     path = cache_dir() / f"{Path(raster.paths[0]).stem}_{key}.npz"
     hit = _read_cache(path) if use_cache else None
     if hit is not None and hit[0].shape[:2] == (rows, cols):

@@ -35,6 +35,14 @@ class ZeroshotTask(Task):
     windowed = False  # the grid's embeddings come from engine.clip.scene (cached), then the text tower
     onnx = True  # the image tower exports to model.onnx (sarmae export) for the onnxruntime path
     default_overlap = 0.0  # cells as large as the model's window
+    agreement_metric = "mean cosine similarity"  # int8 image tower (sarmae export --precision int8): its gate
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """The mean cosine similarity of the (B, D) image embeddings over the windows with data."""
+        keep = valid.reshape(len(valid), -1).any(1)
+        cos = (reference * test).sum(1) / np.maximum(np.linalg.norm(reference, axis=1) * np.linalg.norm(test, axis=1),
+                                                     1e-12)
+        return float(cos[keep].mean()) if keep.any() else 1.0
 
     def build_model(self, card: ModelCard) -> Any:
         from ..clip import build_clip

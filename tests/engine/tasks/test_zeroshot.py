@@ -158,3 +158,32 @@ def test_the_image_tower_runs_from_model_onnx(tiny_clip_package, scene, tmp_path
         with rasterio.open(r.outputs["similarity"]) as src:
             sims[backend] = src.read(1)
     np.testing.assert_allclose(sims["onnxruntime"], sims["torch"], atol=1e-5)
+
+
+def test_int8_image_tower_passes_its_gate_and_keeps_its_own_cache(tiny_clip_package, scene, tmp_path):
+    import shutil
+
+    from engine.export import export_package
+    from engine.package import read_card
+
+    pkg = shutil.copytree(tiny_clip_package, tmp_path / "pkg")
+    export_package(str(pkg), precision="int8", calibration=str(scene), log=lambda _: None)
+    gate = read_card(pkg).onnx["int8"]["gate"]
+    assert gate["metric"] == "mean cosine similarity" and gate["value"] >= gate["threshold"]
+    sims, caches = {}, {}
+    for precision in ("fp32", "int8"):
+        r = run_inference([str(scene)], tmp_path / f"{precision}.tif", pkg,
+                          InferenceOptions(query=["ships at sea"], precision=precision, backend="onnxruntime"))
+        assert not r.statistics["embeddings"]["cached"]  # int8 never reads the fp32 tower's cache, nor back
+        caches[precision] = r.statistics["embeddings"]["file"]
+        with rasterio.open(r.outputs["similarity"]) as src:
+            sims[precision] = src.read(1)
+    assert caches["fp32"] != caches["int8"]
+    ok = np.isfinite(sims["fp32"])
+    np.testing.assert_allclose(sims["int8"][ok], sims["fp32"][ok], atol=0.05)
+    again = run_inference([str(scene)], tmp_path / "again.tif", pkg,
+                          InferenceOptions(query=["water"], precision="int8", backend="onnxruntime", overlap=0.75))
+    assert again.statistics["cell_px"] == 8 and not again.statistics["embeddings"]["cached"]
+    third = run_inference([str(scene)], tmp_path / "third.tif", pkg,
+                          InferenceOptions(query=["ship"], precision="int8", backend="onnxruntime", overlap=0.75))
+    assert third.statistics["embeddings"]["cached"]  # the finer grid is cached too
