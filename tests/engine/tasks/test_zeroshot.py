@@ -187,3 +187,31 @@ def test_int8_image_tower_passes_its_gate_and_keeps_its_own_cache(tiny_clip_pack
     third = run_inference([str(scene)], tmp_path / "third.tif", pkg,
                           InferenceOptions(query=["ship"], precision="int8", backend="onnxruntime", overlap=0.75))
     assert third.statistics["embeddings"]["cached"]  # the finer grid is cached too
+
+
+def test_8bit_rasters_are_read_as_the_db_range_or_refused_by_a_calibrated_model(tmp_path):
+    from engine.clip import TINY_CONFIG, build_clip, clip_card, save_clip_package
+
+    rng = np.random.default_rng(0)
+    png = write_raster(tmp_path / "quicklook.tif", rng.integers(0, 256, (1, 40, 40)).astype(np.uint8),
+                       descriptions=["VV"])
+    torch.manual_seed(0)
+    for source in ("db", "sarclip"):
+        card = clip_card(f"tiny-{source}", config=TINY_CONFIG, source=source, bands=["VV"])
+        pkg = save_clip_package(build_clip(card), card, tmp_path / source)
+        opts = InferenceOptions(query=["water"])
+        if source == "sarclip":
+            assert "display_db" not in card.input.to_dict()
+            with pytest.raises(RasterInputError, match="cannot convert 8-bit display values to dB"):
+                run_inference([str(png)], tmp_path / f"{source}.tif", pkg, opts)
+            continue
+        lo, hi = card.input.display_db
+        r = run_inference([str(png)], tmp_path / f"{source}.tif", pkg, opts)
+        assert any(f"read as {lo:g}..{hi:g} dB" in m for m in r.log + [r.provenance["input_units"]])
+        # the same pixels given in dB as lo + x / 255 (hi - lo) give the same similarity
+        with rasterio.open(png) as src:
+            db = lo + src.read().astype(np.float32) / 255 * (hi - lo)
+        same = write_raster(tmp_path / "as_db.tif", db, descriptions=["VV"])
+        r2 = run_inference([str(same)], tmp_path / "db2.tif", pkg, InferenceOptions(query=["water"], input_units="db"))
+        with rasterio.open(r.outputs["similarity"]) as a, rasterio.open(r2.outputs["similarity"]) as b:
+            np.testing.assert_allclose(a.read(), b.read(), atol=1e-5)
