@@ -92,8 +92,6 @@ class ZeroshotTask(Task):
             raise SarmaeError(f"--classes: {len(options.classes)} names; a class map holds at most 254 classes")
         if options.templates is not None:
             check_templates(options.templates)
-        if options.extent is not None:
-            raise SarmaeError("--extent is not supported by CLIP runs: crop the raster first (gdal_translate -srcwin)")
 
     def run_raster(self, inputs, output, package, options, say, progress, should_cancel) -> InferenceResult:
         if options.query and type(self) is ZeroshotTask:
@@ -103,7 +101,6 @@ class ZeroshotTask(Task):
         from ..clip.scene import scene_embeddings
         from ..radiometry import Radiometry
         from ..reader import SarRaster
-        from ..tiling import Window
         from ..writers import check_output
         from .georef import Georef
 
@@ -114,7 +111,7 @@ class ZeroshotTask(Task):
             radiometry = Radiometry.for_raster(package.card.input, raster, options.input_units)
             say(radiometry.describe())
             scene = scene_embeddings(raster, radiometry, package, self, options, say, progress, should_cancel)
-            geo = Georef(raster, Window(0, 0, raster.height, raster.width), scale=scene.stride)
+            geo = Georef(raster, scene.region, scale=scene.stride)
             tags = {"SARMAE_MODEL": package.card.name, "SARMAE_MODEL_SHA256": package.card.weights.get("sha256", ""),
                     "SARMAE_TASK": self.name, "SARMAE_INPUT_UNITS": radiometry.describe(),
                     "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
@@ -169,13 +166,13 @@ class ZeroshotTask(Task):
         from .classify import ClassifySink
         from .registry import get_task
 
+        region = scene.region
         ctx = RunContext(raster, dataclasses.replace(card, classes=classes), None, path,
-                         dataclasses.replace(options, overlap=0.0), scene.stride, {},
-                         Window(0, 0, raster.height, raster.width), lambda _: None)
+                         dataclasses.replace(options, overlap=0.0), scene.stride, {}, region, lambda _: None)
         sink = ClassifySink(get_task("classify"), ctx)
         s = scene.stride
-        for i, j in zip(*np.nonzero(scene.has_data), strict=True):
-            win = Window(int(i) * s, int(j) * s, min(s, raster.height - int(i) * s), min(s, raster.width - int(j) * s))
+        for i, j in zip(*np.nonzero(scene.has_data), strict=True):  # cells relative to the region
+            win = Window(int(i) * s, int(j) * s, min(s, region.height - int(i) * s), min(s, region.width - int(j) * s))
             sink.rows.append((win, int(cls[i, j]), float(probs[i, j].max()), float(scene.valid[i, j]), probs[i, j]))
         sink.finish()
 

@@ -215,3 +215,28 @@ def test_8bit_rasters_are_read_as_the_db_range_or_refused_by_a_calibrated_model(
         r2 = run_inference([str(same)], tmp_path / "db2.tif", pkg, InferenceOptions(query=["water"], input_units="db"))
         with rasterio.open(r.outputs["similarity"]) as a, rasterio.open(r2.outputs["similarity"]) as b:
             np.testing.assert_allclose(a.read(), b.read(), atol=1e-5)
+
+
+def test_extent_embeds_that_part_as_a_raster_cropped_to_it_would_be(tiny_clip_package, scene, tmp_path):
+    with rasterio.open(scene) as src:
+        crop = src.read(window=rasterio.windows.Window(6, 32, 64, 64))  # col 6, row 32, 64 x 64
+        t = src.transform
+    cropped = write_raster(tmp_path / "crop.tif", crop, descriptions=["VV", "VH"])
+    full = run_inference([str(scene)], tmp_path / "full.tif", tiny_clip_package, InferenceOptions(query=["water"]))
+    part = run_inference([str(scene)], tmp_path / "part.tif", tiny_clip_package,
+                         InferenceOptions(query=["water"], extent=(32, 6, 64, 64)))
+    ref = run_inference([str(cropped)], tmp_path / "ref.tif", tiny_clip_package, InferenceOptions(query=["water"]))
+    assert not part.statistics["embeddings"]["cached"]  # not the whole raster's cache file
+    assert part.statistics["embeddings"]["file"] != full.statistics["embeddings"]["file"]
+    with rasterio.open(part.outputs["similarity"]) as a, rasterio.open(ref.outputs["similarity"]) as b:
+        assert a.shape == (2, 2)
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-6)
+        assert a.transform.c == pytest.approx(t.c + 6 * t.a) and a.transform.f == pytest.approx(t.f + 32 * t.e)
+    classes = run_inference([str(scene)], tmp_path / "cls.tif", tiny_clip_package,
+                            InferenceOptions(classes=["water", "land"], extent=(32, 6, 64, 64)))
+    assert classes.statistics["embeddings"]["cached"]  # the extent's grid is cached like the whole raster's
+    import fiona
+
+    with fiona.open(tmp_path / "cls_grid.gpkg") as grid:
+        assert sorted((f["properties"]["row_off"], f["properties"]["col_off"]) for f in grid) == \
+            [(32, 6), (32, 38), (64, 6), (64, 38)]
