@@ -38,7 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WATER = ["water", "open water", "flooded fields"]
+# "flooded fields under water" is the flood captions' own phrase, added after the first run showed that
+# single words do not transfer (the validation windows give "water" an AUC of 0.43, this phrase 0.85);
+# the map shown is the phrase with the best AUC on the VALIDATION windows, never on a test scene
+WATER = ["water", "open water", "flooded fields", "flooded fields under water"]
 SHIP = ["ship", "ships at sea", "a ship at sea"]
 OVERLAPS = (0.0, 0.5, 0.75)
 S1F = ROOT.parent / "shared/data/sen1floods11"
@@ -137,7 +140,7 @@ def water_rows(model: str, raster: Path, label: np.ndarray, valid: np.ndarray, t
     rows, maps = {}, {}
     for o in OVERLAPS:
         sim, cell, times = query(model, raster, WATER, o, out)
-        maps[cell] = sim[0]
+        maps[cell] = dict(zip(WATER, sim, strict=True))
         r = {"cell_px": cell, **times}
         for p, s in zip(WATER, sim, strict=True):
             r[p] = {"auc": auc(s[valid], label[valid]), "iou_at_val_threshold": iou(s[valid] > thr[p]["threshold"],
@@ -239,9 +242,11 @@ def main() -> int:
     valid = (lab >= 0) & np.isfinite(read(s1)[0])
     wr = water_rows(a.model, s1, lab == 1, valid, thr, out)
     results["sen1floods11_water"] = wr["rows"]
+    best = max(WATER, key=lambda p: thr[p]["val_window_auc"])  # chosen on the validation windows
+    results["water_phrase_shown"] = best
     vv = read(s1)[0]
     picture(Path(a.docs) / "sarclip_sen1floods11_water.png", vv,
-            [("Sen1Floods11 VV (dB), water label", None)] + [(f'"water", cells of {c} px', m)
+            [("Sen1Floods11 VV (dB), water label", None)] + [(f'"{best}", cells of {c} px', m[best])
                                                               for c, m in sorted(wr["maps"].items(), reverse=True)
                                                               if c in (64, 16)], lab == 1)
     # the demo's scene: water and ships
@@ -254,7 +259,7 @@ def main() -> int:
     results["demo_scene_ship"] = sr["rows"]
     dvv = read(scene.image)[0]
     picture(Path(a.docs) / "sarclip_demo_scene.png", dvv,
-            [("demo scene VV (dB), ships (green), water (cyan)", None), ('"water", cells of 16 px', dw["maps"][16]),
+            [("demo scene VV (dB), ships (green), water (cyan)", None), (f'"{best}", 16 px cells', dw["maps"][16][best]),
              ('"ship", cells of 16 px', sr["maps"][16])], water, scene.ships)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "thresholds_from_validation_windows"}, indent=1))
