@@ -5,7 +5,8 @@ A spec is a YAML/JSON list of sources, each a dict with ``kind`` and ``path`` pl
 - every kind: ``name`` (the ``source`` column; default the kind), ``sensor`` ("Sentinel-1"),
   ``pol`` ("VV"; "auto" for chips: VV+VH for 2-band files, else ``pol_single``), ``phrase`` (how a
   class reads in a caption, "{cls}" by default, e.g. "a {cls} military vehicle"), ``phrases``
-  (per class), ``rename`` (class -> class), ``drop`` (classes left out), ``min_count`` (classes with
+  (per class; a LIST of phrases gives each row one of them, a seeded draw: varied wordings, so that
+  a small text tower learns the words rather than one fixed phrase per class), ``rename`` (class -> class), ``drop`` (classes left out), ``min_count`` (classes with
   fewer images are left out, counted), ``group_regex`` + ``group_block`` (integer captures of the
   file name, divided by the block, make the split group: ETCI's ``x-(\\d+)_y-(\\d+)`` tile grid).
 - ``chips``: labelled chips: ``class_from`` ``folder`` (MSTAR: ``<k>-<NAME>/``, a leading index
@@ -182,7 +183,12 @@ def _shares(masks: dict[str, np.ndarray], rest: str) -> dict[str, float] | None:
     return share
 
 
-def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
+def _pick(v, rng: np.random.Generator) -> str:
+    """A phrase: ``v`` itself, or one of a list of wordings drawn with ``rng``."""
+    return v if isinstance(v, str) else str(v[int(rng.integers(len(v)))])
+
+
+def _mask_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
     """(image, class, group, phrase) of images / windows with class masks."""
     rest, mention, s = src.get("rest", "land"), float(src.get("mention", 0.15)), src.get("window")
     phrases = {rest: rest, **src.get("phrases", {})}
@@ -206,9 +212,9 @@ def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
                 continue
             ranked = sorted(share, key=lambda k: -share[k])
             cls = ranked[0]
-            phrase = phrases.get(cls, cls)
+            phrase = _pick(phrases.get(cls, cls), rng)
             if share[ranked[1]] >= mention:
-                phrase += f" with some {phrases.get(ranked[1], ranked[1])}"
+                phrase += f" with some {_pick(phrases.get(ranked[1], ranked[1]), rng)}"
             image, group = f, _group(src, f, f)
             if win:
                 image = str(write_window(f, win, chips_dir / src["name"] / f"{Path(f).stem}_r{win[0]}_c{win[1]}.tif"))
@@ -294,7 +300,7 @@ def source_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> tuple[l
         items = [(_centre(f, int(src["crop"]), chips_dir / src["name"]) if src.get("crop") else f, c, g, None)
                  for f, c, g in _chips(src)]
     elif kind == "masks":
-        items = _mask_rows(src, chips_dir)
+        items = _mask_rows(src, chips_dir, rng)
     elif kind == "instances":
         items = _instance_rows(src, chips_dir)
     else:
@@ -309,7 +315,7 @@ def source_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> tuple[l
     for f, c, g, p in items:
         if c in left_out:
             continue
-        text = p or phrases.get(c) or phrase.format(cls=c)
+        text = p or (_pick(phrases[c], rng) if c in phrases else phrase.format(cls=c))
         cap = caption_for(text, src.get("sensor", "Sentinel-1"), _pol(src, f), rng)
         rows.append(CaptionRow(f, cap, c, src["name"], g))
     info = {"rows": len(rows), "classes": dict(Counter(r.klass for r in rows)), "left_out_classes": left_out}

@@ -174,3 +174,16 @@ def test_mask_windows_are_captioned_from_their_own_label_fractions_and_capped_pe
     one = [r["image"].split("/")[-1] for r in rows_of(tmp_path / "c1.csv")]
     two = [r["image"].split("/")[-1] for r in rows_of(tmp_path / "c2.csv") if r["source"] == "lakes"]
     assert len(one) == 5 and one == two
+
+
+def test_a_list_of_phrases_gives_each_row_one_seeded_wording(tmp_path):
+    root = mask_tiles(tmp_path / "tiles", shares=(1.0,))
+    words = ["open water", "a lake", "water surface"]
+    src = {"kind": "masks", "name": "lakes", "path": str(root / "images"), "window": 8,
+           "masks": {"water": [["/images/", "/masks/"], ["img_", "mask_"]]}, "phrases": {"water": words}}
+    make_captions([src], tmp_path / "a.csv", val_fraction=0.0, seed=3)
+    make_captions([src], tmp_path / "b.csv", val_fraction=0.0, seed=3)
+    caps = [r["caption"].lower() for r in rows_of(tmp_path / "a.csv")]
+    assert caps == [r["caption"].lower() for r in rows_of(tmp_path / "b.csv")]  # seeded
+    used = {w for w in words for c in caps if w in c}
+    assert len(caps) == 16 and all(any(w in c for w in words) for c in caps) and len(used) >= 2
