@@ -169,8 +169,9 @@ class InputContract(_Record):
     band_clip: list[list[float]] | None = None
     stretch: str | None = None
     standardise: dict | None = None  # per-window standardisation in dB (engine.radiometry.standardise_windows)
+    display_db: list[float] | None = None  # a dB model that reads 8-bit display rasters: 0..255 stand for [lo, hi] dB
     extra: dict[str, Any] = field(default_factory=dict)
-    _optional = ("channels", "band_clip", "stretch", "standardise")
+    _optional = ("channels", "band_clip", "stretch", "standardise", "display_db")
 
     @classmethod
     def parse(cls, d: Any, in_chans: int | None, problems: list[str]) -> InputContract | None:
@@ -217,6 +218,10 @@ def _derived_problems(d: Mapping) -> list[str]:
         problems.append(f"'input.band_clip' must hold one [low, high] (low < high) per band (found {bc!r})")
     if d.get("stretch") not in (None, "minmax"):
         problems.append(f"'input.stretch' must be \"minmax\" or absent (found {d.get('stretch')!r})")
+    dd = d.get("display_db")
+    if dd is not None and not (d.get("units") == "db" and isinstance(dd, list) and len(dd) == 2 and all(
+            isinstance(c, (int, float)) for c in dd) and dd[0] < dd[1]):
+        problems.append(f"'input.display_db' must be [low, high] dB (low < high) of a dB model (found {dd!r})")
     return problems
 
 

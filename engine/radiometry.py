@@ -305,7 +305,11 @@ class Radiometry:
         if self.standardise is not None and check_standardise(self.standardise):
             raise PackageError(f"model input contract: 'standardise' {check_standardise(self.standardise)}")
         self._check_bands(source)
-        convert_units(np.zeros(1, np.float32), self.src_units, self.units)  # refuses uint8 mismatches
+        dd = contract.get("display_db")  # 8-bit display values read as [lo, hi] dB, as the model was trained
+        self.display_db = (float(dd[0]), float(dd[1])) if dd and self.src_units == "uint8" and self.units == "db" \
+            else None
+        if self.display_db is None:
+            convert_units(np.zeros(1, np.float32), self.src_units, self.units)  # refuses uint8 mismatches
 
     @classmethod
     def for_raster(cls, contract: dict[str, Any], raster: SarRaster, input_units: str | None = None) -> Radiometry:
@@ -338,7 +342,11 @@ class Radiometry:
         if x.ndim != 3 or x.shape[0] != len(self.bands) or valid.shape != x.shape[1:]:
             raise ValueError(f"expected x (C={len(self.bands)}, h, w) and valid (h, w), "
                              f"got {x.shape} and {valid.shape}")
-        y = convert_units(x, self.src_units, self.units)
+        if self.display_db is not None:
+            lo, hi = self.display_db
+            y = lo + np.asarray(x, np.float32) / 255.0 * (hi - lo)
+        else:
+            y = convert_units(x, self.src_units, self.units)
         y = (np.clip(y, self._lo, self._hi) - self._lo) / (self._hi - self._lo)  # [0, 1] per band
         if self.stretch == "minmax" and valid.any():  # each band of the window over [0, 1], 8-bit levels
             v = y[:, valid]
@@ -355,7 +363,10 @@ class Radiometry:
     def describe(self) -> str:
         """Short human summary for logs and provenance."""
         src = f"input units: {UNIT_LABEL[self.src_units]}" + (f" ({self.reason})" if self.reason else "")
-        if self.src_units != self.units:
+        if self.display_db is not None:
+            src += (f", read as {self.display_db[0]:g}..{self.display_db[1]:g} dB (the range the model's 8-bit "
+                    "training chips stood for: an approximation, not a calibration)")
+        elif self.src_units != self.units:
             src += f", converted to {UNIT_LABEL[self.units]}"
         unit = " dB" if self.units == "db" else ""
         clip = f"{self.clip[0]:g}..{self.clip[1]:g}{unit}"

@@ -158,6 +158,8 @@ def _finetune_clip(a: argparse.Namespace) -> int:
         d["bands"] = [str(b) for b in a.bands]
     if a.templates:
         d["templates"] = a.templates
+    if a.clip_loss:
+        d["loss"] = a.clip_loss
     if a.clip_config:
         d["model"] = json.loads(a.clip_config)
     cfg = ClipTrainConfig.from_dict(d)
@@ -336,6 +338,8 @@ def register(sub) -> None:
                                          "'{\"embed_dim\": 256}'")
     s.add_argument("--resume", action="store_true", help="clip: continue the run in <output>.run from its last.pt")
     s.add_argument("--max-steps", type=int, help="clip: stop after this many steps")
+    s.add_argument("--clip-loss", choices=["pairs", "captions"], help="clip: pairs = open_clip's ClipLoss (default); "
+                   "captions = rows with the same caption are positives of each other (template captions repeat)")
     s.add_argument("--method", choices=sorted(METHODS),
                    help="detect: cfar_scored = CFAR proposals scored by a small CNN trained on the labels (no "
                         "encoder; learns in about a minute on a CPU and runs through onnxruntime); default: the "

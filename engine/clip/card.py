@@ -21,6 +21,11 @@ Input contracts (``input``; ``engine.radiometry`` applies them), from dB:
 - ``sarvlm`` (KlayMa527/SARVLM): each window min-max stretched to 8-bit levels, then CLIP's mean/std.
 - ``db``: the project's own dB clip (``engine.card.DEFAULT_CLIP``) per band, mapped to [-1, 1]
   (what ``sarmae finetune --task clip`` trains with).
+
+8-bit display rasters (PNG/JPEG quick-looks, no calibrated unit): ``sarvlm`` and ``db`` contracts
+carry ``display_db`` = their clip range, so 0..255 is read as that dB range (a ``db`` model was
+trained on 8-bit chips read so; SARVLM stretches every window to 8 bits anyway), said in the run's
+log; a ``sarclip`` model reads calibrated dB only and refuses them with what to do.
 """
 
 from __future__ import annotations
@@ -126,7 +131,10 @@ def input_contract(source: str, bands: list[str]) -> dict:
             "clip": [min(r[0] for r in ranges), max(r[1] for r in ranges)], "band_clip": ranges,
             "channels": channels, "mean": OPENAI_MEAN if openai else [0.5] * 3,
             "std": OPENAI_STD if openai else [0.5] * 3, "nodata": "mask", "pixel_spacing_m": None,
-            **({"stretch": "minmax"} if openai else {})}
+            **({"stretch": "minmax"} if openai else {}),
+            # 8-bit display rasters: the project's training reads 8-bit chips as spanning the clip range
+            # (training/clip/images.py), SARVLM stretches every image to 8 bits; SARCLIP reads calibrated dB only
+            **({"display_db": [min(r[0] for r in ranges), max(r[1] for r in ranges)]} if source != "sarclip" else {})}
 
 
 def clip_card(name: str, model_name: str | None = None, config: Mapping | None = None, source: str = "sarclip",

@@ -1,7 +1,8 @@
 """A raster's CLIP image embeddings on a grid of cells, cached per (file, model, bands, grid), so that
 a second phrase or class list costs only the text tower.
 
-Grid: cell (i, j) covers pixels ``[i s, (i + 1) s) x [j s, (j + 1) s)`` of the raster (``s`` the stride,
+Grid: cell (i, j) covers pixels ``[i s, (i + 1) s) x [j s, (j + 1) s)`` of the raster (of its
+``--extent`` part, pixels counted from the extent's corner) (``s`` the stride,
 the window by default; the last row and column of cells may be cut by the raster's edge); its
 embedding is the image tower's on the ``window``-px square centred on the cell, shifted back inside
 the raster (a raster smaller than a window is padded as nodata). ``stride = window (1 - overlap)``:
@@ -9,7 +10,8 @@ the raster (a raster smaller than a window is padded as nodata). ``stride = wind
 
 Cache: ``<cache dir>/<raster stem>_<key>.npz`` (``emb`` (R, C, D) float32 unit vectors, NaN on cells
 without data; ``valid`` (R, C) the valid fraction of each cell's own pixels), ``key`` = sha256 of the inputs' absolute
-paths, sizes and mtimes, the weights' sha256, the bands, units, complex mode, window and stride.
+paths, sizes and mtimes, the weights' sha256, the bands, units, complex mode, window, stride and
+the precision (the int8 image tower, ``sarmae export --precision int8``, has its own cache files).
 The cache dir is ``$SARMAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sarmae/clip`` (``~/.cache``); files
 are written to a temporary sibling and renamed.
 """
@@ -43,6 +45,7 @@ class SceneEmbeddings:
     stride: int  # px of a cell
     path: Path | None  # the cache file
     cached: bool  # read from the cache (no image tower ran)
+    region: Window | None = None  # the part of the raster embedded (``--extent``; None: all of it)
 
     @property
     def has_data(self) -> np.ndarray:
@@ -69,13 +72,18 @@ def cache_dir() -> Path:
     return Path(base) / "sarmae" / "clip"
 
 
-def cache_key(inputs: list[str], weights_sha256: str, opts: InferenceOptions, window: int, stride: int) -> str:
+def cache_key(inputs: list[str], weights_sha256: str, opts: InferenceOptions, window: int, stride: int,
+              precision: str = "fp32", region: Window | None = None) -> str:
     files = []
     for p in inputs:
         st = os.stat(p)
         files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
     what = {"v": CACHE_VERSION, "files": files, "weights": weights_sha256, "bands": [str(b) for b in opts.bands or []],
             "units": opts.input_units, "complex": opts.complex_mode, "window": window, "stride": stride}
+    if precision != "fp32":  # the int8 image tower's embeddings are not the fp32 tower's
+        what["precision"] = precision
+    if region is not None:  # --extent: a grid on that part of the raster
+        what["region"] = [region.row_off, region.col_off, region.height, region.width]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -105,7 +113,8 @@ def scene_embeddings(raster: Any, radiometry: Any, package: Any, task: Any, opts
     """The embeddings of the whole open ``raster`` (``engine.reader.SarRaster``), from the cache
     or through the image tower (the engine's reader thread, radiometry and backend)."""
     from ..backends import make_backend
-    from ..inference import iter_batches
+    from ..inference import _clip_extent, iter_batches
+    from ..precision import resolve_precision
     from ..types import RunContext
 
     card = package.card
@@ -117,14 +126,17 @@ def scene_embeddings(raster: Any, radiometry: Any, package: Any, task: Any, opts
     if not 0.0 <= overlap < 1.0:
         raise SarmaeError(f"--overlap {overlap}: give a fraction in [0, 1) (cells of window x (1 - overlap) px)")
     stride = max(1, int(round(window * (1.0 - overlap))))
-    rows, cols, windows = plan_cells(raster.height, raster.width, window, stride)
-    key = cache_key(list(raster.paths), card.weights.get("sha256", ""), opts, window, stride)
+    full = Window(0, 0, raster.height, raster.width)
+    region = _clip_extent(opts.extent, raster) if opts.extent is not None else full
+    rows, cols, windows = plan_cells(region.height, region.width, window, stride)  # relative to the region
+    precision = resolve_precision(opts.precision, package, opts.device)[0] if opts.precision != "fp32" else "fp32"
+    key = cache_key(list(raster.paths), card.weights.get("sha256", ""), opts, window, stride, precision,
+                    None if region == full else region)
     path = cache_dir() / f"{Path(raster.paths[0]).stem}_{key}.npz"
     hit = _read_cache(path) if use_cache else None
     if hit is not None and hit[0].shape[:2] == (rows, cols):
         say(f"image embeddings: cached ({path})")
-        return SceneEmbeddings(hit[0], hit[1], window, stride, path, True)
-    region = Window(0, 0, raster.height, raster.width)
+        return SceneEmbeddings(hit[0], hit[1], window, stride, path, True, region)
     ctx = RunContext(raster, card, radiometry, path, opts, window, {}, region, say)
     backend = make_backend(task, package, opts, window, log=say)
     say(f"image embeddings: {rows} x {cols} cells of {stride} px ({len(windows)} windows of {window} px), "
@@ -147,4 +159,4 @@ def scene_embeddings(raster: Any, radiometry: Any, package: Any, task: Any, opts
     emb[frac == 0] = np.nan
     if use_cache:
         _write_cache(path, emb, frac)
-    return SceneEmbeddings(emb, frac, window, stride, path if use_cache else None, False)
+    return SceneEmbeddings(emb, frac, window, stride, path if use_cache else None, False, region)

@@ -32,8 +32,6 @@ class TextqueryTask(ZeroshotTask):
                               "type some words")
         if options.templates is not None:
             raise SarmaeError("--templates applies to --classes; a --query phrase is used as typed")
-        if options.extent is not None:
-            raise SarmaeError("--extent is not supported by CLIP runs: crop the raster first (gdal_translate -srcwin)")
 
     def write(self, scene, package, options, output: Path, extra: list[Path], geo, tags: dict,
               raster) -> InferenceResult:

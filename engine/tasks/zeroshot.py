@@ -35,6 +35,14 @@ class ZeroshotTask(Task):
     windowed = False  # the grid's embeddings come from engine.clip.scene (cached), then the text tower
     onnx = True  # the image tower exports to model.onnx (sarmae export) for the onnxruntime path
     default_overlap = 0.0  # cells as large as the model's window
+    agreement_metric = "mean cosine similarity"  # int8 image tower (sarmae export --precision int8): its gate
+
+    def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
+        """The mean cosine similarity of the (B, D) image embeddings over the windows with data."""
+        keep = valid.reshape(len(valid), -1).any(1)
+        cos = (reference * test).sum(1) / np.maximum(np.linalg.norm(reference, axis=1) * np.linalg.norm(test, axis=1),
+                                                     1e-12)
+        return float(cos[keep].mean()) if keep.any() else 1.0
 
     def build_model(self, card: ModelCard) -> Any:
         from ..clip import build_clip
@@ -84,8 +92,6 @@ class ZeroshotTask(Task):
             raise SarmaeError(f"--classes: {len(options.classes)} names; a class map holds at most 254 classes")
         if options.templates is not None:
             check_templates(options.templates)
-        if options.extent is not None:
-            raise SarmaeError("--extent is not supported by CLIP runs: crop the raster first (gdal_translate -srcwin)")
 
     def run_raster(self, inputs, output, package, options, say, progress, should_cancel) -> InferenceResult:
         if options.query and type(self) is ZeroshotTask:
@@ -95,7 +101,6 @@ class ZeroshotTask(Task):
         from ..clip.scene import scene_embeddings
         from ..radiometry import Radiometry
         from ..reader import SarRaster
-        from ..tiling import Window
         from ..writers import check_output
         from .georef import Georef
 
@@ -106,7 +111,7 @@ class ZeroshotTask(Task):
             radiometry = Radiometry.for_raster(package.card.input, raster, options.input_units)
             say(radiometry.describe())
             scene = scene_embeddings(raster, radiometry, package, self, options, say, progress, should_cancel)
-            geo = Georef(raster, Window(0, 0, raster.height, raster.width), scale=scene.stride)
+            geo = Georef(raster, scene.region, scale=scene.stride)
             tags = {"SARMAE_MODEL": package.card.name, "SARMAE_MODEL_SHA256": package.card.weights.get("sha256", ""),
                     "SARMAE_TASK": self.name, "SARMAE_INPUT_UNITS": radiometry.describe(),
                     "SARMAE_INPUTS": ";".join(Path(p).name for p in inputs)}
@@ -161,13 +166,13 @@ class ZeroshotTask(Task):
         from .classify import ClassifySink
         from .registry import get_task
 
+        region = scene.region
         ctx = RunContext(raster, dataclasses.replace(card, classes=classes), None, path,
-                         dataclasses.replace(options, overlap=0.0), scene.stride, {},
-                         Window(0, 0, raster.height, raster.width), lambda _: None)
+                         dataclasses.replace(options, overlap=0.0), scene.stride, {}, region, lambda _: None)
         sink = ClassifySink(get_task("classify"), ctx)
         s = scene.stride
-        for i, j in zip(*np.nonzero(scene.has_data), strict=True):
-            win = Window(int(i) * s, int(j) * s, min(s, raster.height - int(i) * s), min(s, raster.width - int(j) * s))
+        for i, j in zip(*np.nonzero(scene.has_data), strict=True):  # cells relative to the region
+            win = Window(int(i) * s, int(j) * s, min(s, region.height - int(i) * s), min(s, region.width - int(j) * s))
             sink.rows.append((win, int(cls[i, j]), float(probs[i, j].max()), float(scene.valid[i, j]), probs[i, j]))
         sink.finish()
 

@@ -5,7 +5,8 @@ A spec is a YAML/JSON list of sources, each a dict with ``kind`` and ``path`` pl
 - every kind: ``name`` (the ``source`` column; default the kind), ``sensor`` ("Sentinel-1"),
   ``pol`` ("VV"; "auto" for chips: VV+VH for 2-band files, else ``pol_single``), ``phrase`` (how a
   class reads in a caption, "{cls}" by default, e.g. "a {cls} military vehicle"), ``phrases``
-  (per class), ``rename`` (class -> class), ``drop`` (classes left out), ``min_count`` (classes with
+  (per class; a LIST of phrases gives each row one of them, a seeded draw: varied wordings, so that
+  a small text tower learns the words rather than one fixed phrase per class), ``rename`` (class -> class), ``drop`` (classes left out), ``min_count`` (classes with
   fewer images are left out, counted), ``group_regex`` + ``group_block`` (integer captures of the
   file name, divided by the block, make the split group: ETCI's ``x-(\\d+)_y-(\\d+)`` tile grid).
 - ``chips``: labelled chips: ``class_from`` ``folder`` (MSTAR: ``<k>-<NAME>/``, a leading index
@@ -16,7 +17,10 @@ A spec is a YAML/JSON list of sources, each a dict with ``kind`` and ``path`` pl
   mask per class (``masks: {flood: [["/AFTER/", "/MASK/"], ["after", "mask"]]}``); pixels > 0 are
   the class, < 0 nodata; the rest is ``rest`` ("land"). The caption names the class covering the
   most pixels, and a second one covering >= ``mention`` (0.15) of them ("flooded land with some
-  dry land"). ``window`` cuts S x S windows (written as GeoTIFF chips) instead of whole images.
+  dry land"). ``window`` cuts S x S windows (written as GeoTIFF chips) instead of whole images
+  (cut windows at the test scenes' pixel size, so that a window covers the ground a scene cell
+  does); ``windows_per_image`` N keeps N of each image's windows (a fixed pseudo-random choice per
+  file and window: a source with many windows per image does not swamp the others).
 - ``instances``: images with an instance mask (HRSID: one RGB colour per ship): ``mask`` replace
   pairs; ``window`` S: each window is "open sea" (class ``sea``) or "N ship(s) at sea" (``ship``),
   counting instances with >= ``min_pixels`` pixels in it.
@@ -38,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import CaptionError, CaptionRow, assign_split, caption_for, write_table
+from .captions import CaptionError, CaptionRow, assign_split, caption_for, hash_unit, write_table
 
 log = logging.getLogger("sarmae.captions")
 
@@ -179,7 +183,12 @@ def _shares(masks: dict[str, np.ndarray], rest: str) -> dict[str, float] | None:
     return share
 
 
-def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
+def _pick(v, rng: np.random.Generator) -> str:
+    """A phrase: ``v`` itself, or one of a list of wordings drawn with ``rng``."""
+    return v if isinstance(v, str) else str(v[int(rng.integers(len(v)))])
+
+
+def _mask_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
     """(image, class, group, phrase) of images / windows with class masks."""
     rest, mention, s = src.get("rest", "land"), float(src.get("mention", 0.15)), src.get("window")
     phrases = {rest: rest, **src.get("phrases", {})}
@@ -193,6 +202,9 @@ def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
             masks[k] = _read(mp)[0].astype(np.int32)
         h, w = next(iter(masks.values())).shape
         wins = [(r, c, s, s) for r, c in _grid(h, w, int(s))] if s else [None]
+        if s and src.get("windows_per_image"):
+            wins = sorted(wins, key=lambda v, f=f: hash_unit(0, f"{Path(f).name}:{v[0]}/{v[1]}"))
+            wins = sorted(wins[:int(src["windows_per_image"])])
         for win in wins:
             sub = {k: (m[win[0]:win[0] + win[2], win[1]:win[1] + win[3]] if win else m) for k, m in masks.items()}
             share = _shares(sub, rest)
@@ -200,9 +212,9 @@ def _mask_rows(src: dict, chips_dir: Path) -> list[tuple[str, str, str, str]]:
                 continue
             ranked = sorted(share, key=lambda k: -share[k])
             cls = ranked[0]
-            phrase = phrases.get(cls, cls)
+            phrase = _pick(phrases.get(cls, cls), rng)
             if share[ranked[1]] >= mention:
-                phrase += f" with some {phrases.get(ranked[1], ranked[1])}"
+                phrase += f" with some {_pick(phrases.get(ranked[1], ranked[1]), rng)}"
             image, group = f, _group(src, f, f)
             if win:
                 image = str(write_window(f, win, chips_dir / src["name"] / f"{Path(f).stem}_r{win[0]}_c{win[1]}.tif"))
@@ -288,7 +300,7 @@ def source_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> tuple[l
         items = [(_centre(f, int(src["crop"]), chips_dir / src["name"]) if src.get("crop") else f, c, g, None)
                  for f, c, g in _chips(src)]
     elif kind == "masks":
-        items = _mask_rows(src, chips_dir)
+        items = _mask_rows(src, chips_dir, rng)
     elif kind == "instances":
         items = _instance_rows(src, chips_dir)
     else:
@@ -303,7 +315,7 @@ def source_rows(src: dict, chips_dir: Path, rng: np.random.Generator) -> tuple[l
     for f, c, g, p in items:
         if c in left_out:
             continue
-        text = p or phrases.get(c) or phrase.format(cls=c)
+        text = p or (_pick(phrases[c], rng) if c in phrases else phrase.format(cls=c))
         cap = caption_for(text, src.get("sensor", "Sentinel-1"), _pol(src, f), rng)
         rows.append(CaptionRow(f, cap, c, src["name"], g))
     info = {"rows": len(rows), "classes": dict(Counter(r.klass for r in rows)), "left_out_classes": left_out}

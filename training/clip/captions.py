@@ -91,7 +91,7 @@ def caption_for(phrase: str, sensor: str, pol: str, rng: np.random.Generator,
     return text[0].upper() + text[1:] if text else text
 
 
-def _unit(seed: int, group: str) -> float:
+def hash_unit(seed: int, group: str) -> float:
     """A number in [0, 1) that depends on (seed, group) only: the group's place in the split order."""
     h = hashlib.blake2b(f"{seed}/{group}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2.0 ** 64
@@ -111,7 +111,7 @@ def assign_split(rows: list[CaptionRow], val_fraction: float, seed: int) -> None
         by_class.setdefault((r.source, r.klass), {}).setdefault(r.group or r.image, []).append(r)
     for groups in by_class.values():
         total = sum(len(v) for v in groups.values())
-        order = sorted(groups, key=lambda g: _unit(seed, g))
+        order = sorted(groups, key=lambda g: hash_unit(seed, g))
         held = 0
         for g in order[:-1]:  # the last group always trains
             if held + len(groups[g]) / 2 > val_fraction * total:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.errors import SarmaeError
 
+LOSSES = ("pairs", "captions")
+
 
 class ClipConfigError(SarmaeError, ValueError):
     """CLIP training settings that cannot be used."""
@@ -41,6 +43,8 @@ class ClipTrainConfig:
     warmup_steps: int = 50  # linear warm-up steps
     weight_decay: float = 0.1  # AdamW decay (none on biases, norms, embeddings, logit scale)
     augment: bool = True  # random flips / 90-degree rotations of the images
+    loss: str = "pairs"  # pairs: open_clip's ClipLoss (each row its own positive); captions: rows with the
+    # same caption text are positives of each other (no false negatives among template captions; one process)
     train_split: str = "train"  # rows of the table trained on ("" = all rows)
     val_split: str = "val"  # rows scored after each epoch (curves only: the last weights are kept)
     max_minutes: float | None = None  # wall-clock budget; the run stops after the step that crosses it
@@ -70,6 +74,8 @@ class ClipTrainConfig:
             problems.append(f"batch_size must be >= 2 (a contrastive batch), not {self.batch_size}")
         if self.epochs < 1 or self.lr <= 0:
             problems.append(f"epochs must be >= 1 and lr > 0 (got {self.epochs}, {self.lr})")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if problems:
             raise ClipConfigError("CLIP training settings: " + "; ".join(problems))
 

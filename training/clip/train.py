@@ -87,10 +87,26 @@ def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def contrastive_step(model, loss_fn, x: torch.Tensor, caption_id: torch.Tensor, tokens: torch.Tensor):
-    """ClipLoss of one (local) batch; the text tower runs on the batch's unique captions only."""
+    """The loss of one (local) batch; the text tower runs on the batch's unique captions only.
+    ``loss_fn``: open_clip's ClipLoss (every row its own positive), or ``caption_loss``."""
     uniq, inverse = torch.unique(caption_id, return_inverse=True)
     img, txt, scale = model(x, tokens[uniq])[:3]
+    if loss_fn is caption_loss:
+        return caption_loss(img, txt, inverse, scale), scale
     return loss_fn(img, txt[inverse], scale), scale
+
+
+def caption_loss(img: torch.Tensor, txt: torch.Tensor, inverse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Contrastive loss over a batch's UNIQUE captions: image -> text is cross-entropy over the
+    distinct captions (its own caption the target); text -> image gives each caption all the images
+    it describes as positives (the mean log-probability over them). With template captions many rows
+    share one text: ClipLoss would push images with the same caption apart; this does not."""
+    logits = scale * img @ txt.T  # (B, U)
+    to_text = nn.functional.cross_entropy(logits, inverse)
+    pos = nn.functional.one_hot(inverse, txt.shape[0]).T.float()  # (U, B)
+    logp = torch.log_softmax(logits.T, dim=1)
+    to_image = -((logp * pos).sum(1) / pos.sum(1)).mean()
+    return (to_text + to_image) / 2
 
 
 def _check_run(run: Path, cfg: ClipTrainConfig, resume: bool) -> dict | None:
@@ -161,7 +177,11 @@ def _train(cfg: ClipTrainConfig, output: Path, resume: bool, overwrite: bool, pr
         epoch, step = state["epoch"], state["step"]
         set_rng_state(state["rng"])
     net = nn.parallel.DistributedDataParallel(model) if info.active else model
-    loss_fn = ClipLoss(gather_with_grad=True, rank=info.rank, world_size=info.world_size)
+    if cfg.loss == "captions" and info.world_size > 1:
+        raise SarmaeError("loss 'captions' runs in one process (the batch's captions are not gathered over ranks); "
+                          "use loss 'pairs' under torchrun")
+    loss_fn = caption_loss if cfg.loss == "captions" else ClipLoss(gather_with_grad=True, rank=info.rank,
+                                                                   world_size=info.world_size)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))

@@ -13,6 +13,9 @@
 
 Writes ``OUT/results.json`` (default runs/sarclip_cpu). Usage (OMP_NUM_THREADS=1 on a shared machine):
     .venv/bin/python training/recipes/train_sarclip_cpu.py [--minutes 40] [--epochs 30] [--out runs/sarclip_cpu]
+The map model (eval_sarclip_maps.py):
+    .venv/bin/python training/recipes/train_sarclip_cpu.py --spec training/recipes/sarclip_maps.yaml \
+        --loss captions --out runs/sarclip_maps --minutes 40 --cnn-minutes 0
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def main() -> int:
     ap.add_argument("--cnn-minutes", type=float, default=10.0, help="the small CNN's budget (0: no CNN row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue the CLIP run in OUT/sarclip.pkg.run")
+    ap.add_argument("--spec", default="training/recipes/sarclip_captions.yaml",
+                    help="caption spec (sarclip_maps.yaml: water / flood / land and ships at 10 m, for the maps)")
+    ap.add_argument("--loss", default="pairs", choices=["pairs", "captions"], help="contrastive loss (train.py)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     os.chdir(ROOT)
@@ -84,10 +90,10 @@ def main() -> int:
 
     table, package = out / "captions.csv", out / "sarclip.pkg"
     t0 = time.time()
-    caps = make_captions(load_spec(ROOT / "training/recipes/sarclip_captions.yaml"), table, seed=a.seed,
+    caps = make_captions(load_spec(ROOT / a.spec), table, seed=a.seed,
                          overwrite=True) if not (a.resume and table.exists()) else {"table": str(table)}
     cfg = ClipTrainConfig(pairs=str(table), epochs=a.epochs, batch_size=a.batch_size, max_minutes=a.minutes,
-                          seed=a.seed)
+                          seed=a.seed, loss=a.loss)
     trained = train_clip(cfg, package, resume=a.resume, overwrite=not a.resume)
     t1 = time.time()
     ev = evaluate_zeroshot(str(package), out / "zeroshot_confusion.png", pairs=str(table), split="val",

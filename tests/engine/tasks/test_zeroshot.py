@@ -158,3 +158,85 @@ def test_the_image_tower_runs_from_model_onnx(tiny_clip_package, scene, tmp_path
         with rasterio.open(r.outputs["similarity"]) as src:
             sims[backend] = src.read(1)
     np.testing.assert_allclose(sims["onnxruntime"], sims["torch"], atol=1e-5)
+
+
+def test_int8_image_tower_passes_its_gate_and_keeps_its_own_cache(tiny_clip_package, scene, tmp_path):
+    import shutil
+
+    from engine.export import export_package
+    from engine.package import read_card
+
+    pkg = shutil.copytree(tiny_clip_package, tmp_path / "pkg")
+    export_package(str(pkg), precision="int8", calibration=str(scene), log=lambda _: None)
+    gate = read_card(pkg).onnx["int8"]["gate"]
+    assert gate["metric"] == "mean cosine similarity" and gate["value"] >= gate["threshold"]
+    sims, caches = {}, {}
+    for precision in ("fp32", "int8"):
+        r = run_inference([str(scene)], tmp_path / f"{precision}.tif", pkg,
+                          InferenceOptions(query=["ships at sea"], precision=precision, backend="onnxruntime"))
+        assert not r.statistics["embeddings"]["cached"]  # int8 never reads the fp32 tower's cache, nor back
+        caches[precision] = r.statistics["embeddings"]["file"]
+        with rasterio.open(r.outputs["similarity"]) as src:
+            sims[precision] = src.read(1)
+    assert caches["fp32"] != caches["int8"]
+    ok = np.isfinite(sims["fp32"])
+    np.testing.assert_allclose(sims["int8"][ok], sims["fp32"][ok], atol=0.05)
+    again = run_inference([str(scene)], tmp_path / "again.tif", pkg,
+                          InferenceOptions(query=["water"], precision="int8", backend="onnxruntime", overlap=0.75))
+    assert again.statistics["cell_px"] == 8 and not again.statistics["embeddings"]["cached"]
+    third = run_inference([str(scene)], tmp_path / "third.tif", pkg,
+                          InferenceOptions(query=["ship"], precision="int8", backend="onnxruntime", overlap=0.75))
+    assert third.statistics["embeddings"]["cached"]  # the finer grid is cached too
+
+
+def test_8bit_rasters_are_read_as_the_db_range_or_refused_by_a_calibrated_model(tmp_path):
+    from engine.clip import TINY_CONFIG, build_clip, clip_card, save_clip_package
+
+    rng = np.random.default_rng(0)
+    png = write_raster(tmp_path / "quicklook.tif", rng.integers(0, 256, (1, 40, 40)).astype(np.uint8),
+                       descriptions=["VV"])
+    torch.manual_seed(0)
+    for source in ("db", "sarclip"):
+        card = clip_card(f"tiny-{source}", config=TINY_CONFIG, source=source, bands=["VV"])
+        pkg = save_clip_package(build_clip(card), card, tmp_path / source)
+        opts = InferenceOptions(query=["water"])
+        if source == "sarclip":
+            assert "display_db" not in card.input.to_dict()
+            with pytest.raises(RasterInputError, match="cannot convert 8-bit display values to dB"):
+                run_inference([str(png)], tmp_path / f"{source}.tif", pkg, opts)
+            continue
+        lo, hi = card.input.display_db
+        r = run_inference([str(png)], tmp_path / f"{source}.tif", pkg, opts)
+        assert any(f"read as {lo:g}..{hi:g} dB" in m for m in r.log + [r.provenance["input_units"]])
+        # the same pixels given in dB as lo + x / 255 (hi - lo) give the same similarity
+        with rasterio.open(png) as src:
+            db = lo + src.read().astype(np.float32) / 255 * (hi - lo)
+        same = write_raster(tmp_path / "as_db.tif", db, descriptions=["VV"])
+        r2 = run_inference([str(same)], tmp_path / "db2.tif", pkg, InferenceOptions(query=["water"], input_units="db"))
+        with rasterio.open(r.outputs["similarity"]) as a, rasterio.open(r2.outputs["similarity"]) as b:
+            np.testing.assert_allclose(a.read(), b.read(), atol=1e-5)
+
+
+def test_extent_embeds_that_part_as_a_raster_cropped_to_it_would_be(tiny_clip_package, scene, tmp_path):
+    with rasterio.open(scene) as src:
+        crop = src.read(window=rasterio.windows.Window(6, 32, 64, 64))  # col 6, row 32, 64 x 64
+        t = src.transform
+    cropped = write_raster(tmp_path / "crop.tif", crop, descriptions=["VV", "VH"])
+    full = run_inference([str(scene)], tmp_path / "full.tif", tiny_clip_package, InferenceOptions(query=["water"]))
+    part = run_inference([str(scene)], tmp_path / "part.tif", tiny_clip_package,
+                         InferenceOptions(query=["water"], extent=(32, 6, 64, 64)))
+    ref = run_inference([str(cropped)], tmp_path / "ref.tif", tiny_clip_package, InferenceOptions(query=["water"]))
+    assert not part.statistics["embeddings"]["cached"]  # not the whole raster's cache file
+    assert part.statistics["embeddings"]["file"] != full.statistics["embeddings"]["file"]
+    with rasterio.open(part.outputs["similarity"]) as a, rasterio.open(ref.outputs["similarity"]) as b:
+        assert a.shape == (2, 2)
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-6)
+        assert a.transform.c == pytest.approx(t.c + 6 * t.a) and a.transform.f == pytest.approx(t.f + 32 * t.e)
+    classes = run_inference([str(scene)], tmp_path / "cls.tif", tiny_clip_package,
+                            InferenceOptions(classes=["water", "land"], extent=(32, 6, 64, 64)))
+    assert classes.statistics["embeddings"]["cached"]  # the extent's grid is cached like the whole raster's
+    import fiona
+
+    with fiona.open(tmp_path / "cls_grid.gpkg") as grid:
+        assert sorted((f["properties"]["row_off"], f["properties"]["col_off"]) for f in grid) == \
+            [(32, 6), (32, 38), (64, 6), (64, 38)]

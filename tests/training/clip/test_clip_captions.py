@@ -146,3 +146,44 @@ def test_chips_crop_writes_the_centre_at_full_resolution(tmp_path):
             with rasterio.open(tmp_path / x["image"]) as ds, rasterio.open(src) as full:
                 assert (ds.width, ds.height) == (16, 16)
                 assert np.array_equal(ds.read(1), full.read(1)[8:24, 8:24])
+
+
+def test_mask_windows_are_captioned_from_their_own_label_fractions_and_capped_per_image(tmp_path):
+    # the left 75 % of img_2's columns are water: in 8 px windows, columns 0-23 are water, 24-31 land
+    root = mask_tiles(tmp_path / "tiles", shares=(0.75,))
+    src = {"kind": "masks", "name": "lakes", "path": str(root / "images"), "window": 8,
+           "masks": {"water": [["/images/", "/masks/"], ["img_", "mask_"]]},
+           "phrases": {"water": "open water", "land": "dry land"}}
+    make_captions([src], tmp_path / "t.csv", val_fraction=0.0)
+    rows = rows_of(tmp_path / "t.csv")
+    assert len(rows) == 16
+    for r in rows:
+        col = int(r["image"].split("_c")[-1].split(".")[0])
+        want = ("water", "open water") if col < 24 else ("land", "dry land")
+        assert r["class"] == want[0] and want[1] in r["caption"].lower() and "with some" not in r["caption"], r
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import rasterio
+
+        with rasterio.open(tmp_path / rows[0]["image"]) as ds:
+            assert (ds.height, ds.width) == (8, 8)
+    # windows_per_image: the same N windows on every run, whatever else is in the spec
+    capped = {**src, "windows_per_image": 5}
+    make_captions([capped], tmp_path / "c1.csv", val_fraction=0.0)
+    make_captions([capped, {**src, "name": "other"}], tmp_path / "c2.csv", val_fraction=0.0)
+    one = [r["image"].split("/")[-1] for r in rows_of(tmp_path / "c1.csv")]
+    two = [r["image"].split("/")[-1] for r in rows_of(tmp_path / "c2.csv") if r["source"] == "lakes"]
+    assert len(one) == 5 and one == two
+
+
+def test_a_list_of_phrases_gives_each_row_one_seeded_wording(tmp_path):
+    root = mask_tiles(tmp_path / "tiles", shares=(1.0,))
+    words = ["open water", "a lake", "water surface"]
+    src = {"kind": "masks", "name": "lakes", "path": str(root / "images"), "window": 8,
+           "masks": {"water": [["/images/", "/masks/"], ["img_", "mask_"]]}, "phrases": {"water": words}}
+    make_captions([src], tmp_path / "a.csv", val_fraction=0.0, seed=3)
+    make_captions([src], tmp_path / "b.csv", val_fraction=0.0, seed=3)
+    caps = [r["caption"].lower() for r in rows_of(tmp_path / "a.csv")]
+    assert caps == [r["caption"].lower() for r in rows_of(tmp_path / "b.csv")]  # seeded
+    used = {w for w in words for c in caps if w in c}
+    assert len(caps) == 16 and all(any(w in c for w in words) for c in caps) and len(used) >= 2

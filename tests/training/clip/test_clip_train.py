@@ -187,3 +187,23 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, table):
     a, b = step_losses(tmp_path / "one.pkg.run"), step_losses(tmp_path / "two.pkg.run")
     assert len(a) == len(b) == 6
     assert np.allclose([v for _, v in a], [v for _, v in b], rtol=1e-4, atol=1e-5), (a, b)
+
+
+def test_caption_loss_treats_rows_with_one_caption_as_positives_of_each_other():
+    import math
+
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from training.clip.train import caption_loss
+
+    txt = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    inverse = torch.tensor([0, 0, 1, 1])  # two images per caption, each image on its caption
+    img = txt[inverse].clone()
+    scale = torch.tensor(100.0)
+    # image -> text: nothing left to learn (the 2 distinct captions); text -> image: log 2, the floor of two
+    # equally good positives. ClipLoss makes the duplicated caption a negative: log 2 on both sides.
+    assert caption_loss(img, txt, inverse, scale).item() == pytest.approx(math.log(2) / 2, abs=1e-4)
+    assert ClipLoss()(img, txt[inverse], scale).item() == pytest.approx(math.log(2), abs=1e-4)
+    swapped = txt[torch.tensor([1, 1, 0, 0])]
+    assert caption_loss(swapped, txt, inverse, scale) > 10
