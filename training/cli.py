@@ -65,7 +65,7 @@ def _finetune_config(a: argparse.Namespace):
          "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
               "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
-              "standardise", "pool"):
+              "standardise", "pool", "arch"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -359,7 +359,12 @@ def register(sub) -> None:
     s.add_argument("--mode", choices=["auto", "head", "full"],
                    help="classify/segment: head = quick, a light head fitted on the frozen encoder in seconds "
                         "(few labels); full = fine-tune the whole model; auto (default) = quick below a few dozen "
-                        "training chips, else quick then full, keeping the better validation score")
+                        "training chips, else quick then full, keeping the better validation score; classify: "
+                        "also trains the small CNN and keeps whichever scores better on the validation chips, as they "
+                        "are and under simulated acquisition shifts")
+    s.add_argument("--arch", help="classify: cnn = a small CNN (0.55 M parameters) trained from scratch, no encoder; "
+                                  "without --encoder and --arch: a random vit_tiny_patch16 (--mode auto also trains "
+                                  "the small CNN and keeps the better on validation)")
     s.add_argument("--seg-head", choices=["light", "upernet"],
                    help="segment, full fine-tune: light (per-pixel head, fast on CPUs; the default) or upernet "
                         "(simple pyramid + UPerNet, for GPUs)")
