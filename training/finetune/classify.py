@@ -26,9 +26,9 @@ from .common import (
     FinetuneError,
     History,
     budget_spent,
+    chip_jitter,
     class_colours,
     fit_batch,
-    gain_jitter,
     model_input,
     pick_device,
     remaining,
@@ -334,7 +334,7 @@ def _vit_route(data: _Data, enc, cfg: FinetuneConfig, mode: str, device: str, t0
 
     def train_step(m, idx):
         xb = data.x[idx].float()
-        xb = gain_jitter(augment(xb), data.contract, cfg.gain_db) if cfg.augment else xb
+        xb = chip_jitter(augment(xb), data.contract, cfg) if cfg.augment else xb
         xb = model_input(xb, data.contract)
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from .common import FinetuneError, History, gain_jitter, model_input
+from .common import FinetuneError, History, chip_jitter, model_input
 from .config import FinetuneConfig
 
 log = logging.getLogger("sarmae.finetune")
@@ -58,7 +58,7 @@ def train_cnn(data, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig, progres
     from ..baselines import train_small_cnn
     from .classify import augment
 
-    aug = (lambda b: gain_jitter(augment(b), data.contract, cfg.gain_db)) if cfg.augment else None
+    aug = (lambda b: chip_jitter(augment(b), data.contract, cfg)) if cfg.augment else None
     model, info = train_small_cnn(data.x, data.y, tr, va, epochs=cfg.epochs,
                                   max_minutes=cfg.max_minutes if max_minutes is None else max_minutes,
                                   batch_size=cfg.batch_size, seed=cfg.seed, augment=aug,

@@ -126,6 +126,17 @@ def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
     return apply_gain(x, contract, (torch.rand(x.shape[0], 1, 1, 1) * 2 - 1) * max_db)
 
 
+def chip_jitter(x: torch.Tensor, contract: dict, cfg: FinetuneConfig) -> torch.Tensor:
+    """The radiometric / acquisition augmentation of classification chips: a random gain
+    (``gain_jitter``, ``cfg.gain_db``), or with ``cfg.acquisition`` random changes of acquisition
+    (``training.acquisition.acquisition_jitter``: gain, 8-bit stretch, fresh speckle, resolution, pose)."""
+    if cfg.acquisition:
+        from ..acquisition import acquisition_jitter
+
+        return acquisition_jitter(x, contract, cfg.gain_db)
+    return gain_jitter(x, contract, cfg.gain_db)
+
+
 def layer_id(name: str, depth: int) -> int:
     """0 for embeddings, i + 1 for block i, depth + 1 for everything after (norms, heads)."""
     for prefix in ("encoder.", "detector.backbone.encoder."):

@@ -142,6 +142,9 @@ def main() -> None:
                     help="fine-tuning modes run per encoder (head: logistic regression on the frozen embedding)")
     ap.add_argument("--cnn", action="store_true", help="the small-CNN baseline row (same chips and budget)")
     ap.add_argument("--cnn-acq", action="store_true", help="the small CNN trained with random acquisition shifts")
+    ap.add_argument("--acq", action="store_true",
+                    help="encoder rows: the quick / fine-tune training chips also get random acquisition shifts "
+                         "(finetune --acquisition-jitter); rows named '<encoder> <mode> acq'")
     ap.add_argument("--tta", action="store_true", help="also each CNN row with test-time augmentation (8 views)")
     ap.add_argument("--ensemble", nargs="*", default=[], metavar="ROW+ROW",
                     help="rows averaging the class probabilities of finished rows, e.g. 'mae head+cnn'")
@@ -185,7 +188,7 @@ def main() -> None:
                 _, va = split(pool_chips, 0.2, None if shots == "all" else int(shots), seed)
                 data.update(val_files=[pool_chips.files[i] for i in va], val_labels=pool_chips.labels[va])
                 data["val_by_seed"][seed] = pool_chips.labels[va]
-                row = name if mode == "cnn" else f"{name} {mode}"
+                row = name if mode == "cnn" else f"{name} {mode}" + (" acq" if a.acq else "")
                 todo = [(row, False)] + ([(row + " +TTA", True)] if a.tta and mode == "cnn" else [])
                 rows += [r for r, _ in todo if r not in rows]
                 if all((r, shots, seed, std) in done for r, _ in todo):
@@ -198,8 +201,9 @@ def main() -> None:
                                          shots=None if shots == "all" else int(shots), seed=seed, epochs=a.epochs,
                                          max_minutes=a.max_minutes, warmup_epochs=min(5.0, a.epochs / 8),
                                          batch_size=32, patience=12, mode=mode, gain_db=a.gain_db, standardise=std,
+                                         acquisition=a.acq,
                                          **({"pool": a.pool} if a.pool else {}))
-                    dest = out / f"{name}_{mode}_{shots}_s{seed}_{std}.pkg"
+                    dest = out / f"{row.replace(' ', '_')}_{shots}_s{seed}_{std}.pkg"
                     r = finetune_classifier(pool, dest, cfg, overwrite=True)
                     pk = load_package(dest)
                     model, contract = pk.model, pk.card.input.to_dict()
