@@ -118,6 +118,7 @@ def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool):
               else (lambda b: gain_jitter(augment(b), contract, a.gain_db)))
     model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
                                   augment=jitter, prepare=lambda b: model_input(b, contract))
+    torch.save(model.state_dict(), Path(a.out) / f"{'cnn_acq' if acq else 'cnn'}_{shots}_s{seed}_{a.standardise}.pt")
     return model, contract, {"epochs_run": info["epochs_run"]}
 
 
@@ -218,12 +219,14 @@ def main() -> None:
                     results.append(rec)
                     (out / "results.json").write_text(json.dumps(results, indent=1))
                     print(json.dumps(rec), flush=True)
+    if not runs:  # a table of what results.json holds (e.g. after merging runs), and any ensembles
+        rows = list(dict.fromkeys(r["row"] for r in results if r["standardise"] == std and "+" not in r["row"]))
     for spec in a.ensemble:
         parts = spec.split("+")
         for shots in a.shots:
             for seed in a.seeds:
                 have = {r["row"]: r for r in results if r["shots"] == shots and r["seed"] == seed and r["standardise"] == std}
-                if spec in rows or any(p not in have for p in parts):
+                if any(p not in have for p in parts):
                     continue
                 if seed not in data["val_by_seed"]:
                     _, va = split(pool_chips, 0.2, None if shots == "all" else int(shots), seed)
@@ -234,7 +237,7 @@ def main() -> None:
                 results.append({"row": spec, "shots": shots, "seed": seed, "standardise": std, **sc,
                                 "train_cpu_minutes": round(sum(have[p].get("train_cpu_minutes", 0) for p in parts), 2)})
                 (out / "results.json").write_text(json.dumps(results, indent=1))
-        rows.append(spec)
+        rows += [spec] if spec not in rows else []
     print_table(results, rows, a.shots, std)
 
 
