@@ -133,7 +133,7 @@ def chip_jitter(x: torch.Tensor, contract: dict, cfg: FinetuneConfig) -> torch.T
     if cfg.acquisition:
         from ..acquisition import acquisition_jitter
 
-        return acquisition_jitter(x, contract, cfg.gain_db)
+        return acquisition_jitter(x, contract, cfg.gain_db, warp=cfg.acquisition_warp)
     return gain_jitter(x, contract, cfg.gain_db)
 
 

@@ -96,7 +96,7 @@ def score_row(prob, contract: dict, a, data: dict, probs_file: Path) -> dict:
     return out
 
 
-def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool):
+def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool, tag: str = "cnn"):
     """The small CNN on the same fine-tuning chips (split, shots, seed), flips / rotations, input
     standardisation (``--standardise``) and budget; with ``acq`` its training chips also get random
     acquisition shifts (``training.acquisition.acquisition_jitter``) instead of a gain alone."""
@@ -114,11 +114,11 @@ def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool):
         contract["standardise"] = STANDARDISE[a.standardise]
     x, _ = load_tensors(chips.files, a.img_size, 1, contract["mean"], contract["std"])
     gen = torch.Generator().manual_seed(seed)
-    jitter = ((lambda b: acquisition_jitter(augment(b), contract, a.gain_db, generator=gen)) if acq
+    jitter = ((lambda b: acquisition_jitter(augment(b), contract, a.gain_db, warp=a.acq_warp, generator=gen)) if acq
               else (lambda b: gain_jitter(augment(b), contract, a.gain_db)))
     model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
                                   augment=jitter, prepare=lambda b: model_input(b, contract))
-    torch.save(model.state_dict(), Path(a.out) / f"{'cnn_acq' if acq else 'cnn'}_{shots}_s{seed}_{a.standardise}.pt")
+    torch.save(model.state_dict(), Path(a.out) / f"{tag}_{shots}_s{seed}_{a.standardise}.pt")
     return model, contract, {"epochs_run": info["epochs_run"]}
 
 
@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--acq", action="store_true",
                     help="encoder rows: the quick / fine-tune training chips also get random acquisition shifts "
                          "(finetune --acquisition-jitter); rows named '<encoder> <mode> acq'")
+    ap.add_argument("--acq-warp", type=float, default=0.5,
+                    help="with --acq / --cnn-acq: the share of training chips also resampled (zoom, rotation, "
+                         "translation; rows named '... acq-w<percent>' unless 1)")
     ap.add_argument("--tta", action="store_true", help="also each CNN row with test-time augmentation (8 views)")
     ap.add_argument("--ensemble", nargs="*", default=[], metavar="ROW+ROW",
                     help="rows averaging the class probabilities of finished rows, e.g. 'mae head+cnn'")
@@ -189,20 +192,22 @@ def main() -> None:
                 _, va = split(pool_chips, 0.2, None if shots == "all" else int(shots), seed)
                 data.update(val_files=[pool_chips.files[i] for i in va], val_labels=pool_chips.labels[va])
                 data["val_by_seed"][seed] = pool_chips.labels[va]
-                row = name if mode == "cnn" else f"{name} {mode}" + (" acq" if a.acq else "")
+                tag = "" if a.acq_warp == 1 else f"-w{round(100 * a.acq_warp)}"
+                row = (name + (tag if name == "cnn-acq" else "") if mode == "cnn"
+                       else f"{name} {mode}" + (" acq" + tag if a.acq else ""))
                 todo = [(row, False)] + ([(row + " +TTA", True)] if a.tta and mode == "cnn" else [])
                 rows += [r for r, _ in todo if r not in rows]
                 if all((r, shots, seed, std) in done for r, _ in todo):
                     continue
                 t0, c0 = time.time(), time.process_time()
                 if mode == "cnn":
-                    model, contract, info = cnn_row(pool, shots, seed, a, acq=name == "cnn-acq")
+                    model, contract, info = cnn_row(pool, shots, seed, a, acq=name == "cnn-acq", tag=row)
                 else:
                     cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, in_chans=1,
                                          shots=None if shots == "all" else int(shots), seed=seed, epochs=a.epochs,
                                          max_minutes=a.max_minutes, warmup_epochs=min(5.0, a.epochs / 8),
                                          batch_size=32, patience=12, mode=mode, gain_db=a.gain_db, standardise=std,
-                                         acquisition=a.acq,
+                                         acquisition=a.acq, acquisition_warp=a.acq_warp,
                                          **({"pool": a.pool} if a.pool else {}))
                     dest = out / f"{row.replace(' ', '_')}_{shots}_s{seed}_{std}.pkg"
                     r = finetune_classifier(pool, dest, cfg, overwrite=True)
