@@ -3,7 +3,9 @@ the ViT route that ``--mode auto`` makes on validation chips.
 
 - ``train_cnn``: ``engine.models.small_cnn.SmallCNN`` from scratch on the chips (the same flips /
   rotations, gain jitter and per-chip standardisation as the ViT route; ``training.baselines.
-  train_small_cnn``, the same function that trains the baseline row), its best validation epoch kept.
+  train_small_cnn``, the same function that trains the baseline row), its best validation epoch kept;
+  its optimiser is that function's (AdamW 2e-3, one cycle, label smoothing 0.1): ``--lr``,
+  ``--layer-decay`` and ``--warmup-epochs`` set the ViT route.
 - ``robust_validation``: a model's validation accuracy on the chips as they are and under the
   simulated acquisition shifts of ``training.acquisition`` (gain, stretch, speckle, resolution,
   pose): what ``--mode auto`` compares, so that the model kept is the one that also holds on another
