@@ -10,8 +10,9 @@ or 8-bit values, so thresholds are the analyst's thresholds):
 - ``random forest``: scikit-learn's forest (100 trees, balanced classes) on per-pixel features: the
   bands, their local mean and standard deviation over 3 / 7 / 15 px boxes and the band differences
   (``engine.models.seg_light.pixel_features``, the light head's own pixel branch).
-Chip classification: ``small CNN`` (``SmallCNN``, 0.6 M parameters, trained from scratch on the same
-chips with the same budget and augmentations); the logistic regression on the frozen encoder's pooled
+Chip classification: ``small CNN`` (``engine.models.small_cnn.SmallCNN``, 0.55 M parameters, trained
+from scratch on the same chips with the same budget and augmentations; the same network is a classify
+package of its own, ``sarmae finetune --task classify --arch cnn``); the logistic regression on the frozen encoder's pooled
 embedding is the quick mode itself (``finetune.quick``).
 """
 
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from engine.models.small_cnn import SmallCNN  # the baseline and the --arch cnn package: one class
 
 log = logging.getLogger("sarmae.baselines")
 
@@ -137,46 +139,29 @@ def read_scene(path: str, contract: dict, bands: list | None = None, input_units
         return rad.apply(x, valid).astype(np.float32), valid
 
 
-class SmallCNN(nn.Module):
-    """The chip-classification baseline: a stride-2 5x5 stem (32), then conv blocks 64-128-128-256
-    (3x3, BatchNorm, ReLU; max-pool after each width), global average pooling, dropout, linear
-    (about 0.55 M parameters with one band; the stem keeps a 128 px chip cheap on a CPU)."""
-
-    def __init__(self, in_chans: int, num_classes: int):
-        super().__init__()
-        layers = [nn.Conv2d(in_chans, 32, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
-        c = 32
-        for w, convs in ((64, 1), (128, 2), (256, 1)):
-            for _ in range(convs):
-                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-                c = w
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(c, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
-
-
 def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, *, epochs: int = 60,
                     max_minutes: float | None = None, batch_size: int = 32, seed: int = 0,
-                    augment=None, prepare=None) -> tuple[SmallCNN, dict]:
+                    augment=None, prepare=None, num_classes: int | None = None,
+                    progress=None) -> tuple[SmallCNN, dict]:
     """Train ``SmallCNN`` on chips ``x[tr]`` (AdamW 2e-3, cosine, label smoothing 0.1), keep the epoch
     with the best accuracy on ``x[va]``; stops at ``epochs`` or ``max_minutes``. ``augment``: a
     function on a training batch (the model's own flips / rotations, gains); ``prepare``: on every
-    batch the model sees, after ``augment`` (the contract's standardisation, ``model_input``)."""
+    batch the model sees, after ``augment`` (the contract's standardisation, ``model_input``);
+    ``progress``: called with each epoch's row (epoch, train loss, validation accuracy). The info
+    returned holds the per-epoch ``train_loss`` and validation accuracy (``val_curve``) and the best epoch."""
     prep = prepare if prepare is not None else (lambda b: b)
     import copy
 
     torch.manual_seed(seed)
-    k = int(y.max()) + 1
+    k = num_classes or int(y.max()) + 1
     model = SmallCNN(x.shape[1], k)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     yt = torch.from_numpy(y)
     steps = max(1, math.ceil(len(tr) / batch_size)) * epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, t0, ran = -1.0, None, time.time(), 0
+    best, best_state, t0, ran, best_epoch = -1.0, None, time.time(), 0, -1
+    curves: dict[str, list[float]] = {"train_loss": [], "val_curve": []}
 
     def accuracy(idx: np.ndarray) -> float:
         model.eval()
@@ -186,6 +171,7 @@ def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarr
 
     for _ in range(epochs):
         model.train()
+        losses = []
         order = torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)]
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
@@ -198,17 +184,24 @@ def train_small_cnn(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarr
             loss.backward()
             opt.step()
             sched.step()
+            losses.append(loss.item())
         ran += 1
         acc = accuracy(va) if len(va) else 0.0
+        curves["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        curves["val_curve"].append(acc)
         if acc > best:
-            best, best_state = acc, copy.deepcopy(model.state_dict())
+            best, best_state, best_epoch = acc, copy.deepcopy(model.state_dict()), ran - 1
+        if progress is not None:
+            progress({"epoch": ran - 1, "epochs": epochs, "train_loss": curves["train_loss"][-1], "accuracy": acc,
+                      "metric": "accuracy", "best": best, "elapsed_s": time.time() - t0,
+                      "eta_s": (time.time() - t0) / ran * (epochs - ran)})
         if max_minutes and time.time() - t0 > 60 * max_minutes:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return model, {"val_accuracy": best, "epochs_run": ran, "minutes": round((time.time() - t0) / 60, 2),
-                   "parameters": sum(p.numel() for p in model.parameters())}
+                   "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best_epoch, **curves}
 
 
 def training_reference(card, notes: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:

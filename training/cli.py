@@ -65,7 +65,7 @@ def _finetune_config(a: argparse.Namespace):
          "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
               "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
-              "standardise", "pool"):
+              "standardise", "pool", "arch", "acquisition"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -365,12 +365,21 @@ def register(sub) -> None:
     s.add_argument("--mode", choices=["auto", "head", "full"],
                    help="classify/segment: head = quick, a light head fitted on the frozen encoder in seconds "
                         "(few labels); full = fine-tune the whole model; auto (default) = quick below a few dozen "
-                        "training chips, else quick then full, keeping the better validation score")
+                        "training chips, else quick then full, keeping the better validation score; classify: "
+                        "also trains the small CNN and keeps whichever scores better on the validation chips, as they "
+                        "are and under simulated acquisition shifts")
+    s.add_argument("--arch", help="classify: cnn = a small CNN (0.55 M parameters) trained from scratch, no encoder; "
+                                  "without --encoder and --arch: a random vit_tiny_patch16 (--mode auto also trains "
+                                  "the small CNN and keeps the better on validation)")
     s.add_argument("--seg-head", choices=["light", "upernet"],
                    help="segment, full fine-tune: light (per-pixel head, fast on CPUs; the default) or upernet "
                         "(simple pyramid + UPerNet, for GPUs)")
     s.add_argument("--gain-db", type=float, help="classify/segment: random radiometric gain per training chip within "
                    "+-this many dB, so the model does not key on one acquisition's brightness (default 2; 0: off)")
+    s.add_argument("--acquisition-jitter", dest="acquisition", action="store_true", default=None,
+                   help="classify: also random changes of acquisition on the training chips (8-bit stretch, fresh "
+                        "speckle, resolution 0.87-1.15x, +-10 degrees, +-4 px; training/acquisition.py), for models "
+                        "that must hold on another sensor or collection")
     s.add_argument("--standardise", choices=["auto", "median", "iqr", "none"],
                    help="classify: each chip in dB minus its own median, over 10 dB (median) or over its interquartile "
                         "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "

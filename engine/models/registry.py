@@ -1,7 +1,8 @@
 """Named constructors (timm's ``@register_model`` idea) and building a model from model.json.
 
 Encoder sizes (SARMAE_SPEC 1): tiny 192/12/3, small 384/12/6, base 768/12/12, large 1024/24/16.
-Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decoder 512d8b).
+Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decoder 512d8b);
+``small_cnn`` (a chip classifier that is not a ViT: ``OWN_NETWORKS``, ``engine.models.small_cnn``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ for _size in SIZES:
     _make(_size)
 
 
+@register_model
+def small_cnn(in_chans: int = 1, num_classes: int = 2, **_) -> nn.Module:
+    """The small CNN chip classifier (``engine.models.small_cnn``): the classification baseline and a
+    classify package of its own (``--arch cnn``)."""
+    from .small_cnn import SmallCNN
+
+    return SmallCNN(in_chans, num_classes)
+
+
+# networks that are not a ViT with a head: architecture.name -> (tasks it serves); their card's
+# "encoder" summarises them (engine.models.small_cnn) and create_model builds them
+OWN_NETWORKS = {"small_cnn": ("classify",)}
+
+
 def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
     return build_segmenter(encoder, num_classes, head)
 
@@ -103,6 +118,16 @@ def build_from_architecture(arch: dict, task: str, num_classes: int = 0) -> nn.M
     known = ("embed", "reconstruct", *HEADS)
     if task not in known:
         raise ModelConfigError(f"no built-in model for task '{task}'; known: {', '.join(known)}")
+    name = arch.get("name")
+    if name in OWN_NETWORKS:
+        if task not in OWN_NETWORKS[name]:
+            raise ModelConfigError(f"architecture '{name}' serves {', '.join(OWN_NETWORKS[name])}, not '{task}'")
+        if num_classes < 1:
+            raise ModelConfigError(f"task '{task}' needs at least one class")
+        try:
+            return create_model(name, in_chans=int(dict(arch["encoder"])["in_chans"]), num_classes=num_classes)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelConfigError(f"invalid '{name}' architecture in model.json: {e}") from e
     try:
         enc = ViTConfig.from_dict(dict(arch["encoder"]))
         if task == "reconstruct":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,12 @@ from .common import (
     FinetuneError,
     History,
     budget_spent,
+    chip_jitter,
     class_colours,
     fit_batch,
-    gain_jitter,
     model_input,
+    pick_device,
+    remaining,
     save_task_package,
     start,
 )
@@ -175,18 +177,6 @@ def with_standardise(contract: dict, cfg: FinetuneConfig) -> tuple[dict, str]:
     return out, why
 
 
-def small_cnn_row(data, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig) -> dict:
-    """The small-CNN baseline (``training.baselines.train_small_cnn``) on the same chips, split,
-    augmentations, input standardisation and budget (``cfg.epochs``, ``cfg.max_minutes``): its row."""
-    from ..baselines import train_small_cnn
-
-    _, info = train_small_cnn(data.x, data.y, tr, va, epochs=cfg.epochs, max_minutes=cfg.max_minutes,
-                              batch_size=cfg.batch_size, seed=cfg.seed,
-                              augment=(lambda b: gain_jitter(augment(b), data.contract, cfg.gain_db)) if cfg.augment
-                              else None, prepare=lambda b: model_input(b, data.contract))
-    return {"name": "small CNN", **info}
-
-
 @dataclass
 class _Data:
     """Classification data in memory, from either source."""
@@ -249,20 +239,27 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     no polygon (else there are none). ``cfg.shots`` keeps N training chips per class (seeded);
     a batch larger than the training set is lowered to it.
     """
-    from engine.models.heads import CLS_POOLS, ViTClassifier
+    from engine.card import default_input
 
     if (chips_dir is None) == (not rasters):
         raise FinetuneError("give the classification data: a chip folder, or raster(s) with labelled polygons "
                             "(--labels, --class-field) or a label raster (not both)")
     if rasters and ((labels is None) == (label_raster is None) or (labels is not None and not class_field)):
         raise FinetuneError("give the labels: a vector file with its class field, or a label raster (not both)")
+    from .classify_cnn import check_arch, choose, robust_validation, train_cnn
+
     t0 = time.time()
-    device, enc, size = start(cfg)
-    c = enc.model.in_chans
-    if chips_dir is not None:
-        data = _from_folders(chips_dir, cfg, enc.input, size, c)
+    cnn_only = check_arch(cfg)
+    if cnn_only:
+        device, enc, size = start_cnn(cfg)
+        c, enc_input = cfg.in_chans or 1, default_input(cfg.in_chans or 1)
     else:
-        data = _from_rasters(rasters, cfg, enc.input, size, labels=labels, class_field=class_field,
+        device, enc, size = start(cfg)
+        c, enc_input = enc.model.in_chans, enc.input
+    if chips_dir is not None:
+        data = _from_folders(chips_dir, cfg, enc_input, size, c)
+    else:
+        data = _from_rasters(rasters, cfg, enc_input, size, labels=labels, class_field=class_field,
                              label_raster=label_raster, classes=classes, background=background)
     colours = class_colours(data.classes, colours, classes)
     k, tr, va = len(data.classes), data.train, data.val
@@ -272,13 +269,59 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
     data.contract, std_why = with_standardise(data.contract, cfg)
     log.info("input: %s", std_why)
     cfg = fit_batch(cfg, len(tr), warns)
-    bs = cfg.batch_size
-    mode, why = resolve_mode(cfg, "classify", len(tr))
-    log.info(why)
-    if not cfg.encoder and mode in ("head", "auto") and not cfg.baselines:
+    if cnn_only:
+        model, hist, row = train_cnn(data, tr, va, cfg, progress)
+        chosen, why, head, candidates = "cnn", "--arch cnn: a small CNN trained from scratch", {}, []
+    else:
+        mode, why = resolve_mode(cfg, "classify", len(tr))
+        log.info(why)
+        # auto: the ViT route gets half the budget, the small CNN candidate the rest (both fit in it)
+        both = cfg.mode == "auto" and not cfg.linear_probe
+        vit_cfg = replace(cfg, max_minutes=cfg.max_minutes / 2) if both and cfg.max_minutes else cfg
+        model, hist, chosen, head = _vit_route(data, enc, vit_cfg, mode, device, t0, progress, warns)
+        candidates = []
+        if both:
+            candidates.append({"name": f"ViT {'quick head' if chosen == 'head' else 'fine-tune'}",
+                               "validation": robust_validation(model, data, va, device), "minutes":
+                               round((time.time() - t0) / 60, 2)})
+            if budget_spent(cfg, t0):
+                why += "; the small CNN did not fit in what was left of --max-minutes"
+            else:
+                t1 = time.time()
+                cnn, cnn_hist, row = train_cnn(data, tr, va, cfg, progress, remaining(cfg, t0).max_minutes)
+                candidates.append({"name": "small CNN", "validation": robust_validation(cnn, data, va),
+                                   "minutes": round((time.time() - t1) / 60, 2), "epochs_run": row["epochs_run"]})
+                kept, pick = choose(candidates)
+                why += "; " + pick
+                if kept["name"] == "small CNN":
+                    model, hist, chosen, enc, head = cnn, cnn_hist, "cnn", None, {}
+            log.info(why)
+    return _finish(model, hist, chosen, why, std_why, head, enc, data, cfg, candidates, warns, output, overwrite,
+                   colours, t0, device, c, size)
+
+
+def start_cnn(cfg: FinetuneConfig) -> tuple[str, None, int]:
+    """``start`` for the small CNN (no encoder): seed, device, the chip size (``--img-size``, default 128)."""
+    from engine.models.small_cnn import STRIDE
+
+    size = cfg.img_size or 128
+    if size % STRIDE:
+        raise FinetuneError(f"--img-size {size}: the small CNN needs a multiple of {STRIDE} px (e.g. "
+                            f"{max(STRIDE, size // STRIDE * STRIDE)})")
+    torch.manual_seed(cfg.seed)
+    return pick_device(cfg.device), None, size
+
+
+def _vit_route(data: _Data, enc, cfg: FinetuneConfig, mode: str, device: str, t0: float, progress, warns: list):
+    """The ViT classifier on ``enc``: quick head (frozen encoder), then (mode full / auto) a full
+    fine-tune from it. Returns (model, History, "head" | "full", head config)."""
+    from engine.models.heads import CLS_POOLS, ViTClassifier
+
+    k, tr, va, bs = len(data.classes), data.train, data.val, cfg.batch_size
+    if not cfg.encoder and mode == "head" and not cfg.baselines:
         warns.append("no pretrained encoder (--encoder): the quick mode fits a head on a random network's features, "
                      "which a small CNN trained from scratch beats clearly (MSTAR 40-shot: 53 % against 81 %, README "
-                     "'Measured'); add --baselines to train that CNN on the same chips and see both scores")
+                     "'Measured'); use --mode auto or --arch cnn, or add --baselines to see both scores")
     y = torch.from_numpy(data.y)
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
@@ -291,7 +334,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
 
     def train_step(m, idx):
         xb = data.x[idx].float()
-        xb = gain_jitter(augment(xb), data.contract, cfg.gain_db) if cfg.augment else xb
+        xb = chip_jitter(augment(xb), data.contract, cfg) if cfg.augment else xb
         xb = model_input(xb, data.contract)
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
 
@@ -301,7 +344,7 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
         return classification_metrics(data.y[va], pred.numpy(), data.classes)
 
     log.info("%s; %d classes, %d train / %d val chips%s, %d px, %s", enc.report, k, len(tr), len(va),
-             f" ({cfg.shots}-shot)" if cfg.shots else "", size, {"head": "quick mode (frozen encoder)", "auto":
+             f" ({cfg.shots}-shot)" if cfg.shots else "", data.x.shape[-1], {"head": "quick mode (frozen encoder)", "auto":
              "quick mode, then full fine-tune"}.get(mode, "linear probe" if cfg.linear_probe else "full fine-tune"))
     hist, chosen = None, mode
     if mode in ("head", "auto"):
@@ -320,25 +363,46 @@ def finetune_classifier(chips_dir: str | Path | None, output: str | Path, cfg: F
                                               progress)
         if note:
             log.info(note)
+    return model, hist, chosen, head
+
+
+def _finish(model, hist, chosen: str, why: str, std_why: str, head: dict, enc, data: _Data, cfg: FinetuneConfig,
+            candidates: list[dict], warns: list[str], output, overwrite: bool, colours, t0: float, device: str,
+            c: int, size: int) -> dict:
+    """Score the model kept on the validation chips, add the baseline row (``--baselines``), write the package."""
+    from engine.models.small_cnn import small_cnn_architecture
+
+    from .classify_cnn import train_cnn
+
+    va = data.val
     model.eval()
     with torch.no_grad():
-        final = evaluate(model)
+        pred = torch.cat([model(model_input(data.x[va[i:i + 256]].float(), data.contract).to(device)).argmax(1).cpu()
+                          for i in range(0, len(va), 256)])
+    final = classification_metrics(data.y[va], pred.numpy(), data.classes)
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
                "mode": chosen, "mode_reason": why, "standardise": std_why}
-    if cfg.baselines:
-        row = small_cnn_row(data, tr, va, cfg)
+    if candidates:
+        metrics["candidates"] = candidates
+    cnn_row = next((cd for cd in candidates if cd["name"] == "small CNN"), None)
+    if cfg.baselines and chosen != "cnn" and cnn_row is None:
+        _, _, row = train_cnn(data, data.train, va, cfg)
         metrics["baselines"] = [row]
         log.info("baseline: small CNN from scratch, validation accuracy %.3f (%d epochs, %.1f min) against %.3f",
                  row["val_accuracy"], row["epochs_run"], row["minutes"], final["accuracy"])
         if row["val_accuracy"] > final["accuracy"]:
             warns.append(f"a small CNN trained from scratch on the same chips scored validation accuracy "
                          f"{row['val_accuracy']:.3f} against {final['accuracy']:.3f} for this model: with this encoder "
-                         "and these labels the deep model is not worth installing; try a stronger pretrained encoder "
-                         "or more labels")
+                         "and these labels the deep model is not worth installing; use --mode auto (keeps the better) "
+                         "or --arch cnn, or try a stronger pretrained encoder or more labels")
+    elif cfg.baselines:
+        metrics["baselines"] = [{"name": "small CNN", "note": "the package's model is the small CNN" if chosen == "cnn"
+                                 else "trained as --mode auto's candidate (metrics.candidates)"}]
+    arch = small_cnn_architecture(c, size) if chosen == "cnn" else None
     out = save_task_package(model, enc, "classify", head, data.classes, data.contract, output, cfg, hist, "accuracy",
-                            metrics, {**data.prov, "batch_size": bs}, t0, cm=final["confusion"], overwrite=overwrite,
-                            colours=colours)
-    return {"package": str(out), **metrics, "classes": data.classes, "train_chips": int(len(tr)),
+                            metrics, {**data.prov, "batch_size": cfg.batch_size}, t0, cm=final["confusion"],
+                            overwrite=overwrite, colours=colours, architecture=arch)
+    return {"package": str(out), **metrics, "classes": data.classes, "train_chips": int(len(data.train)),
             "val_chips": int(len(va)), **data.result, "warnings": warns, "seconds": round(time.time() - t0, 1),
             "history": {"val_accuracy": hist.val_score, "train_loss": hist.train_loss}}

@@ -126,6 +126,17 @@ def gain_jitter(x: torch.Tensor, contract: dict, max_db: float) -> torch.Tensor:
     return apply_gain(x, contract, (torch.rand(x.shape[0], 1, 1, 1) * 2 - 1) * max_db)
 
 
+def chip_jitter(x: torch.Tensor, contract: dict, cfg: FinetuneConfig) -> torch.Tensor:
+    """The radiometric / acquisition augmentation of classification chips: a random gain
+    (``gain_jitter``, ``cfg.gain_db``), or with ``cfg.acquisition`` random changes of acquisition
+    (``training.acquisition.acquisition_jitter``: gain, 8-bit stretch, fresh speckle, resolution, pose)."""
+    if cfg.acquisition:
+        from ..acquisition import acquisition_jitter
+
+        return acquisition_jitter(x, contract, cfg.gain_db, warp=cfg.acquisition_warp)
+    return gain_jitter(x, contract, cfg.gain_db)
+
+
 def layer_id(name: str, depth: int) -> int:
     """0 for embeddings, i + 1 for block i, depth + 1 for everything after (norms, heads)."""
     for prefix in ("encoder.", "detector.backbone.encoder."):
@@ -330,22 +341,27 @@ def remaining(cfg: FinetuneConfig, t0: float) -> FinetuneConfig:
     return replace(cfg, max_minutes=max(0.05, cfg.max_minutes - (time.time() - t0) / 60))
 
 
-def save_task_package(model: nn.Module, enc: Encoder, task: str, head: dict, classes: list[str], contract: dict,
+def save_task_package(model: nn.Module, enc: Encoder | None, task: str, head: dict, classes: list[str], contract: dict,
                       output: str | Path, cfg: FinetuneConfig, hist: History, metric: str, metrics: dict,
                       data: dict, t0: float, cm=None, overwrite: bool = False,
-                      colours: dict[str, str] | None = None, preview: tuple | None = None) -> Path:
+                      colours: dict[str, str] | None = None, preview: tuple | None = None,
+                      architecture: dict | None = None) -> Path:
     """Write a task package: input contract, classes + colours, provenance (encoder, ``data``,
     metrics, config), training_curves.png, (when ``cm``) confusion_matrix.png and (when
     ``preview``: chips, labels, predictions, tags) preview.png inside, and with ``cfg.export_onnx``
-    a model.onnx checked against torch (the engine's exporter)."""
+    a model.onnx checked against torch (the engine's exporter). A network that is not a ViT with a
+    head (the small CNN) comes with its own ``architecture`` and no ``enc``."""
     from engine.package import default_classes, new_card, save_package
 
     out = Path(output)
-    arch = {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0}, "head": head}
+    arch = architecture or {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0},
+                            "head": head}
     mode = metrics.get("mode") or "full"
     mode = "linear probe" if cfg.linear_probe and mode == "full" else mode
-    prov = {"encoder": enc.source, "encoder_load": enc.report, **data, "seed": cfg.seed,
-            "mode": {"head": "quick (light head on the frozen encoder)", "full": "full fine-tune"}.get(mode, mode),
+    prov = {"encoder": enc.source if enc else "none: trained from scratch",
+            "encoder_load": enc.report if enc else arch["name"], **data, "seed": cfg.seed,
+            "mode": {"head": "quick (light head on the frozen encoder)", "full": "full fine-tune",
+                     "cnn": "small CNN trained from scratch"}.get(mode, mode),
             "metrics": metrics, "config": cfg.to_dict(), "minutes": round((time.time() - t0) / 60, 2)}
     cls = [{**c, "colour": (colours or {}).get(c["name"], c["colour"])} for c in default_classes(classes)]
     card = new_card(out.stem, task, arch, dict(contract), cls, prov)

@@ -39,6 +39,8 @@ class FinetuneConfig:
     num_workers: int = 0  # data-loader workers
     device: str = "auto"  # auto | cpu | cuda
     augment: bool = True  # random flips / 90-degree rotations (SAR has no preferred orientation)
+    acquisition: bool = False  # classify with augment: random acquisition shifts (training.acquisition) beside the gain
+    acquisition_warp: float = 0.5  # with acquisition: the share of chips also resampled (zoom, rotation, translation)
     gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
     standardise: str = "auto"  # classify: median (chip in dB minus its median, / 10 dB), iqr, none; auto: median for 8-bit
     pool: str = "blocks"  # classify: blocks (mean + max of the last 4 blocks' tokens, the default) | mean (last block's)

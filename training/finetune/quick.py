@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import FinetuneError, History, fit, gain_jitter, model_input
+from .common import FinetuneError, History, chip_jitter, fit, model_input
 from .config import FinetuneConfig
 
 log = logging.getLogger("sarmae.finetune")
@@ -227,10 +227,11 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
 
 
 @torch.no_grad()
-def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict, gain_db: float = 0.0,
-                    batch: int = 64) -> np.ndarray:
+def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict,
+                    cfg: FinetuneConfig | None = None, batch: int = 64) -> np.ndarray:
     """(N, C, S, S) chips -> (N * V, D) pooled embeddings: V = 8 dihedral views (flips and 90-degree
-    rotations, view-major), each with a random gain within +-``gain_db`` dB (``gain_jitter``), when
+    rotations, view-major), each with a random gain (``chip_jitter``: ``cfg.gain_db``, or random
+    acquisition shifts with ``cfg.acquisition``), when
     ``views``, else 1 view as it is; then the contract's standardisation (``model_input``)."""
     model.eval()
     out = []
@@ -238,7 +239,7 @@ def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: 
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].float()
             if views:
-                xb = gain_jitter(torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)), contract, gain_db)
+                xb = chip_jitter(torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)), contract, cfg)
             out.append(model.forward_features(model_input(xb, contract).to(device)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -251,7 +252,7 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
     from sklearn.preprocessing import StandardScaler
 
     views = cfg.augment
-    f_tr = pooled_features(model, x[tr], device, views, contract, cfg.gain_db)
+    f_tr = pooled_features(model, x[tr], device, views, contract, cfg)
     y_tr = np.tile(y[tr], 8 if views else 1)
     f_va = pooled_features(model, x[va], device, False, contract)
     scaler = StandardScaler().fit(f_tr)

@@ -57,6 +57,10 @@ def test_finetune_classify_from_polygons_then_evaluate(tmp_path, data, capsys):
      "ONNX export covers classify, embed, segment"),
     (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "kind"],
      "no field 'kind' to read classes from; the layer has: class"),
+    (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class", "--arch", "cnn"],
+     "--arch cnn trains a small CNN from scratch and takes no --encoder"),
+    (["--task", "classify", "--raster", "{tif}", "--labels", "{gpkg}", "--class-field", "class", "--arch", "vgg16",
+      "--acquisition-jitter"], "--arch 'vgg16': use cnn (a small CNN trained from scratch, classify only)"),
 ])
 def test_finetune_errors_are_clear(tmp_path, data, capsys, args, message):
     _, enc, tif, gpkg = data
