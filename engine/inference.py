@@ -1,8 +1,9 @@
 """Sliding-window inference over SAR rasters larger than memory: ``run_inference``.
 
 raster(s) -> reader (windows) -> radiometry -> batches (IO thread) -> backend -> task sink
-(stitcher + writers) -> result record. The CLI (``sarmae infer``), the engine worker (``sarmae
-serve``) and the QGIS plugin (through the worker) all call ``run_inference``.
+(stitcher + writers, on the writer thread ``SinkThread``) -> result record. The CLI (``sarmae
+infer``), the engine worker (``sarmae serve``) and the QGIS plugin (through the worker) all call
+``run_inference``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,74 @@ def iter_batches(ctx: RunContext, windows: list[Window], batch_size: int, should
                 q.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+class SinkThread:
+    """``sink.consume`` on a background thread, up to ``depth`` batches behind the model.
+
+    The sink's work per batch (stitching, softmax, statistics, compressing and writing strips) would
+    otherwise run between two model batches on the calling thread; here it fills the gaps the
+    model's threads leave (it is as nice as the reader). Batches are consumed in order, by one
+    thread, so outputs are bitwise those of a serial run. An error in ``consume`` is raised on the
+    calling thread at the next ``put`` or at ``close``; ``stop`` waits for the batch in hand, so the
+    sink can be aborted safely.
+    """
+
+    def __init__(self, sink, depth: int = 2):
+        self.sink = sink
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="sarmae-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        import rasterio
+
+        _lower_thread_priority(READER_NICENESS)
+        with rasterio.Env():  # GDAL's errors reach engine.publish.gdal_errors from this thread too
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if self.error is None:
+                    try:
+                        self.sink.consume(*item)
+                    except BaseException as e:  # raised on the calling thread
+                        self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, windows, outputs, valid) -> None:
+        self._raise()
+        while self.thread.is_alive():
+            try:
+                self.q.put((windows, outputs, valid), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise()
+        self._raise()
+
+    def close(self) -> None:
+        """Wait until every batch is consumed; raise the first error of ``consume``."""
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def stop(self) -> None:
+        """Drop the batches not yet consumed and wait for the one in hand (before ``sink.abort``)."""
+        self.error = self.error or CancelledError("stopped")
+        while self.thread.is_alive():
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self.q.put_nowait(None)
+            except queue.Full:
+                pass
+            self.thread.join(timeout=0.05)
 
 
 class _HeapTrimmer:
@@ -230,21 +299,24 @@ def _run_inference(inputs: list[str] | str, output: str | Path, model, options: 
         t_model = 0.0
         done = 0
         trimmer = _HeapTrimmer()
+        writer = SinkThread(sink)
         try:
             for wins, x, valid in iter_batches(ctx, windows, opts.batch_size, should_cancel):
                 t1 = time.perf_counter()
                 y = backend.run(x)
                 t_model += time.perf_counter() - t1
-                sink.consume(wins, y, valid)
+                writer.put(wins, y, valid)
                 del x, y, valid
                 trimmer.maybe()
                 done += len(wins)
                 if progress is not None:
                     progress(done / len(windows), f"{done}/{len(windows)} windows")
+            writer.close()
             if should_cancel is not None and should_cancel():
                 raise CancelledError("cancelled by the user; no output was written")
             result = sink.finish()
         except BaseException:
+            writer.stop()
             sink.abort()
             raise
     result.provenance = {"input_units": radiometry.describe(), "backend": backend.describe()}

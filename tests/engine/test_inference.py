@@ -738,3 +738,60 @@ def test_reader_thread_is_nicer_than_the_model():
     t.join()
     assert seen["delta"] == min(5, 19 - main_before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+# ---------------------------------------------------------------- the writer thread (SinkThread)
+class _RecordingSink:
+    def __init__(self, fail_at: int | None = None):
+        self.seen: list[int] = []
+        self.fail_at = fail_at
+        self.threads: set[str] = set()
+
+    def consume(self, windows, outputs, valid):
+        import threading
+        import time
+
+        time.sleep(0.002)  # slower than the producer: the queue fills and put() must wait
+        self.threads.add(threading.current_thread().name)
+        if windows == self.fail_at:
+            raise OSError(f"disk full at batch {windows}")
+        self.seen.append(windows)
+
+
+def test_sink_thread_consumes_in_order_off_the_calling_thread():
+    from engine.inference import SinkThread
+
+    sink = _RecordingSink()
+    w = SinkThread(sink, depth=2)
+    for i in range(40):
+        w.put(i, None, None)
+    w.close()
+    assert sink.seen == list(range(40))
+    assert sink.threads == {"sarmae-writer"}
+    assert not w.thread.is_alive()
+
+
+def test_sink_thread_raises_a_consume_error_on_the_caller_and_drops_the_rest():
+    from engine.inference import SinkThread
+
+    sink = _RecordingSink(fail_at=5)
+    w = SinkThread(sink, depth=2)
+    with pytest.raises(OSError, match="disk full at batch 5"):
+        for i in range(40):
+            w.put(i, None, None)
+        w.close()
+    w.stop()
+    assert sink.seen == list(range(5))  # nothing consumed after the failure
+    assert not w.thread.is_alive()
+
+
+def test_sink_thread_stop_waits_for_the_batch_in_hand():
+    from engine.inference import SinkThread
+
+    sink = _RecordingSink()
+    w = SinkThread(sink, depth=4)
+    for i in range(4):
+        w.put(i, None, None)
+    w.stop()  # e.g. Ctrl-C in the model: the sink is aborted only after this returns
+    assert not w.thread.is_alive()
+    assert sink.seen == list(range(len(sink.seen)))  # a prefix, in order
