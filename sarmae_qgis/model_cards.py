@@ -293,10 +293,9 @@ def int8_text(card: PackageCard, brief: bool = False) -> str:
     if not brief and gate.get("windows"):
         figure += f" on {gate['windows']} window(s)" + (f" of {escape(str(gate['calibration']))}"
                                                         if gate.get("calibration") else "")
-    if gate.get("forced"):
-        return f"<span style='color:#a15c00'>yes, forced below the gate {escape(str(gate.get('threshold')))} " \
-               f"({figure})</span>"
-    return f"yes ({figure})"
+    forced = (f" <span style='color:#a15c00'>forced below the gate of {escape(str(gate.get('threshold')))}</span>"
+              if gate.get("forced") else "")
+    return f"yes ({figure}){forced}"
 
 
 def describe_html(card: PackageCard, brief: bool = False) -> str:

@@ -200,7 +200,7 @@ def test_run_task_runs_int8_or_relays_the_engines_refusal(int8_pkg, assets, tmp_
     ok = task.run()
     task.finished(ok)
     assert ok, task.error
-    assert any("precision int8" in line for line in task.log_lines)
+    assert any("int8 model" in line for line in task.log_lines)  # the backend that ran (cached or not)
     assert "precision int8" in task.request.details()  # in the result layers' metadata
     bar = RecordingBar()
     task = RunTask(request(assets / "segment.pkg", "plain run"), message_bar=bar)
