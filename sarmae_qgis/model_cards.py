@@ -18,6 +18,7 @@ from .errors import ModelCardError
 
 CARD = "model.json"
 ONNX = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"  # the int8 model for CPUs (``sarmae export --precision int8``)
 TASKS = ("embed", "reconstruct", "classify", "segment", "detect", "zeroshot")  # zeroshot: CLIP (also runs textquery)
 UNIT_LABELS = {"db": "dB", "linear_power": "linear power", "amplitude": "amplitude", "uint8": "8-bit"}
 
@@ -34,6 +35,7 @@ class PackageCard:
     units: str = "db"
     img_size: int = 224
     has_onnx: bool = False
+    has_int8: bool = False  # model.int8.onnx is in the package (runs with precision int8, or auto on int8 CPUs)
     method: str = ""  # a method without a network (e.g. "cfar" for detect): no weights, one band, any size
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -45,6 +47,15 @@ class PackageCard:
     def class_names(self) -> list[str]:
         return [n for n, _ in self.classes]
 
+    @property
+    def int8_gate(self) -> dict:
+        """The quality gate the int8 model passed at export (model.json ``onnx.int8.gate``: metric,
+        value, threshold, windows, calibration, forced); {} when there is none."""
+        onnx = self.raw.get("onnx")
+        rec = onnx.get("int8") if isinstance(onnx, dict) else None
+        gate = rec.get("gate") if isinstance(rec, dict) else None
+        return gate if isinstance(gate, dict) else {}
+
 
 def resolve_package(path: str | Path) -> Path:
     """A package folder, a package .zip, or the model.json inside a folder -> the package path."""
@@ -54,13 +65,14 @@ def resolve_package(path: str | Path) -> Path:
     return p
 
 
-def _read_raw(p: Path) -> tuple[dict, bool]:
+def _read_raw(p: Path) -> tuple[dict, set[str]]:
+    """(model.json, which of model.onnx / model.int8.onnx the package holds)."""
     if p.is_dir():
         card = p / CARD
         if not card.is_file():
             raise ModelCardError(f"{p}: no model.json in this folder; choose a SARMAE model package folder "
                                  "(made by 'sarmae init', 'convert' or fine-tuning) or its .zip")
-        text, has_onnx = card.read_text(encoding="utf-8"), (p / ONNX).is_file()
+        text, onnx = card.read_text(encoding="utf-8"), {n for n in (ONNX, ONNX_INT8) if (p / n).is_file()}
     elif p.is_file():
         if not zipfile.is_zipfile(p):
             raise ModelCardError(f"{p}: not a model package (neither a folder with model.json nor a .zip)")
@@ -70,11 +82,11 @@ def _read_raw(p: Path) -> tuple[dict, bool]:
                 raise ModelCardError(f"{p}: the zip holds no model.json; is it a SARMAE model package?")
             prefix = min(names, key=len)[: -len(CARD)]
             text = z.read(prefix + CARD).decode("utf-8")
-            has_onnx = (prefix + ONNX) in z.namelist()
+            onnx = {n for n in (ONNX, ONNX_INT8) if prefix + n in z.namelist()}
     else:
         raise ModelCardError(f"{p}: model package not found; give a package folder (with model.json) or its .zip")
     try:
-        return json.loads(text), has_onnx
+        return json.loads(text), onnx
     except ValueError as e:
         raise ModelCardError(f"{p}: model.json is not valid JSON ({e}); re-export the package") from e
 
@@ -82,7 +94,7 @@ def _read_raw(p: Path) -> tuple[dict, bool]:
 def read_card(path: str | Path) -> PackageCard:
     """Read a package's card; :class:`ModelCardError` says what is wrong."""
     p = resolve_package(path)
-    d, has_onnx = _read_raw(p)
+    d, onnx = _read_raw(p)
     if not isinstance(d, dict) or d.get("format") != "sarmae-model":
         raise ModelCardError(f"{p}: model.json is not a SARMAE model card (no \"format\": \"sarmae-model\")")
     task = d.get("task")
@@ -109,7 +121,7 @@ def read_card(path: str | Path) -> PackageCard:
                              "re-export the package with this version of sarmae") from e
     return PackageCard(path=str(p), name=str(d.get("name") or p.stem), task=task, classes=classes,
                        bands=tuple(bands), units=str(inp.get("units") or "db"), img_size=img_size,
-                       has_onnx=has_onnx, raw=d)
+                       has_onnx=ONNX in onnx, has_int8=ONNX_INT8 in onnx, raw=d)
 
 
 def card_or_none(path: str | Path | None) -> PackageCard | None:
@@ -146,6 +158,15 @@ def check_task(card: PackageCard, tasks: str | tuple[str, ...]) -> None:
         raise ModelCardError(f"model '{card.name}' ({card.path}) is a {card.task} model, not a "
                              f"{' or '.join(tasks)} model: choose a {'/'.join(tasks)} package, or use "
                              f"the SARMAE '{card.task}' algorithm for this one")
+
+
+def check_precision(card: PackageCard, precision: str) -> None:
+    """Refuse precision int8 for a package without an int8 model, saying how to make one (the
+    engine refuses it too, with its command; this says it before a run starts)."""
+    if precision == "int8" and not card.method and not card.has_int8:
+        raise ModelCardError(f"model '{card.name}' ({card.path}) has no int8 model (model.int8.onnx): make one "
+                             "with Models… > Make int8 model (or 'sarmae export PACKAGE --precision int8 --calibration "
+                             "RASTER'), or choose precision auto or fp32")
 
 
 TASK_ORDER = ("segment", "detect", "classify", "zeroshot", "embed", "reconstruct")  # what an analyst runs first
@@ -257,6 +278,26 @@ def metric_name(key: str) -> str:
     return " ".join({"iou": "IoU", "map": "mAP", "ap": "AP"}.get(w, w) for w in words)
 
 
+def int8_text(card: PackageCard, brief: bool = False) -> str:
+    """Whether the package has an int8 model and the figure of the gate it passed at export, as HTML:
+    "yes (pixel label agreement with fp32 0.9984)" (not ``brief``: on how many windows of what),
+    "no", or a warning when the gate was forced or model.json does not record the file."""
+    if not card.has_int8:
+        return "no"
+    gate = card.int8_gate
+    try:
+        figure = f"{escape(str(gate['metric']))} with fp32 {float(gate['value']):.4f}"
+    except (KeyError, TypeError, ValueError):
+        return ("<span style='color:#a15c00'>model.int8.onnx without a record in model.json: the engine refuses "
+                "it; make it again</span>")
+    if not brief and gate.get("windows"):
+        figure += f" on {gate['windows']} window(s)" + (f" of {escape(str(gate['calibration']))}"
+                                                        if gate.get("calibration") else "")
+    forced = (f" <span style='color:#a15c00'>forced below the gate of {escape(str(gate.get('threshold')))}</span>"
+              if gate.get("forced") else "")
+    return f"yes ({figure}){forced}"
+
+
 def describe_html(card: PackageCard, brief: bool = False) -> str:
     """A short card for dialogs: name, task, classes with their colours, input contract.
     ``brief`` (the pickers of the Run and Fine-tune forms, where the card sits between fields):
@@ -272,7 +313,7 @@ def describe_html(card: PackageCard, brief: bool = False) -> str:
     else:
         rows.append(f"Input: {card.in_chans} channel(s) {escape('+'.join(card.bands))}, "
                     f"{escape(UNIT_LABELS.get(card.units, card.units))}, {card.img_size} px windows")
-        rows.append("ONNX export: " + ("yes" if card.has_onnx else "no"))
+        rows.append("ONNX export: " + ("yes" if card.has_onnx else "no") + "; int8 model: " + int8_text(card, brief))
     prov = card.raw.get("provenance") or {}
     metrics = prov.get("metrics") if isinstance(prov, dict) else None
     if isinstance(metrics, dict):

@@ -1,5 +1,5 @@
 """The Models dialog: the packages installed in the models folder, each one's card, and Import
-folder… / Import zip… / Export… / Delete / Open folder.
+folder… / Import zip… / Export… / Make int8 model… / Delete / Open folder.
 
 The file work is done by :mod:`sarmae_qgis.model_store` (atomic, zip-slip safe); the dialog only
 asks for paths and confirmations. Every action has a method that takes its path and flags
@@ -7,6 +7,10 @@ asks for paths and confirmations. Every action has a method that takes its path 
 :meth:`ModelsDialog.delete_selected`) so that it can be driven without file dialogs; errors go
 through :meth:`ModelsDialog.show_error` and questions through :meth:`ModelsDialog.ask`, both of
 which a test can replace. :attr:`ModelsDialog.modelsChanged` is emitted after every change.
+
+Make int8 model… (:meth:`ModelsDialog.make_int8`) runs ``sarmae export --precision int8`` on the
+selected package in a QgsTask (:class:`~sarmae_qgis.tasks.export_task.ExportTask`), calibrated on a
+raster the user picks; the card then shows the gate's figure, or the engine's refusal is shown.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from contextlib import contextmanager
 from html import escape
 from pathlib import Path
 
-from qgis.core import Qgis
+from qgis.core import Qgis, QgsApplication
 from qgis.gui import QgsMessageBar
 from qgis.PyQt.QtCore import Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QDesktopServices, QIcon
@@ -47,6 +51,7 @@ from ..model_store import (
     is_package,
     safe_name,
 )
+from ..tasks.export_task import ExportTask, export_args
 from ..toolbelt import settings
 from .about_dialog import ICON_PATH
 
@@ -153,6 +158,12 @@ class ModelsDialog(QDialog):
         self.import_zip_button.setToolTip("Unpack a model package .zip into the models folder")
         self.export_button = QPushButton("Export…", self)
         self.export_button.setToolTip("Write the selected package as a .zip to share it")
+        self.int8_button = QPushButton("Make int8 model…", self)
+        self.int8_button.setToolTip("Add an int8 model (model.int8.onnx) to the selected package: faster runs on CPUs "
+                                    "with int8 instructions (precision auto or int8). You choose a raster like those "
+                                    "the model will process; the int8 model is kept only if it agrees with the full "
+                                    "model on it (the card shows the figure)")
+        self.int8_task: ExportTask | None = None  # the export running, if any
         self.delete_button = QPushButton("Delete", self)
         self.delete_button.setToolTip("Delete the selected package from the models folder")
         self.open_button = QPushButton("Open folder", self)
@@ -167,7 +178,8 @@ class ModelsDialog(QDialog):
         splitter.setSizes([280, 560])
         splitter.setChildrenCollapsible(False)
         buttons = QHBoxLayout()
-        for b in (self.import_folder_button, self.import_zip_button, self.export_button, self.delete_button):
+        for b in (self.import_folder_button, self.import_zip_button, self.export_button, self.int8_button,
+                  self.delete_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
         buttons.addWidget(self.open_button)
@@ -184,6 +196,7 @@ class ModelsDialog(QDialog):
         self.import_folder_button.clicked.connect(lambda: self.import_folder_interactive())
         self.import_zip_button.clicked.connect(lambda: self.import_zip_interactive())
         self.export_button.clicked.connect(lambda: self.export_interactive())
+        self.int8_button.clicked.connect(lambda: self.make_int8_interactive())
         self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
         self.open_button.clicked.connect(lambda: self.open_folder())
         self.close_button.clicked.connect(self.reject)
@@ -243,6 +256,7 @@ class ModelsDialog(QDialog):
         path = self.selected_path()
         self.export_button.setEnabled(path is not None)
         self.delete_button.setEnabled(path is not None)
+        self.int8_button.setEnabled(False)
         if path is None:
             self.card_view.setHtml(f"<p>No model packages in <b>{escape(str(self.models_folder))}</b>.</p>"
                                    "<p>Use <b>Import folder…</b> or <b>Import zip…</b> to install a package "
@@ -257,6 +271,8 @@ class ModelsDialog(QDialog):
                                    "<p>This package cannot be used; delete it or import a good copy.</p>")
             return
         self.card_view.setHtml(card_html(card))
+        # a network in a package folder (the export rewrites it in place; a zip: import it first)
+        self.int8_button.setEnabled(self.int8_task is None and not card.method and Path(card.path).is_dir())
 
     def _open_link(self, url: QUrl) -> None:
         QDesktopServices.openUrl(url)
@@ -386,3 +402,61 @@ class ModelsDialog(QDialog):
                             "choose another one in SARMAE Settings.")
             return False
         return bool(QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.models_folder))))
+
+    def make_int8_interactive(self) -> ExportTask | None:
+        card = self.selected_card()
+        if card is None:
+            self.show_error("Select a readable model package first.")
+            return None
+        path, _ = QFileDialog.getOpenFileName(
+            self, f"Calibration raster for {card.name}: a scene like those it will process", self.last_folder,
+            "Rasters (*.tif *.tiff *.vrt *.img *.jp2);;All files (*)")
+        if not path:
+            return None
+        self.last_folder = str(Path(path).parent)
+        return self.make_int8(path)
+
+    def make_int8(self, calibration: str | Path | None, force: bool = False) -> ExportTask | None:
+        """Start ``sarmae export --precision int8`` on the selected package, gated on windows of the
+        ``calibration`` raster (None: random windows, a figure that means little; ``force``: write it
+        below the gate). The outcome comes back in :meth:`_int8_done`; returns the task (None: refused)."""
+        card = self.selected_card()
+        if card is None:
+            self.show_error("Select a readable model package first.")
+            return None
+        if self.int8_task is not None:
+            self.show_error("An int8 model is being made; wait for it to finish.")
+            return None
+        if card.method or not Path(card.path).is_dir():
+            self.show_error(f"{card.name}: only a package folder with a network gets an int8 model "
+                            + ("(this one has no network)" if card.method else "(import this zip first)") + ".")
+            return None
+        task = ExportTask(f"int8 model of {card.name}",
+                          export_args(card.path, "int8", str(calibration) if calibration else None, force),
+                          lambda output, error: self._int8_done(card.path, output, error))
+        self.int8_task = task
+        self.int8_button.setEnabled(False)
+        self.message_bar.clearWidgets()
+        self.message_bar.pushMessage(f"Making the int8 model of {card.name}…", Qgis.Info, 0)
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def _int8_done(self, path: str, output: str | None, error: str | None) -> None:
+        self.int8_task = None
+        self.message_bar.clearWidgets()
+        name = Path(path).name
+        if error is not None:
+            self._show_current()
+            if "cancelled" not in error:
+                self.show_error(f"No int8 model was written for {name}: {error}")
+            return
+        card = card_or_none(path)
+        gate = card.int8_gate if card is not None and card.has_int8 else {}
+        if not gate:
+            self._show_current()
+            self.show_error(f"{name}: the export ended without an int8 model: {(output or '').strip()[-400:]}")
+            return
+        self.show_info(f"{card.name}: int8 model written ({gate.get('metric')} with fp32 "
+                       f"{float(gate.get('value', 0)):.4f} on {gate.get('windows')} window(s)"
+                       + (", forced below the gate" if gate.get("forced") else "") + ")")
+        self._changed(path)

@@ -42,6 +42,7 @@ from ..errors import RequestError, SarmaePluginError
 from ..model_cards import (
     PackageCard,
     check_channels,
+    check_precision,
     fit_rank,
     parse_bands,
     read_card,
@@ -53,6 +54,7 @@ from .about_dialog import ICON_PATH
 from .notice import Notice
 from .package_picker import PackagePicker
 
+SECTION = "run"  # what the form remembers: sarmae/run/<key>
 OVERLAP_DEFAULT = -0.05  # the overlap spin box's "engine default" position
 EXTENTS = ("Whole layer", "Map canvas extent", "Selected polygons of a layer")
 NO_CLIP_TEXT = ("No CLIP (zeroshot) model in {folder}: import a SARCLIP package (Models… > Import), or Browse… "
@@ -131,6 +133,12 @@ class RunDialog(QDialog):
         self.backend_combo = QComboBox(self)
         self.backend_combo.addItems(settings.BACKENDS)
         self.backend_combo.setCurrentText(s.backend)
+        self.precision_combo = QComboBox(self)
+        self.precision_combo.addItems(settings.PRECISIONS)
+        self.precision_combo.setToolTip(settings.PRECISION_HELP)
+        # the last choice of this form (text search: the settings' default, its options are hidden)
+        self.precision_combo.setCurrentText(s.precision if text_search else
+                                            settings.remembered(SECTION, "precision", s.precision))
         self.vectors_check = QCheckBox("Also write polygons", self)
         self.vectors_check.setToolTip("Segmentation: also write the classes as polygons (GeoPackage)")
         # a CLIP (zeroshot) package: class names for a class map, or phrases for a similarity layer
@@ -185,6 +193,7 @@ class RunDialog(QDialog):
         form.addRow("Batch size", self.batch_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Backend", self.backend_combo)
+        form.addRow("Precision", self.precision_combo)
         if not self.text_search:
             form.addRow("", self.vectors_check)
             form.addRow("Classes", self.classes_edit)
@@ -230,6 +239,7 @@ class RunDialog(QDialog):
         if card is None:
             return
         self.vectors_check.setEnabled(card.task == "segment")
+        self.precision_combo.setEnabled(not card.method)  # a method without a network (CFAR) has no precision
         for edit in (self.classes_edit, self.query_edit):
             edit.setEnabled(card.task == "zeroshot")
         self._suggest_bands()
@@ -281,8 +291,10 @@ class RunDialog(QDialog):
         except SarmaePluginError as e:
             raise RequestError(str(e)) from e
         bands = parse_bands(self.bands_edit.text())
+        precision = self.precision_combo.currentText()
         try:
             check_channels(card, band_names(layer), bands, layer.name())
+            check_precision(card, precision)
         except SarmaePluginError as e:
             raise RequestError(str(e)) from e
         window = self.window_spin.value() or None
@@ -304,7 +316,7 @@ class RunDialog(QDialog):
             task=card.task, output_dir=str(run_dir), bands=tuple(bands) if bands else None, window=window,
             overlap=None if overlap <= OVERLAP_DEFAULT + 1e-9 else round(overlap, 4),
             batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
-            backend=self.backend_combo.currentText(),
+            backend=self.backend_combo.currentText(), precision=precision,
             vectors=card.task == "segment" and self.vectors_check.isChecked(), extent=extent, layer_id=layer.id(),
             classes=classes, query=query)
 
@@ -379,6 +391,8 @@ class RunDialog(QDialog):
             self.show_error(str(e))
             return
         self.notice.clear()
+        if not self.text_search:
+            settings.remember(SECTION, precision=self.request.precision)
         if self.embedded:
             self.requested.emit(self.request)
             return

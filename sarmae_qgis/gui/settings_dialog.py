@@ -59,6 +59,10 @@ class SettingsDialog(QDialog):
         self.backend_combo = QComboBox(self)
         self.backend_combo.addItems(settings.BACKENDS)
         self.backend_combo.setCurrentText(s.backend)
+        self.precision_combo = QComboBox(self)
+        self.precision_combo.addItems(settings.PRECISIONS)
+        self.precision_combo.setCurrentText(s.precision)
+        self.precision_combo.setToolTip(settings.PRECISION_HELP)
         self.batch_spin = QSpinBox(self)
         self.batch_spin.setRange(1, 1024)
         self.batch_spin.setValue(s.batch_size)
@@ -71,6 +75,7 @@ class SettingsDialog(QDialog):
         form.addRow("Output folder", self.output_widget)
         form.addRow("Default device", self.device_combo)
         form.addRow("Default backend", self.backend_combo)
+        form.addRow("Default precision", self.precision_combo)
         form.addRow("Default batch size", self.batch_spin)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
         buttons.accepted.connect(self.accept)
@@ -86,7 +91,8 @@ class SettingsDialog(QDialog):
         return settings.PluginSettings(
             engine_python=self.python_widget.filePath().strip(), models_folder=self.models_widget.filePath().strip(),
             device=self.device_combo.currentText(), backend=self.backend_combo.currentText(),
-            batch_size=self.batch_spin.value(), output_folder=self.output_widget.filePath().strip())
+            batch_size=self.batch_spin.value(), output_folder=self.output_widget.filePath().strip(),
+            precision=self.precision_combo.currentText())
 
     def test_engine(self) -> EngineInfoTask:
         """Start the engine with the interpreter shown and ask for its versions (in the background)."""

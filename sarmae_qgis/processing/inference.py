@@ -37,6 +37,7 @@ from .base import SarmaeAlgorithm, advanced, is_set, to_json
 
 DEVICES = list(settings.DEVICES)
 BACKENDS = list(settings.BACKENDS)
+PRECISIONS = list(settings.PRECISIONS)
 UNITS = ["auto-detect", "db", "linear_power", "amplitude", "uint8"]
 
 COMMON_HELP = """
@@ -45,6 +46,7 @@ COMMON_HELP = """
 <p><b>Bands</b>: the bands feeding the model, in the model's channel order, by number or name, e.g. <code>VV,VH</code> or <code>2,1</code>. Empty: all bands in file order (their count must match the model's channels).</p>
 <p><b>Window / overlap / batch size</b>: window size in pixels (empty: the model's input size), overlap between neighbouring windows (0..0.9, empty: 0.25; classify: 0) and windows per forward pass.</p>
 <p><b>Device / backend</b>: where the model runs (auto picks a GPU when one is usable) and with which runtime (auto: torch, or ONNX Runtime when the package has model.json + model.onnx and torch is missing).</p>
+<p><b>Precision</b>: <i>auto</i> (default) runs the package's int8 model (<code>model.int8.onnx</code>) on a CPU with int8 dot-product instructions (VNNI / AMX), else the fp32 model; <i>int8</i> always runs the int8 model, on the CPU through ONNX Runtime (a package without one is refused: make it with Models… &gt; Make int8 model, the <i>Export model package to ONNX</i> algorithm with precision int8, or <code>sarmae export PACKAGE --precision int8 --calibration RASTER</code>); <i>fp32</i> never does. The log says which precision ran and why. From <code>qgis_process</code> or a script: <code>PRECISION=int8</code>.</p>
 <p>The model runs in the SARMAE engine process (Settings: its Python interpreter); it never blocks QGIS, and cancelling stops it within one batch, leaving no partial file.</p>
 """
 
@@ -111,6 +113,8 @@ class ModelAlgorithm(SarmaeAlgorithm):
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, defaultValue=DEVICES.index(s.device)))
         self.addParameter(QgsProcessingParameterEnum("BACKEND", "Backend", BACKENDS,
                                                      defaultValue=BACKENDS.index(s.backend)))
+        self.addParameter(QgsProcessingParameterEnum("PRECISION", "Precision (int8: the package's int8 model)",
+                                                     PRECISIONS, defaultValue=s.precision, usesStaticStrings=True))
         self.addParameter(advanced(QgsProcessingParameterEnum("INPUT_UNITS", "Input units (override detection)",
                                                               UNITS, defaultValue=0)))
         self.addParameter(advanced(QgsProcessingParameterNumber("THREADS", "CPU threads (empty: all cores)",
@@ -148,6 +152,7 @@ class ModelAlgorithm(SarmaeAlgorithm):
         opts = {"batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),
                 "device": DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
                 "backend": BACKENDS[self.parameterAsEnum(parameters, "BACKEND", context)],
+                "precision": self.parameterAsEnumString(parameters, "PRECISION", context) or "auto",
                 "overwrite": True}
         if is_set(parameters, "WINDOW"):
             opts["window"] = self.parameterAsInt(parameters, "WINDOW", context)

@@ -48,6 +48,7 @@ class RunRequest:
     batch_size: int = 4
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"  # auto | fp32 | int8 (the package's model.int8.onnx): the engine's --precision
     vectors: bool = False  # segment: also write class polygons
     extent: tuple[int, int, int, int] | None = None  # (row, col, height, width) of the layer; None: all
     layer_id: str = ""  # the input layer's id: the results go right above it in the layer tree
@@ -68,7 +69,8 @@ class RunRequest:
 
     def options(self) -> dict:
         """The engine's inference options for this request."""
-        opts: dict = {"batch_size": self.batch_size, "device": self.device, "backend": self.backend}
+        opts: dict = {"batch_size": self.batch_size, "device": self.device, "backend": self.backend,
+                      "precision": self.precision}
         if self.bands:
             opts["bands"] = [int(b) if b.isdigit() else b for b in self.bands]
         if self.window:

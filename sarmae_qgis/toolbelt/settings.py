@@ -18,6 +18,10 @@ from ..engine_client import default_python
 PREFIX = "sarmae"
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "int8")  # the engine's --precision; it decides what auto means
+PRECISION_HELP = ("auto: the package's int8 model (model.int8.onnx) on a CPU with int8 dot-product instructions "
+                  "(VNNI / AMX), else fp32.\nfp32: the full-precision model.\nint8: the package's int8 model, on "
+                  "the CPU through ONNX Runtime; a package without one is refused (Models… > Make int8 model).")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class PluginSettings:
     device: str = "auto"  # default device of runs: auto | cpu | cuda
     backend: str = "auto"  # default backend of runs: auto | torch | onnxruntime
     batch_size: int = 4  # default windows per forward pass
+    precision: str = "auto"  # default precision of runs: auto | fp32 | int8 (PRECISIONS)
     output_folder: str = ""  # where runs write ("" = next to the saved project, else ~/sarmae_outputs)
 
 
@@ -50,6 +55,8 @@ def load() -> PluginSettings:
         out.device = "auto"
     if out.backend not in BACKENDS:
         out.backend = "auto"
+    if out.precision not in PRECISIONS:
+        out.precision = "auto"
     out.batch_size = max(1, out.batch_size)
     return out
 

@@ -80,7 +80,8 @@ def test_widgets_become_a_request(dialog, assets, models, tmp_path):
     assert request.run_name == "Flood 2024" and Path(request.output_dir).parent == tmp_path / "out"
     assert Path(request.output_dir).name.startswith("Flood_2024_")
     assert request.output_path.endswith("Flood_2024.tif")
-    assert request.options() == {"batch_size": 2, "device": "cpu", "backend": "torch", "window": 48, "overlap": 0.5,
+    assert request.options() == {"batch_size": 2, "device": "cpu", "backend": "torch", "precision": "auto",
+                                 "window": 48, "overlap": 0.5,
                                  "vector": True, "bands": ["VV", "VH"]}  # pre-filled from the model's bands
     dialog.accept()
     assert dialog.request is not None and dialog.request.run_name == "Flood 2024"
@@ -93,7 +94,8 @@ def test_defaults_and_zipped_packages(dialog, models):
     assert request.model_path == str(models / "classify.zip") and request.task == "classify"
     assert request.window is None and request.overlap is None and request.bands == ("VV", "VH")
     assert request.run_name == "tiny-classify" and request.output_path.endswith(".gpkg")  # short: the group adds the time
-    assert request.options() == {"batch_size": 4, "device": "auto", "backend": "auto", "bands": ["VV", "VH"]}
+    assert request.options() == {"batch_size": 4, "device": "auto", "backend": "auto", "precision": "auto",
+                                 "bands": ["VV", "VH"]}
 
 
 def test_no_layer_is_refused(dialog):

@@ -49,13 +49,15 @@ def test_defaults_and_round_trip(restore_settings, tmp_path):
     finally:
         project.setFileName("")
     s2 = settings.PluginSettings(engine_python=sys.executable, models_folder=str(tmp_path), device="cpu",
-                                 backend="onnxruntime", batch_size=16, output_folder=str(tmp_path / "out"))
+                                 backend="onnxruntime", batch_size=16, output_folder=str(tmp_path / "out"),
+                                 precision="int8")
     settings.save(s2)
     assert settings.load() == s2
     assert settings.models_folder() == tmp_path
     settings.set_value("device", "tpu")  # not a device we know: back to auto
     settings.set_value("batch_size", "zero")
-    assert settings.load().device == "auto" and settings.load().batch_size == 4
+    settings.set_value("precision", "int4")
+    assert settings.load().device == "auto" and settings.load().batch_size == 4 and settings.load().precision == "auto"
     with pytest.raises(KeyError):
         settings.set_value("colour", "red")
 
@@ -86,6 +88,7 @@ def test_settings_dialog_saves_and_tests_the_engine(qgis_iface, restore_settings
         dialog.python_widget.setFilePath(sys.executable)
         dialog.models_widget.setFilePath(str(tmp_path / "models"))
         dialog.device_combo.setCurrentText("cpu")
+        dialog.precision_combo.setCurrentText("fp32")
         dialog.batch_spin.setValue(8)
         task = dialog.test_engine()
         assert not dialog.test_button.isEnabled()
@@ -95,7 +98,7 @@ def test_settings_dialog_saves_and_tests_the_engine(qgis_iface, restore_settings
         assert "SARMAE engine" in text and "torch" in text and "Devices:<br>&nbsp;&nbsp;cpu" in text and sys.executable in text
         dialog.accept()
         s = settings.load()
-        assert (s.engine_python, s.device, s.batch_size) == (sys.executable, "cpu", 8)
+        assert (s.engine_python, s.device, s.batch_size, s.precision) == (sys.executable, "cpu", 8, "fp32")
         assert settings.models_folder() == tmp_path / "models"
     finally:
         dialog.deleteLater()
