@@ -145,7 +145,7 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
                               classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel,
-                              quality_floor=a.quality_floor, cfar_base=base)
+                              quality_floor=a.quality_floor, cfar_base=base, proposal_rule=a.proposals)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -159,7 +159,9 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     at = ev["cfar"]["recall"] or 0.0
     row = lambda e: {k: e.get(k) for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
                                            "score_threshold", "false_alarms_per_km2", "false_alarms_per_mpx")}
-    return {"dataset": name, "seed": seed, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
+    variant = {"proposals": a.proposals, "box_channel": not a.no_box_channel, "regress": a.regress,
+               "validate": a.validate}
+    return {"dataset": name, "seed": seed, "variant": variant, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
             "proposals_pfa": tr["cfar"]["pfa"], "learned": row(ev), "cfar": {**row(ev["cfar"]), "pfa": cfar["pfa"]},
             "test_ships": int(len(truth)), "equal_recall": {"recall": at, "learned": fa_per_found(learned, truth, at),
                                                             "cfar": fa_per_found(cpreds, truth, at)}}
@@ -177,6 +179,8 @@ def main() -> None:
     ap.add_argument("--no-box-channel", action="store_true", help="chips without the proposal's box drawn in")
     ap.add_argument("--quality-floor", type=float, default=None,
                     help="score target at IoU 0.5 (rising to 1 at IoU 0.8); default: IoU / 0.8")
+    ap.add_argument("--proposals", default="fewest", choices=["fewest", "richest"],
+                    help="how the proposals' CFAR settings are chosen on the training area (see choose_proposals)")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
     a = ap.parse_args()
