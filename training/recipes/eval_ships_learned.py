@@ -18,7 +18,8 @@ score), for choosing the detector's design without the test area; ``--regress`` 
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
-       [--validate] [--regress] [--no-box-channel] [--levels [DB ...]]
+       [--validate] [--regress] [--no-box-channel] [--levels [DB ...]] [--proposals fewest|richest]
+       .venv/bin/python training/recipes/eval_ships_learned.py --summary DIR [DIR ...]   (mean +- std per folder)
 """
 
 from __future__ import annotations
@@ -167,6 +168,24 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
                                                             "cfar": fa_per_found(cpreds, truth, at)}}
 
 
+def summary(dirs: list[str]) -> None:
+    """Per results.json of ``dirs`` and dataset: the learned and CFAR rows' mean +- std over seeds."""
+    def ms(v: list) -> str:
+        v = [x for x in v if x is not None]
+        return f"{np.mean(v):.3f} +- {np.std(v):.3f}" if v else "-"
+
+    print(f"{'results':<34}{'data':<7}{'seeds':<10}{'learned mAP@0.5':>18}{'mAP':>16}{'FA/found':>16}"
+          f"{'CFAR mAP@0.5':>18}{'FA/found':>16}")
+    for d in dirs:
+        results = json.loads((Path(d) / "results.json").read_text())
+        for name in sorted({r["dataset"] for r in results}):
+            rs = [r for r in results if r["dataset"] == name]
+            eq = {k: [r["equal_recall"][k]["fa_per_found"] for r in rs] for k in ("learned", "cfar")}
+            print(f"{Path(d).name:<34}{name:<7}{','.join(str(r['seed']) for r in rs):<10}"
+                  f"{ms([r['learned']['map_50'] for r in rs]):>18}{ms([r['learned']['map'] for r in rs]):>16}"
+                  f"{ms(eq['learned']):>16}{ms([r['cfar']['map_50'] for r in rs]):>18}{ms(eq['cfar']):>16}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -183,7 +202,10 @@ def main() -> None:
                     help="how the proposals' CFAR settings are chosen on the training area (see choose_proposals)")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
+    ap.add_argument("--summary", nargs="+", metavar="DIR", help="only print the mean +- std of these --out folders")
     a = ap.parse_args()
+    if a.summary:
+        return summary(a.summary)
     from training.recipes.eval_smoke import ships_data
 
     out = Path(a.out)
