@@ -86,14 +86,18 @@ def choose_proposals(rasters: list[str], truth: list, names: list[str], opts, ba
             covered = sum(int(covers(p[0], t[0])[1].sum()) for p, t in zip(preds, truth))
             tried.append({"guard": guard, "background": background, "pfa": pfa,
                           "coverage": covered / max(n_true, 1), "proposals": sum(len(p[0]) for p in preds)})
+    chosen = pick_setting(tried, n_true, rule)
+    return {**base, **{k: chosen[k] for k in ("guard", "background", "pfa")}, "k_sigma": None,
+            "score_threshold": 0.0}, tried
+
+
+def pick_setting(tried: list[dict], n_true: int, rule: str) -> dict:
+    """Of the ``tried`` settings (coverage, proposals, pfa), the one ``rule`` picks (``choose_proposals``)."""
     fine = [t for t in tried if t["proposals"] <= MAX_PER_TARGET * max(n_true, 1)] or tried[-1:]
     best = max(t["coverage"] for t in fine)
     if rule == "fewest":
-        chosen = min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: (t["proposals"], t["pfa"]))
-    else:
-        chosen = max((t for t in fine if t["coverage"] >= best), key=lambda t: (t["proposals"], t["pfa"]))
-    return {**base, **{k: chosen[k] for k in ("guard", "background", "pfa")}, "k_sigma": None,
-            "score_threshold": 0.0}, tried
+        return min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: (t["proposals"], t["pfa"]))
+    return max((t for t in fine if t["coverage"] >= best), key=lambda t: (t["proposals"], t["pfa"]))
 
 
 def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
