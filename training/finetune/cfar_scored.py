@@ -11,7 +11,8 @@
    target (0 below 0.5: pieces of a ship and boxes around more are negatives; of two boxes of one
    ship the better-fitting scores higher); plus ``JITTER`` jittered copies of every labelled box
    (so targets CFAR misses in training still teach the scorer). Chips from ``engine.cfar.chips``
-   with the box channel, exactly as inference reads them.
+   (with the box channel when ``box_channel``: off by default, it lost on validation), exactly as
+   inference reads them.
 3. The scorer (``engine.models.chip_scorer``): BCE on the logit (+ smooth-L1 on the box deltas
    when ``regress``); flips / quarter turns (width and height swap with the chip, the deltas
    follow), contrast jitter; an epoch is at least ``EPOCH_SAMPLES`` samples. AdamW, one-cycle
@@ -296,7 +297,7 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
                          class_field: str, classes: list[str] | None = None,
                          progress: Callable[[dict], None] | None = None, overwrite: bool = False,
                          cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = False,
-                         box_channel: bool = True, quality_floor: float | None = None,
+                         box_channel: bool = False, quality_floor: float | None = None,
                          proposal_rule: str = "fewest", **_ignored) -> dict:
     """Train a CFAR + chip scorer detector on raster(s) + labelled polygons of ONE class and write
     its package (see the module docstring). Returns the chosen CFAR settings, sample counts, the
