@@ -1,10 +1,12 @@
 """CFAR over a whole raster, by strips of rows, to a GeoPackage of boxes (``run_cfar``).
 
 Each strip of ``block_rows`` rows is read through ``engine.reader.SarRaster`` with a margin of the
-background window plus an object overlap above and below, so memory grows with the raster's width,
-never its height. Values are converted to linear power with ``engine.radiometry`` (dB, amplitude;
-8-bit display values as ``display_units``); CFAR never runs on dB. A strip keeps the objects whose
-centre row lies in its own rows; objects cut by the overlap's edge are merged by NMS (numpy).
+background window above and below, so memory grows with the raster's width, never its height, and
+its CFAR map is computed for its own rows only (kept sparse: the detections and their ratios). Values
+are converted to linear power with ``engine.radiometry`` (dB, amplitude; 8-bit display values as
+``display_units``); CFAR never runs on dB. A strip's objects are grouped on its rows plus an object
+overlap of its neighbours' maps above and below, and kept when their centre row lies in its own
+rows; objects longer than the overlap, cut at its edge, are merged by NMS (numpy).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from engine.tiling import Window
 from .config import CfarConfig, CfarConfigError, CfarPixels
 from .objects import CfarObjects, nms, objects_at_levels
 from .order import os_grid
-from .statistics import cfar_map
+from .statistics import CfarMap, cfar_map
 
 OBJECT_OVERLAP_PX = 64  # rows shared by neighbouring strips for objects (longer ones are merged by NMS)
 
@@ -178,26 +180,47 @@ def _rule(cfg: CfarConfig) -> str:
     return f"pfa {cfg.pfa:g}, ENL {cfg.enl:g}" if cfg.pfa is not None else f"k-sigma {cfg.k_sigma:g}"
 
 
+@dataclass
+class _StripMap:
+    """The CFAR map of a strip's own rows ``r0..r1``, sparse: flat indexes (from row ``r0``) of its
+    detections and their ratios (a pixel is detected exactly where its ratio is > 0); its counts."""
+
+    r0: int
+    r1: int
+    idx: np.ndarray
+    ratio: np.ndarray
+    valid: int
+    tested: int
+    water: int
+
+
 def _strips(raster, mask, cfg: CfarConfig, px: CfarPixels, units: str, source: str, progress, should_cancel):
-    """Every strip (on ``cfg.threads`` threads, at most that many in memory): objects, counts."""
+    """Every strip (on ``cfg.threads`` threads): objects, counts.
+
+    Each row's CFAR decision is computed once, by the strip that owns it (read with ``support`` rows
+    of background above and below). A strip's objects come from its own rows plus ``over`` rows of
+    its neighbours' maps on each side (an object centred in the strip may reach into them), kept when
+    centred in its rows: the same objects as one pass over the whole array. At most ``threads`` maps
+    are computed ahead of the objects that need them, so memory stays flat in the raster's height."""
     d, by = 1, px.background[0]
     if cfg.method == "os":  # strips start on the cell grid; a cell's ring reaches further than the window
         grid = os_grid(cfg, px)
         d, by = grid.cell, max(by, grid.reach)
     over = OBJECT_OVERLAP_PX if px.max_length is None else max(
         OBJECT_OVERLAP_PX, math.ceil(px.max_length / px.spacing[0]))
-    margin = -(-(by + over) // d) * d
+    support = -(-by // d) * d
     step = -(-cfg.block_rows // d) * d
-    h = raster.height
+    h, w = raster.height, raster.width
     starts = list(range(0, h, step))
+    reach = -(-over // step)  # neighbouring strips on each side that an object's rows can reach
     water_values = np.asarray(cfg.water_values, np.float32)
 
-    def one(r0: int):
+    def strip_map(r0: int) -> _StripMap:
         if should_cancel is not None and should_cancel():
             raise CancelledError("CFAR cancelled; nothing was written")
         r1 = min(r0 + step, h)
-        e0, e1 = max(0, r0 - margin), min(h, r1 + margin)
-        win = Window(e0, 0, e1 - e0, raster.width)
+        e0, e1 = max(0, r0 - support), min(h, r1 + support)
+        win = Window(e0, 0, e1 - e0, w)
         x, valid = raster.read(win)
         water = None
         if mask is not None:
@@ -206,29 +229,43 @@ def _strips(raster, mask, cfg: CfarConfig, px: CfarPixels, units: str, source: s
             valid &= water
         power = to_power(x[0], valid, units, bool(cfg.input_units), source)
         cm = cfar_map(power, valid, cfg, px)
-        # objects from the rows whose statistics are complete (the overlap), kept when centred in r0..r1
-        lo, hi = (r0 - over - e0 if r0 - over > 0 else 0), (r1 + over - e0 if r1 + over < h else e1 - e0)
-        cm.detected[:lo], cm.detected[hi:] = False, False
-        if cfg.levels_db:
-            cm.ratio[:lo], cm.ratio[hi:] = 0, 0
-        obj = objects_at_levels(cm, px, cfg.levels_db).shifted(e0)
-        obj = obj.take((obj.centre_rows >= r0) & (obj.centre_rows < r1) & (obj.scores >= cfg.score_threshold))
         core = slice(r0 - e0, r1 - e0)
-        tested = int(cm.tested_rows[core].sum())
-        return obj, int(valid[core].sum()), tested, 0 if water is None else int(water[core].sum())
+        idx = np.flatnonzero(cm.detected[core])
+        return _StripMap(r0, r1, idx, cm.ratio[core].ravel()[idx], int(valid[core].sum()),
+                         int(cm.tested_rows[core].sum()), 0 if water is None else int(water[core].sum()))
 
-    parts, valid_n, tested_n, water_n = [], 0, 0, 0
+    def strip_objects(r0: int, maps: list[_StripMap]) -> CfarObjects:
+        """Objects centred in rows r0..r0+step of the maps' rows within ``over`` of them."""
+        r1 = min(r0 + step, h)
+        lo, hi = max(0, r0 - over), min(h, r1 + over)
+        ratio = np.zeros((hi - lo, w), np.float32)  # calloc'd: only the pages of detections are touched
+        for m in maps:
+            a, b = max(m.r0, lo), min(m.r1, hi)
+            if a < b:
+                sel = (m.idx >= (a - m.r0) * w) & (m.idx < (b - m.r0) * w)
+                ratio.flat[m.idx[sel] + (m.r0 - lo) * w] = m.ratio[sel]
+        cm = CfarMap(ratio > 0, ratio, np.zeros(0, np.int64))
+        obj = objects_at_levels(cm, px, cfg.levels_db).shifted(lo)
+        return obj.take((obj.centre_rows >= r0) & (obj.centre_rows < r1) & (obj.scores >= cfg.score_threshold))
+
+    parts, counts = [], [0, 0, 0]
+    maps: dict[int, Future] = {}
     with ThreadPoolExecutor(max_workers=cfg.threads) as ex:
         pending: deque = deque()
         for i, r0 in enumerate(starts):
-            pending.append(ex.submit(one, r0))
+            while len(maps) < 2 * reach + 1 + cfg.threads and max(maps, default=-1) + 1 < len(starts):
+                j = max(maps, default=-1) + 1
+                maps[j] = ex.submit(strip_map, starts[j])
+            near = [maps[j].result() for j in range(max(0, i - reach), min(len(starts), i + reach + 1))]
+            m = maps[i].result()
+            counts = [counts[0] + m.valid, counts[1] + m.tested, counts[2] + m.water]
+            pending.append(ex.submit(strip_objects, r0, near))
+            maps.pop(i - reach, None)  # no later strip reaches back to it
             while len(pending) >= cfg.threads or (i == len(starts) - 1 and pending):
-                o, v, t, w = pending.popleft().result()
-                parts.append(o)
-                valid_n, tested_n, water_n = valid_n + v, tested_n + t, water_n + w
+                parts.append(pending.popleft().result())
                 if progress is not None:
                     progress(len(parts) / len(starts))
-    return CfarObjects.concat(parts), valid_n, tested_n, water_n, (np.asarray(starts[1:], np.float64), over)
+    return CfarObjects.concat(parts), *counts, (np.asarray(starts[1:], np.float64), over)
 
 
 def _merge_at_seams(objects: CfarObjects, seams: tuple[np.ndarray, int], iou: float) -> CfarObjects:

@@ -10,7 +10,7 @@ import pytest
 
 from engine.cfar import CfarConfig, CfarConfigError
 from engine.cfar.objects import detect_array, nms
-from engine.cfar.order import os_factor
+from engine.cfar.order import os_factor, os_grid
 from engine.cfar.scene import run_cfar
 from engine.cfar.statistics import ca_factor, cfar_map
 from engine.errors import RasterInputError
@@ -135,20 +135,37 @@ def test_db_input_is_converted_and_db_given_as_linear_is_refused(tmp_path):
         run_cfar(db, None, CfarConfig(pfa=1e-6, input_units="linear_power"))
 
 
-@pytest.mark.parametrize("method", ["ca", "os"])
-def test_strips_equal_the_whole_array(tmp_path, method):
+@pytest.mark.parametrize("method,block_rows,levels", [("ca", 64, []), ("os", 64, []), ("ca", 16, [3.0, 6.0]),
+                                                      ("os", 48, [3.0])])
+def test_strips_equal_the_whole_array(tmp_path, monkeypatch, method, block_rows, levels):
+    import engine.cfar.scene as scene_mod
+
     h, w = 520, 360
     x = scene(h, w, seed=5)
     x[126:131, 10:15] = 60.0  # across the boundary of 64-row strips (rows 128)
     x[255:258, 300:340] = 25.0  # a long object across another one
+    x[400:470, 200:203] = 30.0  # longer than the strips of 16 rows and their neighbours' object overlap
     path = write_tif(tmp_path / "strips.tif", x)
-    cfg = CfarConfig(method=method, pfa=1e-5, enl=4.0, guard=9, background=41, block_rows=64,
-                     input_units="linear_power", threads=2)
+    cfg = CfarConfig(method=method, pfa=1e-5, enl=4.0, guard=9, background=41, block_rows=block_rows,
+                     input_units="linear_power", threads=2, levels_db=levels)
+    rows = []  # the rows of every CFAR pass: each strip's own rows plus its background margins, no overlap twice
+    real = scene_mod.cfar_map
+    monkeypatch.setattr(scene_mod, "cfar_map", lambda p, *a: (rows.append(p.shape[0]), real(p, *a))[1])
     res = run_cfar(path, tmp_path / "out.gpkg", cfg)
     whole = detect_array(x, None, cfg, cfg.resolve(None))
-    order = lambda b: b[np.lexsort(b.T[::-1])]  # noqa: E731
-    assert len(res.objects) == len(whole) >= len(TARGETS) + 2
-    assert np.array_equal(order(res.objects.boxes), order(whole.boxes))
+    order = lambda o: np.lexsort(o.boxes.T[::-1])  # noqa: E731
+    a, b = res.objects.take(order(res.objects)), whole.take(order(whole))
+    assert len(a) == len(b) >= len(TARGETS) + 3
+    assert np.array_equal(a.boxes, b.boxes)
+    for f in ("scores", "ratios", "pixels", "lengths"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    px = cfg.resolve(None)
+    margin, step = px.background[0], block_rows  # the background window's half (OS: its cells' reach)
+    if method == "os":  # on the cell grid
+        cell = os_grid(cfg, px).cell
+        margin, step = -(-max(margin, os_grid(cfg, px).reach) // cell) * cell, -(-block_rows // cell) * cell
+    strips = -(-h // step)
+    assert len(rows) == strips and sum(rows) <= h + 2 * margin * strips
 
 
 def test_geopackage_in_map_units_with_sizes_in_metres(tmp_path):

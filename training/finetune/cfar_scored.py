@@ -11,7 +11,8 @@
    target (0 below 0.5: pieces of a ship and boxes around more are negatives; of two boxes of one
    ship the better-fitting scores higher); plus ``JITTER`` jittered copies of every labelled box
    (so targets CFAR misses in training still teach the scorer). Chips from ``engine.cfar.chips``
-   with the box channel, exactly as inference reads them.
+   (with the box channel when ``box_channel``: off by default, it lost on validation), exactly as
+   inference reads them.
 3. The scorer (``engine.models.chip_scorer``): BCE on the logit (+ smooth-L1 on the box deltas
    when ``regress``); flips / quarter turns (width and height swap with the chip, the deltas
    follow), contrast jitter; an epoch is at least ``EPOCH_SAMPLES`` samples. AdamW, one-cycle
@@ -63,10 +64,18 @@ def covers(props: np.ndarray, truth: np.ndarray, quality: bool = False):
     return (label, hit.any(0), iou.max(1)) if quality else (label, hit.any(0))
 
 
+PROPOSAL_RULES = ("fewest", "richest")
+
+
 def choose_proposals(rasters: list[str], truth: list, names: list[str], opts, base: dict,
-                     pfas: tuple[float, ...] = PFAS) -> tuple[dict, list[dict]]:
+                     pfas: tuple[float, ...] = PFAS, rule: str = "fewest") -> tuple[dict, list[dict]]:
     """The CFAR settings whose proposals cover the training targets (see the module docstring):
-    each of ``WINDOWS`` x ``pfas``; among those within ``COVER`` of the best coverage, the fewest proposals."""
+    each of ``WINDOWS`` x ``pfas`` within the budget of ``MAX_PER_TARGET`` proposals per target;
+    ``rule`` fewest: among those within ``COVER`` of the best coverage, the fewest proposals;
+    richest: among those with the best coverage, the most proposals (the highest pfa within the
+    budget: a margin for targets the training area does not show, e.g. ships touching)."""
+    if rule not in PROPOSAL_RULES:
+        raise FinetuneError(f"proposal rule '{rule}': use one of {', '.join(PROPOSAL_RULES)}")
     from ..cfar_baseline import cfar_boxes
 
     n_true = sum(len(t[0]) for t in truth)
@@ -78,11 +87,18 @@ def choose_proposals(rasters: list[str], truth: list, names: list[str], opts, ba
             covered = sum(int(covers(p[0], t[0])[1].sum()) for p, t in zip(preds, truth))
             tried.append({"guard": guard, "background": background, "pfa": pfa,
                           "coverage": covered / max(n_true, 1), "proposals": sum(len(p[0]) for p in preds)})
-    fine = [t for t in tried if t["proposals"] <= MAX_PER_TARGET * max(n_true, 1)] or tried[-1:]
-    best = max(t["coverage"] for t in fine)
-    chosen = min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: (t["proposals"], t["pfa"]))
+    chosen = pick_setting(tried, n_true, rule)
     return {**base, **{k: chosen[k] for k in ("guard", "background", "pfa")}, "k_sigma": None,
             "score_threshold": 0.0}, tried
+
+
+def pick_setting(tried: list[dict], n_true: int, rule: str) -> dict:
+    """Of the ``tried`` settings (coverage, proposals, pfa), the one ``rule`` picks (``choose_proposals``)."""
+    fine = [t for t in tried if t["proposals"] <= MAX_PER_TARGET * max(n_true, 1)] or tried[-1:]
+    best = max(t["coverage"] for t in fine)
+    if rule == "fewest":
+        return min((t for t in fine if t["coverage"] >= COVER * best), key=lambda t: (t["proposals"], t["pfa"]))
+    return max((t for t in fine if t["coverage"] >= best), key=lambda t: (t["proposals"], t["pfa"]))
 
 
 def jittered(truth: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -281,8 +297,8 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
                          class_field: str, classes: list[str] | None = None,
                          progress: Callable[[dict], None] | None = None, overwrite: bool = False,
                          cfar_base: dict | None = None, pfas: tuple[float, ...] = PFAS, regress: bool = False,
-                         box_channel: bool = True, quality_floor: float | None = None,
-                         **_ignored) -> dict:
+                         box_channel: bool = False, quality_floor: float | None = None,
+                         proposal_rule: str = "fewest", **_ignored) -> dict:
     """Train a CFAR + chip scorer detector on raster(s) + labelled polygons of ONE class and write
     its package (see the module docstring). Returns the chosen CFAR settings, sample counts, the
     loss history and the detector's mAP@0.5 on the training rasters."""
@@ -308,7 +324,7 @@ def finetune_cfar_scored(rasters: list[str] | str, output: str | Path, cfg: Fine
     if not sum(len(t[0]) for t in truth):
         raise FinetuneError(f"{labels}: no polygon of class '{names[0]}' lies on the training raster(s)")
     base = {**CFAR_BASE, "levels_db": list(LEVELS_DB), **(cfar_base or {}), "class_name": names[0]}
-    settings, tried = choose_proposals(rasters, truth, names, opts, base, pfas)
+    settings, tried = choose_proposals(rasters, truth, names, opts, base, pfas, proposal_rule)
     _, props, _ = cfar_boxes(rasters, settings, opts, names)
     head = ChipScorerConfig(regress=regress, box_channel=box_channel)
     data = build_samples(rasters, truth, props, head, opts, cfg.seed, quality_floor)

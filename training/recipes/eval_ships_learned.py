@@ -13,12 +13,13 @@ equal recall: each detector's boxes are taken in score order down to CFAR's reca
 point (or the learned one's best recall when it never gets there), FP / TP there.
 
 ``--validate``: the same on the TRAINING part only (its top 60 % of the rows to train, the rest to
-score), for choosing the detector's design without the test area; ``--regress`` / ``--no-box-channel`` / ``--levels``
+score), for choosing the detector's design without the test area; ``--regress`` / ``--box-channel`` / ``--levels``
 (none to turn the extra proposal levels off) train the variants compared there.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python training/recipes/eval_ships_learned.py [--seeds 0 1 2]
        [--datasets hrsid demo] [--epochs 25] [--max-minutes 2] [--out runs/eval_ships_learned]
-       [--validate] [--regress] [--no-box-channel] [--levels [DB ...]]
+       [--validate] [--regress] [--box-channel] [--levels [DB ...]] [--proposals fewest|richest]
+       .venv/bin/python training/recipes/eval_ships_learned.py --summary DIR [DIR ...]   (mean +- std per folder)
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     pkg = out / f"{name}_s{seed}.pkg"
     base = None if a.levels is None else {"levels_db": list(a.levels)}
     tr = finetune_cfar_scored([d["train_raster"]], pkg, cfg, labels=d["train_vector"], class_field="class",
-                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=not a.no_box_channel,
-                              quality_floor=a.quality_floor, cfar_base=base)
+                              classes=["ship"], overwrite=True, regress=a.regress, box_channel=a.box_channel,
+                              quality_floor=a.quality_floor, cfar_base=base, proposal_rule=a.proposals)
     minutes = (time.time() - t0) / 60
     infer = {"bands": d["bands"], "input_units": d["units"]}
     ev = evaluate_detections(str(pkg), [d["test_raster"]], out / f"{name}_s{seed}_pr.png", labels=d["test_vector"],
@@ -159,10 +160,30 @@ def run(name: str, d: dict, seed: int, a, out: Path) -> dict:
     at = ev["cfar"]["recall"] or 0.0
     row = lambda e: {k: e.get(k) for k in ("map_50", "map", "precision", "recall", "f1", "false_positives",  # noqa: E731
                                            "score_threshold", "false_alarms_per_km2", "false_alarms_per_mpx")}
-    return {"dataset": name, "seed": seed, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
+    variant = {"proposals": a.proposals, "box_channel": a.box_channel, "regress": a.regress,
+               "validate": a.validate}
+    return {"dataset": name, "seed": seed, "variant": variant, "train_minutes": round(minutes, 2), "epochs": tr["epochs"],
             "proposals_pfa": tr["cfar"]["pfa"], "learned": row(ev), "cfar": {**row(ev["cfar"]), "pfa": cfar["pfa"]},
             "test_ships": int(len(truth)), "equal_recall": {"recall": at, "learned": fa_per_found(learned, truth, at),
                                                             "cfar": fa_per_found(cpreds, truth, at)}}
+
+
+def summary(dirs: list[str]) -> None:
+    """Per results.json of ``dirs`` and dataset: the learned and CFAR rows' mean +- std over seeds."""
+    def ms(v: list) -> str:
+        v = [x for x in v if x is not None]
+        return f"{np.mean(v):.3f} +- {np.std(v):.3f}" if v else "-"
+
+    print(f"{'results':<34}{'data':<7}{'seeds':<10}{'learned mAP@0.5':>18}{'mAP':>16}{'FA/found':>16}"
+          f"{'CFAR mAP@0.5':>18}{'FA/found':>16}")
+    for d in dirs:
+        results = json.loads((Path(d) / "results.json").read_text())
+        for name in sorted({r["dataset"] for r in results}):
+            rs = [r for r in results if r["dataset"] == name]
+            eq = {k: [r["equal_recall"][k]["fa_per_found"] for r in rs] for k in ("learned", "cfar")}
+            print(f"{Path(d).name:<34}{name:<7}{','.join(str(r['seed']) for r in rs):<10}"
+                  f"{ms([r['learned']['map_50'] for r in rs]):>18}{ms([r['learned']['map'] for r in rs]):>16}"
+                  f"{ms(eq['learned']):>16}{ms([r['cfar']['map_50'] for r in rs]):>18}{ms(eq['cfar']):>16}")
 
 
 def main() -> None:
@@ -174,12 +195,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval_ships_learned"))
     ap.add_argument("--validate", action="store_true", help="train and score on the training part only (see above)")
     ap.add_argument("--regress", action="store_true", help="train the box branch too (off by default: it lost on validation)")
-    ap.add_argument("--no-box-channel", action="store_true", help="chips without the proposal's box drawn in")
+    ap.add_argument("--box-channel", action=argparse.BooleanOptionalAction, default=False,
+                    help="chips with the proposal's box drawn in (off by default: it lost on validation)")
     ap.add_argument("--quality-floor", type=float, default=None,
                     help="score target at IoU 0.5 (rising to 1 at IoU 0.8); default: IoU / 0.8")
+    ap.add_argument("--proposals", default="fewest", choices=["fewest", "richest"],
+                    help="how the proposals' CFAR settings are chosen on the training area (see choose_proposals)")
     ap.add_argument("--levels", type=float, nargs="*", default=None,
                     help="extra proposal levels in dB (none: off; default: training's LEVELS_DB)")
+    ap.add_argument("--summary", nargs="+", metavar="DIR", help="only print the mean +- std of these --out folders")
     a = ap.parse_args()
+    if a.summary:
+        return summary(a.summary)
     from training.recipes.eval_smoke import ships_data
 
     out = Path(a.out)

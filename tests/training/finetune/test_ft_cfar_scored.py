@@ -16,7 +16,7 @@ from engine.cli import main
 from engine.errors import SarmaeError
 from engine.package import read_card
 from training.evaluate import evaluate_detections
-from training.finetune.cfar_scored import covers
+from training.finetune.cfar_scored import MAX_PER_TARGET, choose_proposals, covers, pick_setting
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,6 +90,19 @@ def test_a_proposal_is_positive_only_with_iou_half(tmp_path):
     props = np.array([[10, 10, 22, 13], [14, 10, 18, 13], [100, 100, 110, 110]], float)
     label, hit = covers(props, truth)
     assert label.tolist() == [1, -1, 0] and hit.tolist() == [True]
+
+
+def test_proposal_rules_fewest_and_richest_within_the_budget():
+    n = 10
+    tried = [{"pfa": 1e-2, "coverage": 1.0, "proposals": MAX_PER_TARGET * n + 1},  # over the budget
+             {"pfa": 1e-3, "coverage": 1.0, "proposals": 300},
+             {"pfa": 1e-4, "coverage": 0.9, "proposals": 250},  # best coverage but one ship
+             {"pfa": 1e-5, "coverage": 0.98, "proposals": 120},
+             {"pfa": 1e-6, "coverage": 0.8, "proposals": 60}]
+    assert pick_setting(tried, n, "fewest")["pfa"] == 1e-5  # the fewest within 97 % of the best coverage
+    assert pick_setting(tried, n, "richest")["pfa"] == 1e-3  # the most within the budget, at the best coverage
+    with pytest.raises(SarmaeError, match="proposal rule 'most'"):
+        choose_proposals([], [], ["ship"], None, {}, rule="most")
 
 
 def test_training_refuses_several_classes(tmp_path, capsys):
