@@ -1,6 +1,6 @@
-"""Flood / water segmentation against the classical baselines (issue: models that beat the
-baselines): Sen1Floods11, OMBRIA and ETCI 2021, each split into a training area and a test area
-the model never sees; every table row is scored on the same test pixels.
+"""Segmentation against the classical baselines (issue: models that beat the baselines): flood /
+water on Sen1Floods11, OMBRIA and ETCI 2021, ship pixels on HRSID; each split into a training area
+and a test area the model never sees; every table row is scored on the same test pixels.
 
   sen1floods11  one 512 x 512 scene, VV + VH in dB: the top 60 % of the rows train, the rest test.
   ombria        bi-temporal 8-bit VV chips (before, after) as two bands, flood masks: seeded disjoint
@@ -8,6 +8,9 @@ the model never sees; every table row is scored on the same test pixels.
                 mosaic (chips are from different events and places, so the test chips are new places).
   etci          one scene's VV + VH tiles (8-bit) placed on the scene grid; water = flood or
                 permanent water; tiles in the top 60 % of the scene's rows train, the rest test.
+  hrsid         the four 800 x 800 HRSID images (8-bit, ship instance masks -> sea / ship), split BY
+                IMAGE, leave one out: fold ``hrsid:<image>`` trains on the other three (side by side)
+                and tests on that image; the table adds the mean +- std of the four folds per row.
 
 Rows: the baselines (``training.baselines``: best single threshold per band, Otsu per band on the
 test scene, random forest on per-pixel features; fitted on the training labels) and, per encoder,
@@ -16,7 +19,7 @@ when labels allow; the better validation score kept). Runs are epoch-bound (not 
 machine load does not favour one row. Prints a table and writes results.json (resumable).
 
 Usage: .venv/bin/python training/recipes/eval_floods.py --encoders random=none mae=runs/.../encoder.pkg
-       [--sets sen1floods11 ombria etci] [--modes head auto] [--epochs 20] [--out runs/eval_floods]
+       [--sets sen1floods11 ombria etci hrsid] [--modes head auto] [--epochs 20] [--out runs/eval_floods]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data"
 
-from training.recipes.eval_smoke import floods_data, write_raster  # noqa: E402  (the repo is on sys.path above)
+from training.recipes.eval_smoke import floods_data, hrsid_chips, write_raster  # noqa: E402  (repo on sys.path above)
 
 
 def _png(path: Path) -> np.ndarray:
@@ -103,6 +106,24 @@ def etci(out: Path, frac: float = 0.6) -> dict:
     return res
 
 
+def hrsid_folds(out: Path) -> list[dict]:
+    """Leave one image out: per HRSID image, a training mosaic of the other three side by side and
+    the image itself as the test raster, each with a sea (0) / ship (1) label raster."""
+    stems, imgs, ids = hrsid_chips()
+    folds = []
+    for k, stem in enumerate(stems):
+        rest = [i for i in range(len(stems)) if i != k]
+        d = {"set": f"hrsid:{stem.split('_')[0]}", "bands": [1], "units": "uint8", "classes": ["sea", "ship"],
+             "test_image": stem}
+        for split, keep in (("train", rest), ("test", [k])):
+            img = np.concatenate([imgs[i] for i in keep], 1)
+            lab = np.concatenate([(ids[i] > 0).astype(np.uint8) for i in keep], 1)
+            d[f"{split}_raster"] = write_raster(out / f"hrsid_{k}_{split}.tif", img)
+            d[f"{split}_labels"] = write_raster(out / f"hrsid_{k}_{split}_labels.tif", lab)
+        folds.append(d)
+    return folds
+
+
 def run(d: dict, name: str, pkg: str, mode: str, a, out: Path, with_baselines: bool) -> dict:
     from training.evaluate import evaluate_raster
     from training.finetune.config import FinetuneConfig
@@ -111,17 +132,19 @@ def run(d: dict, name: str, pkg: str, mode: str, a, out: Path, with_baselines: b
     cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, seed=a.seed, epochs=a.epochs,
                          batch_size=16, warmup_epochs=1.0, patience=100, bands=d["bands"], input_units=d["units"],
                          max_chips=a.max_chips, device="cpu", mode=mode, in_chans=len(d["bands"]))
-    dest = out / f"{d['set']}_{name}_{mode}.pkg"
-    t0 = time.time()
-    r = finetune_segmenter(d["train_raster"], dest, cfg, label_raster=d["train_labels"], classes=["dry", "water"],
-                           overwrite=True)
-    train_min = (time.time() - t0) / 60
-    ev = evaluate_raster(str(dest), d["test_raster"], out / f"{d['set']}_{name}_{mode}_confusion.png",
+    tag = d["set"].replace(":", "_")
+    dest = out / f"{tag}_{name}_{mode}.pkg"
+    t0, c0 = time.time(), time.process_time()
+    r = finetune_segmenter(d["train_raster"], dest, cfg, label_raster=d["train_labels"],
+                           classes=d.get("classes", ["dry", "water"]), overwrite=True)
+    train_min, train_cpu = (time.time() - t0) / 60, (time.process_time() - c0) / 60
+    ev = evaluate_raster(str(dest), d["test_raster"], out / f"{tag}_{name}_{mode}_confusion.png",
                          label_raster=d["test_labels"],
                          options={"bands": d["bands"], "input_units": d["units"], "device": "cpu", "batch_size": 8},
                          baselines=with_baselines)
     return {"val_iou": r["val_iou"], "test_iou": ev["iou"], "test_mean_iou": ev["mean_iou"], "mode_kept": r["mode"],
-            "train_chips": r["train_chips"], "train_minutes": round(train_min, 2), "baselines": ev.get("baselines")}
+            "train_chips": r["train_chips"], "train_minutes": round(train_min, 2), "train_cpu_minutes": round(train_cpu, 2),
+            "baselines": ev.get("baselines"), "positive": d.get("classes", ["dry", "water"])[1]}
 
 
 def main() -> None:
@@ -141,12 +164,14 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     out = Path(a.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    makers = {"sen1floods11": lambda: sen1floods11(out / "data"), "ombria": lambda: ombria(out / "data", a.ombria_chips),
-              "etci": lambda: etci(out / "data")}
+    makers = {"sen1floods11": lambda: [{"set": "sen1floods11", **sen1floods11(out / "data")}],
+              "ombria": lambda: [{"set": "ombria", **ombria(out / "data", a.ombria_chips)}],
+              "etci": lambda: [{"set": "etci", **etci(out / "data")}], "hrsid": lambda: hrsid_folds(out / "data")}
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
     done = {(r["set"], r["encoder"], r["mode"]) for r in results}
-    for s in a.sets:
-        d = {"set": s, **makers[s]()}
+    sets = [d for s in a.sets for d in makers[s]()]
+    for d in sets:
+        s = d["set"]
         for spec in a.encoders:
             name, pkg = spec.split("=", 1)
             for mode in a.modes:
@@ -157,16 +182,25 @@ def main() -> None:
                 results.append(rec)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
                 print(json.dumps(rec), flush=True)
-    print(f"\n{'set':<14}{'row':<34}{'water IoU':>10}{'mean IoU':>10}  (test area)")
-    for s in a.sets:
+    print(f"\n{'set':<14}{'row':<34}{'IoU':>10}{'mean IoU':>10}  (test area; IoU of water, or of ship)")
+    folds: dict[str, list[float]] = {}
+    for s in [d["set"] for d in sets]:
         rows = [r for r in results if r["set"] == s]
         for r in rows:
+            pos = r.get("positive", "water")
             for b in r.get("baselines") or []:
-                print(f"{s:<14}{b['name']:<34}{b['iou']['water'] or 0:>10.3f}{b['mean_iou']:>10.3f}")
+                print(f"{s:<14}{b['name']:<34}{b['iou'][pos] or 0:>10.3f}{b['mean_iou']:>10.3f}")
+                folds.setdefault(s.split(":")[0] + " | " + b["name"], []).append(b["iou"][pos] or 0)
         for r in rows:
+            pos = r.get("positive", "water")
             label = f"{r['encoder']} {r['mode']}" + (f" (kept {r['mode_kept']})" if r.get("mode_kept") else "")
-            print(f"{s:<14}{label:<34}{r['test_iou']['water'] or 0:>10.3f}{r['test_mean_iou']:>10.3f}"
-                  f"  {r['train_minutes']:.1f} min, {r['train_chips']} chips")
+            print(f"{s:<14}{label:<34}{r['test_iou'][pos] or 0:>10.3f}{r['test_mean_iou']:>10.3f}"
+                  f"  {r['train_minutes']:.1f} min ({r.get('train_cpu_minutes', float('nan')):.1f} CPU), "
+                  f"{r['train_chips']} chips")
+            folds.setdefault(s.split(":")[0] + " | " + f"{r['encoder']} {r['mode']}", []).append(r["test_iou"][pos] or 0)
+    for key, v in folds.items():  # data sets split into folds (hrsid: leave one image out)
+        if key.startswith("hrsid |"):
+            print(f"{key}: ship IoU {np.mean(v):.3f} +- {np.std(v):.3f} over {len(v)} held-out image(s)")
 
 
 if __name__ == "__main__":

@@ -74,20 +74,14 @@ def floods_data(out: Path, frac: float = 0.6) -> dict:
             "classes": ["dry", "water"], "test_rows": f"{cut}-{y.shape[0]}"}
 
 
-def ships_data(out: Path, frac: float = 0.6) -> dict:
-    """HRSID: each chip's bottom ``frac`` of the rows for training, the top rows for testing, the
-    parts placed side by side; each split gets a sea / ship label raster and a GeoJSON of ship polygons
-    (pixel coordinates, one feature per instance part)."""
+def hrsid_chips() -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The HRSID sample: (names, 8-bit gray images, ship instance ids unique over the chips; 0 = sea)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.features import shapes
-    from shapely.geometry import mapping, shape
-    from shapely.ops import unary_union
 
     stems = sorted(p.name[: -len("_instance_id_RGB.png")] for p in (DATA / "hrsid").glob("*_instance_id_RGB.png"))
     if not stems:
         raise SystemExit(f"HRSID sample not found in {DATA / 'hrsid'}")
-    out.mkdir(parents=True, exist_ok=True)
     imgs, ids = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -98,6 +92,19 @@ def ships_data(out: Path, frac: float = 0.6) -> dict:
                 rgb = src.read().astype(np.int64)
                 v = rgb[0] * 65536 + rgb[1] * 256 + rgb[2]
                 ids.append(np.where(v > 0, v + k * (1 << 24), 0))  # unique over chips
+    return stems, imgs, ids
+
+
+def ships_data(out: Path, frac: float = 0.6) -> dict:
+    """HRSID: each chip's bottom ``frac`` of the rows for training, the top rows for testing, the
+    parts placed side by side; each split gets a sea / ship label raster and a GeoJSON of ship polygons
+    (pixel coordinates, one feature per instance part)."""
+    from rasterio.features import shapes
+    from shapely.geometry import mapping, shape
+    from shapely.ops import unary_union
+
+    stems, imgs, ids = hrsid_chips()
+    out.mkdir(parents=True, exist_ok=True)
     res = {"bands": [1], "units": "uint8", "classes": ["sea", "ship"], "chips": len(stems), "split": f"bottom {frac:.0%} of the rows for training"}
     for split in ("train", "test"):
         rows = [slice(a.shape[0] - int(round(frac * a.shape[0])), None) if split == "train"
