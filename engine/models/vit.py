@@ -107,15 +107,24 @@ class ConvStem(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=2, stride=2)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(N, C, H, W) -> (N, L, C, p, p) patches in token order (row-major), and the grid."""
         p = self.patch_size
         n, c, h, w = x.shape
         if h % p or w % p:
             raise ValueError(f"input {(h, w)} is not a multiple of the patch size {p}")
         gh, gw = h // p, w // p
-        patches = x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n * gh * gw, c, p, p)
-        tokens = self.proj(self.stem(patches))  # (N * L, D, 1, 1)
-        return tokens.reshape(n, gh * gw, -1), (gh, gw)
+        return x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c, p, p), (gh, gw)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, K, C, p, p) -> (N, K, D): each patch on its own (MAE embeds only the visible ones)."""
+        n, k = patches.shape[:2]
+        tokens = self.proj(self.stem(patches.reshape(n * k, *patches.shape[2:])))  # (N * K, D, 1, 1)
+        return tokens.reshape(n, k, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches, grid = self.patches(x)
+        return self.embed_patches(patches), grid
 
 
 STEMS = {"patch": PatchEmbed, "conv": ConvStem}

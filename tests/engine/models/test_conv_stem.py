@@ -9,6 +9,7 @@ import torch
 
 from engine.errors import ModelConfigError, PackageError
 from engine.models import VisionTransformer, ViTConfig, create_model, list_models
+from engine.models.mae import random_masking
 from engine.models.registry import arch_encoder_config
 
 SMALL = dict(in_chans=1, img_size=32, depth=2)
@@ -40,6 +41,11 @@ def test_masked_pixels_cannot_change_what_the_mae_encoder_sees():
     latent2, mask2, *_ = mae.forward_encoder(y, 0.75, noise=noise)
     assert torch.equal(mask, mask2) and not torch.equal(x, y)
     assert torch.allclose(latent, latent2, atol=1e-6)
+    # embedding only the visible patches gives what embedding all of them and masking gives
+    tokens, _ = mae.embed(x)
+    kept, mask3, _, ids_keep = random_masking(tokens, 0.75, noise=noise)
+    x_full, _ = mae.run_blocks(mae.prepend_cls(kept))
+    assert torch.equal(mask3, mask) and torch.allclose(mae.norm(x_full), latent, atol=1e-5)
 
 
 def test_registry_names_and_model_json():
