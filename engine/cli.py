@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a randomly initialised model package",
                        description="Write a model package with random weights (for tests, demos, trying the pipeline).")
-    s.add_argument("--arch", default="vit_tiny_patch16", help="encoder: vit_{tiny,small,base,large}_patch16 (default: %(default)s)")
+    s.add_argument("--arch", default="vit_tiny_patch16", help="encoder: vit_{tiny,small,base,large}_{patch,conv}{16,8} (conv: a per-patch conv stem; default: %(default)s)")
     s.add_argument("--task", default="segment", help="a registered task: embed | reconstruct | classify | segment | "
                    "detect, or one a plug-in adds (default: %(default)s)")
     s.add_argument("--classes", type=_csv, help="comma-separated class names (classify/segment/detect)")

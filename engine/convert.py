@@ -158,6 +158,7 @@ def convert_state_dict(sd: dict, arch: str | None = None, task: str = "embed", i
     from .models import build_from_architecture
     from .models.mae import is_decoder_key
     from .models.pos_embed import resample_pos_embed
+    from .models.vit import input_conv_key
 
     prefix = find_encoder_prefix(sd.keys())
     stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -173,7 +174,8 @@ def convert_state_dict(sd: dict, arch: str | None = None, task: str = "embed", i
     enc = architecture["encoder"]
     adapted = []
     if in_chans and in_chans != enc["in_chans"]:
-        stripped["patch_embed.proj.weight"] = adapt_patch_embed(stripped["patch_embed.proj.weight"], in_chans)
+        key = input_conv_key(enc.get("stem", "patch"))
+        stripped[key] = adapt_patch_embed(stripped[key], in_chans)
         adapted.append(f"patch_embed {enc['in_chans']}->{in_chans} channels")
         enc["in_chans"] = in_chans
         if task == "reconstruct":

@@ -58,7 +58,13 @@ def check_card_shapes(card, shapes: dict, where: str) -> None:
     if prefix is not None:
         got = shapes[prefix + "patch_embed.proj.weight"].get("shape", [])
         want = [enc.embed_dim, enc.in_chans, enc.patch_size, enc.patch_size]
-        for i, what in enumerate(("embed_dim", "in_chans", "patch_size")):
+        checks = ("embed_dim", "in_chans", "patch_size")
+        if enc.extra.get("stem", "patch") == "conv":  # the stem's first conv sees the channels (vit.ConvStem)
+            checks = ("embed_dim",)
+            first = shapes.get(prefix + "patch_embed.stem.0.weight", {}).get("shape", [])
+            if len(first) == 4 and first[1] != enc.in_chans:
+                problems.append(f"in_chans is {enc.in_chans} but the weights have {first[1]}")
+        for i, what in enumerate(checks):
             if len(got) == 4 and got[i] != want[i]:
                 problems.append(f"{what} is {want[i]} but the weights have {got[i]}")
         blocks = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}

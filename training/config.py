@@ -22,7 +22,7 @@ class ConfigError(SarmaeError, ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_tiny_patch16"  # encoder: vit_{tiny,small,base,large}_patch16
+    arch: str = "vit_tiny_patch16"  # encoder: vit_{tiny,small,base,large}_{patch,conv}{16,8} (conv: ConvStem)
     img_size: int = 224  # input size (pos-embed interpolated when it differs from a loaded encoder)
     in_chans: int = 1  # channels: 1 single pol / 8-bit chips, 2 VV+VH, 3 reference layout
     depth: int | None = None  # override the encoder depth (None: the named size's)

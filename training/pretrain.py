@@ -25,8 +25,9 @@ import torch.nn as nn
 
 from engine.errors import SarmaeError
 from engine.models import DecoderConfig, MaskedAutoencoderViT, SARCProjectionHead, sarc_loss
-from engine.models.registry import encoder_config
+from engine.models.registry import arch_encoder_config
 
+from .acquisition import acquisition_jitter
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, PretrainConfig, same_config, save_config
 from .data.sare import SAREConfig, apply_sare
@@ -49,11 +50,13 @@ class PretrainModule(nn.Module):
     def __init__(self, cfg: PretrainConfig, teacher_dim: int = 768):
         super().__init__()
         m = cfg.model
-        size = m.arch.replace("mae_", "").split("_")[1]
         overrides = {"img_size": m.img_size, "in_chans": m.in_chans, "drop_path_rate": m.drop_path}
         if m.depth:
             overrides["depth"] = m.depth
-        enc = encoder_config(size, **overrides)
+        try:
+            enc = arch_encoder_config(m.arch, **overrides)
+        except SarmaeError as e:
+            raise ConfigError(f"model.arch: {e}") from None
         dec = DecoderConfig(embed_dim=m.decoder_dim, depth=m.decoder_depth, num_heads=m.decoder_heads,
                             norm_pix_loss=m.norm_pix_loss)
         self.mae = MaskedAutoencoderViT(enc, dec)
@@ -95,19 +98,34 @@ class Batch:
 
 def prepare_batch(items: dict, indices: torch.Tensor, epoch: int, cfg: PretrainConfig, sare: SAREConfig,
                   n_tokens: int, device: str) -> Batch:
-    """SARE noise and mask noise per sample (seeded by dataset index), then normalisation."""
+    """Acquisition jitter (``data.acquisition``), SARE noise and mask noise per sample (seeded by dataset
+    index), then normalisation. The jittered chip is the clean target too: it is another view of the data."""
     clean01 = items["sar"].float()
-    noised, sigmas, masks = [], [], []
+    acq = float(cfg.data.get("acquisition") or 0.0)
+    noised, sigmas, masks, cleans = [], [], [], []
     for i, idx in enumerate(indices.tolist()):
+        x = clean01[i:i + 1]
+        if acq:
+            ga = torch.Generator().manual_seed(sample_seed(cfg.run.seed, epoch, idx, "acquisition"))
+            if float(torch.rand(1, generator=ga)) < acq:
+                x = acquisition_jitter(x, _unit_contract(x.shape[1]), generator=ga)
+        cleans.append(x)
         g = torch.Generator().manual_seed(sample_seed(cfg.run.seed, epoch, idx, "sare"))
-        y, s = apply_sare(clean01[i:i + 1], sare, g)
+        y, s = apply_sare(x, sare, g)
         noised.append(y)
         sigmas.append(s)
         gm = torch.Generator().manual_seed(sample_seed(cfg.run.seed, epoch, idx, "mask"))
         masks.append(torch.rand(1, n_tokens, generator=gm))
     norm = lambda x: (x - NORM_MEAN) / NORM_STD  # noqa: E731
+    clean01 = torch.cat(cleans)
     return Batch(norm(torch.cat(noised)).to(device), norm(clean01).to(device), torch.cat(masks).to(device),
                  items["optical"].float().to(device), items["paired"].bool().to(device), torch.cat(sigmas))
+
+
+def _unit_contract(c: int) -> dict:
+    """The [0, 1] pretraining values as an input contract for ``acquisition_jitter``: a gain moves them
+    as dB over the default 45 dB clip range would (8-bit chips are displayed on a log-like scale too)."""
+    return {"mean": [0.0] * c, "std": [1.0] * c, "units": "db", "clip": [-35.0, 10.0]}
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -161,6 +179,7 @@ def load_init(module: PretrainModule, path: str) -> str:
         safe_load_checkpoint,
     )
     from engine.models.pos_embed import resample_pos_embed
+    from engine.models.vit import input_conv_key
     from engine.package import load_state_dict
 
     p = Path(path)
@@ -168,8 +187,9 @@ def load_init(module: PretrainModule, path: str) -> str:
     prefix = find_encoder_prefix(sd.keys())
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     mae = module.mae
-    if "patch_embed.proj.weight" in sd:
-        sd["patch_embed.proj.weight"] = adapt_patch_embed(sd["patch_embed.proj.weight"], mae.in_chans)
+    key = input_conv_key(mae.cfg.stem)
+    if key in sd:
+        sd[key] = adapt_patch_embed(sd[key], mae.in_chans)
     for key, table in (("pos_embed", mae.pos_embed), ("decoder_pos_embed", mae.decoder_pos_embed)):
         if key in sd and sd[key].shape != table.shape and sd[key].shape[-1] == table.shape[-1]:
             sd[key] = resample_pos_embed(sd[key], mae.grid)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
-from .vit import Block, VisionTransformer, ViTConfig, init_vit_weights
+from .vit import Block, ConvStem, VisionTransformer, ViTConfig, init_vit_weights
 
 
 @dataclass
@@ -123,9 +123,23 @@ class MaskedAutoencoderViT(VisionTransformer):
         return unpatchify(x, self.patch_size, grid, self.in_chans)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None, noise=None):
-        """-> latent (N, 1+K, D), mask (N, L), ids_restore (N, L), ids_keep (N, K), grid."""
-        tokens, grid = self.embed(imgs)
-        kept, mask, ids_restore, ids_keep = random_masking(tokens, mask_ratio, generator, noise)
+        """-> latent (N, 1+K, D), mask (N, L), ids_restore (N, L), ids_keep (N, K), grid.
+
+        With the conv stem only the visible patches are embedded (the same tokens, since the stem
+        sees each patch on its own, for a quarter of the stem's work at mask ratio 0.75)."""
+        if isinstance(self.patch_embed, ConvStem):
+            if imgs.shape[1] != self.in_chans:
+                raise ValueError(f"model expects {self.in_chans} channels, got {imgs.shape[1]}")
+            patches, grid = self.patch_embed.patches(imgs)
+            n, length = patches.shape[:2]
+            _, mask, ids_restore, ids_keep = random_masking(patches.new_zeros(n, length, 1), mask_ratio, generator, noise)
+            idx = ids_keep.view(n, -1, 1, 1, 1).expand(-1, -1, *patches.shape[2:])
+            pos = self.pos_embed_for(grid)[:, 1:].expand(n, -1, -1)
+            kept = self.patch_embed.embed_patches(torch.gather(patches, 1, idx))
+            kept = kept + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        else:
+            tokens, grid = self.embed(imgs)
+            kept, mask, ids_restore, ids_keep = random_masking(tokens, mask_ratio, generator, noise)
         x, _ = self.run_blocks(self.prepend_cls(kept))  # blocks see 1 + K tokens only
         return self.norm(x), mask, ids_restore, ids_keep, grid
 

@@ -1,12 +1,15 @@
 """Named constructors (timm's ``@register_model`` idea) and building a model from model.json.
 
 Encoder sizes (SARMAE_SPEC 1): tiny 192/12/3, small 384/12/6, base 768/12/12, large 1024/24/16.
-Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decoder 512d8b);
+Names: ``vit_<size>_patch16`` (encoder), ``mae_vit_<size>_patch16`` (MAE, decoder 512d8b); the same
+with 8 px patches (``vit_<size>_patch8``) and with a convolutional stem applied per patch
+(``vit_<size>_conv16``, ``vit_<size>_conv8``: ``vit.ConvStem``, leak-free under MAE masking);
 ``small_cnn`` (a chip classifier that is not a ViT: ``OWN_NETWORKS``, ``engine.models.small_cnn``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -46,6 +49,24 @@ def encoder_config(size: str, **overrides) -> ViTConfig:
     return ViTConfig.from_dict({**SIZES[size], "patch_size": 16, **overrides})
 
 
+TOKENISERS = {"patch": ("patch", (16, 8)), "conv": ("conv", (16, 8))}  # name part -> (stem, patch sizes)
+_VIT_NAME = re.compile(r"^(?:mae_)?vit_([a-z]+)_(patch|conv)(\d+)$")
+
+
+def vit_names() -> list[str]:
+    """The encoder names (without ``mae_``): vit_<size>_patch16 first, then the other tokenisers."""
+    return [f"vit_{size}_{kind}{p}" for kind, (_, ps) in TOKENISERS.items() for p in ps for size in SIZES]
+
+
+def arch_encoder_config(name: str, **overrides) -> ViTConfig:
+    """The encoder config a registered ViT name (``vit_tiny_conv16``, ``mae_vit_base_patch16``...) stands for."""
+    m = _VIT_NAME.match(name)
+    if not m or m.group(1) not in SIZES or int(m.group(3)) not in TOKENISERS[m.group(2)][1]:
+        raise ModelConfigError(f"unknown ViT architecture '{name}'; known: {', '.join(vit_names())} (mae_ in front "
+                               "for the MAE)")
+    return encoder_config(m.group(1), patch_size=int(m.group(3)), stem=TOKENISERS[m.group(2)][0], **overrides)
+
+
 def size_of(cfg: ViTConfig) -> str | None:
     """The named size whose width/depth/heads match ``cfg`` (None for a custom size)."""
     for name, s in SIZES.items():
@@ -54,22 +75,24 @@ def size_of(cfg: ViTConfig) -> str | None:
     return None
 
 
-def _make(size: str):
+def _make(name: str):
     def vit(**kw) -> VisionTransformer:
-        return VisionTransformer(encoder_config(size, **kw))
+        return VisionTransformer(arch_encoder_config(name, **kw))
 
     def mae(decoder: dict | None = None, **kw) -> MaskedAutoencoderViT:
-        return MaskedAutoencoderViT(encoder_config(size, **kw), DecoderConfig.from_dict(decoder or {}))
+        return MaskedAutoencoderViT(arch_encoder_config(name, **kw), DecoderConfig.from_dict(decoder or {}))
 
-    vit.__name__, mae.__name__ = f"vit_{size}_patch16", f"mae_vit_{size}_patch16"
-    vit.__doc__ = f"ViT-{size.capitalize()}/16 encoder ({SIZES[size]})."
-    mae.__doc__ = f"MAE with a ViT-{size.capitalize()}/16 encoder and a 512-wide, 8-block decoder."
+    cfg = arch_encoder_config(name)
+    what = f"ViT-{size_of(cfg).capitalize()}/{cfg.patch_size}" + (" with a conv stem" if cfg.stem == "conv" else "")
+    vit.__name__, mae.__name__ = name, "mae_" + name
+    vit.__doc__ = f"{what} encoder (width {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads})."
+    mae.__doc__ = f"MAE with a {what} encoder and a 512-wide, 8-block decoder."
     register_model(vit)
     register_model(mae)
 
 
-for _size in SIZES:
-    _make(_size)
+for _name in vit_names():
+    _make(_name)
 
 
 @register_model

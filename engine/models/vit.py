@@ -37,10 +37,13 @@ class ViTConfig:
     qkv_bias: bool = True  # bias on the qkv projection (timm default)
     norm_eps: float = 1e-6  # LayerNorm epsilon
     drop_path_rate: float = 0.0  # stochastic depth at the last block (linear ramp from 0)
+    stem: str = "patch"  # token embedding: "patch" (one p x p projection) | "conv" (ConvStem, per patch)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["img_size"] = list(_pair(self.img_size))
+        if d["stem"] == "patch":  # the default stays implicit: model.json of plain ViTs is unchanged
+            del d["stem"]
         return d
 
     @classmethod
@@ -52,6 +55,8 @@ class ViTConfig:
         d = dict(d)
         if "img_size" in d:
             d["img_size"] = _pair(d["img_size"])
+        if d.get("stem", "patch") not in STEMS:
+            raise ValueError(f"unknown encoder stem '{d['stem']}'; known: {', '.join(STEMS)}")
         return cls(**d)
 
     @property
@@ -75,6 +80,59 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)  # (N, D, gh, gw)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
+
+
+class ConvStem(nn.Module):
+    """A convolutional token embedding applied to each p x p patch on its own (Xiao et al. 2021, "Early
+    convolutions help transformers see better", made leak-free for masked pretraining).
+
+    Each patch goes through log2(p) - 1 stride-2 3x3 convolutions (zero padding at the patch's own
+    border, GELU; widths D/2^k rising to D/2) and ``proj``, a 2x2 stride-2 convolution to D. A token
+    therefore depends on its own patch's pixels only: MAE masking stays token-level and a masked
+    patch cannot reach a visible token. Parameter names: ``patch_embed.stem.{2i}`` (convs) and
+    ``patch_embed.proj``; the first convolution (``patch_embed.stem.0``) sees the input channels.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        n = patch_size.bit_length() - 2  # stride-2 3x3 convs before the 2x2 projection
+        if patch_size < 4 or patch_size & (patch_size - 1):
+            raise ValueError(f"the conv stem needs a power-of-two patch size >= 4, not {patch_size}")
+        widths = [max(8, embed_dim // 2 ** (n - i)) for i in range(n)]
+        layers, c = [], in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        self.patch_size = patch_size
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=2, stride=2)
+
+    def patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(N, C, H, W) -> (N, L, C, p, p) patches in token order (row-major), and the grid."""
+        p = self.patch_size
+        n, c, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"input {(h, w)} is not a multiple of the patch size {p}")
+        gh, gw = h // p, w // p
+        return x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c, p, p), (gh, gw)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, K, C, p, p) -> (N, K, D): each patch on its own (MAE embeds only the visible ones)."""
+        n, k = patches.shape[:2]
+        tokens = self.proj(self.stem(patches.reshape(n * k, *patches.shape[2:])))  # (N * K, D, 1, 1)
+        return tokens.reshape(n, k, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches, grid = self.patches(x)
+        return self.embed_patches(patches), grid
+
+
+STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+
+
+def input_conv_key(stem: str = "patch") -> str:
+    """The weight that sees the input channels (adapted when the channel count changes)."""
+    return "patch_embed.stem.0.weight" if stem == "conv" else "patch_embed.proj.weight"
 
 
 class Attention(nn.Module):
@@ -161,7 +219,7 @@ class VisionTransformer(nn.Module):
         self.in_chans = cfg.in_chans
         self.grid = cfg.grid
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.patch_embed = STEMS[cfg.stem](cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         n_tok = self.grid[0] * self.grid[1] + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tok, d), requires_grad=False)
@@ -177,7 +235,7 @@ class VisionTransformer(nn.Module):
         table = get_2d_sincos_pos_embed(self.embed_dim, self.grid, cls_token=True)
         self.pos_embed.data.copy_(torch.from_numpy(table).unsqueeze(0))
         w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer (MAE); stem convs: torch's default
         nn.init.normal_(self.cls_token, std=0.02)
         self.blocks.apply(init_vit_weights)
         self.norm.apply(init_vit_weights)

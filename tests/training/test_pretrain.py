@@ -79,6 +79,42 @@ def test_encoder_package_from_own_checkpoint(tmp_path):
     assert rec.card.architecture["decoder"]["num_heads"] == 2  # from the checkpoint, not guessed
 
 
+def test_conv_stem_with_acquisition_views_pretrains_converts_and_fine_tunes(tmp_path):
+    """model.arch vit_tiny_conv8 (ConvStem, 8 px tokens) with data.acquisition: the run learns, its
+    checkpoint converts to an encoder package that describes the stem, and fine-tuning loads it."""
+    import torch
+
+    from engine.convert import convert_checkpoint
+    from engine.package import load_package
+    from training.data.sare import SAREConfig
+    from training.finetune.common import load_encoder
+    from training.finetune.config import FinetuneConfig
+    from training.pretrain import prepare_batch
+
+    data = chips(tmp_path / "chips")
+    cfg = config(tmp_path, data, "model.arch=vit_tiny_conv8", "data.acquisition=1.0", "optim.epochs=4",
+                 "run.epoch_size=32")
+    items = {"sar": torch.rand(4, 1, 32, 32), "optical": torch.zeros(4, 1), "paired": torch.zeros(4)}
+    idx = torch.arange(4)
+    plain = config(tmp_path, data, "model.arch=vit_tiny_conv8")
+    b0 = prepare_batch(items, idx, 0, plain, SAREConfig(enabled=False), 16, "cpu")
+    b1 = prepare_batch(items, idx, 0, cfg, SAREConfig(enabled=False), 16, "cpu")
+    assert torch.equal(b0.clean, b0.noised) and torch.equal(b1.clean, b1.noised)  # SARE off: the same view
+    assert not torch.allclose(b0.clean, b1.clean)  # the acquisition view is the target too
+    summary = pretrain(cfg)
+    ls = [v for _, v in losses(tmp_path / "run")]
+    assert summary["step"] == 16 and np.mean(ls[-3:]) < np.mean(ls[:3])
+    convert_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "enc")
+    enc = load_package(tmp_path / "enc")
+    assert enc.card.architecture["name"] == "vit_tiny_conv8"
+    assert enc.card.architecture["encoder"]["stem"] == "conv" and enc.card.patch_size == 8
+    loaded = load_encoder(FinetuneConfig(encoder=str(tmp_path / "enc"), img_size=48, in_chans=2))
+    assert loaded.model.cfg.stem == "conv" and loaded.model.grid == (6, 6)
+    assert "1->2 channels" in loaded.report
+    with pytest.raises(ConfigError, match="unknown ViT architecture 'vit_tiny_hex16'"):
+        pretrain(config(tmp_path, data, "model.arch=vit_tiny_hex16", f"run.output={tmp_path / 'bad'}"))
+
+
 def _cli(*args):
     return [sys.executable, "-m", "engine.cli", "pretrain", "-q", "--config", "cpu_vit_tiny", *args]
 

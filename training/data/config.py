@@ -40,6 +40,8 @@ class DataConfig:
     paired_ratio: float = 0.7  # fraction of each epoch drawn from paired samples (when there are pairs)
     max_bad_fraction: float = 0.05  # unreadable files are skipped and counted; more than this fraction -> error
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    acquisition: float = 0.0  # share of samples given a random simulated change of acquisition before SARE
+    # (training.acquisition.acquisition_jitter: gain, stretch, fresh speckle, half of them resampled); 0: off
     seed: int = 0  # seeds the epoch order, random windows and random crops
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class DataConfig:
             problems.append(f"clip_db must be (low, high) with low < high, not {self.clip_db!r}")
         if not isinstance(self.windows_per_raster, int) or self.windows_per_raster < 1:
             problems.append(f"windows_per_raster must be an integer >= 1, not {self.windows_per_raster!r}")
-        for name in ("max_nodata", "paired_ratio", "max_bad_fraction"):
+        for name in ("max_nodata", "paired_ratio", "max_bad_fraction", "acquisition"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], not {value!r}")

@@ -33,9 +33,9 @@ TIE = 0.005  # validation scores this close count as a tie: the CNN (smaller, fa
 def check_arch(cfg: FinetuneConfig) -> bool:
     """True when ``cfg.arch`` selects the small CNN; a sentence (FinetuneError) for an unknown
     architecture or settings the CNN cannot take."""
-    from engine.models.registry import SIZES
+    from engine.models.registry import vit_names
 
-    vits = [f"vit_{s}_patch16" for s in SIZES]
+    vits = vit_names()
     if cfg.arch not in (*CNN_ARCHS, *vits):
         raise FinetuneError(f"--arch '{cfg.arch}': use cnn (a small CNN trained from scratch, classify only) or a ViT "
                             f"size for a random encoder ({', '.join(vits)})")

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from engine.errors import SarmaeError
 from engine.models import VisionTransformer
-from engine.models.registry import encoder_config
+from engine.models.registry import arch_encoder_config
 from engine.package import default_input
 
 from ..optim import lr_at
@@ -47,12 +47,13 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
     from engine.convert import adapt_patch_embed, find_encoder_prefix
     from engine.models import ViTConfig
     from engine.models.pos_embed import resample_pos_embed
+    from engine.models.vit import input_conv_key
     from engine.package import load_state_dict
 
     if not cfg.encoder:
-        size = cfg.arch.split("_")[1]
         c = cfg.in_chans or 1
-        enc = VisionTransformer(encoder_config(size, img_size=cfg.img_size or 224, in_chans=c, drop_path_rate=cfg.drop_path))
+        enc = VisionTransformer(arch_encoder_config(cfg.arch, img_size=cfg.img_size or 224, in_chans=c,
+                                                    drop_path_rate=cfg.drop_path))
         return Encoder(enc, default_input(c), "random initialisation", f"random {cfg.arch}")
     card, sd = load_state_dict(cfg.encoder)
     arch = dict(card.architecture["encoder"])
@@ -62,7 +63,8 @@ def load_encoder(cfg: FinetuneConfig) -> Encoder:
     size = cfg.img_size or arch["img_size"][0]
     notes = []
     if c != arch["in_chans"]:
-        sd["patch_embed.proj.weight"] = adapt_patch_embed(sd["patch_embed.proj.weight"], c)
+        key = input_conv_key(arch.get("stem", "patch"))
+        sd[key] = adapt_patch_embed(sd[key], c)
         notes.append(f"patch embedding {arch['in_chans']}->{c} channels")
     old_grid = (arch["img_size"][0] // arch["patch_size"], arch["img_size"][1] // arch["patch_size"])
     arch.update(in_chans=c, img_size=[size, size], drop_path_rate=cfg.drop_path)
@@ -296,7 +298,7 @@ def arch_name(vit) -> str:
     from engine.models.registry import size_of
 
     size = size_of(vit.cfg)
-    return f"vit_{size}_patch{vit.cfg.patch_size}" if size else "custom"
+    return f"vit_{size}_{'conv' if vit.cfg.stem == 'conv' else 'patch'}{vit.cfg.patch_size}" if size else "custom"
 
 
 def class_colours(classes: list[str], colours: dict[str, str] | list[str] | None,
