@@ -201,7 +201,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         nonlocal bar
         if fraction < 0:
-            if not a.quiet:
+            if not a.quiet or message.startswith("warning"):  # --quiet drops log lines, not warnings
                 (bar.write if bar is not None else print)(message, file=sys.stderr)
             return
         if bar is None:

@@ -8,6 +8,7 @@ infer``), the engine worker (``sarmae serve``) and the QGIS plugin (through the 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import queue
@@ -121,7 +122,9 @@ class SinkThread:
         self.sink = sink
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="sarmae-writer", daemon=True)
+        # in the caller's context: the run's Publication (free space, disk-full messages) is a context variable
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), name="sarmae-writer",
+                                       daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:

@@ -86,11 +86,17 @@ def disk_error(path: Path, e: BaseException) -> OutputError:
             free = free_bytes(folder)
         except OSError:
             free = 0
-        return OutputError(f"disk full while writing {path} (needed about {_mb(needed)} MB, {_mb(free)} MB free); "
+        sizes = (f"needed about {_size(needed)}, " if needed > 0 else "") + f"{_size(free)} free"
+        return OutputError(f"disk full while writing {path} ({sizes}); "
                            "nothing was published and any earlier output was kept. Free space or choose another "
                            "output folder")
     return OutputError(f"{path}: writing failed ({str(e)[:300]}); nothing was written and any earlier "
                        "output was kept")
+
+
+def _size(n: int) -> str:
+    """Bytes for a message: KB below 1 MB (a small file's estimate does not read as 0.00 MB)."""
+    return f"{max(n, 0) / 1024:.0f} KB" if n < MB else f"{_mb(n)} MB"
 
 
 def _mb(n: int) -> str:

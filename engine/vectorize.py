@@ -86,7 +86,7 @@ def polygonize_classes(class_tif: str | Path, out_gpkg: str | Path, class_names:
             georef = "none (pixel coordinates)" if transform.is_identity else "transform without CRS"
         elif transform.is_identity:  # a CRS on an identity transform: radar geometry, pixel coordinates
             georef = "identity transform (radar geometry: pixel coordinates)"
-        pixel_space = transform.is_identity and crs is not None  # areas in px (below: its CRS would lie)
+        pixel_space = transform.is_identity  # pixel coordinates (radar geometry or no georeferencing): areas in px
         area_key = "area_px" if pixel_space else "area_m2"
         names = dict(enumerate(class_names))
         per_class = {n: {"count": 0, area_key: 0.0} for i, n in names.items() if i not in skip_classes}

@@ -356,7 +356,7 @@ def test_disk_full_while_writing(tmp_path, seg, monkeypatch, error):
         return real_write(self, *args, **kw)
 
     monkeypatch.setattr(rasterio.io.DatasetWriter, "write", write)
-    with pytest.raises(OutputError, match=r"disk full while writing \S*out(_confidence)?\.tif \(needed about [\d.]+ MB, [\d.]+ MB free\)") as info:
+    with pytest.raises(OutputError, match=r"disk full while writing \S*out(_confidence)?\.tif \(needed about [\d.]+ [KM]B, [\d.]+ [KM]B free\)") as info:
         run(str(src), out, seg, overwrite=True, batch_size=1)
     assert not reader_threads()
     assert isinstance(info.value, OSError)

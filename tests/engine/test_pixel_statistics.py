@@ -31,8 +31,14 @@ def run(capsys, *args) -> tuple[int, dict | None, str]:
     return rc, (json.loads(out) if rc == 0 else None), err
 
 
-def test_segment_areas_in_pixels_without_georeferencing(tiny_package, tmp_path, capsys):
-    src = radar_geometry(tmp_path / "slc.tif", 10 * np.log10(speckle((2, 40, 48))))
+def no_georeferencing(path, data):
+    """No CRS, no transform, no GCPs: GDAL reads the identity transform."""
+    return write_raster(path, data, georef="none", descriptions=["VV", "VH"][:len(data)])
+
+
+@pytest.mark.parametrize("make,georef", [(radar_geometry, "radar geometry"), (no_georeferencing, "pixel coordinates")])
+def test_segment_areas_in_pixels_without_georeferencing(tiny_package, tmp_path, capsys, make, georef):
+    src = make(tmp_path / "slc.tif", 10 * np.log10(speckle((2, 40, 48))))
     rc, res, err = run(capsys, "-m", tiny_package("segment"), "-i", src, "-o", tmp_path / "c.tif", "--vector")
     assert rc == 0, err
     stats = res["statistics"]
@@ -40,7 +46,7 @@ def test_segment_areas_in_pixels_without_georeferencing(tiny_package, tmp_path, 
     assert sum(s["area"] for s in stats["per_class"].values()) == stats["pixels"] == 40 * 48
     assert all(s["area"] == s["pixels"] >= 0 for s in stats["per_class"].values())
     vec = stats["vectors"]
-    assert vec["area_units"].startswith("px") and "radar geometry" in vec["georeferencing"]
+    assert vec["area_units"].startswith("px") and georef in vec["georeferencing"]
     assert sum(v["area_px"] for v in vec["per_class"].values()) == 40 * 48
     with fiona.open(res["outputs"]["vectors"]) as f:
         props = [feat["properties"] for feat in f]

@@ -120,7 +120,8 @@ def test_disk_full_on_a_real_tmpfs_cli_and_worker(tmp_path, tiny_package):
     r = json.loads(proc.stdout.splitlines()[-1])
     cli = r["cli"]
     assert cli["rc"] == 2, cli["stderr"][-2000:]
-    assert "disk full while writing" in cli["stderr"] and "MB free)" in cli["stderr"], cli["stderr"][-2000:]
+    assert "disk full while writing" in cli["stderr"] and "B free)" in cli["stderr"], cli["stderr"][-2000:]
+    assert "(needed about " in cli["stderr"], "the writer thread lost the run's Publication: " + cli["stderr"][-500:]
     assert cli["intact"] and cli["files"] == ["a.tif", "a_confidence.tif", "filler"]
     assert r["event"]["event"] == "error" and "disk full while writing" in r["event"]["error"]["message"], r["event"]
     assert r["worker_intact"] and r["worker_files"] == ["a.tif", "a_confidence.tif"]
@@ -293,7 +294,7 @@ def test_a_package_is_read_back_and_disk_full_keeps_the_old_one(tmp_path, tiny_p
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
-    with pytest.raises(OutputError, match=r"disk full while writing \S*model \(needed about"):
+    with pytest.raises(OutputError, match=r"disk full while writing \S*model \((needed about [\d.]+ [KM]B, )?[\d.]+ [KM]B free\)"):
         save_package(pkg.model.state_dict(), pkg.card, dest, overwrite=True)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -332,6 +333,17 @@ def test_a_lock_file_on_a_full_disk_is_a_sentence(tmp_path, tiny_package, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    with pytest.raises(OutputError, match=r"disk full while writing \S*out\.tif \(needed about"):
+    with pytest.raises(OutputError, match=r"disk full while writing \S*out\.tif \((needed about [\d.]+ [KM]B, )?[\d.]+ [KM]B free\)"):
         run(src, tmp_path / "out.tif", tiny_package("segment"))
     assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+def test_a_disk_filled_by_another_program_quotes_only_what_is_known(tmp_path):
+    """Nothing reserved for the file (another program filled the disk): no 'needed about 0.00 MB'."""
+    import errno
+
+    from engine.publish import disk_error
+
+    msg = str(disk_error(tmp_path / "never_reserved.tif", OSError(errno.ENOSPC, "No space left on device")))
+    assert msg.startswith(f"disk full while writing {tmp_path / 'never_reserved.tif'} (") and " free)" in msg
+    assert "needed about" not in msg and "earlier output was kept" in msg
