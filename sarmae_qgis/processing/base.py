@@ -10,6 +10,7 @@ into feedback: ``progress`` events -> ``setProgress``/``setProgressText``, ``log
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,18 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
                                       lambda: bridge.line("waiting for another SARMAE run to finish...")):
                 return call(engine.get_client(), bridge)
         except EngineError as e:
-            raise QgsProcessingException(engine_message(e)) from e
+            raise QgsProcessingException(self.parameter_text(engine_message(e))) from e
         except SarmaePluginError as e:
-            raise QgsProcessingException(str(e)) from e
+            raise QgsProcessingException(self.parameter_text(str(e))) from e
+
+    def parameter_text(self, message: str) -> str:
+        """An engine message worded for this algorithm: a command-line flag it has a parameter for
+        ("--batch-size") becomes that parameter's name ("BATCH_SIZE")."""
+        def name(m: re.Match) -> str:
+            param = m.group(1).upper().replace("-", "_")
+            return param if self.parameterDefinition(param) is not None else m.group(0)
+
+        return re.sub(r"--([a-z][a-z0-9-]*)", name, message)
 
     def engine_cli(self, args: list[str], feedback: QgsProcessingFeedback | None) -> str:
         """Run ``python -m engine.cli *args`` with the configured interpreter."""
@@ -217,7 +227,7 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
         try:
             return engine.run_cli(args, on_line=bridge.line, is_cancelled=bridge.is_cancelled)
         except EngineError as e:
-            raise QgsProcessingException(engine_message(e)) from e
+            raise QgsProcessingException(self.parameter_text(engine_message(e))) from e
 
 
 def engine_message(e: EngineError) -> str:

@@ -137,6 +137,17 @@ def test_wrong_task_is_refused_with_a_clear_message(assets, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_engine_refusals_name_the_parameters_not_command_line_flags(assets, tmp_path):
+    with pytest.raises(QgsProcessingException) as info:
+        processing.run("sarmae:segment", {"INPUT": str(assets / "scene.tif"), "MODEL": str(assets / "segment.pkg"),
+                                          "WINDOW": 100000, "OUTPUT": str(tmp_path / "x.tif"),
+                                          "CONFIDENCE": str(tmp_path / "c.tif")})
+    message = str(info.value)
+    assert "WINDOW 100000 with BATCH_SIZE" in message and "GiB of memory" in message, message
+    assert "--window" not in message and "--batch-size" not in message, message
+    assert not list(tmp_path.iterdir())
+
+
 def test_layer_that_is_not_a_file_is_refused(assets, tmp_path):
     gdal.Translate("/vsimem/sarmae_scene.tif", str(assets / "scene.tif"))
     try:
