@@ -180,3 +180,20 @@ def test_one_band_encoder_on_dual_pol_raster_takes_the_raster_band_names(tmp_pat
     cfg = FinetuneConfig(encoder=str(enc1), in_chans=2, device="cpu", drop_path=0.0, mode="head")
     finetune_segmenter(tif, tmp_path / "m.pkg", cfg, labels=gpkg, class_field="class")
     assert load_package(tmp_path / "m.pkg").card.input["bands"] == ["VV", "VH"]
+
+
+def test_a_richer_candidate_must_win_on_more_than_the_folds_noise():
+    """The quick mode's choice of features and strength: the simplest candidate within one standard
+    error (paired by fold) of the best; a richer one is kept only when it wins consistently."""
+    from training.finetune.quick import simplest_within_noise
+
+    simple, rich = ("pixel", 0.001), ("pixel+encoder", 1.0)
+    noisy = {simple: [1.0, 1.0, 1.0, 0.94], rich: [1.0, 1.0, 1.0, 1.0]}  # the richer wins one fold of four
+    cv = {k: sum(v) / len(v) for k, v in noisy.items()}
+    assert simplest_within_noise([simple, rich], cv, noisy) == simple
+    steady = {simple: [0.98, 0.97, 0.98, 0.97], rich: [1.0, 0.99, 1.0, 0.99]}  # it wins every fold
+    cv = {k: sum(v) / len(v) for k, v in steady.items()}
+    assert simplest_within_noise([simple, rich], cv, steady) == rich
+    tie = {simple: [0.99, 0.99], rich: [0.993, 0.993]}  # within TIE: the simpler
+    cv = {k: sum(v) / len(v) for k, v in tie.items()}
+    assert simplest_within_noise([simple, rich], cv, tie) == simple
