@@ -1,0 +1,79 @@
+"""The dock panel stays out of the way (issue 16, found in the real QGIS desktop): every tab's
+lists follow the project when layers arrive after the panel was built (a raster opened from the
+command line with the panel restored, New label layer…), a tab's warning goes when its inputs
+change, and the Run tab moves to the model that fits once more models are installed."""
+
+from __future__ import annotations
+
+import pytest
+from qgis.core import QgsRasterLayer, QgsSettings
+from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+from sarmae_qgis.gui.dock_panel import SarmaePanel
+
+pytestmark = pytest.mark.qgis
+
+
+@pytest.fixture(autouse=True)
+def fresh_panel_state():
+    QgsSettings().remove("sarmae/panel")
+    QgsSettings().remove("sarmae/finetune")
+    yield
+    QgsSettings().remove("sarmae/panel")
+    QgsSettings().remove("sarmae/finetune")
+
+
+@pytest.fixture
+def panel(qgis_iface, tmp_path, project):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    made = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=folder, project=project)
+    made.models = folder
+    yield made
+    made.release()
+    made.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+
+
+def test_a_raster_added_after_the_panel_is_chosen_in_every_tab(panel, assets, project):
+    raster_tabs = (panel.run_form, panel.similarity_form, panel.text_form)
+    assert all(form.layer_combo.currentLayer() is None for form in raster_tabs)
+    panel.text_form.run_button.click()
+    assert "Choose an input raster layer" in panel.text_form.notice.plain
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene)  # QGIS started with the panel restored and a raster on the command line
+    assert [form.layer_combo.currentLayer() for form in raster_tabs] == [scene, scene, scene]
+    assert panel.text_form.notice.plain == "" and panel.text_form.notice.isHidden()  # its inputs changed
+    other = QgsRasterLayer(str(assets / "scene.tif"), "other", "gdal")
+    project.addMapLayer(other)
+    assert all(form.layer_combo.currentLayer() is scene for form in raster_tabs)  # a choice is kept
+    panel.run_form.layer_combo.setLayer(None)
+    panel.run_form.run_button.click()
+    assert "Choose an input raster layer" in panel.run_form.notice.plain
+    panel.run_form.layer_combo.setLayer(other)  # picked by hand: the warning goes
+    assert panel.run_form.notice.isHidden()
+    project.removeMapLayer(scene.id())
+    assert all(form.layer_combo.currentLayer() is other for form in raster_tabs)
+
+
+def test_a_raster_not_yet_in_the_layer_tree_is_chosen(panel, assets, project):
+    """While a project is read the layer tree comes after the layers."""
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene, False)
+    assert panel.similarity_form.layer_combo.currentLayer() is scene
+
+
+def test_a_new_label_layer_is_the_similarity_tabs_polygon_layer(panel, assets, project, tmp_path):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsVectorLayer
+
+    from sarmae_qgis.labelling import create_label_layer
+
+    assert panel.similarity_form.polygon_combo.currentLayer() is None
+    table = QgsVectorLayer("None?field=name:string", "layer_styles", "memory")  # a GeoPackage's styles table
+    project.addMapLayer(table)
+    assert panel.similarity_form.polygon_combo.currentLayer() is None
+    labels = create_label_layer(tmp_path / "labels.gpkg", QgsCoordinateReferenceSystem("EPSG:32631"),
+                                [("water", "#1f77b4"), ("land", "#2ca02c")], project=project)
+    assert panel.similarity_form.polygon_combo.currentLayer() is labels
+    assert panel.finetune_form.label_combo.currentLayer() is labels
+    labels.rollBack()
