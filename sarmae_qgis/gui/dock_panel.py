@@ -216,9 +216,10 @@ class SarmaePanel(QgsDockWidget):
 
     def refresh_models(self) -> None:
         """List the models folder again in every tab (after a fine-tuning or an install), keeping
-        each tab's choice when it is still there."""
-        self.run_form.model_picker.refresh(keep_choice=True)
-        self.text_form.model_picker.refresh(keep_choice=True)
+        each tab's choice when it is still there (Run and Text search: a choice made by hand; else
+        the best fit to the layer)."""
+        self.run_form.refresh_models()  # re-ranked for the layer unless a model was chosen by hand
+        self.text_form.refresh_models()
         self.finetune_form.encoder_picker.refresh(keep_choice=True)
         self.similarity_form.model_picker.refresh(keep_choice=True)
 

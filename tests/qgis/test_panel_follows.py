@@ -5,6 +5,8 @@ change, and the Run tab moves to the model that fits once more models are instal
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from qgis.core import QgsRasterLayer, QgsSettings
 from qgis.PyQt.QtCore import QCoreApplication, QEvent
@@ -77,3 +79,23 @@ def test_a_new_label_layer_is_the_similarity_tabs_polygon_layer(panel, assets, p
     assert panel.similarity_form.polygon_combo.currentLayer() is labels
     assert panel.finetune_form.label_combo.currentLayer() is labels
     labels.rollBack()
+
+
+def test_the_run_tab_moves_to_the_model_that_fits_once_more_are_installed(panel, assets, project):
+    """The Run tab stayed on the only package there when the panel opened; the panel watches the
+    models folder: a refresh re-ranks (model_cards.fit_rank) until the user picks a model by hand."""
+    shutil.copytree(assets / "encoder.pkg", panel.models / "encoder.pkg")
+    panel.refresh_models()
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene)
+    form = panel.run_form
+    assert form.layer_combo.currentLayer() is scene and form.current_card().task == "embed"
+    shutil.copytree(assets / "segment.pkg", panel.models / "segment.pkg")
+    panel.refresh_models()
+    assert form.model_combo.count() == 2 and form.current_card().task == "segment"  # a task model first
+    encoder = 1  # the encoder, ranked after the segment model
+    form.model_combo.setCurrentIndex(encoder)
+    form.model_combo.activated.emit(encoder)  # chosen by hand: kept from now on
+    shutil.copytree(assets / "segment.pkg", panel.models / "segment_2.pkg")
+    panel.refresh_models()
+    assert form.model_combo.count() == 3 and form.current_card().task == "embed"
