@@ -99,3 +99,53 @@ def test_the_run_tab_moves_to_the_model_that_fits_once_more_are_installed(panel,
     shutil.copytree(assets / "segment.pkg", panel.models / "segment_2.pkg")
     panel.refresh_models()
     assert form.model_combo.count() == 3 and form.current_card().task == "embed"
+
+
+def test_a_reopened_label_geopackage_gives_its_class_field_and_a_short_name(panel, assets, project, tmp_path):
+    """Reopening a saved label GeoPackage in QGIS gave two layers ("<file> — <table>" and the
+    layer_styles table), class field ``fid`` and the model name
+    segment_Spain_7370579_S1Hand_labels_spain_7370579_s1hand_lab."""
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    from sarmae_qgis.labelling import create_label_layer
+
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "Spain_7370579_S1Hand", "gdal")
+    project.addMapLayer(scene)
+    path = tmp_path / "Spain_7370579_S1Hand_labels.gpkg"
+    made = create_label_layer(path, scene.crs(), [("water", "#1f77b4"), ("land", "#2ca02c")], project=project)
+    x0, y0 = scene.extent().xMinimum(), scene.extent().yMinimum()
+    for i, name in enumerate(("water", "water", "land", "land")):
+        feature = QgsFeature(made.fields())
+        x = x0 + 40 * i
+        feature.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({x} {y0}, {x + 30} {y0}, {x + 30} {y0 + 30}, {x} {y0}))"))
+        feature["class"] = name
+        assert made.addFeature(feature)
+    assert made.commitChanges()
+    table = made.source().split("layername=")[-1]
+    project.removeMapLayer(made.id())
+    form = panel.finetune_form
+    assert form.label_combo.currentLayer() is None
+    polygons = QgsVectorLayer(f"{path}|layername={table}", f"Spain_7370579_S1Hand_labels \u2014 {table}", "ogr")
+    styles = QgsVectorLayer("None?field=f_table_name:string&field=styleName:string", "layer_styles", "memory")
+    project.addMapLayers([polygons, styles])
+    labels = [form.label_combo.layer(i) for i in range(form.label_combo.count())]
+    assert styles not in labels and form.label_combo.currentLayer() is polygons  # a table is not a label layer
+    assert form.field_combo.currentField() == "class" and "water (2)" in form.classes_label.text()
+    request = form.build_request(snapshot=False)
+    assert request.name == "segment_Spain_7370579_S1Hand_labels" and len(request.name) <= 40
+
+
+def test_the_class_field_is_never_a_key_by_default(panel, project):
+    from qgis.core import QgsVectorLayer
+
+    form = panel.finetune_form
+    layer = QgsVectorLayer("Polygon?crs=EPSG:32631&field=fid:integer&field=id:integer&field=Label:string",
+                           "drawn", "memory")
+    project.addMapLayer(layer)
+    assert form.label_combo.currentLayer() is layer and form.field_combo.currentField() == "Label"
+    from sarmae_qgis.gui.training_data import auto_model_name, default_class_field
+
+    plain = QgsVectorLayer("Polygon?crs=EPSG:32631&field=fid:integer&field=area:double&field=kind:string", "p", "memory")
+    assert default_class_field(plain) == "area"  # no class-like text field: the first that is not a key
+    assert auto_model_name("segment", "a" * 30 + "_" + "b" * 30) == "segment_" + "a" * 30
+    assert auto_model_name("detect", "ships \u2014 Ships") == "detect_ships"
