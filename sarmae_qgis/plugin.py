@@ -264,13 +264,8 @@ class SarmaePlugin:
         task = FinetuneTask(request, message_bar=bar, on_done=self._finetune_done)
         task.progress_line = (bar, item)  # closed when it ends, before the results dialog opens
 
-        def show_status(text: str) -> None:
-            try:
-                item.setText(f"fine-tuning '{request.name}': {text}")
-            except RuntimeError:  # the user closed the line
-                pass
-
-        task.status.connect(show_status)
+        # one line, whatever the epoch's text: a wrapped second line was cut in half by the bar
+        task.status.connect(messages.line_updater(bar, item, "SARMAE", f"fine-tuning '{request.name}': "))
         task.taskCompleted.connect(lambda: _close(bar, item))
         task.taskTerminated.connect(lambda: _close(bar, item))
         self.tasks = [t for t in self.tasks if not t.is_done] + [task]

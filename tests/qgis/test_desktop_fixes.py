@@ -40,6 +40,34 @@ def test_a_long_line_is_shortened_to_the_bar_not_cut(qgis_app):
     window.deleteLater()
 
 
+def test_the_fine_tuning_progress_line_stays_on_one_line(qgis_app):
+    """A Full fine-tune's epoch line wrapped onto a second line that the bar cut in half."""
+    window = QWidget()
+    window.resize(1000, 200)
+    bar = QgsMessageBar(window)
+    QVBoxLayout(window).addWidget(bar)
+    window.show()
+    item = bar.createMessage("SARMAE", "fine-tuning 'x' (Task Manager: progress and cancel)…")
+    bar.pushWidget(item, Qgis.Info)
+    update = messages.line_updater(bar, item, "SARMAE", "fine-tuning 'segment_Spain_7370579_S1Hand_labels': ")
+    epoch = ("epoch 3/50: train loss 0.4123, val loss 0.3981, val mean IoU 0.512 (water 0.402, land 0.622),\n"
+             "best 0.530 at epoch 2, 12.4 s per epoch, 41 s of 300 s")
+    update(epoch)
+    room = bar.width() - messages.CHROME_PX
+    bold = QFont(bar.font())
+    bold.setBold(True)
+    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
+        f"  {item.text()}") <= room
+    assert "\n" not in item.text() and item.text().endswith("…") and item.text().startswith("fine-tuning")
+    assert "best 0.530 at epoch 2" in item.toolTip()  # the whole line, on hover
+    update("epoch 4/50")
+    assert item.text() == "fine-tuning 'segment_Spain_7370579_S1Hand_labels': epoch 4/50" and not item.toolTip()
+    bar.popWidget(item)
+    update("epoch 5/50")  # a closed line is left alone
+    window.close()
+    window.deleteLater()
+
+
 def test_the_pickers_card_is_brief_and_worded():
     prov = {"metrics": {"val_mean_iou": 1.0, "val_pixel_accuracy": 1.0, "best_epoch": 0,
                         "validation": {"chips": 2, "reliable": False, "note": "validation is weak (only 2 chips) " * 5}},
