@@ -132,3 +132,46 @@ def test_no_curves_tab_for_a_single_fit(tmp_path):
     assert list(FinetuneResultDialog(task).figures) == ["Prediction over your labels", "Confusion matrix"]
     task.result["epochs_run"] = 12
     assert "Training curves" in FinetuneResultDialog(task).figures
+
+
+def test_the_task_has_left_the_status_bar_before_the_results_open(qgis_iface, tmp_path, monkeypatch):
+    """The status bar's progress stayed at 100 % while the (modal) results dialog was open: the
+    dialog was shown from the task's ``finished``, before QGIS's task manager let the task go."""
+    import time
+
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    from sarmae_qgis.gui import finetune_results
+    from sarmae_qgis.plugin import SarmaePlugin
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    class Client:
+        def request(self, *_args, **_kwargs):
+            return {"val_mean_iou": 0.5, "epochs_run": 3, "train_chips": 8, "val_chips": 2}
+
+    manager, seen = QgsApplication.taskManager(), []
+
+    class Results:  # the results dialog: what the task manager holds when it opens
+        def __init__(self, task, *_args, **_kwargs):
+            seen.append((task in manager.tasks(), manager.countActiveTasks()))
+
+        def setAttribute(self, *_args):  # noqa: N802  # Qt API
+            pass
+
+        def exec_(self):
+            return 0
+
+    monkeypatch.setattr(finetune_results, "FinetuneResultDialog", Results)
+    plugin = SarmaePlugin(qgis_iface)
+    task = FinetuneTask(FinetuneRequest(name="x", task="segment", rasters=(str(tmp_path / "a.tif"),),
+                                        labels=str(tmp_path / "l.gpkg"), class_field="class",
+                                        output=str(tmp_path / "models" / "x"), run_dir=str(tmp_path / "run")),
+                        on_done=plugin._finetune_done, client_factory=Client)
+    before = manager.countActiveTasks()
+    manager.addTask(task)
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        QCoreApplication.processEvents()
+        time.sleep(0.02)
+    assert seen == [(False, before)]  # finished and let go: no progress left at 100 %
