@@ -149,3 +149,17 @@ def test_the_class_field_is_never_a_key_by_default(panel, project):
     assert default_class_field(plain) == "area"  # no class-like text field: the first that is not a key
     assert auto_model_name("segment", "a" * 30 + "_" + "b" * 30) == "segment_" + "a" * 30
     assert auto_model_name("detect", "ships \u2014 Ships") == "detect_ships"
+
+
+def test_a_project_read_after_the_panel_fills_every_tab(panel, assets, project, tmp_path):
+    """QGIS restores the panel before it reads the project given on the command line."""
+    scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+    project.addMapLayer(scene)
+    assert project.write(str(tmp_path / "p.qgz"))
+    project.clear()
+    assert panel.run_form.layer_combo.currentLayer() is None
+    assert project.read(str(tmp_path / "p.qgz"))
+    (read,) = project.mapLayersByName("scene")
+    assert all(form.layer_combo.currentLayer() is read
+               for form in (panel.run_form, panel.similarity_form, panel.text_form))
+    project.clear()  # no file name left for the next tests (the output folder follows a saved project)
