@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsTask
 from qgis.PyQt import sip
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QToolBar
 
@@ -264,13 +264,8 @@ class SarmaePlugin:
         task = FinetuneTask(request, message_bar=bar, on_done=self._finetune_done)
         task.progress_line = (bar, item)  # closed when it ends, before the results dialog opens
 
-        def show_status(text: str) -> None:
-            try:
-                item.setText(f"fine-tuning '{request.name}': {text}")
-            except RuntimeError:  # the user closed the line
-                pass
-
-        task.status.connect(show_status)
+        # one line, whatever the epoch's text: a wrapped second line was cut in half by the bar
+        task.status.connect(messages.line_updater(bar, item, "SARMAE", f"fine-tuning '{request.name}': "))
         task.taskCompleted.connect(lambda: _close(bar, item))
         task.taskTerminated.connect(lambda: _close(bar, item))
         self.tasks = [t for t in self.tasks if not t.is_done] + [task]
@@ -289,10 +284,14 @@ class SarmaePlugin:
             if not cancelled:  # the reason beside the form, with the settings as they were
                 self.show_panel().show_failure(f"Fine-tuning '{task.request.name}' failed", gui_text(str(task.error)))
             return
-        from .gui.finetune_results import FinetuneResultDialog
-
         if self.panel is not None:  # the new model in the Run tab's list (and the encoders')
             self.panel.refresh_models()
+        # after QGIS's task manager has let the task go: shown from the task's ``finished``, the
+        # modal dialog held the status bar's progress at 100 % while it was open
+        QTimer.singleShot(0, lambda: self._show_finetune_results(task))
+
+    def _show_finetune_results(self, task) -> None:
+        from .gui.finetune_results import FinetuneResultDialog
 
         layers = QgsProject.instance().mapLayersByName(task.request.layer_name)
         dialog = FinetuneResultDialog(task, self.iface.mainWindow(), can_run=bool(layers))

@@ -9,8 +9,9 @@ so that a narrow dock stays usable (labels above their fields: the fields take t
 The panel remembers its tab (QgsSettings ``sarmae/panel/tab``) and QGIS restores its place and
 visibility with the window state (its object name is fixed). Text search is the Run form cut to a
 CLIP (zeroshot) model and phrases (``RunDialog(text_search=True)``): the same request and task.
-The lists follow the project and the models folder: layers added or removed (the combo boxes are
-QGIS's own, the Fine-tune tab's raster list is refreshed), and :meth:`SarmaePanel.refresh_models`
+The lists follow the project and the models folder: layers added or removed or a project read (a
+raster tab with no layer takes the input raster, the Similarity tab's polygon list a new polygon
+layer; the Fine-tune tab's raster list is refreshed; a tab's warning goes when its inputs change), and :meth:`SarmaePanel.refresh_models`
 after a model is fine-tuned or installed, here or elsewhere (Processing, another QGIS, a copy in a
 file manager: a QFileSystemWatcher on the models folder, debounced).
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
 from qgis.gui import QgsDockWidget
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QEvent, QFileSystemWatcher, QObject, Qt, QTimer, QUrl
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
@@ -35,6 +38,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..toolbelt import settings
+from ..toolbelt.layers import input_raster
 from ..toolbelt.resources import resource
 from .finetune_dialog import FinetuneDialog
 from .package_picker import PackagePicker
@@ -134,6 +138,60 @@ class SarmaePanel(QgsDockWidget):
         if folder.is_dir():
             self.models_watcher.addPath(str(folder))
         self.models_watcher.directoryChanged.connect(lambda _path: self._refresh_timer.start())
+        self.project = project or QgsProject.instance()
+        self._project_signals = ((self.project.layersAdded, self._on_layers_added),
+                                 (self.project.layersRemoved, self._on_layers_removed),
+                                 (self.project.readProject, self._on_project_read))
+        for signal, slot in self._project_signals:
+            signal.connect(slot)
+        self._follow_inputs()
+        self._choose_inputs()
+
+    # ---- the project's layers -------------------------------------------------------------------
+    def _follow_inputs(self) -> None:
+        """A tab's warning ("Cannot run: Choose an input raster layer") goes when its inputs change:
+        it stayed after the layer was picked, until the next click (issue 16, desktop)."""
+        for form in (self.run_form, self.text_form, self.similarity_form):
+            clear = form.notice.clear
+            form.layer_combo.layerChanged.connect(lambda _layer, clear=clear: clear())
+            form.model_picker.changed.connect(lambda _path, clear=clear: clear())
+        for form in (self.run_form, self.text_form):
+            form.bands_edit.textEdited.connect(lambda _text, clear=form.notice.clear: clear())
+            form.query_edit.textEdited.connect(lambda _text, clear=form.notice.clear: clear())
+        self.similarity_form.polygon_combo.layerChanged.connect(lambda _layer: self.similarity_form.notice.clear())
+        fine = self.finetune_form
+        fine.label_combo.layerChanged.connect(lambda _layer: fine.notice.clear())
+        fine.field_combo.fieldChanged.connect(lambda _field: fine.notice.clear())
+        fine.raster_list.itemChanged.connect(lambda _item: fine.notice.clear())
+
+    def _choose_inputs(self, added=()) -> None:
+        """Every tab follows the project: a raster tab with no layer chosen takes the input raster
+        (a raster opened from the command line, or with the project, while the panel was already
+        built: its Run, Similarity and Text search lists stayed empty), the Similarity tab's polygon
+        layer takes a new polygon layer (New label layer…)."""
+        if sip.isdeleted(self):
+            return
+        from ..styling import ROLE_PROPERTY
+
+        raster = input_raster(None, self.project) or next(  # layers not (yet) in the layer tree
+            (lyr for lyr in list(added) + list(self.project.mapLayers().values()) if isinstance(lyr, QgsRasterLayer)
+             and lyr.customProperty(ROLE_PROPERTY) in (None, "", "input")), None)
+        for form in (self.run_form, self.text_form, self.similarity_form):
+            if raster is not None and form.layer_combo.currentLayer() is None:
+                form.layer_combo.setLayer(raster)
+        polygons = [lyr for lyr in added if isinstance(lyr, QgsVectorLayer) and lyr.isSpatial()
+                    and lyr.geometryType() == QgsWkbTypes.PolygonGeometry]
+        if polygons and self.similarity_form.polygon_combo.currentLayer() is None:
+            self.similarity_form.polygon_combo.setLayer(polygons[-1])
+
+    def _on_layers_added(self, layers) -> None:
+        self._choose_inputs(layers)
+
+    def _on_layers_removed(self, _ids) -> None:  # the combo boxes drop the layer; an empty one takes another
+        self._choose_inputs()
+
+    def _on_project_read(self, *_args) -> None:
+        self._choose_inputs(list(self.project.mapLayers().values()))
 
     def _on_tab_changed(self, index: int) -> None:
         settings.remember("panel", tab=index)
@@ -158,9 +216,10 @@ class SarmaePanel(QgsDockWidget):
 
     def refresh_models(self) -> None:
         """List the models folder again in every tab (after a fine-tuning or an install), keeping
-        each tab's choice when it is still there."""
-        self.run_form.model_picker.refresh(keep_choice=True)
-        self.text_form.model_picker.refresh(keep_choice=True)
+        each tab's choice when it is still there (Run and Text search: a choice made by hand; else
+        the best fit to the layer)."""
+        self.run_form.refresh_models()  # re-ranked for the layer unless a model was chosen by hand
+        self.text_form.refresh_models()
         self.finetune_form.encoder_picker.refresh(keep_choice=True)
         self.similarity_form.model_picker.refresh(keep_choice=True)
 
@@ -172,6 +231,11 @@ class SarmaePanel(QgsDockWidget):
     def release(self) -> None:
         """Before deletion: unset the similarity map tool, stop watching the models folder."""
         self._refresh_timer.stop()
+        for signal, slot in self._project_signals:
+            try:
+                signal.disconnect(slot)
+            except (TypeError, RuntimeError):
+                pass
         if self.models_watcher.directories():
             self.models_watcher.removePaths(self.models_watcher.directories())
         self.similarity_form.release_tool()

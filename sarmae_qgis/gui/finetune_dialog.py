@@ -43,12 +43,15 @@ from .finetune_results import FinetuneResultDialog
 from .notice import Notice
 from .package_picker import PackagePicker
 from .training_data import (
+    KEY_NAMES,
     LabelWatch,
     RasterList,
+    auto_model_name,
     check_encoder,
     check_labels,
     class_counts,
     classes_html,
+    default_class_field,
     rasters_under,
     unique_model_name,
 )
@@ -150,6 +153,7 @@ class FinetuneDialog(QDialog):
         self.task_combo.currentTextChanged.connect(self._on_task_changed)
         self.label_combo.layerChanged.connect(self._on_label_layer_changed)
         self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
+        self.field_combo.model().modelReset.connect(self._on_fields_reset)
         self._on_task_changed(self.task_combo.currentText())
         self._on_label_layer_changed(self.label_combo.currentLayer())
         self.project.layersAdded.connect(self._on_layers_added)
@@ -255,12 +259,17 @@ class FinetuneDialog(QDialog):
         if isinstance(layer, QgsVectorLayer) and not self.checked_rasters():
             card = self.encoder_card() if hasattr(self, "encoder_picker") else None
             self.set_rasters_checked(rasters_under(self.project, layer, card.in_chans if card else None))
-        if isinstance(layer, QgsVectorLayer):
-            names = [f.name() for f in layer.fields()]
-            for preferred in ("class", "class_name", "label", "classe", "type"):
-                if preferred in names:
-                    self.field_combo.setField(preferred)
-                    break
+        if isinstance(layer, QgsVectorLayer):  # never fid / a primary key (training_data.default_class_field)
+            self.field_combo.setField(default_class_field(layer))
+        self._update_classes()
+
+    def _on_fields_reset(self) -> None:
+        """The layer's fields were listed again (QGIS resets the list to its first field, fid): the
+        default class field again, unless a usable one is chosen."""
+        layer, field = self.label_combo.currentLayer(), self.field_combo.currentField()
+        if isinstance(layer, QgsVectorLayer) and (not field or field.lower() in KEY_NAMES or
+                                                  layer.fields().indexOf(field) in layer.primaryKeyAttributes()):
+            self.field_combo.setField(default_class_field(layer))
         self._update_classes()
 
     def class_counts(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -303,7 +312,7 @@ class FinetuneDialog(QDialog):
         if encoder:
             check_encoder(encoder, self.encoder_card(), rasters)
         typed = self.name_edit.text().strip()
-        name = slug(typed) if typed else unique_model_name(f"{task}_{layer.name()}", self.models_folder)
+        name = slug(typed) if typed else unique_model_name(auto_model_name(task, layer.name()), self.models_folder)
         output = self.models_folder / name
         if output.exists():
             raise RequestError(f"A model named '{name}' is already installed ({output}): choose another name, or "

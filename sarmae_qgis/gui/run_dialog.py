@@ -228,6 +228,12 @@ class RunDialog(QDialog):
         self._model_chosen = True
         return self.model_picker.add_package(path)
 
+    def refresh_models(self) -> None:
+        """List the models folder again: the model chosen by hand is kept; otherwise the list is
+        ranked again for the layer and the best fit selected (the panel stayed on the only package
+        there when it opened, a CLIP model, once better-fitting ones were installed)."""
+        self.model_picker.refresh(keep_choice=self._model_chosen)
+
     def _on_model_picked(self, _index: int) -> None:
         self._model_chosen = True
 

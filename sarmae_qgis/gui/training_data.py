@@ -9,11 +9,13 @@ its request); Qt widgets and QGIS geometry only, no engine.
   the class field are never stale.
 - :func:`check_labels`, :func:`check_encoder`: what training would refuse, said before it starts.
 - :func:`label_bounds`, :func:`covers`, :func:`class_counts`, :func:`classes_html`,
-  :func:`unique_model_name`.
+  :func:`default_class_field`, :func:`auto_model_name`, :func:`unique_model_name`.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,16 +29,18 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.PyQt import sip
-from qgis.PyQt.QtCore import QObject, Qt
+from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtWidgets import QAbstractItemView, QListWidget, QListWidgetItem, QWidget
 
 from ..errors import RequestError, SarmaePluginError
-from ..labelling import count_labels, label_classes
+from ..labelling import CLASSES_PROPERTY, count_labels, label_classes
 from ..model_cards import PackageCard, check_channels
 from ..styling import ROLE_PROPERTY
 from ..tasks.run_task import slug
 from ..toolbelt.layers import band_names
 
+KEY_NAMES = {"fid", "ogc_fid", "id", "gid", "objectid", "pk", "rowid"}  # never a class field by default
+CLASS_FIELD_NAMES = ("class", "klasse", "label", "type", "name")  # in this order of preference
 FEW_LABELS = 3  # fewer polygons of a class than this gets a warning
 EDIT_SIGNALS = ("featureAdded", "featuresDeleted", "attributeValueChanged", "geometryChanged",
                 "afterCommitChanges", "afterRollBack", "dataChanged")
@@ -143,6 +147,49 @@ def check_encoder(path: str, card: PackageCard | None, rasters: list[QgsRasterLa
             check_channels(card, band_names(r), None, r.name(), can_choose_bands=False)
         except SarmaePluginError as e:
             raise RequestError(f"{e} (fine-tuning feeds every band of each raster, in file order)") from e
+
+
+def default_class_field(layer) -> str:
+    """The field a label layer's classes are in, by default: the one SARMAE's label layer names,
+    else a text field named like class / label / type / name, else the first field that is not a
+    key. Never ``fid`` or another primary key: a reopened GeoPackage had ``fid`` picked while the
+    counts shown were those of ``class``."""
+    if not isinstance(layer, QgsVectorLayer):
+        return ""
+    fields = layer.fields()
+    keys = set(layer.primaryKeyAttributes())
+    usable = [f for i, f in enumerate(fields) if i not in keys and f.name().lower() not in KEY_NAMES]
+    try:
+        named = json.loads(layer.customProperty(CLASSES_PROPERTY) or "{}").get("field")
+    except (ValueError, AttributeError):
+        named = None
+    if named and any(f.name() == named for f in usable):
+        return named
+    text = [f.name() for f in usable if f.type() == QVariant.String]
+    for pattern in CLASS_FIELD_NAMES:
+        for name in text:
+            if pattern in name.lower():
+                return name
+    return usable[0].name() if usable else ""
+
+
+def auto_model_name(task: str, label_name: str, limit: int = 40) -> str:
+    """``<task>_<label layer>``, short and without repeats: QGIS names a GeoPackage's table
+    "<file> — <table>", which gave ``segment_Spain_7370579_S1Hand_labels_spain_7370579_s1hand_lab``
+    (the raster's name twice); a part already contained in another (case aside) is dropped, and a
+    name over ``limit`` characters is cut at a word boundary."""
+    parts: list[str] = []
+    for part in re.split(r"\s+[\u2014\u2013-]\s+", label_name):
+        token = slug(part)
+        low = [p.lower() for p in parts]
+        if not part.strip() or any(token.lower() in p for p in low):
+            continue
+        parts = [p for p in parts if p.lower() not in token.lower()] + [token]
+    name = slug(f"{task}_{'_'.join(parts)}")
+    if len(name) > limit:
+        cut = name[:limit].rsplit("_", 1)[0]
+        name = cut if len(cut) >= limit // 2 else name[:limit]
+    return name.strip("._-") or task
 
 
 def unique_model_name(base: str, models_folder: Path) -> str:

@@ -5,7 +5,8 @@ SARMAE success or information line removes the failures SARMAE pushed before it:
 message must not keep coming back over later successes (issue 16, item 4). Lines of other plugins
 are never touched. A line wider than the bar gives up its title's middle first ("SARMAE: segment_Spa…labels
 done: water 12 %, 15.6 s"), so that the numbers stay on one line instead of being cut by the bar's
-height; the whole line is its tooltip and goes to the log. Main thread only.
+height; the whole line is its tooltip and goes to the log. A progress line that changes
+(:func:`line_updater`) also cuts its text, to stay on one line. Main thread only.
 """
 
 from __future__ import annotations
@@ -81,3 +82,38 @@ def fit(title: str, text: str, font: QFont, width: int) -> tuple[str, str]:
     if room >= title_metrics.horizontalAdvance(first + " …"):
         return title_metrics.elidedText(title, Qt.ElideMiddle, room), text
     return first, text
+
+
+def fit_line(title: str, text: str, font: QFont, width: int) -> tuple[str, str]:
+    """(title, text) on one line of ``width`` px, the text too if need be: a progress line changes
+    every epoch and is read at a glance, so its text is cut at the right ("…") rather than wrapped
+    onto a second line that the bar cuts in half (issue 16: a Full fine-tune's epoch line). Line
+    breaks become spaces."""
+    text = " ".join(text.split())
+    title, text = fit(title, text, font, width)
+    if width <= 0:
+        return title, text
+    bold = QFont(font)
+    bold.setBold(True)
+    metrics = QFontMetrics(font)
+    room = width - QFontMetrics(bold).horizontalAdvance(title) - metrics.horizontalAdvance("  ")
+    if metrics.horizontalAdvance(text) > room:
+        text = metrics.elidedText(text, Qt.ElideRight, max(room, 0))
+    return title, text
+
+
+def line_updater(bar, item, title: str, prefix: str = ""):
+    """A callable ``(text)`` that sets ``item`` (a line of ``bar``) to ``title``, ``prefix + text``,
+    kept to one line (:func:`fit_line`; the whole line is its tooltip); a line the user closed is
+    left alone."""
+    def update(text: str) -> None:
+        whole = f"{prefix}{text}"
+        try:
+            short_title, short_text = fit_line(title, whole, bar.font(), bar_width(bar) - CHROME_PX)
+            item.setTitle(short_title)
+            item.setText(short_text)
+            item.setToolTip(f"{title}: {whole}" if (short_title, short_text) != (title, whole) else "")
+        except RuntimeError:  # the user closed the line, or the bar went away
+            pass
+
+    return update

@@ -40,6 +40,34 @@ def test_a_long_line_is_shortened_to_the_bar_not_cut(qgis_app):
     window.deleteLater()
 
 
+def test_the_fine_tuning_progress_line_stays_on_one_line(qgis_app):
+    """A Full fine-tune's epoch line wrapped onto a second line that the bar cut in half."""
+    window = QWidget()
+    window.resize(1000, 200)
+    bar = QgsMessageBar(window)
+    QVBoxLayout(window).addWidget(bar)
+    window.show()
+    item = bar.createMessage("SARMAE", "fine-tuning 'x' (Task Manager: progress and cancel)…")
+    bar.pushWidget(item, Qgis.Info)
+    update = messages.line_updater(bar, item, "SARMAE", "fine-tuning 'segment_Spain_7370579_S1Hand_labels': ")
+    epoch = ("epoch 3/50: train loss 0.4123, val loss 0.3981, val mean IoU 0.512 (water 0.402, land 0.622),\n"
+             "best 0.530 at epoch 2, 12.4 s per epoch, 41 s of 300 s")
+    update(epoch)
+    room = bar.width() - messages.CHROME_PX
+    bold = QFont(bar.font())
+    bold.setBold(True)
+    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
+        f"  {item.text()}") <= room
+    assert "\n" not in item.text() and item.text().endswith("…") and item.text().startswith("fine-tuning")
+    assert "best 0.530 at epoch 2" in item.toolTip()  # the whole line, on hover
+    update("epoch 4/50")
+    assert item.text() == "fine-tuning 'segment_Spain_7370579_S1Hand_labels': epoch 4/50" and not item.toolTip()
+    bar.popWidget(item)
+    update("epoch 5/50")  # a closed line is left alone
+    window.close()
+    window.deleteLater()
+
+
 def test_the_pickers_card_is_brief_and_worded():
     prov = {"metrics": {"val_mean_iou": 1.0, "val_pixel_accuracy": 1.0, "best_epoch": 0,
                         "validation": {"chips": 2, "reliable": False, "note": "validation is weak (only 2 chips) " * 5}},
@@ -104,3 +132,46 @@ def test_no_curves_tab_for_a_single_fit(tmp_path):
     assert list(FinetuneResultDialog(task).figures) == ["Prediction over your labels", "Confusion matrix"]
     task.result["epochs_run"] = 12
     assert "Training curves" in FinetuneResultDialog(task).figures
+
+
+def test_the_task_has_left_the_status_bar_before_the_results_open(qgis_iface, tmp_path, monkeypatch):
+    """The status bar's progress stayed at 100 % while the (modal) results dialog was open: the
+    dialog was shown from the task's ``finished``, before QGIS's task manager let the task go."""
+    import time
+
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    from sarmae_qgis.gui import finetune_results
+    from sarmae_qgis.plugin import SarmaePlugin
+    from sarmae_qgis.tasks.finetune_task import FinetuneRequest, FinetuneTask
+
+    class Client:
+        def request(self, *_args, **_kwargs):
+            return {"val_mean_iou": 0.5, "epochs_run": 3, "train_chips": 8, "val_chips": 2}
+
+    manager, seen = QgsApplication.taskManager(), []
+
+    class Results:  # the results dialog: what the task manager holds when it opens
+        def __init__(self, task, *_args, **_kwargs):
+            seen.append((task in manager.tasks(), manager.countActiveTasks()))
+
+        def setAttribute(self, *_args):  # noqa: N802  # Qt API
+            pass
+
+        def exec_(self):
+            return 0
+
+    monkeypatch.setattr(finetune_results, "FinetuneResultDialog", Results)
+    plugin = SarmaePlugin(qgis_iface)
+    task = FinetuneTask(FinetuneRequest(name="x", task="segment", rasters=(str(tmp_path / "a.tif"),),
+                                        labels=str(tmp_path / "l.gpkg"), class_field="class",
+                                        output=str(tmp_path / "models" / "x"), run_dir=str(tmp_path / "run")),
+                        on_done=plugin._finetune_done, client_factory=Client)
+    before = manager.countActiveTasks()
+    manager.addTask(task)
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        QCoreApplication.processEvents()
+        time.sleep(0.02)
+    assert seen == [(False, before)]  # finished and let go: no progress left at 100 %
