@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .common import FinetuneError, class_colours, fit, save_task_package, start
+from .common import FinetuneError, class_colours, fit, fit_batch, save_task_package, start
 from .config import FinetuneConfig
 from .labels import build_chips, chip_provenance
 from .segment import dense_config
@@ -110,7 +110,8 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
         ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``.
     Returns:
-        {"package", "val_map_50", "val_map", "val_ap_per_class", "best_epoch", ..., "history"}.
+        {"package", "val_map_50", "val_map", "val_ap_per_class", "best_epoch", "warnings", ..., "history"};
+        a batch larger than the training chips is lowered to their number (a warning).
     """
     from engine.models.heads import DetHeadConfig, ViTDetector
 
@@ -120,10 +121,11 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     cfg = dense_config(cfg, "detect")
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "detect", labels=labels, class_field=class_field, classes=classes,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
-                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, bands=cfg.bands, input_units=cfg.input_units,
+                        background_share=background_share, max_chips=cfg.max_chips)
     colours = class_colours(chips.classes, colours, classes)
     tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
+    cfg = fit_batch(cfg, len(tr), chips.warnings)  # a few boxes train at the default batch
     n_tr, n_va = (sum(len(chips.boxes[i]) for i in s) for s in (tr, va))
     if not n_tr or not n_va:
         raise FinetuneError(f"{n_tr} training and {n_va} validation box(es) in the chips: both splits need objects; "
