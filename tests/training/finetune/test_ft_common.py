@@ -98,3 +98,27 @@ def test_gain_jitter_moves_brightness_within_the_contract():
     ratio = ((gain_jitter(v, u8, 6.0) * 0.5 + 0.5) / 0.25)[:, 0, 0, 0]
     assert float(ratio.min()) >= 10 ** (-6 / 20) - 1e-4 and float(ratio.max()) <= 10 ** (6 / 20) + 1e-4
     assert float(gain_jitter(torch.ones(8, 1, 2, 2), u8, 6.0).max()) <= 1.0  # clipped like real data
+
+
+def test_validation_report_is_shared_by_every_task():
+    """One record for segment (pixels), classify (chips) and detect (boxes): reliable, or why not."""
+    import numpy as np
+
+    from training.finetune.common import validation_report
+
+    # segmentation: pixels; a class missing from the held-out area, too few chips
+    seg = validation_report(["water", "land"], np.array([[1, 1], [255, 1]]), 2)
+    assert not seg["reliable"] and seg["classes_present"] == ["land"] and "held_out_per_class" not in seg
+    assert "only 2 validation chip(s)" in seg["note"] and "no water pixel in the held-out area" in seg["note"]
+    # classification: one class per chip; a class held out once is not enough, cross-validation is named
+    cv = {"cv_balanced_accuracy": 0.875, "cv_folds": 5}
+    cls = validation_report(["dark", "bright"], np.array([0, 0, 0, 1]), 4, cv, unit="chip")
+    assert not cls["reliable"] and cls["held_out_per_class"] == {"dark": 3, "bright": 1}
+    assert "only 1 bright chip held out" in cls["note"] and "only 4" not in cls["note"]
+    assert "cross-validation over the training chips (5 folds by chip" in cls["note"] and "0.88" in cls["note"]
+    assert cls["cross_validation"] == {"balanced_accuracy": 0.875, "folds": 5, "by": "training chip"}
+    # detection: one class per box (labels 1..K minus 1)
+    det = validation_report(["ship", "boat"], np.array([0, 0]), 6, unit="box")
+    assert not det["reliable"] and "no boat box in the held-out area" in det["note"]
+    ok = validation_report(["ship"], np.zeros(5), 6, unit="box")
+    assert ok["reliable"] and ok["note"] == "" and ok["held_out_per_class"] == {"ship": 5}
