@@ -122,3 +122,26 @@ def test_validation_report_is_shared_by_every_task():
     assert not det["reliable"] and "no boat box in the held-out area" in det["note"]
     ok = validation_report(["ship"], np.zeros(5), 6, unit="box")
     assert ok["reliable"] and ok["note"] == "" and ok["held_out_per_class"] == {"ship": 5}
+
+
+def test_curve_and_confusion_pictures_are_sized_for_a_dialog(tmp_path):
+    """Issue 16, item 7: the curves were illegible thumbnails and the confusion matrix 189 x 162 px
+    with its title cut; now 800 x 320 px and at least 480 x 400 px (read back from the files)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.finetune.common import History, plot_history
+    from training.finetune.metrics import confusion_png
+
+    hist = History(epochs=[0, 1, 2], train_loss=[1.0, 0.6, 0.5], val_score=[0.5, 0.7, 0.65], best_epoch=1)
+    plot_history(hist, "mean_iou", tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.size == (800, 320)
+    for k in (2, 6):
+        cm = np.arange(k * k).reshape(k, k) + 1
+        confusion_png(cm, [f"class {i}" for i in range(k)], tmp_path / f"cm{k}.png")
+        with Image.open(tmp_path / f"cm{k}.png") as im:
+            w, h = im.size
+            assert w >= 480 and h >= 400, im.size
+            rgb = np.asarray(im.convert("L"))
+        assert (rgb[0] > 200).all() and (rgb[:, 0] > 200).all(), "nothing (title, labels) cut at the edges"
