@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="Unable to import Axes3D")  # pip matplotlib beside Debian's toolkits
 QGIS_PROCESS = shutil.which("qgis_process.bin") or "/usr/bin/qgis_process.bin"
-CFAR = {"pfa": 1e-6, "guard": 9, "background": 41}  # the demo's CFAR settings (px), also run through Processing
-SCALES = {"full": dict(size=1024, ships=48, pretrain_min=3.0, seg_min=1.5, det_min=2.0, epochs=40),
-          "quick": dict(size=512, ships=16, pretrain_min=0.25, seg_min=0.2, det_min=0.2, epochs=2)}
+SETTINGS = json.loads((ROOT / "resources" / "demo" / "settings.json").read_text(encoding="utf-8"))
+CFAR = SETTINGS["cfar"]  # the demo's CFAR settings (px), also run through Processing
+SCALES = SETTINGS["scales"]  # full (make demo) and quick (--quick): scene size, ships, budgets, epochs
 
 
 def step(msg: str) -> None:

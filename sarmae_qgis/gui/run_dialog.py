@@ -26,6 +26,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QCompleter,
     QDialog,
     QDialogButtonBox,
     QDoubleSpinBox,
@@ -50,6 +51,7 @@ from ..model_cards import (
 from ..tasks.run_task import RunRequest, slug
 from ..toolbelt import settings
 from ..toolbelt.layers import band_names, pixel_window, raster_file
+from ..toolbelt.resources import text_search_phrases
 from .about_dialog import ICON_PATH
 from .notice import Notice
 from .package_picker import PackagePicker
@@ -149,6 +151,18 @@ class RunDialog(QDialog):
         self.query_edit.setPlaceholderText("e.g. ships at sea; a harbour" if text_search else "CLIP: e.g. ships at sea")
         self.query_edit.setToolTip("CLIP (zeroshot) models: what to find; several phrases separated by ; -> one "
                                    "similarity band each")
+        # example phrases (resources/prompts/text_search.json): completion while typing, and a list to pick from
+        phrases = list(text_search_phrases())
+        completer = QCompleter(phrases, self.query_edit)
+        completer.setCaseSensitivity(Qt.CaseInsensitive)
+        completer.setFilterMode(Qt.MatchContains)
+        self.query_edit.setCompleter(completer)
+        self.examples_combo = QComboBox(self)
+        self.examples_combo.addItem("Examples…")
+        self.examples_combo.addItems(phrases)
+        self.examples_combo.setToolTip("Phrases to try: the one picked is added to Find (a phrase works when the "
+                                       "model's training captions named it)")
+        self.examples_combo.activated.connect(self._add_example)
 
         # extent
         self.extent_combo = QComboBox(self)
@@ -183,6 +197,7 @@ class RunDialog(QDialog):
         self.model_picker.add_to_form(inp, "CLIP model" if self.text_search else "Model")
         if self.text_search:  # the whole layer (its embeddings are cached per layer), no class map
             inp.addRow("Find", self.query_edit)
+            inp.addRow("", self.examples_combo)
         else:
             inp.addRow("Extent", self.extent_combo)
             inp.addRow("Polygons", self.polygon_combo)
@@ -219,8 +234,18 @@ class RunDialog(QDialog):
         if self.text_search:  # the Run form's other fields are not in this layout: hidden, not drawn at 0, 0
             for widget in (self.extent_combo, self.polygon_combo, self.vectors_check, self.classes_edit):
                 widget.hide()
+        else:
+            self.examples_combo.hide()
         if not self.embedded:  # a dock tab takes the dock's width
             self.setMinimumWidth(520)
+
+    def _add_example(self, index: int) -> None:
+        """An example phrase picked: added to Find (after a ;), then the list shows "Examples…" again."""
+        phrase = self.examples_combo.itemText(index) if index > 0 else ""
+        self.examples_combo.setCurrentIndex(0)
+        have = [q.strip() for q in self.query_edit.text().split(";") if q.strip()]
+        if phrase and phrase not in have:
+            self.query_edit.setText("; ".join(have + [phrase]))
 
     # ---- models ---------------------------------------------------------------------------------
     def add_model(self, path: str | Path) -> int:

@@ -1,4 +1,5 @@
-"""Where the plugin's non-code assets live: the ``resources/`` folder (icons, layer styles, help).
+"""Where the plugin's non-code assets live: the ``resources/`` folder (icons, layer styles, help,
+the Text search tab's example phrases).
 
 In the plugin zip, ``scripts/build_plugin.py`` copies the repository's top-level ``resources/``
 into ``sarmae_qgis/resources/``; in a development checkout it sits one level above the package.
@@ -51,3 +52,14 @@ def named_class_colours() -> dict[str, str]:
         return {str(k).lower(): str(v) for k, v in (data.get("colours") or {}).items()}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
+
+
+@lru_cache(maxsize=1)
+def text_search_phrases() -> tuple[str, ...]:
+    """Example phrases of the Text search tab (its list and the Find field's completion), from
+    ``prompts/text_search.json``; empty when it does not read."""
+    try:
+        data = json.loads(resource("prompts", "text_search.json").read_text(encoding="utf-8"))
+        return tuple(dict.fromkeys(str(p).strip() for p in data.get("phrases") or [] if str(p).strip()))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return ()

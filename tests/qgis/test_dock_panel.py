@@ -325,3 +325,36 @@ def test_text_search_tab_draws_only_its_own_fields(qgis_iface, models, project):
         panel.release()
         panel.deleteLater()
         flush_deletes()
+
+
+def test_text_search_tab_offers_example_phrases(qgis_iface, models, project):
+    """Issue 16, resources/: the Text search tab lists the phrases of resources/prompts/text_search.json
+    (a drop-down that adds the one picked to Find, and completion while typing); the Run form's own
+    Find by text completes them too but shows no list."""
+    from sarmae_qgis.toolbelt.resources import resource, text_search_phrases
+
+    phrases = text_search_phrases()
+    assert resource("prompts", "text_search.json").is_file()
+    assert {"water", "flooded fields", "a ship on open water", "urban area", "forest"} <= set(phrases)
+    panel = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models, project=project)
+    try:
+        panel.show()
+        panel.show_tab("Text search")
+        form = panel.text_form
+        combo = form.examples_combo
+        assert combo.isVisibleTo(form) and combo.itemText(0) == "Examples…"
+        assert [combo.itemText(i) for i in range(1, combo.count())] == list(phrases)
+        combo.activated.emit(phrases.index("water") + 1)  # picked: into Find, the list back at "Examples…"
+        combo.activated.emit(phrases.index("forest") + 1)
+        combo.activated.emit(phrases.index("water") + 1)  # already there: not twice
+        assert form.query_edit.text() == "water; forest" and combo.currentIndex() == 0
+        completer = form.query_edit.completer()
+        completer.setCompletionPrefix("ship")  # contains, not only starts with
+        found = {completer.completionModel().index(i, 0).data() for i in range(completer.completionCount())}
+        assert "a ship on open water" in found and "ships at sea" in found and "water" not in found
+        assert panel.run_form.query_edit.completer() is not None and not panel.run_form.examples_combo.isVisibleTo(
+            panel.run_form)
+    finally:
+        panel.release()
+        panel.deleteLater()
+        flush_deletes()

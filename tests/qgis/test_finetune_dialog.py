@@ -313,3 +313,24 @@ def test_results_dialog_shows_the_map_over_the_labels(dialog, models, tmp_path):
     text = result.text.text()
     assert "best at epoch 5" in text and "5.000" not in text and "0.750" in text
     assert "Validation covers 3 % of the labelled area." in text and "not reliable" in text
+
+
+@pytest.mark.parametrize("result", [
+    {"val_map_50": 1.0, "val_ap_per_class": {"ship": 1.0}, "train_chips": 4, "val_chips": 4, "val_boxes": 1,
+     "validation": {"chips": 4, "classes_present": ["ship"], "reliable": False, "held_out_per_class": {"ship": 1},
+                    "note": "validation is weak (only 1 ship box held out): its score says little about the map"}},
+    {"val_accuracy": 1.0, "val_per_class_accuracy": {"water": 1.0, "land": 1.0}, "train_chips": 10, "val_chips": 4,
+     "validation": {"chips": 4, "classes_present": ["water", "land"], "reliable": False,
+                    "held_out_per_class": {"water": 3, "land": 1}, "cross_validation": {"balanced_accuracy": 0.8},
+                    "note": "validation is weak (only 1 land chip held out); cross-validation over the training "
+                            "chips (5 folds by chip) gives a balanced accuracy of 0.80"}},
+], ids=["detect", "classify"])
+def test_detect_and_classify_results_say_how_far_to_trust_them(dialog, result):
+    """Issue 16, item 2: the ``validation`` record of a detector or a classifier (4 validation chips,
+    every class present: the plugin's own fallback sees nothing wrong) reaches the results dialog."""
+    task = FinetuneTask(dialog.build_request(snapshot=False))
+    task.result = result
+    shown = FinetuneResultDialog(task)  # kept: its labels live as long as the dialog
+    text = shown.text.text()
+    assert "not reliable" in text and "How far to trust this score" in text
+    assert result["validation"]["note"].split(":")[0].split(";")[0] in text

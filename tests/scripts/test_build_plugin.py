@@ -55,7 +55,8 @@ def test_zip_layout(build_plugin: ModuleType, tmp_path: Path) -> None:
         metadata = zf.read("sarmae_qgis/metadata.txt").decode()
     assert {n.split("/")[0] for n in names} == {"sarmae_qgis"}
     for required in ("__init__.py", "plugin.py", "metadata.txt", "resources/icons/sarmae.svg", "resources/styles/layers.json",
-                     "resources/styles/classes.json"):
+                     "resources/styles/classes.json", "resources/help/panel.html", "resources/prompts/text_search.json",
+                     "resources/demo/settings.json"):
         assert f"sarmae_qgis/{required}" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert names.count("sarmae_qgis/metadata.txt") == 1

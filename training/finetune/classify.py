@@ -34,6 +34,7 @@ from .common import (
     remaining,
     save_task_package,
     start,
+    validation_report,
 )
 from .config import FinetuneConfig
 from .labels import build_chips, chip_provenance
@@ -380,9 +381,14 @@ def _finish(model, hist, chosen: str, why: str, std_why: str, head: dict, enc, d
         pred = torch.cat([model(model_input(data.x[va[i:i + 256]].float(), data.contract).to(device)).argmax(1).cpu()
                           for i in range(0, len(va), 256)])
     final = classification_metrics(data.y[va], pred.numpy(), data.classes)
+    quick = hist.val_metrics[0] if chosen == "head" and hist.val_metrics else {}  # fit_classify_head's record
+    cv = quick if isinstance(quick, dict) and quick.get("cv_balanced_accuracy") is not None else None
+    validation = validation_report(data.classes, data.y[va], len(va), cv, unit="chip")
+    if not validation["reliable"]:
+        warns.append(validation["note"])
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
-               "mode": chosen, "mode_reason": why, "standardise": std_why}
+               "mode": chosen, "mode_reason": why, "standardise": std_why, "validation": validation}
     if candidates:
         metrics["candidates"] = candidates
     cnn_row = next((cd for cd in candidates if cd["name"] == "small CNN"), None)

@@ -331,6 +331,47 @@ def fit_batch(cfg: FinetuneConfig, n_train: int, warnings_out: list[str]) -> Fin
     return replace(cfg, batch_size=bs)
 
 
+MIN_VAL_CHIPS = 4  # fewer validation chips than this: the validation score is not reliable
+MIN_VAL_PER_CLASS = 2  # chips / boxes: fewer held-out items of a class than this is not reliable
+HELD_OUT = {"pixel": "pixel in the held-out area", "chip": "chip held out", "box": "box in the held-out area"}
+
+
+def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: dict | None = None,
+                      unit: str = "pixel") -> dict:
+    """How far a validation score can be trusted, for every task: chips, classes present, the quick
+    mode's cross-validation by chip when it ran, and a sentence when the held-out split is weak.
+    ``true``: the class index of each held-out ``unit`` (segment: pixels, 255 ignored; classify: one
+    per chip; detect: one per box, labels 1..K minus 1). Weak: fewer than 4 validation chips, a class
+    with nothing held out, or (chips, boxes) fewer than 2 held out of a class."""
+    true = np.asarray(true).reshape(-1)
+    counts = {c: int((true == j).sum()) for j, c in enumerate(classes)}
+    present = [c for c in classes if counts[c]]
+    missing = [c for c in classes if not counts[c]]
+    thin = [c for c in present if unit != "pixel" and counts[c] < MIN_VAL_PER_CLASS]
+    reliable = n_chips >= MIN_VAL_CHIPS and not missing and not thin
+    note = ""
+    if not reliable:
+        why = [f"only {n_chips} validation chip(s)"] if n_chips < MIN_VAL_CHIPS else []
+        why += [f"no {', '.join(missing)} {HELD_OUT[unit]}"] if missing else []
+        why += [f"only {counts[c]} {c} {unit} held out" for c in thin]
+        note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
+        if cv and cv.get("cv_balanced_accuracy") is not None and cv.get("refit_chips"):
+            note += (f"; cross-validation over all {cv['refit_chips']} labelled chips ({cv['cv_folds']} folds by chip, "
+                     f"each scored by a head fitted without it) gives a balanced accuracy of "
+                     f"{cv['cv_balanced_accuracy']:.2f}, and the model was then fitted on all of them")
+        elif cv and cv.get("cv_balanced_accuracy") is not None:
+            note += (f"; cross-validation over the training chips ({cv['cv_folds']} folds by chip, each scored by a "
+                     f"head fitted without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
+        note += ". Label more areas, spread out, with every class in several places"
+    out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
+    if unit != "pixel":
+        out["held_out_per_class"] = counts  # chips (classify) or boxes (detect) of each class
+    if cv:
+        out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
+                                   "by": "labelled chip" if cv.get("refit_chips") else "training chip"}
+    return out
+
+
 def budget_spent(cfg: FinetuneConfig, t0: float) -> bool:
     """True when ``cfg.max_minutes`` (counted from ``t0``) is used up."""
     return bool(cfg.max_minutes) and time.time() - t0 >= 60 * cfg.max_minutes

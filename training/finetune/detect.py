@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .common import FinetuneError, class_colours, fit, save_task_package, start
+from .common import (
+    FinetuneError,
+    class_colours,
+    fit,
+    fit_batch,
+    save_task_package,
+    start,
+    validation_report,
+)
 from .config import FinetuneConfig
 from .labels import build_chips, chip_provenance
 from .segment import dense_config
@@ -110,7 +118,8 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
         colours: '#rrggbb' per class ({name: colour}, or a list in ``classes`` order).
         ``cfg.bands`` / ``cfg.input_units`` act as ``sarmae infer --bands / --input-units``.
     Returns:
-        {"package", "val_map_50", "val_map", "val_ap_per_class", "best_epoch", ..., "history"}.
+        {"package", "val_map_50", "val_map", "val_ap_per_class", "best_epoch", "validation", "warnings", ...,
+        "history"}; a batch larger than the training chips is lowered to their number (a warning).
     """
     from engine.models.heads import DetHeadConfig, ViTDetector
 
@@ -120,10 +129,11 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     cfg = dense_config(cfg, "detect")
     device, enc, size = start(cfg)
     chips = build_chips(rasters, enc.input, size, "detect", labels=labels, class_field=class_field, classes=classes,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size, bands=cfg.bands,
-                        input_units=cfg.input_units, background_share=background_share, max_chips=cfg.max_chips)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, bands=cfg.bands, input_units=cfg.input_units,
+                        background_share=background_share, max_chips=cfg.max_chips)
     colours = class_colours(chips.classes, colours, classes)
     tr, va = np.flatnonzero(~chips.split), np.flatnonzero(chips.split)
+    cfg = fit_batch(cfg, len(tr), chips.warnings)  # a few boxes train at the default batch
     n_tr, n_va = (sum(len(chips.boxes[i]) for i in s) for s in (tr, va))
     if not n_tr or not n_va:
         raise FinetuneError(f"{n_tr} training and {n_va} validation box(es) in the chips: both splits need objects; "
@@ -158,13 +168,16 @@ def finetune_detector(rasters: list[str] | str, output: str | Path, cfg: Finetun
     model.eval()
     with torch.no_grad():
         final = evaluate(model)
+    held = np.concatenate([np.asarray(chips.box_labels[i]).reshape(-1) for i in va]) - 1  # classes of held-out boxes
+    validation = validation_report(chips.classes, held, len(va), unit="box")
+    warns = chips.warnings + ([validation["note"]] if not validation["reliable"] else [])
     metrics = {"val_map_50": final["map_50"], "val_map": final["map"], "val_ap_per_class": final["ap_per_class"],
                "val_boxes": n_va, "train_boxes": n_tr, "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs),
-               "stopped": hist.stopped}
+               "stopped": hist.stopped, "validation": validation}
     sources = {"rasters": [str(r) for r in ([rasters] if isinstance(rasters, (str, Path)) else rasters)],
                "labels": str(labels), "class_field": class_field, **chip_provenance(chips)}
     out = save_task_package(model, enc, "detect", head.to_dict(), chips.classes, chips.contract, output, cfg, hist,
                             "map_50", metrics, sources, t0, overwrite=overwrite, colours=colours)
     return {"package": str(out), **metrics, "classes": chips.classes, "train_chips": len(tr), "val_chips": len(va),
-            "log": chips.log, "warnings": chips.warnings, "seconds": round(time.time() - t0, 1),
+            "log": chips.log, "warnings": warns, "seconds": round(time.time() - t0, 1),
             "history": {"val_map_50": hist.val_score, "train_loss": hist.train_loss}}

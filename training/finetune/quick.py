@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import FinetuneError, History, chip_jitter, fit, model_input
+from .common import FinetuneError, History, chip_jitter, fit, model_input, validation_report
 from .config import FinetuneConfig
 
 log = logging.getLogger("sarmae.finetune")
@@ -265,7 +265,9 @@ def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: 
 def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg: FinetuneConfig,
                       device: str, classes: list[str], contract: dict) -> dict:
     """Fit ``model.head`` (a ViTClassifier's linear layer) by logistic regression on frozen pooled
-    embeddings (see the module docstring); returns {"C", "val_accuracy", "train_accuracy"}."""
+    embeddings (see the module docstring); returns {"C", "val_accuracy", "train_accuracy"}, and when the
+    validation chips are too few to trust (``validation_report``) the cross-validation by chip
+    (``classify_cv``: "cv_balanced_accuracy", "cv_folds")."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -289,7 +291,33 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
         head.bias.copy_(torch.from_numpy(b).float())
     log.info("quick mode: logistic regression on %d frozen embeddings (%s), C=%g: validation accuracy %.3f",
              len(f_tr), "8 views per chip" if views else "1 view", c, acc)
-    return {"C": c, "val_accuracy": acc, "train_accuracy": float(lr.score(z_tr, y_tr))}
+    out = {"C": c, "val_accuracy": acc, "train_accuracy": float(lr.score(z_tr, y_tr))}
+    if not validation_report(classes, y[va], len(va), unit="chip")["reliable"]:  # a weak split: CV says more
+        out.update(classify_cv(z_tr, y_tr, len(tr), c, cfg.seed))
+    return out
+
+
+def classify_cv(z: np.ndarray, y: np.ndarray, n_chips: int, c: float, seed: int) -> dict:
+    """Cross-validation of the quick classification head over the training chips, grouped by chip
+    (a chip's views stay in one fold; ``z`` is view-major, as ``pooled_features`` gives it):
+    balanced accuracy of the out-of-fold predictions at strength ``c``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    folds = min(5, n_chips)
+    pred = np.full(len(y), -1)
+    if folds >= 2:
+        groups = np.tile(np.arange(n_chips), len(y) // n_chips)
+        for a, b in GroupKFold(n_splits=folds).split(z, y, groups):
+            if len(np.unique(y[a])) >= 2:
+                lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+                pred[b] = lr.fit(z[a], y[a]).predict(z[b])
+    done = pred >= 0
+    recalls = [float((pred[done & (y == j)] == j).mean()) for j in np.unique(y[done])]
+    score = float(np.mean(recalls)) if recalls else None
+    log.info("quick mode: cross-validation over %d training chips (%d folds by chip): balanced accuracy %s",
+             n_chips, folds, "n/a" if score is None else f"{score:.3f}")
+    return {"cv_balanced_accuracy": score, "cv_folds": folds}
 
 
 def full_after_quick(model, quick: History | None, train_step, evaluate, loader, cfg: FinetuneConfig, t0: float,

@@ -54,9 +54,12 @@ def split_blocks(present: list[np.ndarray], labelled: list[bool], val_fraction: 
                  rng: np.random.Generator, weights: list[float] | None = None) -> np.ndarray:
     """Validation flag per block: labelled blocks holding ~val_fraction of the labels (``weights``:
     the amount of labels per block, e.g. objects; default one per block), >= 1 block in each split,
-    chosen among 50 seeded shuffles so that as many classes as possible appear in both splits, then
-    so that the held-out share of the labels is closest to ``val_fraction`` (labels are often
-    clustered: a dense harbour in one block must not take most of the objects)."""
+    chosen among 50 seeded shuffles so that training keeps as many classes as possible (a class
+    found in one block only stays in training: without it nothing can be fitted, while a
+    validation set without it is reported as weak), then so that as many classes as possible
+    appear in both splits, then so that the held-out share of the labels is closest to
+    ``val_fraction`` (labels are often clustered: a dense harbour in one block must not take most
+    of the objects)."""
     lab = np.flatnonzero(labelled)
     w = np.ones(len(labelled)) if weights is None else np.asarray(weights, float)
     w = np.where(w[lab] > 0, w[lab], 1e-6)
@@ -66,8 +69,9 @@ def split_blocks(present: list[np.ndarray], labelled: list[bool], val_fraction: 
         share = np.cumsum(w[order]) / w.sum()
         n = 1 + int(np.argmin(np.abs(share[:-1] - val_fraction)))  # 1 .. len(lab) - 1 blocks held out
         val, tr = lab[order[:n]], lab[order[n:]]
-        cover = int(np.sum(np.any([present[i] for i in val], 0) & np.any([present[i] for i in tr], 0)))
-        score = (cover, -abs(share[n - 1] - val_fraction))
+        in_tr = np.any([present[i] for i in tr], 0)
+        cover = int(np.sum(np.any([present[i] for i in val], 0) & in_tr))
+        score = (int(in_tr.sum()), cover, -abs(share[n - 1] - val_fraction))
         if best_score is None or score > best_score:
             best, best_score = val, score
     flags = rng.random(len(labelled)) < val_fraction  # unlabelled blocks: background chips only

@@ -30,6 +30,7 @@ from .common import (
     gain_jitter,
     save_task_package,
     start,
+    validation_report,
 )
 from .config import FinetuneConfig
 from .labels import IGNORE, build_chips, chip_provenance
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from engine.models.seg_light import LightSegHeadConfig
 
 log = logging.getLogger("sarmae.finetune")
-
 
 
 def dense_config(cfg: FinetuneConfig, task: str) -> FinetuneConfig:
@@ -240,30 +240,3 @@ def head_config_dict(head) -> dict:
     from engine.models.seg_light import LightSegHeadConfig
 
     return {"kind": "light" if isinstance(head, LightSegHeadConfig) else "upernet", **head.to_dict()}
-
-
-def validation_report(classes: list[str], true: np.ndarray, n_chips: int, cv: dict | None = None) -> dict:
-    """How far the validation score can be trusted: chips, classes present, the quick mode's
-    cross-validation by chip when it ran, and a sentence when the held-out split is weak (fewer than
-    4 chips, or a class missing from the held-out pixels)."""
-    present = [c for j, c in enumerate(classes) if (true == j).any()]
-    missing = [c for c in classes if c not in present]
-    reliable = n_chips >= 4 and not missing
-    note = ""
-    if not reliable:
-        why = [f"only {n_chips} validation chip(s)"] if n_chips < 4 else []
-        why += [f"no {', '.join(missing)} pixel in the held-out area"] if missing else []
-        note = "validation is weak (" + "; ".join(why) + "): its score says little about the map"
-        if cv and cv.get("cv_balanced_accuracy") is not None and cv.get("refit_chips"):
-            note += (f"; cross-validation over all {cv['refit_chips']} labelled chips ({cv['cv_folds']} folds by chip, "
-                     f"each scored by a head fitted without it) gives a balanced accuracy of "
-                     f"{cv['cv_balanced_accuracy']:.2f}, and the model was then fitted on all of them")
-        elif cv and cv.get("cv_balanced_accuracy") is not None:
-            note += (f"; cross-validation over the {cv['cv_folds']} training chips (each scored by a head fitted "
-                     f"without it) gives a balanced accuracy of {cv['cv_balanced_accuracy']:.2f}")
-        note += ". Label more areas, spread out, with every class in several places"
-    out = {"chips": int(n_chips), "classes_present": present, "reliable": reliable, "note": note}
-    if cv:
-        out["cross_validation"] = {"balanced_accuracy": cv.get("cv_balanced_accuracy"), "folds": cv.get("cv_folds"),
-                                   "by": "labelled chip" if cv.get("refit_chips") else "training chip"}
-    return out

@@ -135,6 +135,27 @@ def test_baselines_train_the_small_cnn_on_the_same_chips(tmp_path, encoder):
     cnn_wins = row["val_accuracy"] > r["val_accuracy"]
     assert any("small CNN trained from scratch" in w for w in r["warnings"]) == cnn_wins, r["warnings"]
     assert load_package(tmp_path / "c.pkg").card.provenance["metrics"]["baselines"] == [row]
+    v = r["validation"]  # 2 chips of each class held out: enough to trust
+    assert v["reliable"] is True and v["held_out_per_class"] == {"bright": 2, "dark": 2} and "cross_validation" not in v
+
+
+def test_weak_validation_is_said_with_a_cross_validation(tmp_path, encoder):
+    """Issue 16, item 2, for classification: one chip of each class held out is reported as weak,
+    with the quick head's cross-validation by chip, in the result, the card and the plugin's text."""
+    from sarmae_qgis.model_cards import describe_html, read_card, validation_doubts
+
+    root = chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=6)  # 0.2 of 6: 1 held out per class
+    r = finetune_classifier(root, tmp_path / "c.pkg", tiny_cfg(encoder, mode="head"))
+    v = r["validation"]
+    assert r["val_chips"] == 2 and v["reliable"] is False and v["held_out_per_class"] == {"bright": 1, "dark": 1}
+    assert "only 2 validation chip(s)" in v["note"] and "only 1 dark chip held out" in v["note"]
+    cv = v["cross_validation"]
+    assert cv["folds"] == 5 and cv["by"] == "training chip" and 0.0 <= cv["balanced_accuracy"] <= 1.0
+    assert "cross-validation over the training chips (5 folds by chip" in v["note"] and v["note"] in r["warnings"]
+    assert v["note"] in validation_doubts(r, r["classes"])  # the results dialog's yellow box
+    card = read_card(tmp_path / "c.pkg")
+    assert card.raw["provenance"]["metrics"]["validation"] == v
+    assert "Validation not reliable" in describe_html(card)  # the Models dialog's card
 
 
 def test_block_pooling_package_runs_in_the_engine_and_onnx(tmp_path, encoder):

@@ -98,3 +98,50 @@ def test_gain_jitter_moves_brightness_within_the_contract():
     ratio = ((gain_jitter(v, u8, 6.0) * 0.5 + 0.5) / 0.25)[:, 0, 0, 0]
     assert float(ratio.min()) >= 10 ** (-6 / 20) - 1e-4 and float(ratio.max()) <= 10 ** (6 / 20) + 1e-4
     assert float(gain_jitter(torch.ones(8, 1, 2, 2), u8, 6.0).max()) <= 1.0  # clipped like real data
+
+
+def test_validation_report_is_shared_by_every_task():
+    """One record for segment (pixels), classify (chips) and detect (boxes): reliable, or why not."""
+    import numpy as np
+
+    from training.finetune.common import validation_report
+
+    # segmentation: pixels; a class missing from the held-out area, too few chips
+    seg = validation_report(["water", "land"], np.array([[1, 1], [255, 1]]), 2)
+    assert not seg["reliable"] and seg["classes_present"] == ["land"] and "held_out_per_class" not in seg
+    assert "only 2 validation chip(s)" in seg["note"] and "no water pixel in the held-out area" in seg["note"]
+    # classification: one class per chip; a class held out once is not enough, cross-validation is named
+    cv = {"cv_balanced_accuracy": 0.875, "cv_folds": 5}
+    cls = validation_report(["dark", "bright"], np.array([0, 0, 0, 1]), 4, cv, unit="chip")
+    assert not cls["reliable"] and cls["held_out_per_class"] == {"dark": 3, "bright": 1}
+    assert "only 1 bright chip held out" in cls["note"] and "only 4" not in cls["note"]
+    assert "cross-validation over the training chips (5 folds by chip" in cls["note"] and "0.88" in cls["note"]
+    assert cls["cross_validation"] == {"balanced_accuracy": 0.875, "folds": 5, "by": "training chip"}
+    # detection: one class per box (labels 1..K minus 1)
+    det = validation_report(["ship", "boat"], np.array([0, 0]), 6, unit="box")
+    assert not det["reliable"] and "no boat box in the held-out area" in det["note"]
+    ok = validation_report(["ship"], np.zeros(5), 6, unit="box")
+    assert ok["reliable"] and ok["note"] == "" and ok["held_out_per_class"] == {"ship": 5}
+
+
+def test_curve_and_confusion_pictures_are_sized_for_a_dialog(tmp_path):
+    """Issue 16, item 7: the curves were illegible thumbnails and the confusion matrix 189 x 162 px
+    with its title cut; now 800 x 320 px and at least 480 x 400 px (read back from the files)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.finetune.common import History, plot_history
+    from training.finetune.metrics import confusion_png
+
+    hist = History(epochs=[0, 1, 2], train_loss=[1.0, 0.6, 0.5], val_score=[0.5, 0.7, 0.65], best_epoch=1)
+    plot_history(hist, "mean_iou", tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.size == (800, 320)
+    for k in (2, 6):
+        cm = np.arange(k * k).reshape(k, k) + 1
+        confusion_png(cm, [f"class {i}" for i in range(k)], tmp_path / f"cm{k}.png")
+        with Image.open(tmp_path / f"cm{k}.png") as im:
+            w, h = im.size
+            assert w >= 480 and h >= 400, im.size
+            rgb = np.asarray(im.convert("L"))
+        assert (rgb[0] > 200).all() and (rgb[:, 0] > 200).all(), "nothing (title, labels) cut at the edges"

@@ -125,3 +125,28 @@ def test_detector_learns_small_ships_at_the_default_lr(tmp_path):
     ev = evaluate_detections(str(tmp_path / "ships.pkg"), [str(tif)], tmp_path / "pr.png", labels=str(gpkg),
                              class_field="class", options={"device": "cpu", "batch_size": 8})
     assert ev["boxes"] == len(boxes) and ev["map_50"] > 0.5 and ev["recall"] > 0.5, ev
+
+
+def test_a_few_boxes_train_at_the_default_batch(tmp_path):
+    """Issue 16, item 1: 4 boxes at the default batch of 16 were refused ("only 4 training and 2
+    validation chip(s) ... lower the batch size"); the batch is now lowered to the chips, with a
+    warning, and the result says how far its validation can be trusted (the plugin shows it)."""
+    from engine.models.heads import DetHeadConfig
+    from sarmae_qgis.model_cards import describe_html, read_card, validation_doubts
+
+    enc = build_encoder(tmp_path / "enc", img_size=32)
+    tif, boxes = ship_scene(tmp_path / "ships.tif", size=160, step=32)  # a 5 x 5 grid of ships
+    gpkg = write_labels(tmp_path / "four.gpkg", boxes_to_polygons([boxes[i] for i in (0, 4, 20, 24)]))  # corners
+    cfg = FinetuneConfig(encoder=str(enc), epochs=1, batch_size=16, warmup_epochs=0, drop_path=0.0, device="cpu")
+    head = DetHeadConfig(fpn_channels=32, anchor_sizes=(4, 8, 16, 32, 64))
+    r = finetune_detector(tif, tmp_path / "four.pkg", cfg, labels=gpkg, class_field="class", head=head)
+    n = r["train_chips"]
+    assert n < 16 and f"batch size lowered from 16 to {n}" in " ".join(r["warnings"]), r["warnings"]
+    assert r["epochs_run"] == 1 and r["train_boxes"] >= 1 and r["val_boxes"] >= 1
+    v = r["validation"]
+    assert v["chips"] == r["val_chips"] and v["held_out_per_class"] == {"ship": r["val_boxes"]}
+    assert v["reliable"] is False and v["note"] in r["warnings"]  # a box or two held out: not to be trusted
+    assert v["note"] in validation_doubts(r, r["classes"])  # the results dialog's yellow box
+    card = read_card(tmp_path / "four.pkg")
+    assert card.raw["provenance"]["metrics"]["validation"] == v
+    assert "Validation not reliable" in describe_html(card)  # the Models dialog's card
