@@ -218,7 +218,9 @@ class SarmaeAlgorithm(QgsProcessingAlgorithm):
             param = m.group(1).upper().replace("-", "_")
             return param if self.parameterDefinition(param) is not None else m.group(0)
 
-        return re.sub(r"--([a-z][a-z0-9-]*)", name, message)
+        # a command suggested to run in a terminal ('sarmae export ... --precision int8') keeps its flags
+        parts = re.split(r"('sarmae [^']*')", message)
+        return "".join(part if i % 2 else re.sub(r"--([a-z][a-z0-9-]*)", name, part) for i, part in enumerate(parts))
 
     def engine_cli(self, args: list[str], feedback: QgsProcessingFeedback | None) -> str:
         """Run ``python -m engine.cli *args`` with the configured interpreter."""

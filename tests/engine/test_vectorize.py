@@ -200,10 +200,11 @@ def test_no_crs_gives_pixel_coordinates(tmp_path: Path) -> None:
     data[2:8, 3:5] = 7  # beyond the class names
     tif = write_classes(tmp_path / "p.tif", data, crs=None)
     res = polygonize_classes(tif, tmp_path / "p.gpkg", NAMES, strip_rows=3)
-    assert res["georeferencing"].startswith("none") and "no CRS" in res["area_units"]
+    assert res["georeferencing"].startswith("none") and res["area_units"].startswith("px")  # areas in pixels
     (c, g, props), = read_gpkg(tmp_path / "p.gpkg")
-    assert g.bounds == (3, 2, 5, 8) and props["class_name"] == "class_7" and props["area_m2"] == 12
-    assert res["per_class"]["class_7"] == {"count": 1, "area_m2": 12.0}
+    assert g.bounds == (3, 2, 5, 8) and props["class_name"] == "class_7" and props["area_px"] == 12
+    assert props["area_m2"] is None
+    assert res["per_class"]["class_7"] == {"count": 1, "area_px": 12.0}
     with fiona.open(tmp_path / "p.gpkg") as src:
         assert not src.crs
 
