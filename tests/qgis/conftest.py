@@ -101,3 +101,37 @@ def project() -> Iterator[QgsProject]:
     p.removeAllMapLayers()
     p.layerTreeRoot().removeAllChildren()
 
+
+
+@pytest.fixture
+def fresh_panel_state() -> Iterator[None]:
+    """The dock panel's and the Fine-tune tab's remembered choices cleared before and after a test."""
+    from qgis.core import QgsSettings
+
+    for key in ("sarmae/panel", "sarmae/finetune"):
+        QgsSettings().remove(key)
+    yield
+    for key in ("sarmae/panel", "sarmae/finetune"):
+        QgsSettings().remove(key)
+
+
+@pytest.fixture
+def open_panel(qgis_iface, project, fresh_panel_state):
+    """``open_panel(models_folder, **kwargs)``: a SARMAE dock panel on the test's project, released and
+    deleted after the test (however it ends)."""
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    from sarmae_qgis.gui.dock_panel import SarmaePanel
+
+    made = []
+
+    def make(models_folder, **kwargs):
+        made.append(SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=models_folder,
+                                project=project, **kwargs))
+        return made[-1]
+
+    yield make
+    for panel in made:
+        panel.release()
+        panel.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)

@@ -8,33 +8,18 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from qgis.core import QgsRasterLayer, QgsSettings
-from qgis.PyQt.QtCore import QCoreApplication, QEvent
-
-from sarmae_qgis.gui.dock_panel import SarmaePanel
+from qgis.core import QgsRasterLayer
 
 pytestmark = pytest.mark.qgis
 
 
-@pytest.fixture(autouse=True)
-def fresh_panel_state():
-    QgsSettings().remove("sarmae/panel")
-    QgsSettings().remove("sarmae/finetune")
-    yield
-    QgsSettings().remove("sarmae/panel")
-    QgsSettings().remove("sarmae/finetune")
-
-
 @pytest.fixture
-def panel(qgis_iface, tmp_path, project):
+def panel(open_panel, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
-    made = SarmaePanel(qgis_iface.mainWindow(), canvas=qgis_iface.mapCanvas(), models_folder=folder, project=project)
+    made = open_panel(folder)
     made.models = folder
-    yield made
-    made.release()
-    made.deleteLater()
-    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    return made
 
 
 def test_a_raster_added_after_the_panel_is_chosen_in_every_tab(panel, assets, project):
