@@ -17,55 +17,54 @@ from sarmae_qgis.toolbelt import messages
 pytestmark = pytest.mark.qgis
 
 
-def test_a_long_line_is_shortened_to_the_bar_not_cut(qgis_app):
+@pytest.fixture
+def bar(qgis_app):
+    """A message bar 900 px wide in a shown window, closed after the test."""
     window = QWidget()
     window.resize(900, 200)
-    bar = QgsMessageBar(window)
-    QVBoxLayout(window).addWidget(bar)
+    made = QgsMessageBar(window)
+    QVBoxLayout(window).addWidget(made)
     window.show()
+    yield made
+    window.close()
+    window.deleteLater()
+
+
+def fits_the_bar(bar: QgsMessageBar, item) -> bool:
+    """The item's bold title and its text fit the bar's width on one line."""
+    bold = QFont(bar.font())
+    bold.setBold(True)
+    return QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
+        f"  {item.text()}") <= bar.width() - messages.CHROME_PX
+
+
+def test_a_long_line_is_shortened_to_the_bar_not_cut(bar):
     title = "SARMAE: segment_Spain_7370579_S1Hand_labels done"
     text = "water 2.48 km² (12.1 %), land 18.1 km² (87.9 %), 15.6 s"
     item = messages.push(bar, title, text, Qgis.Success)
-    room = bar.width() - messages.CHROME_PX
-    bold = QFont(bar.font())
-    bold.setBold(True)
-    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
-        f"  {item.text()}") <= room
+    assert fits_the_bar(bar, item)
     assert item.text() == text and "…" in item.title() and item.title().startswith("SARMAE")  # the numbers stay
     assert item.toolTip() == f"{title}: {text}"
     short = messages.push(bar, "SARMAE: x done", "water 12 %", Qgis.Success)
     assert (short.title(), short.text()) == ("SARMAE: x done", "water 12 %") and not short.toolTip()
     assert messages.fit(title, text * 5, bar.font(), 300) == ("SARMAE:", text * 5)  # the text is never cut
-    window.close()
-    window.deleteLater()
 
 
-def test_the_fine_tuning_progress_line_stays_on_one_line(qgis_app):
+def test_the_fine_tuning_progress_line_stays_on_one_line(bar):
     """A Full fine-tune's epoch line wrapped onto a second line that the bar cut in half."""
-    window = QWidget()
-    window.resize(1000, 200)
-    bar = QgsMessageBar(window)
-    QVBoxLayout(window).addWidget(bar)
-    window.show()
     item = bar.createMessage("SARMAE", "fine-tuning 'x' (Task Manager: progress and cancel)…")
     bar.pushWidget(item, Qgis.Info)
     update = messages.line_updater(bar, item, "SARMAE", "fine-tuning 'segment_Spain_7370579_S1Hand_labels': ")
     epoch = ("epoch 3/50: train loss 0.4123, val loss 0.3981, val mean IoU 0.512 (water 0.402, land 0.622),\n"
              "best 0.530 at epoch 2, 12.4 s per epoch, 41 s of 300 s")
     update(epoch)
-    room = bar.width() - messages.CHROME_PX
-    bold = QFont(bar.font())
-    bold.setBold(True)
-    assert QFontMetrics(bold).horizontalAdvance(item.title()) + QFontMetrics(bar.font()).horizontalAdvance(
-        f"  {item.text()}") <= room
+    assert fits_the_bar(bar, item)
     assert "\n" not in item.text() and item.text().endswith("…") and item.text().startswith("fine-tuning")
     assert "best 0.530 at epoch 2" in item.toolTip()  # the whole line, on hover
     update("epoch 4/50")
     assert item.text() == "fine-tuning 'segment_Spain_7370579_S1Hand_labels': epoch 4/50" and not item.toolTip()
     bar.popWidget(item)
     update("epoch 5/50")  # a closed line is left alone
-    window.close()
-    window.deleteLater()
 
 
 def test_the_pickers_card_is_brief_and_worded():
