@@ -46,22 +46,29 @@ REG_IOU = 0.3  # proposals overlapping a target this much teach the box branch
 EPOCH_SAMPLES = 1024  # an epoch is at least this many samples (the data repeated, augmented afresh)
 
 
-def covers(props: np.ndarray, truth: np.ndarray, quality: bool = False):
-    """Per proposal: 1 when its IoU with a target is >= 0.5 (positive), -1 when it only has its centre
-    in a target's box (a piece of it, or a box around more: left out of the loss), else 0; and per
-    target whether a proposal has IoU >= 0.5 with it. ``quality``: also each proposal's best IoU."""
+def _overlaps(props: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU of every proposal with every target, whether each proposal's centre lies in each target's box)."""
     from torchvision.ops import box_iou
 
-    if not len(props) or not len(truth):
-        z = np.zeros(len(props), np.int64), np.zeros(len(truth), bool)
-        return (*z, np.zeros(len(props))) if quality else z
     iou = box_iou(torch.as_tensor(props, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)).numpy()
     cx, cy = (props[:, 0] + props[:, 2]) / 2, (props[:, 1] + props[:, 3]) / 2
     inside = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] < truth[None, :, 2])
               & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] < truth[None, :, 3]))
-    hit = iou >= 0.5
-    label = np.where(hit.any(1), 1, np.where(inside.any(1), -1, 0))
-    return (label, hit.any(0), iou.max(1)) if quality else (label, hit.any(0))
+    return iou, inside
+
+
+def _labels(iou: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    return np.where((iou >= 0.5).any(1), 1, np.where(inside.any(1), -1, 0))
+
+
+def covers(props: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per proposal: 1 when its IoU with a target is >= 0.5 (positive), -1 when it only has its centre
+    in a target's box (a piece of it, or a box around more: left out of the loss), else 0; and per
+    target whether a proposal has IoU >= 0.5 with it."""
+    if not len(props) or not len(truth):
+        return np.zeros(len(props), np.int64), np.zeros(len(truth), bool)
+    iou, inside = _overlaps(props, truth)
+    return _labels(iou, inside), (iou >= 0.5).any(0)
 
 
 PROPOSAL_RULES = ("fewest", "richest")
@@ -122,6 +129,7 @@ def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed
     from engine.cfar.scene import source_units
     from engine.models.chip_scorer import box_deltas
     from engine.reader import SarRaster
+    from engine.tasks.cfar_scored import pairwise_iou
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {"chips": [], "geometry": [], "y": [], "deltas": [], "reg": []}
@@ -132,7 +140,7 @@ def build_samples(rasters: list[str], truth: list, props: list, head, opts, seed
         boxes = np.concatenate([pb, jit])
         target = np.concatenate([tb[np.maximum(match, 0)] if len(tb) else np.zeros((len(pb), 4)),
                                  np.repeat(tb, JITTER, 0)])
-        qj = box_quality(jit, np.repeat(tb, JITTER, 0))
+        qj = pairwise_iou(jit, np.repeat(tb, JITTER, 0)) if len(jit) else np.zeros(0)
         reg = np.concatenate([q >= REG_IOU, np.ones(len(jit), bool)])
         sides = chip_sides(boxes)
         with SarRaster.open(r, opts.bands, opts.complex_mode) as src:
@@ -158,27 +166,11 @@ def quality(iou: np.ndarray, floor: float | None = None) -> np.ndarray:
 def matches(props: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per proposal: ``covers``' label, the index of its target (the best IoU when >= 0.1, else the
     target holding its centre; -1: none) and its best IoU."""
-    from torchvision.ops import box_iou
-
-    label, _ = covers(props, truth)
     if not len(props) or not len(truth):
-        return label, np.full(len(props), -1, np.int64), np.zeros(len(props))
-    iou = box_iou(torch.as_tensor(props, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)).numpy()
-    cx, cy = (props[:, 0] + props[:, 2]) / 2, (props[:, 1] + props[:, 3]) / 2
-    inside = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] < truth[None, :, 2])
-              & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] < truth[None, :, 3]))
-    best = iou.argmax(1)
-    match = np.where(iou.max(1) >= 0.1, best, np.where(inside.any(1), inside.argmax(1), -1))
-    return label, match, iou.max(1)
-
-
-def box_quality(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of each box of ``a`` with the box of ``b`` in the same row."""
-    from torchvision.ops import box_iou
-
-    if not len(a):
-        return np.zeros(0)
-    return np.diag(box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy())
+        return np.zeros(len(props), np.int64), np.full(len(props), -1, np.int64), np.zeros(len(props))
+    iou, inside = _overlaps(props, truth)
+    match = np.where(iou.max(1) >= 0.1, iou.argmax(1), np.where(inside.any(1), inside.argmax(1), -1))
+    return _labels(iou, inside), match, iou.max(1)
 
 
 def augment(chips: torch.Tensor, geometry: torch.Tensor, deltas: torch.Tensor):
