@@ -266,8 +266,6 @@ class SarmaePlugin:
 
         # one line, whatever the epoch's text: a wrapped second line was cut in half by the bar
         task.status.connect(messages.line_updater(bar, item, "SARMAE", f"fine-tuning '{request.name}': "))
-        task.taskCompleted.connect(lambda: _close(bar, item))
-        task.taskTerminated.connect(lambda: _close(bar, item))
         self.tasks = [t for t in self.tasks if not t.is_done] + [task]
         QgsApplication.taskManager().addTask(task)
         return task

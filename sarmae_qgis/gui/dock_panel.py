@@ -144,26 +144,9 @@ class SarmaePanel(QgsDockWidget):
                                  (self.project.readProject, self._on_project_read))
         for signal, slot in self._project_signals:
             signal.connect(slot)
-        self._follow_inputs()
         self._choose_inputs()
 
     # ---- the project's layers -------------------------------------------------------------------
-    def _follow_inputs(self) -> None:
-        """A tab's warning ("Cannot run: Choose an input raster layer") goes when its inputs change:
-        it stayed after the layer was picked, until the next click (issue 16, desktop)."""
-        for form in (self.run_form, self.text_form, self.similarity_form):
-            clear = form.notice.clear
-            form.layer_combo.layerChanged.connect(lambda _layer, clear=clear: clear())
-            form.model_picker.changed.connect(lambda _path, clear=clear: clear())
-        for form in (self.run_form, self.text_form):
-            form.bands_edit.textEdited.connect(lambda _text, clear=form.notice.clear: clear())
-            form.query_edit.textEdited.connect(lambda _text, clear=form.notice.clear: clear())
-        self.similarity_form.polygon_combo.layerChanged.connect(lambda _layer: self.similarity_form.notice.clear())
-        fine = self.finetune_form
-        fine.label_combo.layerChanged.connect(lambda _layer: fine.notice.clear())
-        fine.field_combo.fieldChanged.connect(lambda _field: fine.notice.clear())
-        fine.raster_list.itemChanged.connect(lambda _item: fine.notice.clear())
-
     def _choose_inputs(self, added=()) -> None:
         """Every tab follows the project: a raster tab with no layer chosen takes the input raster
         (a raster opened from the command line, or with the project, while the panel was already

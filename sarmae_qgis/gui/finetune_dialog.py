@@ -153,6 +153,8 @@ class FinetuneDialog(QDialog):
         self.task_combo.currentTextChanged.connect(self._on_task_changed)
         self.label_combo.layerChanged.connect(self._on_label_layer_changed)
         self.field_combo.fieldChanged.connect(lambda _f: self._update_classes())
+        self.notice.clear_on(self.label_combo.layerChanged, self.field_combo.fieldChanged,
+                             self.raster_list.itemChanged)
         self.field_combo.model().modelReset.connect(self._on_fields_reset)
         self._on_task_changed(self.task_combo.currentText())
         self._on_label_layer_changed(self.label_combo.currentLayer())

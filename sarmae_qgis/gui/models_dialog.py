@@ -433,7 +433,7 @@ class ModelsDialog(QDialog):
             return None
         task = ExportTask(f"int8 model of {card.name}",
                           export_args(card.path, "int8", str(calibration) if calibration else None, force),
-                          lambda output, error: self._int8_done(card.path, output, error))
+                          lambda output, error, cancelled: self._int8_done(card.path, output, error, cancelled))
         self.int8_task = task
         self.int8_button.setEnabled(False)
         self.message_bar.clearWidgets()
@@ -441,13 +441,13 @@ class ModelsDialog(QDialog):
         QgsApplication.taskManager().addTask(task)
         return task
 
-    def _int8_done(self, path: str, output: str | None, error: str | None) -> None:
+    def _int8_done(self, path: str, output: str | None, error: str | None, cancelled: bool = False) -> None:
         self.int8_task = None
         self.message_bar.clearWidgets()
         name = Path(path).name
         if error is not None:
             self._show_current()
-            if "cancelled" not in error:
+            if not cancelled:  # the user's own cancel needs no error
                 self.show_error(f"No int8 model was written for {name}: {error}")
             return
         card = card_or_none(path)

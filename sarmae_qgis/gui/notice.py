@@ -38,6 +38,12 @@ class Notice(QLabel):
     def inform(self, title: str, text: str) -> None:
         self._show("info", title, text)
 
+    def clear_on(self, *signals) -> None:
+        """Hide the message when any of ``signals`` fires (the form's inputs changed): a warning such as
+        "Choose an input raster layer" stayed after the layer was picked, until the next click."""
+        for signal in signals:
+            signal.connect(lambda *_args: self.clear())
+
     def clear(self) -> None:  # noqa: D102  # QLabel.clear, and hide
         self.plain = ""
         super().clear()

@@ -186,6 +186,8 @@ class RunDialog(QDialog):
             self.layer_combo.setLayer(layer)
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
         self.model_picker.changed.connect(self._on_model_changed)
+        self.notice.clear_on(self.layer_combo.layerChanged, self.model_picker.changed, self.bands_edit.textEdited,
+                             self.query_edit.textEdited)
         self.model_combo.activated.connect(self._on_model_picked)
         self._on_layer_changed(self.layer_combo.currentLayer())
 

@@ -275,6 +275,7 @@ class SimilarityDialog(QDialog):
         self.pick_button.clicked.connect(self.pick_point)
         self.polygon_button.clicked.connect(self.use_selected_polygons)
         self.layer_combo.layerChanged.connect(lambda _layer: self.release_tool())
+        self.notice.clear_on(self.layer_combo.layerChanged, self.model_picker.changed, self.polygon_combo.layerChanged)
         self.model_picker.refresh()
 
     def _layout(self) -> None:

@@ -44,10 +44,10 @@ def export_args(package: str, precision: str = "fp32", calibration: str | None =
 
 
 class ExportTask(QgsTask):
-    """Runs ``sarmae export`` with ``args`` (:func:`export_args`); ``on_done(output, error)`` is called
+    """Runs ``sarmae export`` with ``args`` (:func:`export_args`); ``on_done(output, error, cancelled)`` is called
     on the main thread: the command's output, or the engine's message (None for the other)."""
 
-    def __init__(self, title: str, args: list[str], on_done: Callable[[str | None, str | None], None] | None = None):
+    def __init__(self, title: str, args: list[str], on_done: Callable[[str | None, str | None, bool], None] | None = None):
         super().__init__(f"SARMAE: {title}", QgsTask.CanCancel)
         self.args = args
         self.on_done = on_done
@@ -75,6 +75,6 @@ class ExportTask(QgsTask):
             self.error, self.cancelled = "cancelled by the user; nothing was written", True
         if self.on_done is not None:
             try:
-                self.on_done(self.output if result else None, None if result else self.error)
+                self.on_done(self.output if result else None, None if result else self.error, self.cancelled)
             except Exception as e:  # a closed dialog or a bug must not take QGIS down
                 log.critical(f"after the export: {e}")

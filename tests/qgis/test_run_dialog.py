@@ -289,3 +289,18 @@ def test_a_clip_model_takes_classes_or_phrases(dialog, assets, tmp_path):
         dialog.build_request()
     select_model(dialog, "tiny-segment")
     assert not dialog.classes_edit.isEnabled()
+
+
+def test_a_warning_goes_when_the_dialogs_inputs_change(qgis_iface, assets, models, project):
+    """Issue 16 (desktop): "Choose an input raster layer" stayed after the layer was picked; the
+    modal Run dialog clears it like the panel's tabs (Notice.clear_on, wired by the form itself)."""
+    d = RunDialog(qgis_iface.mainWindow(), models_folder=models)
+    try:
+        d.run_button.click()
+        assert "Choose an input raster layer" in d.notice.plain and not d.notice.isHidden()
+        scene = QgsRasterLayer(str(assets / "scene.tif"), "scene", "gdal")
+        project.addMapLayer(scene)
+        d.layer_combo.setLayer(scene)
+        assert d.notice.plain == "" and d.notice.isHidden()
+    finally:
+        d.deleteLater()
