@@ -265,6 +265,19 @@ def test_the_wheel_scrolls_the_panel_not_the_encoder(qgis_iface, models, project
     if combo.hasFocus():  # offscreen platforms may refuse focus to an inactive window
         wheel()
         assert combo.currentIndex() != before
+    # the guard itself, whatever the platform does with focus: a focused field takes the wheel
+    from qgis.PyQt.QtWidgets import QComboBox
+
+    from sarmae_qgis.gui.dock_panel import WheelGuard
+
+    class Focused(QComboBox):
+        def hasFocus(self) -> bool:  # noqa: N802  # Qt API
+            return True
+
+    event = QWheelEvent(QPointF(5, 5), QPointF(5, 5), QPoint(0, -120), QPoint(0, -120), Qt.NoButton,
+                        Qt.NoModifier, Qt.NoScrollPhase, False)
+    guard, focused, unfocused = WheelGuard(), Focused(), QComboBox()
+    assert guard.eventFilter(focused, event) is False and guard.eventFilter(unfocused, event) is True
 
 
 def test_text_search_tab_draws_only_its_own_fields(qgis_iface, models, project, open_panel):

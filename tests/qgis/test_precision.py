@@ -7,7 +7,6 @@ int8 model is refused with a sentence that says how to make one, never a traceba
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from qgis.core import (
     QgsRasterLayer,
     QgsSettings,
 )
-from qgis.PyQt.QtCore import QCoreApplication
+from waits import wait_until
 
 from sarmae_qgis.errors import RequestError
 from sarmae_qgis.gui.models_dialog import ModelsDialog
@@ -42,14 +41,6 @@ class Recorder(QgsProcessingFeedback):
         self.infos.append(info)
         super().pushInfo(info)
 
-
-def wait_until(condition, timeout: float = 300.0) -> None:
-    """Process Qt events (the task manager's signals) until ``condition()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        QCoreApplication.processEvents()
-        time.sleep(0.05)
-    assert condition(), "timed out"
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +219,11 @@ def test_models_dialog_makes_an_int8_model(assets, tmp_path, qgis_iface):
         assert "int8 model: no" in d.card_view.toHtml()
         bad = d.make_int8(tmp_path / "missing.tif")  # the engine's refusal, in a message
         assert bad is not None and not d.int8_button.isEnabled()
-        wait_until(lambda: bad.is_done)
+        wait_until(lambda: bad.is_done, timeout=300)
         assert errors and "No int8 model was written for segment.pkg" in errors[-1] and "missing.tif" in errors[-1]
         assert not (folder / "segment.pkg" / "model.int8.onnx").exists() and not changed
         task = d.make_int8(assets / "scene.tif", force=True)
-        wait_until(lambda: task.is_done)
+        wait_until(lambda: task.is_done, timeout=300)
         assert task.error is None, task.error
         card = read_card(folder / "segment.pkg")
         assert card.has_int8 and card.int8_gate["calibration"] == "scene.tif" and changed

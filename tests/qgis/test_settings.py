@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from qgis.core import QgsProject, QgsSettings
 from qgis.PyQt.QtCore import QCoreApplication
+from waits import wait_until
 
 from sarmae_qgis.engine_client import default_python
 from sarmae_qgis.gui.settings_dialog import SettingsDialog
@@ -18,14 +19,6 @@ from sarmae_qgis.toolbelt import engine, settings
 
 pytestmark = pytest.mark.qgis
 
-
-def wait_until(condition, timeout: float = 120.0) -> None:
-    """Process Qt events (task manager signals) until ``condition()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
-    assert condition(), "timed out"
 
 
 @pytest.fixture
