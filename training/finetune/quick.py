@@ -312,9 +312,10 @@ def classify_cv(z: np.ndarray, y: np.ndarray, n_chips: int, c: float, seed: int)
             if len(np.unique(y[a])) >= 2:
                 lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
                 pred[b] = lr.fit(z[a], y[a]).predict(z[b])
+    from sklearn.metrics import balanced_accuracy_score
+
     done = pred >= 0
-    recalls = [float((pred[done & (y == j)] == j).mean()) for j in np.unique(y[done])]
-    score = float(np.mean(recalls)) if recalls else None
+    score = float(balanced_accuracy_score(y[done], pred[done])) if done.any() else None
     log.info("quick mode: cross-validation over %d training chips (%d folds by chip): balanced accuracy %s",
              n_chips, folds, "n/a" if score is None else f"{score:.3f}")
     return {"cv_balanced_accuracy": score, "cv_folds": folds}

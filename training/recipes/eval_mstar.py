@@ -188,8 +188,9 @@ def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool, tag: str = "cnn"):
 
 def balanced_accuracy(prob: np.ndarray, labels: np.ndarray) -> float:
     """The mean over the classes present of each one's recall (chance: 1 / classes, whatever their shares)."""
-    pred = np.asarray(prob).argmax(1)
-    return float(np.mean([(pred[labels == k] == k).mean() for k in np.unique(labels)]))
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, np.asarray(prob).argmax(1)))
 
 
 def ensemble_scores(out: Path, keys: list[str], data: dict, seed: int) -> dict:

@@ -122,14 +122,14 @@ def val_thresholds(model: str, table: Path) -> dict[str, dict]:
 
 def db_rows(vv: np.ndarray, label: np.ndarray, valid: np.ndarray, cell: int) -> dict:
     """The single-dB-threshold baseline (module docstring)."""
-    from skimage.filters import threshold_otsu
+    from training.baselines import otsu_threshold
 
     x, y = -vv[valid], label[valid]
     h, w = vv.shape
     pad = np.pad(np.where(valid, vv, np.nan), ((0, -h % cell), (0, -w % cell)), constant_values=np.nan)
     cm = np.nanmean(pad.reshape(pad.shape[0] // cell, cell, -1, cell), axis=(1, 3))
     cm = np.repeat(np.repeat(cm, cell, 0), cell, 1)[:h, :w]
-    otsu = float(threshold_otsu(vv[valid]))
+    otsu = otsu_threshold(vv[valid])
     t, best = best_iou(x, y)
     return {"auc_pixel": auc(x, y), f"auc_cell{cell}_mean_db": auc(-cm[valid], y),
             "otsu_db": otsu, "iou_otsu": iou(vv[valid] < otsu, y),
