@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConversionError
-from .models.registry import SIZES
+from .models.registry import SIZES, vit_name
+from .models.vit import ViTConfig, tokeniser_from_shapes
 
 MIN_LOADED_FRACTION = 0.9
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -102,12 +103,15 @@ def find_encoder_prefix(keys) -> str:
 def infer_architecture(shapes: dict[str, tuple], arch: str | None = None, with_decoder: bool = False) -> dict:
     """Encoder (and decoder) config from tensor SHAPES alone (no weights needed).
 
-    Width, channels and patch come from ``patch_embed.proj.weight`` (D, C, p, p); depth from the
+    Width from ``patch_embed.proj.weight`` (D, ...); stem, channels and patch from the patch
+    embedding's tensors (``vit.tokeniser_from_shapes``: a plain or a conv stem); depth from the
     block count; the input size from ``pos_embed`` (1, 1 + (S/p)^2, D); heads from the named size
     with that width and depth (else D / 64); decoder heads = decoder width / 32 (MAE's 512 / 16).
+    The name is the registry's for that size, stem and patch (``registry.vit_name``), else 'custom'.
     """
     try:
-        d, c, p, _ = shapes["patch_embed.proj.weight"]
+        d = shapes["patch_embed.proj.weight"][0]
+        stem, p, c = tokeniser_from_shapes(shapes)
     except KeyError as e:
         raise ConversionError("missing patch_embed.proj.weight") from e
     depth = 1 + max((int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))), default=-1)
@@ -122,8 +126,8 @@ def infer_architecture(shapes: dict[str, tuple], arch: str | None = None, with_d
     mlp = shapes.get("blocks.0.mlp.fc1.weight", (4 * d,))[0] / d
     encoder = dict(img_size=[side * p, side * p], patch_size=int(p), in_chans=int(c), embed_dim=int(d), depth=depth,
                    num_heads=heads, mlp_ratio=float(mlp), qkv_bias="blocks.0.attn.qkv.bias" in shapes,
-                   norm_eps=1e-6, drop_path_rate=0.0)
-    name = arch or (f"vit_{size}_patch16" if size and p == 16 else "custom")
+                   norm_eps=1e-6, drop_path_rate=0.0, **({"stem": stem} if stem != "patch" else {}))
+    name = arch or vit_name(ViTConfig.from_dict(encoder))
     if arch:
         want = arch.replace("mae_", "").split("_")
         if len(want) >= 2 and want[1] in SIZES:

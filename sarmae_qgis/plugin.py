@@ -237,8 +237,6 @@ class SarmaePlugin:
         if dialog.exec_() and dialog.layer is not None:
             self.iface.setActiveLayer(dialog.layer)
             self.iface.actionAddFeature().trigger()  # the "add polygon" tool, ready to draw
-            if self.panel is not None:  # the Fine-tune tab trains on the new layer
-                self.panel.finetune_form.label_combo.setLayer(dialog.layer)
             messages.push(self.iface.messageBar(), "SARMAE", "draw polygons, a class for each (right-click ends one), "
                           "then Fine-tune in the SARMAE panel", Qgis.Info, 15)
 

@@ -1,6 +1,13 @@
 """SARMAE model definitions, used by the engine and by training (defined once)."""
 
-from .mae import DecoderConfig, MaskedAutoencoderViT, patchify, random_masking, unpatchify
+from .mae import (
+    DecoderConfig,
+    MaskedAutoencoderViT,
+    masking_indices,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 from .registry import (
     HEADS,
     SIZES,
@@ -15,5 +22,5 @@ from .vit import VisionTransformer, ViTConfig
 __all__ = [
     "HEADS", "SIZES", "DecoderConfig", "MaskedAutoencoderViT", "SARCProjectionHead", "ViTConfig",
     "VisionTransformer", "build_from_architecture", "create_model", "list_models", "patchify",
-    "random_masking", "register_model", "sarc_loss", "unpatchify",
+    "masking_indices", "random_masking", "register_model", "sarc_loss", "unpatchify",
 ]

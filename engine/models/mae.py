@@ -60,25 +60,33 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], in_chans: int) ->
     return x.reshape(n, in_chans, gh * p, gw * p)
 
 
-def random_masking(
-    x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by argsort of uniform noise (or the given ``noise`` (N, L)).
-
-    x: (N, L, D) -> kept tokens (N, K, D) with K = round(L * (1 - mask_ratio)) (at least 1),
-    mask (N, L) with 0 = kept / 1 = masked in the original order, ids_restore (N, L), ids_keep (N, K).
-    """
-    n, length, d = x.shape
+def masking_indices(
+    n: int, length: int, mask_ratio: float, generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None, device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking of ``n`` rows of ``length`` tokens, by argsort of uniform noise (or
+    the given ``noise`` (N, L)): mask (N, L) with 0 = kept / 1 = masked in the original order,
+    ids_restore (N, L), ids_keep (N, K) with K = round(L * (1 - mask_ratio)) (at least 1)."""
     keep = max(1, int(round(float(length) * (1.0 - mask_ratio))))
     if noise is None:
-        noise = torch.rand(n, length, device=x.device, generator=generator)
+        noise = torch.rand(n, length, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
-    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(n, length, device=x.device)
+    mask = torch.ones(n, length, device=noise.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
+    return mask, ids_restore, ids_keep
+
+
+def random_masking(
+    x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``masking_indices`` applied to tokens x: (N, L, D) -> kept tokens (N, K, D), mask (N, L),
+    ids_restore (N, L), ids_keep (N, K)."""
+    n, length, d = x.shape
+    mask, ids_restore, ids_keep = masking_indices(n, length, mask_ratio, generator, noise, x.device)
+    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
     return kept, mask, ids_restore, ids_keep
 
 
@@ -132,7 +140,7 @@ class MaskedAutoencoderViT(VisionTransformer):
                 raise ValueError(f"model expects {self.in_chans} channels, got {imgs.shape[1]}")
             patches, grid = self.patch_embed.patches(imgs)
             n, length = patches.shape[:2]
-            _, mask, ids_restore, ids_keep = random_masking(patches.new_zeros(n, length, 1), mask_ratio, generator, noise)
+            mask, ids_restore, ids_keep = masking_indices(n, length, mask_ratio, generator, noise, imgs.device)
             idx = ids_keep.view(n, -1, 1, 1, 1).expand(-1, -1, *patches.shape[2:])
             pos = self.pos_embed_for(grid)[:, 1:].expand(n, -1, -1)
             kept = self.patch_embed.embed_patches(torch.gather(patches, 1, idx))

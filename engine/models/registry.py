@@ -67,6 +67,16 @@ def arch_encoder_config(name: str, **overrides) -> ViTConfig:
     return encoder_config(m.group(1), patch_size=int(m.group(3)), stem=TOKENISERS[m.group(2)][0], **overrides)
 
 
+def vit_name(cfg: ViTConfig) -> str:
+    """The registered encoder name (without ``mae_``) ``cfg`` stands for, ``vit_<size>_<patch|conv><p>``
+    (the inverse of ``arch_encoder_config``); 'custom' for a size, stem or patch size with no name."""
+    size = size_of(cfg)
+    kind = next((k for k, (stem, _) in TOKENISERS.items() if stem == cfg.stem), None)
+    if not size or kind is None or cfg.patch_size not in TOKENISERS[kind][1]:
+        return "custom"
+    return f"vit_{size}_{kind}{cfg.patch_size}"
+
+
 def size_of(cfg: ViTConfig) -> str | None:
     """The named size whose width/depth/heads match ``cfg`` (None for a custom size)."""
     for name, s in SIZES.items():

@@ -9,6 +9,7 @@ frozen parameter so checkpoints load unchanged) and is resampled when the input 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,6 +134,18 @@ STEMS = {"patch": PatchEmbed, "conv": ConvStem}
 def input_conv_key(stem: str = "patch") -> str:
     """The weight that sees the input channels (adapted when the channel count changes)."""
     return "patch_embed.stem.0.weight" if stem == "conv" else "patch_embed.proj.weight"
+
+
+def tokeniser_from_shapes(shapes: dict[str, tuple]) -> tuple[str, int, int]:
+    """(stem, patch size, input channels) of an encoder state dict's tensor SHAPES (keys without
+    prefix): a ``PatchEmbed``'s ``patch_embed.proj.weight`` is (D, C, p, p); a ``ConvStem`` has
+    log2(p) - 1 stride-2 convolutions ``patch_embed.stem.{2i}.weight`` (the first (w, C, 3, 3))
+    before its 2x2 ``proj``, so p = 2 ** (convs + 1). KeyError when ``patch_embed.proj.weight`` is missing."""
+    proj = shapes["patch_embed.proj.weight"]
+    convs = sum(1 for k in shapes if re.fullmatch(r"patch_embed\.stem\.\d+\.weight", k))
+    if not convs:
+        return "patch", int(proj[2]), int(proj[1])
+    return "conv", 2 ** (convs + 1), int(shapes[input_conv_key("conv")][1])
 
 
 class Attention(nn.Module):

@@ -30,7 +30,7 @@ from ..types import InferenceOptions
 from .cfar import CfarTask
 
 BATCH = 256  # chips per forward pass
-KEEP_IOU = 0.7  # a refined box this close to its proposal keeps the proposal's box (``refined``)
+KEEP_IOU = 0.7  # a refined box this close to its proposal keeps the proposal's box (``refine_boxes``)
 FORMAT = 2  # architecture.cfar_scored.format: 1 (no key) scores only; 2 adds the box branch (head.regress)
 
 
@@ -47,20 +47,20 @@ def rescore(objects: CfarObjects, probs: np.ndarray, threshold: float, nms_iou: 
     return o.take(np.sort(nms(o.boxes, o.scores, nms_iou))) if len(o) else o
 
 
-def refined(objects: CfarObjects, deltas: np.ndarray, sides: np.ndarray, width: int, height: int,
-            keep_iou: float = KEEP_IOU) -> CfarObjects:
-    """The objects with their boxes moved by the scorer's ``deltas`` and clipped to the raster, where
-    the move is large: a refined box overlapping its proposal by ``keep_iou`` or more is dropped
-    for the proposal (CFAR's box is exact to the pixel around what it detected; the branch sees
-    the chip resampled, at 1.5 px per sample or coarser, so its small moves are mostly noise; its
-    large ones cut sidelobes, complete pieces and split merged boxes)."""
+def refine_boxes(boxes: np.ndarray, deltas: np.ndarray, sides: np.ndarray, width: int, height: int,
+                 keep_iou: float = KEEP_IOU) -> np.ndarray:
+    """(n, 4) proposal boxes -> (n, 4) boxes moved by the scorer's ``deltas`` and clipped to the
+    raster, where the move is large: a refined box overlapping its proposal by ``keep_iou`` or more
+    is dropped for the proposal (CFAR's box is exact to the pixel around what it detected; the
+    branch sees the chip resampled, at 1.5 px per sample or coarser, so its small moves are mostly
+    noise; its large ones cut sidelobes, complete pieces and split merged boxes)."""
     from ..models.chip_scorer import apply_deltas
 
-    b = apply_deltas(objects.boxes, deltas, sides)
+    b = apply_deltas(boxes, deltas, sides)
     b = np.clip(b, 0.0, np.array([width, height, width, height], np.float64))
-    small = pairwise_iou(b, objects.boxes) >= keep_iou
-    b[small] = objects.boxes[small]
-    return CfarObjects(b, objects.scores, objects.ratios, objects.pixels, objects.lengths, (b[:, 1] + b[:, 3]) / 2)
+    small = pairwise_iou(b, boxes) >= keep_iou
+    b[small] = boxes[small]
+    return b
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -135,7 +135,9 @@ class ProposalScorer:
         chips = scorer_chips(raster, units, objects.boxes, self.head, source, self.given)
         logits, deltas = self.run(chips, chip_geometry(objects.boxes, sides))
         if deltas is not None:  # the box branch moves each proposal's box (clipped to the raster)
-            objects = refined(objects, deltas, sides, raster.width, raster.height)
+            b = refine_boxes(objects.boxes, deltas, sides, raster.width, raster.height)
+            objects = CfarObjects(b, objects.scores, objects.ratios, objects.pixels, objects.lengths,
+                                  (b[:, 1] + b[:, 3]) / 2)
         kept = rescore(objects, probabilities(logits), self.threshold, self.nms_iou)
         self.kept += len(kept)
         return kept

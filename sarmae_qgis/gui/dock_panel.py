@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
+from qgis.core import QgsProject
 from qgis.gui import QgsDockWidget
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QEvent, QFileSystemWatcher, QObject, Qt, QTimer, QUrl
@@ -38,7 +38,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..toolbelt import settings
-from ..toolbelt.layers import input_raster
+from ..toolbelt.layers import input_raster, is_input_raster
 from ..toolbelt.resources import resource
 from .finetune_dialog import FinetuneDialog
 from .package_picker import PackagePicker
@@ -148,24 +148,17 @@ class SarmaePanel(QgsDockWidget):
 
     # ---- the project's layers -------------------------------------------------------------------
     def _choose_inputs(self, added=()) -> None:
-        """Every tab follows the project: a raster tab with no layer chosen takes the input raster
-        (a raster opened from the command line, or with the project, while the panel was already
-        built: its Run, Similarity and Text search lists stayed empty), the Similarity tab's polygon
-        layer takes a new polygon layer (New label layer…)."""
+        """Every raster tab follows the project: with no layer chosen it takes the input raster (a
+        raster opened from the command line, or with the project, while the panel was already
+        built: its Run, Similarity and Text search lists stayed empty). The polygon lists (Fine-tune,
+        Similarity) follow new polygon layers by themselves (``layers.follow_new_polygons``)."""
         if sip.isdeleted(self):
             return
-        from ..styling import ROLE_PROPERTY
-
         raster = input_raster(None, self.project) or next(  # layers not (yet) in the layer tree
-            (lyr for lyr in list(added) + list(self.project.mapLayers().values()) if isinstance(lyr, QgsRasterLayer)
-             and lyr.customProperty(ROLE_PROPERTY) in (None, "", "input")), None)
+            (lyr for lyr in list(added) + list(self.project.mapLayers().values()) if is_input_raster(lyr)), None)
         for form in (self.run_form, self.text_form, self.similarity_form):
             if raster is not None and form.layer_combo.currentLayer() is None:
                 form.layer_combo.setLayer(raster)
-        polygons = [lyr for lyr in added if isinstance(lyr, QgsVectorLayer) and lyr.isSpatial()
-                    and lyr.geometryType() == QgsWkbTypes.PolygonGeometry]
-        if polygons and self.similarity_form.polygon_combo.currentLayer() is None:
-            self.similarity_form.polygon_combo.setLayer(polygons[-1])
 
     def _on_layers_added(self, layers) -> None:
         self._choose_inputs(layers)

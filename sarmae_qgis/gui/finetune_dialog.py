@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qgis.core import QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
+from qgis.core import QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsMapLayerComboBox
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt, pyqtSignal
@@ -37,7 +37,7 @@ from ..model_cards import PackageCard
 from ..tasks.finetune_task import FINETUNE_TASKS, MODE_LABELS, MODES, FinetuneRequest
 from ..tasks.run_task import slug
 from ..toolbelt import settings
-from ..toolbelt.layers import raster_file
+from ..toolbelt.layers import follow_new_polygons, raster_file
 from .about_dialog import ICON_PATH
 from .finetune_results import FinetuneResultDialog
 from .notice import Notice
@@ -158,7 +158,7 @@ class FinetuneDialog(QDialog):
         self.field_combo.model().modelReset.connect(self._on_fields_reset)
         self._on_task_changed(self.task_combo.currentText())
         self._on_label_layer_changed(self.label_combo.currentLayer())
-        self.project.layersAdded.connect(self._on_layers_added)
+        follow_new_polygons(self.label_combo, self.project)  # a new label layer is chosen
 
     def _layout(self) -> None:
         data = QGroupBox("Training data", self)
@@ -211,16 +211,6 @@ class FinetuneDialog(QDialog):
 
     def checked_rasters(self) -> list[QgsRasterLayer]:
         return self.raster_list.checked()
-
-    def _on_layers_added(self, layers) -> None:
-        """A polygon layer added while none is chosen (a new label layer): chosen (the raster list
-        follows the project by itself)."""
-        if sip.isdeleted(self):
-            return
-        polygons = [lyr for lyr in layers if isinstance(lyr, QgsVectorLayer)
-                    and lyr.geometryType() == QgsWkbTypes.PolygonGeometry]
-        if polygons and self.label_combo.currentLayer() is None:
-            self.label_combo.setLayer(polygons[-1])
 
     def add_encoder(self, path: str | Path) -> int:
         """Add an encoder package from elsewhere (Browse…) first in the list and select it."""

@@ -65,6 +65,7 @@ from ..tasks.similarity_task import (
     start_task,
 )
 from ..toolbelt import log, messages, settings
+from ..toolbelt.layers import follow_new_polygons
 from .about_dialog import ICON_PATH
 from .notice import Notice
 from .package_picker import PackagePicker
@@ -276,6 +277,7 @@ class SimilarityDialog(QDialog):
         self.polygon_button.clicked.connect(self.use_selected_polygons)
         self.layer_combo.layerChanged.connect(lambda _layer: self.release_tool())
         self.notice.clear_on(self.layer_combo.layerChanged, self.model_picker.changed, self.polygon_combo.layerChanged)
+        follow_new_polygons(self.polygon_combo, project or QgsProject.instance())
         self.model_picker.refresh()
 
     def _layout(self) -> None:

@@ -35,9 +35,8 @@ from qgis.PyQt.QtWidgets import QAbstractItemView, QListWidget, QListWidgetItem,
 from ..errors import RequestError, SarmaePluginError
 from ..labelling import CLASSES_PROPERTY, count_labels, label_classes
 from ..model_cards import PackageCard, check_channels
-from ..styling import ROLE_PROPERTY
 from ..tasks.run_task import slug
-from ..toolbelt.layers import band_names
+from ..toolbelt.layers import band_names, is_input_raster
 
 KEY_NAMES = {"fid", "ogc_fid", "id", "gid", "objectid", "pk", "rowid"}  # never a class field by default
 CLASS_FIELD_NAMES = ("class", "klasse", "label", "type", "name")  # in this order of preference
@@ -221,8 +220,7 @@ class RasterList(QListWidget):
         ticked = {layer.id() for layer in self.checked()}
         self.clear()
         for layer in self.project.mapLayers().values():
-            output = layer.customProperty(ROLE_PROPERTY) not in (None, "", "input")  # a class map, a confidence...
-            if isinstance(layer, QgsRasterLayer) and (not output or layer.id() in ticked):
+            if isinstance(layer, QgsRasterLayer) and (is_input_raster(layer) or layer.id() in ticked):
                 item = QListWidgetItem(layer.name(), self)
                 item.setData(Qt.UserRole, layer.id())
                 item.setToolTip(layer.source())

@@ -10,23 +10,67 @@ from __future__ import annotations
 import math
 import os
 
-from qgis.core import QgsProject, QgsProviderRegistry, QgsRasterLayer, QgsRectangle
+from qgis.core import (
+    QgsProject,
+    QgsProviderRegistry,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import QObject
 
 from ..errors import LayerError
 
 
-def input_raster(active=None, project: QgsProject | None = None) -> QgsRasterLayer | None:
-    """The raster a form should offer first: ``active`` when it is a raster layer, else the first
-    raster of the layer tree (top down) that is not a SARMAE output (``styling.ROLE_PROPERTY``):
-    the SAR image, not the confidence raster of an earlier run."""
-    if isinstance(active, QgsRasterLayer):
-        return active
+def is_input_raster(layer) -> bool:
+    """A raster layer that is not a SARMAE output (``styling.ROLE_PROPERTY``: a class map, a
+    confidence raster...): the SAR image a form should offer."""
     from ..styling import ROLE_PROPERTY
 
+    return isinstance(layer, QgsRasterLayer) and layer.customProperty(ROLE_PROPERTY) in (None, "", "input")
+
+
+def input_raster(active=None, project: QgsProject | None = None) -> QgsRasterLayer | None:
+    """The raster a form should offer first: ``active`` when it is a raster layer, else the first
+    raster of the layer tree (top down) that ``is_input_raster``: the SAR image, not the
+    confidence raster of an earlier run."""
+    if isinstance(active, QgsRasterLayer):
+        return active
     root = (project or QgsProject.instance()).layerTreeRoot()
     rasters = [n.layer() for n in root.findLayers() if isinstance(n.layer(), QgsRasterLayer)]
-    inputs = [lyr for lyr in rasters if lyr.customProperty(ROLE_PROPERTY) in (None, "", "input")]
+    inputs = [lyr for lyr in rasters if is_input_raster(lyr)]
     return (inputs or rasters or [None])[0]
+
+
+class _NewPolygons(QObject):
+    """``follow_new_polygons``' slot: a child of the combo, so that the connection to the project
+    goes with the combo (a bound method of a QObject is disconnected when it is destroyed)."""
+
+    def __init__(self, combo, project: QgsProject):
+        super().__init__(combo)
+        self.combo = combo
+        project.layersAdded.connect(self.added)
+
+    def added(self, layers) -> None:
+        from ..labelling import CLASSES_PROPERTY
+
+        if sip.isdeleted(self) or sip.isdeleted(self.combo):
+            return
+        polygons = [lyr for lyr in layers if isinstance(lyr, QgsVectorLayer) and lyr.isSpatial()
+                    and lyr.geometryType() == QgsWkbTypes.PolygonGeometry]
+        labels = [lyr for lyr in polygons if lyr.customProperty(CLASSES_PROPERTY)]
+        if labels or (polygons and self.combo.currentLayer() is None):
+            self.combo.setLayer((labels or polygons)[-1])
+
+
+def follow_new_polygons(combo, project: QgsProject) -> None:
+    """``combo`` (a polygon layer list of a form) takes a polygon layer added to ``project``: the
+    last one added, while none is chosen; a SARMAE label layer (New label layer…, with
+    ``labelling.CLASSES_PROPERTY``) even over a choice, since the analyst made it to use it. The
+    one rule of every form for a new polygon layer; wired for the combo's lifetime."""
+    _NewPolygons(combo, project)
 
 
 def raster_file(layer: QgsRasterLayer | None) -> str:

@@ -82,6 +82,21 @@ def test_vit_base_shapes_without_weights():
         infer_architecture(shapes, arch="vit_large_patch16")
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_conv16", "vit_tiny_conv8", "vit_tiny_patch8"])
+def test_a_checkpoint_without_its_config_converts_to_its_registered_arch(tmp_path, name):
+    """Stem and patch read from the state dict (a conv stem's proj is 2x2 over the last conv's width)."""
+    vit = create_model(name, in_chans=2, img_size=32)
+    torch.save({"model": vit.state_dict()}, tmp_path / "c.pth")
+    report = convert_checkpoint(tmp_path / "c.pth", tmp_path / "pkg")
+    assert report.fraction == 1.0 and not report.missing
+    pkg = load_package(tmp_path / "pkg")
+    assert pkg.card.architecture["name"] == name
+    e = pkg.card.architecture["encoder"]
+    assert (e.get("stem", "patch"), e["patch_size"], e["in_chans"], e["img_size"]) == (
+        vit.cfg.stem, vit.cfg.patch_size, 2, [32, 32])
+    assert all(torch.equal(v, pkg.model.state_dict()[k]) for k, v in vit.state_dict().items())
+
+
 def test_refuses_mostly_unmatched_checkpoint(tmp_path):
     mae = create_model("vit_tiny_patch16", in_chans=3, **TINY)
     sd = {k: v for k, v in mae.state_dict().items() if k.startswith(("patch_embed", "pos_embed", "cls_token"))}

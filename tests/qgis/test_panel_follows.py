@@ -66,6 +66,25 @@ def test_a_new_label_layer_is_the_similarity_tabs_polygon_layer(panel, assets, p
     labels.rollBack()
 
 
+def test_a_new_label_layer_replaces_a_chosen_polygon_layer_a_plain_one_does_not(panel, project, tmp_path):
+    """One rule for every polygon list (``layers.follow_new_polygons``; New label layer… used to set
+    the Fine-tune tab from the plugin as well): a label layer just made is the one to use."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsVectorLayer
+
+    from sarmae_qgis.labelling import create_label_layer
+
+    combos = (panel.finetune_form.label_combo, panel.similarity_form.polygon_combo)
+    drawn = QgsVectorLayer("Polygon?crs=EPSG:32631&field=kind:string", "drawn", "memory")
+    project.addMapLayer(drawn)
+    assert [c.currentLayer() for c in combos] == [drawn, drawn]
+    labels = create_label_layer(tmp_path / "labels.gpkg", QgsCoordinateReferenceSystem("EPSG:32631"),
+                                [("water", "#1f77b4"), ("land", "#2ca02c")], project=project)
+    assert [c.currentLayer() for c in combos] == [labels, labels]
+    project.addMapLayer(QgsVectorLayer("Polygon?crs=EPSG:32631&field=kind:string", "other", "memory"))
+    assert [c.currentLayer() for c in combos] == [labels, labels]  # a choice is kept
+    labels.rollBack()
+
+
 def test_the_run_tab_moves_to_the_model_that_fits_once_more_are_installed(panel, assets, project):
     """The Run tab stayed on the only package there when the panel opened; the panel watches the
     models folder: a refresh re-ranks (model_cards.fit_rank) until the user picks a model by hand."""

@@ -270,8 +270,7 @@ def training_threshold(model, rasters: list[str], truth: list, props: list, head
 def scored(model, boxes: np.ndarray, chips: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """The boxes (refined when the model has a box branch) and their probabilities, as inference."""
     from engine.cfar.chips import chip_geometry, chip_sides
-    from engine.cfar.objects import CfarObjects
-    from engine.tasks.cfar_scored import probabilities, refined
+    from engine.tasks.cfar_scored import probabilities, refine_boxes
 
     if not len(boxes):
         return boxes, np.zeros(0)
@@ -280,8 +279,7 @@ def scored(model, boxes: np.ndarray, chips: np.ndarray, width: int, height: int)
         out = model(torch.from_numpy(chips), torch.from_numpy(chip_geometry(boxes, sides)))
     logit, deltas = out if isinstance(out, tuple) else (out, None)
     if deltas is not None:
-        z = np.zeros(len(boxes))
-        boxes = refined(CfarObjects(boxes, z, z, z, z, z), deltas.numpy(), sides, width, height).boxes
+        boxes = refine_boxes(boxes, deltas.numpy(), sides, width, height)
     return boxes, probabilities(logit.numpy())
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from engine.errors import SarmaeError
 from engine.models import VisionTransformer
-from engine.models.registry import arch_encoder_config
+from engine.models.registry import arch_encoder_config, vit_name
 from engine.package import default_input
 
 from ..optim import lr_at
@@ -293,14 +293,6 @@ def plot_history(hist: History, metric_name: str, png: Path) -> None:
         plt.close(fig)
 
 
-def arch_name(vit) -> str:
-    """'vit_<size>_patch<p>' for a named encoder size, else 'custom'."""
-    from engine.models.registry import size_of
-
-    size = size_of(vit.cfg)
-    return f"vit_{size}_{'conv' if vit.cfg.stem == 'conv' else 'patch'}{vit.cfg.patch_size}" if size else "custom"
-
-
 def class_colours(classes: list[str], colours: dict[str, str] | list[str] | None,
                   given: list[str] | None = None) -> dict[str, str]:
     """{class: '#rrggbb'} from a dict, or from a list aligned with ``given`` (the user's class order,
@@ -397,7 +389,7 @@ def save_task_package(model: nn.Module, enc: Encoder | None, task: str, head: di
     from engine.package import default_classes, new_card, save_package
 
     out = Path(output)
-    arch = architecture or {"name": arch_name(enc.model), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0},
+    arch = architecture or {"name": vit_name(enc.model.cfg), "encoder": {**enc.model.cfg.to_dict(), "drop_path_rate": 0.0},
                             "head": head}
     mode = metrics.get("mode") or "full"
     mode = "linear probe" if cfg.linear_probe and mode == "full" else mode

@@ -87,13 +87,21 @@ def iou(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def best_iou(score: np.ndarray, label: np.ndarray) -> tuple[float, float]:
-    """(threshold, IoU) of ``score > t`` with the best IoU over all thresholds (quantiles of the score)."""
-    best = (float("nan"), -1.0)
-    for t in np.unique(np.quantile(score, np.linspace(0.0, 1.0, 401))):
-        v = iou(score > t, label)
-        if v > best[1]:
-            best = (float(t), v)
-    return best
+    """(threshold, IoU) of ``score > t`` with the best IoU over all thresholds (quantiles of the score).
+
+    One pass: with the scores sorted once, the pixels above t are those after ``searchsorted(t,
+    'right')``, and the cumulative label count gives the true positives among them; IoU = TP /
+    (predicted + labelled - TP). The first threshold with the best IoU wins (ascending)."""
+    label = np.asarray(label, bool).reshape(-1)
+    order = np.argsort(score.reshape(-1), kind="stable")
+    ranked = score.reshape(-1)[order]
+    pos_below = np.concatenate([[0], np.cumsum(label[order])])  # labelled pixels among the k lowest scores
+    ts = np.unique(np.quantile(score, np.linspace(0.0, 1.0, 401)))
+    k = np.searchsorted(ranked, ts, side="right")  # pixels with score <= t
+    tp = pos_below[-1] - pos_below[k]
+    v = tp / np.maximum(1, (len(ranked) - k) + pos_below[-1] - tp)
+    i = int(np.argmax(v))
+    return float(ts[i]), float(v[i])
 
 
 def val_thresholds(model: str, table: Path) -> dict[str, dict]:

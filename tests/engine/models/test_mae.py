@@ -9,6 +9,8 @@ from engine.models import (
     DecoderConfig,
     MaskedAutoencoderViT,
     ViTConfig,
+    create_model,
+    masking_indices,
     patchify,
     random_masking,
     unpatchify,
@@ -53,6 +55,19 @@ def test_masking_keeps_round_quarter(length):
 def test_masking_differs_per_sample():
     _, mask, _, _ = random_masking(torch.randn(8, 64, 4), 0.75, torch.Generator().manual_seed(0))
     assert len({tuple(m.tolist()) for m in mask}) > 1
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_both_stems_mask_with_the_same_indices_for_a_seed(stem):
+    """``masking_indices`` is ``random_masking``'s draw, and both stems' encoders use it: a seed
+    gives the same mask, restore and keep indices, bitwise."""
+    want = masking_indices(3, 16, 0.75, torch.Generator().manual_seed(7))
+    _, *got = random_masking(torch.randn(3, 16, 4), 0.75, torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    m = create_model(f"mae_vit_tiny_{stem}8", decoder={"embed_dim": 16, "depth": 1, "num_heads": 2},
+                     img_size=32, depth=1)
+    _, *enc = m.forward_encoder(torch.randn(3, 3, 32, 32), 0.75, torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(want, enc[:3]))
 
 
 @pytest.mark.parametrize("c", [1, 2, 3])
