@@ -1,9 +1,10 @@
 """The model card (``model.json``) as typed records: the contract between training, the engine and
 the plugin (DESIGN.md, "Model packages").
 
-model.json, format_version 2 or 3 (version 1 cards, without ``output``, still load; a card is written
-as version 3 only when its input has ``standardise``, so that an older sarmae refuses it instead of
-feeding the model input it was not trained on)::
+model.json, format_version 2, 3 or 4 (version 1 cards, without ``output``, still load; a card is
+written as version 3 only when its input has ``standardise`` (or another field of ``NEEDS_V3``), as
+version 4 only when that standardisation also smooths (``smooth``), so that an older sarmae refuses it
+instead of feeding the model input it was not trained on)::
 
     {"format": "sarmae-model", "format_version": 2,
      "name": str, "task": a registered task (engine.tasks: embed, reconstruct, classify, segment, detect, ...),
@@ -12,8 +13,8 @@ feeding the model input it was not trained on)::
      "classes": [{"name": str, "colour": "#rrggbb"}, ...],
      "input": {"bands": [str], "units": "linear_power"|"amplitude"|"db"|"uint8",
                "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask", "pixel_spacing_m": float|null,
-               "standardise": {"per": "window", "centre": "median", "spread": "iqr" | dB} (optional, classify
-               only, format_version 3: engine.radiometry.standardise_windows)},
+               "standardise": {"per": "window", "centre": "median", "spread": "iqr" | dB, "smooth": px} (optional,
+               classify only, format_version 3, with "smooth" 4: engine.radiometry.standardise_windows)},
      "output": what the model (and its model.onnx) returns: "logits" | "probabilities" (classify, segment),
                "features" (embed), "image" (reconstruct), "boxes" (detect); v1 cards: the task's default,
      "provenance": {...free-form: data, epochs, metrics, date, code version...},
@@ -43,11 +44,13 @@ from typing import Any
 from .errors import PackageError
 
 FORMAT = "sarmae-model"
-FORMAT_VERSION = 3  # 2: "output" says what the model returns (logits or probabilities, ...); 3: input.standardise
+FORMAT_VERSION = 4  # 2: "output" says what the model returns (logits or probabilities, ...); 3: input.standardise;
+# 4: input.standardise.smooth (a Gaussian low-pass of the standardised window: an older engine would skip it)
 # input-contract fields an older engine would ignore and so feed the model wrongly scaled input: cards
 # with any of them are written as version 3, which such an engine refuses
 NEEDS_V3 = ("standardise", "channels", "band_clip", "stretch")
 UNITS = ("linear_power", "amplitude", "db", "uint8")
+MAX_SMOOTH_PX = 8.0  # input.standardise.smooth: the largest Gaussian sigma (px) a card may ask for
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 # Default clip ranges per unit (what [0, 1] spans before mean/std): wide enough for land, water
@@ -237,6 +240,12 @@ def check_standardise(spec: Any) -> str | None:
     spread = spec.get("spread", "iqr")
     if spread != "iqr" and not (isinstance(spread, (int, float)) and not isinstance(spread, bool) and spread > 0):
         return f"'spread' must be 'iqr' or a positive number of dB (found {spread!r})"
+    smooth = spec.get("smooth", 0)
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth <= MAX_SMOOTH_PX:
+        return f"'smooth' must be a Gaussian sigma in pixels from 0 to {MAX_SMOOTH_PX:g} (found {smooth!r})"
+    unknown = sorted(set(spec) - {"per", "centre", "spread", "smooth"})
+    if unknown:
+        return f"has unknown field(s) {', '.join(map(repr, unknown))} (this sarmae knows per, centre, spread, smooth)"
     return None
 
 
@@ -320,9 +329,11 @@ class ModelCard:
 
     def to_dict(self) -> dict:
         """The model.json object, written as the oldest format version that holds it (3 with any of
-        ``NEEDS_V3`` in the input contract, else 2)."""
+        ``NEEDS_V3`` in the input contract, 4 when its standardisation smooths, else 2)."""
         inp = self.input
         version = 3 if inp is not None and any(getattr(inp, k) is not None for k in NEEDS_V3) else 2
+        if inp is not None and inp.standardise is not None and inp.standardise.get("smooth"):
+            version = 4
         d = {"format": FORMAT, "format_version": version, "name": self.name, "task": self.task,
              "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
              "input": None if self.input is None else self.input.to_dict(), "output": self.output,
@@ -332,7 +343,7 @@ class ModelCard:
 
 
 def validate_card(d: Any, where: str) -> ModelCard:
-    """Check a parsed model.json (format_version 1 to 3); every problem is listed with its file."""
+    """Check a parsed model.json (format_version 1 to 4); every problem is listed with its file."""
     from .tasks import TASKS, TaskRegistryError, get_task, task_names
 
     if not isinstance(d, dict):

@@ -102,7 +102,10 @@ def standardise_windows(x: np.ndarray, contract: Any, valid: np.ndarray | None =
     ``STANDARDISE_FLOOR``), then ``(L - median(L)) / spread``, spread = the interquartile range in dB
     (at least ``MIN_SPREAD_DB``) or the fixed dB of ``spread``, clipped to +-``STANDARDISE_CLIP``.
     A gain g dB adds g to every ``L`` of the window, which the median removes (up to clipping at
-    the contract's range). Invalid pixels come out 0. Returns float32 of ``x``'s shape.
+    the contract's range). With ``smooth`` (px) the standardised window is then low-passed by a
+    Gaussian of that sigma (a multilook in dB: the model keys less on the speckle of one processing
+    chain, which fresh speckle or any resampling changes). Invalid pixels come out 0. Returns float32
+    of ``x``'s shape.
     """
     spec = contract["standardise"]
     problem = check_standardise(spec)
@@ -131,6 +134,11 @@ def standardise_windows(x: np.ndarray, contract: Any, valid: np.ndarray | None =
     scale = np.maximum(q75 - q25, MIN_SPREAD_DB) if spread == "iqr" else np.full_like(med, float(spread))
     out = np.clip((db - med[..., None, None]) / scale[..., None, None], -STANDARDISE_CLIP, STANDARDISE_CLIP)
     out = np.nan_to_num(out, nan=0.0)
+    if spec.get("smooth"):
+        from scipy.ndimage import gaussian_filter
+
+        s = float(spec["smooth"])
+        out = gaussian_filter(out.astype(np.float32, copy=False), sigma=(0, 0, s, s), mode="mirror", truncate=3.0)
     if valid is not None:
         out = np.where(np.asarray(valid, bool).reshape(n, 1, *xs.shape[2:]), out, 0.0)
     out = out.astype(np.float32, copy=False)

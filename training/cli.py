@@ -65,7 +65,7 @@ def _finetune_config(a: argparse.Namespace):
          "baselines": bool(getattr(a, "baselines", False))}
     for k in ("epochs", "batch_size", "lr", "layer_decay", "img_size", "patience", "val_fraction", "device",
               "bands", "input_units", "class_weights", "max_chips", "mode", "seg_head", "gain_db",
-              "standardise", "pool", "arch", "acquisition"):
+              "standardise", "smooth", "pool", "arch", "acquisition"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
@@ -385,6 +385,11 @@ def register(sub) -> None:
                         "range (iqr), so that another sensor's or acquisition's brightness does not change the answer; "
                         "recorded in the package, the engine applies it to every window; none: off; auto (default): "
                         "median for 8-bit display chips, none for calibrated dB / power / amplitude")
+    s.add_argument("--smooth", type=float, metavar="PX",
+                   help="classify, with --standardise: a Gaussian low-pass of sigma PX pixels on each standardised "
+                        "chip, in training and in the engine (a multilook: the model keys less on one processing "
+                        "chain's speckle, which another sensor, fresh speckle or resampling changes); 0: off "
+                        "(default: 1)")
     s.add_argument("--pool", choices=["mean", "blocks"],
                    help="classify: the embedding the head sees: blocks (the mean and the max of the tokens of the last 4 "
                         "blocks; the default) or mean (of the last block's tokens)")

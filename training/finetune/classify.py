@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.card import MAX_SMOOTH_PX
+
 from ..data.config import DataConfig
 from .common import (
     FinetuneError,
@@ -156,6 +158,10 @@ def contract_for(kind: str, enc_input: dict, in_chans: int, clip_db) -> dict:
 # none for calibrated units (dB, power, amplitude), whose level is physical (water is dark).
 STANDARDISE = {"median": {"per": "window", "centre": "median", "spread": 10.0},
                "iqr": {"per": "window", "centre": "median", "spread": "iqr"}, "none": None}
+# --smooth: a Gaussian low-pass (sigma in px) of each standardised chip, in training and in the engine
+# (standardise_windows). MSTAR 40-shot, quick mode, validation chips, clean / mean of 9 simulated
+# acquisition shifts: see README "Measured", "Input smoothing"; chosen there on validation.
+SMOOTH_DEFAULT = 1.0
 
 
 def with_standardise(contract: dict, cfg: FinetuneConfig) -> tuple[dict, str]:
@@ -174,6 +180,15 @@ def with_standardise(contract: dict, cfg: FinetuneConfig) -> tuple[dict, str]:
                "and in the engine" if choice == "median" else
                f"calibrated {contract.get('units')} input (its level is physical): no per-chip standardisation")
     spec = STANDARDISE[choice]
+    smooth = SMOOTH_DEFAULT if cfg.smooth is None else cfg.smooth
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth <= MAX_SMOOTH_PX:
+        raise FinetuneError(f"--smooth {smooth!r}: give a Gaussian sigma in pixels from 0 (off) to {MAX_SMOOTH_PX:g}")
+    if spec is None and cfg.smooth:
+        raise FinetuneError(f"--smooth {cfg.smooth:g} low-passes the standardised chip, and this input is not "
+                            f"standardised ({why}); add --standardise median or iqr, or leave --smooth out")
+    if spec is not None and smooth:
+        spec = {**spec, "smooth": float(smooth)}
+        why += f"; then a Gaussian low-pass of {float(smooth):g} px (--smooth)"
     out = {**{k: v for k, v in contract.items() if k != "standardise"}, **({"standardise": spec} if spec else {})}
     return out, why
 

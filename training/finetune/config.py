@@ -43,6 +43,7 @@ class FinetuneConfig:
     acquisition_warp: float = 0.5  # with acquisition: the share of chips also resampled (zoom, rotation, translation)
     gain_db: float = 2.0  # classify/segment with augment: random gain per chip within +-gain_db dB (0: off)
     standardise: str = "auto"  # classify: median (chip in dB minus its median, / 10 dB), iqr, none; auto: median for 8-bit
+    smooth: float | None = None  # classify with standardise: Gaussian sigma (px) of the standardised chip (0: off; None: SMOOTH_DEFAULT)
     pool: str = "blocks"  # classify: blocks (mean + max of the last 4 blocks' tokens, the default) | mean (last block's)
     baselines: bool = False  # classify: also train the small-CNN baseline on the same chips and budget (its row)
     bands: list[int | str] | None = None  # rasters: bands in the encoder's order, 1-based indexes or names (as infer)

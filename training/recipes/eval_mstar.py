@@ -162,27 +162,27 @@ def cnn_row(pool: Path, shots: str, seed: int, a, acq: bool, tag: str = "cnn"):
     from training.acquisition import acquisition_jitter
     from training.baselines import train_small_cnn
     from training.finetune.classify import (
-        STANDARDISE,
         augment,
         class_folders,
         contract_for,
         load_tensors,
         split,
+        with_standardise,
     )
     from training.finetune.common import gain_jitter, model_input
+    from training.finetune.config import FinetuneConfig
 
     chips = class_folders(pool)
     tr, va = split(chips, 0.2, None if shots == "all" else int(shots), seed)
     x, kind = load_tensors(chips.files, a.img_size, 1, [0.5], [0.5])
     contract = contract_for(kind, default_input(1), 1, (-35.0, 10.0))  # as finetune's contract for these chips
-    if STANDARDISE[a.standardise]:
-        contract["standardise"] = STANDARDISE[a.standardise]
+    contract, _ = with_standardise(contract, FinetuneConfig(standardise=a.standardise, smooth=a.smooth))  # as finetune
     gen = torch.Generator().manual_seed(seed)
     jitter = ((lambda b: acquisition_jitter(augment(b), contract, a.gain_db, warp=a.acq_warp, generator=gen)) if acq
               else (lambda b: gain_jitter(augment(b), contract, a.gain_db)))
     model, info = train_small_cnn(x, chips.labels, tr, va, epochs=a.epochs, max_minutes=a.max_minutes, seed=seed,
                                   augment=jitter, prepare=lambda b: model_input(b, contract))
-    torch.save(model.state_dict(), Path(a.out) / f"{tag}_{shots}_s{seed}_{a.standardise}.pt")
+    torch.save(model.state_dict(), Path(a.out) / f"{tag}_{shots}_s{seed}_{a.std_label}.pt")
     return model, contract, {"epochs_run": info["epochs_run"]}
 
 
@@ -241,6 +241,9 @@ def main() -> None:
     ap.add_argument("--standardise", default="auto", choices=["auto", "median", "iqr", "none"],
                     help="per-chip input standardisation in dB (every row, the small CNN's too; see finetune "
                          "--standardise; auto: median for 8-bit chips such as MSTAR's, none for calibrated ones)")
+    ap.add_argument("--smooth", type=float, default=None,
+                    help="Gaussian low-pass (px) of each standardised chip, every row (finetune --smooth; default: "
+                         "finetune's); rows of another setting are kept apart in results.json")
     ap.add_argument("--out", default=None, help="default: runs/eval_mstar_shifts, runs/eval_opensarship")
     a = ap.parse_args()
     import torch
@@ -266,7 +269,11 @@ def main() -> None:
         a.standardise = "median" if load_tensors(pool_chips.files[:1], 16, 1, [0.5], [0.5])[1] == "uint8" else "none"
     data = {"test_files": test_chips.files, "test_labels": test_chips.labels, "cache": {}, "val_by_seed": {}}
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
-    std = a.standardise
+    from training.finetune.classify import SMOOTH_DEFAULT
+
+    smooth = SMOOTH_DEFAULT if a.smooth is None else a.smooth
+    # the results' "standardise" label: the choice, plus the low-pass when there is one (older results: none)
+    std = a.std_label = a.standardise + (f"-s{smooth:g}" if smooth and a.standardise != "none" else "")
     done = {(r["row"], r["shots"], r["seed"], r["standardise"]) for r in results}
     runs = [("cnn", None, "cnn")] if a.cnn else []
     runs += [("cnn-acq", None, "cnn")] if a.cnn_acq else []
@@ -293,7 +300,8 @@ def main() -> None:
                     cfg = FinetuneConfig(encoder="" if pkg == "none" else pkg, img_size=a.img_size, in_chans=1,
                                          shots=None if shots == "all" else int(shots), seed=seed, epochs=a.epochs,
                                          max_minutes=a.max_minutes, warmup_epochs=min(5.0, a.epochs / 8),
-                                         batch_size=32, patience=12, mode="head" if mode == "lr" else mode, gain_db=a.gain_db, standardise=std,
+                                         batch_size=32, patience=12, mode="head" if mode == "lr" else mode, gain_db=a.gain_db, standardise=a.standardise,
+                                         smooth=smooth if a.standardise != "none" else None,
                                          acquisition=a.acq and mode != "lr", acquisition_warp=a.acq_warp,
                                          **({"pool": a.pool} if a.pool else {}), **plain)
                     dest = out / f"{row.replace(' ', '_')}_{shots}_s{seed}_{std}.pkg"

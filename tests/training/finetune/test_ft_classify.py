@@ -171,3 +171,20 @@ def test_block_pooling_package_runs_in_the_engine_and_onnx(tmp_path, encoder):
     assert ev["accuracy"] >= r["val_accuracy"] - 0.25
     with pytest.raises(FinetuneError, match="--pool 'max'"):
         finetune_classifier(root, tmp_path / "d.pkg", tiny_cfg(encoder, pool="max"))
+
+
+def test_standardised_chips_are_smoothed_by_default_and_smooth_is_checked():
+    from training.finetune.classify import SMOOTH_DEFAULT, with_standardise
+
+    c8 = {"bands": ["VV"], "units": "uint8", "clip": [0, 255], "mean": [0.5], "std": [0.5]}
+    spec, why = with_standardise(c8, FinetuneConfig())  # auto: median for 8-bit chips, then the default low-pass
+    assert spec["standardise"]["smooth"] == SMOOTH_DEFAULT > 0 and "low-pass" in why
+    assert "smooth" not in with_standardise(c8, FinetuneConfig(smooth=0))[0]["standardise"]
+    assert with_standardise(c8, FinetuneConfig(standardise="iqr", smooth=2))[0]["standardise"] == {
+        "per": "window", "centre": "median", "spread": "iqr", "smooth": 2.0}
+    cdb = {**c8, "units": "db", "clip": [-35, 10]}
+    assert "standardise" not in with_standardise(cdb, FinetuneConfig())[0]  # calibrated: neither by default
+    with pytest.raises(FinetuneError, match="not standardised .*add --standardise median or iqr"):
+        with_standardise(cdb, FinetuneConfig(smooth=1.5))
+    with pytest.raises(FinetuneError, match="--smooth -1: give a Gaussian sigma in pixels from 0"):
+        with_standardise(c8, FinetuneConfig(smooth=-1))

@@ -17,7 +17,9 @@ LEVELS = {"dark": 40, "bright": 170}  # and 1 / 4 looks: told apart after per-ch
 
 
 def cnn_cfg(**kw) -> FinetuneConfig:
-    d = dict(arch="cnn", img_size=32, epochs=8, batch_size=16, device="cpu", seed=0)
+    # smooth 0: these classes differ only by their speckle's looks once each chip is standardised, the
+    # texture that the default low-pass (finetune --smooth) is there to take away
+    d = dict(arch="cnn", img_size=32, epochs=8, batch_size=16, device="cpu", seed=0, smooth=0)
     d.update(kw)
     return FinetuneConfig(**d)
 

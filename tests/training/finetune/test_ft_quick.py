@@ -116,6 +116,7 @@ def test_the_default_classifier_does_not_depend_on_the_gain(tmp_path, encoder):
     from engine.package import load_package
     from training.evaluate import evaluate_chips
     from training.finetune.classify import (
+        SMOOTH_DEFAULT,
         STANDARDISE,
         class_folders,
         finetune_classifier,
@@ -128,7 +129,7 @@ def test_the_default_classifier_does_not_depend_on_the_gain(tmp_path, encoder):
     r = finetune_classifier(chips, tmp_path / "cls.pkg", FinetuneConfig(encoder=str(encoder), in_chans=1, device="cpu",
                                                                        mode="head", batch_size=64))
     card = load_package(tmp_path / "cls.pkg").card
-    assert card.input["standardise"] == STANDARDISE["median"] and r["val_accuracy"] > 0.8, r
+    assert card.input["standardise"] == {**STANDARDISE["median"], "smooth": SMOOTH_DEFAULT} and r["val_accuracy"] > 0.8, r
     test = chip_folders(tmp_path / "test", levels, n=6, size=32, seed=5)
     assert evaluate_chips(str(tmp_path / "cls.pkg"), str(test), tmp_path / "cm.png")["accuracy"] > 0.8
     x, _ = load_tensors(class_folders(test).files, 32, 1, card.input["mean"], card.input["std"])
