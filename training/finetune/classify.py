@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.card import MAX_SMOOTH_PX
+from engine.card import check_standardise
 
 from ..data.config import DataConfig
 from .common import (
@@ -181,8 +181,9 @@ def with_standardise(contract: dict, cfg: FinetuneConfig) -> tuple[dict, str]:
                f"calibrated {contract.get('units')} input (its level is physical): no per-chip standardisation")
     spec = STANDARDISE[choice]
     smooth = SMOOTH_DEFAULT if cfg.smooth is None else cfg.smooth
-    if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth <= MAX_SMOOTH_PX:
-        raise FinetuneError(f"--smooth {smooth!r}: give a Gaussian sigma in pixels from 0 (off) to {MAX_SMOOTH_PX:g}")
+    bad = check_standardise({**STANDARDISE["median"], "smooth": smooth})  # the card's own rule for the sigma
+    if bad:
+        raise FinetuneError(f"--smooth {smooth!r}: {bad}")
     if spec is None and cfg.smooth:
         raise FinetuneError(f"--smooth {cfg.smooth:g} low-passes the standardised chip, and this input is not "
                             f"standardised ({why}); add --standardise median or iqr, or leave --smooth out")

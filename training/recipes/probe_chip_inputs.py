@@ -43,7 +43,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from engine.models.heads import ViTClassifier
-    from training.acquisition import DEFAULT_SHIFTS, acquisition_jitter, shifted_sets
+    from training.acquisition import DEFAULT_SHIFTS, shifted_sets
     from training.finetune.classify import (
         class_folders,
         contract_for,
@@ -51,8 +51,9 @@ def main() -> None:
         split,
         with_standardise,
     )
-    from training.finetune.common import gain_jitter, load_encoder, model_input
+    from training.finetune.common import load_encoder
     from training.finetune.config import FinetuneConfig
+    from training.finetune.quick import pooled_features
     from training.recipes.eval_mstar import make_split
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -63,19 +64,6 @@ def main() -> None:
     model = ViTClassifier(enc.model, len(pool.classes), pool="blocks", blocks=4).eval()
     x, kind = load_tensors(pool.files, 128, 1, enc.input["mean"], enc.input["std"])
     base = contract_for(kind, enc.input, 1, (-35.0, 10.0))  # as finetune's contract for these chips
-
-    @torch.no_grad()
-    def features(xs, contract, views: bool, warp: float | None) -> np.ndarray:
-        rows = []
-        for k in range(8 if views else 1):
-            for i in range(0, len(xs), 64):
-                xb = xs[i:i + 64].float()
-                if views:
-                    xb = torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1))
-                    xb = (gain_jitter(xb, contract, 2.0) if warp is None
-                          else acquisition_jitter(xb, contract, 2.0, warp=warp))
-                rows.append(model.forward_features(model_input(xb, contract)))
-        return torch.cat(rows).numpy().astype(np.float64)
 
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else []
@@ -89,9 +77,11 @@ def main() -> None:
             contract, _ = with_standardise(base, cfg)
             t0 = time.time()
             torch.manual_seed(seed)
-            f_tr = features(x[tr], contract, True, None if warp == "none" else float(warp))
+            views = FinetuneConfig(gain_db=2.0, acquisition=warp != "none",
+                                   acquisition_warp=0.5 if warp == "none" else float(warp))
+            f_tr = pooled_features(model, x[tr], "cpu", True, contract, views)  # the quick mode's own views
             y_tr = np.tile(y[tr], 8)
-            f_va = {k: features(s, contract, False, None) for k, s in val_sets.items()}
+            f_va = {k: pooled_features(model, s, "cpu", False, contract) for k, s in val_sets.items()}
             sc = StandardScaler().fit(f_tr)
             best = None
             for c in (0.03, 0.1, 0.3, 1.0, 3.0):

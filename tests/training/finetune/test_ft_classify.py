@@ -186,5 +186,5 @@ def test_standardised_chips_are_smoothed_by_default_and_smooth_is_checked():
     assert "standardise" not in with_standardise(cdb, FinetuneConfig())[0]  # calibrated: neither by default
     with pytest.raises(FinetuneError, match="not standardised .*add --standardise median or iqr"):
         with_standardise(cdb, FinetuneConfig(smooth=1.5))
-    with pytest.raises(FinetuneError, match="--smooth -1: give a Gaussian sigma in pixels from 0"):
+    with pytest.raises(FinetuneError, match="--smooth -1: .smooth. must be a Gaussian sigma in pixels from 0"):
         with_standardise(c8, FinetuneConfig(smooth=-1))
