@@ -1,15 +1,17 @@
 """The model card (``model.json``) as typed records: the contract between training, the engine and
 the plugin (DESIGN.md, "Model packages").
 
-model.json, format_version 2, 3 or 4 (version 1 cards, without ``output``, still load; a card is
+model.json, format_version 2 to 5 (version 1 cards, without ``output``, still load; a card is
 written as version 3 only when its input has ``standardise`` (or another field of ``NEEDS_V3``), as
-version 4 only when that standardisation also smooths (``smooth``), so that an older sarmae refuses it
-instead of feeding the model input it was not trained on)::
+version 4 only when that standardisation also smooths (``smooth``), as version 5 only when a
+classifier's head averages views (``architecture.head.views`` 8), so that an older sarmae refuses it
+instead of running the model otherwise than it was trained and chosen)::
 
     {"format": "sarmae-model", "format_version": 2,
      "name": str, "task": a registered task (engine.tasks: embed, reconstruct, classify, segment, detect, ...),
      "architecture": {"name": str, "encoder": {in_chans, img_size, patch_size, embed_dim, depth, num_heads,
-                      ...other ViTConfig fields}, "decoder": {...} (reconstruct), "head": {...} (class tasks)},
+                      ...other ViTConfig fields}, "decoder": {...} (reconstruct), "head": {...} (class tasks;
+                      classify: "pool", "blocks", "views": 1 | 8, format_version 5 with 8: engine.models.heads)},
      "classes": [{"name": str, "colour": "#rrggbb"}, ...],
      "input": {"bands": [str], "units": "linear_power"|"amplitude"|"db"|"uint8",
                "clip": [lo, hi], "mean": [..], "std": [..], "nodata": "mask", "pixel_spacing_m": float|null,
@@ -44,8 +46,9 @@ from typing import Any
 from .errors import PackageError
 
 FORMAT = "sarmae-model"
-FORMAT_VERSION = 4  # 2: "output" says what the model returns (logits or probabilities, ...); 3: input.standardise;
-# 4: input.standardise.smooth (a Gaussian low-pass of the standardised window: an older engine would skip it)
+FORMAT_VERSION = 5  # 2: "output" says what the model returns (logits or probabilities, ...); 3: input.standardise;
+# 4: input.standardise.smooth (a Gaussian low-pass of the standardised window: an older engine would skip it);
+# 5: architecture.head.views (a classifier averaging the chip's 8 dihedral views: an older engine would run one)
 # input-contract fields an older engine would ignore and so feed the model wrongly scaled input: cards
 # with any of them are written as version 3, which such an engine refuses
 NEEDS_V3 = ("standardise", "channels", "band_clip", "stretch")
@@ -329,11 +332,14 @@ class ModelCard:
 
     def to_dict(self) -> dict:
         """The model.json object, written as the oldest format version that holds it (3 with any of
-        ``NEEDS_V3`` in the input contract, 4 when its standardisation smooths, else 2)."""
+        ``NEEDS_V3`` in the input contract, 4 when its standardisation smooths, 5 when its head averages
+        views, else 2)."""
         inp = self.input
         version = 3 if inp is not None and any(getattr(inp, k) is not None for k in NEEDS_V3) else 2
         if inp is not None and inp.standardise is not None and inp.standardise.get("smooth"):
             version = 4
+        if (self.architecture.head or {}).get("views", 1) != 1:
+            version = 5
         d = {"format": FORMAT, "format_version": version, "name": self.name, "task": self.task,
              "architecture": self.architecture.to_dict(), "classes": [dict(c) for c in self.classes],
              "input": None if self.input is None else self.input.to_dict(), "output": self.output,
@@ -343,7 +349,7 @@ class ModelCard:
 
 
 def validate_card(d: Any, where: str) -> ModelCard:
-    """Check a parsed model.json (format_version 1 to 4); every problem is listed with its file."""
+    """Check a parsed model.json (format_version 1 to 5); every problem is listed with its file."""
     from .tasks import TASKS, TaskRegistryError, get_task, task_names
 
     if not isinstance(d, dict):

@@ -24,6 +24,20 @@ def _trunc_normal_linear(layer: nn.Linear, std: float) -> nn.Linear:
 
 
 CLS_POOLS = ("mean", "blocks")  # architecture.head.pool of a classify package (absent: mean)
+CLS_VIEWS = (1, 8)  # architecture.head.views of a classify package (absent: 1): 8 = the mean over the dihedral views
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0..7) of the dihedral group of a square chip (N, C, S, S): ``rot90(x, k % 4)``, of
+    ``x.flip(-1)`` from k = 4 on (k = 0: ``x`` itself). Written with flips and transposes only, which
+    ONNX exports (``torch.rot90`` has no ONNX symbol)."""
+    t = x.flip(-1) if k >= 4 else x
+    r = k % 4
+    if r == 1:
+        return t.transpose(-2, -1).flip(-2)
+    if r == 2:
+        return t.flip(-2).flip(-1)
+    return t.transpose(-2, -1).flip(-1) if r == 3 else t
 
 
 class ViTClassifier(nn.Module):
@@ -31,20 +45,35 @@ class ViTClassifier(nn.Module):
     global_pool): the mean of the last block's tokens, LayerNorm; "blocks": the mean and the max of
     the tokens of each of the last ``blocks`` blocks (the last one after the final norm),
     concatenated, (N, 2 x blocks x D), no norm (the quick mode's scaler is folded into the head):
-    mid-level and peak responses (a bright scatterer) that a mean of the last block averages away."""
+    mid-level and peak responses (a bright scatterer) that a mean of the last block averages away.
+    ``views`` 8: the pooled feature is the mean over the chip's 8 flips / 90-degree rotations
+    (``dihedral``), so the logits are the mean of the 8 views' logits (the head is linear): the
+    quick mode's head is fitted on those 8 views of each training chip, and SAR chips have no
+    preferred orientation; it costs 8 encoder passes per chip."""
 
-    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: str = "mean", blocks: int = 4):
+    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: str = "mean", blocks: int = 4,
+                 views: int = 1):
         super().__init__()
         if pool not in CLS_POOLS:
             raise ValueError(f"unknown classifier pooling '{pool}'; known: {', '.join(CLS_POOLS)}")
-        self.encoder, self.pool = encoder, pool
+        if views not in CLS_VIEWS or isinstance(views, bool):
+            raise ValueError(f"classifier views must be one of {', '.join(map(str, CLS_VIEWS))} (found {views!r})")
+        self.encoder, self.pool, self.views = encoder, pool, int(views)
         self.blocks = max(1, min(int(blocks), len(encoder.blocks)))
         dim = encoder.embed_dim if pool == "mean" else 2 * self.blocks * encoder.embed_dim
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "mean" else nn.Identity()
         self.head = _trunc_normal_linear(nn.Linear(dim, num_classes), std=2e-5)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, F) pooled, normalised feature."""
+        """(N, C, H, W) -> (N, F) pooled, normalised feature (with ``views`` 8, the mean over the views)."""
+        if self.views == 1:
+            return self.view_features(x)
+        n = x.shape[0]
+        f = self.view_features(torch.cat([dihedral(x, k) for k in range(self.views)]))
+        return f.reshape(self.views, n, -1).mean(0)
+
+    def view_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, F): the pooled feature of the chips as they are (one view)."""
         tokens, _ = self.encoder.embed(x)
         if self.pool == "mean":
             t, _ = self.encoder.run_blocks(self.encoder.prepend_cls(tokens))

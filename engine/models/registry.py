@@ -126,8 +126,9 @@ def _segmenter(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.M
 def _classifier(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:
     from .heads import ViTClassifier
 
-    # pool / blocks (absent: the mean of the last block); other keys are ignored, as before they existed
-    return ViTClassifier(encoder, num_classes, **{k: head[k] for k in ("pool", "blocks") if k in head})
+    # pool / blocks (absent: the mean of the last block), views (absent: 1); other keys are ignored, as
+    # before they existed
+    return ViTClassifier(encoder, num_classes, **{k: head[k] for k in ("pool", "blocks", "views") if k in head})
 
 
 def _detector(encoder: VisionTransformer, head: dict, num_classes: int) -> nn.Module:

@@ -208,3 +208,40 @@ def test_a_smoothing_classifier_with_large_logits_exports_and_answers_alike_thro
         with fiona.open(res.outputs["grid"]) as f:
             outs[backend] = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
     assert outs["torch"].shape == (6, 2) and np.abs(outs["torch"] - outs["onnxruntime"]).max() < 1e-3
+
+
+def test_a_view_averaging_classifier_is_version_5_and_answers_alike_through_onnx(tmp_path):
+    """A classifier averaging its 8 views (architecture.head.views 8) is written as format_version 5,
+    so an older sarmae refuses it instead of running one view; it exports to ONNX (flips and
+    transposes) and onnxruntime gives torch's answers."""
+    from engine.export import export_package
+    from engine.package import save_package
+
+    pkg = _classifier(tmp_path / "views", {**IQR, "smooth": 1.0})
+    card = load_package(pkg).card
+    d = card.to_dict()
+    d["architecture"]["head"] = {"views": 8}
+    from engine.card import validate_card
+
+    card8 = validate_card(d, "test")
+    model = load_package(pkg).model
+    save_package(model.state_dict(), card8, pkg, overwrite=True)
+    written = json.loads((pkg / "model.json").read_text())
+    assert written["format_version"] == 5 and written["architecture"]["head"] == {"views": 8}
+    assert load_package(pkg).model.views == 8
+    export_package(pkg, log=lambda *a: None)
+    base = np.clip(10 * np.log10(speckle((1, 64, 96), seed=3, mean_power=0.02)), -33, 2).astype(np.float32)
+    raster = write_raster(tmp_path / "r.tif", base, descriptions=["VV"])
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        res = run_inference(str(raster), tmp_path / f"{backend}.gpkg", str(pkg),
+                            InferenceOptions(threads=1, input_units="db", backend=backend))
+        with fiona.open(res.outputs["grid"]) as f:
+            outs[backend] = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
+    assert outs["torch"].shape == (6, 2) and np.abs(outs["torch"] - outs["onnxruntime"]).max() < 1e-3
+    # the same windows turned by 90 degrees get the same answers (up to window order)
+    turned = write_raster(tmp_path / "t.tif", np.ascontiguousarray(np.rot90(base, 1, (1, 2))), descriptions=["VV"])
+    res = run_inference(str(turned), tmp_path / "turned.gpkg", str(pkg), InferenceOptions(threads=1, input_units="db"))
+    with fiona.open(res.outputs["grid"]) as f:
+        got = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
+    assert np.allclose(np.sort(got[:, 0]), np.sort(outs["torch"][:, 0]), atol=1e-4)

@@ -375,11 +375,16 @@ def _vit_route(data: _Data, enc, cfg: FinetuneConfig, mode: str, device: str, t0
             progress({"epoch": 0, "epochs": 1, "train_loss": float("nan"), "accuracy": acc, "metric": "accuracy",
                       "best": acc, "elapsed_s": time.time() - t0, "eta_s": 0.0})
         chosen = "head"
+    quick_views = model.views  # the quick head's choice (fit_classify_head); a full fine-tune trains 1 view
     if mode in ("full", "auto") and not budget_spent(cfg, t0):
+        model.views = 1
         hist, chosen, note = full_after_quick(model, hist, train_step, evaluate, loader, cfg, t0, device, "accuracy",
                                               progress)
         if note:
             log.info(note)
+        model.views = quick_views if chosen == "head" else 1
+    if model.views != 1:
+        head = {**head, "views": model.views}
     return model, hist, chosen, head
 
 
@@ -405,6 +410,8 @@ def _finish(model, hist, chosen: str, why: str, std_why: str, head: dict, enc, d
     metrics = {"val_accuracy": final["accuracy"], "val_per_class_accuracy": final["per_class_accuracy"],
                "best_epoch": hist.best_epoch, "epochs_run": len(hist.epochs), "stopped": hist.stopped,
                "mode": chosen, "mode_reason": why, "standardise": std_why, "validation": validation}
+    if chosen == "head" and isinstance(quick, dict) and "views" in quick:  # fit_classify_head's choice (choose_views)
+        metrics.update(views=quick["views"], views_reason=quick["views_reason"])
     if candidates:
         metrics["candidates"] = candidates
     cnn_row = next((cd for cd in candidates if cd["name"] == "small CNN"), None)

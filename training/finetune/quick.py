@@ -247,18 +247,21 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
 @torch.no_grad()
 def pooled_features(model, x: torch.Tensor, device: str, views: bool, contract: dict,
                     cfg: FinetuneConfig | None = None, batch: int = 64) -> np.ndarray:
-    """(N, C, S, S) chips -> (N * V, D) pooled embeddings: V = 8 dihedral views (flips and 90-degree
-    rotations, view-major), each with a random gain (``chip_jitter``: ``cfg.gain_db``, or random
-    acquisition shifts with ``cfg.acquisition``), when
-    ``views``, else 1 view as it is; then the contract's standardisation (``model_input``)."""
+    """(N, C, S, S) chips -> (N * V, D) pooled embeddings (one view each: ``view_features``): V = 8
+    dihedral views (flips and 90-degree rotations, view-major, ``engine.models.heads.dihedral``) when
+    ``views``, each with a random gain (``chip_jitter``: ``cfg.gain_db``, or random acquisition shifts
+    with ``cfg.acquisition``) when ``cfg`` is given; else 1 view as it is; then the contract's
+    standardisation (``model_input``)."""
+    from engine.models.heads import dihedral
+
     model.eval()
     out = []
     for k in range(8 if views else 1):
         for i in range(0, len(x), batch):
-            xb = x[i:i + batch].float()
-            if views:
-                xb = chip_jitter(torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)), contract, cfg)
-            out.append(model.forward_features(model_input(xb, contract).to(device)).cpu())
+            xb = dihedral(x[i:i + batch].float(), k)
+            if views and cfg is not None:
+                xb = chip_jitter(xb, contract, cfg)
+            out.append(model.view_features(model_input(xb, contract).to(device)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -275,26 +278,53 @@ def fit_classify_head(model, x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va:
     f_tr = pooled_features(model, x[tr], device, views, contract, cfg)
     y_tr = np.tile(y[tr], 8 if views else 1)
     f_va = pooled_features(model, x[va], device, False, contract)
+    # with views, the head is also scored on the mean of each validation chip's 8 views (no jitter):
+    # the classifier's ``views`` 8, kept when validation says so (see ``choose_views``)
+    f_va8 = pooled_features(model, x[va], device, True, contract).reshape(8, len(va), -1).mean(0) if views else None
     scaler = StandardScaler().fit(f_tr)
     z_tr, z_va = scaler.transform(f_tr), scaler.transform(f_va)
+    z_va8 = None if f_va8 is None else scaler.transform(f_va8)
     best = None
     for c in (0.01, 0.03, 0.1, 0.3, 1.0):  # inverse regularisation strength, chosen on the validation chips
         lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=cfg.seed).fit(z_tr, y_tr)
         acc = float((lr.predict(z_va) == y[va]).mean()) if len(va) else float(lr.score(z_tr, y_tr))
-        if best is None or acc > best[0]:
-            best = (acc, c, lr)
-    acc, c, lr = best
+        acc8 = float((lr.predict(z_va8) == y[va]).mean()) if z_va8 is not None and len(va) else None
+        n_views, why = choose_views(acc, acc8, views, len(va))
+        score = acc8 if n_views == 8 and acc8 is not None else acc
+        if best is None or score > best[0]:
+            best = (score, c, lr, n_views, why, acc, acc8)
+    score, c, lr, n_views, why, acc1, acc8 = best
     w, b = fold_logistic(lr, scaler, len(classes))
     head: nn.Linear = model.head
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w).float())
         head.bias.copy_(torch.from_numpy(b).float())
-    log.info("quick mode: logistic regression on %d frozen embeddings (%s), C=%g: validation accuracy %.3f",
-             len(f_tr), "8 views per chip" if views else "1 view", c, acc)
-    out = {"C": c, "val_accuracy": acc, "train_accuracy": float(lr.score(z_tr, y_tr))}
+    model.views = n_views
+    log.info("quick mode: logistic regression on %d frozen embeddings (%s), C=%g: validation accuracy %.3f; %s",
+             len(f_tr), "8 views per chip" if views else "1 view", c, score, why)
+    out = {"C": c, "val_accuracy": score, "train_accuracy": float(lr.score(z_tr, y_tr)), "views": n_views,
+           "views_reason": why, "val_accuracy_1_view": acc1,
+           **({"val_accuracy_8_views": acc8} if acc8 is not None else {})}
     if not validation_report(classes, y[va], len(va), unit="chip")["reliable"]:  # a weak split: CV says more
         out.update(classify_cv(z_tr, y_tr, len(tr), c, cfg.seed))
     return out
+
+
+def choose_views(acc1: float, acc8: float | None, augmented: bool, n_val: int) -> tuple[int, str]:
+    """The quick classifier's ``views`` (1, or 8: the mean over each chip's flips / rotations) and why.
+    With the head fitted on 8 views of each chip (``augmented``), validation decides: 8 when it scores
+    higher than 1 view (a tie keeps 1, 8 times cheaper); without validation chips, 8 (MSTAR 40-shot
+    validation, 3 seeds: 90.4 / 91.2 / 89.4 against 85.0 / 82.6 / 83.9 %%, README). Without augmentation
+    (the plain probe), 1."""
+    if not augmented:
+        return 1, "1 view (no flipped / rotated views in training)"
+    if acc8 is None or not n_val:
+        return 8, ("the mean over 8 views (flips / 90-degree rotations) of each chip: no validation chips to "
+                   "choose by; it is the better on MSTAR validation")
+    if acc8 > acc1:
+        return 8, (f"the mean over 8 views (flips / 90-degree rotations) of each chip: validation accuracy "
+                   f"{acc8:.3f} against {acc1:.3f} for 1 view")
+    return 1, f"1 view: validation accuracy {acc1:.3f}, not below the 8 views' mean ({acc8:.3f}), at 1/8 the cost"
 
 
 def classify_cv(z: np.ndarray, y: np.ndarray, n_chips: int, c: float, seed: int) -> dict:

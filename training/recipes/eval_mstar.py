@@ -122,6 +122,7 @@ def probabilities(model, contract: dict, tta: bool = False):
     with ``tta`` the mean over the 8 flips / 90-degree rotations of each chip."""
     import torch
 
+    from engine.models.heads import dihedral
     from training.finetune.common import model_input
 
     def run(xs):
@@ -129,7 +130,7 @@ def probabilities(model, contract: dict, tta: bool = False):
         with torch.no_grad():
             for i in range(0, len(xs), 128):
                 xb = xs[i:i + 128].float()
-                views = [torch.rot90(xb.flip(-1) if k >= 4 else xb, k % 4, (-2, -1)) for k in range(8 if tta else 1)]
+                views = [dihedral(xb, k) for k in range(8 if tta else 1)]
                 out.append(torch.stack([model(model_input(v, contract)).softmax(1) for v in views]).mean(0))
         return torch.cat(out).numpy()
     return run

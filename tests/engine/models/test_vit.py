@@ -152,3 +152,32 @@ def test_classifier_block_pooling():
     assert build_from_architecture({"encoder": enc, "head": {}}, "classify", 3).forward_features(x).shape == (2, d)
     with pytest.raises(ModelConfigError, match="unknown classifier pooling 'max'"):
         build_from_architecture({"encoder": enc, "head": {"pool": "max"}}, "classify", 3)
+
+
+def test_classifier_views_average_the_dihedral_views():
+    """views 8: the pooled feature is the mean over the chip's 8 flips / rotations, so the answer does
+    not change when the chip is flipped or turned; ``dihedral`` is torch.rot90 of the (flipped) chip
+    written with flips and transposes; other view counts are refused."""
+    from engine.errors import ModelConfigError
+    from engine.models.heads import dihedral
+
+    x = torch.randn(2, 2, 64, 64)
+    for k in range(8):
+        assert torch.equal(dihedral(x, k), torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, (-2, -1)))
+    assert len({dihedral(x, k)[0, 0].flatten()[:5].sum().item() for k in range(8)}) == 8  # 8 distinct views
+    enc = small_cfg(img_size=64).to_dict()
+    torch.manual_seed(0)
+    m = build_from_architecture({"encoder": enc, "head": {"pool": "blocks", "blocks": 2, "views": 8}}, "classify", 3)
+    m.eval()
+    torch.nn.init.normal_(m.head.weight)
+    with torch.no_grad():
+        f = m.forward_features(x)
+        want = torch.stack([m.view_features(dihedral(x, k)) for k in range(8)]).mean(0)
+        assert torch.allclose(f, want, atol=1e-5)
+        turned = m(torch.rot90(x, 1, (-2, -1)))
+        assert torch.allclose(m(x), turned, atol=1e-4) and torch.allclose(m(x), m(x.flip(-2)), atol=1e-4)
+        m.views = 1  # one view: the answer moves with the chip's orientation (the views are not alike)
+        assert not torch.allclose(m(x), m(torch.rot90(x, 1, (-2, -1))), atol=1e-3)
+    for bad in (2, 0, True):
+        with pytest.raises(ModelConfigError, match="views must be one of 1, 8"):
+            build_from_architecture({"encoder": enc, "head": {"views": bad}}, "classify", 3)

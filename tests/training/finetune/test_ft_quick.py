@@ -107,7 +107,20 @@ def test_quick_classifier_on_chip_folders(tmp_path, encoder):
     test = chip_folders(tmp_path / "test", {"dark": 40, "mid": 110, "bright": 200}, n=6, size=32, seed=5)
     ev = evaluate_chips(str(tmp_path / "cls.pkg"), str(test), tmp_path / "cm.png")
     assert ev["accuracy"] > 0.9, ev  # chance 1/3: the fitted head is folded into an ordinary classify package
-    assert load_package(tmp_path / "cls.pkg").card.task == "classify"
+    card = load_package(tmp_path / "cls.pkg").card
+    assert card.task == "classify" and card.architecture.head.get("views", 1) == r["views"], (card.architecture, r)
+    assert "validation accuracy" in r["views_reason"]
+
+
+def test_the_quick_classifier_averages_its_views_when_validation_says_so():
+    from training.finetune.quick import choose_views
+
+    assert choose_views(0.850, 0.904, True, 386)[0] == 8
+    n, why = choose_views(0.90, 0.90, True, 40)  # a tie keeps the cheaper single view
+    assert n == 1 and "1/8 the cost" in why
+    assert choose_views(0.90, 0.85, True, 40)[0] == 1
+    assert choose_views(0.90, None, True, 0)[0] == 8  # no validation chips: the measured default
+    assert choose_views(0.80, 0.95, False, 40)[0] == 1  # the plain probe saw one view of each chip
 
 
 def test_the_default_classifier_does_not_depend_on_the_gain(tmp_path, encoder):
