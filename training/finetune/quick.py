@@ -185,6 +185,7 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
     ``token_proj`` / ``pixel_proj``. ``cache``: ``encode`` of every chip. Returns the choice and its CV score."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
 
@@ -220,8 +221,9 @@ def fit_segment_linear(model, chips, tr: np.ndarray, cfg: FinetuneConfig, device
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=300).fit(
                         sc.transform(Xs[a][:, cols(feats)]), ys[a])
-                pred = lr.predict(sc.transform(Xs[b][:, cols(feats)]))  # balanced accuracy on the held-out chips
-                accs.append(np.mean([(pred[ys[b] == j] == j).mean() for j in np.unique(ys[b])]))
+                    pred = lr.predict(sc.transform(Xs[b][:, cols(feats)]))  # balanced accuracy on the held-out chips
+                    warnings.simplefilter("ignore", UserWarning)  # a class predicted that the held-out chips lack
+                    accs.append(balanced_accuracy_score(ys[b], pred))
             cv[(feats, c)] = float(np.mean(accs)) if accs else float("nan")
             fold_scores[(feats, c)] = accs
     scored = [k for k in cands if np.isfinite(cv.get(k, np.nan))]
