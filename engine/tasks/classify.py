@@ -21,6 +21,17 @@ class ClassifyTask(Task):
     default_overlap = 0.0  # a grid by default
     agreement_metric = "top-1 agreement"
 
+    def summary(self, card) -> list[str]:
+        """How the network pools and how many views of each window it averages (``sarmae info``)."""
+        head = card.architecture.head or {}
+        if card.architecture.encoder is None or card.architecture.name == "small_cnn":
+            return []
+        pool = head.get("pool", "mean")
+        views = head.get("views", 1)
+        pooled = "mean of the last block" if pool == "mean" else f"mean and max of the last {head.get('blocks', 4)} blocks"
+        each = "the mean over 8 flips / rotations of each window (8 passes)" if views == 8 else "one view"
+        return [f"head:          {pooled}, {each}"]
+
     def agreement(self, reference: np.ndarray, test: np.ndarray, valid: np.ndarray) -> float:
         """The fraction of windows (with any data) whose top class (argmax of (B, K)) is the same."""
         keep = valid.reshape(len(valid), -1).any(1)

@@ -229,6 +229,9 @@ def test_a_view_averaging_classifier_is_version_5_and_answers_alike_through_onnx
     written = json.loads((pkg / "model.json").read_text())
     assert written["format_version"] == 5 and written["architecture"]["head"] == {"views": 8}
     assert load_package(pkg).model.views == 8
+    from engine.card import describe
+
+    assert "the mean over 8 flips / rotations of each window" in describe(load_package(pkg).card)
     export_package(pkg, log=lambda *a: None)
     base = np.clip(10 * np.log10(speckle((1, 64, 96), seed=3, mean_power=0.02)), -33, 2).astype(np.float32)
     raster = write_raster(tmp_path / "r.tif", base, descriptions=["VV"])
