@@ -337,8 +337,9 @@ def _vit_route(data: _Data, enc, cfg: FinetuneConfig, mode: str, device: str, t0
     k, tr, va, bs = len(data.classes), data.train, data.val, cfg.batch_size
     if not cfg.encoder and mode == "head" and not cfg.baselines:
         warns.append("no pretrained encoder (--encoder): the quick mode fits a head on a random network's features, "
-                     "which a small CNN trained from scratch beats clearly (MSTAR 40-shot: 53 % against 81 %, README "
-                     "'Measured'); use --mode auto or --arch cnn, or add --baselines to see both scores")
+                     "which only tie a small CNN trained from scratch (MSTAR 40 shots: 85.5 against 85.4 %), while a "
+                     "pretrained encoder scores 90.4 % (README, 'The classifier's 8 views'); give --encoder, or use "
+                     "--mode auto or --arch cnn, or add --baselines to see both scores")
     y = torch.from_numpy(data.y)
     loader = torch.utils.data.DataLoader(torch.from_numpy(tr), batch_size=bs, shuffle=True,
                                          drop_last=len(tr) >= 2 * bs, generator=torch.Generator().manual_seed(cfg.seed))
