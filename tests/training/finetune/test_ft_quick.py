@@ -211,3 +211,15 @@ def test_a_richer_candidate_must_win_on_more_than_the_folds_noise():
     tie = {simple: [0.99, 0.99], rich: [0.993, 0.993]}  # within TIE: the simpler
     cv = {k: sum(v) / len(v) for k, v in tie.items()}
     assert simplest_within_noise([simple, rich], cv, tie) == simple
+
+
+def test_a_quick_classifier_on_a_random_encoder_says_what_a_pretrained_one_adds(tmp_path):
+    """No --encoder in quick mode: the result warns that random features only tie a small CNN and
+    names the pretrained encoder's score; with --baselines (both scores shown) it does not."""
+    from training.finetune.classify import finetune_classifier
+
+    chips = chip_folders(tmp_path / "chips", {"dark": 40, "bright": 170}, n=6, size=32)
+    cfg = FinetuneConfig(encoder="", img_size=32, in_chans=1, device="cpu", mode="head", batch_size=64)
+    r = finetune_classifier(chips, tmp_path / "r.pkg", cfg)
+    (w,) = [w for w in r["warnings"] if w.startswith("no pretrained encoder")]
+    assert "only tie a small CNN" in w and "pretrained encoder scores 90.4 %" in w
