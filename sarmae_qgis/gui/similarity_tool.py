@@ -272,10 +272,12 @@ class SimilarityDialog(QDialog):
         self.status_label.setWordWrap(True)
 
         self._layout()
-        self.model_picker.changed.connect(lambda _path: self.release_tool())
+        # bound methods, not lambdas: PyQt drops a bound slot when this widget's C++ object is deleted,
+        # while a lambda keeps calling into it (a segfault when the project's layers are removed later)
+        self.model_picker.changed.connect(self._inputs_changed)
         self.pick_button.clicked.connect(self.pick_point)
         self.polygon_button.clicked.connect(self.use_selected_polygons)
-        self.layer_combo.layerChanged.connect(lambda _layer: self.release_tool())
+        self.layer_combo.layerChanged.connect(self._inputs_changed)
         self.notice.clear_on(self.layer_combo.layerChanged, self.model_picker.changed, self.polygon_combo.layerChanged)
         follow_new_polygons(self.polygon_combo, project or QgsProject.instance())
         self.model_picker.refresh()
@@ -371,6 +373,11 @@ class SimilarityDialog(QDialog):
     def _on_tool_deactivated(self) -> None:
         if not sip.isdeleted(self):
             self.status_label.setText("")
+
+    def _inputs_changed(self, *_args) -> None:
+        """The raster or the model changed: the picking tool no longer matches them."""
+        if not sip.isdeleted(self):
+            self.release_tool()
 
     def release_tool(self) -> None:
         """Unset the map tool from the canvas (its running searches go on)."""
