@@ -103,9 +103,9 @@ def _classifier(dest: Path, standardise: dict | None) -> Path:
     return save_package(model.state_dict(), card, dest)
 
 
-def _probabilities(tmp_path: Path, pkg: Path, raster: Path) -> np.ndarray:
-    out = tmp_path / f"{raster.stem}_{pkg.name}.gpkg"
-    res = run_inference(str(raster), out, str(pkg), InferenceOptions(threads=1, input_units="db"))
+def _probabilities(tmp_path: Path, pkg: Path, raster: Path, backend: str = "auto") -> np.ndarray:
+    out = tmp_path / f"{raster.stem}_{pkg.name}_{backend}.gpkg"
+    res = run_inference(str(raster), out, str(pkg), InferenceOptions(threads=1, input_units="db", backend=backend))
     with fiona.open(res.outputs["grid"]) as f:
         return np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
 
@@ -201,12 +201,7 @@ def test_a_smoothing_classifier_with_large_logits_exports_and_answers_alike_thro
     assert "fp32" in load_package(pkg).card.onnx
     base = np.clip(10 * np.log10(speckle((1, 64, 96), seed=7, mean_power=0.02)), -33, 2).astype(np.float32)
     raster = write_raster(tmp_path / "r.tif", base, descriptions=["VV"])
-    outs = {}
-    for backend in ("torch", "onnxruntime"):
-        res = run_inference(str(raster), tmp_path / f"{backend}.gpkg", str(pkg),
-                            InferenceOptions(threads=1, input_units="db", backend=backend))
-        with fiona.open(res.outputs["grid"]) as f:
-            outs[backend] = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
+    outs = {b: _probabilities(tmp_path, pkg, raster, b) for b in ("torch", "onnxruntime")}
     assert outs["torch"].shape == (6, 2) and np.abs(outs["torch"] - outs["onnxruntime"]).max() < 1e-3
 
 
@@ -235,16 +230,9 @@ def test_a_view_averaging_classifier_is_version_5_and_answers_alike_through_onnx
     export_package(pkg, log=lambda *a: None)
     base = np.clip(10 * np.log10(speckle((1, 64, 96), seed=3, mean_power=0.02)), -33, 2).astype(np.float32)
     raster = write_raster(tmp_path / "r.tif", base, descriptions=["VV"])
-    outs = {}
-    for backend in ("torch", "onnxruntime"):
-        res = run_inference(str(raster), tmp_path / f"{backend}.gpkg", str(pkg),
-                            InferenceOptions(threads=1, input_units="db", backend=backend))
-        with fiona.open(res.outputs["grid"]) as f:
-            outs[backend] = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
+    outs = {b: _probabilities(tmp_path, pkg, raster, b) for b in ("torch", "onnxruntime")}
     assert outs["torch"].shape == (6, 2) and np.abs(outs["torch"] - outs["onnxruntime"]).max() < 1e-3
     # the same windows turned by 90 degrees get the same answers (up to window order)
     turned = write_raster(tmp_path / "t.tif", np.ascontiguousarray(np.rot90(base, 1, (1, 2))), descriptions=["VV"])
-    res = run_inference(str(turned), tmp_path / "turned.gpkg", str(pkg), InferenceOptions(threads=1, input_units="db"))
-    with fiona.open(res.outputs["grid"]) as f:
-        got = np.array([[p["properties"]["p_a"], p["properties"]["p_b"]] for p in f])
+    got = _probabilities(tmp_path, pkg, turned, "torch")
     assert np.allclose(np.sort(got[:, 0]), np.sort(outs["torch"][:, 0]), atol=1e-4)
